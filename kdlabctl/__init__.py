@@ -1,0 +1,1 @@
+"""kdlabctl: the command-line client of kdlabd."""

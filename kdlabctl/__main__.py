@@ -1,0 +1,7 @@
+"""``python -m kdlabctl``."""
+
+import sys
+
+from kdlabctl.cli import main
+
+sys.exit(main())

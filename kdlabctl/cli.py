@@ -1,0 +1,283 @@
+"""kdlabctl: create, run and inspect kdlab VMs through kdlabd on D-Bus.
+
+Only the stdlib and kdlabd's stdlib-only wire and error modules are imported
+up front, so ``kdlabctl --help`` is instant; dbus-next loads when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from kdlabd.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, exit_code_for
+
+if TYPE_CHECKING:
+    from kdlabctl.client import Client
+
+Command = Callable[["Client", argparse.Namespace], Awaitable[int]]
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0   success
+  1   failure (kdlabd error Internal, or an unclassified failure)
+  2   invalid argument or usage (InvalidArgument)
+  3   the VM is in the wrong state (InvalidState)
+  4   no such VM (NoSuchVM)
+  5   the VM already exists (VMExists)
+  6   not authorized (NotAuthorized)
+  7   libvirt or QEMU failed (HypervisorError)
+  69  kdlabd or the bus is not reachable
+"""
+
+
+class UsageError(Exception):
+    """A problem with the command line or a local file, found before calling kdlabd."""
+
+
+def _open_for_daemon(path: str, what: str) -> int:
+    """Open *path* as the invoking user; kdlabd only ever sees the descriptor."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise UsageError(f"cannot open {what} {path}: {err.strerror}") from None
+
+
+async def cmd_create(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl.client import variant_options
+
+    fds = [_open_for_daemon(args.kernel, "kernel")]
+    if args.initrd:
+        fds.append(_open_for_daemon(args.initrd, "initrd"))
+    try:
+        # Descriptors travel out of band; the body holds their index in unix_fds.
+        options = variant_options(
+            kernel=("h", 0),
+            initrd=("h", 1) if args.initrd else None,
+            cmdline=("s", args.cmdline) if args.cmdline is not None else None,
+            memory_mib=("u", args.memory) if args.memory is not None else None,
+            vcpus=("u", args.cpus) if args.cpus is not None else None,
+            gdb=("b", False) if args.no_gdb else None,
+            gdb_tcp_port=("q", args.gdb_tcp) if args.gdb_tcp is not None else None,
+        )
+        (path,) = await client.manager("CreateVM", "sa{sv}", [args.name, options], fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if not args.quiet:
+        print(f"created VM {args.name} ({path})")
+    return EXIT_OK
+
+
+async def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import output
+
+    vms = await client.vms()
+    if args.json:
+        output.print_json([output.as_json(vm) for vm in vms])
+        return EXIT_OK
+    rows = [
+        [
+            vm["Name"],
+            vm["State"],
+            f"{vm['MemoryMiB']}M",
+            str(vm["VCPUs"]),
+            vm["Accel"],
+            vm["GdbStub"],
+            output.user_name(vm["Owner"]),
+        ]
+        for vm in vms
+    ]
+    print(output.table(["NAME", "STATE", "MEMORY", "CPUS", "ACCEL", "GDB", "OWNER"], rows))
+    return EXIT_OK
+
+
+async def cmd_show(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import output
+
+    props = await client.vm_properties(await client.vm_path(args.name))
+    if args.json:
+        output.print_json(output.as_json(props))
+        return EXIT_OK
+    fields = [
+        ("Name", props["Name"]),
+        ("State", props["State"]),
+        ("UUID", props["UUID"]),
+        ("Owner", f"{output.user_name(props['Owner'])} ({props['Owner']})"),
+        ("Cmdline", props["Cmdline"]),
+        ("Memory", f"{props['MemoryMiB']} MiB"),
+        ("vCPUs", str(props["VCPUs"])),
+        ("Accel", props["Accel"]),
+        ("gdbstub", props["GdbStub"]),
+        ("Created", output.timestamp(props["Created"])),
+    ]
+    width = max(len(label) for label, _ in fields)
+    for label, value in fields:
+        print(f"{label + ':':<{width + 1}} {value}")
+    return EXIT_OK
+
+
+async def cmd_start(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl.client import variant_options
+
+    options = variant_options(paused=("b", True) if args.paused else None)
+    await client.vm_call(args.name, "Start", "a{sv}", [options])
+    return EXIT_OK
+
+
+async def cmd_stop(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl.client import variant_options
+
+    options = variant_options(
+        force=("b", True) if args.force else None,
+        timeout=("u", args.timeout) if args.timeout is not None else None,
+    )
+    await client.vm_call(args.name, "Stop", "a{sv}", [options])
+    return EXIT_OK
+
+
+async def cmd_delete(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl.client import variant_options
+
+    path = await client.vm_path(args.name)
+    if args.force:
+        props = await client.vm_properties(path)
+        if props["State"] in ("running", "paused", "stopping"):
+            await client.vm_call(args.name, "Stop", "a{sv}", [variant_options(force=("b", True))])
+    await client.vm_call(args.name, "Delete")
+    return EXIT_OK
+
+
+async def _open_log(client: Client, name: str) -> int:
+    from kdlabd.wire import VM_INTERFACE
+
+    _, fds = await client.call(
+        await client.vm_path(name), VM_INTERFACE, "OpenConsoleLog", with_fds=True
+    )
+    return int(fds[0])
+
+
+def _copy(fd: int) -> int:
+    """Copy what *fd* has now to stdout; return the number of bytes copied."""
+    total = 0
+    while chunk := os.read(fd, 65536):
+        sys.stdout.buffer.write(chunk)
+        total += len(chunk)
+    sys.stdout.buffer.flush()
+    return total
+
+
+async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    import asyncio
+
+    fd = await _open_log(client, args.name)
+    try:
+        _copy(fd)
+        last_check = time.monotonic()
+        while args.follow:
+            if _copy(fd) == 0:
+                await asyncio.sleep(0.2)
+            # A new boot starts a new log file: switch to it, like tail -F.
+            if time.monotonic() - last_check > 1.0:
+                last_check = time.monotonic()
+                newest = await _open_log(client, args.name)
+                if os.fstat(newest).st_ino != os.fstat(fd).st_ino:
+                    _copy(fd)
+                    os.close(fd)
+                    fd = newest
+                else:
+                    os.close(newest)
+    finally:
+        os.close(fd)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdlabctl",
+        description="Kernel debug VMs served by kdlabd: create, start, watch, debug.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--bus", default=os.environ.get("KDLAB_BUS", "system"),
+        help="system (default, or $KDLAB_BUS), session, or a D-Bus address",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(func=fn)
+        return sub
+
+    create = command("create", cmd_create, "define a VM that boots KERNEL directly")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--kernel", required=True, metavar="PATH", help="bzImage to boot")
+    create.add_argument("--initrd", metavar="PATH", help="initramfs to boot with")
+    create.add_argument("--cmdline", metavar="STR", help="kernel command line")
+    create.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB (default 512)")
+    create.add_argument("--cpus", type=int, metavar="N", help="vCPUs (default 1)")
+    create.add_argument("--no-gdb", action="store_true", help="no gdbstub (and no nokaslr)")
+    create.add_argument("--gdb-tcp", type=int, metavar="PORT",
+                        help="gdbstub on 127.0.0.1:PORT instead of kdlabd's private socket")
+    create.add_argument("-q", "--quiet", action="store_true")
+
+    listing = command("list", cmd_list, "list VMs")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    show = command("show", cmd_show, "show one VM's properties")
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+
+    start = command("start", cmd_start, "boot a VM")
+    start.add_argument("name", metavar="NAME")
+    start.add_argument("--paused", action="store_true",
+                       help="CPUs wait before the first instruction (attach gdb, then continue)")
+
+    stop = command("stop", cmd_stop, "power a VM off (ACPI, then force after a timeout)")
+    stop.add_argument("name", metavar="NAME")
+    stop.add_argument("--force", action="store_true", help="pull the plug at once")
+    stop.add_argument("--timeout", type=int, metavar="SECONDS",
+                      help="wait this long for the guest before forcing (default 30)")
+
+    delete = command("delete", cmd_delete, "remove a stopped VM and its files")
+    delete.add_argument("name", metavar="NAME")
+    delete.add_argument("--force", action="store_true", help="stop it first if it runs")
+
+    logs = command("logs", cmd_logs, "print the serial console log of the current or last boot")
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kdlabctl.client import Client, RemoteError, run
+
+    async def invoke() -> int:
+        client = await Client.connect(args.bus)
+        try:
+            return int(await args.func(client, args))
+        finally:
+            client.bus.disconnect()
+
+    try:
+        return run(invoke())
+    except UsageError as err:
+        print(f"kdlabctl: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except RemoteError as err:
+        print(f"kdlabctl: {err}", file=sys.stderr)
+        code = exit_code_for(err.name)
+        if code == EXIT_UNAVAILABLE and "NoServer" not in err.name:
+            print("kdlabctl: is kdlabd running? (see README: Running kdlabd)", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILURE
+
+

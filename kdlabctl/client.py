@@ -1,0 +1,112 @@
+"""A small synchronous-looking D-Bus client for kdlabd (dbus-next under asyncio).
+
+Calls are made with explicit signatures, no introspection round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from dbus_next import Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+
+from kdlabd.wire import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE, bus_address
+
+T = TypeVar("T")
+
+PROPERTIES = "org.freedesktop.DBus.Properties"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+
+
+class RemoteError(Exception):
+    """An error reply from kdlabd (or the bus), by D-Bus error name."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class Client:
+    """A connection to kdlabd over the bus named by ``--bus``."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+
+    @classmethod
+    async def connect(cls, bus: str) -> Client:
+        try:
+            address = bus_address(bus)
+            return cls(await MessageBus(bus_address=address, negotiate_unix_fd=True).connect())
+        except (OSError, ValueError) as err:
+            raise RemoteError(
+                "org.freedesktop.DBus.Error.NoServer", f"cannot connect to the {bus} bus: {err}"
+            ) from None
+
+    async def call(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+        unix_fds: list[int] | None = None,
+        *,
+        with_fds: bool = False,
+    ) -> Any:
+        """Call a method; return its body (and received descriptors with *with_fds*)."""
+        reply = await self.bus.call(
+            Message(
+                destination=BUS_NAME,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body or [],
+                unix_fds=unix_fds or [],
+            )
+        )
+        assert reply is not None
+        if reply.message_type is MessageType.ERROR:
+            text = reply.body[0] if reply.body else reply.error_name
+            raise RemoteError(reply.error_name or "", str(text))
+        if with_fds:
+            return reply.body, list(reply.unix_fds)
+        return reply.body
+
+    async def manager(self, member: str, signature: str = "", body: list[Any] | None = None,
+                      unix_fds: list[int] | None = None) -> Any:
+        return await self.call(MANAGER_PATH, MANAGER_INTERFACE, member, signature, body, unix_fds)
+
+    async def vm_path(self, name: str) -> str:
+        (path,) = await self.manager("GetVM", "s", [name])
+        return str(path)
+
+    async def vm_call(self, name: str, member: str, signature: str = "",
+                      body: list[Any] | None = None) -> Any:
+        return await self.call(await self.vm_path(name), VM_INTERFACE, member, signature, body)
+
+    async def vm_properties(self, path: str) -> dict[str, Any]:
+        (props,) = await self.call(path, PROPERTIES, "GetAll", "s", [VM_INTERFACE])
+        return {key: variant.value for key, variant in props.items()}
+
+    async def vms(self) -> list[dict[str, Any]]:
+        """Every VM's properties, in one round trip."""
+        (objects,) = await self.call(MANAGER_PATH, OBJECT_MANAGER, "GetManagedObjects")
+        found = []
+        for interfaces in objects.values():
+            if VM_INTERFACE in interfaces:
+                props = interfaces[VM_INTERFACE]
+                found.append({key: variant.value for key, variant in props.items()})
+        return sorted(found, key=lambda p: str(p["Name"]))
+
+
+def run(work: Coroutine[Any, Any, T]) -> T:
+    """Run one client coroutine to completion."""
+    return asyncio.run(work)
+
+
+def variant_options(**options: tuple[str, Any] | None) -> dict[str, Variant]:
+    """``a{sv}`` options from ``key=(signature, value)``, dropping None."""
+    return {key: Variant(*spec) for key, spec in options.items() if spec is not None}

@@ -1,0 +1,7 @@
+"""``python -m kdlabd``."""
+
+import sys
+
+from kdlabd.daemon import main
+
+sys.exit(main())

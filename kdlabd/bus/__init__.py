@@ -1,0 +1,1 @@
+"""D-Bus adapters: caller identity, authorization, wire types <-> models, error names."""

@@ -1,0 +1,125 @@
+"""Who may do what. Every exported method asks here first, and failure closes the door.
+
+Callers are identified by their unique bus name; the bus daemon tells their
+uid and groups (``GetConnectionCredentials``), which a client cannot forge.
+The policy without polkit: anyone may inspect; root and members of group
+``kdlab`` may manage and debug their own VMs; only root may touch VMs that
+belong to someone else.
+"""
+
+from __future__ import annotations
+
+import enum
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+import structlog
+from dbus_next import Message, MessageType
+from dbus_next.aio import MessageBus
+
+from kdlabd.errors import NotAuthorized
+
+log = structlog.get_logger(__name__)
+
+KDLAB_GROUP = "kdlab"
+_CREDENTIALS_CACHE_MAX = 4096
+
+
+class Action(enum.StrEnum):
+    """polkit action ids, also used by the built-in policy."""
+
+    INSPECT = "org.kdlab.Kdlab1.inspect"
+    MANAGE_VMS = "org.kdlab.Kdlab1.manage-vms"
+    DEBUG_VMS = "org.kdlab.Kdlab1.debug-vms"
+    MANAGE_OTHERS = "org.kdlab.Kdlab1.manage-others"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller."""
+
+    bus_name: str
+    uid: int
+    gids: frozenset[int]
+
+
+def _group_gid(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def _user_gids(uid: int) -> frozenset[int]:
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return frozenset()
+    return frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
+
+
+class Authorizer:
+    """Checks callers against kdlab's policy."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self._bus = bus
+        self._callers: dict[str, Caller] = {}
+
+    async def caller(self, bus_name: str) -> Caller:
+        """The uid and groups behind *bus_name*, as the bus daemon reports them."""
+        cached = self._callers.get(bus_name)
+        if cached is not None:
+            return cached
+        reply = await self._bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="GetConnectionCredentials",
+                signature="s",
+                body=[bus_name],
+            )
+        )
+        if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
+            raise NotAuthorized("could not identify the caller")
+        creds = reply.body[0]
+        if "UnixUserID" not in creds:
+            raise NotAuthorized("the bus did not tell the caller's uid")
+        uid = int(creds["UnixUserID"].value)
+        gids = (
+            frozenset(creds["UnixGroupIDs"].value) if "UnixGroupIDs" in creds else _user_gids(uid)
+        )
+        caller = Caller(bus_name, uid, gids)
+        if len(self._callers) >= _CREDENTIALS_CACHE_MAX:
+            self._callers.clear()
+        # Unique bus names are never reused while the bus runs: caching is safe.
+        self._callers[bus_name] = caller
+        return caller
+
+    async def require(self, bus_name: str, action: Action, owner_uid: int | None = None) -> Caller:
+        """Return the caller if it may perform *action* (on a VM of *owner_uid*)."""
+        caller = await self.caller(bus_name)
+        if not self._allowed(caller, action):
+            log.info("auth.denied", uid=caller.uid, action=action.value)
+            raise NotAuthorized(
+                f"uid {caller.uid} may not do this ({action.value}): be root or a member "
+                f"of group {KDLAB_GROUP!r}"
+            )
+        if owner_uid is not None and owner_uid != caller.uid and action is not Action.INSPECT:
+            if not self._allowed(caller, Action.MANAGE_OTHERS):
+                log.info("auth.denied", uid=caller.uid, action=Action.MANAGE_OTHERS.value)
+                raise NotAuthorized(
+                    f"this VM belongs to uid {owner_uid}; only its owner or root may change it"
+                )
+        return caller
+
+    @staticmethod
+    def _allowed(caller: Caller, action: Action) -> bool:
+        if caller.uid == 0 or action is Action.INSPECT:
+            return True
+        if action is Action.MANAGE_OTHERS:
+            return False
+        gid = _group_gid(KDLAB_GROUP)
+        return gid is not None and gid in caller.gids

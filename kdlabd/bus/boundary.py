@@ -1,0 +1,88 @@
+"""The one error boundary every exported D-Bus method goes through.
+
+dbus-next would send the Python traceback of any unexpected exception to the
+caller. Here kdlab errors become their D-Bus names with their message;
+anything else becomes ``Error.Internal`` with no detail on the wire and a
+full log entry in the journal.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+
+import structlog
+from dbus_next import DBusError
+from dbus_next.service import method
+
+from kdlabd.bus.auth import Action, Authorizer, Caller
+from kdlabd.bus.calls import CURRENT_CALL
+from kdlabd.errors import Internal, KdlabError
+
+log = structlog.get_logger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Guarded(Protocol):
+    """An exported interface: it knows its authorizer and whose resource it is."""
+
+    authorizer: Authorizer
+
+    def resource_owner(self) -> int | None: ...
+
+
+async def _authorize(interface: Guarded, action: Action) -> Caller:
+    call = CURRENT_CALL.get()
+    if call is None or not call.sender:
+        raise KdlabError("the call has no sender")
+    return await interface.authorizer.require(call.sender, action, interface.resource_owner())
+
+
+def exported(
+    action: Action, name: str | None = None
+) -> Callable[
+    [Callable[Concatenate[Any, Caller, P], Awaitable[R]]],
+    Callable[Concatenate[Any, P], Awaitable[R]],
+]:
+    """Export an async method on D-Bus behind authorization and the error boundary.
+
+    The wrapped method receives the authorized :class:`Caller` after ``self``.
+    Descriptors that came with the call are closed when it ends.
+    """
+
+    def decorate(
+        fn: Callable[Concatenate[Any, Caller, P], Awaitable[R]],
+    ) -> Callable[Concatenate[Any, P], Awaitable[R]]:
+        @functools.wraps(fn)
+        async def guarded(self: Guarded, *args: P.args, **kwargs: P.kwargs) -> R:
+            call = CURRENT_CALL.get()
+            try:
+                caller = await _authorize(self, action)
+                return await fn(self, caller, *args, **kwargs)
+            except KdlabError as err:
+                raise DBusError(err.dbus_name(), str(err)) from None
+            except Exception:
+                incident = uuid.uuid4().hex[:12]
+                log.exception("dbus.internal_error", method=fn.__name__, incident=incident)
+                raise DBusError(
+                    Internal.dbus_name(),
+                    f"internal error in kdlabd (incident {incident}); see its log",
+                ) from None
+            finally:
+                if call is not None:
+                    call.close_fds()
+
+        # dbus-next reads the D-Bus signature from the annotations: hide the Caller.
+        signature = inspect.signature(fn)
+        self_param, _caller, *wire = signature.parameters.values()
+        guarded.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[self_param, *wire]
+        )
+        return method(name=name or fn.__name__)(guarded)  # type: ignore[no-any-return]
+
+    return decorate

@@ -1,0 +1,136 @@
+"""``org.kdlab.Kdlab1.VM``: one object per VM, with its lifecycle and properties."""
+
+# No "from __future__ import annotations": see kdlabd/bus/manager.py.
+
+from typing import Any
+
+from dbus_next.constants import PropertyAccess
+from dbus_next.service import ServiceInterface, dbus_property
+
+from kdlabd.bus.auth import Action, Authorizer, Caller
+from kdlabd.bus.boundary import exported
+from kdlabd.bus.options import take
+from kdlabd.core.cmdline import effective_cmdline
+from kdlabd.core.models import VMRecord
+from kdlabd.core.vms import DEFAULT_STOP_TIMEOUT, VMService
+from kdlabd.wire import VM_INTERFACE
+
+START_OPTIONS = {"paused": "b"}
+STOP_OPTIONS = {"force": "b", "timeout": "u"}
+
+
+def properties(record: VMRecord) -> dict[str, Any]:
+    """The D-Bus property values of *record*, by property name."""
+    spec = record.spec
+    if not spec.debug.gdb:
+        gdb = "off"
+    elif spec.debug.gdb_tcp_port is not None:
+        gdb = f"tcp:127.0.0.1:{spec.debug.gdb_tcp_port}"
+    else:
+        gdb = "unix"
+    return {
+        "Name": spec.name,
+        "UUID": record.uuid,
+        "State": record.state.value,
+        "Owner": spec.owner_uid,
+        "Cmdline": effective_cmdline(spec),
+        "MemoryMiB": spec.memory_mib,
+        "VCPUs": spec.vcpus,
+        "Accel": spec.accel.value,
+        "Created": spec.created_usec,
+        "GdbStub": gdb,
+    }
+
+
+class VMInterface(ServiceInterface):
+    """A kdlab VM. Every property change is announced with PropertiesChanged."""
+
+    def __init__(self, record: VMRecord, vms: VMService, authorizer: Authorizer) -> None:
+        super().__init__(VM_INTERFACE)
+        self._record = record
+        self._props = properties(record)
+        self.vms = vms
+        self.authorizer = authorizer
+
+    def resource_owner(self) -> int | None:
+        return self._record.spec.owner_uid
+
+    def update(self, record: VMRecord) -> None:
+        """Take the VM's new state and announce the properties that changed."""
+        new = properties(record)
+        changed = {key: value for key, value in new.items() if self._props[key] != value}
+        self._record, self._props = record, new
+        if changed:
+            self.emit_properties_changed(changed)
+
+    @exported(Action.MANAGE_VMS)
+    async def Start(self, caller: Caller, options: "a{sv}") -> None:
+        """Boot the VM. Option ``paused`` (b): CPUs wait for a debugger before the first instruction."""
+        opts = take(options, START_OPTIONS)
+        await self.vms.start(self._record.name, paused=opts.get("paused", False))
+
+    @exported(Action.MANAGE_VMS)
+    async def Stop(self, caller: Caller, options: "a{sv}") -> None:
+        """Power off: ACPI shutdown, then force after ``timeout`` (u, seconds); ``force`` (b) at once."""
+        opts = take(options, STOP_OPTIONS)
+        await self.vms.stop(
+            self._record.name,
+            force=opts.get("force", False),
+            timeout=float(opts.get("timeout", DEFAULT_STOP_TIMEOUT)),
+        )
+
+    @exported(Action.MANAGE_VMS)
+    async def Delete(self, caller: Caller) -> None:
+        """Remove the VM, its staged kernel and initrd, and its logs. It must be stopped."""
+        await self.vms.delete(self._record.name)
+
+    @exported(Action.DEBUG_VMS)
+    async def OpenConsoleLog(self, caller: Caller) -> "h":
+        """A read-only descriptor of the serial console log of the current or last boot."""
+        return self.vms.open_console_log(self._record.name)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self._props["Name"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def UUID(self) -> "s":
+        return self._props["UUID"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":
+        """defined, starting, running, paused, stopping, stopped or crashed."""
+        return self._props["State"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Owner(self) -> "u":
+        """The uid that created the VM."""
+        return self._props["Owner"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Cmdline(self) -> "s":
+        """The kernel command line the VM boots with (the user's plus kdlab's additions)."""
+        return self._props["Cmdline"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryMiB(self) -> "u":
+        return self._props["MemoryMiB"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def VCPUs(self) -> "u":
+        return self._props["VCPUs"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Accel(self) -> "s":
+        """``kvm`` or ``tcg``."""
+        return self._props["Accel"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Created(self) -> "t":
+        """Creation time, microseconds since the epoch."""
+        return self._props["Created"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def GdbStub(self) -> "s":
+        """``unix`` (the default, brokered by kdlabd), ``tcp:127.0.0.1:PORT`` or ``off``."""
+        return self._props["GdbStub"]

@@ -1,0 +1,89 @@
+"""kdlabd's configuration: defaults in code, /etc/kdlab/kdlabd.toml, then the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdlabd.core.models import Accel
+from kdlabd.errors import InvalidArgument
+
+DEFAULT_CONFIG = Path("/etc/kdlab/kdlabd.toml")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything kdlabd can be told. Keys of the TOML file are these field names."""
+
+    bus: str = "system"
+    libvirt_uri: str = "qemu:///system"
+    state_dir: Path = Path("/var/lib/kdlab")
+    runtime_dir: Path = Path("/run/kdlab")
+    accel: Accel = Accel.AUTO
+    qemu_user: str = "libvirt-qemu"
+    boot_pool: str = "kdlab-boot"
+    log_format: str = "auto"
+
+    @property
+    def boot_pool_dir(self) -> Path:
+        return self.state_dir / "boot"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key not in _FIELDS:
+        raise InvalidArgument(f"unknown configuration key {key!r}; known: {', '.join(_FIELDS)}")
+    if not isinstance(value, str):
+        raise InvalidArgument(f"configuration key {key!r} must be a string")
+    if key in ("state_dir", "runtime_dir"):
+        return Path(value)
+    if key == "accel":
+        try:
+            return Accel(value)
+        except ValueError:
+            raise InvalidArgument(f"accel must be one of {', '.join(Accel)}, not {value!r}") from None
+    if key == "log_format" and value not in ("auto", "json", "console"):
+        raise InvalidArgument("log_format must be auto, json or console")
+    return value
+
+
+def load(path: Path | None, overrides: dict[str, Any]) -> Config:
+    """Defaults, then the TOML file (if it exists), then non-None *overrides*."""
+    values: dict[str, Any] = {}
+    config_path = path or DEFAULT_CONFIG
+    try:
+        with config_path.open("rb") as file:
+            values.update(tomllib.load(file))
+    except FileNotFoundError:
+        if path is not None:
+            raise InvalidArgument(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InvalidArgument(f"{config_path}: {err}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Config(**{key: _coerce(key, value) for key, value in values.items()})
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(
+        prog="kdlabd", description="kdlab's daemon: kernel debug VMs on libvirt, served on D-Bus."
+    )
+    cli.add_argument("--config", type=Path, help=f"TOML configuration (default {DEFAULT_CONFIG})")
+    cli.add_argument("--bus", help="system (default), session, or a D-Bus address")
+    cli.add_argument("--libvirt-uri", help="libvirt connection URI (default qemu:///system)")
+    cli.add_argument("--state-dir", help="where logs and boot files live (default /var/lib/kdlab)")
+    cli.add_argument("--runtime-dir", help="where gdb sockets live (default /run/kdlab)")
+    cli.add_argument("--accel", choices=[a.value for a in Accel], help="guest acceleration")
+    cli.add_argument("--log-format", choices=["auto", "json", "console"])
+    return cli
+
+
+def from_args(argv: list[str] | None = None) -> Config:
+    args = parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    return load(args.config, overrides)

@@ -1,0 +1,1 @@
+"""Use cases and models. Pure asyncio: no libvirt, no D-Bus, no lxml here."""

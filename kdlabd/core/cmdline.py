@@ -1,0 +1,29 @@
+"""The kernel command line kdlab boots with, derived from the user's."""
+
+from __future__ import annotations
+
+from kdlabd.core.models import VMSpec
+
+SERIAL_CONSOLE = "console=ttyS0"
+
+
+def _has_param(words: list[str], key: str) -> bool:
+    return any(word == key or word.startswith(key + "=") for word in words)
+
+
+def effective_cmdline(spec: VMSpec) -> str:
+    """The user's command line plus what kdlab's VMs need to be debuggable.
+
+    - ``console=ttyS0`` unless a console was chosen: kdlab's log and console
+      are the first serial port.
+    - ``nokaslr`` when the gdbstub is on, unless the user wrote ``kaslr`` or
+      ``nokaslr``: with KASLR the symbols in vmlinux do not match the running
+      kernel and breakpoints never hit.
+    """
+    words = spec.cmdline.split()
+    extra = []
+    if not _has_param(words, "console"):
+        extra.append(SERIAL_CONSOLE)
+    if spec.debug.gdb and not (_has_param(words, "kaslr") or _has_param(words, "nokaslr")):
+        extra.append("nokaslr")
+    return " ".join(words + extra)

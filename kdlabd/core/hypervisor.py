@@ -1,0 +1,55 @@
+"""The seam between kdlab's use cases and a hypervisor (libvirt, or a fake in tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from kdlabd.core.models import Accel, VMRecord, VMSpec
+
+DomainChanged = Callable[[str], None]
+"""Called with a VM's name whenever its domain changed (state, definition)."""
+
+Reconnected = Callable[[], None]
+"""Called after the hypervisor connection was lost and re-established."""
+
+
+class Hypervisor(Protocol):
+    """What kdlab needs from a hypervisor. Every method may raise a KdlabError.
+
+    Implementations never block the event loop.
+    """
+
+    def watch(self, on_domain_changed: DomainChanged, on_reconnected: Reconnected) -> None:
+        """Register the callbacks for domain events and reconnections."""
+
+    async def resolve_accel(self, accel: Accel) -> Accel:
+        """Turn ``auto`` into ``kvm`` or ``tcg`` for this host; check explicit choices."""
+
+    async def list_vms(self) -> list[VMRecord]:
+        """Every kdlab VM the hypervisor has, running or not."""
+
+    async def get_vm(self, name: str) -> VMRecord | None:
+        """The VM called *name*, or None when no such kdlab domain exists."""
+
+    async def define_vm(self, spec: VMSpec) -> VMRecord:
+        """Define a persistent domain for *spec*; raise VMExists if the name is taken."""
+
+    async def undefine_vm(self, name: str) -> None:
+        """Remove the VM's (inactive) domain definition."""
+
+    async def start_vm(self, name: str, *, paused: bool) -> None:
+        """Boot the VM; with *paused*, its CPUs wait before the first instruction."""
+
+    async def shutdown_vm(self, name: str) -> None:
+        """Ask the guest to power off (ACPI power button). Returns at once."""
+
+    async def destroy_vm(self, name: str) -> None:
+        """Pull the plug."""
+
+    async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
+        """Stream *size* bytes from *fd* into the boot volume *volume*; return its path."""
+
+    async def delete_boot_file(self, volume: str) -> None:
+        """Delete the boot volume *volume* if it exists."""

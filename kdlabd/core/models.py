@@ -1,0 +1,79 @@
+"""kdlab's models: what a VM is, independent of libvirt and D-Bus."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class VMState(enum.StrEnum):
+    """A VM's state as clients see it (never libvirt's integers)."""
+
+    DEFINED = "defined"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+    @property
+    def active(self) -> bool:
+        """Whether a QEMU process exists for the VM."""
+        return self in (VMState.RUNNING, VMState.PAUSED, VMState.STOPPING)
+
+
+class Accel(enum.StrEnum):
+    """How guests are accelerated: ``auto`` picks KVM only where it works."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+@dataclass(frozen=True)
+class DebugSettings:
+    """The gdbstub of a VM.
+
+    The stub listens on a unix socket only root and QEMU can reach; a TCP
+    listener (always on 127.0.0.1) exists only when *gdb_tcp_port* is set.
+    """
+
+    gdb: bool = True
+    gdb_tcp_port: int | None = None
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything needed to define a VM. Stored in the domain's metadata."""
+
+    name: str
+    owner_uid: int
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    memory_mib: int
+    vcpus: int
+    accel: Accel
+    console_log: Path
+    gdb_socket: Path
+    debug: DebugSettings = DebugSettings()
+    created_usec: int = 0
+
+    def replace(self, **changes: object) -> VMSpec:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    """A VM as the hypervisor knows it: its spec, identity and current state."""
+
+    spec: VMSpec
+    uuid: str
+    state: VMState
+
+    @property
+    def name(self) -> str:
+        return self.spec.name

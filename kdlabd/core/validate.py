@@ -1,0 +1,115 @@
+"""One validator per kind of input. Every path that takes an input uses these.
+
+Each raises :class:`~kdlabd.errors.InvalidArgument` with a message that says
+what is allowed, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import stat
+
+from kdlabd.errors import InvalidArgument
+
+NAME_MAX = 63
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# x86's COMMAND_LINE_SIZE is 2048 including the terminating NUL.
+CMDLINE_MAX = 2047
+MEMORY_MIB_RANGE = (32, 1024 * 1024)
+VCPUS_RANGE = (1, 255)
+TCP_PORT_RANGE = (1024, 65535)
+KERNEL_MAX_BYTES = 512 * 1024 * 1024
+INITRD_MAX_BYTES = 2 * 1024 * 1024 * 1024
+
+
+def name(value: str, what: str = "VM name") -> str:
+    """A VM or image name: 1-63 of ``A-Z a-z 0-9 . _ -``, starting alphanumeric."""
+    if not (0 < len(value) <= NAME_MAX and _NAME_RE.fullmatch(value)):
+        raise InvalidArgument(
+            f"invalid {what} {value!r}: use 1-{NAME_MAX} letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def cmdline(value: str) -> str:
+    """A kernel command line: printable ASCII on one line, within the kernel's limit."""
+    if len(value) > CMDLINE_MAX:
+        raise InvalidArgument(
+            f"kernel command line is {len(value)} characters; the kernel takes at "
+            f"most {CMDLINE_MAX}"
+        )
+    for char in value:
+        if not " " <= char <= "~":
+            raise InvalidArgument(
+                f"kernel command line contains {char!r}: only printable ASCII on one "
+                "line is allowed"
+            )
+    return value
+
+
+def in_range(value: int, bounds: tuple[int, int], what: str) -> int:
+    """An integer option within inclusive *bounds*."""
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgument(f"{what} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def memory_mib(value: int) -> int:
+    return in_range(value, MEMORY_MIB_RANGE, "memory (MiB)")
+
+
+def vcpus(value: int) -> int:
+    return in_range(value, VCPUS_RANGE, "number of vCPUs")
+
+
+def tcp_port(value: int) -> int:
+    return in_range(value, TCP_PORT_RANGE, "gdb TCP port")
+
+
+def readable_file(fd: int, what: str, max_bytes: int) -> int:
+    """A descriptor passed by a client: an open, readable, non-empty regular file.
+
+    Returns its size. Directories, FIFOs, sockets, devices and write-only
+    descriptors are refused before a byte is read.
+    """
+    try:
+        info = os.fstat(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as err:
+        raise InvalidArgument(f"{what}: not an open file descriptor ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidArgument(f"{what} must be a regular file")
+    if flags & os.O_ACCMODE == os.O_WRONLY:
+        raise InvalidArgument(f"{what}: the descriptor is not open for reading")
+    if info.st_size == 0:
+        raise InvalidArgument(f"{what} is empty")
+    if info.st_size > max_bytes:
+        raise InvalidArgument(
+            f"{what} is {info.st_size} bytes; at most {max_bytes} are accepted"
+        )
+    return info.st_size
+
+
+_ELF_MAGIC = b"\x7fELF"
+# The x86 boot protocol puts "HdrS" at offset 0x202 of a bzImage.
+_BZIMAGE_MAGIC_OFFSET = 0x202
+_BZIMAGE_MAGIC = b"HdrS"
+
+
+def kernel_image(header: bytes) -> None:
+    """The first bytes of a kernel file: it must be an x86 bzImage."""
+    if header.startswith(_ELF_MAGIC):
+        raise InvalidArgument(
+            "the kernel is an ELF file (vmlinux?): pass arch/x86/boot/bzImage as the "
+            "kernel; vmlinux is what gdb reads"
+        )
+    magic = header[_BZIMAGE_MAGIC_OFFSET : _BZIMAGE_MAGIC_OFFSET + len(_BZIMAGE_MAGIC)]
+    if magic != _BZIMAGE_MAGIC:
+        raise InvalidArgument(
+            "the kernel is not an x86 bzImage: pass arch/x86/boot/bzImage or a "
+            "distribution's /boot/vmlinuz-* file"
+        )

@@ -1,0 +1,357 @@
+"""VM use cases: create, start, stop, delete, and the live view of every VM.
+
+libvirt is the database: :meth:`VMService.load` rebuilds the view from the
+hypervisor, and domain events keep it current. Operations on one VM are
+serialized; creating a name is reserved up front so that concurrent callers
+creating the same name get exactly one success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from kdlabd.core import validate
+from kdlabd.core.hypervisor import Hypervisor
+from kdlabd.core.models import Accel, DebugSettings, VMRecord, VMSpec, VMState
+from kdlabd.errors import InvalidArgument, InvalidState, NoSuchVM, VMExists
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MEMORY_MIB = 512
+DEFAULT_VCPUS = 1
+DEFAULT_STOP_TIMEOUT = 30.0
+_KERNEL_HEADER_BYTES = 1024
+
+
+class VMObserver(Protocol):
+    """Told about every change of the VM view (the bus layer exports objects)."""
+
+    def vm_added(self, record: VMRecord) -> None: ...
+
+    def vm_changed(self, record: VMRecord) -> None: ...
+
+    def vm_removed(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where kdlabd keeps per-VM files on the host."""
+
+    state_dir: Path
+    runtime_dir: Path
+
+    def vm_dir(self, name: str) -> Path:
+        return self.state_dir / "vms" / name
+
+    def console_log(self, name: str) -> Path:
+        return self.vm_dir(name) / "console.log"
+
+    def gdb_dir(self) -> Path:
+        return self.runtime_dir / "gdb"
+
+    def gdb_socket(self, name: str) -> Path:
+        return self.gdb_dir() / f"{name}.sock"
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """A validated-on-use request to create a VM; descriptors stay the caller's."""
+
+    name: str
+    owner_uid: int
+    kernel_fd: int | None
+    initrd_fd: int | None = None
+    cmdline: str = ""
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    vcpus: int = DEFAULT_VCPUS
+    debug: DebugSettings = DebugSettings()
+
+
+def kernel_volume(name: str) -> str:
+    return f"{name}.kernel"
+
+
+def initrd_volume(name: str) -> str:
+    return f"{name}.initrd"
+
+
+class VMService:
+    """The VMs kdlab manages, and what can be done with them."""
+
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        layout: Layout,
+        accel: Accel,
+        observer: VMObserver,
+    ) -> None:
+        self._hv = hypervisor
+        self._layout = layout
+        self._accel = accel
+        self._observer = observer
+        self._vms: dict[str, VMRecord] = {}
+        self._creating: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._transitions: dict[str, VMState] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def accel(self) -> Accel:
+        return self._accel
+
+    async def load(self) -> None:
+        """Rebuild the view from the hypervisor (start-up and reconnection)."""
+        records = {r.name: r for r in await self._hv.list_vms()}
+        for name in list(self._vms):
+            if name not in records:
+                self._forget(name)
+        for record in records.values():
+            self._store(record)
+        log.info("vms.loaded", count=len(self._vms))
+
+    def list(self) -> list[VMRecord]:
+        return sorted(self._vms.values(), key=lambda r: r.name)
+
+    def get(self, name: str) -> VMRecord:
+        try:
+            return self._vms[name]
+        except KeyError:
+            raise NoSuchVM(f"no VM named {name!r} (see: kdlabctl list)") from None
+
+    def domain_changed(self, name: str) -> None:
+        """Hypervisor event callback: re-read the VM in the background."""
+        self._in_background(self.refresh(name))
+
+    def hypervisor_reconnected(self) -> None:
+        """Hypervisor callback: the connection came back; rebuild the whole view."""
+        self._in_background(self.load())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("vms.refresh_failed", error=str(task.exception()))
+
+    async def refresh(self, name: str) -> None:
+        """Re-read one VM from the hypervisor and publish what changed."""
+        if name in self._creating:
+            return
+        record = await self._hv.get_vm(name)
+        if record is None:
+            self._forget(name)
+        else:
+            self._store(record)
+
+    async def create(self, request: CreateRequest) -> VMRecord:
+        """Stage the boot files, define the domain, and roll everything back on failure."""
+        name = validate.name(request.name)
+        spec = self._new_spec(request)
+        if request.kernel_fd is None:
+            raise InvalidArgument("a kernel is required: pass an open descriptor of a bzImage")
+        kernel_size = validate.readable_file(request.kernel_fd, "kernel", validate.KERNEL_MAX_BYTES)
+        validate.kernel_image(os.pread(request.kernel_fd, _KERNEL_HEADER_BYTES, 0))
+        initrd_size = 0
+        if request.initrd_fd is not None:
+            initrd_size = validate.readable_file(
+                request.initrd_fd, "initrd", validate.INITRD_MAX_BYTES
+            )
+        with self._reserve(name):
+            if await self._hv.get_vm(name) is not None:
+                raise VMExists(f"a VM named {name!r} already exists")
+            async with contextlib.AsyncExitStack() as undo:
+                kernel = await self._hv.upload_boot_file(
+                    kernel_volume(name), request.kernel_fd, kernel_size
+                )
+                undo.push_async_callback(_undo, self._hv.delete_boot_file, kernel_volume(name))
+                initrd = None
+                if request.initrd_fd is not None:
+                    initrd = await self._hv.upload_boot_file(
+                        initrd_volume(name), request.initrd_fd, initrd_size
+                    )
+                    undo.push_async_callback(
+                        _undo, self._hv.delete_boot_file, initrd_volume(name)
+                    )
+                vm_dir = self._layout.vm_dir(name)
+                vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                undo.callback(shutil.rmtree, vm_dir, ignore_errors=True)
+                record = await self._hv.define_vm(spec.replace(kernel=kernel, initrd=initrd))
+                undo.pop_all()
+        self._store(record)
+        log.info("vm.created", vm=name, owner_uid=request.owner_uid, uuid=record.uuid)
+        return record
+
+    async def start(self, name: str, *, paused: bool = False) -> VMRecord:
+        async with self._lock(name):
+            record = self.get(name)
+            if record.state.active:
+                raise InvalidState(f"VM {name!r} is already {record.state}")
+            self._rotate_console_log(name)
+            with self._transition(name, VMState.STARTING):
+                await self._hv.start_vm(name, paused=paused)
+            await self.refresh(name)
+            log.info("vm.started", vm=name, paused=paused)
+            return self.get(name)
+
+    async def stop(
+        self, name: str, *, force: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT
+    ) -> VMRecord:
+        """Power the VM off: ACPI first, the plug after *timeout* seconds (or at once)."""
+        async with self._lock(name):
+            record = self.get(name)
+            if not record.state.active:
+                raise InvalidState(f"VM {name!r} is not running (it is {record.state})")
+            with self._transition(name, VMState.STOPPING):
+                if not force and timeout > 0:
+                    await self._hv.shutdown_vm(name)
+                    force = not await self._wait_inactive(name, timeout)
+                    if force:
+                        log.warning("vm.shutdown_timeout", vm=name, timeout=timeout)
+                if force:
+                    await self._hv.destroy_vm(name)
+            await self.refresh(name)
+            log.info("vm.stopped", vm=name, forced=force)
+            return self.get(name)
+
+    async def delete(self, name: str) -> None:
+        async with self._lock(name):
+            record = self.get(name)
+            if record.state.active:
+                raise InvalidState(
+                    f"VM {name!r} is {record.state}: stop it first (kdlabctl stop {name})"
+                )
+            await self._hv.undefine_vm(name)
+            await self._hv.delete_boot_file(kernel_volume(name))
+            await self._hv.delete_boot_file(initrd_volume(name))
+            shutil.rmtree(self._layout.vm_dir(name), ignore_errors=True)
+            self._forget(name)
+            log.info("vm.deleted", vm=name)
+
+    def open_console_log(self, name: str) -> int:
+        """A read-only descriptor of the console log of the current or last boot."""
+        self.get(name)
+        try:
+            return os.open(self._layout.console_log(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise InvalidState(
+                f"VM {name!r} has not been booted yet: there is no console log "
+                f"(kdlabctl start {name})"
+            ) from None
+
+    def _new_spec(self, request: CreateRequest) -> VMSpec:
+        debug = request.debug
+        if debug.gdb_tcp_port is not None:
+            validate.tcp_port(debug.gdb_tcp_port)
+        return VMSpec(
+            name=request.name,
+            owner_uid=request.owner_uid,
+            kernel=Path(),
+            initrd=None,
+            cmdline=validate.cmdline(request.cmdline),
+            memory_mib=validate.memory_mib(request.memory_mib),
+            vcpus=validate.vcpus(request.vcpus),
+            accel=self._accel,
+            console_log=self._layout.console_log(request.name),
+            gdb_socket=self._layout.gdb_socket(request.name),
+            debug=debug,
+            created_usec=time.time_ns() // 1000,
+        )
+
+    @contextlib.contextmanager
+    def _reserve(self, name: str) -> Iterator[None]:
+        if name in self._vms or name in self._creating:
+            raise VMExists(f"a VM named {name!r} already exists")
+        self._creating.add(name)
+        try:
+            yield
+        finally:
+            self._creating.discard(name)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        self.get(name)
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    @contextlib.contextmanager
+    def _transition(self, name: str, state: VMState) -> Iterator[None]:
+        """Show *state* while an operation is under way, whatever libvirt says."""
+        self._transitions[name] = state
+        self._store(self.get(name))
+        try:
+            yield
+        finally:
+            del self._transitions[name]
+
+    async def _wait_inactive(self, name: str, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        changed = self._changed.setdefault(name, asyncio.Event())
+        while (remaining := deadline - loop.time()) > 0:
+            changed.clear()
+            record = await self._hv.get_vm(name)
+            if record is None or not record.state.active:
+                return True
+            # Events wake us at once; the timeout re-checks in case one was lost.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(1.0, remaining))
+        return False
+
+    def _rotate_console_log(self, name: str) -> None:
+        """Keep the previous boot's console log as ``console.log.1``."""
+        current = self._layout.console_log(name)
+        with contextlib.suppress(FileNotFoundError):
+            current.rename(current.with_name(current.name + ".1"))
+
+    def _displayed(self, record: VMRecord) -> VMRecord:
+        transition = self._transitions.get(record.name)
+        state = record.state
+        if transition is VMState.STARTING and not state.active:
+            state = transition
+        elif transition is VMState.STOPPING and state.active:
+            state = transition
+        elif state is VMState.STOPPED and not self._has_booted(record.name):
+            state = VMState.DEFINED
+        return VMRecord(record.spec, record.uuid, state)
+
+    def _has_booted(self, name: str) -> bool:
+        log_file = self._layout.console_log(name)
+        return log_file.exists() or log_file.with_name(log_file.name + ".1").exists()
+
+    def _store(self, record: VMRecord) -> None:
+        shown = self._displayed(record)
+        old = self._vms.get(shown.name)
+        if old == shown:
+            return
+        self._vms[shown.name] = shown
+        if shown.name in self._changed:
+            self._changed[shown.name].set()
+        if old is None:
+            self._observer.vm_added(shown)
+        else:
+            self._observer.vm_changed(shown)
+
+    def _forget(self, name: str) -> None:
+        if self._vms.pop(name, None) is not None:
+            self._locks.pop(name, None)
+            self._observer.vm_removed(name)
+
+
+async def _undo(step: Callable[[str], Awaitable[None]], arg: str) -> None:
+    """Run one rollback step; its failure is logged, never raised over the original error."""
+    try:
+        await step(arg)
+    except Exception:
+        log.exception("rollback.failed", step=getattr(step, "__name__", repr(step)), arg=arg)

@@ -1,0 +1,88 @@
+"""kdlabd's entry point: wire libvirt, the VM service and the bus together, then serve."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import structlog
+from dbus_next.constants import NameFlag, RequestNameReply
+
+from kdlabd import logs
+from kdlabd.bus.auth import Authorizer
+from kdlabd.bus.calls import KdlabBus
+from kdlabd.bus.exporter import BusExporter
+from kdlabd.config import Config, from_args
+from kdlabd.core.vms import Layout, VMService
+from kdlabd.errors import KdlabError
+from kdlabd.virt.libvirt_backend import LibvirtHypervisor, register_event_loop
+from kdlabd.wire import BUS_NAME, bus_address
+
+log = structlog.get_logger(__name__)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM/SIGINT or until the bus goes away."""
+    register_event_loop()
+    layout = Layout(config.state_dir, config.runtime_dir)
+    layout.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    hypervisor = LibvirtHypervisor(
+        config.libvirt_uri, config.boot_pool, config.boot_pool_dir, layout.gdb_dir(), config.qemu_user
+    )
+    await hypervisor.connect()
+    bus = await KdlabBus(bus_address=bus_address(config.bus), negotiate_unix_fd=True).connect()
+    try:
+        accel = await hypervisor.resolve_accel(config.accel)
+        authorizer = Authorizer(bus)
+        exporter = BusExporter(bus, authorizer)
+        vms = VMService(hypervisor, layout, accel, exporter)
+        exporter.serve(vms)
+        hypervisor.watch(vms.domain_changed, vms.hypervisor_reconnected)
+        await vms.load()
+        # Objects are exported before the name is taken: owning the name means ready.
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply is not RequestNameReply.PRIMARY_OWNER:
+            raise KdlabError(f"{BUS_NAME} is already owned on the bus: is kdlabd already running?")
+        log.info("kdlabd.ready", bus=config.bus, libvirt_uri=config.libvirt_uri, accel=accel.value)
+        await _until_stopped(bus)
+    finally:
+        bus.disconnect()
+        await hypervisor.close()
+    log.info("kdlabd.stopped")
+
+
+async def _until_stopped(bus: KdlabBus) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if disconnected.done():
+        raise KdlabError("lost the D-Bus connection")
+    disconnected.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = from_args(argv)
+    except KdlabError as err:
+        print(f"kdlabd: {err}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_format)
+    try:
+        asyncio.run(serve(config))
+    except KdlabError as err:
+        log.error("kdlabd.failed", error=str(err))
+        return 1
+    except Exception as err:  # libvirt or the bus unreachable at start-up
+        log.error("kdlabd.failed", error=f"{type(err).__name__}: {err}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""kdlab's errors: one class per reason, each with its D-Bus name and exit code.
+
+Stdlib-only: kdlabctl maps D-Bus error names to exit codes with
+:data:`EXIT_CODES` and never parses message text.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from kdlabd.wire import ERROR_PREFIX
+
+
+class KdlabError(Exception):
+    """Base of every error kdlab reports to a caller.
+
+    The message is shown to the user as is: it says what went wrong and what
+    to do about it.
+    """
+
+    reason: ClassVar[str] = "Failed"
+    exit_code: ClassVar[int] = 1
+
+    @classmethod
+    def dbus_name(cls) -> str:
+        return ERROR_PREFIX + cls.reason
+
+
+class InvalidArgument(KdlabError):
+    """A name, option or file was rejected before anything was changed."""
+
+    reason = "InvalidArgument"
+    exit_code = 2
+
+
+class InvalidState(KdlabError):
+    """The VM is not in a state that allows the operation (e.g. start while running)."""
+
+    reason = "InvalidState"
+    exit_code = 3
+
+
+class NoSuchVM(KdlabError):
+    """No VM has that name."""
+
+    reason = "NoSuchVM"
+    exit_code = 4
+
+
+class VMExists(KdlabError):
+    """A VM (or a foreign libvirt domain) already uses that name."""
+
+    reason = "VMExists"
+    exit_code = 5
+
+
+class NotAuthorized(KdlabError):
+    """The caller may not do this."""
+
+    reason = "NotAuthorized"
+    exit_code = 6
+
+
+class HypervisorError(KdlabError):
+    """libvirt or QEMU failed; the message carries libvirt's own words."""
+
+    reason = "HypervisorError"
+    exit_code = 7
+
+
+class Internal(KdlabError):
+    """A bug in kdlabd. Details are in the daemon's log, never on the wire."""
+
+    reason = "Internal"
+    exit_code = 1
+
+
+ERRORS: tuple[type[KdlabError], ...] = (
+    InvalidArgument,
+    InvalidState,
+    NoSuchVM,
+    VMExists,
+    NotAuthorized,
+    HypervisorError,
+    Internal,
+)
+
+# Exit codes kdlabctl uses for conditions that are not a kdlabd error.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: kdlabd or the bus is not reachable
+
+EXIT_CODES: dict[str, int] = {cls.dbus_name(): cls.exit_code for cls in ERRORS}
+
+
+def exit_code_for(dbus_error_name: str) -> int:
+    """Exit code of kdlabctl for an error reply named *dbus_error_name*."""
+    if dbus_error_name in EXIT_CODES:
+        return EXIT_CODES[dbus_error_name]
+    if dbus_error_name in (
+        "org.freedesktop.DBus.Error.ServiceUnknown",
+        "org.freedesktop.DBus.Error.NameHasNoOwner",
+        "org.freedesktop.DBus.Error.NoReply",
+    ):
+        return EXIT_UNAVAILABLE
+    if dbus_error_name == "org.freedesktop.DBus.Error.AccessDenied":
+        return NotAuthorized.exit_code
+    return EXIT_FAILURE

@@ -1,0 +1,1 @@
+"""The libvirt backend: domain XML, storage pools and volumes, the connection."""

@@ -1,0 +1,174 @@
+"""Domain XML for kdlab VMs, built and parsed without a libvirt connection.
+
+:func:`build_domain_xml` is a pure function of a :class:`VMSpec` (golden-file
+tested and validated against libvirt's RelaxNG schema). :func:`parse_domain_xml`
+reads a spec back from a defined domain, so libvirt stays kdlab's only database.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lxml import etree
+
+from kdlabd.core.cmdline import effective_cmdline
+from kdlabd.core.models import Accel, DebugSettings, VMSpec
+
+DOMAIN_PREFIX = "kdlab-"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+KDLAB_NS = "https://kdlab.org/xmlns/domain/1"
+KDLAB_PREFIX = "kdlab"
+GDB_CHARDEV_ID = "kdlab-gdb"
+
+_Q = f"{{{QEMU_NS}}}"
+_K = f"{{{KDLAB_NS}}}"
+
+
+def domain_name(vm_name: str) -> str:
+    """The libvirt domain name of the kdlab VM *vm_name*."""
+    return DOMAIN_PREFIX + vm_name
+
+
+def qemu_option_value(value: str) -> str:
+    """Escape a value for QEMU's ``key=value,...`` option syntax (',' doubles)."""
+    return value.replace(",", ",,")
+
+
+def gdbstub_args(spec: VMSpec) -> list[str]:
+    """QEMU arguments for the gdbstub; empty when it is off.
+
+    libvirt has no element for a gdbstub, so it goes into
+    ``<qemu:commandline>``. The unix socket is the default and lives in a
+    directory only root and the QEMU user may enter. A TCP listener is only
+    ever on 127.0.0.1: any local user could otherwise read and write guest
+    memory.
+    """
+    if not spec.debug.gdb:
+        return []
+    if spec.debug.gdb_tcp_port is not None:
+        chardev = f"socket,id={GDB_CHARDEV_ID},host=127.0.0.1,port={spec.debug.gdb_tcp_port}"
+    else:
+        path = qemu_option_value(str(spec.gdb_socket))
+        chardev = f"socket,id={GDB_CHARDEV_ID},path={path}"
+    return ["-chardev", f"{chardev},server=on,wait=off", "-gdb", f"chardev:{GDB_CHARDEV_ID}"]
+
+
+def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrib: str) -> etree._Element:
+    element = etree.SubElement(parent, tag, attrib)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def _metadata(parent: etree._Element, spec: VMSpec) -> None:
+    vm = etree.SubElement(
+        _sub(parent, "metadata"), _K + "vm", nsmap={KDLAB_PREFIX: KDLAB_NS}
+    )
+    _sub(vm, _K + "name", spec.name)
+    _sub(vm, _K + "owner", uid=str(spec.owner_uid))
+    _sub(vm, _K + "created", usec=str(spec.created_usec))
+    _sub(vm, _K + "cmdline", spec.cmdline)
+    _sub(vm, _K + "accel", spec.accel.value)
+    debug = _sub(vm, _K + "debug", gdb="yes" if spec.debug.gdb else "no")
+    if spec.debug.gdb_tcp_port is not None:
+        debug.set("tcp-port", str(spec.debug.gdb_tcp_port))
+    _sub(vm, _K + "gdb-socket", str(spec.gdb_socket))
+
+
+def _os(parent: etree._Element, spec: VMSpec) -> None:
+    os_el = _sub(parent, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64")
+    _sub(os_el, "kernel", str(spec.kernel))
+    if spec.initrd is not None:
+        _sub(os_el, "initrd", str(spec.initrd))
+    _sub(os_el, "cmdline", effective_cmdline(spec))
+
+
+def _devices(parent: etree._Element, spec: VMSpec) -> None:
+    devices = _sub(parent, "devices")
+    serial = _sub(devices, "serial", type="pty")
+    # append='off': the file holds exactly one boot; kdlabd rotates it before start.
+    _sub(serial, "log", file=str(spec.console_log), append="off")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    # Without these libvirt adds a USB controller and a balloon: slower boots, no use.
+    _sub(devices, "controller", type="usb", model="none")
+    _sub(devices, "memballoon", model="none")
+
+
+def build_domain_xml(spec: VMSpec) -> str:
+    """The libvirt domain XML of *spec*: direct kernel boot, serial console, gdbstub."""
+    domain_type = "kvm" if spec.accel is Accel.KVM else "qemu"
+    root = etree.Element("domain", type=domain_type, nsmap={"qemu": QEMU_NS})
+    _sub(root, "name", domain_name(spec.name))
+    _sub(root, "title", f"kdlab VM {spec.name}")
+    _metadata(root, spec)
+    _sub(root, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(root, "vcpu", str(spec.vcpus))
+    _os(root, spec)
+    features = _sub(root, "features")
+    _sub(features, "acpi")  # graceful shutdown is an ACPI power-button press
+    if spec.accel is Accel.KVM:
+        _sub(root, "cpu", mode="host-passthrough")
+    _sub(root, "clock", offset="utc")
+    _sub(root, "on_poweroff", "destroy")
+    _sub(root, "on_reboot", "restart")
+    _sub(root, "on_crash", "destroy")
+    _devices(root, spec)
+    args = gdbstub_args(spec)
+    if args:
+        commandline = _sub(root, _Q + "commandline")
+        for arg in args:
+            _sub(commandline, _Q + "arg", value=arg)
+    return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+class NotKdlabDomain(ValueError):
+    """The domain XML has no kdlab metadata: it is not one of kdlab's VMs."""
+
+
+def _text(element: etree._Element, path: str) -> str | None:
+    found = element.find(path)
+    return None if found is None else (found.text or "")
+
+
+def _memory_mib(root: etree._Element) -> int:
+    memory = root.find("memory")
+    if memory is None or memory.text is None:
+        raise NotKdlabDomain("domain has no <memory>")
+    scale = {"KiB": 1024, "k": 1024, "MiB": 1024**2, "M": 1024**2, "GiB": 1024**3, "G": 1024**3}
+    unit = memory.get("unit", "KiB")
+    return int(memory.text) * scale.get(unit, 1024) // 1024**2
+
+
+def parse_domain_xml(xml: str) -> VMSpec:
+    """Read a kdlab VM's spec back from its (live or inactive) domain XML."""
+    root = etree.fromstring(xml.encode())
+    meta = root.find(f"metadata/{_K}vm")
+    if meta is None:
+        raise NotKdlabDomain("domain carries no kdlab metadata")
+    kernel = _text(root, "os/kernel")
+    initrd = _text(root, "os/initrd")
+    log = root.find("devices/serial/log")
+    debug = meta.find(_K + "debug")
+    port = None if debug is None else debug.get("tcp-port")
+    owner = meta.find(_K + "owner")
+    created = meta.find(_K + "created")
+    return VMSpec(
+        name=_text(meta, _K + "name") or "",
+        owner_uid=int(owner.get("uid", "0")) if owner is not None else 0,
+        kernel=Path(kernel or ""),
+        initrd=Path(initrd) if initrd else None,
+        cmdline=_text(meta, _K + "cmdline") or "",
+        memory_mib=_memory_mib(root),
+        vcpus=int(_text(root, "vcpu") or "1"),
+        accel=Accel(_text(meta, _K + "accel") or Accel.TCG),
+        console_log=Path(log.get("file", "")) if log is not None else Path(),
+        gdb_socket=Path(_text(meta, _K + "gdb-socket") or ""),
+        debug=DebugSettings(
+            gdb=debug is None or debug.get("gdb") == "yes",
+            gdb_tcp_port=int(port) if port else None,
+        ),
+        created_usec=int(created.get("usec", "0")) if created is not None else 0,
+    )

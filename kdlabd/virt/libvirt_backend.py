@@ -1,0 +1,365 @@
+"""The libvirt implementation of :class:`kdlabd.core.hypervisor.Hypervisor`.
+
+Blocking libvirt calls run in worker threads; events arrive on the asyncio
+loop through libvirt's own asyncio event implementation (``libvirtaio``),
+which :func:`register_event_loop` installs before any connection is opened.
+A lost connection (libvirtd restart) is re-opened in the background and the
+caller is told, so it can rebuild its view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import libvirt
+import libvirtaio
+import structlog
+from lxml import etree
+
+from kdlabd.core.hypervisor import DomainChanged, Reconnected
+from kdlabd.core.models import Accel, VMRecord, VMSpec, VMState
+from kdlabd.errors import HypervisorError, InvalidArgument, InvalidState, KdlabError, NoSuchVM, VMExists
+from kdlabd.virt import host
+from kdlabd.virt.domain_xml import DOMAIN_PREFIX, NotKdlabDomain, build_domain_xml, domain_name, parse_domain_xml
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+_UPLOAD_CHUNK = 1024 * 1024
+_RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: VMState.STOPPED,
+    libvirt.VIR_DOMAIN_RUNNING: VMState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: VMState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: VMState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: VMState.STOPPING,
+    libvirt.VIR_DOMAIN_SHUTOFF: VMState.STOPPED,
+    libvirt.VIR_DOMAIN_CRASHED: VMState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: VMState.PAUSED,
+}
+
+
+def register_event_loop() -> None:
+    """Dispatch libvirt events on the running asyncio loop. Call once, before connecting.
+
+    Also stops libvirt-python from printing every error to stderr: kdlabd
+    reports errors itself, translated, in its own log.
+    """
+    libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def vm_state(state: int, reason: int) -> VMState:
+    """kdlab's state for libvirt's (state, reason) pair."""
+    if state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED:
+        return VMState.CRASHED
+    return _STATES.get(state, VMState.STOPPED)
+
+
+def _translate(err: libvirt.libvirtError) -> KdlabError:
+    code = err.get_error_code()
+    message = err.get_error_message() or str(err)
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return NoSuchVM(f"libvirt has no such domain: {message}")
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return InvalidState(message)
+    return HypervisorError(f"libvirt: {message}")
+
+
+def _pool_xml(name: str, path: Path) -> str:
+    pool = etree.Element("pool", type="dir")
+    etree.SubElement(pool, "name").text = name
+    target = etree.SubElement(pool, "target")
+    etree.SubElement(target, "path").text = str(path)
+    perms = etree.SubElement(target, "permissions")
+    etree.SubElement(perms, "mode").text = "0711"
+    return etree.tostring(pool, encoding="unicode")
+
+
+def _raw_volume_xml(name: str, size: int) -> str:
+    volume = etree.Element("volume")
+    etree.SubElement(volume, "name").text = name
+    etree.SubElement(volume, "capacity", unit="bytes").text = str(size)
+    target = etree.SubElement(volume, "target")
+    etree.SubElement(target, "format", type="raw")
+    perms = etree.SubElement(target, "permissions")
+    etree.SubElement(perms, "mode").text = "0600"
+    return etree.tostring(volume, encoding="unicode")
+
+
+class LibvirtHypervisor:
+    """kdlab's VMs as persistent libvirt domains named ``kdlab-NAME``."""
+
+    def __init__(
+        self,
+        uri: str,
+        boot_pool: str,
+        boot_pool_dir: Path,
+        gdb_dir: Path,
+        qemu_user: str,
+    ) -> None:
+        self._uri = uri
+        self._boot_pool_name = boot_pool
+        self._boot_pool_dir = boot_pool_dir
+        self._gdb_dir = gdb_dir
+        self._qemu_user = host.QemuUser.lookup(qemu_user)
+        self._conn: libvirt.virConnect | None = None
+        self._callback_ids: list[int] = []
+        self._on_domain_changed: DomainChanged = lambda name: None
+        self._on_reconnected: Reconnected = lambda: None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def watch(self, on_domain_changed: DomainChanged, on_reconnected: Reconnected) -> None:
+        self._on_domain_changed = on_domain_changed
+        self._on_reconnected = on_reconnected
+
+    @property
+    def local(self) -> bool:
+        """Whether libvirt runs on this host (so host checks and paths apply)."""
+        return "://" in self._uri and self._uri.split("://", 1)[1].startswith("/")
+
+    async def connect(self) -> None:
+        """Open the connection, subscribe to events and make sure the boot pool exists."""
+        try:
+            conn = await asyncio.to_thread(libvirt.open, self._uri)
+        except libvirt.libvirtError as err:
+            raise HypervisorError(
+                f"cannot connect to libvirt at {self._uri}: {err.get_error_message()}; "
+                "is libvirtd running?"
+            ) from None
+        self._conn = conn
+        # Keepalive detects a dead libvirtd; drivers without it (test://) need none.
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.setKeepAlive(5, 3)
+        conn.registerCloseCallback(self._closed, None)
+        self._callback_ids = [
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_event, None
+            )
+        ]
+        await self._call(self._ensure_pool)
+        log.info("libvirt.connected", uri=self._uri)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            for callback_id in self._callback_ids:
+                conn.domainEventDeregisterAny(callback_id)
+            conn.unregisterCloseCallback()
+        await asyncio.to_thread(conn.close)
+
+    async def resolve_accel(self, accel: Accel) -> Accel:
+        caps = etree.fromstring((await self._call(lambda c: c.getCapabilities())).encode())
+        libvirt_has_kvm = bool(caps.xpath("//guest[arch/@name='x86_64']/arch/domain[@type='kvm']"))
+        if accel is Accel.TCG:
+            return Accel.TCG
+        usable, why = libvirt_has_kvm, "libvirt reports no KVM for x86_64 guests"
+        if usable and self.local:
+            usable, why = host.kvm_usable(self._qemu_user)
+        if accel is Accel.KVM and not libvirt_has_kvm:
+            raise InvalidArgument(f"--accel kvm: {why}; use --accel tcg or auto")
+        if accel is Accel.KVM:
+            return Accel.KVM
+        chosen = Accel.KVM if usable else Accel.TCG
+        log.info("accel.resolved", accel=chosen.value, reason=why)
+        return chosen
+
+    async def list_vms(self) -> list[VMRecord]:
+        def list_all(conn: libvirt.virConnect) -> list[VMRecord]:
+            records = []
+            for dom in conn.listAllDomains(0):
+                record = self._record(dom)
+                if record is not None:
+                    records.append(record)
+            return records
+
+        return await self._call(list_all)
+
+    async def get_vm(self, name: str) -> VMRecord | None:
+        def get(conn: libvirt.virConnect) -> VMRecord | None:
+            dom = self._lookup(conn, name)
+            return None if dom is None else self._record(dom)
+
+        return await self._call(get)
+
+    async def define_vm(self, spec: VMSpec) -> VMRecord:
+        xml = build_domain_xml(spec)
+
+        def define(conn: libvirt.virConnect) -> VMRecord:
+            if self._lookup(conn, spec.name) is not None:
+                raise VMExists(
+                    f"libvirt already has a domain named {domain_name(spec.name)!r}: "
+                    "choose another name"
+                )
+            log.debug("vm.define_xml", vm=spec.name, xml=xml)
+            dom = conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+            record = self._record(dom)
+            assert record is not None, "a domain kdlab defined must parse back"
+            return record
+
+        return await self._call(define)
+
+    async def undefine_vm(self, name: str) -> None:
+        await self._call(lambda conn: self._domain(conn, name).undefine())
+
+    async def start_vm(self, name: str, *, paused: bool) -> None:
+        if self.local:
+            host.prepare_private_dir(self._gdb_dir, self._qemu_user)
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        await self._call(lambda conn: self._domain(conn, name).createWithFlags(flags))
+
+    async def shutdown_vm(self, name: str) -> None:
+        await self._call(lambda conn: self._domain(conn, name).shutdown())
+
+    async def destroy_vm(self, name: str) -> None:
+        await self._call(lambda conn: self._domain(conn, name).destroy())
+
+    async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
+        def upload(conn: libvirt.virConnect) -> Path:
+            pool = conn.storagePoolLookupByName(self._boot_pool_name)
+            self._delete_volume(pool, volume)
+            vol = pool.createXML(_raw_volume_xml(volume, size), 0)
+            try:
+                _stream_into(conn, vol, fd, size)
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    vol.delete(0)
+                raise
+            return Path(vol.path())
+
+        return await self._call(upload)
+
+    async def delete_boot_file(self, volume: str) -> None:
+        await self._call(
+            lambda conn: self._delete_volume(
+                conn.storagePoolLookupByName(self._boot_pool_name), volume
+            )
+        )
+
+    async def _call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
+        """Run *fn* with the connection in a worker thread, translating libvirt errors."""
+        conn = self._conn
+        if conn is None:
+            raise HypervisorError(
+                f"not connected to libvirt at {self._uri}; kdlabd is reconnecting, try again"
+            )
+        try:
+            return await asyncio.to_thread(fn, conn)
+        except libvirt.libvirtError as err:
+            raise _translate(err) from None
+
+    @staticmethod
+    def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+        try:
+            return conn.lookupByName(domain_name(name))
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def _domain(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+        dom = self._lookup(conn, name)
+        if dom is None:
+            raise NoSuchVM(f"no VM named {name!r} (its libvirt domain is gone)")
+        return dom
+
+    @staticmethod
+    def _record(dom: libvirt.virDomain) -> VMRecord | None:
+        if not dom.name().startswith(DOMAIN_PREFIX):
+            return None
+        try:
+            spec = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except NotKdlabDomain:
+            return None
+        state, reason = dom.state()
+        return VMRecord(spec=spec, uuid=dom.UUIDString(), state=vm_state(state, reason))
+
+    def _ensure_pool(self, conn: libvirt.virConnect) -> None:
+        """Define, build and start kdlab's boot pool unless it already runs."""
+        try:
+            pool = conn.storagePoolLookupByName(self._boot_pool_name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise
+            pool = conn.storagePoolDefineXML(_pool_xml(self._boot_pool_name, self._boot_pool_dir), 0)
+            pool.build(0)
+            pool.setAutostart(1)
+            log.info("pool.defined", pool=self._boot_pool_name, path=str(self._boot_pool_dir))
+        if not pool.isActive():
+            pool.create(0)
+        pool.refresh(0)
+
+    @staticmethod
+    def _delete_volume(pool: libvirt.virStoragePool, volume: str) -> None:
+        try:
+            pool.storageVolLookupByName(volume).delete(0)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                raise
+
+    def _lifecycle_event(
+        self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any
+    ) -> None:
+        name = dom.name()
+        if name.startswith(DOMAIN_PREFIX):
+            log.debug("libvirt.event", domain=name, lifecycle=event, detail=detail)
+            self._on_domain_changed(name.removeprefix(DOMAIN_PREFIX))
+
+    def _closed(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        log.warning("libvirt.disconnected", uri=self._uri, reason=reason)
+        self._conn = None
+        if not self._closing and self._reconnecting is None:
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        try:
+            while True:
+                await asyncio.sleep(_RECONNECT_DELAYS[min(attempt, len(_RECONNECT_DELAYS) - 1)])
+                attempt += 1
+                try:
+                    await self.connect()
+                except (libvirt.libvirtError, KdlabError) as err:
+                    log.info("libvirt.reconnect_failed", attempt=attempt, error=str(err))
+                    continue
+                log.info("libvirt.reconnected", attempts=attempt)
+                self._on_reconnected()
+                return
+        finally:
+            self._reconnecting = None
+
+
+def _stream_into(conn: libvirt.virConnect, vol: libvirt.virStorageVol, fd: int, size: int) -> None:
+    """Copy *size* bytes of *fd* into *vol* through libvirt's upload stream.
+
+    The stream works the same for a local and a remote libvirt. Reads use
+    pread so the caller's file offset does not matter.
+    """
+    stream = conn.newStream(0)
+    vol.upload(stream, 0, size, 0)
+    offset = 0
+    try:
+        while offset < size:
+            chunk = os.pread(fd, min(_UPLOAD_CHUNK, size - offset), offset)
+            if not chunk:
+                raise InvalidArgument("the file shrank while it was being uploaded")
+            stream.send(chunk)
+            offset += len(chunk)
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        raise

@@ -1,0 +1,76 @@
+"""Names on the bus, shared by kdlabd and kdlabctl.
+
+This module is stdlib-only on purpose: kdlabctl imports it, and must start
+without pulling in libvirt or lxml.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+
+BUS_NAME = "org.kdlab.Kdlab1"
+MANAGER_PATH = "/org/kdlab/Kdlab1"
+MANAGER_INTERFACE = "org.kdlab.Kdlab1.Manager"
+VM_INTERFACE = "org.kdlab.Kdlab1.VM"
+VM_PATH_PREFIX = f"{MANAGER_PATH}/vm"
+ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
+
+# Bumped on every additive change of the interfaces in xml/dbus/.
+API_REVISION = 1
+
+_ALNUM = frozenset(string.ascii_letters + string.digits)
+
+
+def escape_path_label(label: str) -> str:
+    """Escape one object-path element the way systemd's sd_bus_path_encode does.
+
+    Every byte outside [A-Za-z0-9] (and a leading digit) becomes ``_xx`` in
+    lowercase hex; the empty string becomes ``_``.
+    """
+    if not label:
+        return "_"
+    out = []
+    for i, byte in enumerate(label.encode()):
+        char = chr(byte)
+        if char in _ALNUM and not (i == 0 and char.isdigit()):
+            out.append(char)
+        else:
+            out.append(f"_{byte:02x}")
+    return "".join(out)
+
+
+def unescape_path_label(label: str) -> str:
+    """Reverse :func:`escape_path_label`."""
+    if label == "_":
+        return ""
+    raw = bytearray()
+    i = 0
+    while i < len(label):
+        if label[i] == "_":
+            raw.append(int(label[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.append(ord(label[i]))
+            i += 1
+    return raw.decode()
+
+
+def vm_path(name: str) -> str:
+    """Object path of the VM called *name*."""
+    return f"{VM_PATH_PREFIX}/{escape_path_label(name)}"
+
+
+SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"
+
+
+def bus_address(bus: str) -> str:
+    """The D-Bus address for ``--bus system|session|ADDRESS``."""
+    if bus == "system":
+        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", SYSTEM_BUS_DEFAULT)
+    if bus == "session":
+        address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+        if not address:
+            raise ValueError("--bus session: DBUS_SESSION_BUS_ADDRESS is not set")
+        return address
+    return bus
