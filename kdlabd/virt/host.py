@@ -67,9 +67,47 @@ def kvm_usable(user: QemuUser | None, dev_kvm: Path = Path("/dev/kvm"),
     return True, "KVM is usable"
 
 
+def may_search(path: Path, user: QemuUser) -> bool:
+    """Whether *user* may traverse the directory *path*, by its mode bits."""
+    info = path.stat()
+    if user.uid == 0 or info.st_uid == user.uid:
+        return bool(info.st_mode & stat.S_IXUSR)
+    if info.st_gid in user.gids:
+        return bool(info.st_mode & stat.S_IXGRP)
+    return bool(info.st_mode & stat.S_IXOTH)
+
+
+def blocking_parent(path: Path, user: QemuUser) -> Path | None:
+    """The first parent of *path* that *user* cannot traverse, if any."""
+    for parent in reversed(path.parents):
+        if not may_search(parent, user):
+            return parent
+    return None
+
+
+def require_reachable(path: Path, user: QemuUser | None) -> None:
+    """Raise PermissionError naming the directory that stops *user* on the way to *path*.
+
+    QEMU would otherwise fail with a bare "Permission denied" on a kernel or
+    socket path.
+    """
+    if user is None:
+        return
+    blocker = blocking_parent(path / "x", user)
+    if blocker is not None:
+        raise PermissionError(
+            f"QEMU runs as {user.name}, which cannot enter {blocker} "
+            f"(mode {blocker.stat().st_mode & 0o777:04o}) on the way to {path}: "
+            "keep kdlab's directories where QEMU can traverse (chmod o+x, or "
+            "--state-dir/--runtime-dir elsewhere)"
+        )
+
+
 def prepare_private_dir(path: Path, owner: QemuUser | None) -> None:
     """Create *path* so that only root and the QEMU user can enter it (mode 0700)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if owner is not None:
-        os.chown(path, owner.uid, -1)
+    if owner is None:
+        return
+    os.chown(path, owner.uid, -1)
     path.chmod(0o700)
+    require_reachable(path, owner)

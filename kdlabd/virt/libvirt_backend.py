@@ -217,7 +217,11 @@ class LibvirtHypervisor:
 
     async def start_vm(self, name: str, *, paused: bool) -> None:
         if self.local:
-            host.prepare_private_dir(self._gdb_dir, self._qemu_user)
+            try:
+                host.prepare_private_dir(self._gdb_dir, self._qemu_user)
+                host.require_reachable(self._boot_pool_dir, self._qemu_user)
+            except PermissionError as err:
+                raise HypervisorError(str(err)) from None
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
         await self._call(lambda conn: self._domain(conn, name).createWithFlags(flags))
 
@@ -301,6 +305,10 @@ class LibvirtHypervisor:
         if not pool.isActive():
             pool.create(0)
         pool.refresh(0)
+        # A pool that already existed keeps its own directory: use that one.
+        path = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path")
+        if path:
+            self._boot_pool_dir = Path(path)
 
     @staticmethod
     def _delete_volume(pool: libvirt.virStoragePool, volume: str) -> None:

@@ -1,0 +1,175 @@
+"""Real processes for the bus and vm tiers: a private dbus-daemon and kdlabd.
+
+The private bus loads kdlab's shipped bus policy (systemd/org.kdlab.Kdlab1.conf),
+so what the tests see is what a system bus with kdlab installed enforces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+POLICY = REPO / "systemd" / "org.kdlab.Kdlab1.conf"
+BUS_NAME = "org.kdlab.Kdlab1"
+
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus"/>
+    <deny own="{bus_name}"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+class PrivateBus:
+    """A dbus-daemon of our own, system-bus style, with kdlab's policy included."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Unprivileged test callers must reach the socket.
+        directory.chmod(0o755)
+        self.socket = directory / "bus"
+        config = directory / "bus.conf"
+        config.write_text(
+            _BUS_CONFIG.format(socket=self.socket, policy=POLICY, bus_name=BUS_NAME)
+        )
+        self._proc = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        self.address = self._proc.stdout.readline().strip()
+        if not self.address:
+            raise RuntimeError(f"dbus-daemon did not start (exit {self._proc.wait()})")
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+
+
+def ctl_env(address: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["KDLAB_BUS"] = address
+    return env
+
+
+def kdlabctl(address: str, *args: str, timeout: float = 120, user: int | None = None,
+             input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run kdlabctl against *address* (optionally as another uid, groups cleared)."""
+    command: list[str] = [sys.executable, "-m", "kdlabctl", *args]
+    if user is not None:
+        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
+    return subprocess.run(
+        command, env=ctl_env(address), capture_output=True, text=True, timeout=timeout,
+        input=input_text, cwd=REPO, check=False,
+    )
+
+
+def kdlabctl_json(address: str, *args: str) -> object:
+    result = kdlabctl(address, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@dataclass
+class Kdlabd:
+    """kdlabd as a subprocess on a private bus."""
+
+    address: str
+    libvirt_uri: str
+    state_dir: Path
+    runtime_dir: Path
+    extra_args: Sequence[str] = ()
+    config_text: str = ""
+    log_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        self.log_path = self.log_path or self.state_dir.parent / "kdlabd.log"
+        log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "kdlabd",
+                "--bus", self.address,
+                "--libvirt-uri", self.libvirt_uri,
+                "--state-dir", str(self.state_dir),
+                "--runtime-dir", str(self.runtime_dir),
+                "--log-format", "json",
+                "--config", str(self._config()),
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"kdlabd exited {self._proc.returncode}:\n{self.log()}")
+            if name_has_owner(self.address, BUS_NAME):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"kdlabd did not take {BUS_NAME} in {timeout}s:\n{self.log()}")
+
+    def _config(self) -> Path:
+        """A config file of the test's own, so /etc/kdlab/kdlabd.toml never leaks in."""
+        path = self.state_dir.parent / "kdlabd.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.config_text)
+        return path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self) -> int:
+        """SIGTERM kdlabd and return its exit code."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            return self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+            raise
+
+    def kill(self) -> None:
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait()
+
+
+def name_has_owner(address: str, name: str) -> bool:
+    result = subprocess.run(
+        ["busctl", f"--address={address}", "call", "org.freedesktop.DBus",
+         "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner", "s", name],
+        capture_output=True, text=True, check=False,
+    )
+    return result.stdout.strip() == "b true"

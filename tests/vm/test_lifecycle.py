@@ -1,0 +1,130 @@
+"""A Debian kernel booted through kdlabd on real libvirt and QEMU, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.vm.conftest import MARKER, TEST_POOL, Lab, virsh
+
+pytestmark = pytest.mark.vm
+
+QEMU_NS = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0"}
+
+
+def create(lab: Lab, name: str, *extra: str) -> None:
+    result = lab.ctl(
+        "create", name, "--kernel", str(lab.kernel.vmlinuz), "--initrd", str(lab.initramfs),
+        "--memory", "256", *extra,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def state(lab: Lab, name: str) -> str:
+    result = lab.ctl("show", name, "--json")
+    assert result.returncode == 0, result.stderr
+    return str(json.loads(result.stdout)["state"])
+
+
+def wait_for_console(lab: Lab, name: str, text: str, timeout: float = 90) -> str:
+    """Poll ``kdlabctl logs`` until *text* appears; return the log."""
+    deadline = time.monotonic() + timeout
+    log = ""
+    while time.monotonic() < deadline:
+        result = lab.ctl("logs", name)
+        log = result.stdout
+        if text in log:
+            return log
+        time.sleep(0.3)
+    raise AssertionError(f"{text!r} not on {name}'s console after {timeout}s:\n{log[-3000:]}")
+
+
+def boot_volumes(name: str) -> list[str]:
+    listing = virsh("vol-list", TEST_POOL).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.split()[:1] in
+            ([f"{name}.kernel"], [f"{name}.initrd"])]
+
+
+def test_debian_kernel_boots_to_userspace_and_is_removed_without_trace(
+    lab: Lab, vm_name: str, tmp_path: Path
+) -> None:
+    create(lab, vm_name, "--cmdline", "loglevel=6")
+    assert state(lab, vm_name) == "defined"
+    assert sorted(boot_volumes(vm_name)) == [f"{vm_name}.initrd", f"{vm_name}.kernel"]
+
+    dumped = tmp_path / "domain.xml"
+    dumped.write_text(virsh("dumpxml", f"kdlab-{vm_name}").stdout)
+    validate = subprocess.run(["virt-xml-validate", str(dumped), "domain"],
+                              capture_output=True, text=True, check=False)
+    assert validate.returncode == 0, validate.stderr
+    domain = etree.parse(str(dumped))
+    assert domain.findtext("os/kernel", "").endswith(f"/{vm_name}.kernel")
+    cmdline = domain.findtext("os/cmdline", "").split()
+    assert {"loglevel=6", "console=ttyS0", "nokaslr"} <= set(cmdline)
+    qemu_args = [a.get("value") for a in domain.iterfind("qemu:commandline/qemu:arg", QEMU_NS)]
+    assert "-gdb" in qemu_args
+
+    started = lab.ctl("start", vm_name)
+    assert started.returncode == 0, started.stderr
+    assert state(lab, vm_name) == "running"
+    log = wait_for_console(lab, vm_name, MARKER)
+    assert f"{MARKER} {lab.kernel.release}" in log
+    assert "Linux version" in log
+
+    stopped = lab.ctl("stop", vm_name, "--force")
+    assert stopped.returncode == 0, stopped.stderr
+    assert state(lab, vm_name) == "stopped"
+    assert MARKER in lab.ctl("logs", vm_name).stdout, "the last boot's log stays readable"
+
+    deleted = lab.ctl("delete", vm_name)
+    assert deleted.returncode == 0, deleted.stderr
+    assert virsh("dominfo", f"kdlab-{vm_name}").returncode != 0
+    assert boot_volumes(vm_name) == []
+    assert not (lab.daemon.state_dir / "vms" / vm_name).exists()
+    assert lab.ctl("show", vm_name).returncode == 4
+
+
+def test_start_twice_is_refused_and_delete_of_running_vm_keeps_it(lab: Lab, vm_name: str) -> None:
+    create(lab, vm_name)
+    assert lab.ctl("start", vm_name).returncode == 0
+    again = lab.ctl("start", vm_name)
+    assert again.returncode == 3, again.stderr
+    assert "already running" in again.stderr
+    refused = lab.ctl("delete", vm_name)
+    assert refused.returncode == 3
+    assert "stop it first" in refused.stderr
+    assert virsh("domstate", f"kdlab-{vm_name}").stdout.strip() == "running"
+    assert lab.ctl("delete", "--force", vm_name).returncode == 0
+    assert virsh("dominfo", f"kdlab-{vm_name}").returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("kernel", "expected"),
+    [
+        ("/nonexistent/bzImage", "cannot open kernel"),
+        ("/etc", "regular file"),
+        ("/etc/hostname", "not an x86 bzImage"),
+    ],
+)
+def test_bad_kernel_is_refused_and_leaves_nothing(
+    lab: Lab, vm_name: str, kernel: str, expected: str
+) -> None:
+    result = lab.ctl("create", vm_name, "--kernel", kernel)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert virsh("dominfo", f"kdlab-{vm_name}").returncode != 0
+    assert boot_volumes(vm_name) == []
+    assert not (lab.daemon.state_dir / "vms" / vm_name).exists()
+
+
+def test_bad_name_is_refused_and_leaves_nothing(lab: Lab) -> None:
+    result = lab.ctl("create", "../etc", "--kernel", str(lab.kernel.vmlinuz))
+    assert result.returncode == 2
+    assert "invalid VM name" in result.stderr
+    assert "kdlab-../etc" not in virsh("list", "--all", "--name").stdout
