@@ -13,7 +13,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from kdlabd.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, exit_code_for
+from kdlabd.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    exit_code_for,
+)
 
 if TYPE_CHECKING:
     from kdlabctl.client import Client
@@ -91,7 +97,9 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
         ]
         for vm in vms
     ]
-    print(output.table(["NAME", "STATE", "MEMORY", "CPUS", "ACCEL", "GDB", "OWNER"], rows))
+    print(
+        output.table(["NAME", "STATE", "MEMORY", "CPUS", "ACCEL", "GDB", "OWNER"], rows)
+    )
     return EXIT_OK
 
 
@@ -146,7 +154,9 @@ async def cmd_delete(client: Client, args: argparse.Namespace) -> int:
     if args.force:
         props = await client.vm_properties(path)
         if props["State"] in ("running", "paused", "stopping"):
-            await client.vm_call(args.name, "Stop", "a{sv}", [variant_options(force=("b", True))])
+            await client.vm_call(
+                args.name, "Stop", "a{sv}", [variant_options(force=("b", True))]
+            )
     await client.vm_call(args.name, "Delete")
     return EXIT_OK
 
@@ -203,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--bus", default=os.environ.get("KDLAB_BUS", "system"),
+        "--bus",
+        default=os.environ.get("KDLAB_BUS", "system"),
         help="system (default, or $KDLAB_BUS), session, or a D-Bus address",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -215,14 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = command("create", cmd_create, "define a VM that boots KERNEL directly")
     create.add_argument("name", metavar="NAME")
-    create.add_argument("--kernel", required=True, metavar="PATH", help="bzImage to boot")
+    create.add_argument(
+        "--kernel", required=True, metavar="PATH", help="bzImage to boot"
+    )
     create.add_argument("--initrd", metavar="PATH", help="initramfs to boot with")
     create.add_argument("--cmdline", metavar="STR", help="kernel command line")
-    create.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB (default 512)")
+    create.add_argument(
+        "--memory", type=int, metavar="MIB", help="memory in MiB (default 512)"
+    )
     create.add_argument("--cpus", type=int, metavar="N", help="vCPUs (default 1)")
-    create.add_argument("--no-gdb", action="store_true", help="no gdbstub (and no nokaslr)")
-    create.add_argument("--gdb-tcp", type=int, metavar="PORT",
-                        help="gdbstub on 127.0.0.1:PORT instead of kdlabd's private socket")
+    create.add_argument(
+        "--no-gdb", action="store_true", help="no gdbstub (and no nokaslr)"
+    )
+    create.add_argument(
+        "--gdb-tcp",
+        type=int,
+        metavar="PORT",
+        help="gdbstub on 127.0.0.1:PORT instead of kdlabd's private socket",
+    )
     create.add_argument("-q", "--quiet", action="store_true")
 
     listing = command("list", cmd_list, "list VMs")
@@ -234,22 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     start = command("start", cmd_start, "boot a VM")
     start.add_argument("name", metavar="NAME")
-    start.add_argument("--paused", action="store_true",
-                       help="CPUs wait before the first instruction (attach gdb, then continue)")
+    start.add_argument(
+        "--paused",
+        action="store_true",
+        help="CPUs wait before the first instruction (attach gdb, then continue)",
+    )
 
-    stop = command("stop", cmd_stop, "power a VM off (ACPI, then force after a timeout)")
+    stop = command(
+        "stop", cmd_stop, "power a VM off (ACPI, then force after a timeout)"
+    )
     stop.add_argument("name", metavar="NAME")
     stop.add_argument("--force", action="store_true", help="pull the plug at once")
-    stop.add_argument("--timeout", type=int, metavar="SECONDS",
-                      help="wait this long for the guest before forcing (default 30)")
+    stop.add_argument(
+        "--timeout",
+        type=int,
+        metavar="SECONDS",
+        help="wait this long for the guest before forcing (default 30)",
+    )
 
     delete = command("delete", cmd_delete, "remove a stopped VM and its files")
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--force", action="store_true", help="stop it first if it runs")
 
-    logs = command("logs", cmd_logs, "print the serial console log of the current or last boot")
+    logs = command(
+        "logs", cmd_logs, "print the serial console log of the current or last boot"
+    )
     logs.add_argument("name", metavar="NAME")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new output"
+    )
     return parser
 
 
@@ -273,11 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdlabctl: {err}", file=sys.stderr)
         code = exit_code_for(err.name)
         if code == EXIT_UNAVAILABLE and "NoServer" not in err.name:
-            print("kdlabctl: is kdlabd running? (see README: Running kdlabd)", file=sys.stderr)
+            print(
+                "kdlabctl: is kdlabd running? (see README: Running kdlabd)",
+                file=sys.stderr,
+            )
         return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return EXIT_FAILURE
-
-

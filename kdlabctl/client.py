@@ -12,7 +12,13 @@ from typing import Any, TypeVar
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
-from kdlabd.wire import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE, bus_address
+from kdlabd.wire import (
+    BUS_NAME,
+    MANAGER_INTERFACE,
+    MANAGER_PATH,
+    VM_INTERFACE,
+    bus_address,
+)
 
 T = TypeVar("T")
 
@@ -38,10 +44,13 @@ class Client:
     async def connect(cls, bus: str) -> Client:
         try:
             address = bus_address(bus)
-            return cls(await MessageBus(bus_address=address, negotiate_unix_fd=True).connect())
+            return cls(
+                await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+            )
         except (OSError, ValueError) as err:
             raise RemoteError(
-                "org.freedesktop.DBus.Error.NoServer", f"cannot connect to the {bus} bus: {err}"
+                "org.freedesktop.DBus.Error.NoServer",
+                f"cannot connect to the {bus} bus: {err}",
             ) from None
 
     async def call(
@@ -51,8 +60,8 @@ class Client:
         member: str,
         signature: str = "",
         body: list[Any] | None = None,
-        unix_fds: list[int] | None = None,
         *,
+        unix_fds: list[int] | None = None,
         with_fds: bool = False,
     ) -> Any:
         """Call a method; return its body (and received descriptors with *with_fds*)."""
@@ -75,17 +84,27 @@ class Client:
             return reply.body, list(reply.unix_fds)
         return reply.body
 
-    async def manager(self, member: str, signature: str = "", body: list[Any] | None = None,
-                      unix_fds: list[int] | None = None) -> Any:
-        return await self.call(MANAGER_PATH, MANAGER_INTERFACE, member, signature, body, unix_fds)
+    async def manager(
+        self,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+        unix_fds: list[int] | None = None,
+    ) -> Any:
+        return await self.call(
+            MANAGER_PATH, MANAGER_INTERFACE, member, signature, body, unix_fds=unix_fds
+        )
 
     async def vm_path(self, name: str) -> str:
         (path,) = await self.manager("GetVM", "s", [name])
         return str(path)
 
-    async def vm_call(self, name: str, member: str, signature: str = "",
-                      body: list[Any] | None = None) -> Any:
-        return await self.call(await self.vm_path(name), VM_INTERFACE, member, signature, body)
+    async def vm_call(
+        self, name: str, member: str, signature: str = "", body: list[Any] | None = None
+    ) -> Any:
+        return await self.call(
+            await self.vm_path(name), VM_INTERFACE, member, signature, body
+        )
 
     async def vm_properties(self, path: str) -> dict[str, Any]:
         (props,) = await self.call(path, PROPERTIES, "GetAll", "s", [VM_INTERFACE])

@@ -1,4 +1,4 @@
-"""kdlabd's configuration: defaults in code, /etc/kdlab/kdlabd.toml, then the command line."""
+"""kdlabd's configuration: defaults, /etc/kdlab/kdlabd.toml, then the command line."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 def _coerce(key: str, value: Any) -> Any:
     if key not in _FIELDS:
-        raise InvalidArgument(f"unknown configuration key {key!r}; known: {', '.join(_FIELDS)}")
+        raise InvalidArgument(
+            f"unknown configuration key {key!r}; known: {', '.join(_FIELDS)}"
+        )
     if not isinstance(value, str):
         raise InvalidArgument(f"configuration key {key!r} must be a string")
     if key in ("state_dir", "runtime_dir"):
@@ -47,7 +49,9 @@ def _coerce(key: str, value: Any) -> Any:
         try:
             return Accel(value)
         except ValueError:
-            raise InvalidArgument(f"accel must be one of {', '.join(Accel)}, not {value!r}") from None
+            raise InvalidArgument(
+                f"accel must be one of {', '.join(Accel)}, not {value!r}"
+            ) from None
     if key == "log_format" and value not in ("auto", "json", "console"):
         raise InvalidArgument("log_format must be auto, json or console")
     return value
@@ -71,14 +75,25 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
 
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(
-        prog="kdlabd", description="kdlab's daemon: kernel debug VMs on libvirt, served on D-Bus."
+        prog="kdlabd",
+        description="kdlab's daemon: kernel debug VMs on libvirt, served on D-Bus.",
     )
-    cli.add_argument("--config", type=Path, help=f"TOML configuration (default {DEFAULT_CONFIG})")
+    cli.add_argument(
+        "--config", type=Path, help=f"TOML configuration (default {DEFAULT_CONFIG})"
+    )
     cli.add_argument("--bus", help="system (default), session, or a D-Bus address")
-    cli.add_argument("--libvirt-uri", help="libvirt connection URI (default qemu:///system)")
-    cli.add_argument("--state-dir", help="where logs and boot files live (default /var/lib/kdlab)")
-    cli.add_argument("--runtime-dir", help="where gdb sockets live (default /run/kdlab)")
-    cli.add_argument("--accel", choices=[a.value for a in Accel], help="guest acceleration")
+    cli.add_argument(
+        "--libvirt-uri", help="libvirt connection URI (default qemu:///system)"
+    )
+    cli.add_argument(
+        "--state-dir", help="where logs and boot files live (default /var/lib/kdlab)"
+    )
+    cli.add_argument(
+        "--runtime-dir", help="where gdb sockets live (default /run/kdlab)"
+    )
+    cli.add_argument(
+        "--accel", choices=[a.value for a in Accel], help="guest acceleration"
+    )
     cli.add_argument("--log-format", choices=["auto", "json", "console"])
     return cli
 

@@ -1,4 +1,4 @@
-"""kdlabd's entry point: wire libvirt, the VM service and the bus together, then serve."""
+"""kdlabd's entry point: wire libvirt, the VM service and the bus, then serve."""
 
 from __future__ import annotations
 
@@ -28,10 +28,16 @@ async def serve(config: Config) -> None:
     layout = Layout(config.state_dir, config.runtime_dir)
     layout.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
     hypervisor = LibvirtHypervisor(
-        config.libvirt_uri, config.boot_pool, config.boot_pool_dir, layout.gdb_dir(), config.qemu_user
+        config.libvirt_uri,
+        config.boot_pool,
+        config.boot_pool_dir,
+        layout.gdb_dir(),
+        config.qemu_user,
     )
     await hypervisor.connect()
-    bus = await KdlabBus(bus_address=bus_address(config.bus), negotiate_unix_fd=True).connect()
+    bus = await KdlabBus(
+        bus_address=bus_address(config.bus), negotiate_unix_fd=True
+    ).connect()
     try:
         accel = await hypervisor.resolve_accel(config.accel)
         authorizer = Authorizer(bus)
@@ -43,8 +49,15 @@ async def serve(config: Config) -> None:
         # Objects are exported before the name is taken: owning the name means ready.
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply is not RequestNameReply.PRIMARY_OWNER:
-            raise KdlabError(f"{BUS_NAME} is already owned on the bus: is kdlabd already running?")
-        log.info("kdlabd.ready", bus=config.bus, libvirt_uri=config.libvirt_uri, accel=accel.value)
+            raise KdlabError(
+                f"{BUS_NAME} is already owned on the bus: is kdlabd already running?"
+            )
+        log.info(
+            "kdlabd.ready",
+            bus=config.bus,
+            libvirt_uri=config.libvirt_uri,
+            accel=accel.value,
+        )
         await _until_stopped(bus)
     finally:
         bus.disconnect()

@@ -1,4 +1,4 @@
-"""structlog set-up: JSON lines with a syslog priority under journald, readable on a terminal.
+"""structlog set-up: JSON with a syslog priority under journald, readable on a tty.
 
 The stdlib loggers (libvirt-python, dbus-next, asyncio) go through the same
 processors, so every line kdlabd writes has one format.
@@ -17,10 +17,11 @@ _SYSLOG_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug":
 _JSON = structlog.processors.JSONRenderer(sort_keys=True)
 
 
-
-def _prefix_priority(_logger: object, _method: str, event_dict: structlog.typing.EventDict) -> str:
+def _prefix_priority(
+    _logger: object, _method: str, event_dict: structlog.typing.EventDict
+) -> str:
     priority = _SYSLOG_PRIORITY.get(str(event_dict.get("level")), 6)
-    return f"<{priority}>" + _JSON(_logger, _method, event_dict)
+    return f"<{priority}>{_JSON(_logger, _method, event_dict)!s}"
 
 
 def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
@@ -48,7 +49,10 @@ def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            renderer,
+        ],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)

@@ -1,1 +1,1 @@
-"""D-Bus adapters: caller identity, authorization, wire types <-> models, error names."""
+"""D-Bus adapters: caller identity, authorization, wire types, error names."""

@@ -89,7 +89,9 @@ class Authorizer:
             raise NotAuthorized("the bus did not tell the caller's uid")
         uid = int(creds["UnixUserID"].value)
         gids = (
-            frozenset(creds["UnixGroupIDs"].value) if "UnixGroupIDs" in creds else _user_gids(uid)
+            frozenset(creds["UnixGroupIDs"].value)
+            if "UnixGroupIDs" in creds
+            else _user_gids(uid)
         )
         caller = Caller(bus_name, uid, gids)
         if len(self._callers) >= _CREDENTIALS_CACHE_MAX:
@@ -98,21 +100,28 @@ class Authorizer:
         self._callers[bus_name] = caller
         return caller
 
-    async def require(self, bus_name: str, action: Action, owner_uid: int | None = None) -> Caller:
+    async def require(
+        self, bus_name: str, action: Action, owner_uid: int | None = None
+    ) -> Caller:
         """Return the caller if it may perform *action* (on a VM of *owner_uid*)."""
         caller = await self.caller(bus_name)
         if not self._allowed(caller, action):
             log.info("auth.denied", uid=caller.uid, action=action.value)
             raise NotAuthorized(
-                f"uid {caller.uid} may not do this ({action.value}): be root or a member "
-                f"of group {KDLAB_GROUP!r}"
+                f"uid {caller.uid} may not do this ({action.value}): be root or a "
+                f"member of group {KDLAB_GROUP!r}"
             )
-        if owner_uid is not None and owner_uid != caller.uid and action is not Action.INSPECT:
-            if not self._allowed(caller, Action.MANAGE_OTHERS):
-                log.info("auth.denied", uid=caller.uid, action=Action.MANAGE_OTHERS.value)
-                raise NotAuthorized(
-                    f"this VM belongs to uid {owner_uid}; only its owner or root may change it"
-                )
+        others = owner_uid is not None and owner_uid != caller.uid
+        if (
+            others
+            and action is not Action.INSPECT
+            and not self._allowed(caller, Action.MANAGE_OTHERS)
+        ):
+            log.info("auth.denied", uid=caller.uid, action=Action.MANAGE_OTHERS.value)
+            raise NotAuthorized(
+                f"this VM belongs to uid {owner_uid}; only its owner or root may "
+                "change it"
+            )
         return caller
 
     @staticmethod

@@ -40,7 +40,9 @@ async def _authorize(interface: Guarded, action: Action) -> Caller:
     call = CURRENT_CALL.get()
     if call is None or not call.sender:
         raise KdlabError("the call has no sender")
-    return await interface.authorizer.require(call.sender, action, interface.resource_owner())
+    return await interface.authorizer.require(
+        call.sender, action, interface.resource_owner()
+    )
 
 
 def exported(
@@ -68,7 +70,9 @@ def exported(
                 raise DBusError(err.dbus_name(), str(err)) from None
             except Exception:
                 incident = uuid.uuid4().hex[:12]
-                log.exception("dbus.internal_error", method=fn.__name__, incident=incident)
+                log.exception(
+                    "dbus.internal_error", method=fn.__name__, incident=incident
+                )
                 raise DBusError(
                     Internal.dbus_name(),
                     f"internal error in kdlabd (incident {incident}); see its log",

@@ -7,6 +7,7 @@ starts the (async) method in a task that copies the context.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 from dataclasses import dataclass, field
@@ -26,10 +27,8 @@ class Call:
     def close_fds(self) -> None:
         """Close the descriptors that arrived with the call; kdlabd owns them."""
         for fd in self.unix_fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 CURRENT_CALL: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
@@ -50,7 +49,7 @@ class KdlabBus(MessageBus):
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(*args, **kwargs)
         self.add_message_handler(_record_call)
 
     def _send_reply(self, msg: Message) -> _ReplyThatHandles:

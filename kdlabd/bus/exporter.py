@@ -29,7 +29,8 @@ class BusExporter:
         self._bus.export(MANAGER_PATH, self._manager)
 
     def vm_added(self, record: VMRecord) -> None:
-        assert self._vms is not None and self._manager is not None, "serve() first"
+        assert self._vms is not None, "serve() first"
+        assert self._manager is not None, "serve() first"
         interface = VMInterface(record, self._vms, self._authorizer)
         self._objects[record.name] = interface
         path = vm_path(record.name)

@@ -38,7 +38,7 @@ class ManagerInterface(ServiceInterface):
 
     @exported(Action.MANAGE_VMS)
     async def CreateVM(self, caller: Caller, name: "s", options: "a{sv}") -> "o":
-        """Create a VM owned by the caller. The kernel comes as a descriptor (option ``kernel``)."""
+        """Create a VM owned by the caller; the kernel comes as a descriptor."""
         opts = take(options, CREATE_OPTIONS)
         port = opts.get("gdb_tcp_port")
         record = await self.vms.create(
@@ -50,7 +50,9 @@ class ManagerInterface(ServiceInterface):
                 cmdline=opts.get("cmdline", ""),
                 memory_mib=opts.get("memory_mib", CreateRequest.memory_mib),
                 vcpus=opts.get("vcpus", CreateRequest.vcpus),
-                debug=DebugSettings(gdb=opts.get("gdb", True), gdb_tcp_port=port or None),
+                debug=DebugSettings(
+                    gdb=opts.get("gdb", True), gdb_tcp_port=port or None
+                ),
             )
         )
         return vm_path(record.name)

@@ -14,7 +14,8 @@ def take(options: dict[str, Variant], schema: dict[str, str]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(schema))
     if unknown:
         raise InvalidArgument(
-            f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(schema))}"
+            f"unknown option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(schema))}"
         )
     values: dict[str, Any] = {}
     for key, variant in options.items():

@@ -45,7 +45,9 @@ def properties(record: VMRecord) -> dict[str, Any]:
 class VMInterface(ServiceInterface):
     """A kdlab VM. Every property change is announced with PropertiesChanged."""
 
-    def __init__(self, record: VMRecord, vms: VMService, authorizer: Authorizer) -> None:
+    def __init__(
+        self, record: VMRecord, vms: VMService, authorizer: Authorizer
+    ) -> None:
         super().__init__(VM_INTERFACE)
         self._record = record
         self._props = properties(record)
@@ -58,20 +60,22 @@ class VMInterface(ServiceInterface):
     def update(self, record: VMRecord) -> None:
         """Take the VM's new state and announce the properties that changed."""
         new = properties(record)
-        changed = {key: value for key, value in new.items() if self._props[key] != value}
+        changed = {
+            key: value for key, value in new.items() if self._props[key] != value
+        }
         self._record, self._props = record, new
         if changed:
             self.emit_properties_changed(changed)
 
     @exported(Action.MANAGE_VMS)
     async def Start(self, caller: Caller, options: "a{sv}") -> None:
-        """Boot the VM. Option ``paused`` (b): CPUs wait for a debugger before the first instruction."""
+        """Boot the VM. ``paused`` (b): the CPUs wait for a debugger."""
         opts = take(options, START_OPTIONS)
         await self.vms.start(self._record.name, paused=opts.get("paused", False))
 
     @exported(Action.MANAGE_VMS)
     async def Stop(self, caller: Caller, options: "a{sv}") -> None:
-        """Power off: ACPI shutdown, then force after ``timeout`` (u, seconds); ``force`` (b) at once."""
+        """Power off: ACPI, forced after ``timeout`` (u, s); ``force`` (b): at once."""
         opts = take(options, STOP_OPTIONS)
         await self.vms.stop(
             self._record.name,
@@ -81,12 +85,12 @@ class VMInterface(ServiceInterface):
 
     @exported(Action.MANAGE_VMS)
     async def Delete(self, caller: Caller) -> None:
-        """Remove the VM, its staged kernel and initrd, and its logs. It must be stopped."""
+        """Remove the stopped VM, its staged kernel and initrd, and its logs."""
         await self.vms.delete(self._record.name)
 
     @exported(Action.DEBUG_VMS)
     async def OpenConsoleLog(self, caller: Caller) -> "h":
-        """A read-only descriptor of the serial console log of the current or last boot."""
+        """A read-only descriptor of the console log of the current or last boot."""
         return self.vms.open_console_log(self._record.name)
 
     @dbus_property(access=PropertyAccess.READ)
@@ -109,7 +113,7 @@ class VMInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Cmdline(self) -> "s":
-        """The kernel command line the VM boots with (the user's plus kdlab's additions)."""
+        """The command line the VM boots with: the user's plus kdlab's additions."""
         return self._props["Cmdline"]
 
     @dbus_property(access=PropertyAccess.READ)
@@ -132,5 +136,5 @@ class VMInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def GdbStub(self) -> "s":
-        """``unix`` (the default, brokered by kdlabd), ``tcp:127.0.0.1:PORT`` or ``off``."""
+        """``unix`` (brokered by kdlabd), ``tcp:127.0.0.1:PORT`` or ``off``."""
         return self._props["GdbStub"]

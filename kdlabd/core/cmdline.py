@@ -24,6 +24,8 @@ def effective_cmdline(spec: VMSpec) -> str:
     extra = []
     if not _has_param(words, "console"):
         extra.append(SERIAL_CONSOLE)
-    if spec.debug.gdb and not (_has_param(words, "kaslr") or _has_param(words, "nokaslr")):
+    if spec.debug.gdb and not (
+        _has_param(words, "kaslr") or _has_param(words, "nokaslr")
+    ):
         extra.append("nokaslr")
     return " ".join(words + extra)

@@ -21,11 +21,13 @@ class Hypervisor(Protocol):
     Implementations never block the event loop.
     """
 
-    def watch(self, on_domain_changed: DomainChanged, on_reconnected: Reconnected) -> None:
+    def watch(
+        self, on_domain_changed: DomainChanged, on_reconnected: Reconnected
+    ) -> None:
         """Register the callbacks for domain events and reconnections."""
 
     async def resolve_accel(self, accel: Accel) -> Accel:
-        """Turn ``auto`` into ``kvm`` or ``tcg`` for this host; check explicit choices."""
+        """Turn ``auto`` into ``kvm`` or ``tcg`` here; check explicit choices."""
 
     async def list_vms(self) -> list[VMRecord]:
         """Every kdlab VM the hypervisor has, running or not."""
@@ -34,7 +36,7 @@ class Hypervisor(Protocol):
         """The VM called *name*, or None when no such kdlab domain exists."""
 
     async def define_vm(self, spec: VMSpec) -> VMRecord:
-        """Define a persistent domain for *spec*; raise VMExists if the name is taken."""
+        """Define a persistent domain for *spec*; VMExists if the name is taken."""
 
     async def undefine_vm(self, name: str) -> None:
         """Remove the VM's (inactive) domain definition."""
@@ -49,7 +51,7 @@ class Hypervisor(Protocol):
         """Pull the plug."""
 
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
-        """Stream *size* bytes from *fd* into the boot volume *volume*; return its path."""
+        """Stream *size* bytes of *fd* into boot volume *volume*; return its path."""
 
     async def delete_boot_file(self, volume: str) -> None:
         """Delete the boot volume *volume* if it exists."""

@@ -53,8 +53,14 @@ def cmdline(value: str) -> str:
 def in_range(value: int, bounds: tuple[int, int], what: str) -> int:
     """An integer option within inclusive *bounds*."""
     low, high = bounds
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidArgument(f"{what} must be an integer from {low} to {high}, not {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not low <= value <= high
+    ):
+        raise InvalidArgument(
+            f"{what} must be an integer from {low} to {high}, not {value!r}"
+        )
     return value
 
 
@@ -80,7 +86,9 @@ def readable_file(fd: int, what: str, max_bytes: int) -> int:
         info = os.fstat(fd)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError as err:
-        raise InvalidArgument(f"{what}: not an open file descriptor ({err.strerror})") from None
+        raise InvalidArgument(
+            f"{what}: not an open file descriptor ({err.strerror})"
+        ) from None
     if not stat.S_ISREG(info.st_mode):
         raise InvalidArgument(f"{what} must be a regular file")
     if flags & os.O_ACCMODE == os.O_WRONLY:

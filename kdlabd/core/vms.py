@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,7 +74,7 @@ class CreateRequest:
     cmdline: str = ""
     memory_mib: int = DEFAULT_MEMORY_MIB
     vcpus: int = DEFAULT_VCPUS
-    debug: DebugSettings = DebugSettings()
+    debug: DebugSettings = field(default_factory=DebugSettings)
 
 
 def kernel_volume(name: str) -> str:
@@ -158,12 +158,16 @@ class VMService:
             self._store(record)
 
     async def create(self, request: CreateRequest) -> VMRecord:
-        """Stage the boot files, define the domain, and roll everything back on failure."""
+        """Stage the boot files and define the domain; roll back on any failure."""
         name = validate.name(request.name)
         spec = self._new_spec(request)
         if request.kernel_fd is None:
-            raise InvalidArgument("a kernel is required: pass an open descriptor of a bzImage")
-        kernel_size = validate.readable_file(request.kernel_fd, "kernel", validate.KERNEL_MAX_BYTES)
+            raise InvalidArgument(
+                "a kernel is required: pass an open descriptor of a bzImage"
+            )
+        kernel_size = validate.readable_file(
+            request.kernel_fd, "kernel", validate.KERNEL_MAX_BYTES
+        )
         validate.kernel_image(os.pread(request.kernel_fd, _KERNEL_HEADER_BYTES, 0))
         initrd_size = 0
         if request.initrd_fd is not None:
@@ -177,7 +181,9 @@ class VMService:
                 kernel = await self._hv.upload_boot_file(
                     kernel_volume(name), request.kernel_fd, kernel_size
                 )
-                undo.push_async_callback(_undo, self._hv.delete_boot_file, kernel_volume(name))
+                undo.push_async_callback(
+                    _undo, self._hv.delete_boot_file, kernel_volume(name)
+                )
                 initrd = None
                 if request.initrd_fd is not None:
                     initrd = await self._hv.upload_boot_file(
@@ -189,7 +195,9 @@ class VMService:
                 vm_dir = self._layout.vm_dir(name)
                 vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 undo.callback(shutil.rmtree, vm_dir, ignore_errors=True)
-                record = await self._hv.define_vm(spec.replace(kernel=kernel, initrd=initrd))
+                record = await self._hv.define_vm(
+                    spec.replace(kernel=kernel, initrd=initrd)
+                )
                 undo.pop_all()
         self._store(record)
         log.info("vm.created", vm=name, owner_uid=request.owner_uid, uuid=record.uuid)
@@ -210,7 +218,7 @@ class VMService:
     async def stop(
         self, name: str, *, force: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT
     ) -> VMRecord:
-        """Power the VM off: ACPI first, the plug after *timeout* seconds (or at once)."""
+        """Power off: ACPI first, the plug after *timeout* seconds (or at once)."""
         async with self._lock(name):
             record = self.get(name)
             if not record.state.active:
@@ -232,7 +240,8 @@ class VMService:
             record = self.get(name)
             if record.state.active:
                 raise InvalidState(
-                    f"VM {name!r} is {record.state}: stop it first (kdlabctl stop {name})"
+                    f"VM {name!r} is {record.state}: stop it first "
+                    f"(kdlabctl stop {name})"
                 )
             await self._hv.undefine_vm(name)
             await self._hv.delete_boot_file(kernel_volume(name))
@@ -318,9 +327,8 @@ class VMService:
     def _displayed(self, record: VMRecord) -> VMRecord:
         transition = self._transitions.get(record.name)
         state = record.state
-        if transition is VMState.STARTING and not state.active:
-            state = transition
-        elif transition is VMState.STOPPING and state.active:
+        # STARTING shows until the domain is active, STOPPING until it is not.
+        if transition is not None and state.active == (transition is VMState.STOPPING):
             state = transition
         elif state is VMState.STOPPED and not self._has_booted(record.name):
             state = VMState.DEFINED
@@ -350,8 +358,10 @@ class VMService:
 
 
 async def _undo(step: Callable[[str], Awaitable[None]], arg: str) -> None:
-    """Run one rollback step; its failure is logged, never raised over the original error."""
+    """Run one rollback step; a failure is logged, never raised over the cause."""
     try:
         await step(arg)
     except Exception:
-        log.exception("rollback.failed", step=getattr(step, "__name__", repr(step)), arg=arg)
+        log.exception(
+            "rollback.failed", step=getattr(step, "__name__", repr(step)), arg=arg
+        )

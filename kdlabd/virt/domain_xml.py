@@ -46,14 +46,23 @@ def gdbstub_args(spec: VMSpec) -> list[str]:
     if not spec.debug.gdb:
         return []
     if spec.debug.gdb_tcp_port is not None:
-        chardev = f"socket,id={GDB_CHARDEV_ID},host=127.0.0.1,port={spec.debug.gdb_tcp_port}"
+        chardev = (
+            f"socket,id={GDB_CHARDEV_ID},host=127.0.0.1,port={spec.debug.gdb_tcp_port}"
+        )
     else:
         path = qemu_option_value(str(spec.gdb_socket))
         chardev = f"socket,id={GDB_CHARDEV_ID},path={path}"
-    return ["-chardev", f"{chardev},server=on,wait=off", "-gdb", f"chardev:{GDB_CHARDEV_ID}"]
+    return [
+        "-chardev",
+        f"{chardev},server=on,wait=off",
+        "-gdb",
+        f"chardev:{GDB_CHARDEV_ID}",
+    ]
 
 
-def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrib: str) -> etree._Element:
+def _sub(
+    parent: etree._Element, tag: str, text: str | None = None, **attrib: str
+) -> etree._Element:
     element = etree.SubElement(parent, tag, attrib)
     if text is not None:
         element.text = text
@@ -137,7 +146,14 @@ def _memory_mib(root: etree._Element) -> int:
     memory = root.find("memory")
     if memory is None or memory.text is None:
         raise NotKdlabDomain("domain has no <memory>")
-    scale = {"KiB": 1024, "k": 1024, "MiB": 1024**2, "M": 1024**2, "GiB": 1024**3, "G": 1024**3}
+    scale = {
+        "KiB": 1024,
+        "k": 1024,
+        "MiB": 1024**2,
+        "M": 1024**2,
+        "GiB": 1024**3,
+        "G": 1024**3,
+    }
     unit = memory.get("unit", "KiB")
     return int(memory.text) * scale.get(unit, 1024) // 1024**2
 

@@ -1,4 +1,4 @@
-"""Facts about the local host that libvirt does not tell: KVM usability, the QEMU user."""
+"""Facts about this host that libvirt does not tell: KVM usability, the QEMU user."""
 
 from __future__ import annotations
 
@@ -53,8 +53,11 @@ def hardware_kvm_loaded(sys_module: Path = Path("/sys/module")) -> bool:
     return any((sys_module / module).is_dir() for module in HARDWARE_KVM_MODULES)
 
 
-def kvm_usable(user: QemuUser | None, dev_kvm: Path = Path("/dev/kvm"),
-               sys_module: Path = Path("/sys/module")) -> tuple[bool, str]:
+def kvm_usable(
+    user: QemuUser | None,
+    dev_kvm: Path = Path("/dev/kvm"),
+    sys_module: Path = Path("/sys/module"),
+) -> tuple[bool, str]:
     """Whether local guests can use KVM, and why not when they cannot."""
     if not dev_kvm.exists():
         return False, f"{dev_kvm} does not exist"
@@ -63,14 +66,17 @@ def kvm_usable(user: QemuUser | None, dev_kvm: Path = Path("/dev/kvm"),
     if user is None:
         return False, "the QEMU user does not exist"
     if not can_open_rw(dev_kvm, user):
-        return False, f"the QEMU user {user.name} cannot open {dev_kvm} (want root:kvm 0660)"
+        return (
+            False,
+            f"the QEMU user {user.name} cannot open {dev_kvm} (want root:kvm 0660)",
+        )
     return True, "KVM is usable"
 
 
 def may_search(path: Path, user: QemuUser) -> bool:
     """Whether *user* may traverse the directory *path*, by its mode bits."""
     info = path.stat()
-    if user.uid == 0 or info.st_uid == user.uid:
+    if user.uid in (0, info.st_uid):
         return bool(info.st_mode & stat.S_IXUSR)
     if info.st_gid in user.gids:
         return bool(info.st_mode & stat.S_IXGRP)
@@ -86,7 +92,7 @@ def blocking_parent(path: Path, user: QemuUser) -> Path | None:
 
 
 def require_reachable(path: Path, user: QemuUser | None) -> None:
-    """Raise PermissionError naming the directory that stops *user* on the way to *path*.
+    """Raise PermissionError naming the directory that stops *user* reaching *path*.
 
     QEMU would otherwise fail with a bare "Permission denied" on a kernel or
     socket path.

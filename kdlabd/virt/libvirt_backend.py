@@ -23,9 +23,22 @@ from lxml import etree
 
 from kdlabd.core.hypervisor import DomainChanged, Reconnected
 from kdlabd.core.models import Accel, VMRecord, VMSpec, VMState
-from kdlabd.errors import HypervisorError, InvalidArgument, InvalidState, KdlabError, NoSuchVM, VMExists
+from kdlabd.errors import (
+    HypervisorError,
+    InvalidArgument,
+    InvalidState,
+    KdlabError,
+    NoSuchVM,
+    VMExists,
+)
 from kdlabd.virt import host
-from kdlabd.virt.domain_xml import DOMAIN_PREFIX, NotKdlabDomain, build_domain_xml, domain_name, parse_domain_xml
+from kdlabd.virt.domain_xml import (
+    DOMAIN_PREFIX,
+    NotKdlabDomain,
+    build_domain_xml,
+    domain_name,
+    parse_domain_xml,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +60,7 @@ _STATES = {
 
 
 def register_event_loop() -> None:
-    """Dispatch libvirt events on the running asyncio loop. Call once, before connecting.
+    """Dispatch libvirt events on the running loop. Call once, before connecting.
 
     Also stops libvirt-python from printing every error to stderr: kdlabd
     reports errors itself, translated, in its own log.
@@ -58,7 +71,10 @@ def register_event_loop() -> None:
 
 def vm_state(state: int, reason: int) -> VMState:
     """kdlab's state for libvirt's (state, reason) pair."""
-    if state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED:
+    if (
+        state == libvirt.VIR_DOMAIN_SHUTOFF
+        and reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED
+    ):
         return VMState.CRASHED
     return _STATES.get(state, VMState.STOPPED)
 
@@ -112,12 +128,14 @@ class LibvirtHypervisor:
         self._qemu_user = host.QemuUser.lookup(qemu_user)
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
-        self._on_domain_changed: DomainChanged = lambda name: None
+        self._on_domain_changed: DomainChanged = lambda _name: None
         self._on_reconnected: Reconnected = lambda: None
         self._reconnecting: asyncio.Task[None] | None = None
         self._closing = False
 
-    def watch(self, on_domain_changed: DomainChanged, on_reconnected: Reconnected) -> None:
+    def watch(
+        self, on_domain_changed: DomainChanged, on_reconnected: Reconnected
+    ) -> None:
         self._on_domain_changed = on_domain_changed
         self._on_reconnected = on_reconnected
 
@@ -127,7 +145,7 @@ class LibvirtHypervisor:
         return "://" in self._uri and self._uri.split("://", 1)[1].startswith("/")
 
     async def connect(self) -> None:
-        """Open the connection, subscribe to events and make sure the boot pool exists."""
+        """Connect, subscribe to events and make sure the boot pool exists."""
         try:
             conn = await asyncio.to_thread(libvirt.open, self._uri)
         except libvirt.libvirtError as err:
@@ -162,8 +180,12 @@ class LibvirtHypervisor:
         await asyncio.to_thread(conn.close)
 
     async def resolve_accel(self, accel: Accel) -> Accel:
-        caps = etree.fromstring((await self._call(lambda c: c.getCapabilities())).encode())
-        libvirt_has_kvm = bool(caps.xpath("//guest[arch/@name='x86_64']/arch/domain[@type='kvm']"))
+        caps = etree.fromstring(
+            (await self._call(lambda c: c.getCapabilities())).encode()
+        )
+        libvirt_has_kvm = bool(
+            caps.xpath("//guest[arch/@name='x86_64']/arch/domain[@type='kvm']")
+        )
         if accel is Accel.TCG:
             return Accel.TCG
         usable, why = libvirt_has_kvm, "libvirt reports no KVM for x86_64 guests"
@@ -254,11 +276,12 @@ class LibvirtHypervisor:
         )
 
     async def _call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
-        """Run *fn* with the connection in a worker thread, translating libvirt errors."""
+        """Run *fn* with the connection in a worker thread; translate libvirt errors."""
         conn = self._conn
         if conn is None:
             raise HypervisorError(
-                f"not connected to libvirt at {self._uri}; kdlabd is reconnecting, try again"
+                f"not connected to libvirt at {self._uri}; kdlabd is reconnecting, "
+                "try again"
             )
         try:
             return await asyncio.to_thread(fn, conn)
@@ -298,10 +321,14 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as err:
             if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
                 raise
-            pool = conn.storagePoolDefineXML(_pool_xml(self._boot_pool_name, self._boot_pool_dir), 0)
+            pool = conn.storagePoolDefineXML(
+                _pool_xml(self._boot_pool_name, self._boot_pool_dir), 0
+            )
             pool.build(0)
             pool.setAutostart(1)
-            log.info("pool.defined", pool=self._boot_pool_name, path=str(self._boot_pool_dir))
+            log.info(
+                "pool.defined", pool=self._boot_pool_name, path=str(self._boot_pool_dir)
+            )
         if not pool.isActive():
             pool.create(0)
         pool.refresh(0)
@@ -330,18 +357,24 @@ class LibvirtHypervisor:
         log.warning("libvirt.disconnected", uri=self._uri, reason=reason)
         self._conn = None
         if not self._closing and self._reconnecting is None:
-            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+            self._reconnecting = asyncio.get_running_loop().create_task(
+                self._reconnect()
+            )
 
     async def _reconnect(self) -> None:
         attempt = 0
         try:
             while True:
-                await asyncio.sleep(_RECONNECT_DELAYS[min(attempt, len(_RECONNECT_DELAYS) - 1)])
+                await asyncio.sleep(
+                    _RECONNECT_DELAYS[min(attempt, len(_RECONNECT_DELAYS) - 1)]
+                )
                 attempt += 1
                 try:
                     await self.connect()
                 except (libvirt.libvirtError, KdlabError) as err:
-                    log.info("libvirt.reconnect_failed", attempt=attempt, error=str(err))
+                    log.info(
+                        "libvirt.reconnect_failed", attempt=attempt, error=str(err)
+                    )
                     continue
                 log.info("libvirt.reconnected", attempts=attempt)
                 self._on_reconnected()
@@ -350,7 +383,9 @@ class LibvirtHypervisor:
             self._reconnecting = None
 
 
-def _stream_into(conn: libvirt.virConnect, vol: libvirt.virStorageVol, fd: int, size: int) -> None:
+def _stream_into(
+    conn: libvirt.virConnect, vol: libvirt.virStorageVol, fd: int, size: int
+) -> None:
     """Copy *size* bytes of *fd* into *vol* through libvirt's upload stream.
 
     The stream works the same for a local and a remote libvirt. Reads use
