@@ -10,12 +10,16 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+# A word is a plural acronym (VCPUs), a capitalised word that may end in one
+# capital (MemoryMiB: Memory, MiB), or an acronym (UUID, APIRevision: API).
+_WORD = re.compile(
+    r"[A-Z]+s(?![a-z])|[A-Z]?[a-z0-9]+(?:[A-Z](?![a-z]))?|[A-Z]+(?![a-z])"
+)
 
 
 def snake(name: str) -> str:
     """``MemoryMiB`` -> ``memory_mib``: D-Bus property names as JSON keys."""
-    return _CAMEL.sub("_", name).lower()
+    return "_".join(_WORD.findall(name)).lower()
 
 
 def as_json(props: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,10 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
             raise InvalidArgument(f"configuration file {path} does not exist") from None
     except tomllib.TOMLDecodeError as err:
         raise InvalidArgument(f"{config_path}: {err}") from None
+    except OSError as err:
+        raise InvalidArgument(
+            f"cannot read configuration file {config_path}: {err.strerror}"
+        ) from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Config(**{key: _coerce(key, value) for key, value in values.items()})
 

@@ -99,6 +99,7 @@ def exit_code_for(dbus_error_name: str) -> int:
     if dbus_error_name in EXIT_CODES:
         return EXIT_CODES[dbus_error_name]
     if dbus_error_name in (
+        "org.freedesktop.DBus.Error.NoServer",
         "org.freedesktop.DBus.Error.ServiceUnknown",
         "org.freedesktop.DBus.Error.NameHasNoOwner",
         "org.freedesktop.DBus.Error.NoReply",

@@ -6,13 +6,16 @@ so what the tests see is what a system bus with kdlab installed enforces.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +152,10 @@ class Kdlabd:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def stop(self) -> int:
         """SIGTERM kdlabd and return its exit code."""
         assert self._proc is not None
@@ -173,3 +180,48 @@ def name_has_owner(address: str, name: str) -> bool:
         capture_output=True, text=True, check=False,
     )
     return result.stdout.strip() == "b true"
+
+
+SYSTEM_LIBVIRT = "qemu:///system"
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess[str]:
+    """virsh on the system libvirtd."""
+    return subprocess.run(
+        ["virsh", "-c", SYSTEM_LIBVIRT, *args], capture_output=True, text=True, check=False
+    )
+
+
+@contextlib.contextmanager
+def system_kdlabd(boot_pool: str, accel: str = "tcg") -> Iterator[Kdlabd]:
+    """kdlabd on the system libvirtd, on a private bus, with its own state and pool.
+
+    Its VMs are real domains of the system libvirtd; a kdlabd the developer
+    runs is not disturbed. On exit the daemon must stop cleanly (exit 0, no
+    traceback in its log), and its pool and directories are removed.
+    """
+    # QEMU (the libvirt-qemu user) must traverse to the boot volumes and the
+    # gdb socket: pytest's temporary directories are 0700, /var/tmp is not.
+    root = Path(tempfile.mkdtemp(prefix="kdlab-lab-", dir="/var/tmp"))
+    root.chmod(0o711)
+    bus = PrivateBus(root / "bus")
+    daemon = Kdlabd(
+        address=bus.address,
+        libvirt_uri=SYSTEM_LIBVIRT,
+        state_dir=root / "state",
+        runtime_dir=root / "run",
+        extra_args=("--accel", accel),
+        config_text=f'boot_pool = "{boot_pool}"\n',
+    )
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        code = daemon.stop() if daemon.running else 0
+        log = daemon.log()
+        bus.stop()
+        virsh("pool-destroy", boot_pool)
+        virsh("pool-undefine", boot_pool)
+        shutil.rmtree(root, ignore_errors=True)
+    if code != 0 or "Traceback" in log:
+        raise RuntimeError(f"kdlabd exited {code}:\n{log}")

@@ -21,11 +21,15 @@ def effective_cmdline(spec: VMSpec) -> str:
       kernel and breakpoints never hit.
     """
     words = spec.cmdline.split()
+    # Everything after "--" belongs to init, not to the kernel.
+    end = words.index("--") if "--" in words else len(words)
+    kernel_words = words[:end]
     extra = []
-    if not _has_param(words, "console"):
+    if not _has_param(kernel_words, "console"):
         extra.append(SERIAL_CONSOLE)
-    if spec.debug.gdb and not (
-        _has_param(words, "kaslr") or _has_param(words, "nokaslr")
-    ):
+    kaslr_chosen = _has_param(kernel_words, "kaslr") or _has_param(
+        kernel_words, "nokaslr"
+    )
+    if spec.debug.gdb and not kaslr_chosen:
         extra.append("nokaslr")
-    return " ".join(words + extra)
+    return " ".join(kernel_words + extra + words[end:])

@@ -91,7 +91,7 @@ def readable_file(fd: int, what: str, max_bytes: int) -> int:
         ) from None
     if not stat.S_ISREG(info.st_mode):
         raise InvalidArgument(f"{what} must be a regular file")
-    if flags & os.O_ACCMODE == os.O_WRONLY:
+    if flags & os.O_ACCMODE == os.O_WRONLY or flags & os.O_PATH:
         raise InvalidArgument(f"{what}: the descriptor is not open for reading")
     if info.st_size == 0:
         raise InvalidArgument(f"{what} is empty")

@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -201,7 +201,7 @@ class VMService:
                 undo.pop_all()
         self._store(record)
         log.info("vm.created", vm=name, owner_uid=request.owner_uid, uuid=record.uuid)
-        return record
+        return self.get(name)
 
     async def start(self, name: str, *, paused: bool = False) -> VMRecord:
         async with self._lock(name):
@@ -209,9 +209,8 @@ class VMService:
             if record.state.active:
                 raise InvalidState(f"VM {name!r} is already {record.state}")
             self._rotate_console_log(name)
-            with self._transition(name, VMState.STARTING):
+            async with self._transition(name, VMState.STARTING):
                 await self._hv.start_vm(name, paused=paused)
-            await self.refresh(name)
             log.info("vm.started", vm=name, paused=paused)
             return self.get(name)
 
@@ -223,15 +222,15 @@ class VMService:
             record = self.get(name)
             if not record.state.active:
                 raise InvalidState(f"VM {name!r} is not running (it is {record.state})")
-            with self._transition(name, VMState.STOPPING):
-                if not force and timeout > 0:
+            force = force or timeout <= 0
+            async with self._transition(name, VMState.STOPPING):
+                if not force:
                     await self._hv.shutdown_vm(name)
                     force = not await self._wait_inactive(name, timeout)
                     if force:
                         log.warning("vm.shutdown_timeout", vm=name, timeout=timeout)
                 if force:
                     await self._hv.destroy_vm(name)
-            await self.refresh(name)
             log.info("vm.stopped", vm=name, forced=force)
             return self.get(name)
 
@@ -294,15 +293,19 @@ class VMService:
         self.get(name)
         return self._locks.setdefault(name, asyncio.Lock())
 
-    @contextlib.contextmanager
-    def _transition(self, name: str, state: VMState) -> Iterator[None]:
-        """Show *state* while an operation is under way, whatever libvirt says."""
+    @contextlib.asynccontextmanager
+    async def _transition(self, name: str, state: VMState) -> AsyncIterator[None]:
+        """Show *state* while an operation is under way, whatever libvirt says.
+
+        Afterwards, failed or not, the VM shows what the hypervisor reports.
+        """
         self._transitions[name] = state
         self._store(self.get(name))
         try:
             yield
         finally:
             del self._transitions[name]
+            await self.refresh(name)
 
     async def _wait_inactive(self, name: str, timeout: float) -> bool:
         loop = asyncio.get_running_loop()

@@ -112,8 +112,8 @@ def require_reachable(path: Path, user: QemuUser | None) -> None:
 def prepare_private_dir(path: Path, owner: QemuUser | None) -> None:
     """Create *path* so that only root and the QEMU user can enter it (mode 0700)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
     if owner is None:
         return
     os.chown(path, owner.uid, -1)
-    path.chmod(0o700)
     require_reachable(path, owner)

@@ -1,0 +1,200 @@
+"""An in-memory :class:`kdlabd.core.hypervisor.Hypervisor` for core tests.
+
+It behaves like libvirt where kdlab relies on it: domains are persistent, a start
+writes a console log (as virtlogd does), lifecycle changes are announced through
+the ``watch`` callback on the next loop iteration, and names are unique. It records
+every call, can be told to fail at a step, and can hold a step until the test
+releases it (to look at what is visible mid-operation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdlabd.core.hypervisor import DomainChanged, Reconnected
+from kdlabd.core.models import Accel, VMRecord, VMSpec, VMState
+from kdlabd.errors import HypervisorError, InvalidState, NoSuchVM, VMExists
+
+POOL = Path("/fake-pool")
+
+
+@dataclass
+class Call:
+    """One call of the fake: method name and its main argument (VM or volume name)."""
+
+    method: str
+    arg: str
+
+
+@dataclass
+class Domain:
+    spec: VMSpec
+    uuid: str
+    state: VMState = VMState.STOPPED
+
+
+@dataclass
+class FakeHypervisor:
+    """Domains and boot volumes in memory."""
+
+    domains: dict[str, Domain] = field(default_factory=dict)
+    volumes: dict[str, bytes] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    # "method" or "method:arg" -> the exception that call raises (after recording it).
+    failures: dict[str, BaseException] = field(default_factory=dict)
+    # "method" or "method:arg" -> an event the call waits for before doing anything.
+    holds: dict[str, asyncio.Event] = field(default_factory=dict)
+    # Whether the guest obeys the ACPI power button, and how long it takes.
+    guest_powers_off: bool = True
+    shutdown_delay: float = 0.01
+    kvm_available: bool = False
+    _on_changed: DomainChanged | None = None
+    _on_reconnected: Reconnected | None = None
+    _power_off: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+
+    # The test's controls.
+
+    def fail(self, step: str, error: BaseException | None = None) -> None:
+        """Make *step* ("define_vm" or "upload_boot_file:vm.initrd") raise."""
+        self.failures[step] = error or HypervisorError(
+            f"libvirt: injected failure at {step}"
+        )
+
+    def hold(self, step: str) -> asyncio.Event:
+        """Make *step* wait until the returned event is set."""
+        return self.holds.setdefault(step, asyncio.Event())
+
+    def called(self, method: str) -> list[str]:
+        """The arguments of every call of *method*, in order."""
+        return [call.arg for call in self.calls if call.method == method]
+
+    def add_domain(self, spec: VMSpec, state: VMState = VMState.STOPPED) -> Domain:
+        """A domain that appeared behind kdlabd's back (e.g. while it was down)."""
+        domain = Domain(spec, str(uuid.uuid4()), state)
+        self.domains[spec.name] = domain
+        return domain
+
+    def set_state(self, name: str, state: VMState) -> None:
+        """Change a domain's state, as a guest or libvirt would, and send the event."""
+        self.domains[name].state = state
+        self._announce(name)
+
+    def reconnect(self) -> None:
+        """Pretend libvirtd restarted and the connection was re-opened."""
+        assert self._on_reconnected is not None, "watch() was not called"
+        self._on_reconnected()
+
+    # The Hypervisor protocol.
+
+    def watch(
+        self, on_domain_changed: DomainChanged, on_reconnected: Reconnected
+    ) -> None:
+        self._on_changed = on_domain_changed
+        self._on_reconnected = on_reconnected
+
+    async def resolve_accel(self, accel: Accel) -> Accel:
+        await self._step("resolve_accel", accel.value)
+        if accel is Accel.AUTO:
+            return Accel.KVM if self.kvm_available else Accel.TCG
+        return accel
+
+    async def list_vms(self) -> list[VMRecord]:
+        await self._step("list_vms", "")
+        return [self._record(d) for d in self.domains.values()]
+
+    async def get_vm(self, name: str) -> VMRecord | None:
+        await self._step("get_vm", name)
+        domain = self.domains.get(name)
+        return None if domain is None else self._record(domain)
+
+    async def define_vm(self, spec: VMSpec) -> VMRecord:
+        await self._step("define_vm", spec.name)
+        if spec.name in self.domains:
+            raise VMExists(f"libvirt already has a domain named kdlab-{spec.name}")
+        domain = self.add_domain(spec)
+        self._announce(spec.name)
+        return self._record(domain)
+
+    async def undefine_vm(self, name: str) -> None:
+        await self._step("undefine_vm", name)
+        domain = self._domain(name)
+        if domain.state.active:
+            raise InvalidState("fake: kdlab never undefines a running domain")
+        del self.domains[name]
+        self._announce(name)
+
+    async def start_vm(self, name: str, *, paused: bool) -> None:
+        await self._step("start_vm", name)
+        domain = self._domain(name)
+        if domain.state.active:
+            raise InvalidState("domain is already running")
+        # virtlogd truncates or creates the log (append='off') when QEMU starts.
+        domain.spec.console_log.write_bytes(b"Linux version 6.1.0 (fake)\n")
+        domain.state = VMState.PAUSED if paused else VMState.RUNNING
+        self._announce(name)
+
+    async def shutdown_vm(self, name: str) -> None:
+        await self._step("shutdown_vm", name)
+        domain = self._domain(name)
+        if not domain.state.active:
+            raise InvalidState("domain is not running")
+        if self.guest_powers_off:
+            loop = asyncio.get_running_loop()
+            self._power_off[name] = loop.call_later(
+                self.shutdown_delay, self.set_state, name, VMState.STOPPED
+            )
+
+    async def destroy_vm(self, name: str) -> None:
+        await self._step("destroy_vm", name)
+        domain = self._domain(name)
+        if not domain.state.active:
+            raise InvalidState("domain is not running")
+        if name in self._power_off:
+            self._power_off.pop(name).cancel()
+        domain.state = VMState.STOPPED
+        self._announce(name)
+
+    async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
+        await self._step("upload_boot_file", volume)
+        data = os.pread(fd, size, 0)
+        if len(data) != size:
+            raise HypervisorError("fake: short read")
+        self.volumes[volume] = data
+        return POOL / volume
+
+    async def delete_boot_file(self, volume: str) -> None:
+        await self._step("delete_boot_file", volume)
+        self.volumes.pop(volume, None)
+
+    # Internals.
+
+    async def _step(self, method: str, arg: str) -> None:
+        self.calls.append(Call(method, arg))
+        # Like a worker thread: other tasks run while "libvirt" works.
+        await asyncio.sleep(0)
+        for key in (f"{method}:{arg}", method):
+            if key in self.holds:
+                await self.holds[key].wait()
+        for key in (f"{method}:{arg}", method):
+            if key in self.failures:
+                raise self.failures[key]
+
+    def _domain(self, name: str) -> Domain:
+        try:
+            return self.domains[name]
+        except KeyError:
+            raise NoSuchVM(
+                f"no VM named {name!r} (its libvirt domain is gone)"
+            ) from None
+
+    @staticmethod
+    def _record(domain: Domain) -> VMRecord:
+        return VMRecord(domain.spec, domain.uuid, domain.state)
+
+    def _announce(self, name: str) -> None:
+        if self._on_changed is not None:
+            asyncio.get_running_loop().call_soon(self._on_changed, name)

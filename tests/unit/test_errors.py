@@ -1,0 +1,160 @@
+"""kdlabd.errors: one D-Bus name and one exit code per reason, and kdlabctl's help."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kdlabctl import cli
+from kdlabd import errors
+from kdlabd.errors import (
+    ERRORS,
+    EXIT_CODES,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Internal,
+    KdlabError,
+    NotAuthorized,
+    exit_code_for,
+)
+from kdlabd.wire import ERROR_PREFIX
+
+# A D-Bus error name is an interface name: dot-separated elements, no leading digit.
+DBUS_ERROR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+FREEDESKTOP = "org.freedesktop.DBus.Error."
+
+
+def test_error_prefix() -> None:
+    assert ERROR_PREFIX == "org.kdlab.Kdlab1.Error."
+
+
+def test_every_error_is_a_kdlab_error() -> None:
+    assert ERRORS
+    for cls in ERRORS:
+        assert issubclass(cls, KdlabError)
+        assert cls is not KdlabError
+
+
+def test_every_subclass_is_in_the_table() -> None:
+    """An error class defined but left out of ERRORS would map to exit code 1."""
+    defined = {
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, KdlabError)
+    }
+    assert defined - {KdlabError} == set(ERRORS)
+
+
+def test_dbus_names_unique_and_well_formed() -> None:
+    names = [cls.dbus_name() for cls in ERRORS]
+    assert len(set(names)) == len(names)
+    for cls, name in zip(ERRORS, names, strict=True):
+        assert name == ERROR_PREFIX + cls.reason
+        assert name.startswith(ERROR_PREFIX)
+        assert DBUS_ERROR_NAME.fullmatch(name), name
+        assert cls.reason == cls.__name__, "the reason is the class name"
+    assert KdlabError.dbus_name() not in names
+
+
+def test_exit_codes_unique_except_internal() -> None:
+    codes = [cls.exit_code for cls in ERRORS if cls is not Internal]
+    assert len(set(codes)) == len(codes)
+    assert Internal.exit_code == KdlabError.exit_code == EXIT_FAILURE
+    assert KdlabError.exit_code not in codes
+    for code in (*codes, Internal.exit_code):
+        assert 0 < code < 64, "kdlab's own codes stay below sysexits' range"
+    assert EXIT_OK not in codes
+    assert EXIT_UNAVAILABLE not in codes
+
+
+def test_exit_codes_table() -> None:
+    assert {cls.dbus_name(): cls.exit_code for cls in ERRORS} == EXIT_CODES
+
+
+@pytest.mark.parametrize("cls", ERRORS, ids=lambda cls: cls.__name__)
+def test_exit_code_for_kdlab_errors(cls: type[KdlabError]) -> None:
+    assert exit_code_for(cls.dbus_name()) == cls.exit_code
+
+
+def test_invalid_argument_is_usage() -> None:
+    assert exit_code_for(errors.InvalidArgument.dbus_name()) == EXIT_USAGE == 2
+
+
+@pytest.mark.parametrize("reason", ["ServiceUnknown", "NameHasNoOwner"])
+def test_daemon_unreachable_is_69(reason: str) -> None:
+    assert exit_code_for(FREEDESKTOP + reason) == EXIT_UNAVAILABLE == 69
+
+
+def test_access_denied_is_not_authorized() -> None:
+    assert exit_code_for(FREEDESKTOP + "AccessDenied") == NotAuthorized.exit_code
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "org.kdlab.Kdlab1.Error.NoSuchThing",
+        "org.kdlab.Kdlab1.Error.Failed",
+        FREEDESKTOP + "UnknownMethod",
+        FREEDESKTOP + "InvalidArgs",
+        "com.example.Error",
+        "org.kdlab.Kdlab1.Error.invalidargument",
+    ],
+)
+def test_unknown_names_are_failure(name: str) -> None:
+    assert exit_code_for(name) == EXIT_FAILURE == 1
+
+
+def test_bus_unreachable_is_69() -> None:
+    assert exit_code_for(FREEDESKTOP + "NoServer") == EXIT_UNAVAILABLE
+
+
+def test_kdlabctl_exits_69_without_a_bus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["--bus", f"unix:path={tmp_path}/no-such-bus", "list"])
+    assert "cannot connect" in capsys.readouterr().err
+    assert code == EXIT_UNAVAILABLE
+
+
+# kdlabctl --help lists every exit code, so the documentation cannot drift.
+
+HELP_LINE = re.compile(r"^  (\d+)\s+(.+)$")
+
+
+def help_codes() -> dict[int, str]:
+    lines = cli.EXIT_CODES_HELP.splitlines()
+    assert lines[0] == "exit codes:"
+    codes: dict[int, str] = {}
+    for line in lines[1:]:
+        match = HELP_LINE.match(line)
+        assert match, f"unexpected help line {line!r}"
+        code = int(match[1])
+        assert code not in codes, f"exit code {code} listed twice"
+        codes[code] = match[2]
+    return codes
+
+
+def test_help_lists_every_exit_code() -> None:
+    expected = {cls.exit_code for cls in ERRORS}
+    expected |= {EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE}
+    assert set(help_codes()) == expected
+
+
+@pytest.mark.parametrize("cls", ERRORS, ids=lambda cls: cls.__name__)
+def test_help_names_each_reason_at_its_code(cls: type[KdlabError]) -> None:
+    assert re.search(rf"\b{cls.reason}\b", help_codes()[cls.exit_code])
+    for code, text in help_codes().items():
+        if code != cls.exit_code:
+            assert not re.search(rf"\b{cls.reason}\b", text), (
+                f"{cls.reason} is listed at {code}; its exit code is {cls.exit_code}"
+            )
+
+
+def test_help_is_the_parser_epilog() -> None:
+    assert cli.build_parser().epilog == cli.EXIT_CODES_HELP
+    assert "69" in cli.build_parser().format_help()

@@ -1,0 +1,714 @@
+"""kdlabd.core.vms.VMService against the in-memory fake hypervisor.
+
+Each test runs its own event loop with ``asyncio.run`` (no pytest plugin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import struct
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from kdlabd.core.models import Accel, DebugSettings, VMRecord, VMState
+from kdlabd.core.vms import CreateRequest, Layout, VMService
+from kdlabd.errors import (
+    HypervisorError,
+    InvalidArgument,
+    InvalidState,
+    NoSuchVM,
+    VMExists,
+)
+from tests.unit.fake_hypervisor import POOL, FakeHypervisor
+
+T = TypeVar("T")
+
+OWNER = 1000
+
+
+def run(work: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(work)
+
+
+async def settle() -> None:
+    """Let announced events and the background refreshes they start finish."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+@dataclass
+class Recorder:
+    """A VMObserver that remembers what it was told."""
+
+    events: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    def vm_added(self, record: VMRecord) -> None:
+        self.events.append(("added", record.name, record.state.value))
+
+    def vm_changed(self, record: VMRecord) -> None:
+        self.events.append(("changed", record.name, record.state.value))
+
+    def vm_removed(self, name: str) -> None:
+        self.events.append(("removed", name, None))
+
+    def states(self, name: str) -> list[str]:
+        return [
+            state for _, vm, state in self.events if vm == name and state is not None
+        ]
+
+
+def bzimage(size: int = 8192) -> bytes:
+    data = bytearray(size)
+    data[0x1FE:0x200] = b"\x55\xaa"
+    data[0x202:0x206] = b"HdrS"
+    data[0x206:0x208] = struct.pack("<H", 0x020F)
+    data[0x400:0x410] = b"kernel text here"
+    return bytes(data)
+
+
+@dataclass
+class Lab:
+    """A VMService wired to a fake hypervisor, a recorder and temporary directories."""
+
+    tmp: Path
+    hv: FakeHypervisor
+    observer: Recorder
+    layout: Layout
+    service: VMService
+    kernel: Path
+    initrd: Path
+
+    async def create(
+        self,
+        name: str = "vm1",
+        *,
+        kernel: Path | None = None,
+        initrd: Path | None = None,
+        no_kernel: bool = False,
+        **options: Any,
+    ) -> VMRecord:
+        """Create *name* the way the bus layer does: with descriptors it then closes."""
+        fds = []
+        try:
+            kernel_fd = None
+            if not no_kernel:
+                kernel_fd = os.open(kernel or self.kernel, os.O_RDONLY)
+                fds.append(kernel_fd)
+            initrd_fd = None
+            if initrd is not None:
+                initrd_fd = os.open(initrd, os.O_RDONLY)
+                fds.append(initrd_fd)
+            return await self.service.create(
+                CreateRequest(
+                    name=name,
+                    owner_uid=options.pop("owner_uid", OWNER),
+                    kernel_fd=kernel_fd,
+                    initrd_fd=initrd_fd,
+                    **options,
+                )
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def booted(self, name: str = "vm1") -> VMRecord:
+        await self.create(name)
+        return await self.service.start(name)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    hv = FakeHypervisor()
+    observer = Recorder()
+    layout = Layout(tmp_path / "state", tmp_path / "run")
+    service = VMService(hv, layout, Accel.TCG, observer)
+    hv.watch(service.domain_changed, service.hypervisor_reconnected)
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(bzimage())
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"070701" + bytes(500))
+    return Lab(tmp_path, hv, observer, layout, service, kernel, initrd)
+
+
+# Create.
+
+
+def test_create_stores_spec(lab: Lab) -> None:
+    async def scenario() -> None:
+        record = await lab.create(
+            "linux-6.9-rc1",
+            initrd=lab.initrd,
+            owner_uid=4242,
+            cmdline="root=/dev/vda rw",
+            memory_mib=1024,
+            vcpus=2,
+            debug=DebugSettings(gdb_tcp_port=2345),
+        )
+        spec = record.spec
+        assert spec.name == "linux-6.9-rc1"
+        assert spec.owner_uid == 4242
+        assert spec.cmdline == "root=/dev/vda rw"
+        assert (spec.memory_mib, spec.vcpus) == (1024, 2)
+        assert spec.accel is Accel.TCG
+        assert spec.debug == DebugSettings(gdb=True, gdb_tcp_port=2345)
+        assert spec.kernel == POOL / "linux-6.9-rc1.kernel"
+        assert spec.initrd == POOL / "linux-6.9-rc1.initrd"
+        assert spec.console_log == lab.layout.console_log("linux-6.9-rc1")
+        assert spec.gdb_socket == lab.layout.gdb_socket("linux-6.9-rc1")
+        assert spec.created_usec > 0
+        # What the hypervisor got is what the files held.
+        assert lab.hv.volumes == {
+            "linux-6.9-rc1.kernel": lab.kernel.read_bytes(),
+            "linux-6.9-rc1.initrd": lab.initrd.read_bytes(),
+        }
+        assert lab.hv.domains["linux-6.9-rc1"].spec == spec
+        shown = lab.service.get("linux-6.9-rc1")
+        assert (shown.spec, shown.uuid) == (spec, record.uuid)
+        assert shown.state is VMState.DEFINED
+        assert lab.service.list() == [shown]
+        vm_dir = lab.layout.vm_dir("linux-6.9-rc1")
+        assert stat.S_IMODE(vm_dir.stat().st_mode) == 0o700
+        await settle()
+        assert lab.observer.events == [("added", "linux-6.9-rc1", "defined")]
+
+    run(scenario())
+
+
+def test_create_returns_what_observers_see(lab: Lab) -> None:
+    async def scenario() -> None:
+        record = await lab.create()
+        assert record == lab.service.get("vm1")
+        assert record.state is VMState.DEFINED
+
+    run(scenario())
+
+
+def test_create_defaults(lab: Lab) -> None:
+    async def scenario() -> None:
+        spec = (await lab.create()).spec
+        assert (spec.memory_mib, spec.vcpus, spec.cmdline) == (512, 1, "")
+        assert spec.initrd is None
+        assert spec.debug == DebugSettings(gdb=True, gdb_tcp_port=None)
+
+    run(scenario())
+
+
+def test_accel_is_the_services(lab: Lab) -> None:
+    service = VMService(lab.hv, lab.layout, Accel.KVM, lab.observer)
+    fd = os.open(lab.kernel, os.O_RDONLY)
+    try:
+        record = run(service.create(CreateRequest("kvm1", OWNER, fd)))
+    finally:
+        os.close(fd)
+    assert record.spec.accel is Accel.KVM
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("bad-name", "invalid VM name"),
+        ("no-kernel", "a kernel is required"),
+        ("elf-kernel", "vmlinux"),
+        ("garbage-kernel", "not an x86 bzImage"),
+        ("empty-kernel", "kernel is empty"),
+        ("directory-kernel", "regular file"),
+        ("empty-initrd", "initrd is empty"),
+        ("newline-cmdline", "printable ASCII"),
+        ("memory", "memory"),
+        ("vcpus", "vCPUs"),
+        ("privileged-port", "gdb TCP port"),
+    ],
+)
+def test_create_refuses_bad_input_before_any_change(
+    lab: Lab, case: str, match: str
+) -> None:
+    elf = _write(lab.tmp / "vmlinux", b"\x7fELF\x02\x01\x01" + bytes(2000))
+    garbage = _write(lab.tmp / "garbage", os.urandom(64) + bytes(2000))
+    empty = _write(lab.tmp / "empty", b"")
+    arguments: dict[str, dict[str, Any]] = {
+        "bad-name": {"name": "-rf"},
+        "no-kernel": {"no_kernel": True},
+        "elf-kernel": {"kernel": elf},
+        "garbage-kernel": {"kernel": garbage},
+        "empty-kernel": {"kernel": empty},
+        "directory-kernel": {"kernel": lab.tmp},
+        "empty-initrd": {"initrd": empty},
+        "newline-cmdline": {"cmdline": "root=/dev/vda\ninit=/bin/sh"},
+        "memory": {"memory_mib": 1},
+        "vcpus": {"vcpus": 0},
+        "privileged-port": {"debug": DebugSettings(gdb_tcp_port=22)},
+    }
+
+    async def scenario() -> None:
+        kwargs = arguments[case]
+        name = kwargs.pop("name", "vm1")
+        with pytest.raises(InvalidArgument, match=match):
+            await lab.create(name, **kwargs)
+        await settle()
+
+    run(scenario())
+    assert lab.hv.calls == [], "nothing may reach the hypervisor"
+    assert not lab.layout.state_dir.exists()
+    assert lab.observer.events == []
+    assert lab.service.list() == []
+
+
+@pytest.mark.parametrize("step", ["define_vm", "upload_boot_file:vm1.initrd"])
+def test_create_failure_rolls_back(lab: Lab, step: str) -> None:
+    lab.hv.fail(step)
+
+    async def scenario() -> None:
+        with pytest.raises(HypervisorError, match="injected failure"):
+            await lab.create(initrd=lab.initrd)
+        await settle()
+        assert lab.hv.volumes == {}
+        assert not lab.layout.vm_dir("vm1").exists()
+        assert lab.hv.domains == {}
+        assert lab.observer.events == []
+        with pytest.raises(NoSuchVM):
+            lab.service.get("vm1")
+
+        lab.hv.failures.clear()
+        record = await lab.create(initrd=lab.initrd)
+        assert record.name == "vm1"
+        assert set(lab.hv.volumes) == {"vm1.kernel", "vm1.initrd"}
+        assert lab.service.get("vm1").state is VMState.DEFINED
+        await settle()
+        assert lab.observer.events == [("added", "vm1", "defined")]
+
+    run(scenario())
+    # Every volume uploaded before the failure, and only those, was deleted.
+    if step == "define_vm":
+        assert lab.hv.called("delete_boot_file") == ["vm1.initrd", "vm1.kernel"]
+    else:
+        assert lab.hv.called("delete_boot_file") == ["vm1.kernel"]
+        assert lab.hv.called("define_vm") == ["vm1"], "define only on the second try"
+
+
+def test_create_failing_rollback_keeps_the_original_error(lab: Lab) -> None:
+    lab.hv.fail("define_vm", HypervisorError("libvirt: the original problem"))
+    lab.hv.fail("delete_boot_file", HypervisorError("libvirt: pool is gone"))
+
+    async def scenario() -> None:
+        with pytest.raises(HypervisorError, match="the original problem"):
+            await lab.create()
+
+    run(scenario())
+    assert lab.hv.called("delete_boot_file") == ["vm1.kernel"]
+    assert not lab.layout.vm_dir("vm1").exists()
+
+
+def test_create_duplicate_name(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create()
+        first = lab.service.get("vm1")
+        lab.hv.calls.clear()
+        with pytest.raises(VMExists, match="'vm1' already exists"):
+            await lab.create()
+        assert lab.service.list() == [first]
+
+    run(scenario())
+    assert lab.hv.called("upload_boot_file") == []
+    assert lab.hv.called("define_vm") == []
+
+
+def test_create_name_taken_in_the_hypervisor_only(lab: Lab) -> None:
+    """A domain the view has not loaded yet still owns its name."""
+
+    async def scenario() -> None:
+        await lab.create("other")
+        lab.hv.add_domain(lab.hv.domains["other"].spec.replace(name="vm1"))
+        lab.hv.calls.clear()
+        with pytest.raises(VMExists):
+            await lab.create("vm1")
+
+    run(scenario())
+    assert lab.hv.called("upload_boot_file") == []
+
+
+def test_concurrent_creates_of_one_name(lab: Lab) -> None:
+    async def scenario() -> list[VMRecord | BaseException]:
+        return await asyncio.gather(
+            *(lab.create() for _ in range(32)), return_exceptions=True
+        )
+
+    results = run(scenario())
+    successes = [r for r in results if isinstance(r, VMRecord)]
+    failures = [r for r in results if not isinstance(r, VMRecord)]
+    assert len(successes) == 1
+    assert len(failures) == 31
+    assert all(isinstance(f, VMExists) for f in failures), failures
+    assert lab.hv.called("upload_boot_file") == ["vm1.kernel"]
+    assert lab.hv.called("define_vm") == ["vm1"]
+    assert [e for e in lab.observer.events if e[0] == "added"] == [
+        ("added", "vm1", "defined")
+    ]
+
+
+def test_concurrent_creates_of_different_names(lab: Lab) -> None:
+    names = [f"vm{i}" for i in range(16)]
+
+    async def scenario() -> None:
+        await asyncio.gather(*(lab.create(name) for name in names))
+
+    run(scenario())
+    assert [r.name for r in lab.service.list()] == sorted(names)
+
+
+# Start and stop.
+
+
+def test_state_defined_before_first_boot_then_stopped(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create()
+        assert lab.service.get("vm1").state is VMState.DEFINED
+        await settle()
+        assert lab.service.get("vm1").state is VMState.DEFINED
+        running = await lab.service.start("vm1")
+        assert running.state is VMState.RUNNING
+        assert lab.layout.console_log("vm1").exists()
+        stopped = await lab.service.stop("vm1", force=True)
+        assert stopped.state is VMState.STOPPED
+        await settle()
+        assert lab.service.get("vm1").state is VMState.STOPPED
+
+    run(scenario())
+
+
+def test_start_paused(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create()
+        assert (await lab.service.start("vm1", paused=True)).state is VMState.PAUSED
+
+    run(scenario())
+
+
+def test_start_shows_starting_while_it_runs(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create()
+        release = lab.hv.hold("start_vm")
+        task = asyncio.create_task(lab.service.start("vm1"))
+        await settle()
+        assert lab.hv.called("start_vm") == ["vm1"]
+        assert lab.service.get("vm1").state is VMState.STARTING
+        assert lab.observer.events[-1] == ("changed", "vm1", "starting")
+        release.set()
+        assert (await task).state is VMState.RUNNING
+        await settle()
+
+    run(scenario())
+    assert lab.observer.states("vm1") == ["defined", "starting", "running"]
+
+
+def test_start_running_vm_is_invalid_state(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        with pytest.raises(InvalidState, match="already running"):
+            await lab.service.start("vm1")
+
+    run(scenario())
+    assert lab.hv.called("start_vm") == ["vm1"]
+
+
+def test_start_keeps_previous_console_log(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        log = lab.layout.console_log("vm1")
+        log.write_bytes(b"first boot\n")
+        await lab.service.stop("vm1", force=True)
+        await lab.service.start("vm1")
+        assert log.with_name("console.log.1").read_bytes() == b"first boot\n"
+        assert log.read_bytes() != b"first boot\n"
+
+    run(scenario())
+
+
+def test_failed_start_does_not_stay_starting(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create()
+        await settle()  # the define event is long handled when a user starts a VM
+        lab.hv.fail("start_vm")
+        with pytest.raises(HypervisorError):
+            await lab.service.start("vm1")
+        await settle()
+        assert lab.service.get("vm1").state is VMState.DEFINED
+        assert lab.observer.states("vm1")[-1] == "defined"
+
+    run(scenario())
+
+
+def test_stop_graceful(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        stopped = await lab.service.stop("vm1", timeout=5)
+        assert stopped.state is VMState.STOPPED
+        await settle()
+
+    run(scenario())
+    assert lab.hv.called("shutdown_vm") == ["vm1"]
+    assert lab.hv.called("destroy_vm") == []
+    assert lab.observer.states("vm1")[-3:] == ["running", "stopping", "stopped"]
+
+
+def test_stop_shows_stopping_while_it_runs(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        lab.hv.guest_powers_off = False
+        task = asyncio.create_task(lab.service.stop("vm1", timeout=30))
+        await settle()
+        assert lab.service.get("vm1").state is VMState.STOPPING
+        assert lab.observer.events[-1] == ("changed", "vm1", "stopping")
+        lab.hv.set_state("vm1", VMState.STOPPED)  # the guest powers off after all
+        assert (await task).state is VMState.STOPPED
+
+    run(scenario())
+    assert lab.hv.called("destroy_vm") == []
+
+
+def test_stop_falls_back_to_destroy_after_timeout(lab: Lab) -> None:
+    lab.hv.guest_powers_off = False
+
+    async def scenario() -> float:
+        await lab.booted()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        stopped = await lab.service.stop("vm1", timeout=0.05)
+        assert stopped.state is VMState.STOPPED
+        return loop.time() - began
+
+    elapsed = run(scenario())
+    assert lab.hv.called("shutdown_vm") == ["vm1"]
+    assert lab.hv.called("destroy_vm") == ["vm1"]
+    assert elapsed >= 0.05, "destroyed before the guest's time was up"
+    shutdown_at = [c.method for c in lab.hv.calls].index("shutdown_vm")
+    destroy_at = [c.method for c in lab.hv.calls].index("destroy_vm")
+    assert shutdown_at < destroy_at
+
+
+def test_stop_force_destroys_at_once(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        assert (await lab.service.stop("vm1", force=True)).state is VMState.STOPPED
+
+    run(scenario())
+    assert lab.hv.called("shutdown_vm") == []
+    assert lab.hv.called("destroy_vm") == ["vm1"]
+
+
+def test_stop_with_zero_timeout_stops(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        assert (await lab.service.stop("vm1", timeout=0)).state is VMState.STOPPED
+
+    run(scenario())
+
+
+def test_failed_stop_does_not_stay_stopping(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        await settle()
+        lab.hv.fail("shutdown_vm")
+        with pytest.raises(HypervisorError):
+            await lab.service.stop("vm1")
+        await settle()
+        assert lab.service.get("vm1").state is VMState.RUNNING
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("state", [None, "stopped"])
+def test_stop_inactive_vm_is_invalid_state(lab: Lab, state: str | None) -> None:
+    async def scenario() -> None:
+        if state is None:
+            await lab.create()
+        else:
+            await lab.booted()
+            await lab.service.stop("vm1", force=True)
+        lab.hv.calls.clear()
+        with pytest.raises(InvalidState, match="not running"):
+            await lab.service.stop("vm1")
+
+    run(scenario())
+    assert lab.hv.called("shutdown_vm") == lab.hv.called("destroy_vm") == []
+
+
+def test_guest_powering_itself_off_is_seen(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        lab.hv.set_state("vm1", VMState.STOPPED)
+        await settle()
+        assert lab.service.get("vm1").state is VMState.STOPPED
+
+    run(scenario())
+    assert lab.observer.events[-1] == ("changed", "vm1", "stopped")
+
+
+# Delete.
+
+
+def test_delete_running_vm_is_invalid_state(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        with pytest.raises(InvalidState, match="stop it first"):
+            await lab.service.delete("vm1")
+        await settle()
+
+    run(scenario())
+    assert lab.hv.called("undefine_vm") == []
+    assert lab.hv.called("delete_boot_file") == []
+    assert set(lab.hv.volumes) == {"vm1.kernel"}
+    assert "vm1" in lab.hv.domains
+    assert lab.layout.console_log("vm1").exists()
+    assert lab.service.get("vm1").state is VMState.RUNNING
+    assert all(kind != "removed" for kind, _, _ in lab.observer.events)
+
+
+def test_delete_removes_everything(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create(initrd=lab.initrd)
+        await lab.service.start("vm1")
+        await lab.service.stop("vm1", force=True)
+        await lab.service.delete("vm1")
+        await settle()
+        with pytest.raises(NoSuchVM):
+            lab.service.get("vm1")
+        assert lab.service.list() == []
+        # The name is free again, and the new VM has not been booted.
+        await lab.create()
+        assert lab.service.get("vm1").state is VMState.DEFINED
+
+    run(scenario())
+    assert lab.hv.called("undefine_vm") == ["vm1"]
+    assert sorted(lab.hv.called("delete_boot_file")) == ["vm1.initrd", "vm1.kernel"]
+    assert ("removed", "vm1", None) in lab.observer.events
+    assert lab.observer.events.count(("removed", "vm1", None)) == 1
+
+
+def test_delete_removes_files(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create(initrd=lab.initrd)
+        await lab.service.delete("vm1")
+
+    run(scenario())
+    assert lab.hv.volumes == {}
+    assert lab.hv.domains == {}
+    assert not lab.layout.vm_dir("vm1").exists()
+
+
+# Unknown names.
+
+
+@pytest.mark.parametrize("operation", ["get", "start", "stop", "delete", "console"])
+def test_unknown_vm(lab: Lab, operation: str) -> None:
+    async def scenario() -> None:
+        calls: dict[str, Any] = {
+            "get": lambda: lab.service.get("nope"),
+            "start": lambda: lab.service.start("nope"),
+            "stop": lambda: lab.service.stop("nope"),
+            "delete": lambda: lab.service.delete("nope"),
+            "console": lambda: lab.service.open_console_log("nope"),
+        }
+
+        async def call() -> object:
+            result = calls[operation]()
+            return await result if asyncio.iscoroutine(result) else result
+
+        with pytest.raises(NoSuchVM, match="'nope'"):
+            await call()
+
+    run(scenario())
+    assert lab.hv.calls == []
+
+
+# The view: load, events, reconnection.
+
+
+def test_load_reconciles(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create("keep")
+        await lab.create("gone")
+        await settle()
+        template = lab.hv.domains["keep"].spec
+        del lab.hv.domains["gone"]  # removed while kdlabd was not looking
+        lab.hv.add_domain(template.replace(name="new"), VMState.RUNNING)
+        lab.observer.events.clear()
+        await lab.service.load()
+
+    run(scenario())
+    assert [r.name for r in lab.service.list()] == ["keep", "new"]
+    assert sorted(lab.observer.events) == [
+        ("added", "new", "running"),
+        ("removed", "gone", None),
+    ]
+
+
+def test_load_from_scratch(lab: Lab) -> None:
+    """A restarted kdlabd finds running VMs and never stops them."""
+
+    async def scenario() -> None:
+        await lab.booted("a")
+        await lab.create("b")
+        observer = Recorder()
+        fresh = VMService(lab.hv, lab.layout, Accel.TCG, observer)
+        await fresh.load()
+        assert {r.name: r.state for r in fresh.list()} == {
+            "a": VMState.RUNNING,
+            "b": VMState.DEFINED,
+        }
+        assert sorted(observer.events) == [
+            ("added", "a", "running"),
+            ("added", "b", "defined"),
+        ]
+
+    run(scenario())
+    assert lab.hv.called("destroy_vm") == lab.hv.called("shutdown_vm") == []
+
+
+def test_reconnection_rebuilds_the_view(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create("a")
+        await settle()
+        del lab.hv.domains["a"]
+        lab.hv.reconnect()
+        await settle()
+
+    run(scenario())
+    assert lab.service.list() == []
+    assert lab.observer.events[-1] == ("removed", "a", None)
+
+
+# Console log.
+
+
+def test_console_log_before_first_boot(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.create()
+
+    run(scenario())
+    with pytest.raises(InvalidState, match="has not been booted yet"):
+        lab.service.open_console_log("vm1")
+
+
+def test_console_log_after_boot_is_read_only(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+
+    run(scenario())
+    fd = lab.service.open_console_log("vm1")
+    try:
+        assert os.read(fd, 100) == b"Linux version 6.1.0 (fake)\n"
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)
