@@ -55,6 +55,9 @@ def _open_for_daemon(path: str, what: str) -> int:
 async def cmd_create(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl.client import variant_options
 
+    vmlinux = os.path.abspath(args.vmlinux) if args.vmlinux else None
+    if vmlinux and not os.path.isfile(vmlinux):
+        raise UsageError(f"vmlinux {args.vmlinux} is not a file")
     fds = [_open_for_daemon(args.kernel, "kernel")]
     if args.initrd:
         fds.append(_open_for_daemon(args.initrd, "initrd"))
@@ -68,6 +71,8 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
             vcpus=("u", args.cpus) if args.cpus is not None else None,
             gdb=("b", False) if args.no_gdb else None,
             gdb_tcp_port=("q", args.gdb_tcp) if args.gdb_tcp is not None else None,
+            vmlinux=("s", vmlinux) if vmlinux else None,
+            kernel_path=("s", os.path.abspath(args.kernel)),
         )
         (path,) = await client.manager("CreateVM", "sa{sv}", [args.name, options], fds)
     finally:
@@ -120,6 +125,9 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ("vCPUs", str(props["VCPUs"])),
         ("Accel", props["Accel"]),
         ("gdbstub", props["GdbStub"]),
+        ("Waiting", "for a debugger" if props["WaitingForDebugger"] else "no"),
+        ("Kernel", f"{props['KernelPath'] or '-'} ({props['KernelRelease'] or '?'})"),
+        ("vmlinux", props["Vmlinux"] or "-"),
         ("Created", output.timestamp(props["Created"])),
     ]
     width = max(len(label) for label, _ in fields)
@@ -161,13 +169,56 @@ async def cmd_delete(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _open_log(client: Client, name: str) -> int:
+async def _open_fd(client: Client, name: str, member: str) -> int:
     from kdlabd.wire import VM_INTERFACE
 
     _, fds = await client.call(
-        await client.vm_path(name), VM_INTERFACE, "OpenConsoleLog", with_fds=True
+        await client.vm_path(name), VM_INTERFACE, member, with_fds=True
     )
     return int(fds[0])
+
+
+async def cmd_gdb(client: Client, args: argparse.Namespace) -> int:
+    import subprocess
+
+    from kdlabctl import debug
+
+    props = await client.vm_properties(await client.vm_path(args.name))
+    try:
+        vmlinux = debug.find_vmlinux(props, args.vmlinux)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    if props["State"] not in ("running", "paused"):
+        raise UsageError(
+            f"VM {args.name} is {props['State']}: start it first "
+            f"(kdlabctl start --paused {args.name})"
+        )
+    if props["WaitingForDebugger"]:
+        print(
+            f"kdlabctl: {args.name} waits for the debugger: 'continue' boots it",
+            file=sys.stderr,
+        )
+    proxy = debug.proxy_command(args.bus, args.name)
+    command = debug.gdb_command(vmlinux, proxy, args.gdb_args)
+    try:
+        return subprocess.call(command)
+    except FileNotFoundError:
+        raise UsageError("gdb is not installed (apt-get install gdb)") from None
+
+
+async def cmd_gdb_proxy(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import debug
+
+    fd = await _open_fd(client, args.name, "OpenGdb")
+    try:
+        debug.relay(fd)
+    finally:
+        os.close(fd)
+    return EXIT_OK
+
+
+async def _open_log(client: Client, name: str) -> int:
+    return await _open_fd(client, name, "OpenConsoleLog")
 
 
 def _copy(fd: int) -> int:
@@ -244,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="gdbstub on 127.0.0.1:PORT instead of kdlabd's private socket",
     )
+    create.add_argument(
+        "--vmlinux", metavar="PATH", help="vmlinux with debug info, for kdlabctl gdb"
+    )
     create.add_argument("-q", "--quiet", action="store_true")
 
     listing = command("list", cmd_list, "list VMs")
@@ -277,6 +331,26 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--force", action="store_true", help="stop it first if it runs")
 
+    gdb = command(
+        "gdb",
+        cmd_gdb,
+        "run gdb on the VM's gdbstub; unknown options go to gdb "
+        "(e.g. --batch -ex 'hbreak start_kernel' -ex continue)",
+    )
+    gdb.add_argument("name", metavar="NAME")
+    gdb.add_argument(
+        "--vmlinux",
+        metavar="PATH",
+        help="symbols (default: the one given at create, the kernel's "
+        "build tree, /usr/lib/debug/boot/vmlinux-RELEASE)",
+    )
+    proxy = command(
+        "gdb-proxy",
+        cmd_gdb_proxy,
+        "relay the VM's gdbstub on stdin/stdout (target remote | ...)",
+    )
+    proxy.add_argument("name", metavar="NAME")
+
     logs = command(
         "logs", cmd_logs, "print the serial console log of the current or last boot"
     )
@@ -288,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.func is cmd_gdb:
+        args.gdb_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from kdlabctl.client import Client, RemoteError, run
 
     async def invoke() -> int:

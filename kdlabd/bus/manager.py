@@ -22,6 +22,8 @@ CREATE_OPTIONS = {
     "vcpus": "u",
     "gdb": "b",
     "gdb_tcp_port": "q",
+    "vmlinux": "s",
+    "kernel_path": "s",
 }
 
 
@@ -53,6 +55,8 @@ class ManagerInterface(ServiceInterface):
                 debug=DebugSettings(
                     gdb=opts.get("gdb", True), gdb_tcp_port=port or None
                 ),
+                vmlinux=opts.get("vmlinux", ""),
+                kernel_source=opts.get("kernel_path", ""),
             )
         )
         return vm_path(record.name)

@@ -39,6 +39,10 @@ def properties(record: VMRecord) -> dict[str, Any]:
         "Accel": spec.accel.value,
         "Created": spec.created_usec,
         "GdbStub": gdb,
+        "WaitingForDebugger": record.waiting_for_debugger,
+        "KernelRelease": spec.release,
+        "Vmlinux": spec.vmlinux,
+        "KernelPath": spec.kernel_source,
     }
 
 
@@ -87,6 +91,11 @@ class VMInterface(ServiceInterface):
     async def Delete(self, caller: Caller) -> None:
         """Remove the stopped VM, its staged kernel and initrd, and its logs."""
         await self.vms.delete(self._record.name)
+
+    @exported(Action.DEBUG_VMS)
+    async def OpenGdb(self, caller: Caller) -> "h":
+        """A stream connected to the VM's gdbstub (gdb remote protocol)."""
+        return self.vms.open_gdb(self._record.name)
 
     @exported(Action.DEBUG_VMS)
     async def OpenConsoleLog(self, caller: Caller) -> "h":
@@ -138,3 +147,23 @@ class VMInterface(ServiceInterface):
     def GdbStub(self) -> "s":
         """``unix`` (brokered by kdlabd), ``tcp:127.0.0.1:PORT`` or ``off``."""
         return self._props["GdbStub"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def WaitingForDebugger(self) -> "b":
+        """True while a VM started paused has not run yet: attach gdb, then continue."""
+        return self._props["WaitingForDebugger"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def KernelRelease(self) -> "s":
+        """The release the kernel image announces (``uname -r``), or ""."""
+        return self._props["KernelRelease"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Vmlinux(self) -> "s":
+        """The vmlinux path given at creation: a hint for gdb, never opened."""
+        return self._props["Vmlinux"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def KernelPath(self) -> "s":
+        """The client's path of the kernel at creation (where to look for vmlinux)."""
+        return self._props["KernelPath"]

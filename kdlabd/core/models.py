@@ -61,6 +61,11 @@ class VMSpec:
     gdb_socket: Path
     debug: DebugSettings = DebugSettings()
     created_usec: int = 0
+    release: str = ""
+    vmlinux: str = ""
+    kernel_source: str = ""
+    """*release* is read from the bzImage; *vmlinux* and *kernel_source* are the
+    client's paths, kept as hints for ``kdlabctl gdb`` and never opened by kdlabd."""
 
     def replace(self, **changes: object) -> VMSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -73,6 +78,7 @@ class VMRecord:
     spec: VMSpec
     uuid: str
     state: VMState
+    waiting_for_debugger: bool = False
 
     @property
     def name(self) -> str:

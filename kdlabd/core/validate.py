@@ -50,6 +50,22 @@ def cmdline(value: str) -> str:
     return value
 
 
+PATH_MAX = 4096
+
+
+def hint_path(value: str, what: str) -> str:
+    """A client-side path kept as a hint ("" for none); kdlabd never opens it."""
+    if not value:
+        return value
+    if len(value) > PATH_MAX or not value.startswith("/"):
+        raise InvalidArgument(
+            f"{what} must be an absolute path of at most {PATH_MAX} bytes"
+        )
+    if any(not " " <= char <= "~" for char in value):
+        raise InvalidArgument(f"{what} must be printable ASCII")
+    return value
+
+
 def in_range(value: int, bounds: tuple[int, int], what: str) -> int:
     """An integer option within inclusive *bounds*."""
     low, high = bounds
@@ -113,7 +129,7 @@ def kernel_image(header: bytes) -> None:
     if header.startswith(_ELF_MAGIC):
         raise InvalidArgument(
             "the kernel is an ELF file (vmlinux?): pass arch/x86/boot/bzImage as the "
-            "kernel; vmlinux is what gdb reads"
+            "kernel; vmlinux is what gdb reads (--vmlinux)"
         )
     magic = header[_BZIMAGE_MAGIC_OFFSET : _BZIMAGE_MAGIC_OFFSET + len(_BZIMAGE_MAGIC)]
     if magic != _BZIMAGE_MAGIC:

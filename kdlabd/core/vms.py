@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -20,17 +21,22 @@ from typing import Any, Protocol
 
 import structlog
 
-from kdlabd.core import validate
+from kdlabd.core import kernel, validate
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.models import Accel, DebugSettings, VMRecord, VMSpec, VMState
-from kdlabd.errors import InvalidArgument, InvalidState, NoSuchVM, VMExists
+from kdlabd.errors import (
+    HypervisorError,
+    InvalidArgument,
+    InvalidState,
+    NoSuchVM,
+    VMExists,
+)
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_VCPUS = 1
 DEFAULT_STOP_TIMEOUT = 30.0
-_KERNEL_HEADER_BYTES = 1024
 
 
 class VMObserver(Protocol):
@@ -75,6 +81,8 @@ class CreateRequest:
     memory_mib: int = DEFAULT_MEMORY_MIB
     vcpus: int = DEFAULT_VCPUS
     debug: DebugSettings = field(default_factory=DebugSettings)
+    vmlinux: str = ""
+    kernel_source: str = ""
 
 
 def kernel_volume(name: str) -> str:
@@ -103,6 +111,7 @@ class VMService:
         self._creating: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._transitions: dict[str, VMState] = {}
+        self._waiting: set[str] = set()
         self._changed: dict[str, asyncio.Event] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -168,7 +177,9 @@ class VMService:
         kernel_size = validate.readable_file(
             request.kernel_fd, "kernel", validate.KERNEL_MAX_BYTES
         )
-        validate.kernel_image(os.pread(request.kernel_fd, _KERNEL_HEADER_BYTES, 0))
+        header = os.pread(request.kernel_fd, kernel.HEADER_BYTES, 0)
+        validate.kernel_image(header)
+        spec = spec.replace(release=kernel.bzimage_release(header))
         initrd_size = 0
         if request.initrd_fd is not None:
             initrd_size = validate.readable_file(
@@ -178,7 +189,7 @@ class VMService:
             if await self._hv.get_vm(name) is not None:
                 raise VMExists(f"a VM named {name!r} already exists")
             async with contextlib.AsyncExitStack() as undo:
-                kernel = await self._hv.upload_boot_file(
+                kernel_path = await self._hv.upload_boot_file(
                     kernel_volume(name), request.kernel_fd, kernel_size
                 )
                 undo.push_async_callback(
@@ -196,7 +207,7 @@ class VMService:
                 vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 undo.callback(shutil.rmtree, vm_dir, ignore_errors=True)
                 record = await self._hv.define_vm(
-                    spec.replace(kernel=kernel, initrd=initrd)
+                    spec.replace(kernel=kernel_path, initrd=initrd)
                 )
                 undo.pop_all()
         self._store(record)
@@ -209,8 +220,14 @@ class VMService:
             if record.state.active:
                 raise InvalidState(f"VM {name!r} is already {record.state}")
             self._rotate_console_log(name)
+            if paused:
+                self._waiting.add(name)
             async with self._transition(name, VMState.STARTING):
-                await self._hv.start_vm(name, paused=paused)
+                try:
+                    await self._hv.start_vm(name, paused=paused)
+                except BaseException:
+                    self._waiting.discard(name)
+                    raise
             log.info("vm.started", vm=name, paused=paused)
             return self.get(name)
 
@@ -249,6 +266,41 @@ class VMService:
             self._forget(name)
             log.info("vm.deleted", vm=name)
 
+    def open_gdb(self, name: str) -> int:
+        """A stream socket connected to the VM's gdbstub, for the caller to keep.
+
+        The stub lives on this host (a unix socket only root and QEMU can
+        reach, or a loopback TCP port); kdlabd connects and hands over the
+        connection. QEMU serves one debugger at a time.
+        """
+        record = self.get(name)
+        debug = record.spec.debug
+        if not debug.gdb:
+            raise InvalidState(
+                f"VM {name!r} has no gdbstub (it was created with --no-gdb)"
+            )
+        if not record.state.active:
+            raise InvalidState(
+                f"VM {name!r} is {record.state}: start it first (kdlabctl start "
+                f"--paused {name} stops it before the first instruction)"
+            )
+        if debug.gdb_tcp_port is not None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            address: str | tuple[str, int] = ("127.0.0.1", debug.gdb_tcp_port)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address = str(record.spec.gdb_socket)
+        try:
+            sock.settimeout(5)
+            sock.connect(address)
+            sock.setblocking(True)
+        except OSError as err:
+            sock.close()
+            raise HypervisorError(
+                f"cannot reach the gdbstub of VM {name!r} at {address}: {err.strerror}"
+            ) from None
+        return sock.detach()
+
     def open_console_log(self, name: str) -> int:
         """A read-only descriptor of the console log of the current or last boot."""
         self.get(name)
@@ -277,6 +329,8 @@ class VMService:
             gdb_socket=self._layout.gdb_socket(request.name),
             debug=debug,
             created_usec=time.time_ns() // 1000,
+            vmlinux=validate.hint_path(request.vmlinux, "vmlinux path"),
+            kernel_source=validate.hint_path(request.kernel_source, "kernel path"),
         )
 
     @contextlib.contextmanager
@@ -335,7 +389,11 @@ class VMService:
             state = transition
         elif state is VMState.STOPPED and not self._has_booted(record.name):
             state = VMState.DEFINED
-        return VMRecord(record.spec, record.uuid, state)
+        # Started paused, the VM waits for a debugger until it first runs.
+        if state not in (VMState.STARTING, VMState.PAUSED):
+            self._waiting.discard(record.name)
+        waiting = state is VMState.PAUSED and record.name in self._waiting
+        return VMRecord(record.spec, record.uuid, state, waiting_for_debugger=waiting)
 
     def _has_booted(self, name: str) -> bool:
         log_file = self._layout.console_log(name)

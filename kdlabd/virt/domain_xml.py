@@ -82,6 +82,11 @@ def _metadata(parent: etree._Element, spec: VMSpec) -> None:
     if spec.debug.gdb_tcp_port is not None:
         debug.set("tcp-port", str(spec.debug.gdb_tcp_port))
     _sub(vm, _K + "gdb-socket", str(spec.gdb_socket))
+    kernel = _sub(vm, _K + "kernel", release=spec.release)
+    if spec.kernel_source:
+        kernel.set("source", spec.kernel_source)
+    if spec.vmlinux:
+        kernel.set("vmlinux", spec.vmlinux)
 
 
 def _os(parent: etree._Element, spec: VMSpec) -> None:
@@ -171,6 +176,8 @@ def parse_domain_xml(xml: str) -> VMSpec:
     port = None if debug is None else debug.get("tcp-port")
     owner = meta.find(_K + "owner")
     created = meta.find(_K + "created")
+    kernel_meta = meta.find(_K + "kernel")
+    hints = {} if kernel_meta is None else {k: str(v) for k, v in kernel_meta.items()}
     return VMSpec(
         name=_text(meta, _K + "name") or "",
         owner_uid=int(owner.get("uid", "0")) if owner is not None else 0,
@@ -187,4 +194,7 @@ def parse_domain_xml(xml: str) -> VMSpec:
             gdb_tcp_port=int(port) if port else None,
         ),
         created_usec=int(created.get("usec", "0")) if created is not None else 0,
+        release=hints.get("release", ""),
+        vmlinux=hints.get("vmlinux", ""),
+        kernel_source=hints.get("source", ""),
     )
