@@ -217,6 +217,19 @@ async def cmd_gdb_proxy(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import debug
+
+    fd = await _open_fd(client, args.name, "OpenConsole")
+    print(f"Connected to {args.name} (escape character is ^])", file=sys.stderr)
+    try:
+        why = debug.console(fd)
+    finally:
+        os.close(fd)
+    print(f"\r\nkdlabctl: {why}", file=sys.stderr)
+    return EXIT_OK
+
+
 async def _open_log(client: Client, name: str) -> int:
     return await _open_fd(client, name, "OpenConsoleLog")
 
@@ -350,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
         "relay the VM's gdbstub on stdin/stdout (target remote | ...)",
     )
     proxy.add_argument("name", metavar="NAME")
+
+    console = command(
+        "console", cmd_console, "attach to the serial console; Ctrl-] detaches"
+    )
+    console.add_argument("name", metavar="NAME")
 
     logs = command(
         "logs", cmd_logs, "print the serial console log of the current or last boot"

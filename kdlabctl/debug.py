@@ -11,6 +11,8 @@ import os
 import selectors
 import shlex
 import sys
+import termios
+import tty
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -97,3 +99,38 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def proxy_command(bus: str, name: str) -> list[str]:
     return [sys.executable, "-m", "kdlabctl", "--bus", bus, "gdb-proxy", name]
+
+
+ESCAPE = b"\x1d"  # Ctrl-], as in virsh console and telnet
+
+
+def console(sock_fd: int, stdin: int = 0, stdout: int = 1) -> str:
+    """Interactive console on *sock_fd* until Ctrl-] or the VM closes it.
+
+    A terminal on stdin is put in raw mode (keys such as Ctrl-C go to the
+    guest) and restored afterwards. Returns why the session ended.
+    """
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    if saved is not None:
+        tty.setraw(stdin)
+    try:
+        selector = selectors.DefaultSelector()
+        selector.register(stdin, selectors.EVENT_READ)
+        selector.register(sock_fd, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                data = os.read(key.fd, 65536)
+                if key.fd == sock_fd:
+                    if not data:
+                        return "the console closed (the VM stopped)"
+                    _write_all(stdout, data)
+                    continue
+                if not data:
+                    return "end of input"
+                if ESCAPE in data:
+                    _write_all(sock_fd, data[: data.index(ESCAPE)])
+                    return "detached"
+                _write_all(sock_fd, data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)

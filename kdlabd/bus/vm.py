@@ -98,6 +98,11 @@ class VMInterface(ServiceInterface):
         return self.vms.open_gdb(self._record.name)
 
     @exported(Action.DEBUG_VMS)
+    async def OpenConsole(self, caller: Caller) -> "h":
+        """A stream on the serial console, shared with other viewers."""
+        return await self.vms.open_console(self._record.name)
+
+    @exported(Action.DEBUG_VMS)
     async def OpenConsoleLog(self, caller: Caller) -> "h":
         """A read-only descriptor of the console log of the current or last boot."""
         return self.vms.open_console_log(self._record.name)

@@ -14,6 +14,19 @@ DomainChanged = Callable[[str], None]
 Reconnected = Callable[[], None]
 """Called after the hypervisor connection was lost and re-established."""
 
+ConsoleOutput = Callable[[bytes], None]
+"""Receives what a VM writes to its serial console; ``b""`` when it closed."""
+
+
+class ConsoleStream(Protocol):
+    """An open serial console of a running VM."""
+
+    def send(self, data: bytes) -> None:
+        """Type *data* into the console (never blocks)."""
+
+    def close(self) -> None:
+        """Close the console; no more output is delivered."""
+
 
 class Hypervisor(Protocol):
     """What kdlab needs from a hypervisor. Every method may raise a KdlabError.
@@ -49,6 +62,9 @@ class Hypervisor(Protocol):
 
     async def destroy_vm(self, name: str) -> None:
         """Pull the plug."""
+
+    async def open_console(self, name: str, on_output: ConsoleOutput) -> ConsoleStream:
+        """Open the VM's serial console; output goes to *on_output* on the loop."""
 
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
         """Stream *size* bytes of *fd* into boot volume *volume*; return its path."""

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import structlog
 
 from kdlabd.core import kernel, validate
+from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.models import Accel, DebugSettings, VMRecord, VMSpec, VMState
 from kdlabd.errors import (
@@ -112,6 +113,7 @@ class VMService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._transitions: dict[str, VMState] = {}
         self._waiting: set[str] = set()
+        self._consoles = ConsoleHub(hypervisor)
         self._changed: dict[str, asyncio.Event] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -301,6 +303,16 @@ class VMService:
             ) from None
         return sock.detach()
 
+    async def open_console(self, name: str) -> int:
+        """A socket on the VM's serial console, shared with any other viewers."""
+        record = self.get(name)
+        if not record.state.active:
+            raise InvalidState(
+                f"VM {name!r} is {record.state}: start it first (kdlabctl start "
+                f"{name}); the last boot's output is in kdlabctl logs {name}"
+            )
+        return await self._consoles.attach(name)
+
     def open_console_log(self, name: str) -> int:
         """A read-only descriptor of the console log of the current or last boot."""
         self.get(name)
@@ -405,6 +417,8 @@ class VMService:
         if old == shown:
             return
         self._vms[shown.name] = shown
+        if not shown.state.active and shown.state is not VMState.STARTING:
+            self._consoles.close(shown.name)
         if shown.name in self._changed:
             self._changed[shown.name].set()
         if old is None:
@@ -414,6 +428,7 @@ class VMService:
 
     def _forget(self, name: str) -> None:
         if self._vms.pop(name, None) is not None:
+            self._consoles.close(name)
             self._locks.pop(name, None)
             self._observer.vm_removed(name)
 

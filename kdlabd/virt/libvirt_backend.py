@@ -21,7 +21,12 @@ import libvirtaio
 import structlog
 from lxml import etree
 
-from kdlabd.core.hypervisor import DomainChanged, Reconnected
+from kdlabd.core.hypervisor import (
+    ConsoleOutput,
+    ConsoleStream,
+    DomainChanged,
+    Reconnected,
+)
 from kdlabd.core.models import Accel, VMRecord, VMSpec, VMState
 from kdlabd.errors import (
     HypervisorError,
@@ -253,6 +258,18 @@ class LibvirtHypervisor:
     async def destroy_vm(self, name: str) -> None:
         await self._call(lambda conn: self._domain(conn, name).destroy())
 
+    async def open_console(self, name: str, on_output: ConsoleOutput) -> ConsoleStream:
+        def open_stream(conn: libvirt.virConnect) -> libvirt.virStream:
+            stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+            # FORCE: kdlabd holds the one session per VM and shares it; a stale
+            # session (virsh console left open) must not lock viewers out.
+            self._domain(conn, name).openConsole(
+                None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE
+            )
+            return stream
+
+        return _Console(await self._call(open_stream), on_output)
+
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
         def upload(conn: libvirt.virConnect) -> Path:
             pool = conn.storagePoolLookupByName(self._boot_pool_name)
@@ -406,3 +423,71 @@ def _stream_into(
         with contextlib.suppress(libvirt.libvirtError):
             stream.abort()
         raise
+
+
+_EAGAIN = -2
+_READABLE = libvirt.VIR_STREAM_EVENT_READABLE
+_WRITABLE = libvirt.VIR_STREAM_EVENT_WRITABLE
+_CLOSED = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
+
+
+class _Console:
+    """A non-blocking libvirt console stream driven by libvirtaio on the loop."""
+
+    def __init__(self, stream: libvirt.virStream, on_output: ConsoleOutput) -> None:
+        self._stream: libvirt.virStream | None = stream
+        self._on_output = on_output
+        self._pending = b""
+        stream.eventAddCallback(_READABLE | _CLOSED, self._event, None)
+
+    def send(self, data: bytes) -> None:
+        self._pending += data
+        self._flush()
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.eventRemoveCallback()
+                stream.abort()
+
+    def _event(self, stream: libvirt.virStream, events: int, _opaque: Any) -> None:
+        if events & _READABLE:
+            self._read(stream)
+        if events & _WRITABLE:
+            self._flush()
+        if events & _CLOSED and self._stream is not None:
+            self._end()
+
+    def _read(self, stream: libvirt.virStream) -> None:
+        while self._stream is not None:
+            try:
+                data = stream.recv(65536)
+            except libvirt.libvirtError:
+                self._end()
+                return
+            if data == _EAGAIN:
+                return
+            if not data:
+                self._end()
+                return
+            self._on_output(data)
+
+    def _flush(self) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        try:
+            while self._pending:
+                sent = stream.send(self._pending)
+                if sent == _EAGAIN:
+                    break
+                self._pending = self._pending[sent:]
+            wanted = _READABLE | _CLOSED | (_WRITABLE if self._pending else 0)
+            stream.eventUpdateCallback(wanted)
+        except libvirt.libvirtError:
+            self._end()
+
+    def _end(self) -> None:
+        self.close()
+        self._on_output(b"")
