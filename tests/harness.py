@@ -81,15 +81,32 @@ def ctl_env(address: str) -> dict[str, str]:
     return env
 
 
-def kdlabctl(address: str, *args: str, timeout: float = 120, user: int | None = None,
-             input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+def kdlabctl(
+    address: str,
+    *args: str,
+    timeout: float = 120,
+    user: int | None = None,
+    input_text: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run kdlabctl against *address* (optionally as another uid, groups cleared)."""
     command: list[str] = [sys.executable, "-m", "kdlabctl", *args]
     if user is not None:
-        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
+        command = [
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={user}",
+            "--clear-groups",
+            *command,
+        ]
     return subprocess.run(
-        command, env=ctl_env(address), capture_output=True, text=True, timeout=timeout,
-        input=input_text, cwd=REPO, check=False,
+        command,
+        env=ctl_env(address),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input_text,
+        cwd=REPO,
+        check=False,
     )
 
 
@@ -119,13 +136,21 @@ class Kdlabd:
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             [
-                sys.executable, "-m", "kdlabd",
-                "--bus", self.address,
-                "--libvirt-uri", self.libvirt_uri,
-                "--state-dir", str(self.state_dir),
-                "--runtime-dir", str(self.runtime_dir),
-                "--log-format", "json",
-                "--config", str(self._config()),
+                sys.executable,
+                "-m",
+                "kdlabd",
+                "--bus",
+                self.address,
+                "--libvirt-uri",
+                self.libvirt_uri,
+                "--state-dir",
+                str(self.state_dir),
+                "--runtime-dir",
+                str(self.runtime_dir),
+                "--log-format",
+                "json",
+                "--config",
+                str(self._config()),
                 *self.extra_args,
             ],
             stdout=log,
@@ -136,11 +161,15 @@ class Kdlabd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"kdlabd exited {self._proc.returncode}:\n{self.log()}")
+                raise RuntimeError(
+                    f"kdlabd exited {self._proc.returncode}:\n{self.log()}"
+                )
             if name_has_owner(self.address, BUS_NAME):
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"kdlabd did not take {BUS_NAME} in {timeout}s:\n{self.log()}")
+        raise RuntimeError(
+            f"kdlabd did not take {BUS_NAME} in {timeout}s:\n{self.log()}"
+        )
 
     def _config(self) -> Path:
         """A config file of the test's own, so /etc/kdlab/kdlabd.toml never leaks in."""
@@ -175,9 +204,20 @@ class Kdlabd:
 
 def name_has_owner(address: str, name: str) -> bool:
     result = subprocess.run(
-        ["busctl", f"--address={address}", "call", "org.freedesktop.DBus",
-         "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner", "s", name],
-        capture_output=True, text=True, check=False,
+        [
+            "busctl",
+            f"--address={address}",
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameHasOwner",
+            "s",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     return result.stdout.strip() == "b true"
 
@@ -188,7 +228,10 @@ SYSTEM_LIBVIRT = "qemu:///system"
 def virsh(*args: str) -> subprocess.CompletedProcess[str]:
     """virsh on the system libvirtd."""
     return subprocess.run(
-        ["virsh", "-c", SYSTEM_LIBVIRT, *args], capture_output=True, text=True, check=False
+        ["virsh", "-c", SYSTEM_LIBVIRT, *args],
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 

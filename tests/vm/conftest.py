@@ -43,7 +43,9 @@ def lab() -> Iterator[Lab]:
     require_tool("qemu-system-x86_64", "qemu-system-x86")
     require_tool("virsh", "libvirt-clients")
     require_tool("dbus-daemon", "dbus-daemon")
-    require(Path("/run/libvirt/libvirt-sock").exists(), "a running libvirtd (libvirtd -d)")
+    require(
+        Path("/run/libvirt/libvirt-sock").exists(), "a running libvirtd (libvirtd -d)"
+    )
     require(virsh("version").returncode == 0, "libvirtd answering on qemu:///system")
     try:
         kernel = debian.cloud_kernel()

@@ -19,8 +19,15 @@ QEMU_NS = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0"}
 
 def create(lab: Lab, name: str, *extra: str) -> None:
     result = lab.ctl(
-        "create", name, "--kernel", str(lab.kernel.vmlinuz), "--initrd", str(lab.initramfs),
-        "--memory", "256", *extra,
+        "create",
+        name,
+        "--kernel",
+        str(lab.kernel.vmlinuz),
+        "--initrd",
+        str(lab.initramfs),
+        "--memory",
+        "256",
+        *extra,
     )
     assert result.returncode == 0, result.stderr
 
@@ -41,13 +48,18 @@ def wait_for_console(lab: Lab, name: str, text: str, timeout: float = 90) -> str
         if text in log:
             return log
         time.sleep(0.3)
-    raise AssertionError(f"{text!r} not on {name}'s console after {timeout}s:\n{log[-3000:]}")
+    raise AssertionError(
+        f"{text!r} not on {name}'s console after {timeout}s:\n{log[-3000:]}"
+    )
 
 
 def boot_volumes(name: str) -> list[str]:
     listing = virsh("vol-list", TEST_POOL).stdout
-    return [line.split()[0] for line in listing.splitlines() if line.split()[:1] in
-            ([f"{name}.kernel"], [f"{name}.initrd"])]
+    return [
+        line.split()[0]
+        for line in listing.splitlines()
+        if line.split()[:1] in ([f"{name}.kernel"], [f"{name}.initrd"])
+    ]
 
 
 def test_debian_kernel_boots_to_userspace_and_is_removed_without_trace(
@@ -59,14 +71,20 @@ def test_debian_kernel_boots_to_userspace_and_is_removed_without_trace(
 
     dumped = tmp_path / "domain.xml"
     dumped.write_text(virsh("dumpxml", f"kdlab-{vm_name}").stdout)
-    validate = subprocess.run(["virt-xml-validate", str(dumped), "domain"],
-                              capture_output=True, text=True, check=False)
+    validate = subprocess.run(
+        ["virt-xml-validate", str(dumped), "domain"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert validate.returncode == 0, validate.stderr
     domain = etree.parse(str(dumped))
     assert domain.findtext("os/kernel", "").endswith(f"/{vm_name}.kernel")
     cmdline = domain.findtext("os/cmdline", "").split()
     assert {"loglevel=6", "console=ttyS0", "nokaslr"} <= set(cmdline)
-    qemu_args = [a.get("value") for a in domain.iterfind("qemu:commandline/qemu:arg", QEMU_NS)]
+    qemu_args = [
+        a.get("value") for a in domain.iterfind("qemu:commandline/qemu:arg", QEMU_NS)
+    ]
     assert "-gdb" in qemu_args
 
     started = lab.ctl("start", vm_name)
@@ -79,7 +97,9 @@ def test_debian_kernel_boots_to_userspace_and_is_removed_without_trace(
     stopped = lab.ctl("stop", vm_name, "--force")
     assert stopped.returncode == 0, stopped.stderr
     assert state(lab, vm_name) == "stopped"
-    assert MARKER in lab.ctl("logs", vm_name).stdout, "the last boot's log stays readable"
+    assert MARKER in lab.ctl("logs", vm_name).stdout, (
+        "the last boot's log stays readable"
+    )
 
     deleted = lab.ctl("delete", vm_name)
     assert deleted.returncode == 0, deleted.stderr
@@ -89,7 +109,9 @@ def test_debian_kernel_boots_to_userspace_and_is_removed_without_trace(
     assert lab.ctl("show", vm_name).returncode == 4
 
 
-def test_start_twice_is_refused_and_delete_of_running_vm_keeps_it(lab: Lab, vm_name: str) -> None:
+def test_start_twice_is_refused_and_delete_of_running_vm_keeps_it(
+    lab: Lab, vm_name: str
+) -> None:
     create(lab, vm_name)
     assert lab.ctl("start", vm_name).returncode == 0
     again = lab.ctl("start", vm_name)

@@ -1,0 +1,1 @@
+"""kdlab's benchmarks: kdlab against a baseline measured side by side in one run."""

@@ -1,0 +1,218 @@
+"""Kernel debugging end to end: real gdb on Debian's debug vmlinux, the console."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.conftest import require, require_tool
+from tests.fixtures import debian
+from tests.harness import ctl_env, kdlabctl
+from tests.vm.conftest import MARKER, Lab, virsh
+from tests.vm.test_lifecycle import state, wait_for_console
+
+pytestmark = pytest.mark.vm
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="session")
+def vmlinux(lab: Lab) -> Path:
+    require_tool("gdb", "gdb")
+    try:
+        return debian.cloud_kernel_vmlinux(lab.kernel)
+    except debian.FixtureError as err:
+        require(False, f"Debian's debug vmlinux: {err}")
+        raise
+
+
+@pytest.fixture
+def debug_vm(lab: Lab, vm_name: str, vmlinux: Path) -> str:
+    """A VM of Debian's cloud kernel that knows its debug vmlinux."""
+    result = lab.ctl(
+        "create",
+        vm_name,
+        "--kernel",
+        str(lab.kernel.vmlinuz),
+        "--initrd",
+        str(lab.initramfs),
+        "--memory",
+        "256",
+        "--vmlinux",
+        str(vmlinux),
+    )
+    assert result.returncode == 0, result.stderr
+    return vm_name
+
+
+def show(lab: Lab, name: str) -> dict[str, object]:
+    import json
+
+    result = lab.ctl("show", name, "--json")
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def qemu_tcp_listeners() -> list[str]:
+    listening = subprocess.run(
+        ["ss", "-ltnpH"], capture_output=True, text=True, check=True
+    )
+    return [line for line in listening.stdout.splitlines() if "qemu" in line]
+
+
+def test_paused_start_then_gdb_stops_at_start_kernel(lab: Lab, debug_vm: str) -> None:
+    require_tool("ss", "iproute2")
+    assert lab.ctl("start", "--paused", debug_vm).returncode == 0
+    props = show(lab, debug_vm)
+    assert props["state"] == "paused"
+    assert props["waiting_for_debugger"] is True
+    assert props["kernel_release"] == lab.kernel.release
+
+    live = etree.fromstring(virsh("dumpxml", f"kdlab-{debug_vm}").stdout.encode())
+    assert "nokaslr" in live.findtext("os/cmdline", "").split()
+    assert qemu_tcp_listeners() == [], "the gdbstub must not listen on TCP"
+
+    gdb = lab.ctl(
+        "gdb",
+        debug_vm,
+        "--batch",
+        "-ex",
+        "hbreak start_kernel",
+        "-ex",
+        "continue",
+        "-ex",
+        "p init_uts_ns.name.release",
+    )
+    assert gdb.returncode == 0, gdb.stderr
+    assert "start_kernel () at init/main.c" in gdb.stdout
+    assert f'"{lab.kernel.release}"' in gdb.stdout
+    # gdb detached on exit: the kernel goes on booting to userspace.
+    wait_for_console(lab, debug_vm, MARKER)
+    props = show(lab, debug_vm)
+    assert props["state"] == "running"
+    assert props["waiting_for_debugger"] is False
+
+
+def test_gdb_attaches_to_a_running_vm_again_and_again(lab: Lab, debug_vm: str) -> None:
+    assert lab.ctl("start", debug_vm).returncode == 0
+    wait_for_console(lab, debug_vm, MARKER)
+    for _ in range(2):
+        gdb = lab.ctl("gdb", debug_vm, "--batch", "-ex", "p/x linux_banner[0]@5")
+        assert gdb.returncode == 0, gdb.stderr
+        assert "0x4c, 0x69, 0x6e, 0x75, 0x78" in gdb.stdout  # "Linux"
+        assert state(lab, debug_vm) == "running"
+
+
+class Console:
+    """``kdlabctl console`` on a pseudo-terminal, as a person would run it."""
+
+    def __init__(self, address: str, name: str) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kdlabctl", "console", name],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=ctl_env(address),
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.seen = b""
+
+    def expect(self, text: bytes, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.master], [], [], max(remaining, 0))
+            if not ready:
+                raise AssertionError(f"{text!r} not seen; got {self.seen[-2000:]!r}")
+            try:
+                self.seen += os.read(self.master, 65536)
+            except OSError:  # EIO: the client closed the terminal
+                raise AssertionError(
+                    f"console ended before {text!r}: {self.seen!r}"
+                ) from None
+
+    def type(self, text: bytes) -> None:
+        os.write(self.master, text)
+
+    def detach(self) -> int:
+        """Press Ctrl-]; return the exit code, with everything the client printed."""
+        self.type(b"\x1d")
+        code = self.proc.wait(timeout=10)
+        while select.select([self.master], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: no process has the terminal open any more
+                break
+            if not chunk:
+                break
+            self.seen += chunk
+        os.close(self.master)
+        return code
+
+
+@pytest.fixture
+def consoles(lab: Lab) -> Iterator[list[Console]]:
+    opened: list[Console] = []
+    yield opened
+    for console in opened:
+        if console.proc.poll() is None:
+            console.proc.kill()
+            console.proc.wait()
+
+
+def test_console_answers_and_two_viewers_share_it(
+    lab: Lab, debug_vm: str, consoles: list[Console]
+) -> None:
+    assert lab.ctl("start", debug_vm).returncode == 0
+    wait_for_console(lab, debug_vm, MARKER)
+    first = Console(lab.daemon.address, debug_vm)
+    second = Console(lab.daemon.address, debug_vm)
+    consoles += [first, second]
+    first.expect(b"escape character is ^]")
+    second.expect(b"escape character is ^]")
+
+    first.type(b"echo one-$((40+2))\r")
+    first.expect(b"one-42")
+    second.expect(b"one-42")
+    second.type(b"echo two-$((2*21))x\r")
+    first.expect(b"two-42x")
+    second.expect(b"two-42x")
+
+    assert first.detach() == 0
+    assert b"detached" in first.seen
+    second.type(b"echo still-$((6*7))\r")
+    second.expect(b"still-42")
+    assert second.detach() == 0
+    assert state(lab, debug_vm) == "running"
+    assert "still-42" in lab.ctl("logs", debug_vm).stdout
+
+
+def test_caller_outside_group_kdlab_gets_no_descriptors(
+    lab: Lab, debug_vm: str
+) -> None:
+    require_tool("setpriv", "util-linux")
+    assert lab.ctl("start", debug_vm).returncode == 0
+    wait_for_console(lab, debug_vm, MARKER)
+    address = lab.daemon.address
+    assert kdlabctl(address, "show", debug_vm, user=NOBODY).returncode == 0
+    for command in (
+        ["gdb-proxy", debug_vm],
+        ["console", debug_vm],
+        ["logs", debug_vm],
+        ["stop", "--force", debug_vm],
+    ):
+        result = kdlabctl(address, *command, user=NOBODY, input_text="")
+        assert result.returncode == 6, (command, result.stderr)
+        assert "may not" in result.stderr
+    assert state(lab, debug_vm) == "running"
