@@ -22,32 +22,21 @@ def _machine() -> dict[str, str]:
     qemu = subprocess.run(
         ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
     return {
-        "cpu": next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        ),
-        "cores": str(
-            len(
-                [
-                    l
-                    for l in Path("/proc/cpuinfo").read_text().splitlines()
-                    if l.startswith("processor")
-                ]
-            )
-        ),
+        "cpu": models[0] if models else platform.processor(),
+        "cores": str(len(models)),
         "kernel": platform.release(),
         "qemu": qemu[0] if qemu else "?",
     }
 
 
 def _print_table(rows: list[Row]) -> None:
-    header = f"{'benchmark':<28} {'kdlab':>10} {'baseline':>10} {'ratio':>7} {'unit':<5} runs  goal"
-    print(header)
+    print(
+        f"{'benchmark':<28} {'kdlab':>10} {'baseline':>10} {'ratio':>7} {'unit':<5} "
+        "runs  goal"
+    )
     for r in rows:
         print(
             f"{r.name:<28} {r.kdlab:>10.3f} {r.baseline_value:>10.3f} {r.ratio:>7.2f} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import subprocess
@@ -13,7 +14,7 @@ from bench.measure import Row, interleaved, row
 from tests.fixtures import debian
 from tests.harness import Kdlabd, kdlabctl, system_kdlabd
 
-BENCH_POOL = "kdlab-bench-boot"
+BENCH_POOLS = "kdlab-bench"
 MARKER = debian.DEFAULT_MARKER
 MEMORY_MIB = 256
 
@@ -90,7 +91,7 @@ def boot_to_userspace(quick: bool) -> list[Row]:
     kernel = debian.cloud_kernel()
     initrd = debian.busybox_initramfs(MARKER)
     name = f"bench-{uuid.uuid4().hex[:6]}"
-    with system_kdlabd(BENCH_POOL) as daemon:
+    with system_kdlabd(BENCH_POOLS) as daemon:
         created = kdlabctl(
             daemon.address,
             "create",
@@ -106,8 +107,6 @@ def boot_to_userspace(quick: bool) -> list[Row]:
             raise RuntimeError(created.stderr)
         try:
             shown = kdlabctl(daemon.address, "show", name, "--json")
-            import json
-
             cmdline = json.loads(shown.stdout)["cmdline"]
             ours, theirs = interleaved(
                 3 if quick else 7,

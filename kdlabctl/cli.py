@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from kdlabctl import images
 from kdlabd.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -32,8 +33,8 @@ exit codes:
   1   failure (kdlabd error Internal, or an unclassified failure)
   2   invalid argument or usage (InvalidArgument)
   3   the VM is in the wrong state (InvalidState)
-  4   no such VM (NoSuchVM)
-  5   the VM already exists (VMExists)
+  4   no such VM, image or job (NoSuchVM, NoSuchImage, NoSuchJob)
+  5   the VM or image already exists (VMExists, ImageExists)
   6   not authorized (NotAuthorized)
   7   libvirt or QEMU failed (HypervisorError)
   69  kdlabd or the bus is not reachable
@@ -44,12 +45,45 @@ class UsageError(Exception):
     """A problem with the command line or a local file, found before calling kdlabd."""
 
 
-def _open_for_daemon(path: str, what: str) -> int:
+def open_for_daemon(path: str, what: str) -> int:
     """Open *path* as the invoking user; kdlabd only ever sees the descriptor."""
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise UsageError(f"cannot open {what} {path}: {err.strerror}") from None
+
+
+def _initrd(args: argparse.Namespace) -> int | None:
+    """The initrd to pass: --initrd, or one kdlabctl builds for a modular kernel.
+
+    A distribution kernel has virtio_blk as a module: with a disk image and
+    its modules (--modules, or found next to a kernel unpacked from a
+    package), kdlabctl builds a busybox initramfs that loads them.
+    """
+    from pathlib import Path
+
+    from kdlabctl import initramfs
+
+    if args.initrd:
+        if args.modules:
+            raise UsageError("--initrd and --modules exclude each other")
+        return open_for_daemon(args.initrd, "initrd")
+    modules = Path(args.modules) if args.modules else None
+    if modules is None and args.image:
+        modules = initramfs.find_modules_dir(Path(args.kernel), None)
+    if modules is None:
+        return None
+    try:
+        archive = initramfs.build(modules)
+    except (initramfs.InitramfsError, OSError) as err:
+        raise UsageError(f"cannot build an initramfs from {modules}: {err}") from None
+    fd = os.memfd_create("kdlab-initramfs", os.MFD_CLOEXEC)
+    os.write(fd, archive)
+    if not args.quiet:
+        print(
+            f"built an initramfs loading virtio modules from {modules}", file=sys.stderr
+        )
+    return fd
 
 
 async def cmd_create(client: Client, args: argparse.Namespace) -> int:
@@ -58,14 +92,15 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
     vmlinux = os.path.abspath(args.vmlinux) if args.vmlinux else None
     if vmlinux and not os.path.isfile(vmlinux):
         raise UsageError(f"vmlinux {args.vmlinux} is not a file")
-    fds = [_open_for_daemon(args.kernel, "kernel")]
-    if args.initrd:
-        fds.append(_open_for_daemon(args.initrd, "initrd"))
+    fds = [open_for_daemon(args.kernel, "kernel")]
+    initrd = _initrd(args)
+    if initrd is not None:
+        fds.append(initrd)
     try:
         # Descriptors travel out of band; the body holds their index in unix_fds.
         options = variant_options(
             kernel=("h", 0),
-            initrd=("h", 1) if args.initrd else None,
+            initrd=("h", 1) if initrd is not None else None,
             cmdline=("s", args.cmdline) if args.cmdline is not None else None,
             memory_mib=("u", args.memory) if args.memory is not None else None,
             vcpus=("u", args.cpus) if args.cpus is not None else None,
@@ -73,6 +108,9 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
             gdb_tcp_port=("q", args.gdb_tcp) if args.gdb_tcp is not None else None,
             vmlinux=("s", vmlinux) if vmlinux else None,
             kernel_path=("s", os.path.abspath(args.kernel)),
+            image=("s", args.image) if args.image else None,
+            disk_size=("t", args.disk_size) if args.disk_size else None,
+            extra_disks=("at", args.extra_disk) if args.extra_disk else None,
         )
         (path,) = await client.manager("CreateVM", "sa{sv}", [args.name, options], fds)
     finally:
@@ -311,6 +349,28 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--vmlinux", metavar="PATH", help="vmlinux with debug info, for kdlabctl gdb"
     )
+    create.add_argument(
+        "--image", metavar="IMAGE", help="root disk: a qcow2 overlay of IMAGE (vda)"
+    )
+    create.add_argument(
+        "--disk-size",
+        type=images.size,
+        metavar="SIZE",
+        help="make the root disk larger than the image",
+    )
+    create.add_argument(
+        "--extra-disk",
+        type=images.size,
+        action="append",
+        metavar="SIZE",
+        help="a blank disk (vdb, vdc, ...); repeatable",
+    )
+    create.add_argument(
+        "--modules",
+        metavar="DIR",
+        help="the kernel's /lib/modules/RELEASE: kdlabctl builds an initramfs that "
+        "loads virtio (found by itself next to a kernel unpacked from a package)",
+    )
     create.add_argument("-q", "--quiet", action="store_true")
 
     listing = command("list", cmd_list, "list VMs")
@@ -368,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         "console", cmd_console, "attach to the serial console; Ctrl-] detaches"
     )
     console.add_argument("name", metavar="NAME")
+
+    images.add_parser(commands)
 
     logs = command(
         "logs", cmd_logs, "print the serial console log of the current or last boot"

@@ -106,19 +106,27 @@ class Client:
             await self.vm_path(name), VM_INTERFACE, member, signature, body
         )
 
-    async def vm_properties(self, path: str) -> dict[str, Any]:
-        (props,) = await self.call(path, PROPERTIES, "GetAll", "s", [VM_INTERFACE])
+    async def properties(
+        self, path: str, interface: str = VM_INTERFACE
+    ) -> dict[str, Any]:
+        (props,) = await self.call(path, PROPERTIES, "GetAll", "s", [interface])
         return {key: variant.value for key, variant in props.items()}
 
-    async def vms(self) -> list[dict[str, Any]]:
-        """Every VM's properties, in one round trip."""
+    async def vm_properties(self, path: str) -> dict[str, Any]:
+        return await self.properties(path, VM_INTERFACE)
+
+    async def objects(self, interface: str = VM_INTERFACE) -> list[dict[str, Any]]:
+        """The properties of every object with *interface*, in one round trip."""
         (objects,) = await self.call(MANAGER_PATH, OBJECT_MANAGER, "GetManagedObjects")
         found = []
         for interfaces in objects.values():
-            if VM_INTERFACE in interfaces:
-                props = interfaces[VM_INTERFACE]
+            if interface in interfaces:
+                props = interfaces[interface]
                 found.append({key: variant.value for key, variant in props.items()})
         return sorted(found, key=lambda p: str(p["Name"]))
+
+    async def vms(self) -> list[dict[str, Any]]:
+        return await self.objects(VM_INTERFACE)
 
 
 def run(work: Coroutine[Any, Any, T]) -> T:

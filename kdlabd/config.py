@@ -26,11 +26,16 @@ class Config:
     accel: Accel = Accel.AUTO
     qemu_user: str = "libvirt-qemu"
     boot_pool: str = "kdlab-boot"
+    image_pool: str = "kdlab"
     log_format: str = "auto"
 
     @property
     def boot_pool_dir(self) -> Path:
         return self.state_dir / "boot"
+
+    @property
+    def image_pool_dir(self) -> Path:
+        return self.state_dir / "images"
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -14,6 +14,8 @@ from kdlabd.bus.auth import Authorizer
 from kdlabd.bus.calls import KdlabBus
 from kdlabd.bus.exporter import BusExporter
 from kdlabd.config import Config, from_args
+from kdlabd.core.images import ImageService
+from kdlabd.core.jobs import JobManager
 from kdlabd.core.vms import Layout, VMService
 from kdlabd.errors import KdlabError
 from kdlabd.virt.libvirt_backend import LibvirtHypervisor, register_event_loop
@@ -29,10 +31,12 @@ async def serve(config: Config) -> None:
     layout.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
     hypervisor = LibvirtHypervisor(
         config.libvirt_uri,
-        config.boot_pool,
-        config.boot_pool_dir,
-        layout.gdb_dir(),
-        config.qemu_user,
+        boot_pool=config.boot_pool,
+        boot_pool_dir=config.boot_pool_dir,
+        image_pool=config.image_pool,
+        image_pool_dir=config.image_pool_dir,
+        gdb_dir=layout.gdb_dir(),
+        qemu_user=config.qemu_user,
     )
     await hypervisor.connect()
     bus = await KdlabBus(
@@ -42,9 +46,15 @@ async def serve(config: Config) -> None:
         accel = await hypervisor.resolve_accel(config.accel)
         authorizer = Authorizer(bus)
         exporter = BusExporter(bus, authorizer)
+        jobs = JobManager()
+        jobs.observer = exporter
         vms = VMService(hypervisor, layout, accel, exporter)
-        exporter.serve(vms)
+        images = ImageService(
+            hypervisor, jobs, vms.uses_image, layout.scratch_dir(), exporter
+        )
+        exporter.serve(vms, images, jobs, None)
         hypervisor.watch(vms.domain_changed, vms.hypervisor_reconnected)
+        await images.load()
         await vms.load()
         # Objects are exported before the name is taken: owning the name means ready.
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)

@@ -54,6 +54,27 @@ class VMExists(KdlabError):
     exit_code = 5
 
 
+class NoSuchImage(KdlabError):
+    """No image has that name."""
+
+    reason = "NoSuchImage"
+    exit_code = 4
+
+
+class ImageExists(KdlabError):
+    """An image with that name already exists."""
+
+    reason = "ImageExists"
+    exit_code = 5
+
+
+class NoSuchJob(KdlabError):
+    """No job has that id (finished jobs disappear after a few minutes)."""
+
+    reason = "NoSuchJob"
+    exit_code = 4
+
+
 class NotAuthorized(KdlabError):
     """The caller may not do this."""
 
@@ -80,6 +101,9 @@ ERRORS: tuple[type[KdlabError], ...] = (
     InvalidState,
     NoSuchVM,
     VMExists,
+    NoSuchImage,
+    ImageExists,
+    NoSuchJob,
     NotAuthorized,
     HypervisorError,
     Internal,

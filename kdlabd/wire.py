@@ -14,10 +14,14 @@ MANAGER_PATH = "/org/kdlab/Kdlab1"
 MANAGER_INTERFACE = "org.kdlab.Kdlab1.Manager"
 VM_INTERFACE = "org.kdlab.Kdlab1.VM"
 VM_PATH_PREFIX = f"{MANAGER_PATH}/vm"
+IMAGE_INTERFACE = "org.kdlab.Kdlab1.Image"
+IMAGE_PATH_PREFIX = f"{MANAGER_PATH}/image"
+JOB_INTERFACE = "org.kdlab.Kdlab1.Job"
+JOB_PATH_PREFIX = f"{MANAGER_PATH}/job"
 ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
 
 # Bumped on every additive change of the interfaces in xml/dbus/.
-API_REVISION = 1
+API_REVISION = 2
 
 _ALNUM = frozenset(string.ascii_letters + string.digits)
 
@@ -59,6 +63,16 @@ def unescape_path_label(label: str) -> str:
 def vm_path(name: str) -> str:
     """Object path of the VM called *name*."""
     return f"{VM_PATH_PREFIX}/{escape_path_label(name)}"
+
+
+def image_path(name: str) -> str:
+    """Object path of the image called *name*."""
+    return f"{IMAGE_PATH_PREFIX}/{escape_path_label(name)}"
+
+
+def job_path(job_id: int) -> str:
+    """Object path of job *job_id*."""
+    return f"{JOB_PATH_PREFIX}/{job_id}"
 
 
 SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "systemd" / "org.kdlab.Kdlab1.conf"
 BUS_NAME = "org.kdlab.Kdlab1"
 
-_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC
+ "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
   <type>system</type>
@@ -236,7 +237,7 @@ def virsh(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def system_kdlabd(boot_pool: str, accel: str = "tcg") -> Iterator[Kdlabd]:
+def system_kdlabd(pool_prefix: str, accel: str = "tcg") -> Iterator[Kdlabd]:
     """kdlabd on the system libvirtd, on a private bus, with its own state and pool.
 
     Its VMs are real domains of the system libvirtd; a kdlabd the developer
@@ -254,7 +255,9 @@ def system_kdlabd(boot_pool: str, accel: str = "tcg") -> Iterator[Kdlabd]:
         state_dir=root / "state",
         runtime_dir=root / "run",
         extra_args=("--accel", accel),
-        config_text=f'boot_pool = "{boot_pool}"\n',
+        config_text=(
+            f'boot_pool = "{pool_prefix}-boot"\nimage_pool = "{pool_prefix}-images"\n'
+        ),
     )
     try:
         daemon.start()
@@ -263,8 +266,9 @@ def system_kdlabd(boot_pool: str, accel: str = "tcg") -> Iterator[Kdlabd]:
         code = daemon.stop() if daemon.running else 0
         log = daemon.log()
         bus.stop()
-        virsh("pool-destroy", boot_pool)
-        virsh("pool-undefine", boot_pool)
+        for pool in (f"{pool_prefix}-boot", f"{pool_prefix}-images"):
+            virsh("pool-destroy", pool)
+            virsh("pool-undefine", pool)
         shutil.rmtree(root, ignore_errors=True)
     if code != 0 or "Traceback" in log:
         raise RuntimeError(f"kdlabd exited {code}:\n{log}")

@@ -1,7 +1,9 @@
-"""``org.kdlab.Kdlab1.Manager`` at ``/org/kdlab/Kdlab1``: create, find and list VMs."""
+"""``org.kdlab.Kdlab1.Manager`` at ``/org/kdlab/Kdlab1``: VMs, images and jobs."""
 
 # No "from __future__ import annotations": dbus-next reads D-Bus type strings
 # from the annotations and needs them unevaluated string constants.
+
+from typing import Protocol
 
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, signal
@@ -10,9 +12,21 @@ from kdlabd import __version__
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.options import take
+from kdlabd.core.images import Builder, ImageService
+from kdlabd.core.jobs import JobManager
 from kdlabd.core.models import DebugSettings
 from kdlabd.core.vms import CreateRequest, VMService
-from kdlabd.wire import API_REVISION, MANAGER_INTERFACE, vm_path
+from kdlabd.errors import InvalidArgument
+from kdlabd.wire import API_REVISION, MANAGER_INTERFACE, image_path, job_path, vm_path
+
+
+class RootfsBuilder(Protocol):
+    """Makes the image builder for a BuildImage request (validating it first)."""
+
+    def __call__(
+        self, *, suite: str, size: int, packages: tuple[str, ...], ssh_key: str
+    ) -> Builder: ...
+
 
 CREATE_OPTIONS = {
     "kernel": "h",
@@ -24,16 +38,30 @@ CREATE_OPTIONS = {
     "gdb_tcp_port": "q",
     "vmlinux": "s",
     "kernel_path": "s",
+    "image": "s",
+    "disk_size": "t",
+    "extra_disks": "at",
 }
+BUILD_OPTIONS = {"suite": "s", "size": "t", "packages": "as", "ssh_key": "s"}
 
 
 class ManagerInterface(ServiceInterface):
     """The entry point: creates VMs and finds them by name."""
 
-    def __init__(self, vms: VMService, authorizer: Authorizer) -> None:
+    def __init__(
+        self,
+        vms: VMService,
+        images: ImageService,
+        jobs: JobManager,
+        authorizer: Authorizer,
+        builder: RootfsBuilder | None = None,
+    ) -> None:
         super().__init__(MANAGER_INTERFACE)
         self.vms = vms
+        self.images = images
+        self.jobs = jobs
         self.authorizer = authorizer
+        self.builder = builder
 
     def resource_owner(self) -> int | None:
         return None
@@ -57,6 +85,9 @@ class ManagerInterface(ServiceInterface):
                 ),
                 vmlinux=opts.get("vmlinux", ""),
                 kernel_source=opts.get("kernel_path", ""),
+                image=opts.get("image", ""),
+                disk_size=opts.get("disk_size", 0),
+                extra_disks=tuple(opts.get("extra_disks", ())),
             )
         )
         return vm_path(record.name)
@@ -70,6 +101,51 @@ class ManagerInterface(ServiceInterface):
     async def GetVM(self, caller: Caller, name: "s") -> "o":
         """The object path of the VM called *name* (error NoSuchVM if there is none)."""
         return vm_path(self.vms.get(name).name)
+
+    @exported(Action.MANAGE_VMS)
+    async def CreateImage(
+        self, caller: Caller, name: "s", size: "t", options: "a{sv}"
+    ) -> "o":
+        """A blank image of *size* bytes."""
+        take(options, {})
+        return image_path((await self.images.create(name, size)).name)
+
+    @exported(Action.MANAGE_VMS)
+    async def ImportImage(
+        self, caller: Caller, name: "s", file: "h", options: "a{sv}"
+    ) -> "o":
+        """Import a raw or self-contained qcow2 file (a descriptor) as a job."""
+        take(options, {})
+        return job_path(self.images.import_image(name, file, caller.uid).id)
+
+    @exported(Action.MANAGE_VMS)
+    async def BuildImage(self, caller: Caller, name: "s", options: "a{sv}") -> "o":
+        """Build a Debian root filesystem image with debootstrap, as a job."""
+        opts = take(options, BUILD_OPTIONS)
+        if self.builder is None:
+            raise InvalidArgument("this kdlabd cannot build images")
+        build = self.builder(
+            suite=opts.get("suite", "bookworm"),
+            size=opts.get("size", 0),
+            packages=tuple(opts.get("packages", ())),
+            ssh_key=opts.get("ssh_key", ""),
+        )
+        return job_path(self.images.build(name, build, caller.uid).id)
+
+    @exported(Action.INSPECT)
+    async def ListImages(self, caller: Caller) -> "ao":
+        """Object paths of every image, sorted by name."""
+        return [image_path(image.name) for image in self.images.list()]
+
+    @exported(Action.INSPECT)
+    async def GetImage(self, caller: Caller, name: "s") -> "o":
+        """The object path of the image *name* (error NoSuchImage if none)."""
+        return image_path(self.images.get(name).name)
+
+    @exported(Action.INSPECT)
+    async def ListJobs(self, caller: Caller) -> "ao":
+        """Object paths of running and recently finished jobs."""
+        return [job_path(job.id) for job in self.jobs.list()]
 
     @dbus_property(access=PropertyAccess.READ)
     def APIRevision(self) -> "u":

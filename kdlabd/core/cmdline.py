@@ -14,6 +14,8 @@ def _has_param(words: list[str], key: str) -> bool:
 def effective_cmdline(spec: VMSpec) -> str:
     """The user's command line plus what kdlab's VMs need to be debuggable.
 
+    - ``root=/dev/vda rw`` when the first disk is an image, unless ``root=``
+      was given: the image is a whole-disk filesystem on virtio.
     - ``console=ttyS0`` unless a console was chosen: kdlab's log and console
       are the first serial port.
     - ``nokaslr`` when the gdbstub is on, unless the user wrote ``kaslr`` or
@@ -25,6 +27,8 @@ def effective_cmdline(spec: VMSpec) -> str:
     end = words.index("--") if "--" in words else len(words)
     kernel_words = words[:end]
     extra = []
+    if spec.disks and spec.disks[0].base_image and not _has_param(kernel_words, "root"):
+        extra += [f"root=/dev/{spec.disks[0].target}", "rw"]
     if not _has_param(kernel_words, "console"):
         extra.append(SERIAL_CONSOLE)
     kaslr_chosen = _has_param(kernel_words, "kaslr") or _has_param(

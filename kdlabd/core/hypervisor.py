@@ -6,13 +6,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from kdlabd.core.models import Accel, VMRecord, VMSpec
+from kdlabd.core.models import Accel, ImageRecord, ImageSource, VMRecord, VMSpec
 
 DomainChanged = Callable[[str], None]
 """Called with a VM's name whenever its domain changed (state, definition)."""
 
 Reconnected = Callable[[], None]
 """Called after the hypervisor connection was lost and re-established."""
+
+UploadProgress = Callable[[int], None]
+"""Told the bytes uploaded so far, from a worker thread; may raise to abort."""
 
 ConsoleOutput = Callable[[bytes], None]
 """Receives what a VM writes to its serial console; ``b""`` when it closed."""
@@ -66,8 +69,33 @@ class Hypervisor(Protocol):
     async def open_console(self, name: str, on_output: ConsoleOutput) -> ConsoleStream:
         """Open the VM's serial console; output goes to *on_output* on the loop."""
 
+    async def list_images(self) -> list[ImageRecord]:
+        """Every volume of kdlab's image pool."""
+
+    async def get_image(self, name: str) -> ImageRecord | None:
+        """The image *name*, or None."""
+
+    async def create_image(self, name: str, size: int) -> ImageRecord:
+        """A blank (sparse raw) image of *size* bytes."""
+
+    async def upload_image(
+        self, name: str, source: ImageSource, progress: UploadProgress
+    ) -> ImageRecord:
+        """Stream *source* into the new image *name*; nothing is left on failure."""
+
+    async def delete_image(self, name: str) -> None:
+        """Delete the image *name* if it exists."""
+
+    async def resize_image(self, name: str, size: int) -> ImageRecord:
+        """Grow the image *name* to *size* bytes."""
+
+    async def create_vm_disk(
+        self, volume: str, size: int, base: ImageRecord | None
+    ) -> Path:
+        """A VM's qcow2 disk: an overlay on *base* (O(1), no copy) or blank."""
+
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
         """Stream *size* bytes of *fd* into boot volume *volume*; return its path."""
 
-    async def delete_boot_file(self, volume: str) -> None:
-        """Delete the boot volume *volume* if it exists."""
+    async def delete_vm_volume(self, volume: str) -> None:
+        """Delete the VM volume *volume* (kernel, initrd or disk) if it exists."""

@@ -45,6 +45,43 @@ class DebugSettings:
     gdb_tcp_port: int | None = None
 
 
+class ImageFormat(enum.StrEnum):
+    """Disk image formats kdlab accepts."""
+
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A disk image in kdlab's image pool."""
+
+    name: str
+    format: ImageFormat
+    capacity: int
+    allocation: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An image file a client handed over: its descriptor and what it holds."""
+
+    fd: int
+    size: int
+    format: ImageFormat
+    capacity: int
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A VM's own disk: a qcow2 overlay on an image, or a blank qcow2 volume."""
+
+    path: Path
+    target: str
+    base_image: str = ""
+
+
 @dataclass(frozen=True)
 class VMSpec:
     """Everything needed to define a VM. Stored in the domain's metadata."""
@@ -64,6 +101,7 @@ class VMSpec:
     release: str = ""
     vmlinux: str = ""
     kernel_source: str = ""
+    disks: tuple[Disk, ...] = ()
     """*release* is read from the bzImage; *vmlinux* and *kernel_source* are the
     client's paths, kept as hints for ``kdlabctl gdb`` and never opened by kdlabd."""
 

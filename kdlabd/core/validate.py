@@ -10,7 +10,9 @@ import fcntl
 import os
 import re
 import stat
+import struct
 
+from kdlabd.core.models import ImageFormat, ImageSource
 from kdlabd.errors import InvalidArgument
 
 NAME_MAX = 63
@@ -80,6 +82,15 @@ def in_range(value: int, bounds: tuple[int, int], what: str) -> int:
     return value
 
 
+DISK_BYTES_RANGE = (1024 * 1024, 16 * 1024**4)
+MAX_EXTRA_DISKS = 8
+
+
+def disk_size(value: int, what: str = "disk size") -> int:
+    """A disk or image size in bytes: 1 MiB to 16 TiB."""
+    return in_range(value, DISK_BYTES_RANGE, f"{what} (bytes)")
+
+
 def memory_mib(value: int) -> int:
     return in_range(value, MEMORY_MIB_RANGE, "memory (MiB)")
 
@@ -137,3 +148,40 @@ def kernel_image(header: bytes) -> None:
             "the kernel is not an x86 bzImage: pass arch/x86/boot/bzImage or a "
             "distribution's /boot/vmlinuz-* file"
         )
+
+
+IMAGE_MAX_BYTES = 64 * 1024**3
+_QCOW2_MAGIC = b"QFI\xfb"
+# qcow2 incompatible feature bit 2: the guest data lives in an external file.
+_QCOW2_EXTERNAL_DATA = 1 << 2
+
+
+def image_source(fd: int) -> ImageSource:
+    """An image file to import: raw, or a self-contained qcow2.
+
+    A qcow2 that names a backing file or an external data file is refused:
+    QEMU would open that path (anywhere on the host) when a VM boots from it.
+    """
+    size = readable_file(fd, "image", IMAGE_MAX_BYTES)
+    header = os.pread(fd, 104, 0)
+    if not header.startswith(_QCOW2_MAGIC):
+        return ImageSource(fd, size, ImageFormat.RAW, size)
+    if len(header) < 32:
+        raise InvalidArgument("the image has a truncated qcow2 header")
+    version, backing_offset, _, _, virtual_size = struct.unpack_from(
+        ">IQIIQ", header, 4
+    )
+    if version not in (2, 3):
+        raise InvalidArgument(f"qcow2 version {version} is not supported (2 or 3)")
+    if backing_offset:
+        raise InvalidArgument(
+            "the qcow2 image has a backing file: import a self-contained image "
+            "(qemu-img convert -O qcow2 IN OUT flattens it)"
+        )
+    if version == 3 and len(header) >= 80:
+        (incompatible,) = struct.unpack_from(">Q", header, 72)
+        if incompatible & _QCOW2_EXTERNAL_DATA:
+            raise InvalidArgument("the qcow2 image keeps its data in an external file")
+    if virtual_size <= 0:
+        raise InvalidArgument("the qcow2 image has a virtual size of 0")
+    return ImageSource(fd, size, ImageFormat.QCOW2, virtual_size)

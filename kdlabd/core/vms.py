@@ -24,11 +24,20 @@ import structlog
 from kdlabd.core import kernel, validate
 from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.hypervisor import Hypervisor
-from kdlabd.core.models import Accel, DebugSettings, VMRecord, VMSpec, VMState
+from kdlabd.core.models import (
+    Accel,
+    DebugSettings,
+    Disk,
+    ImageRecord,
+    VMRecord,
+    VMSpec,
+    VMState,
+)
 from kdlabd.errors import (
     HypervisorError,
     InvalidArgument,
     InvalidState,
+    NoSuchImage,
     NoSuchVM,
     VMExists,
 )
@@ -63,6 +72,14 @@ class Layout:
     def console_log(self, name: str) -> Path:
         return self.vm_dir(name) / "console.log"
 
+    def scratch_dir(self) -> Path:
+        """Where image builds work; emptied of a build when it ends."""
+        return self.state_dir / "scratch"
+
+    def cache_dir(self) -> Path:
+        """What builds keep for next time (debootstrap results)."""
+        return self.state_dir / "cache"
+
     def gdb_dir(self) -> Path:
         return self.runtime_dir / "gdb"
 
@@ -84,6 +101,9 @@ class CreateRequest:
     debug: DebugSettings = field(default_factory=DebugSettings)
     vmlinux: str = ""
     kernel_source: str = ""
+    image: str = ""
+    disk_size: int = 0
+    extra_disks: tuple[int, ...] = ()
 
 
 def kernel_volume(name: str) -> str:
@@ -92,6 +112,11 @@ def kernel_volume(name: str) -> str:
 
 def initrd_volume(name: str) -> str:
     return f"{name}.initrd"
+
+
+def disk_target(index: int) -> str:
+    """vda, vdb, ...: virtio disks in order."""
+    return "vd" + "abcdefghijklmnopqrstuvwxyz"[index]
 
 
 class VMService:
@@ -195,7 +220,7 @@ class VMService:
                     kernel_volume(name), request.kernel_fd, kernel_size
                 )
                 undo.push_async_callback(
-                    _undo, self._hv.delete_boot_file, kernel_volume(name)
+                    _undo, self._hv.delete_vm_volume, kernel_volume(name)
                 )
                 initrd = None
                 if request.initrd_fd is not None:
@@ -203,18 +228,49 @@ class VMService:
                         initrd_volume(name), request.initrd_fd, initrd_size
                     )
                     undo.push_async_callback(
-                        _undo, self._hv.delete_boot_file, initrd_volume(name)
+                        _undo, self._hv.delete_vm_volume, initrd_volume(name)
                     )
+                disks = await self._create_disks(request, undo)
                 vm_dir = self._layout.vm_dir(name)
                 vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 undo.callback(shutil.rmtree, vm_dir, ignore_errors=True)
                 record = await self._hv.define_vm(
-                    spec.replace(kernel=kernel_path, initrd=initrd)
+                    spec.replace(kernel=kernel_path, initrd=initrd, disks=disks)
                 )
                 undo.pop_all()
         self._store(record)
         log.info("vm.created", vm=name, owner_uid=request.owner_uid, uuid=record.uuid)
         return self.get(name)
+
+    async def _create_disks(
+        self, request: CreateRequest, undo: contextlib.AsyncExitStack
+    ) -> tuple[Disk, ...]:
+        """The VM's own disks: an overlay on its image (vda), then blank ones."""
+        sizes: list[tuple[int, ImageRecord | None]] = []
+        if request.image:
+            base = await self._hv.get_image(request.image)
+            if base is None:
+                raise NoSuchImage(
+                    f"no image named {request.image!r} (see: kdlabctl image list)"
+                )
+            sizes.append((max(base.capacity, request.disk_size), base))
+        sizes += [(size, None) for size in request.extra_disks]
+        disks = []
+        for index, (size, base) in enumerate(sizes):
+            target = disk_target(index)
+            volume = f"{request.name}.{target}.qcow2"
+            path = await self._hv.create_vm_disk(volume, size, base)
+            undo.push_async_callback(_undo, self._hv.delete_vm_volume, volume)
+            disks.append(Disk(path, target, base.name if base else ""))
+        return tuple(disks)
+
+    def uses_image(self, image: str) -> tuple[str, ...]:
+        """Names of the VMs whose disks are based on *image*."""
+        return tuple(
+            r.name
+            for r in self.list()
+            if any(d.base_image == image for d in r.spec.disks)
+        )
 
     async def start(self, name: str, *, paused: bool = False) -> VMRecord:
         async with self._lock(name):
@@ -262,8 +318,10 @@ class VMService:
                     f"(kdlabctl stop {name})"
                 )
             await self._hv.undefine_vm(name)
-            await self._hv.delete_boot_file(kernel_volume(name))
-            await self._hv.delete_boot_file(initrd_volume(name))
+            await self._hv.delete_vm_volume(kernel_volume(name))
+            await self._hv.delete_vm_volume(initrd_volume(name))
+            for disk in record.spec.disks:
+                await self._hv.delete_vm_volume(disk.path.name)
             shutil.rmtree(self._layout.vm_dir(name), ignore_errors=True)
             self._forget(name)
             log.info("vm.deleted", vm=name)
@@ -342,8 +400,24 @@ class VMService:
             debug=debug,
             created_usec=time.time_ns() // 1000,
             vmlinux=validate.hint_path(request.vmlinux, "vmlinux path"),
+            disks=self._check_disks(request),
             kernel_source=validate.hint_path(request.kernel_source, "kernel path"),
         )
+
+    @staticmethod
+    def _check_disks(request: CreateRequest) -> tuple[Disk, ...]:
+        """Validate the disk options; the disks themselves are made later."""
+        if request.image:
+            validate.name(request.image, "image name")
+        elif request.disk_size:
+            raise InvalidArgument("a disk size needs an image (--image)")
+        if request.disk_size:
+            validate.disk_size(request.disk_size)
+        if len(request.extra_disks) > validate.MAX_EXTRA_DISKS:
+            raise InvalidArgument(f"at most {validate.MAX_EXTRA_DISKS} extra disks")
+        for size in request.extra_disks:
+            validate.disk_size(size, "extra disk size")
+        return ()
 
     @contextlib.contextmanager
     def _reserve(self, name: str) -> Iterator[None]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from lxml import etree
 
 from kdlabd.core.cmdline import effective_cmdline
-from kdlabd.core.models import Accel, DebugSettings, VMSpec
+from kdlabd.core.models import Accel, DebugSettings, Disk, VMSpec
 
 DOMAIN_PREFIX = "kdlab-"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -82,6 +82,8 @@ def _metadata(parent: etree._Element, spec: VMSpec) -> None:
     if spec.debug.gdb_tcp_port is not None:
         debug.set("tcp-port", str(spec.debug.gdb_tcp_port))
     _sub(vm, _K + "gdb-socket", str(spec.gdb_socket))
+    for disk in spec.disks:
+        _sub(vm, _K + "disk", target=disk.target, image=disk.base_image)
     kernel = _sub(vm, _K + "kernel", release=spec.release)
     if spec.kernel_source:
         kernel.set("source", spec.kernel_source)
@@ -100,6 +102,11 @@ def _os(parent: etree._Element, spec: VMSpec) -> None:
 
 def _devices(parent: etree._Element, spec: VMSpec) -> None:
     devices = _sub(parent, "devices")
+    for disk in spec.disks:
+        element = _sub(devices, "disk", type="file", device="disk")
+        _sub(element, "driver", name="qemu", type="qcow2", discard="unmap")
+        _sub(element, "source", file=str(disk.path))
+        _sub(element, "target", dev=disk.target, bus="virtio")
     serial = _sub(devices, "serial", type="pty")
     # append='off': the file holds exactly one boot; kdlabd rotates it before start.
     _sub(serial, "log", file=str(spec.console_log), append="off")
@@ -197,4 +204,18 @@ def parse_domain_xml(xml: str) -> VMSpec:
         release=hints.get("release", ""),
         vmlinux=hints.get("vmlinux", ""),
         kernel_source=hints.get("source", ""),
+        disks=_disks(root, meta),
     )
+
+
+def _disks(root: etree._Element, meta: etree._Element) -> tuple[Disk, ...]:
+    images = {d.get("target"): d.get("image", "") for d in meta.iterfind(_K + "disk")}
+    disks = []
+    for element in root.iterfind("devices/disk"):
+        source = element.find("source")
+        target = element.find("target")
+        if source is None or target is None:
+            continue
+        dev = target.get("dev", "")
+        disks.append(Disk(Path(source.get("file", "")), dev, images.get(dev) or ""))
+    return tuple(disks)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,8 +25,17 @@ from kdlabd.core.hypervisor import (
     ConsoleStream,
     DomainChanged,
     Reconnected,
+    UploadProgress,
 )
-from kdlabd.core.models import Accel, VMRecord, VMSpec, VMState
+from kdlabd.core.models import (
+    Accel,
+    ImageFormat,
+    ImageRecord,
+    ImageSource,
+    VMRecord,
+    VMSpec,
+    VMState,
+)
 from kdlabd.errors import (
     HypervisorError,
     InvalidArgument,
@@ -36,7 +44,7 @@ from kdlabd.errors import (
     NoSuchVM,
     VMExists,
 )
-from kdlabd.virt import host
+from kdlabd.virt import host, storage
 from kdlabd.virt.domain_xml import (
     DOMAIN_PREFIX,
     NotKdlabDomain,
@@ -49,7 +57,6 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-_UPLOAD_CHUNK = 1024 * 1024
 _RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 _STATES = {
@@ -94,41 +101,25 @@ def _translate(err: libvirt.libvirtError) -> KdlabError:
     return HypervisorError(f"libvirt: {message}")
 
 
-def _pool_xml(name: str, path: Path) -> str:
-    pool = etree.Element("pool", type="dir")
-    etree.SubElement(pool, "name").text = name
-    target = etree.SubElement(pool, "target")
-    etree.SubElement(target, "path").text = str(path)
-    perms = etree.SubElement(target, "permissions")
-    etree.SubElement(perms, "mode").text = "0711"
-    return etree.tostring(pool, encoding="unicode")
-
-
-def _raw_volume_xml(name: str, size: int) -> str:
-    volume = etree.Element("volume")
-    etree.SubElement(volume, "name").text = name
-    etree.SubElement(volume, "capacity", unit="bytes").text = str(size)
-    target = etree.SubElement(volume, "target")
-    etree.SubElement(target, "format", type="raw")
-    perms = etree.SubElement(target, "permissions")
-    etree.SubElement(perms, "mode").text = "0600"
-    return etree.tostring(volume, encoding="unicode")
-
-
 class LibvirtHypervisor:
     """kdlab's VMs as persistent libvirt domains named ``kdlab-NAME``."""
 
     def __init__(
         self,
         uri: str,
+        *,
         boot_pool: str,
         boot_pool_dir: Path,
+        image_pool: str,
+        image_pool_dir: Path,
         gdb_dir: Path,
         qemu_user: str,
     ) -> None:
         self._uri = uri
         self._boot_pool_name = boot_pool
         self._boot_pool_dir = boot_pool_dir
+        self._image_pool_name = image_pool
+        self._image_pool_dir = image_pool_dir
         self._gdb_dir = gdb_dir
         self._qemu_user = host.QemuUser.lookup(qemu_user)
         self._conn: libvirt.virConnect | None = None
@@ -168,7 +159,7 @@ class LibvirtHypervisor:
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_event, None
             )
         ]
-        await self._call(self._ensure_pool)
+        await self._call(self._ensure_pools)
         log.info("libvirt.connected", uri=self._uri)
 
     async def close(self) -> None:
@@ -273,24 +264,86 @@ class LibvirtHypervisor:
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
         def upload(conn: libvirt.virConnect) -> Path:
             pool = conn.storagePoolLookupByName(self._boot_pool_name)
-            self._delete_volume(pool, volume)
-            vol = pool.createXML(_raw_volume_xml(volume, size), 0)
-            try:
-                _stream_into(conn, vol, fd, size)
-            except BaseException:
-                with contextlib.suppress(libvirt.libvirtError):
-                    vol.delete(0)
-                raise
-            return Path(vol.path())
+            return Path(storage.upload(conn, pool, volume, fd, size).path())
 
         return await self._call(upload)
 
-    async def delete_boot_file(self, volume: str) -> None:
+    async def delete_vm_volume(self, volume: str) -> None:
         await self._call(
-            lambda conn: self._delete_volume(
+            lambda conn: storage.delete_volume(
                 conn.storagePoolLookupByName(self._boot_pool_name), volume
             )
         )
+
+    async def list_images(self) -> list[ImageRecord]:
+        def list_all(conn: libvirt.virConnect) -> list[ImageRecord]:
+            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            pool.refresh(0)
+            return [storage.image_record(v) for v in pool.listAllVolumes(0)]
+
+        return await self._call(list_all)
+
+    async def get_image(self, name: str) -> ImageRecord | None:
+        def get(conn: libvirt.virConnect) -> ImageRecord | None:
+            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            volume = storage.find_volume(pool, name)
+            return None if volume is None else storage.image_record(volume)
+
+        return await self._call(get)
+
+    async def create_image(self, name: str, size: int) -> ImageRecord:
+        def create(conn: libvirt.virConnect) -> ImageRecord:
+            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            volume = storage.create_volume(pool, name, size, ImageFormat.RAW)
+            return storage.image_record(volume)
+
+        return await self._call(create)
+
+    async def upload_image(
+        self, name: str, source: ImageSource, progress: UploadProgress
+    ) -> ImageRecord:
+        def upload(conn: libvirt.virConnect) -> ImageRecord:
+            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            volume = storage.upload(
+                conn,
+                pool,
+                name,
+                source.fd,
+                source.size,
+                fmt=source.format,
+                capacity=source.capacity,
+                progress=progress,
+            )
+            return storage.image_record(volume)
+
+        return await self._call(upload)
+
+    async def delete_image(self, name: str) -> None:
+        await self._call(
+            lambda conn: storage.delete_volume(
+                conn.storagePoolLookupByName(self._image_pool_name), name
+            )
+        )
+
+    async def resize_image(self, name: str, size: int) -> ImageRecord:
+        def resize(conn: libvirt.virConnect) -> ImageRecord:
+            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            volume = pool.storageVolLookupByName(name)
+            volume.resize(size, 0)
+            return storage.image_record(volume)
+
+        return await self._call(resize)
+
+    async def create_vm_disk(
+        self, volume: str, size: int, base: ImageRecord | None
+    ) -> Path:
+        def create(conn: libvirt.virConnect) -> Path:
+            pool = conn.storagePoolLookupByName(self._boot_pool_name)
+            storage.delete_volume(pool, volume)
+            created = storage.create_volume(pool, volume, size, ImageFormat.QCOW2, base)
+            return Path(created.path())
+
+        return await self._call(create)
 
     async def _call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
         """Run *fn* with the connection in a worker thread; translate libvirt errors."""
@@ -331,36 +384,14 @@ class LibvirtHypervisor:
         state, reason = dom.state()
         return VMRecord(spec=spec, uuid=dom.UUIDString(), state=vm_state(state, reason))
 
-    def _ensure_pool(self, conn: libvirt.virConnect) -> None:
-        """Define, build and start kdlab's boot pool unless it already runs."""
-        try:
-            pool = conn.storagePoolLookupByName(self._boot_pool_name)
-        except libvirt.libvirtError as err:
-            if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
-                raise
-            pool = conn.storagePoolDefineXML(
-                _pool_xml(self._boot_pool_name, self._boot_pool_dir), 0
-            )
-            pool.build(0)
-            pool.setAutostart(1)
-            log.info(
-                "pool.defined", pool=self._boot_pool_name, path=str(self._boot_pool_dir)
-            )
-        if not pool.isActive():
-            pool.create(0)
-        pool.refresh(0)
-        # A pool that already existed keeps its own directory: use that one.
-        path = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path")
-        if path:
-            self._boot_pool_dir = Path(path)
-
-    @staticmethod
-    def _delete_volume(pool: libvirt.virStoragePool, volume: str) -> None:
-        try:
-            pool.storageVolLookupByName(volume).delete(0)
-        except libvirt.libvirtError as err:
-            if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
-                raise
+    def _ensure_pools(self, conn: libvirt.virConnect) -> None:
+        """kdlab's pools exist and run; a pool that existed keeps its directory."""
+        self._boot_pool_dir = storage.ensure_pool(
+            conn, self._boot_pool_name, self._boot_pool_dir
+        )
+        self._image_pool_dir = storage.ensure_pool(
+            conn, self._image_pool_name, self._image_pool_dir
+        )
 
     def _lifecycle_event(
         self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any
@@ -398,31 +429,6 @@ class LibvirtHypervisor:
                 return
         finally:
             self._reconnecting = None
-
-
-def _stream_into(
-    conn: libvirt.virConnect, vol: libvirt.virStorageVol, fd: int, size: int
-) -> None:
-    """Copy *size* bytes of *fd* into *vol* through libvirt's upload stream.
-
-    The stream works the same for a local and a remote libvirt. Reads use
-    pread so the caller's file offset does not matter.
-    """
-    stream = conn.newStream(0)
-    vol.upload(stream, 0, size, 0)
-    offset = 0
-    try:
-        while offset < size:
-            chunk = os.pread(fd, min(_UPLOAD_CHUNK, size - offset), offset)
-            if not chunk:
-                raise InvalidArgument("the file shrank while it was being uploaded")
-            stream.send(chunk)
-            offset += len(chunk)
-        stream.finish()
-    except BaseException:
-        with contextlib.suppress(libvirt.libvirtError):
-            stream.abort()
-        raise
 
 
 _EAGAIN = -2

@@ -166,8 +166,8 @@ class FakeHypervisor:
         self.volumes[volume] = data
         return POOL / volume
 
-    async def delete_boot_file(self, volume: str) -> None:
-        await self._step("delete_boot_file", volume)
+    async def delete_vm_volume(self, volume: str) -> None:
+        await self._step("delete_vm_volume", volume)
         self.volumes.pop(volume, None)
 
     # Internals.

@@ -60,9 +60,22 @@ def test_dbus_names_unique_and_well_formed() -> None:
     assert KdlabError.dbus_name() not in names
 
 
-def test_exit_codes_unique_except_internal() -> None:
-    codes = [cls.exit_code for cls in ERRORS if cls is not Internal]
-    assert len(set(codes)) == len(codes)
+def _category(reason: str) -> str:
+    """Reasons that share an exit code: every NoSuch*, every *Exists."""
+    if reason.startswith("NoSuch"):
+        return "NoSuch"
+    if reason.endswith("Exists"):
+        return "Exists"
+    return reason
+
+
+def test_exit_codes_one_per_kind_of_reason() -> None:
+    by_code: dict[int, set[str]] = {}
+    for cls in ERRORS:
+        if cls is not Internal:
+            by_code.setdefault(cls.exit_code, set()).add(_category(cls.reason))
+    assert all(len(kinds) == 1 for kinds in by_code.values()), by_code
+    codes = list(by_code)
     assert Internal.exit_code == KdlabError.exit_code == EXIT_FAILURE
     assert KdlabError.exit_code not in codes
     for code in (*codes, Internal.exit_code):

@@ -290,22 +290,22 @@ def test_create_failure_rolls_back(lab: Lab, step: str) -> None:
     run(scenario())
     # Every volume uploaded before the failure, and only those, was deleted.
     if step == "define_vm":
-        assert lab.hv.called("delete_boot_file") == ["vm1.initrd", "vm1.kernel"]
+        assert lab.hv.called("delete_vm_volume") == ["vm1.initrd", "vm1.kernel"]
     else:
-        assert lab.hv.called("delete_boot_file") == ["vm1.kernel"]
+        assert lab.hv.called("delete_vm_volume") == ["vm1.kernel"]
         assert lab.hv.called("define_vm") == ["vm1"], "define only on the second try"
 
 
 def test_create_failing_rollback_keeps_the_original_error(lab: Lab) -> None:
     lab.hv.fail("define_vm", HypervisorError("libvirt: the original problem"))
-    lab.hv.fail("delete_boot_file", HypervisorError("libvirt: pool is gone"))
+    lab.hv.fail("delete_vm_volume", HypervisorError("libvirt: pool is gone"))
 
     async def scenario() -> None:
         with pytest.raises(HypervisorError, match="the original problem"):
             await lab.create()
 
     run(scenario())
-    assert lab.hv.called("delete_boot_file") == ["vm1.kernel"]
+    assert lab.hv.called("delete_vm_volume") == ["vm1.kernel"]
     assert not lab.layout.vm_dir("vm1").exists()
 
 
@@ -566,7 +566,7 @@ def test_delete_running_vm_is_invalid_state(lab: Lab) -> None:
 
     run(scenario())
     assert lab.hv.called("undefine_vm") == []
-    assert lab.hv.called("delete_boot_file") == []
+    assert lab.hv.called("delete_vm_volume") == []
     assert set(lab.hv.volumes) == {"vm1.kernel"}
     assert "vm1" in lab.hv.domains
     assert lab.layout.console_log("vm1").exists()
@@ -590,7 +590,7 @@ def test_delete_removes_everything(lab: Lab) -> None:
 
     run(scenario())
     assert lab.hv.called("undefine_vm") == ["vm1"]
-    assert sorted(lab.hv.called("delete_boot_file")) == ["vm1.initrd", "vm1.kernel"]
+    assert sorted(lab.hv.called("delete_vm_volume")) == ["vm1.initrd", "vm1.kernel"]
     assert ("removed", "vm1", None) in lab.observer.events
     assert lab.observer.events.count(("removed", "vm1", None)) == 1
 

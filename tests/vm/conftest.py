@@ -19,7 +19,8 @@ from tests.conftest import require, require_root, require_tool
 from tests.fixtures import debian
 from tests.harness import Kdlabd, kdlabctl, system_kdlabd, virsh
 
-TEST_POOL = "kdlab-vmtest-boot"
+POOL_PREFIX = "kdlab-vmtest"
+TEST_POOL = f"{POOL_PREFIX}-boot"
 MARKER = debian.DEFAULT_MARKER
 
 __all__ = ["MARKER", "TEST_POOL", "Lab", "virsh"]
@@ -53,7 +54,7 @@ def lab() -> Iterator[Lab]:
     except debian.FixtureError as err:
         require(False, f"Debian kernel fixtures: {err}")
         raise
-    with system_kdlabd(TEST_POOL) as daemon:
+    with system_kdlabd(POOL_PREFIX) as daemon:
         yield Lab(daemon, kernel, initramfs)
 
 

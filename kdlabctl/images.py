@@ -1,0 +1,162 @@
+"""``kdlabctl image ...``: the disk images VM disks are overlays of."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kdlabd.errors import EXIT_FAILURE, EXIT_OK
+from kdlabd.wire import IMAGE_INTERFACE
+
+if TYPE_CHECKING:
+    from kdlabctl.client import Client
+
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def size(text: str) -> int:
+    """``10G``, ``512M``, ``1T`` or plain bytes (binary units, as qemu-img)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 10G, 512M)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def human(n: int) -> str:
+    """``1536`` -> ``1.5K``: sizes as ls -lh shows them."""
+    value = float(n)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{n}B" if unit == "B" else f"{value:.1f}{unit}".replace(".0", "")
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+async def _finish_job(client: Client, path: str, quiet: bool) -> int:
+    from kdlabctl import jobs
+
+    end = await jobs.follow(client, path)
+    if end["State"] != "succeeded":
+        what = f"{end['Kind']} of {end['Target']} {end['State']}"
+        print(f"kdlabctl: {what}: {end['Status']}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not quiet:
+        print(end["Status"])
+    return EXIT_OK
+
+
+async def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import output
+
+    images = await client.objects(IMAGE_INTERFACE)
+    if args.json:
+        output.print_json([output.as_json(image) for image in images])
+        return EXIT_OK
+    rows = [
+        [
+            i["Name"],
+            i["Format"],
+            human(i["Capacity"]),
+            human(i["Allocation"]),
+            ",".join(i["UsedBy"]) or "-",
+        ]
+        for i in images
+    ]
+    print(output.table(["NAME", "FORMAT", "SIZE", "ALLOCATED", "USED BY"], rows))
+    return EXIT_OK
+
+
+async def cmd_create(client: Client, args: argparse.Namespace) -> int:
+    await client.manager("CreateImage", "sta{sv}", [args.name, args.size, {}])
+    return EXIT_OK
+
+
+async def cmd_import(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl.cli import open_for_daemon
+
+    fd = open_for_daemon(args.file, "image")
+    try:
+        (path,) = await client.manager(
+            "ImportImage", "sha{sv}", [args.name, 0, {}], [fd]
+        )
+    finally:
+        os.close(fd)
+    return await _finish_job(client, path, args.quiet)
+
+
+async def cmd_build(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl.client import variant_options
+
+    key = Path(args.ssh_key).read_text().strip() if args.ssh_key else None
+    options = variant_options(
+        suite=("s", args.debootstrap),
+        size=("t", args.size) if args.size else None,
+        packages=("as", args.packages.split(",")) if args.packages else None,
+        ssh_key=("s", key) if key else None,
+    )
+    (path,) = await client.manager("BuildImage", "sa{sv}", [args.name, options])
+    return await _finish_job(client, path, args.quiet)
+
+
+async def cmd_delete(client: Client, args: argparse.Namespace) -> int:
+    (path,) = await client.manager("GetImage", "s", [args.name])
+    await client.call(path, IMAGE_INTERFACE, "Delete")
+    return EXIT_OK
+
+
+async def cmd_resize(client: Client, args: argparse.Namespace) -> int:
+    (path,) = await client.manager("GetImage", "s", [args.name])
+    await client.call(path, IMAGE_INTERFACE, "Resize", "ta{sv}", [args.size, {}])
+    return EXIT_OK
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``kdlabctl image`` and its subcommands."""
+    image = commands.add_parser("image", help="manage disk images", description=__doc__)
+    verbs = image.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
+
+    def verb(name: str, fn: object, help_text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = verbs.add_parser(
+            name, help=help_text, description=help_text
+        )
+        sub.set_defaults(func=fn)
+        return sub
+
+    listing = verb("list", cmd_list, "list images and the VMs using them")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    create = verb("create", cmd_create, "create a blank image")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--size", type=size, required=True, metavar="SIZE")
+
+    imported = verb(
+        "import", cmd_import, "import a raw or qcow2 file (no backing file)"
+    )
+    imported.add_argument("name", metavar="NAME")
+    imported.add_argument("file", metavar="FILE")
+    imported.add_argument("-q", "--quiet", action="store_true")
+
+    build = verb("build", cmd_build, "build a Debian root filesystem image")
+    build.add_argument("name", metavar="NAME")
+    build.add_argument(
+        "--debootstrap",
+        required=True,
+        metavar="SUITE",
+        help="Debian suite, e.g. bookworm",
+    )
+    build.add_argument("--size", type=size, metavar="SIZE", help="default 2G")
+    build.add_argument("--packages", metavar="A,B", help="extra packages")
+    build.add_argument("--ssh-key", metavar="FILE", help="public key for root")
+    build.add_argument("-q", "--quiet", action="store_true")
+
+    delete = verb("delete", cmd_delete, "delete an image no VM uses")
+    delete.add_argument("name", metavar="NAME")
+
+    resize = verb("resize", cmd_resize, "grow an image no VM uses")
+    resize.add_argument("name", metavar="NAME")
+    resize.add_argument("--size", type=size, required=True, metavar="SIZE")

@@ -1,0 +1,218 @@
+"""Disk images: volumes of kdlab's image pool that VM disks are overlays of.
+
+Imports and builds are jobs (see :mod:`kdlabd.core.jobs`); creating,
+resizing and deleting are quick calls. An image some VM's disk is based on
+cannot be deleted or resized under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from kdlabd.core import validate
+from kdlabd.core.hypervisor import Hypervisor
+from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
+from kdlabd.core.models import ImageRecord, ImageSource
+from kdlabd.errors import ImageExists, InvalidArgument, InvalidState, NoSuchImage
+
+log = structlog.get_logger(__name__)
+
+Builder = Callable[[Path, Callable[[float, str], None]], Awaitable[None]]
+"""Writes a raw image file at the given path, reporting (fraction, status)."""
+
+
+class ImageObserver(Protocol):
+    def image_added(self, image: ImageRecord) -> None: ...
+
+    def image_changed(self, image: ImageRecord) -> None: ...
+
+    def image_removed(self, name: str) -> None: ...
+
+
+class ImageService:
+    """The images kdlab has, and what can be done with them."""
+
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        jobs: JobManager,
+        users: Callable[[str], tuple[str, ...]],
+        scratch_dir: Path,
+        observer: ImageObserver,
+    ) -> None:
+        self._hv = hypervisor
+        self._jobs = jobs
+        self._users = users
+        self._scratch_dir = scratch_dir
+        self._observer = observer
+        self._images: dict[str, ImageRecord] = {}
+        self._busy: set[str] = set()
+
+    async def load(self) -> None:
+        """Rebuild the view from the pool."""
+        found = {image.name: image for image in await self._hv.list_images()}
+        for name in list(self._images):
+            if name not in found:
+                self._forget(name)
+        for image in found.values():
+            self._store(image)
+
+    def list(self) -> list[ImageRecord]:
+        return sorted(self._images.values(), key=lambda i: i.name)
+
+    def get(self, name: str) -> ImageRecord:
+        try:
+            return self._images[name]
+        except KeyError:
+            raise NoSuchImage(
+                f"no image named {name!r} (see: kdlabctl image list)"
+            ) from None
+
+    def used_by(self, name: str) -> tuple[str, ...]:
+        return self._users(name)
+
+    async def create(self, name: str, size: int) -> ImageRecord:
+        """A blank (sparse) raw image."""
+        with self._claimed(name):
+            image = await self._hv.create_image(
+                name, validate.disk_size(size, "image size")
+            )
+        self._store(image)
+        return image
+
+    def import_image(self, name: str, fd: int, owner_uid: int) -> Job:
+        """Stream the client's file into a new image, as a job.
+
+        The descriptor is checked now (raw, or a self-contained qcow2) and
+        duplicated, because the caller's copy is closed when the call returns.
+        """
+        source = validate.image_source(fd)
+        self._reserve(name)
+        own = ImageSource(os.dup(fd), source.size, source.format, source.capacity)
+
+        async def work(job: Job) -> None:
+            try:
+                image = await self._upload(name, own, job, 0.0, 1.0)
+                job.report(
+                    1.0, f"imported {name} ({image.format}, {image.capacity >> 20} MiB)"
+                )
+            finally:
+                os.close(own.fd)
+                self._release(name)
+
+        return self._jobs.start("import", name, owner_uid, work)
+
+    def build(self, name: str, builder: Builder, owner_uid: int) -> Job:
+        """A job: run *builder* in a scratch directory, upload its image.raw."""
+        self._reserve(name)
+
+        async def work(job: Job) -> None:
+            scratch = Path(await asyncio.to_thread(self._make_scratch, name))
+            try:
+                output = scratch / "image.raw"
+                await builder(scratch, lambda f, s: job.report(0.9 * f, s))
+                job.report(0.9, "uploading into the image pool")
+                fd = os.open(output, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    image = await self._upload(
+                        name, validate.image_source(fd), job, 0.9, 0.1
+                    )
+                finally:
+                    os.close(fd)
+                job.report(1.0, f"built {name} ({image.capacity >> 20} MiB)")
+            finally:
+                await asyncio.to_thread(shutil.rmtree, scratch, True)
+                self._release(name)
+
+        return self._jobs.start("build", name, owner_uid, work)
+
+    async def delete(self, name: str) -> None:
+        self.get(name)
+        self._refuse_if_used(name, "delete")
+        with self._claimed(name, exists=True):
+            await self._hv.delete_image(name)
+        self._forget(name)
+
+    async def resize(self, name: str, size: int) -> ImageRecord:
+        image = self.get(name)
+        self._refuse_if_used(name, "resize")
+        validate.disk_size(size, "image size")
+        if size < image.capacity:
+            raise InvalidArgument(
+                f"image {name!r} is {image.capacity} bytes; shrinking would cut its "
+                "filesystem: give a larger size"
+            )
+        with self._claimed(name, exists=True):
+            resized = await self._hv.resize_image(name, size)
+        self._store(resized)
+        return resized
+
+    async def _upload(
+        self, name: str, source: ImageSource, job: Job, start: float, share: float
+    ) -> ImageRecord:
+        """Upload *source* as image *name*, its progress filling *share* of the job."""
+
+        def progress(done: int) -> None:
+            job.report_from_thread(
+                start + share * done / source.size,
+                f"uploading: {done >> 20} of {source.size >> 20} MiB",
+            )
+
+        image = await finish_on_cancel(self._hv.upload_image(name, source, progress))
+        self._store(image)
+        return image
+
+    def _make_scratch(self, name: str) -> str:
+        self._scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"build-{name}-", dir=self._scratch_dir)
+
+    def _refuse_if_used(self, name: str, what: str) -> None:
+        users = self.used_by(name)
+        if users:
+            raise InvalidState(
+                f"cannot {what} image {name!r}: the disks of VM(s) {', '.join(users)} "
+                "are based on it (delete those VMs first)"
+            )
+
+    def _reserve(self, name: str, *, exists: bool = False) -> None:
+        """Hold *name* while an operation on it runs: one operation per image."""
+        validate.name(name, "image name")
+        if name in self._busy:
+            raise InvalidState(f"image {name!r} is busy with another operation")
+        if not exists and name in self._images:
+            raise ImageExists(f"an image named {name!r} already exists")
+        self._busy.add(name)
+
+    def _release(self, name: str) -> None:
+        self._busy.discard(name)
+
+    @contextlib.contextmanager
+    def _claimed(self, name: str, *, exists: bool = False) -> Iterator[None]:
+        self._reserve(name, exists=exists)
+        try:
+            yield
+        finally:
+            self._release(name)
+
+    def _store(self, image: ImageRecord) -> None:
+        old = self._images.get(image.name)
+        if old == image:
+            return
+        self._images[image.name] = image
+        if old is None:
+            self._observer.image_added(image)
+        else:
+            self._observer.image_changed(image)
+
+    def _forget(self, name: str) -> None:
+        if self._images.pop(name, None) is not None:
+            self._observer.image_removed(name)

@@ -1,0 +1,160 @@
+"""kdlab's libvirt storage: pools, volumes, uploads through volume streams.
+
+Synchronous functions on a connection; the backend runs them in worker
+threads. Every file kdlab keeps is a volume, so virsh and virt-manager see
+it, and uploads go through libvirt's stream API, which works the same for a
+local and a remote libvirt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import libvirt
+from lxml import etree
+
+from kdlabd.core.models import ImageFormat, ImageRecord
+from kdlabd.errors import InvalidArgument
+
+UPLOAD_CHUNK = 1024 * 1024
+
+Progress = Callable[[int], None]
+"""Told the bytes done so far; may raise to abort the upload."""
+
+
+def pool_xml(name: str, path: Path) -> str:
+    pool = etree.Element("pool", type="dir")
+    etree.SubElement(pool, "name").text = name
+    target = etree.SubElement(pool, "target")
+    etree.SubElement(target, "path").text = str(path)
+    perms = etree.SubElement(target, "permissions")
+    # QEMU (another user) traverses to its volumes but cannot list them.
+    etree.SubElement(perms, "mode").text = "0711"
+    return etree.tostring(pool, encoding="unicode")
+
+
+def volume_xml(
+    name: str,
+    capacity: int,
+    fmt: ImageFormat,
+    backing: ImageRecord | None = None,
+) -> str:
+    volume = etree.Element("volume")
+    etree.SubElement(volume, "name").text = name
+    etree.SubElement(volume, "capacity", unit="bytes").text = str(capacity)
+    if fmt is ImageFormat.QCOW2 or backing is not None:
+        # No preallocation: a new volume costs nothing until written.
+        etree.SubElement(volume, "allocation", unit="bytes").text = "0"
+    target = etree.SubElement(volume, "target")
+    etree.SubElement(target, "format", type=fmt.value)
+    perms = etree.SubElement(target, "permissions")
+    etree.SubElement(perms, "mode").text = "0600"
+    if backing is not None:
+        store = etree.SubElement(volume, "backingStore")
+        etree.SubElement(store, "path").text = str(backing.path)
+        etree.SubElement(store, "format", type=backing.format.value)
+    return etree.tostring(volume, encoding="unicode")
+
+
+def ensure_pool(conn: libvirt.virConnect, name: str, path: Path) -> Path:
+    """Define, build and start the directory pool *name* unless it runs already.
+
+    Returns the pool's directory: a pool that existed keeps its own.
+    """
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+            raise
+        pool = conn.storagePoolDefineXML(pool_xml(name, path), 0)
+        pool.build(0)
+        pool.setAutostart(1)
+    if not pool.isActive():
+        pool.create(0)
+    pool.refresh(0)
+    existing = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path")
+    return Path(existing) if existing else path
+
+
+def find_volume(
+    pool: libvirt.virStoragePool, name: str
+) -> libvirt.virStorageVol | None:
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return None
+        raise
+
+
+def delete_volume(pool: libvirt.virStoragePool, name: str) -> None:
+    """Delete the volume *name* if it exists."""
+    volume = find_volume(pool, name)
+    if volume is not None:
+        volume.delete(0)
+
+
+def image_record(volume: libvirt.virStorageVol) -> ImageRecord:
+    xml = etree.fromstring(volume.XMLDesc(0).encode())
+    fmt = xml.find("target/format")
+    return ImageRecord(
+        name=volume.name(),
+        format=ImageFormat(fmt.get("type", "raw") if fmt is not None else "raw"),
+        capacity=int(xml.findtext("capacity") or 0),
+        allocation=int(xml.findtext("allocation") or 0),
+        path=Path(volume.path()),
+    )
+
+
+def create_volume(
+    pool: libvirt.virStoragePool,
+    name: str,
+    capacity: int,
+    fmt: ImageFormat,
+    backing: ImageRecord | None = None,
+) -> libvirt.virStorageVol:
+    """A new volume; a qcow2 with *backing* is an overlay (created in O(1))."""
+    return pool.createXML(volume_xml(name, capacity, fmt, backing), 0)
+
+
+def upload(
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    name: str,
+    fd: int,
+    size: int,
+    *,
+    fmt: ImageFormat = ImageFormat.RAW,
+    capacity: int | None = None,
+    progress: Progress | None = None,
+) -> libvirt.virStorageVol:
+    """Replace volume *name* with *size* bytes of *fd*; nothing is left on failure.
+
+    *capacity* is the volume's virtual size (a qcow2's differs from its file
+    size). Reads use pread, so the caller's file offset does not matter.
+    """
+    delete_volume(pool, name)
+    volume = create_volume(pool, name, capacity or size, fmt)
+    stream = conn.newStream(0)
+    try:
+        volume.upload(stream, 0, size, 0)
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(UPLOAD_CHUNK, size - offset), offset)
+            if not chunk:
+                raise InvalidArgument("the file shrank while it was being uploaded")
+            stream.send(chunk)
+            offset += len(chunk)
+            if progress is not None:
+                progress(offset)
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        with contextlib.suppress(libvirt.libvirtError):
+            volume.delete(0)
+        raise
+    return volume
