@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -173,7 +174,16 @@ class LibvirtHypervisor:
             for callback_id in self._callback_ids:
                 conn.domainEventDeregisterAny(callback_id)
             conn.unregisterCloseCallback()
-        await asyncio.to_thread(conn.close)
+        # Objects of a connection (a cancelled upload's stream and volume, kept
+        # by its traceback) hold it open; freed now, libvirt really closes it
+        # while the loop still runs, instead of at exit on a closed loop.
+        gc.collect()
+        remaining = await asyncio.to_thread(conn.close)
+        if remaining:
+            log.warning("libvirt.close_leaked", references=remaining)
+        impl = libvirtaio.getCurrentImpl()
+        if impl is not None:
+            await impl.drain()
 
     async def resolve_accel(self, accel: Accel) -> Accel:
         caps = etree.fromstring(

@@ -1,0 +1,174 @@
+"""Disk images on real libvirt: import, overlays, a Debian kernel with its modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.harness import ctl_env
+from tests.vm.conftest import POOL_PREFIX, Lab, virsh
+from tests.vm.test_lifecycle import wait_for_console
+
+pytestmark = pytest.mark.vm
+
+IMAGE_POOL = f"{POOL_PREFIX}-images"
+ROOT_MARKER = "KDLAB-ROOT-MOUNTED"
+
+
+def ext4_image(path: Path, tree: Path) -> Path:
+    """A small whole-disk ext4 whose /sbin/init prints a marker: a root to boot."""
+    require_tool("mke2fs", "e2fsprogs")
+    for directory in ("bin", "sbin", "proc", "dev"):
+        (tree / directory).mkdir(parents=True, exist_ok=True)
+    shutil.copy("/bin/busybox", tree / "bin" / "busybox")
+    init = tree / "sbin" / "init"
+    init.write_text(
+        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
+        f'echo "{ROOT_MARKER} $(/bin/busybox cat /proc/cmdline)"\n'
+        "exec /bin/busybox sh\n"
+    )
+    init.chmod(0o755)
+    subprocess.run(
+        ["mke2fs", "-q", "-t", "ext4", "-F", "-d", str(tree), str(path), "64M"],
+        check=True,
+    )
+    return path
+
+
+def images(lab: Lab) -> dict[str, dict[str, object]]:
+    result = lab.ctl("image", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return {image["name"]: image for image in json.loads(result.stdout)}
+
+
+def pool_volumes(pool: str) -> list[str]:
+    listing = virsh("vol-list", pool).stdout.splitlines()[2:]
+    return [line.split()[0] for line in listing if line.strip()]
+
+
+@pytest.fixture
+def image_name(lab: Lab) -> Iterator[str]:
+    name = f"img-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    yield name
+    lab.ctl("image", "delete", name)
+
+
+def test_vm_boots_debian_kernel_from_an_overlay_of_an_image(
+    lab: Lab, vm_name: str, image_name: str, tmp_path: Path
+) -> None:
+    require_tool("qemu-img", "qemu-utils")
+    raw = ext4_image(tmp_path / "root.img", tmp_path / "tree")
+    imported = lab.ctl("image", "import", image_name, str(raw))
+    assert imported.returncode == 0, imported.stderr
+    assert image_name in pool_volumes(IMAGE_POOL), "images are volumes virsh sees"
+    assert images(lab)[image_name]["format"] == "raw"
+
+    created = lab.ctl(
+        "create",
+        vm_name,
+        "--kernel",
+        str(lab.kernel.vmlinuz),
+        "--image",
+        image_name,
+        "--extra-disk",
+        "16M",
+        "--memory",
+        "256",
+    )
+    assert created.returncode == 0, created.stderr
+    assert "initramfs" in created.stderr, "a Debian kernel gets its virtio modules"
+    assert images(lab)[image_name]["used_by"] == [vm_name]
+
+    disk = Path(
+        virsh(
+            "vol-path", f"{vm_name}.vda.qcow2", "--pool", f"{POOL_PREFIX}-boot"
+        ).stdout.strip()
+    )
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(disk)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert info["format"] == "qcow2"
+    assert info["backing-filename"].endswith(f"/{image_name}")
+    assert info["actual-size"] < 1024 * 1024, "an overlay, not a copy"
+
+    assert lab.ctl("start", vm_name).returncode == 0
+    log = wait_for_console(lab, vm_name, ROOT_MARKER)
+    assert f"{ROOT_MARKER} root=/dev/vda rw" in log
+
+    refused = lab.ctl("image", "delete", image_name)
+    assert refused.returncode == 3
+    assert vm_name in refused.stderr
+    assert lab.ctl("delete", "--force", vm_name).returncode == 0
+    assert not [v for v in pool_volumes(f"{POOL_PREFIX}-boot") if v.startswith(vm_name)]
+    assert images(lab)[image_name]["used_by"] == []
+    assert lab.ctl("image", "delete", image_name).returncode == 0
+    assert image_name not in pool_volumes(IMAGE_POOL)
+
+
+def test_qcow2_with_a_backing_file_is_refused(
+    lab: Lab, image_name: str, tmp_path: Path
+) -> None:
+    require_tool("qemu-img", "qemu-utils")
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\0" * 4096)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/shadow",
+            str(overlay),
+        ],
+        check=True,
+    )
+    result = lab.ctl("image", "import", image_name, str(overlay))
+    assert result.returncode == 2
+    assert "backing file" in result.stderr
+    assert image_name not in pool_volumes(IMAGE_POOL)
+    assert image_name not in images(lab)
+
+
+def test_interrupted_import_is_cancelled_and_leaves_no_volume(
+    lab: Lab, image_name: str, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.raw"
+    with big.open("wb") as file:
+        file.truncate(8 * 1024**3)
+    client = subprocess.Popen(
+        [sys.executable, "-m", "kdlabctl", "image", "import", image_name, str(big)],
+        env=ctl_env(lab.daemon.address),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stderr is not None
+    line = client.stderr.readline()
+    while line and "uploading" not in line:
+        line = client.stderr.readline()
+    assert "uploading" in line, "the job reports its upload progress"
+    client.send_signal(signal.SIGINT)
+    rest = client.stderr.read()
+    assert client.wait(timeout=60) == 130, rest
+    assert "cancelling" in rest
+    assert image_name not in images(lab)
+    assert image_name not in pool_volumes(IMAGE_POOL)
