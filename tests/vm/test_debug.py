@@ -162,7 +162,7 @@ class Console:
 
 
 @pytest.fixture
-def consoles(lab: Lab) -> Iterator[list[Console]]:
+def consoles() -> Iterator[list[Console]]:
     opened: list[Console] = []
     yield opened
     for console in opened:
