@@ -41,6 +41,22 @@ exit codes:
 """
 
 
+def _unsigned(bits: int, low: int = 0) -> Callable[[str], int]:
+    """An argparse type for an integer that fits its D-Bus type (u, q, t)."""
+    high = (1 << bits) - 1
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    return parse
+
+
 class UsageError(Exception):
     """A problem with the command line or a local file, found before calling kdlabd."""
 
@@ -334,15 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--initrd", metavar="PATH", help="initramfs to boot with")
     create.add_argument("--cmdline", metavar="STR", help="kernel command line")
     create.add_argument(
-        "--memory", type=int, metavar="MIB", help="memory in MiB (default 512)"
+        "--memory",
+        type=_unsigned(32),
+        metavar="MIB",
+        help="memory in MiB (default 512)",
     )
-    create.add_argument("--cpus", type=int, metavar="N", help="vCPUs (default 1)")
+    create.add_argument(
+        "--cpus", type=_unsigned(32), metavar="N", help="vCPUs (default 1)"
+    )
     create.add_argument(
         "--no-gdb", action="store_true", help="no gdbstub (and no nokaslr)"
     )
     create.add_argument(
         "--gdb-tcp",
-        type=int,
+        type=_unsigned(16),
         metavar="PORT",
         help="gdbstub on 127.0.0.1:PORT instead of kdlabd's private socket",
     )
@@ -395,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--force", action="store_true", help="pull the plug at once")
     stop.add_argument(
         "--timeout",
-        type=int,
+        type=_unsigned(32),
         metavar="SECONDS",
         help="wait this long for the guest before forcing (default 30)",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -19,61 +20,80 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lxml import etree
+
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "systemd" / "org.kdlab.Kdlab1.conf"
 BUS_NAME = "org.kdlab.Kdlab1"
+STARTUP_TIMEOUT = 15.0
 
-_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC
- "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus"/>
-    <deny own="{bus_name}"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
+SYSTEM_BUS_CONFIG = Path("/usr/share/dbus-1/system.conf")  # dbus-system-bus-common
+
+
+def bus_config(socket: Path, policy: Path | None) -> bytes:
+    """A bus configuration with the system bus's own default policy.
+
+    The ``<policy context="default">`` of the installed ``system.conf`` (deny
+    owning names and sending method calls, except to the bus itself), then an
+    include of the *policy* file (kdlab's shipped one, normally).
+    """
+    system = etree.parse(
+        str(SYSTEM_BUS_CONFIG), etree.XMLParser(load_dtd=False, no_network=True)
+    )
+    config = etree.Element("busconfig")
+    etree.SubElement(config, "type").text = "system"
+    etree.SubElement(config, "listen").text = f"unix:path={socket}"
+    etree.SubElement(config, "auth").text = "EXTERNAL"
+    config.extend(system.getroot().findall("policy[@context='default']"))
+    if policy is not None:
+        etree.SubElement(config, "include").text = str(policy)
+    return etree.tostring(config, doctype=system.docinfo.doctype)
 
 
 class PrivateBus:
-    """A dbus-daemon of our own, system-bus style, with kdlab's policy included."""
+    """A dbus-daemon of our own with the system bus's default policy and kdlab's.
 
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        # Unprivileged test callers must reach the socket.
-        directory.chmod(0o755)
-        self.socket = directory / "bus"
-        config = directory / "bus.conf"
-        config.write_text(
-            _BUS_CONFIG.format(socket=self.socket, policy=POLICY, bus_name=BUS_NAME)
-        )
-        self._proc = subprocess.Popen(
-            ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+    The default policy is the installed system bus's (no one may own a name
+    or call a method unless a policy file allows it), so kdlab's shipped
+    policy alone must let root own org.kdlab.Kdlab1 and anyone call it.
+    """
+
+    def __init__(self, directory: Path, policy: Path | None = POLICY) -> None:
+        self.directory = directory
+        self.policy = policy
+        self.address = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> PrivateBus:
+        self.directory.mkdir(mode=0o755, exist_ok=True)
+        config = self.directory / "bus.conf"
+        config.write_bytes(bus_config(self.directory / "socket", self.policy))
+        stderr = (self.directory / "dbus-daemon.log").open("w")
+        with stderr:
+            self._proc = subprocess.Popen(
+                [
+                    "dbus-daemon",
+                    f"--config-file={config}",
+                    "--print-address",
+                    "--nofork",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         assert self._proc.stdout is not None
-        self.address = self._proc.stdout.readline().strip()
+        ready, _, _ = select.select([self._proc.stdout], [], [], STARTUP_TIMEOUT)
+        self.address = self._proc.stdout.readline().strip() if ready else ""
         if not self.address:
-            raise RuntimeError(f"dbus-daemon did not start (exit {self._proc.wait()})")
+            self.stop()
+            log = (self.directory / "dbus-daemon.log").read_text()
+            raise AssertionError(f"dbus-daemon printed no address:\n{log}")
+        return self
 
     def stop(self) -> None:
-        self._proc.terminate()
-        self._proc.wait(timeout=10)
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
 
 
 def ctl_env(address: str) -> dict[str, str]:
@@ -248,7 +268,7 @@ def system_kdlabd(pool_prefix: str, accel: str = "tcg") -> Iterator[Kdlabd]:
     # gdb socket: pytest's temporary directories are 0700, /var/tmp is not.
     root = Path(tempfile.mkdtemp(prefix="kdlab-lab-", dir="/var/tmp"))
     root.chmod(0o711)
-    bus = PrivateBus(root / "bus")
+    bus = PrivateBus(root / "bus").start()
     daemon = Kdlabd(
         address=bus.address,
         libvirt_uri=SYSTEM_LIBVIRT,

@@ -16,6 +16,8 @@ from typing import Any
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
+from kdlabd.wire import MANAGER_PATH
+
 
 @dataclass(frozen=True)
 class Call:
@@ -41,6 +43,9 @@ def _record_call(msg: Message) -> None:
         CURRENT_CALL.set(Call(msg.sender or "", list(msg.unix_fds)))
 
 
+_OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+
+
 class KdlabBus(MessageBus):
     """A MessageBus that records each call's sender and hands over returned descriptors.
 
@@ -56,6 +61,11 @@ class KdlabBus(MessageBus):
         return _ReplyThatHandles(super()._send_reply(msg))
 
     def send(self, msg: Message):  # type: ignore[no-untyped-def]
+        if msg.interface == _OBJECT_MANAGER and msg.path.startswith(MANAGER_PATH + "/"):
+            # dbus-next 0.2.3 sends InterfacesAdded/Removed from the object's own
+            # path; the spec (and GDBusObjectManagerClient) listen on the object
+            # manager's, as sd-bus does since systemd PR #641.
+            msg.path = MANAGER_PATH
         future = super().send(msg)
         if msg.unix_fds and msg.message_type is MessageType.METHOD_RETURN:
             fds = list(msg.unix_fds)

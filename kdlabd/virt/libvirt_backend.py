@@ -250,6 +250,11 @@ class LibvirtHypervisor:
                 host.require_reachable(self._boot_pool_dir, self._qemu_user)
             except PermissionError as err:
                 raise HypervisorError(str(err)) from None
+            except OSError as err:
+                raise HypervisorError(
+                    f"{err.filename}: {err.strerror}; kdlabd's directories are gone "
+                    "(restart kdlabd to recreate its pools)"
+                ) from None
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
         await self._call(lambda conn: self._domain(conn, name).createWithFlags(flags))
 

@@ -1,0 +1,165 @@
+"""The interface XML files are the API contract: kdlabd must serve exactly them.
+
+The files are checked on their own (shape, documentation of every member,
+argument, option key and error), then against the live introspection of a
+running kdlabd and its ObjectManager view.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import kdlabd
+from kdlabd.bus.manager import BUILD_OPTIONS, CREATE_OPTIONS
+from kdlabd.bus.vm import START_OPTIONS, STOP_OPTIONS
+from kdlabd.errors import ERRORS
+from kdlabd.wire import API_REVISION, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE
+from tests.bus import contract
+from tests.bus.contract import IMAGE, INTERFACES, JOB, MANAGER, VM
+from tests.bus.harness import FLEET, OBJECT_MANAGER, PROPERTIES, BusClient
+
+pytestmark = pytest.mark.bus
+
+INTROSPECT_DOCTYPE = (
+    "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN",
+    "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd",
+)
+KDLAB_ERRORS = {cls.dbus_name() for cls in ERRORS}
+# Written out here, not computed with kdlabd.wire: the escaping is part of the contract.
+VM_PATHS = {
+    "booted": "/org/kdlab/Kdlab1/vm/booted",
+    "busy": "/org/kdlab/Kdlab1/vm/busy",
+    "frozen": "/org/kdlab/Kdlab1/vm/frozen",
+    "idle": "/org/kdlab/Kdlab1/vm/idle",
+    "linux-6.9-rc1": "/org/kdlab/Kdlab1/vm/linux_2d6_2e9_2drc1",
+}
+
+
+def test_interface_names_are_the_daemons() -> None:
+    assert (MANAGER, VM) == (MANAGER_INTERFACE, VM_INTERFACE)
+
+
+@pytest.mark.parametrize("interface", INTERFACES)
+def test_file_holds_one_documented_interface(interface: str) -> None:
+    tree = contract.contract_tree(interface)
+    assert (tree.docinfo.public_id, tree.docinfo.system_url) == INTROSPECT_DOCTYPE
+    assert tree.getroot().tag == "node"
+    assert [i.get("name") for i in tree.getroot().iter("interface")] == [interface]
+    assert (
+        contract.doc(contract.contract(interface)).strip().startswith(f"{interface}:")
+    )
+
+
+@pytest.mark.parametrize("interface", INTERFACES)
+def test_every_member_and_argument_is_documented(interface: str) -> None:
+    for element in contract.members(interface):
+        name = element.get("name")
+        text = contract.doc(element)
+        assert text.strip().startswith(f"{name}:"), (
+            f"{interface}.{name} has no doc comment"
+        )
+        assert len(text.split(":", 1)[1].strip()) >= 15, (
+            f"{interface}.{name}: doc too short"
+        )
+        for arg in element.iter("arg"):
+            assert f"@{arg.get('name')}:" in text, (
+                f"{interface}.{name}: @{arg.get('name')}"
+            )
+        if element.tag == "method":
+            errors = contract.documented_errors(interface, name)
+            assert errors <= KDLAB_ERRORS, (
+                f"{interface}.{name}: unknown {errors - KDLAB_ERRORS}"
+            )
+            assert "org.kdlab.Kdlab1.Error.Internal" in errors
+
+
+@pytest.mark.parametrize(
+    ("interface", "method", "accepted"),
+    [
+        (MANAGER, "CreateVM", CREATE_OPTIONS),
+        (MANAGER, "BuildImage", BUILD_OPTIONS),
+        (MANAGER, "CreateImage", {}),
+        (MANAGER, "ImportImage", {}),
+        (VM, "Start", START_OPTIONS),
+        (VM, "Stop", STOP_OPTIONS),
+        (IMAGE, "Resize", {}),
+    ],
+)
+def test_every_option_key_is_documented_with_its_type(
+    interface: str, method: str, accepted: dict[str, str]
+) -> None:
+    assert contract.documented_options(interface, method) == accepted
+
+
+def _assert_same_shape(live: contract.Shape, documented: contract.Shape) -> None:
+    # Field by field, so that a failure shows the part that differs.
+    assert live.methods == documented.methods
+    assert live.properties == documented.properties
+    assert live.signals == documented.signals
+
+
+@pytest.mark.parametrize("interface", INTERFACES)
+def test_live_introspection_matches_contract(
+    client: BusClient, image_and_job: tuple[str, str], interface: str
+) -> None:
+    image, job = image_and_job
+    path = {MANAGER: MANAGER_PATH, VM: VM_PATHS["idle"], IMAGE: image, JOB: job}[
+        interface
+    ]
+    live = contract.interface_element(
+        contract.parse(client.introspect(path)), interface
+    )
+    _assert_same_shape(
+        contract.shape(live), contract.shape(contract.contract(interface))
+    )
+
+
+@pytest.mark.usefixtures("kdlabd")
+def test_manager_is_an_object_manager(client: BusClient) -> None:
+    tree = contract.parse(client.introspect(MANAGER_PATH))
+    manager = contract.shape(contract.interface_element(tree, OBJECT_MANAGER))
+    assert manager.methods == {"GetManagedObjects": (("out", "a{oa{sa{sv}}}", None),)}
+    assert manager.signals == {
+        "InterfacesAdded": ("o", "a{sa{sv}}"),
+        "InterfacesRemoved": ("o", "as"),
+    }
+    assert [node.get("name") for node in tree.getroot().findall("node")] == ["vm"]
+
+
+@pytest.mark.usefixtures("kdlabd")
+def test_managed_objects_are_every_vm_with_every_property(client: BusClient) -> None:
+    documented = set(contract.shape(contract.contract(VM)).properties)
+    objects = client.managed_objects()
+    assert set(objects) == set(VM_PATHS.values())  # foreign domains are not VMs
+    for vm in FLEET:
+        interfaces = objects[VM_PATHS[vm.name]]
+        assert {i for i in interfaces if not i.startswith("org.freedesktop.DBus.")} == {
+            VM
+        }
+        assert set(interfaces[VM]) == documented
+        assert interfaces[VM] == vm.properties()
+
+
+@pytest.mark.usefixtures("kdlabd")
+def test_vm_paths_are_escaped_and_listed_by_name(client: BusClient) -> None:
+    (paths,) = client.ok(MANAGER_PATH, MANAGER, "ListVMs")
+    assert paths == [VM_PATHS[name] for name in sorted(VM_PATHS)]
+    for name, path in VM_PATHS.items():
+        assert client.vm_path(name) == path
+
+
+@pytest.mark.usefixtures("kdlabd")
+def test_manager_properties(client: BusClient) -> None:
+    (props,) = client.ok(MANAGER_PATH, PROPERTIES, "GetAll", "s", [MANAGER])
+    assert {key: variant.value for key, variant in props.items()} == {
+        "APIRevision": API_REVISION,
+        "Version": kdlabd.__version__,
+        "Accel": "tcg",  # the test driver reports no KVM
+    }
+
+
+def test_fleet_covers_every_interesting_case() -> None:
+    """The standard fleet exercises every state, stub kind and an escaped name."""
+    assert {vm.state for vm in FLEET} == {"defined", "stopped", "running", "paused"}
+    assert {vm.gdb_stub.split(":")[0] for vm in FLEET} == {"unix", "tcp", "off"}
+    assert set(VM_PATHS) == {vm.name for vm in FLEET}

@@ -1,0 +1,100 @@
+"""Debug access brokered by kdlabd: a connected gdbstub stream handed over D-Bus.
+
+The test driver runs no QEMU, so a stand-in gdbstub listens where kdlabd
+expects the VM's private stub socket; kdlabd connects to it and passes the
+connection to the caller as a descriptor (type ``h``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kdlabd.wire import VM_INTERFACE
+from tests.bus.harness import BusClient, Lab, PrivateBus, client_env, kdlabctl_argv
+
+pytestmark = pytest.mark.bus
+
+PACKET = b"$?#3f"  # gdb: why did the target stop?
+REPLY = b"+$S05#b8"  # ack, then: stopped by SIGTRAP
+
+
+class FakeStub:
+    """Answers one packet on a unix socket like QEMU's gdbstub, then hangs up."""
+
+    def __init__(self, path: str) -> None:
+        self.received = b""
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(path)
+        self._server.listen(1)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._server.accept()
+        with conn:
+            self.received = conn.recv(4096)
+            conn.sendall(REPLY)
+
+    def close(self) -> None:
+        self._thread.join(timeout=10)
+        self._server.close()
+
+
+@pytest.fixture
+def stub(kdlabd: Lab) -> Iterator[FakeStub]:
+    """A stand-in for the gdbstub of the running VM "busy"."""
+    path = kdlabd.layout.gdb_socket("busy")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fake = FakeStub(str(path))
+    yield fake
+    fake.close()
+
+
+def read_until_eof(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 4096):
+        data += chunk
+    return data
+
+
+def test_open_gdb_hands_over_a_connected_stream(
+    client: BusClient, stub: FakeStub
+) -> None:
+    reply = client.call(client.vm_path("busy"), VM_INTERFACE, "OpenGdb")
+    assert reply.error_name is None, reply.body
+    assert reply.signature == "h"
+    (fd,) = reply.unix_fds
+    try:
+        os.write(fd, PACKET)
+        assert read_until_eof(fd) == REPLY
+    finally:
+        os.close(fd)
+    assert stub.received == PACKET
+
+
+def test_gdb_proxy_relays_the_stub(bus: PrivateBus, stub: FakeStub) -> None:
+    # What gdb's "target remote | kdlabctl gdb-proxy busy" runs.
+    with subprocess.Popen(
+        kdlabctl_argv(bus.address, "gdb-proxy", "busy"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=client_env(),
+    ) as proxy:
+        assert proxy.stdin is not None
+        assert proxy.stdout is not None
+        assert proxy.stderr is not None
+        proxy.stdin.write(PACKET)
+        proxy.stdin.flush()
+        # stdin stays open: the proxy ends when the stub hangs up after its reply.
+        relayed = read_until_eof(proxy.stdout.fileno())
+        status = proxy.wait(timeout=30)
+        stderr = proxy.stderr.read()
+    assert (status, relayed) == (0, REPLY), stderr
+    assert stub.received == PACKET

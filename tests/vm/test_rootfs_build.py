@@ -1,0 +1,255 @@
+"""A real Debian root file system: debootstrap from Debian's mirror, then booted.
+
+:func:`kdlabd.core.rootfs.build_rootfs` builds bookworm twice, with its cache
+in the fixture cache (``$KDLAB_CACHE/rootfs``, default
+``/var/cache/kdlab-fixtures/rootfs``): the first build bootstraps (about a
+minute) unless an earlier run left the base there, the second must come from
+the cache. The image is read with debugfs, never mounted. Last, Debian's cloud
+kernel boots it under bare QEMU (TCG) with kdlabctl's initramfs, to systemd's
+autologin shell on ttyS0.
+
+Timings are printed (``pytest -s``), not asserted: speed belongs in bench/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import select
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kdlabctl import initramfs
+from kdlabd.core.rootfs import (
+    AUTOLOGIN_CONF,
+    AUTOLOGIN_DROP_IN,
+    FSTAB,
+    MASKED_UNITS,
+    SSH_HOST_KEYS_DROP_IN,
+    RootfsSpec,
+    build_rootfs,
+)
+from tests.conftest import require, require_root, require_tool
+from tests.fixtures import debian
+
+pytestmark = pytest.mark.vm
+
+HOSTNAME = "kdlab-vmt"
+# A public key is just bytes of the right shape: no ssh-keygen needed.
+_BLOB = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + bytes(32)
+SSH_KEY = f"ssh-ed25519 {base64.b64encode(_BLOB).decode()} kdlab-vm-test"
+SPEC = RootfsSpec("bookworm", ssh_key=SSH_KEY, hostname=HOSTNAME)
+PROMPT = f"root@{HOSTNAME}:~#".encode()
+
+
+@dataclass(frozen=True)
+class Built:
+    """The second (cached) build's image and what both builds reported."""
+
+    image: Path
+    seconds: tuple[float, float]
+    statuses: tuple[list[str], list[str]]
+
+
+def build(scratch: Path, cache: Path, output: Path) -> tuple[float, list[str]]:
+    statuses: list[str] = []
+    started = time.monotonic()
+    asyncio.run(
+        build_rootfs(SPEC, scratch, cache, output, lambda _f, s: statuses.append(s))
+    )
+    return time.monotonic() - started, statuses
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    require_root()
+    for tool, package in [
+        ("debootstrap", "debootstrap"),
+        ("mke2fs", "e2fsprogs"),
+        ("debugfs", "e2fsprogs"),
+        ("unshare", "util-linux"),
+    ]:
+        require_tool(tool, package)
+    try:
+        cache = debian.cache_dir() / "rootfs"
+    except debian.FixtureError as err:
+        require(False, str(err))
+        raise
+    work = tmp_path_factory.mktemp("rootfs")
+    first = build(work / "scratch1", cache, work / "first.raw")
+    second = build(work / "scratch2", cache, work / "second.raw")
+    print(
+        f"\nrootfs build: first {first[0]:.1f} s "
+        f"({'cached' if not bootstrapped(first[1]) else 'debootstrap'}), "
+        f"second {second[0]:.1f} s (cached)"
+    )
+    (work / "first.raw").unlink()
+    return Built(work / "second.raw", (first[0], second[0]), (first[1], second[1]))
+
+
+def bootstrapped(statuses: list[str]) -> bool:
+    return any(status.startswith("debootstrap ") for status in statuses)
+
+
+def debugfs(image: Path, request: str) -> str:
+    done = subprocess.run(
+        ["debugfs", "-R", request, str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout
+
+
+def test_second_build_comes_from_the_cache(built: Built) -> None:
+    first, second = built.statuses
+    assert not bootstrapped(second), second[:5]
+    assert second[0] == "unpacking the cached bookworm base"
+    if bootstrapped(first):
+        assert any(s.startswith("downloading systemd ") for s in first)
+        assert "storing the base in the cache" in first
+    assert second[-1] == "built second.raw"
+
+
+def test_image_is_a_clean_labelled_ext4(built: Built) -> None:
+    assert built.image.stat().st_size == SPEC.size_bytes
+    fsck = subprocess.run(
+        ["e2fsck", "-fn", str(built.image)], capture_output=True, text=True, check=False
+    )
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    header = subprocess.run(
+        ["dumpe2fs", "-h", str(built.image)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Filesystem volume name:   kdlab-root" in header
+    features = next(line for line in header.splitlines() if "features:" in line)
+    assert "orphan_file" not in features, "kernels before 5.15 could not mount it"
+
+
+def test_configured_files_in_the_image(built: Built) -> None:
+    image = built.image
+    assert debugfs(image, "cat /etc/fstab") == FSTAB
+    assert debugfs(image, "cat /etc/hostname") == f"{HOSTNAME}\n"
+    assert f"127.0.1.1\t{HOSTNAME}" in debugfs(image, "cat /etc/hosts")
+    assert debugfs(image, f"cat /{AUTOLOGIN_DROP_IN}") == AUTOLOGIN_CONF
+    shadow = debugfs(image, "cat /etc/shadow").splitlines()
+    assert shadow[0].startswith("root::"), "empty root password"
+    assert debugfs(image, "cat /etc/machine-id") == ""
+    assert debugfs(image, "cat /root/.ssh/authorized_keys") == SSH_KEY + "\n"
+    assert "Mode:  0600" in debugfs(image, "stat /root/.ssh/authorized_keys")
+    assert "ExecStartPre=/usr/bin/ssh-keygen -A" in debugfs(
+        image, f"cat /{SSH_HOST_KEYS_DROP_IN}"
+    )
+    assert "ssh_host_" not in debugfs(image, "ls /etc/ssh"), "no shared host keys"
+    units = debugfs(image, "ls -l /etc/systemd/system")
+    for unit in MASKED_UNITS:
+        assert unit in units
+    masked = debugfs(image, "stat /etc/systemd/system/apt-daily.timer")
+    assert "Type: symlink" in masked
+    assert 'Fast link dest: "/dev/null"' in masked
+    assert "agetty" in debugfs(image, "ls /usr/sbin"), "the drop-in's program"
+
+
+# Bonus: it boots.
+
+
+@dataclass(frozen=True)
+class Guest:
+    qemu: str
+    kernel: Path
+    initrd: Path
+    disk: Path
+
+    def command(self, cmdline: str) -> list[str]:
+        return [
+            self.qemu,
+            *("-machine", "accel=tcg", "-m", "1024", "-smp", "1"),
+            *("-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot"),
+            *("-kernel", str(self.kernel), "-initrd", str(self.initrd)),
+            # -snapshot: the boot writes into a temporary overlay, not the image.
+            *("-drive", f"file={self.disk},if=virtio,format=raw", "-snapshot"),
+            *("-append", cmdline),
+        ]
+
+
+@pytest.fixture(scope="module")
+def guest(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    qemu = require_tool("qemu-system-x86_64", "qemu-system-x86")
+    try:
+        kernel = debian.cloud_kernel()
+        initrd_bytes = initramfs.build(kernel.modules_dir)
+    except (debian.FixtureError, initramfs.InitramfsError) as err:
+        require(False, f"Debian's cloud kernel and busybox-static ({err})")
+        raise
+    initrd = tmp_path_factory.mktemp("rootfs-boot") / "initrd.cpio.gz"
+    initrd.write_bytes(initrd_bytes)
+    return Guest(qemu, kernel.vmlinuz, initrd, built.image)
+
+
+class Console:
+    """The serial console of a QEMU on stdio."""
+
+    def __init__(self, qemu: subprocess.Popen[bytes]) -> None:
+        assert qemu.stdin is not None
+        assert qemu.stdout is not None
+        self._qemu = qemu
+        self._in = qemu.stdin
+        self._fd = qemu.stdout.fileno()
+        self.output = b""
+
+    def expect(self, wanted: bytes, timeout: float, start: int = 0) -> int:
+        """Wait for *wanted* after offset *start*; the offset just past it."""
+        deadline = time.monotonic() + timeout
+        while (found := self.output.find(wanted, start)) < 0:
+            remaining = deadline - time.monotonic()
+            tail = self.output.decode(errors="replace")[-3000:]
+            assert remaining > 0, f"no {wanted!r} after {timeout} s:\n{tail}"
+            if select.select([self._fd], [], [], remaining)[0]:
+                chunk = os.read(self._fd, 65536)
+                assert chunk, f"QEMU exited:\n{tail}"
+                self.output += chunk
+        return found + len(wanted)
+
+    def run(self, command: str, timeout: float = 60) -> str:
+        """Type *command* at the shell; its output (up to the next prompt)."""
+        start = len(self.output)
+        self._in.write(command.encode() + b"\n")
+        self._in.flush()
+        end = self.expect(PROMPT, timeout, start)
+        return self.output[start:end].decode(errors="replace")
+
+
+def test_boots_to_the_autologin_shell(guest: Guest) -> None:
+    cmdline = "console=ttyS0 root=/dev/vda rw panic=-1"
+    started = time.monotonic()
+    with subprocess.Popen(
+        guest.command(cmdline),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as qemu:
+        try:
+            console = Console(qemu)
+            console.expect(f"{HOSTNAME} login: root (automatic login)".encode(), 180)
+            console.expect(PROMPT, 60)
+            seconds = time.monotonic() - started
+            print(f"\nboot to the autologin shell: {seconds:.1f} s (TCG)")
+            # Markers built by the shell, so the echoed command never matches.
+            assert "READY-42" in console.run("echo READY-$((6 * 7))")
+            state = console.run(
+                'echo "STATE=$(systemctl is-system-running --wait)"', timeout=120
+            )
+            failed = console.run("systemctl --failed --no-legend --plain")
+            print(f"system state: {state!r}; failed units: {failed!r}")
+            assert "STATE=running" in state, failed
+            assert "SSH=active" in console.run('echo "SSH=$(systemctl is-active ssh)"')
+            root = console.run('echo "ROOT=$(findmnt -n -o SOURCE,FSTYPE /)"')
+            assert "ROOT=/dev/vda ext4" in root
+        finally:
+            qemu.kill()
