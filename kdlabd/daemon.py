@@ -16,6 +16,7 @@ from kdlabd.bus.exporter import BusExporter
 from kdlabd.config import Config, from_args
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
+from kdlabd.core.journal import Journal
 from kdlabd.core.vms import Layout, VMService
 from kdlabd.errors import KdlabError
 from kdlabd.virt.libvirt_backend import LibvirtHypervisor, register_event_loop
@@ -44,18 +45,25 @@ async def serve(config: Config) -> None:
     ).connect()
     try:
         accel = await hypervisor.resolve_accel(config.accel)
-        authorizer = Authorizer(bus)
+        authorizer = await Authorizer.for_bus(bus)
         exporter = BusExporter(bus, authorizer)
         jobs = JobManager()
         jobs.observer = exporter
         vms = VMService(hypervisor, layout, accel, exporter)
         images = ImageService(
-            hypervisor, jobs, vms.uses_image, layout.scratch_dir(), exporter
+            hypervisor,
+            jobs=jobs,
+            users=vms.uses_image,
+            scratch_dir=layout.scratch_dir(),
+            journal=Journal(layout.journal_dir()),
+            observer=exporter,
         )
         exporter.serve(vms, images, jobs, None)
         hypervisor.watch(vms.domain_changed, vms.hypervisor_reconnected)
         await images.load()
         await vms.load()
+        await vms.reconcile()
+        await images.reconcile()
         # Objects are exported before the name is taken: owning the name means ready.
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply is not RequestNameReply.PRIMARY_OWNER:

@@ -2,9 +2,13 @@
 
 Callers are identified by their unique bus name; the bus daemon tells their
 uid and groups (``GetConnectionCredentials``), which a client cannot forge.
-The policy without polkit: anyone may inspect; root and members of group
-``kdlab`` may manage and debug their own VMs; only root may touch VMs that
-belong to someone else.
+
+With polkit on the bus, every call is a ``CheckAuthorization`` of the
+caller's ``system-bus-name`` (never a pid, which can be recycled), for one of
+kdlab's actions (systemd/org.kdlab.Kdlab1.policy; a rule grants group
+``kdlab``). Any polkit failure denies. Without polkit: anyone may inspect;
+root and members of group ``kdlab`` may manage and debug their own VMs; only
+root may touch VMs that belong to someone else.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pwd
 from dataclasses import dataclass
 
 import structlog
-from dbus_next import Message, MessageType
+from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
 from kdlabd.errors import NotAuthorized
@@ -60,12 +64,39 @@ def _user_gids(uid: int) -> frozenset[int]:
     return frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
 
 
-class Authorizer:
-    """Checks callers against kdlab's policy."""
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
+_POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+_POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
+# CheckAuthorization flags: let an authentication agent ask the user (pkttyagent).
+_ALLOW_USER_INTERACTION = 1
 
-    def __init__(self, bus: MessageBus) -> None:
+
+class Authorizer:
+    """Checks callers against kdlab's policy: polkit when present, else groups."""
+
+    def __init__(self, bus: MessageBus, *, polkit: bool = False) -> None:
         self._bus = bus
+        self.polkit = polkit
         self._callers: dict[str, Caller] = {}
+
+    @classmethod
+    async def for_bus(cls, bus: MessageBus) -> Authorizer:
+        """Use polkit if the bus has it (running, or activatable on demand)."""
+        names: set[str] = set()
+        for member in ("ListNames", "ListActivatableNames"):
+            reply = await bus.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member=member,
+                )
+            )
+            if reply is not None and reply.message_type is MessageType.METHOD_RETURN:
+                names.update(reply.body[0])
+        authorizer = cls(bus, polkit=POLKIT_NAME in names)
+        log.info("auth.mode", polkit=authorizer.polkit)
+        return authorizer
 
     async def caller(self, bus_name: str) -> Caller:
         """The uid and groups behind *bus_name*, as the bus daemon reports them."""
@@ -105,17 +136,18 @@ class Authorizer:
     ) -> Caller:
         """Return the caller if it may perform *action* (on a VM of *owner_uid*)."""
         caller = await self.caller(bus_name)
-        if not self._allowed(caller, action):
+        if not await self._allowed(caller, action):
             log.info("auth.denied", uid=caller.uid, action=action.value)
+            who = "polkit does not allow" if self.polkit else "kdlabd does not allow"
             raise NotAuthorized(
-                f"uid {caller.uid} may not do this ({action.value}): be root or a "
-                f"member of group {KDLAB_GROUP!r}"
+                f"{who} uid {caller.uid} to do this ({action.value}): be root or "
+                f"a member of group {KDLAB_GROUP!r} (usermod -aG {KDLAB_GROUP} USER)"
             )
         others = owner_uid is not None and owner_uid != caller.uid
         if (
             others
             and action is not Action.INSPECT
-            and not self._allowed(caller, Action.MANAGE_OTHERS)
+            and not await self._allowed(caller, Action.MANAGE_OTHERS)
         ):
             log.info("auth.denied", uid=caller.uid, action=Action.MANAGE_OTHERS.value)
             raise NotAuthorized(
@@ -124,8 +156,32 @@ class Authorizer:
             )
         return caller
 
+    async def _allowed(self, caller: Caller, action: Action) -> bool:
+        if self.polkit:
+            return await self._polkit_allows(caller, action)
+        return self._group_allows(caller, action)
+
+    async def _polkit_allows(self, caller: Caller, action: Action) -> bool:
+        subject = ["system-bus-name", {"name": Variant("s", caller.bus_name)}]
+        reply = await self._bus.call(
+            Message(
+                destination=POLKIT_NAME,
+                path=_POLKIT_PATH,
+                interface=_POLKIT_INTERFACE,
+                member="CheckAuthorization",
+                signature="(sa{sv})sa{ss}us",
+                body=[subject, action.value, {}, _ALLOW_USER_INTERACTION, ""],
+            )
+        )
+        if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
+            error = reply.error_name if reply is not None else "no reply"
+            log.warning("auth.polkit_failed", action=action.value, error=error)
+            return False
+        authorized, _challenge, _details = reply.body[0]
+        return bool(authorized)
+
     @staticmethod
-    def _allowed(caller: Caller, action: Action) -> bool:
+    def _group_allows(caller: Caller, action: Action) -> bool:
         if caller.uid == 0 or action is Action.INSPECT:
             return True
         if action is Action.MANAGE_OTHERS:

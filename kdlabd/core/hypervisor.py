@@ -97,5 +97,8 @@ class Hypervisor(Protocol):
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
         """Stream *size* bytes of *fd* into boot volume *volume*; return its path."""
 
+    async def list_vm_volumes(self) -> list[str]:
+        """Names of the volumes in the pool of VM volumes (kernels, initrds, disks)."""
+
     async def delete_vm_volume(self, volume: str) -> None:
         """Delete the VM volume *volume* (kernel, initrd or disk) if it exists."""

@@ -21,6 +21,7 @@ import structlog
 from kdlabd.core import validate
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
+from kdlabd.core.journal import Journal, crash_point
 from kdlabd.core.models import ImageRecord, ImageSource
 from kdlabd.errors import ImageExists, InvalidArgument, InvalidState, NoSuchImage
 
@@ -44,15 +45,18 @@ class ImageService:
     def __init__(
         self,
         hypervisor: Hypervisor,
+        *,
         jobs: JobManager,
         users: Callable[[str], tuple[str, ...]],
         scratch_dir: Path,
+        journal: Journal,
         observer: ImageObserver,
     ) -> None:
         self._hv = hypervisor
         self._jobs = jobs
         self._users = users
         self._scratch_dir = scratch_dir
+        self._journal = journal
         self._observer = observer
         self._images: dict[str, ImageRecord] = {}
         self._busy: set[str] = set()
@@ -65,6 +69,19 @@ class ImageService:
                 self._forget(name)
         for image in found.values():
             self._store(image)
+
+    async def reconcile(self) -> list[str]:
+        """Delete images whose import or build died with kdlabd (start-up only)."""
+        removed = []
+        for name in self._journal.pending("image"):
+            if name in self._images:
+                await self._hv.delete_image(name)
+                self._forget(name)
+                removed.append(name)
+            self._journal.done("image", name)
+        if removed:
+            log.warning("reconcile.removed_partial_images", removed=removed)
+        return removed
 
     def list(self) -> list[ImageRecord]:
         return sorted(self._images.values(), key=lambda i: i.name)
@@ -167,7 +184,11 @@ class ImageService:
                 f"uploading: {done >> 20} of {source.size >> 20} MiB",
             )
 
-        image = await finish_on_cancel(self._hv.upload_image(name, source, progress))
+        with self._journal.intent("image", name):
+            crash_point("image.upload-started")
+            image = await finish_on_cancel(
+                self._hv.upload_image(name, source, progress)
+            )
         self._store(image)
         return image
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import socket
 import time
@@ -24,6 +25,7 @@ import structlog
 from kdlabd.core import kernel, validate
 from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.hypervisor import Hypervisor
+from kdlabd.core.journal import crash_point
 from kdlabd.core.models import (
     Accel,
     DebugSettings,
@@ -76,6 +78,10 @@ class Layout:
         """Where image builds work; emptied of a build when it ends."""
         return self.state_dir / "scratch"
 
+    def journal_dir(self) -> Path:
+        """Intent files of operations under way (see kdlabd.core.journal)."""
+        return self.state_dir / "pending"
+
     def cache_dir(self) -> Path:
         """What builds keep for next time (debootstrap results)."""
         return self.state_dir / "cache"
@@ -112,6 +118,15 @@ def kernel_volume(name: str) -> str:
 
 def initrd_volume(name: str) -> str:
     return f"{name}.initrd"
+
+
+_VOLUME_SUFFIX = re.compile(r"\.(kernel|initrd|vd[a-z]\.qcow2)$")
+
+
+def volume_owner(volume: str) -> str | None:
+    """The VM a boot-pool volume belongs to, by its name; None if not kdlab's."""
+    match = _VOLUME_SUFFIX.search(volume)
+    return volume[: match.start()] if match else None
 
 
 def disk_target(index: int) -> str:
@@ -155,6 +170,30 @@ class VMService:
         for record in records.values():
             self._store(record)
         log.info("vms.loaded", count=len(self._vms))
+
+    async def reconcile(self) -> list[str]:
+        """Remove what crashed creates left: volumes and directories of no VM.
+
+        Runs at start-up, after :meth:`load` and before any call is served, so
+        no create is under way. A VM's files are named after it, which tells
+        whose they are; nothing that belongs to an existing VM (running or
+        not) is touched. Returns what was removed.
+        """
+        removed = []
+        for volume in await self._hv.list_vm_volumes():
+            owner = volume_owner(volume)
+            if owner is not None and owner not in self._vms:
+                await self._hv.delete_vm_volume(volume)
+                removed.append(volume)
+        vms_dir = self._layout.state_dir / "vms"
+        if vms_dir.is_dir():
+            for entry in vms_dir.iterdir():
+                if entry.name not in self._vms:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(str(entry))
+        if removed:
+            log.warning("reconcile.removed_orphans", removed=removed)
+        return removed
 
     def list(self) -> list[VMRecord]:
         return sorted(self._vms.values(), key=lambda r: r.name)
@@ -222,6 +261,7 @@ class VMService:
                 undo.push_async_callback(
                     _undo, self._hv.delete_vm_volume, kernel_volume(name)
                 )
+                crash_point("create.kernel-uploaded")
                 initrd = None
                 if request.initrd_fd is not None:
                     initrd = await self._hv.upload_boot_file(
@@ -231,6 +271,7 @@ class VMService:
                         _undo, self._hv.delete_vm_volume, initrd_volume(name)
                     )
                 disks = await self._create_disks(request, undo)
+                crash_point("create.disks-created")
                 vm_dir = self._layout.vm_dir(name)
                 vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 undo.callback(shutil.rmtree, vm_dir, ignore_errors=True)
@@ -238,6 +279,7 @@ class VMService:
                     spec.replace(kernel=kernel_path, initrd=initrd, disks=disks)
                 )
                 undo.pop_all()
+                crash_point("create.defined")
         self._store(record)
         log.info("vm.created", vm=name, owner_uid=request.owner_uid, uuid=record.uuid)
         return self.get(name)

@@ -283,6 +283,14 @@ class LibvirtHypervisor:
 
         return await self._call(upload)
 
+    async def list_vm_volumes(self) -> list[str]:
+        def names(conn: libvirt.virConnect) -> list[str]:
+            pool = conn.storagePoolLookupByName(self._boot_pool_name)
+            pool.refresh(0)
+            return [str(v) for v in pool.listVolumes()]
+
+        return await self._call(names)
+
     async def delete_vm_volume(self, volume: str) -> None:
         await self._call(
             lambda conn: storage.delete_volume(

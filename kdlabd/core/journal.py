@@ -1,0 +1,61 @@
+"""A journal of multi-step operations, so a crash in the middle leaves no orphan.
+
+Before an operation makes its first volume, it writes an intent file; when
+it completes (or rolls back) it removes it. An intent file found at start-up
+belongs to an operation that died with kdlabd (kill -9, power cut), and
+reconciliation finishes the job of rolling it back.
+
+:func:`crash_point` lets tests kill kdlabd at a named step
+(``KDLAB_TEST_CRASH_AT=create.kernel-uploaded``); without that variable it
+does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+CRASH_ENV = "KDLAB_TEST_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Die here, as kill -9 would, when the test environment asks for it."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Journal:
+    """Intent files ``KIND-NAME`` in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+
+    @contextlib.contextmanager
+    def intent(self, kind: str, name: str) -> Iterator[None]:
+        """Record that *kind* of *name* is under way until the block ends."""
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self._dir / f"{kind}-{name}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+    def pending(self, kind: str) -> list[str]:
+        """Names whose *kind* operation never finished."""
+        prefix = f"{kind}-"
+        try:
+            entries = os.listdir(self._dir)
+        except FileNotFoundError:
+            return []
+        return sorted(e.removeprefix(prefix) for e in entries if e.startswith(prefix))
+
+    def done(self, kind: str, name: str) -> None:
+        (self._dir / f"{kind}-{name}").unlink(missing_ok=True)
