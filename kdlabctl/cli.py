@@ -37,6 +37,7 @@ exit codes:
   5   the VM or image already exists (VMExists, ImageExists)
   6   not authorized (NotAuthorized)
   7   libvirt or QEMU failed (HypervisorError)
+  8   an image build failed (BuildFailed)
   69  kdlabd or the bus is not reachable
 """
 

@@ -55,10 +55,11 @@ async def serve(config: Config) -> None:
             jobs=jobs,
             users=vms.uses_image,
             scratch_dir=layout.scratch_dir(),
+            cache_dir=layout.cache_dir(),
             journal=Journal(layout.journal_dir()),
             observer=exporter,
         )
-        exporter.serve(vms, images, jobs, None)
+        exporter.serve(vms, images, jobs)
         hypervisor.watch(vms.domain_changed, vms.hypervisor_reconnected)
         await images.load()
         await vms.load()

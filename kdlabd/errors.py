@@ -75,6 +75,13 @@ class NoSuchJob(KdlabError):
     exit_code = 4
 
 
+class BuildFailed(KdlabError):
+    """A tool of an image build failed; the message ends with its last output."""
+
+    reason = "BuildFailed"
+    exit_code = 8
+
+
 class NotAuthorized(KdlabError):
     """The caller may not do this."""
 
@@ -104,6 +111,7 @@ ERRORS: tuple[type[KdlabError], ...] = (
     NoSuchImage,
     ImageExists,
     NoSuchJob,
+    BuildFailed,
     NotAuthorized,
     HypervisorError,
     Internal,

@@ -7,7 +7,7 @@ from dbus_next.aio import MessageBus
 from kdlabd.bus.auth import Authorizer
 from kdlabd.bus.image import ImageInterface
 from kdlabd.bus.job import JobInterface
-from kdlabd.bus.manager import ManagerInterface, RootfsBuilder
+from kdlabd.bus.manager import ManagerInterface
 from kdlabd.bus.vm import VMInterface
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import Job, JobManager
@@ -36,11 +36,10 @@ class BusExporter:
         vms: VMService,
         images: ImageService,
         jobs: JobManager,
-        builder: RootfsBuilder | None,
     ) -> None:
         """Export the manager; VM, image and job objects follow as they appear."""
         self._services = (vms, images, jobs)
-        self._manager = ManagerInterface(vms, images, jobs, self._authorizer, builder)
+        self._manager = ManagerInterface(vms, images, jobs, self._authorizer)
         self._bus.export(MANAGER_PATH, self._manager)
 
     @property

@@ -3,8 +3,6 @@
 # No "from __future__ import annotations": dbus-next reads D-Bus type strings
 # from the annotations and needs them unevaluated string constants.
 
-from typing import Protocol
-
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, signal
 
@@ -12,21 +10,12 @@ from kdlabd import __version__
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.options import take
-from kdlabd.core.images import Builder, ImageService
+from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
 from kdlabd.core.models import DebugSettings
+from kdlabd.core.rootfs import DEFAULT_SIZE_BYTES, RootfsSpec
 from kdlabd.core.vms import CreateRequest, VMService
-from kdlabd.errors import InvalidArgument
 from kdlabd.wire import API_REVISION, MANAGER_INTERFACE, image_path, job_path, vm_path
-
-
-class RootfsBuilder(Protocol):
-    """Makes the image builder for a BuildImage request (validating it first)."""
-
-    def __call__(
-        self, *, suite: str, size: int, packages: tuple[str, ...], ssh_key: str
-    ) -> Builder: ...
-
 
 CREATE_OPTIONS = {
     "kernel": "h",
@@ -38,6 +27,7 @@ CREATE_OPTIONS = {
     "gdb_tcp_port": "q",
     "vmlinux": "s",
     "kernel_path": "s",
+    "tree": "s",
     "image": "s",
     "disk_size": "t",
     "extra_disks": "at",
@@ -54,14 +44,12 @@ class ManagerInterface(ServiceInterface):
         images: ImageService,
         jobs: JobManager,
         authorizer: Authorizer,
-        builder: RootfsBuilder | None = None,
     ) -> None:
         super().__init__(MANAGER_INTERFACE)
         self.vms = vms
         self.images = images
         self.jobs = jobs
         self.authorizer = authorizer
-        self.builder = builder
 
     def resource_owner(self) -> int | None:
         return None
@@ -85,6 +73,7 @@ class ManagerInterface(ServiceInterface):
                 ),
                 vmlinux=opts.get("vmlinux", ""),
                 kernel_source=opts.get("kernel_path", ""),
+                tree=opts.get("tree", ""),
                 image=opts.get("image", ""),
                 disk_size=opts.get("disk_size", 0),
                 extra_disks=tuple(opts.get("extra_disks", ())),
@@ -122,15 +111,13 @@ class ManagerInterface(ServiceInterface):
     async def BuildImage(self, caller: Caller, name: "s", options: "a{sv}") -> "o":
         """Build a Debian root filesystem image with debootstrap, as a job."""
         opts = take(options, BUILD_OPTIONS)
-        if self.builder is None:
-            raise InvalidArgument("this kdlabd cannot build images")
-        build = self.builder(
+        spec = RootfsSpec(
             suite=opts.get("suite", "bookworm"),
-            size=opts.get("size", 0),
+            size_bytes=opts.get("size", DEFAULT_SIZE_BYTES),
             packages=tuple(opts.get("packages", ())),
             ssh_key=opts.get("ssh_key", ""),
         )
-        return job_path(self.images.build(name, build, caller.uid).id)
+        return job_path(self.images.build_rootfs(name, spec, caller.uid).id)
 
     @exported(Action.INSPECT)
     async def ListImages(self, caller: Caller) -> "ao":

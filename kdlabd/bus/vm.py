@@ -15,7 +15,7 @@ from kdlabd.core.models import VMRecord
 from kdlabd.core.vms import DEFAULT_STOP_TIMEOUT, VMService
 from kdlabd.wire import VM_INTERFACE
 
-START_OPTIONS = {"paused": "b"}
+START_OPTIONS = {"paused": "b", "kernel": "h"}
 STOP_OPTIONS = {"force": "b", "timeout": "u"}
 
 
@@ -43,6 +43,7 @@ def properties(record: VMRecord) -> dict[str, Any]:
         "KernelRelease": spec.release,
         "Vmlinux": spec.vmlinux,
         "KernelPath": spec.kernel_source,
+        "Tree": spec.tree,
     }
 
 
@@ -75,7 +76,11 @@ class VMInterface(ServiceInterface):
     async def Start(self, caller: Caller, options: "a{sv}") -> None:
         """Boot the VM. ``paused`` (b): the CPUs wait for a debugger."""
         opts = take(options, START_OPTIONS)
-        await self.vms.start(self._record.name, paused=opts.get("paused", False))
+        await self.vms.start(
+            self._record.name,
+            paused=opts.get("paused", False),
+            kernel_fd=opts.get("kernel"),
+        )
 
     @exported(Action.MANAGE_VMS)
     async def Stop(self, caller: Caller, options: "a{sv}") -> None:
@@ -172,3 +177,8 @@ class VMInterface(ServiceInterface):
     def KernelPath(self) -> "s":
         """The client's path of the kernel at creation (where to look for vmlinux)."""
         return self._props["KernelPath"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Tree(self) -> "s":
+        """The kernel source tree given at creation; kdlabctl start boots its build."""
+        return self._props["Tree"]

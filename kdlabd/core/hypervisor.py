@@ -54,6 +54,9 @@ class Hypervisor(Protocol):
     async def define_vm(self, spec: VMSpec) -> VMRecord:
         """Define a persistent domain for *spec*; VMExists if the name is taken."""
 
+    async def redefine_vm(self, spec: VMSpec) -> VMRecord:
+        """Update the definition of the existing (inactive) VM *spec.name*."""
+
     async def undefine_vm(self, name: str) -> None:
         """Remove the VM's (inactive) domain definition."""
 

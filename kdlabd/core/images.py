@@ -23,6 +23,8 @@ from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
 from kdlabd.core.journal import Journal, crash_point
 from kdlabd.core.models import ImageRecord, ImageSource
+from kdlabd.core.rootfs import Progress as RootfsProgress
+from kdlabd.core.rootfs import RootfsSpec, build_rootfs
 from kdlabd.errors import ImageExists, InvalidArgument, InvalidState, NoSuchImage
 
 log = structlog.get_logger(__name__)
@@ -49,6 +51,7 @@ class ImageService:
         jobs: JobManager,
         users: Callable[[str], tuple[str, ...]],
         scratch_dir: Path,
+        cache_dir: Path,
         journal: Journal,
         observer: ImageObserver,
     ) -> None:
@@ -56,6 +59,7 @@ class ImageService:
         self._jobs = jobs
         self._users = users
         self._scratch_dir = scratch_dir
+        self._cache_dir = cache_dir
         self._journal = journal
         self._observer = observer
         self._images: dict[str, ImageRecord] = {}
@@ -127,6 +131,16 @@ class ImageService:
                 self._release(name)
 
         return self._jobs.start("import", name, owner_uid, work)
+
+    def build_rootfs(self, name: str, spec: RootfsSpec, owner_uid: int) -> Job:
+        """A job: debootstrap a Debian root filesystem into the new image *name*."""
+
+        async def build(scratch: Path, progress: RootfsProgress) -> None:
+            await build_rootfs(
+                spec, scratch, self._cache_dir, scratch / "image.raw", progress
+            )
+
+        return self.build(name, build, owner_uid)
 
     def build(self, name: str, builder: Builder, owner_uid: int) -> Job:
         """A job: run *builder* in a scratch directory, upload its image.raw."""

@@ -101,9 +101,11 @@ class VMSpec:
     release: str = ""
     vmlinux: str = ""
     kernel_source: str = ""
+    tree: str = ""
     disks: tuple[Disk, ...] = ()
-    """*release* is read from the bzImage; *vmlinux* and *kernel_source* are the
-    client's paths, kept as hints for ``kdlabctl gdb`` and never opened by kdlabd."""
+    """*release* is read from the bzImage; *vmlinux*, *kernel_source* and
+    *tree* (a kernel source tree) are the client's paths, kept as hints for
+    kdlabctl (gdb, start) and never opened by kdlabd."""
 
     def replace(self, **changes: object) -> VMSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

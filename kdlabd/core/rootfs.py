@@ -46,7 +46,7 @@ from typing import NamedTuple, TypeVar
 import structlog
 
 from kdlabd.core.jobs import finish_on_cancel
-from kdlabd.errors import InvalidArgument, KdlabError
+from kdlabd.errors import BuildFailed, InvalidArgument
 
 log = structlog.get_logger(__name__)
 
@@ -164,12 +164,11 @@ _TOOL_PACKAGES = {
 }
 
 
-class RootfsBuildError(KdlabError):
+class RootfsBuildError(BuildFailed):
     """A tool of the root file system build failed.
 
     The message names the tool, says what to check and ends with the tool's
-    last lines of output. On the bus it is ``Error.Failed`` (KdlabError's own
-    reason): one reason for any failed job step, distinct from bad arguments.
+    last lines of output.
     """
 
 

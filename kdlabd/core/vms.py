@@ -107,6 +107,7 @@ class CreateRequest:
     debug: DebugSettings = field(default_factory=DebugSettings)
     vmlinux: str = ""
     kernel_source: str = ""
+    tree: str = ""
     image: str = ""
     disk_size: int = 0
     extra_disks: tuple[int, ...] = ()
@@ -306,6 +307,19 @@ class VMService:
             disks.append(Disk(path, target, base.name if base else ""))
         return tuple(disks)
 
+    async def _replace_kernel(self, record: VMRecord, fd: int) -> None:
+        """Stage a new snapshot of the kernel: rebuilding the tree later is safe."""
+        size = validate.readable_file(fd, "kernel", validate.KERNEL_MAX_BYTES)
+        header = os.pread(fd, kernel.HEADER_BYTES, 0)
+        validate.kernel_image(header)
+        await self._hv.upload_boot_file(kernel_volume(record.name), fd, size)
+        release = kernel.bzimage_release(header)
+        if release != record.spec.release:
+            self._store(
+                await self._hv.redefine_vm(record.spec.replace(release=release))
+            )
+        log.info("vm.kernel_replaced", vm=record.name, release=release)
+
     def uses_image(self, image: str) -> tuple[str, ...]:
         """Names of the VMs whose disks are based on *image*."""
         return tuple(
@@ -314,11 +328,16 @@ class VMService:
             if any(d.base_image == image for d in r.spec.disks)
         )
 
-    async def start(self, name: str, *, paused: bool = False) -> VMRecord:
+    async def start(
+        self, name: str, *, paused: bool = False, kernel_fd: int | None = None
+    ) -> VMRecord:
+        """Boot the VM; *kernel_fd* replaces its kernel first (a fresh build)."""
         async with self._lock(name):
             record = self.get(name)
             if record.state.active:
                 raise InvalidState(f"VM {name!r} is already {record.state}")
+            if kernel_fd is not None:
+                await self._replace_kernel(record, kernel_fd)
             self._rotate_console_log(name)
             if paused:
                 self._waiting.add(name)
@@ -444,6 +463,7 @@ class VMService:
             vmlinux=validate.hint_path(request.vmlinux, "vmlinux path"),
             disks=self._check_disks(request),
             kernel_source=validate.hint_path(request.kernel_source, "kernel path"),
+            tree=validate.hint_path(request.tree, "kernel tree path"),
         )
 
     @staticmethod

@@ -89,6 +89,8 @@ def _metadata(parent: etree._Element, spec: VMSpec) -> None:
         kernel.set("source", spec.kernel_source)
     if spec.vmlinux:
         kernel.set("vmlinux", spec.vmlinux)
+    if spec.tree:
+        kernel.set("tree", spec.tree)
 
 
 def _os(parent: etree._Element, spec: VMSpec) -> None:
@@ -204,6 +206,7 @@ def parse_domain_xml(xml: str) -> VMSpec:
         release=hints.get("release", ""),
         vmlinux=hints.get("vmlinux", ""),
         kernel_source=hints.get("source", ""),
+        tree=hints.get("tree", ""),
         disks=_disks(root, meta),
     )
 

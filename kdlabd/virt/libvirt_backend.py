@@ -240,6 +240,19 @@ class LibvirtHypervisor:
 
         return await self._call(define)
 
+    async def redefine_vm(self, spec: VMSpec) -> VMRecord:
+        xml = build_domain_xml(spec)
+
+        def redefine(conn: libvirt.virConnect) -> VMRecord:
+            self._domain(conn, spec.name)
+            record = self._record(
+                conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+            )
+            assert record is not None, "a domain kdlab defined must parse back"
+            return record
+
+        return await self._call(redefine)
+
     async def undefine_vm(self, name: str) -> None:
         await self._call(lambda conn: self._domain(conn, name).undefine())
 
