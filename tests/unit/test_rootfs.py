@@ -267,7 +267,7 @@ def test_invalid_argument_is_a_kdlab_error_with_its_name() -> None:
     with pytest.raises(KdlabError) as raised:
         RootfsSpec("Bookworm")
     assert raised.value.dbus_name() == "org.kdlab.Kdlab1.Error.InvalidArgument"
-    assert RootfsBuildError.dbus_name() == KdlabError.dbus_name()
+    assert RootfsBuildError.dbus_name() == "org.kdlab.Kdlab1.Error.BuildFailed"
 
 
 # What debootstrap is told, and the cache key.
