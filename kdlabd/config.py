@@ -23,6 +23,7 @@ class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: Path = Path("/var/lib/kdlab")
     runtime_dir: Path = Path("/run/kdlab")
+    cache_dir: Path | None = None  # default: STATE_DIR/cache
     accel: Accel = Accel.AUTO
     qemu_user: str = "libvirt-qemu"
     boot_pool: str = "kdlab-boot"
@@ -48,7 +49,7 @@ def _coerce(key: str, value: Any) -> Any:
         )
     if not isinstance(value, str):
         raise InvalidArgument(f"configuration key {key!r} must be a string")
-    if key in ("state_dir", "runtime_dir"):
+    if key in ("state_dir", "runtime_dir", "cache_dir"):
         return Path(value)
     if key == "accel":
         try:

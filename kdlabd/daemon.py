@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 async def serve(config: Config) -> None:
     """Run until SIGTERM/SIGINT or until the bus goes away."""
     register_event_loop()
-    layout = Layout(config.state_dir, config.runtime_dir)
+    layout = Layout(config.state_dir, config.runtime_dir, config.cache_dir)
     layout.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
     hypervisor = LibvirtHypervisor(
         config.libvirt_uri,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from lxml import etree
 
+from tests.fixtures import debian
+
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "systemd" / "org.kdlab.Kdlab1.conf"
 BUS_NAME = "org.kdlab.Kdlab1"
@@ -275,8 +277,10 @@ def system_kdlabd(pool_prefix: str, accel: str = "tcg") -> Iterator[Kdlabd]:
         state_dir=root / "state",
         runtime_dir=root / "run",
         extra_args=("--accel", accel),
+        # Builds keep their debootstrap cache across runs, as a developer's do.
         config_text=(
             f'boot_pool = "{pool_prefix}-boot"\nimage_pool = "{pool_prefix}-images"\n'
+            f'cache_dir = "{debian.cache_dir() / "kdlabd"}"\n'
         ),
     )
     try:

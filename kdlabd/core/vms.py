@@ -67,6 +67,7 @@ class Layout:
 
     state_dir: Path
     runtime_dir: Path
+    cache: Path | None = None
 
     def vm_dir(self, name: str) -> Path:
         return self.state_dir / "vms" / name
@@ -84,7 +85,7 @@ class Layout:
 
     def cache_dir(self) -> Path:
         """What builds keep for next time (debootstrap results)."""
-        return self.state_dir / "cache"
+        return self.cache or self.state_dir / "cache"
 
     def gdb_dir(self) -> Path:
         return self.runtime_dir / "gdb"
