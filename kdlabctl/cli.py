@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from kdlabctl import images
+from kdlabctl import images, kconfig, kernel
 from kdlabd.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -70,6 +71,14 @@ def open_for_daemon(path: str, what: str) -> int:
         raise UsageError(f"cannot open {what} {path}: {err.strerror}") from None
 
 
+def _tree_build(tree: str) -> kernel.Artifacts:
+    """What `make` left in a kernel tree (or O= directory), or why there is none."""
+    try:
+        return kernel.tree_artifacts(tree)
+    except kconfig.KernelError as err:
+        raise UsageError(str(err)) from None
+
+
 def _initrd(args: argparse.Namespace) -> int | None:
     """The initrd to pass: --initrd, or one kdlabctl builds for a modular kernel.
 
@@ -106,6 +115,14 @@ def _initrd(args: argparse.Namespace) -> int | None:
 async def cmd_create(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl.client import variant_options
 
+    if args.tree:
+        built = _tree_build(args.tree)
+        args.kernel = str(built.bzimage)
+        args.vmlinux = args.vmlinux or (str(built.vmlinux) if built.vmlinux else None)
+    elif not args.kernel:
+        raise UsageError(
+            "give --kernel PATH (a bzImage) or --tree PATH (a kernel tree)"
+        )
     vmlinux = os.path.abspath(args.vmlinux) if args.vmlinux else None
     if vmlinux and not os.path.isfile(vmlinux):
         raise UsageError(f"vmlinux {args.vmlinux} is not a file")
@@ -125,6 +142,7 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
             gdb_tcp_port=("q", args.gdb_tcp) if args.gdb_tcp is not None else None,
             vmlinux=("s", vmlinux) if vmlinux else None,
             kernel_path=("s", os.path.abspath(args.kernel)),
+            tree=("s", os.path.abspath(args.tree)) if args.tree else None,
             image=("s", args.image) if args.image else None,
             disk_size=("t", args.disk_size) if args.disk_size else None,
             extra_disks=("at", args.extra_disk) if args.extra_disk else None,
@@ -192,11 +210,27 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_start(client: Client, args: argparse.Namespace) -> int:
-    from kdlabctl.client import variant_options
-
-    options = variant_options(paused=("b", True) if args.paused else None)
-    await client.vm_call(args.name, "Start", "a{sv}", [options])
+    await start_vm(client, args.name, paused=args.paused)
     return EXIT_OK
+
+
+async def start_vm(client: Client, name: str, *, paused: bool) -> None:
+    """Start *name*; a VM made from a kernel tree boots the tree's newest build."""
+    from kdlabctl.client import variant_options
+    from kdlabd.wire import VM_INTERFACE
+
+    path = await client.vm_path(name)
+    tree = (await client.vm_properties(path))["Tree"]
+    fds = [open_for_daemon(str(_tree_build(tree).bzimage), "kernel")] if tree else []
+    try:
+        options = variant_options(
+            paused=("b", True) if paused else None,
+            kernel=("h", 0) if fds else None,
+        )
+        await client.call(path, VM_INTERFACE, "Start", "a{sv}", [options], unix_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 async def cmd_stop(client: Client, args: argparse.Namespace) -> int:
@@ -324,29 +358,120 @@ async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kdlabctl",
-        description="Kernel debug VMs served by kdlabd: create, start, watch, debug.",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+async def cmd_up(client: Client, args: argparse.Namespace) -> int:
+    """The seed's whole recipe: check, build, (re)create, boot paused, debug."""
+    tree = os.path.abspath(args.path)
+    try:
+        findings = kernel.check_config(kconfig.locate(tree))
+    except kconfig.KernelError as err:
+        raise UsageError(str(err)) from None
+    blocking = kconfig.errors(findings)
+    if blocking:
+        print(kernel.format_findings(blocking), file=sys.stderr)
+        raise UsageError(
+            "the kernel configuration stops the debug lab: fix it, or run "
+            f"kdlabctl kernel configure {args.path}"
+        )
+    if args.build:
+        jobs = len(os.sched_getaffinity(0))
+        built = await kernel.cmd_build(
+            None, argparse.Namespace(path=tree, out=None, jobs=jobs)
+        )
+        if built != EXIT_OK:
+            return built
+    name = args.name or up_name(tree)
+    await _reuse_or_create(client, name, tree, args)
+    await start_vm(client, name, paused=True)
+    if args.console:
+        return await cmd_console(client, argparse.Namespace(name=name))
+    return await cmd_gdb(
+        client,
+        argparse.Namespace(
+            name=name, vmlinux=None, bus=args.bus, gdb_args=args.gdb_args
+        ),
     )
-    parser.add_argument(
-        "--bus",
-        default=os.environ.get("KDLAB_BUS", "system"),
-        help="system (default, or $KDLAB_BUS), session, or a D-Bus address",
+
+
+def up_name(tree: str) -> str:
+    """A VM name from a tree's directory name (linux-6.9-rc1 stays as it is)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(tree.rstrip("/")))
+    return cleaned.strip("-._")[:63] or "kernel"
+
+
+async def _reuse_or_create(
+    client: Client, name: str, tree: str, args: argparse.Namespace
+) -> None:
+    """Keep (stopped) the VM of this tree if it exists; create it otherwise."""
+    from kdlabctl.client import RemoteError, variant_options
+    from kdlabd.errors import NoSuchVM
+
+    try:
+        props = await client.vm_properties(await client.vm_path(name))
+    except RemoteError as err:
+        if err.name != NoSuchVM.dbus_name():
+            raise
+        props = None
+    if props is None:
+        create = argparse.Namespace(
+            name=name,
+            tree=tree,
+            kernel=None,
+            vmlinux=None,
+            initrd=None,
+            modules=None,
+            cmdline=args.cmdline,
+            memory=args.memory,
+            cpus=None,
+            no_gdb=False,
+            gdb_tcp=None,
+            image=args.image,
+            disk_size=None,
+            extra_disk=None,
+            quiet=True,
+        )
+        await cmd_create(client, create)
+        return
+    if props["Tree"] != tree:
+        other = props["Tree"] or props["KernelPath"]
+        raise UsageError(f"VM {name} boots another kernel ({other}): use --name")
+    if props["State"] in ("running", "paused", "stopping"):
+        force = variant_options(force=("b", True))
+        await client.vm_call(name, "Stop", "a{sv}", [force])
+
+
+def add_up_parser(
+    command: Callable[[str, Command, str], argparse.ArgumentParser],
+) -> None:
+    up = command(
+        "up",
+        cmd_up,
+        "check a kernel tree, (build it,) create or reuse its VM, boot it paused "
+        "and attach gdb; unknown options go to gdb",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    up.add_argument("path", metavar="PATH", help="a kernel source tree (or O= dir)")
+    up.add_argument("--name", help="VM name (default: the tree's directory name)")
+    up.add_argument("--image", metavar="IMAGE", help="root disk image for a new VM")
+    up.add_argument("--build", action="store_true", help="make the kernel first")
+    up.add_argument(
+        "--console", action="store_true", help="attach the console instead of gdb"
+    )
+    up.add_argument("--memory", type=_unsigned(32), metavar="MIB")
+    up.add_argument("--cmdline", metavar="STR", help="kernel command line (new VM)")
 
-    def command(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(func=fn)
-        return sub
 
+def add_create_parser(
+    command: Callable[[str, Command, str], argparse.ArgumentParser],
+) -> None:
+    """``kdlabctl create``: its many options have a function of their own."""
     create = command("create", cmd_create, "define a VM that boots KERNEL directly")
     create.add_argument("name", metavar="NAME")
-    create.add_argument(
-        "--kernel", required=True, metavar="PATH", help="bzImage to boot"
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument("--kernel", metavar="PATH", help="bzImage to boot")
+    source.add_argument(
+        "--tree",
+        metavar="PATH",
+        help="a built kernel tree (or O= dir): boots its bzImage, gdb reads its "
+        "vmlinux, and every start boots the newest build",
     )
     create.add_argument("--initrd", metavar="PATH", help="initramfs to boot with")
     create.add_argument("--cmdline", metavar="STR", help="kernel command line")
@@ -394,6 +519,28 @@ def build_parser() -> argparse.ArgumentParser:
         "loads virtio (found by itself next to a kernel unpacked from a package)",
     )
     create.add_argument("-q", "--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdlabctl",
+        description="Kernel debug VMs served by kdlabd: create, start, watch, debug.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--bus",
+        default=os.environ.get("KDLAB_BUS", "system"),
+        help="system (default, or $KDLAB_BUS), session, or a D-Bus address",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(func=fn)
+        return sub
+
+    add_create_parser(command)
 
     listing = command("list", cmd_list, "list VMs")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
@@ -452,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     console.add_argument("name", metavar="NAME")
 
     images.add_parser(commands)
+    kernel.add_parser(commands)
+    add_up_parser(command)
 
     logs = command(
         "logs", cmd_logs, "print the serial console log of the current or last boot"
@@ -466,13 +615,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.func is cmd_gdb:
+    if args.func in (cmd_gdb, cmd_up):
         args.gdb_args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from kdlabctl.client import Client, RemoteError, run
 
     async def invoke() -> int:
+        if not getattr(args, "needs_daemon", True):
+            return int(await args.func(None, args))
         client = await Client.connect(args.bus)
         try:
             return int(await args.func(client, args))
