@@ -22,8 +22,19 @@ def snake(name: str) -> str:
     return "_".join(_WORD.findall(name)).lower()
 
 
+DIAGNOSIS_FIELDS = ("code", "severity", "cause", "fix")
+
+
+def diagnosis(value: Sequence[str]) -> dict[str, str] | None:
+    """The VM's ``Diagnosis`` struct as a mapping, or None when nothing was found."""
+    return dict(zip(DIAGNOSIS_FIELDS, value, strict=True)) if value[0] else None
+
+
 def as_json(props: dict[str, Any]) -> dict[str, Any]:
-    return {snake(key): value for key, value in props.items()}
+    converted = {snake(key): value for key, value in props.items()}
+    if "Diagnosis" in props:
+        converted["diagnosis"] = diagnosis(props["Diagnosis"])
+    return converted
 
 
 def print_json(value: Any) -> None:

@@ -56,6 +56,30 @@ class KdlabBus(MessageBus):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.add_message_handler(_record_call)
+        self._dispatched: set[int] = set()
+
+    def _make_method_handler(self, interface: Any, method: Any) -> Any:
+        handler = super()._make_method_handler(interface, method)
+
+        def dispatch(msg: Message, send_reply: Any) -> None:
+            self._dispatched.add(id(msg))
+            handler(msg, send_reply)
+
+        return dispatch
+
+    def _process_message(self, msg: Message) -> None:
+        """Close the descriptors of calls no kdlab method receives.
+
+        dbus-next answers some calls itself (unknown member or signature,
+        Introspect, Peer); descriptors sent with them would otherwise stay
+        open in kdlabd for ever. A kdlab method's boundary closes its own.
+        """
+        try:
+            super()._process_message(msg)
+        finally:
+            if msg.unix_fds and id(msg) not in self._dispatched:
+                Call("", list(msg.unix_fds)).close_fds()
+            self._dispatched.discard(id(msg))
 
     def _send_reply(self, msg: Message) -> _ReplyThatHandles:
         return _ReplyThatHandles(super()._send_reply(msg))

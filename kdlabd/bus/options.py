@@ -24,5 +24,10 @@ def take(options: dict[str, Variant], schema: dict[str, str]) -> dict[str, Any]:
                 f"option {key!r} must have D-Bus type {schema[key]!r}, "
                 f"not {variant.signature!r}"
             )
+        if schema[key] == "h" and variant.value is None:
+            # dbus-next gives None for an index with no descriptor behind it.
+            raise InvalidArgument(
+                f"option {key!r}: no file descriptor came with the call"
+            )
         values[key] = variant.value
     return values

@@ -19,6 +19,14 @@ START_OPTIONS = {"paused": "b", "kernel": "h"}
 STOP_OPTIONS = {"force": "b", "timeout": "u"}
 
 
+def _diagnosis(record: VMRecord) -> list[str]:
+    """``(code, severity, cause, fix)``; four empty strings when all is well."""
+    found = record.diagnosis
+    if found is None:
+        return ["", "", "", ""]
+    return [found.code.value, found.severity.value, found.cause, found.fix]
+
+
 def properties(record: VMRecord) -> dict[str, Any]:
     """The D-Bus property values of *record*, by property name."""
     spec = record.spec
@@ -40,6 +48,7 @@ def properties(record: VMRecord) -> dict[str, Any]:
         "Created": spec.created_usec,
         "GdbStub": gdb,
         "WaitingForDebugger": record.waiting_for_debugger,
+        "Diagnosis": _diagnosis(record),
         "KernelRelease": spec.release,
         "Vmlinux": spec.vmlinux,
         "KernelPath": spec.kernel_source,
@@ -182,3 +191,10 @@ class VMInterface(ServiceInterface):
     def Tree(self) -> "s":
         """The kernel source tree given at creation; kdlabctl start boots its build."""
         return self._props["Tree"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Diagnosis(self) -> "(ssss)":
+        """What kdlabd found wrong with the current or last boot: a stable code
+        (e.g. ``root-device-missing``), ``error``/``warning``/``note``, a one-line
+        cause and the fix. Empty strings when nothing was found."""
+        return self._props["Diagnosis"]

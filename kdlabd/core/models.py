@@ -7,6 +7,8 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdlabd.core.diagnosis import Diagnosis
+
 
 class VMState(enum.StrEnum):
     """A VM's state as clients see it (never libvirt's integers)."""
@@ -119,6 +121,7 @@ class VMRecord:
     uuid: str
     state: VMState
     waiting_for_debugger: bool = False
+    diagnosis: Diagnosis | None = None
 
     @property
     def name(self) -> str:

@@ -103,12 +103,14 @@ def tcp_port(value: int) -> int:
     return in_range(value, TCP_PORT_RANGE, "gdb TCP port")
 
 
-def readable_file(fd: int, what: str, max_bytes: int) -> int:
+def readable_file(fd: int | None, what: str, max_bytes: int) -> int:
     """A descriptor passed by a client: an open, readable, non-empty regular file.
 
     Returns its size. Directories, FIFOs, sockets, devices and write-only
     descriptors are refused before a byte is read.
     """
+    if fd is None:  # dbus-next's value for a descriptor that did not arrive
+        raise InvalidArgument(f"{what}: no file descriptor came with the call")
     try:
         info = os.fstat(fd)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)

@@ -23,7 +23,9 @@ from typing import Any, Protocol
 import structlog
 
 from kdlabd.core import kernel, validate
+from kdlabd.core.cmdline import effective_cmdline
 from kdlabd.core.consoles import ConsoleHub
+from kdlabd.core.diagnosis import BootFacts, Diagnosis, diagnose, read_console_log
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.journal import crash_point
 from kdlabd.core.models import (
@@ -49,6 +51,7 @@ log = structlog.get_logger(__name__)
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_VCPUS = 1
 DEFAULT_STOP_TIMEOUT = 30.0
+DIAGNOSIS_INTERVAL = 2.0
 
 
 class VMObserver(Protocol):
@@ -156,6 +159,8 @@ class VMService:
         self._transitions: dict[str, VMState] = {}
         self._waiting: set[str] = set()
         self._consoles = ConsoleHub(hypervisor)
+        self._diagnoses: dict[str, Diagnosis] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -171,6 +176,10 @@ class VMService:
                 self._forget(name)
         for record in records.values():
             self._store(record)
+        # Diagnoses are part of the view clients get as soon as kdlabd is ready.
+        await asyncio.gather(
+            *(self._diagnose(r, 0.0) for r in self._vms.values() if r.state.active)
+        )
         log.info("vms.loaded", count=len(self._vms))
 
     async def reconcile(self) -> list[str]:
@@ -340,6 +349,7 @@ class VMService:
             if kernel_fd is not None:
                 await self._replace_kernel(record, kernel_fd)
             self._rotate_console_log(name)
+            self._diagnoses.pop(name, None)
             if paused:
                 self._waiting.add(name)
             async with self._transition(name, VMState.STARTING):
@@ -524,6 +534,48 @@ class VMService:
                 await asyncio.wait_for(changed.wait(), min(1.0, remaining))
         return False
 
+    def _watch_boot(self, name: str) -> None:
+        """Diagnose the VM's boot while it runs, and once more when it ends."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def watch() -> None:
+            try:
+                while name in self._vms:
+                    record = self._vms[name]
+                    await self._diagnose(record, loop.time() - started)
+                    if not record.state.active:
+                        return
+                    await asyncio.sleep(DIAGNOSIS_INTERVAL)
+            finally:
+                self._watchers.pop(name, None)
+
+        self._watchers[name] = loop.create_task(watch())
+
+    async def _diagnose(self, record: VMRecord, uptime: float) -> None:
+        spec = record.spec
+        facts = BootFacts(
+            cmdline=effective_cmdline(spec),
+            disks=tuple(disk.target for disk in spec.disks),
+            has_initrd=spec.initrd is not None,
+            gdbstub=spec.debug.gdb,
+            seconds_since_start=uptime,
+            running=record.state is VMState.RUNNING,
+            name=spec.name,
+        )
+        try:
+            text = await asyncio.to_thread(read_console_log, spec.console_log)
+        except FileNotFoundError:
+            text = ""
+        found = diagnose(text, facts)
+        if found != self._diagnoses.get(spec.name) and spec.name in self._vms:
+            if found is None:
+                del self._diagnoses[spec.name]
+            else:
+                self._diagnoses[spec.name] = found
+                log.info("vm.diagnosed", vm=spec.name, code=found.code.value)
+            self._store(self._vms[spec.name])
+
     def _rotate_console_log(self, name: str) -> None:
         """Keep the previous boot's console log as ``console.log.1``."""
         current = self._layout.console_log(name)
@@ -542,7 +594,13 @@ class VMService:
         if state not in (VMState.STARTING, VMState.PAUSED):
             self._waiting.discard(record.name)
         waiting = state is VMState.PAUSED and record.name in self._waiting
-        return VMRecord(record.spec, record.uuid, state, waiting_for_debugger=waiting)
+        return VMRecord(
+            record.spec,
+            record.uuid,
+            state,
+            waiting_for_debugger=waiting,
+            diagnosis=self._diagnoses.get(record.name),
+        )
 
     def _has_booted(self, name: str) -> bool:
         log_file = self._layout.console_log(name)
@@ -556,6 +614,8 @@ class VMService:
         self._vms[shown.name] = shown
         if not shown.state.active and shown.state is not VMState.STARTING:
             self._consoles.close(shown.name)
+        if shown.state.active and shown.name not in self._watchers:
+            self._watch_boot(shown.name)
         if shown.name in self._changed:
             self._changed[shown.name].set()
         if old is None:
@@ -566,6 +626,10 @@ class VMService:
     def _forget(self, name: str) -> None:
         if self._vms.pop(name, None) is not None:
             self._consoles.close(name)
+            self._diagnoses.pop(name, None)
+            watcher = self._watchers.pop(name, None)
+            if watcher is not None:
+                watcher.cancel()
             self._locks.pop(name, None)
             self._observer.vm_removed(name)
 

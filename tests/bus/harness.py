@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest.mock import ANY
 
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
@@ -164,6 +165,13 @@ class FakeVM:
             kernel_source=self.kernel_path,
         )
 
+    @property
+    def diagnosis(self) -> list[str]:
+        """What kdlabd diagnoses from the cmdline alone: KASLR under a gdbstub."""
+        if self.gdb_stub != "off" and "kaslr" in self.boots_with.split():
+            return ["gdb-kaslr", "warning", ANY, ANY]
+        return ["", "", "", ""]
+
     def properties(self, **changes: Any) -> dict[str, Any]:
         """The org.kdlab.Kdlab1.VM properties kdlabd must export, with *changes*."""
         props = {
@@ -181,6 +189,8 @@ class FakeVM:
             "KernelRelease": self.release,
             "Vmlinux": self.vmlinux,
             "KernelPath": self.kernel_path,
+            "Tree": "",
+            "Diagnosis": self.diagnosis,
         }
         props.update(changes)
         return props

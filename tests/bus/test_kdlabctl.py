@@ -16,6 +16,7 @@ from subprocess import CompletedProcess
 
 import pytest
 
+from kdlabctl import output
 from kdlabd.errors import (
     EXIT_UNAVAILABLE,
     HypervisorError,
@@ -46,6 +47,8 @@ JSON_KEYS = {
     "KernelRelease": "kernel_release",
     "Vmlinux": "vmlinux",
     "KernelPath": "kernel_path",
+    "Tree": "tree",
+    "Diagnosis": "diagnosis",
 }
 
 
@@ -116,7 +119,10 @@ def test_json_keys_are_the_properties_in_snake_case(
     shown = json.loads(result.stdout)
     entries = shown if isinstance(shown, list) else [shown]
     expected = [
-        {JSON_KEYS[key]: value for key, value in vm.properties().items()}
+        {
+            JSON_KEYS[key]: output.diagnosis(value) if key == "Diagnosis" else value
+            for key, value in vm.properties().items()
+        }
         for vm in sorted(FLEET, key=lambda vm: vm.name)
         if isinstance(shown, list) or vm.name == "busy"
     ]

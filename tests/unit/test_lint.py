@@ -7,9 +7,11 @@ is still caught here, by looking at every F821 outside an annotation.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -41,6 +43,15 @@ def test_mypy_strict() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _signature_lines(path: Path) -> set[int]:
+    """Lines of function signatures: where dbus-next's type strings live."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            lines.update(range(node.lineno, node.body[0].lineno))
+    return lines
+
+
 def test_no_undefined_names_in_the_bus_modules() -> None:
     result = run(
         "ruff",
@@ -53,18 +64,10 @@ def test_no_undefined_names_in_the_bus_modules() -> None:
         "lint.per-file-ignores = {}",
         "kdlabd/bus",
     )
-    undefined = []
-    for finding in json.loads(result.stdout):
-        path = REPO / finding["filename"]
-        line = path.read_text().splitlines()[finding["location"]["row"] - 1]
-        # D-Bus type strings sit in annotations: after ':' or '->' on the line.
-        column = finding["location"]["column"] - 1
-        before = line[:column].rstrip()
-        if (
-            not before.endswith((":", "->", '"'))
-            and '"' not in line[column - 1 : column]
-        ):
-            undefined.append(
-                f"{finding['filename']}:{finding['location']['row']}: {line}"
-            )
+    undefined = [
+        f"{finding['filename']}:{finding['location']['row']}: {finding['message']}"
+        for finding in json.loads(result.stdout)
+        if finding["location"]["row"]
+        not in _signature_lines(REPO / finding["filename"])
+    ]
     assert undefined == []
