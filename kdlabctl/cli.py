@@ -203,6 +203,12 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ("vmlinux", props["Vmlinux"] or "-"),
         ("Created", output.timestamp(props["Created"])),
     ]
+    found = output.diagnosis(props["Diagnosis"])
+    if found:
+        fields += [
+            ("Problem", f"{found['severity']} {found['code']}: {found['cause']}"),
+            ("Fix", found["fix"]),
+        ]
     width = max(len(label) for label, _ in fields)
     for label, value in fields:
         print(f"{label + ':':<{width + 1}} {value}")
@@ -210,7 +216,14 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_start(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import output
+
     await start_vm(client, args.name, paused=args.paused)
+    props = await client.vm_properties(await client.vm_path(args.name))
+    found = output.diagnosis(props["Diagnosis"])
+    if found:
+        print(f"kdlabctl: {found['severity']}: {found['cause']}", file=sys.stderr)
+        print(f"kdlabctl: fix: {found['fix']}", file=sys.stderr)
     return EXIT_OK
 
 

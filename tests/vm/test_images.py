@@ -212,3 +212,36 @@ def test_built_debian_image_boots_debians_kernel_to_a_shell(
     # systemd's serial getty logs root in by itself: the prompt is the proof.
     log = wait_for_console(lab, vm_name, "root@kdlab:~#", timeout=180)
     assert "EXT4-fs (vda): mounted filesystem" in log
+
+
+def test_wrong_root_device_is_diagnosed_naming_the_vms_disk(
+    lab: Lab, vm_name: str, image_name: str, tmp_path: Path
+) -> None:
+    raw = ext4_image(tmp_path / "root.img", tmp_path / "tree")
+    assert lab.ctl("image", "import", image_name, str(raw)).returncode == 0
+    created = lab.ctl(
+        "create",
+        vm_name,
+        "--kernel",
+        str(lab.kernel.vmlinuz),
+        "--image",
+        image_name,
+        "--cmdline",
+        "root=/dev/sda",
+        "--memory",
+        "256",
+    )
+    assert created.returncode == 0, created.stderr
+    assert lab.ctl("start", vm_name).returncode == 0
+    deadline = time.monotonic() + 90
+    diagnosis = None
+    while time.monotonic() < deadline and diagnosis is None:
+        shown = json.loads(lab.ctl("show", vm_name, "--json").stdout)
+        diagnosis = shown["diagnosis"]
+        time.sleep(1)
+    assert diagnosis is not None, lab.ctl("logs", vm_name).stdout[-2000:]
+    assert diagnosis["code"] == "root-device-missing"
+    assert "/dev/sda" in diagnosis["cause"]
+    assert "vda" in diagnosis["fix"]
+    human = lab.ctl("show", vm_name).stdout
+    assert "root-device-missing" in human
