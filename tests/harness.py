@@ -154,7 +154,8 @@ class Kdlabd:
     def __post_init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 90, env: dict[str, str] | None = None) -> None:
+        """Start kdlabd; *env* adds to the environment (KDLAB_TEST_CRASH_AT, ...)."""
         self.log_path = self.log_path or self.state_dir.parent / "kdlabd.log"
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
@@ -179,6 +180,7 @@ class Kdlabd:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            env={**os.environ, **env} if env else None,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -208,12 +210,12 @@ class Kdlabd:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self) -> int:
-        """SIGTERM kdlabd and return its exit code."""
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM kdlabd and return its exit code (kill it after *timeout* s)."""
         assert self._proc is not None
         self._proc.send_signal(signal.SIGTERM)
         try:
-            return self._proc.wait(timeout=30)
+            return self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
@@ -223,6 +225,11 @@ class Kdlabd:
         assert self._proc is not None
         self._proc.kill()
         self._proc.wait()
+
+    def wait(self, timeout: float = 30) -> int:
+        """Wait for kdlabd to end by itself; its exit status (-9: it was killed)."""
+        assert self._proc is not None
+        return self._proc.wait(timeout=timeout)
 
 
 def name_has_owner(address: str, name: str) -> bool:

@@ -174,12 +174,13 @@ class VMService:
         for name in list(self._vms):
             if name not in records:
                 self._forget(name)
+        # A running VM's diagnosis is part of the object it is exported with.
         for record in records.values():
+            if record.state.active and record.name not in self._vms:
+                found = await self._diagnosis_of(record, 0.0)
+                if found is not None:
+                    self._diagnoses[record.name] = found
             self._store(record)
-        # Diagnoses are part of the view clients get as soon as kdlabd is ready.
-        await asyncio.gather(
-            *(self._diagnose(r, 0.0) for r in self._vms.values() if r.state.active)
-        )
         log.info("vms.loaded", count=len(self._vms))
 
     async def reconcile(self) -> list[str]:
@@ -553,6 +554,18 @@ class VMService:
         self._watchers[name] = loop.create_task(watch())
 
     async def _diagnose(self, record: VMRecord, uptime: float) -> None:
+        """Re-diagnose the VM's boot; publish the diagnosis if it changed."""
+        found = await self._diagnosis_of(record, uptime)
+        name = record.name
+        if found != self._diagnoses.get(name) and name in self._vms:
+            if found is None:
+                del self._diagnoses[name]
+            else:
+                self._diagnoses[name] = found
+                log.info("vm.diagnosed", vm=name, code=found.code.value)
+            self._store(self._vms[name])
+
+    async def _diagnosis_of(self, record: VMRecord, uptime: float) -> Diagnosis | None:
         spec = record.spec
         facts = BootFacts(
             cmdline=effective_cmdline(spec),
@@ -567,14 +580,7 @@ class VMService:
             text = await asyncio.to_thread(read_console_log, spec.console_log)
         except FileNotFoundError:
             text = ""
-        found = diagnose(text, facts)
-        if found != self._diagnoses.get(spec.name) and spec.name in self._vms:
-            if found is None:
-                del self._diagnoses[spec.name]
-            else:
-                self._diagnoses[spec.name] = found
-                log.info("vm.diagnosed", vm=spec.name, code=found.code.value)
-            self._store(self._vms[spec.name])
+        return diagnose(text, facts)
 
     def _rotate_console_log(self, name: str) -> None:
         """Keep the previous boot's console log as ``console.log.1``."""

@@ -7,6 +7,7 @@ libvirtd, named ``kdlab-vmt-*``, and every test removes what it made.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from tests.conftest import require, require_root, require_tool
 from tests.fixtures import debian
 from tests.harness import Kdlabd, kdlabctl, system_kdlabd, virsh
 
-POOL_PREFIX = "kdlab-vmtest"
+# Per test session: two sessions on one libvirtd must not share (or delete)
+# each other's pools.
+POOL_PREFIX = f"kdlab-vmtest{os.getpid()}"
 TEST_POOL = f"{POOL_PREFIX}-boot"
 MARKER = debian.DEFAULT_MARKER
 

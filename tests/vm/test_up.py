@@ -1,0 +1,98 @@
+"""From a kernel tree to a breakpoint in one command, on Debian's 6.1 source."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require, require_tool
+from tests.fixtures import debian, kernel_tree
+from tests.vm.conftest import Lab
+from tests.vm.test_images import ext4_image
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="session")
+def minimal_build() -> Path:
+    """kdlab's minimal kernel, configured and built once (cached between runs)."""
+    require_tool("gdb", "gdb")
+    require_tool("make", "make")
+    try:
+        return kernel_tree.built_minimal_kernel()
+    except debian.FixtureError as err:
+        require(False, f"the minimal kernel build: {err}")
+        raise
+
+
+@pytest.fixture
+def image(lab: Lab, tmp_path: Path) -> Iterator[str]:
+    name = f"upimg-{time.monotonic_ns() % 10**8}"
+    raw = ext4_image(tmp_path / "root.img", tmp_path / "tree")
+    assert lab.ctl("image", "import", name, str(raw)).returncode == 0
+    yield name
+    lab.ctl("image", "delete", name)
+
+
+def test_up_lands_in_gdb_at_start_kernel_with_lx_helpers(
+    lab: Lab, vm_name: str, minimal_build: Path
+) -> None:
+    checked = lab.ctl("kernel", "check", str(minimal_build))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    up = lab.ctl(
+        "up",
+        str(minimal_build),
+        "--name",
+        vm_name,
+        "--batch",
+        "-ex",
+        "hbreak start_kernel",
+        "-ex",
+        "continue",
+        "-ex",
+        "lx-version",
+    )
+    assert up.returncode == 0, up.stderr
+    assert "start_kernel () at" in up.stdout
+    assert "Linux version 6.1" in up.stdout, "lx-version ran: the gdb scripts loaded"
+    shown = json.loads(lab.ctl("show", vm_name, "--json").stdout)
+    assert shown["tree"] == str(minimal_build)
+    assert shown["vmlinux"] == str(minimal_build / "vmlinux")
+
+    again = lab.ctl("up", str(minimal_build), "--name", vm_name, "--batch")
+    assert again.returncode == 0, again.stderr
+    assert "created VM" not in again.stderr, "up reuses the VM of the tree"
+    assert json.loads(lab.ctl("show", vm_name, "--json").stdout)["state"] == "paused"
+
+
+def test_root_sda_on_a_virtio_disk_panics_and_is_diagnosed(
+    lab: Lab, vm_name: str, minimal_build: Path, image: str
+) -> None:
+    created = lab.ctl(
+        "create",
+        vm_name,
+        "--tree",
+        str(minimal_build),
+        "--image",
+        image,
+        "--cmdline",
+        "root=/dev/sda",
+        "--memory",
+        "256",
+    )
+    assert created.returncode == 0, created.stderr
+    assert lab.ctl("start", vm_name).returncode == 0
+    deadline = time.monotonic() + 60
+    diagnosis = None
+    while time.monotonic() < deadline and diagnosis is None:
+        diagnosis = json.loads(lab.ctl("show", vm_name, "--json").stdout)["diagnosis"]
+        time.sleep(1)
+    log = lab.ctl("logs", vm_name).stdout
+    assert "VFS: Unable to mount root fs" in log
+    assert diagnosis is not None, log[-2000:]
+    assert diagnosis["code"] == "root-device-missing"
+    assert "vda" in diagnosis["fix"]
