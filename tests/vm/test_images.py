@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import require_tool
 from tests.harness import ctl_env
 from tests.vm.conftest import POOL_PREFIX, Lab, virsh
-from tests.vm.test_lifecycle import wait_for_console
+from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
 
 pytestmark = pytest.mark.vm
 
@@ -233,13 +233,7 @@ def test_wrong_root_device_is_diagnosed_naming_the_vms_disk(
     )
     assert created.returncode == 0, created.stderr
     assert lab.ctl("start", vm_name).returncode == 0
-    deadline = time.monotonic() + 90
-    diagnosis = None
-    while time.monotonic() < deadline and diagnosis is None:
-        shown = json.loads(lab.ctl("show", vm_name, "--json").stdout)
-        diagnosis = shown["diagnosis"]
-        time.sleep(1)
-    assert diagnosis is not None, lab.ctl("logs", vm_name).stdout[-2000:]
+    diagnosis = wait_for_diagnosis(lab, vm_name)
     assert diagnosis["code"] == "root-device-missing"
     assert "/dev/sda" in diagnosis["cause"]
     assert "vda" in diagnosis["fix"]

@@ -53,6 +53,18 @@ def wait_for_console(lab: Lab, name: str, text: str, timeout: float = 90) -> str
     )
 
 
+def wait_for_diagnosis(lab: Lab, name: str, timeout: float = 90) -> dict[str, str]:
+    """Poll ``kdlabctl show --json`` until kdlabd has diagnosed the boot."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        diagnosis = json.loads(lab.ctl("show", name, "--json").stdout)["diagnosis"]
+        if diagnosis is not None:
+            return dict(diagnosis)
+        time.sleep(1)
+    log = lab.ctl("logs", name).stdout
+    raise AssertionError(f"no diagnosis of {name} after {timeout}s:\n{log[-2000:]}")
+
+
 def boot_volumes(name: str) -> list[str]:
     listing = virsh("vol-list", TEST_POOL).stdout
     return [

@@ -13,6 +13,7 @@ from tests.conftest import require, require_tool
 from tests.fixtures import debian, kernel_tree
 from tests.vm.conftest import Lab
 from tests.vm.test_images import ext4_image
+from tests.vm.test_lifecycle import wait_for_diagnosis
 
 pytestmark = pytest.mark.vm
 
@@ -88,13 +89,7 @@ def test_root_sda_on_a_virtio_disk_panics_and_is_diagnosed(
     )
     assert created.returncode == 0, created.stderr
     assert lab.ctl("start", vm_name).returncode == 0
-    deadline = time.monotonic() + 60
-    diagnosis = None
-    while time.monotonic() < deadline and diagnosis is None:
-        diagnosis = json.loads(lab.ctl("show", vm_name, "--json").stdout)["diagnosis"]
-        time.sleep(1)
-    log = lab.ctl("logs", vm_name).stdout
-    assert "VFS: Unable to mount root fs" in log
-    assert diagnosis is not None, log[-2000:]
+    diagnosis = wait_for_diagnosis(lab, vm_name)
+    assert "VFS: Unable to mount root fs" in lab.ctl("logs", vm_name).stdout
     assert diagnosis["code"] == "root-device-missing"
     assert "vda" in diagnosis["fix"]
