@@ -29,6 +29,7 @@ class Config:
     boot_pool: str = "kdlab-boot"
     image_pool: str = "kdlab"
     log_format: str = "auto"
+    polkit_timeout: float = 25.0
 
     @property
     def boot_pool_dir(self) -> Path:
@@ -47,6 +48,10 @@ def _coerce(key: str, value: Any) -> Any:
         raise InvalidArgument(
             f"unknown configuration key {key!r}; known: {', '.join(_FIELDS)}"
         )
+    if key == "polkit_timeout":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise InvalidArgument("polkit_timeout must be a positive number of seconds")
+        return float(value)
     if not isinstance(value, str):
         raise InvalidArgument(f"configuration key {key!r} must be a string")
     if key in ("state_dir", "runtime_dir", "cache_dir"):

@@ -40,12 +40,13 @@ async def serve(config: Config) -> None:
         qemu_user=config.qemu_user,
     )
     await hypervisor.connect()
+    vms: VMService | None = None
     bus = await KdlabBus(
         bus_address=bus_address(config.bus), negotiate_unix_fd=True
     ).connect()
     try:
         accel = await hypervisor.resolve_accel(config.accel)
-        authorizer = await Authorizer.for_bus(bus)
+        authorizer = await Authorizer.for_bus(bus, config.polkit_timeout)
         exporter = BusExporter(bus, authorizer)
         jobs = JobManager()
         jobs.observer = exporter
@@ -60,7 +61,12 @@ async def serve(config: Config) -> None:
             observer=exporter,
         )
         exporter.serve(vms, images, jobs)
-        hypervisor.watch(vms.domain_changed, vms.hypervisor_reconnected)
+
+        def reconnected() -> None:
+            vms.hypervisor_reconnected()
+            images.hypervisor_reconnected()
+
+        hypervisor.watch(vms.domain_changed, reconnected)
         await images.load()
         await vms.load()
         await vms.reconcile()
@@ -79,6 +85,8 @@ async def serve(config: Config) -> None:
         )
         await _until_stopped(bus)
     finally:
+        if vms is not None:
+            vms.close()
         bus.disconnect()
         await hypervisor.close()
     log.info("kdlabd.stopped")

@@ -13,6 +13,7 @@ root may touch VMs that belong to someone else.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import grp
 import os
@@ -69,18 +70,25 @@ _POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
 _POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
 # CheckAuthorization flags: let an authentication agent ask the user (pkttyagent).
 _ALLOW_USER_INTERACTION = 1
+# A polkit that never answers must not hang kdlabd's callers: deny after this.
+POLKIT_TIMEOUT = 25.0
 
 
 class Authorizer:
     """Checks callers against kdlab's policy: polkit when present, else groups."""
 
-    def __init__(self, bus: MessageBus, *, polkit: bool = False) -> None:
+    def __init__(
+        self, bus: MessageBus, *, polkit: bool = False, timeout: float = POLKIT_TIMEOUT
+    ) -> None:
         self._bus = bus
         self.polkit = polkit
+        self._timeout = timeout
         self._callers: dict[str, Caller] = {}
 
     @classmethod
-    async def for_bus(cls, bus: MessageBus) -> Authorizer:
+    async def for_bus(
+        cls, bus: MessageBus, timeout: float = POLKIT_TIMEOUT
+    ) -> Authorizer:
         """Use polkit if the bus has it (running, or activatable on demand)."""
         names: set[str] = set()
         for member in ("ListNames", "ListActivatableNames"):
@@ -94,7 +102,7 @@ class Authorizer:
             )
             if reply is not None and reply.message_type is MessageType.METHOD_RETURN:
                 names.update(reply.body[0])
-        authorizer = cls(bus, polkit=POLKIT_NAME in names)
+        authorizer = cls(bus, polkit=POLKIT_NAME in names, timeout=timeout)
         log.info("auth.mode", polkit=authorizer.polkit)
         return authorizer
 
@@ -163,7 +171,7 @@ class Authorizer:
 
     async def _polkit_allows(self, caller: Caller, action: Action) -> bool:
         subject = ["system-bus-name", {"name": Variant("s", caller.bus_name)}]
-        reply = await self._bus.call(
+        call = self._bus.call(
             Message(
                 destination=POLKIT_NAME,
                 path=_POLKIT_PATH,
@@ -173,6 +181,11 @@ class Authorizer:
                 body=[subject, action.value, {}, _ALLOW_USER_INTERACTION, ""],
             )
         )
+        try:
+            reply = await asyncio.wait_for(call, self._timeout)
+        except TimeoutError:
+            log.warning("auth.polkit_timeout", action=action.value)
+            return False
         if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
             error = reply.error_name if reply is not None else "no reply"
             log.warning("auth.polkit_failed", action=action.value, error=error)

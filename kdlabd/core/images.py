@@ -64,6 +64,7 @@ class ImageService:
         self._observer = observer
         self._images: dict[str, ImageRecord] = {}
         self._busy: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
         """Rebuild the view from the pool."""
@@ -74,10 +75,23 @@ class ImageService:
         for image in found.values():
             self._store(image)
 
+    def hypervisor_reconnected(self) -> None:
+        """libvirt came back: reload the pool and finish interrupted rollbacks."""
+
+        async def reload() -> None:
+            await self.load()
+            await self.reconcile()
+
+        task = asyncio.get_running_loop().create_task(reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def reconcile(self) -> list[str]:
-        """Delete images whose import or build died with kdlabd (start-up only)."""
+        """Delete images whose import or build died half-way (kdlabd or libvirtd)."""
         removed = []
         for name in self._journal.pending("image"):
+            if name in self._busy:
+                continue
             if name in self._images:
                 await self._hv.delete_image(name)
                 self._forget(name)
@@ -198,11 +212,20 @@ class ImageService:
                 f"uploading: {done >> 20} of {source.size >> 20} MiB",
             )
 
-        with self._journal.intent("image", name):
-            crash_point("image.upload-started")
+        # The intent stays if the upload fails and its own rollback could not
+        # delete the volume (libvirtd went away): reconciliation does it later.
+        self._journal.begin("image", name)
+        crash_point("image.upload-started")
+        try:
             image = await finish_on_cancel(
                 self._hv.upload_image(name, source, progress)
             )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if await self._hv.get_image(name) is None:
+                    self._journal.done("image", name)
+            raise
+        self._journal.done("image", name)
         self._store(image)
         return image
 

@@ -12,10 +12,8 @@ does nothing.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 CRASH_ENV = "KDLAB_TEST_CRASH_AT"
@@ -33,9 +31,8 @@ class Journal:
     def __init__(self, directory: Path) -> None:
         self._dir = directory
 
-    @contextlib.contextmanager
-    def intent(self, kind: str, name: str) -> Iterator[None]:
-        """Record that *kind* of *name* is under way until the block ends."""
+    def begin(self, kind: str, name: str) -> None:
+        """Record that *kind* of *name* is under way, until :meth:`done`."""
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self._dir / f"{kind}-{name}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -43,10 +40,6 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
 
     def pending(self, kind: str) -> list[str]:
         """Names whose *kind* operation never finished."""

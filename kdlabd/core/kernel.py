@@ -23,4 +23,5 @@ def bzimage_release(header: bytes) -> str:
         return ""
     version = header[start : header.find(b"\0", start, start + 512)]
     words = version.decode("ascii", "replace").split()
-    return words[0] if words else ""
+    # Only printable ASCII: the release goes into domain XML and on the bus.
+    return "".join(c for c in words[0] if " " < c <= "~") if words else ""

@@ -52,6 +52,8 @@ DEFAULT_MEMORY_MIB = 512
 DEFAULT_VCPUS = 1
 DEFAULT_STOP_TIMEOUT = 30.0
 DIAGNOSIS_INTERVAL = 2.0
+# The longest root= kdlab may add, for checking a command line's length early.
+_PLANNED_ROOT = (Disk(Path(), "vda", "image"),)
 
 
 class VMObserver(Protocol):
@@ -182,6 +184,13 @@ class VMService:
                     self._diagnoses[record.name] = found
             self._store(record)
         log.info("vms.loaded", count=len(self._vms))
+
+    def close(self) -> None:
+        """Shutting down: end console sessions and watchers; VMs keep running."""
+        for name in list(self._vms):
+            self._consoles.close(name)
+        for watcher in list(self._watchers.values()):
+            watcher.cancel()
 
     async def reconcile(self) -> list[str]:
         """Remove what crashed creates left: volumes and directories of no VM.
@@ -459,7 +468,7 @@ class VMService:
         debug = request.debug
         if debug.gdb_tcp_port is not None:
             validate.tcp_port(debug.gdb_tcp_port)
-        return VMSpec(
+        spec = VMSpec(
             name=request.name,
             owner_uid=request.owner_uid,
             kernel=Path(),
@@ -477,6 +486,9 @@ class VMService:
             kernel_source=validate.hint_path(request.kernel_source, "kernel path"),
             tree=validate.hint_path(request.tree, "kernel tree path"),
         )
+        # kdlab's additions (root=, console=, nokaslr) count against the limit.
+        validate.cmdline(effective_cmdline(spec.replace(disks=_PLANNED_ROOT)))
+        return spec
 
     @staticmethod
     def _check_disks(request: CreateRequest) -> tuple[Disk, ...]:

@@ -59,6 +59,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 _RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+# How long shutdown waits for libvirt's pending event callbacks.
+_DRAIN_SECONDS = 2.0
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: VMState.STOPPED,
@@ -143,6 +145,7 @@ class LibvirtHypervisor:
 
     async def connect(self) -> None:
         """Connect, subscribe to events and make sure the boot pool exists."""
+        self._loop = asyncio.get_running_loop()
         try:
             conn = await asyncio.to_thread(libvirt.open, self._uri)
         except libvirt.libvirtError as err:
@@ -183,7 +186,10 @@ class LibvirtHypervisor:
             log.warning("libvirt.close_leaked", references=remaining)
         impl = libvirtaio.getCurrentImpl()
         if impl is not None:
-            await impl.drain()
+            try:
+                await asyncio.wait_for(impl.drain(), _DRAIN_SECONDS)
+            except TimeoutError:
+                log.warning("libvirt.drain_timeout", seconds=_DRAIN_SECONDS)
 
     async def resolve_accel(self, accel: Accel) -> Accel:
         caps = etree.fromstring(
@@ -437,15 +443,23 @@ class LibvirtHypervisor:
             log.debug("libvirt.event", domain=name, lifecycle=event, detail=detail)
             self._on_domain_changed(name.removeprefix(DOMAIN_PREFIX))
 
-    def _closed(self, _conn: Any, reason: int, _opaque: Any) -> None:
+    def _closed(self, conn: Any, reason: int, _opaque: Any) -> None:
+        """libvirt's close callback: from the loop, or from whichever worker
+        thread's call found the connection dead (an upload, say)."""
+        self._loop.call_soon_threadsafe(self._lost, conn, reason)
+
+    def _lost(self, conn: libvirt.virConnect, reason: int) -> None:
+        if conn is not self._conn:
+            return
         log.warning("libvirt.disconnected", uri=self._uri, reason=reason)
         self._conn = None
         if not self._closing and self._reconnecting is None:
-            self._reconnecting = asyncio.get_running_loop().create_task(
-                self._reconnect()
-            )
+            self._reconnecting = self._loop.create_task(self._reconnect(conn))
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, dead: libvirt.virConnect) -> None:
+        # Free the dead connection's event handles and callbacks first.
+        with contextlib.suppress(libvirt.libvirtError):
+            await asyncio.to_thread(dead.close)
         attempt = 0
         try:
             while True:

@@ -893,7 +893,8 @@ boot_facts = st.builds(
     gdbstub=st.booleans(),
     seconds_since_start=st.floats(allow_nan=True, allow_infinity=True),
     running=st.booleans(),
-    name=st.text(max_size=10),
+    # VM names are validated: letters, digits, '.', '_', '-'.
+    name=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,9}", fullmatch=True),
 )
 
 

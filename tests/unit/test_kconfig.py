@@ -7,6 +7,7 @@ process.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from pathlib import Path
@@ -440,3 +441,29 @@ def test_check_command_reports_a_bad_path(
 ) -> None:
     assert kernel.main(["kernel", "check", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith("kdlabctl: ")
+
+
+def test_configure_out_of_a_configured_tree_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    tree = fake_tree(tmp_path / "linux")
+    (tree / ".config").write_text("")
+    argv = ["kernel", "configure", str(tree), "-O", str(tmp_path / "build")]
+    assert kernel.main(argv) == 1
+    assert "make mrproper" in capsys.readouterr().err
+
+
+def test_configure_keeping_a_missing_config_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    tree = fake_tree(tmp_path / "linux")
+    assert kernel.main(["kernel", "configure", "--keep-config", str(tree)]) == 1
+    assert "leave out --keep-config" in capsys.readouterr().err
+
+
+def test_kernel_commands_need_no_daemon() -> None:
+    parser = argparse.ArgumentParser()
+    kernel.add_parser(parser.add_subparsers())
+    for verb in ("check", "configure", "build"):
+        args = parser.parse_args(["kernel", verb, "PATH"])
+        assert args.needs_daemon is False
