@@ -93,6 +93,8 @@ CONFIG_VIRTIO_BLK=y
 CONFIG_EXT4_FS=y
 
 # systemd (README "REQUIREMENTS") and glibc; all of it is off in tinyconfig.
+# BASE_FULL: Debian's sysctl.d raises kernel.pid_max past a small kernel's limit.
+CONFIG_BASE_FULL=y
 CONFIG_MULTIUSER=y
 CONFIG_FUTEX=y
 CONFIG_POSIX_TIMERS=y
@@ -426,10 +428,10 @@ def _save_old_config(dirs: Dirs) -> Path | None:
 
 async def cmd_configure(_client: Client | None, args: argparse.Namespace) -> int:
     try:
-        if args.minimal and args.keep_config:
-            raise KernelError("--minimal starts from tinyconfig: no --keep-config")
         dirs = resolve_dirs(Path(args.path), _path(args.out), create=True)
         _check_clean_tree(dirs)
+        if args.keep_config and not dirs.config.is_file():
+            raise KernelError(f"no {dirs.config} to keep: leave out --keep-config")
         _require_build_tools()
         saved = _save_old_config(dirs)
         if saved is not None:
