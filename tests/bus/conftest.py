@@ -24,6 +24,7 @@ from kdlabd.wire import (
     VM_INTERFACE,
 )
 from tests.bus.harness import (
+    PROPERTIES,
     SYSTEM_BUS_CONFIG,
     BusClient,
     Identity,
@@ -162,6 +163,13 @@ def image_and_job(
         )
     finally:
         os.close(fd)
+
+    def job_ended() -> bool:
+        (state,) = client.ok(job, PROPERTIES, "Get", "ss", [JOB_INTERFACE, "State"])
+        return bool(state.value != "running")
+
+    # Tests compare snapshots of the objects: the job must not change under them.
+    client.wait_until(job_ended)
     return str(image), str(job)
 
 
