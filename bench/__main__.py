@@ -4,47 +4,112 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import shlex
+import signal
 import subprocess
 import sys
+import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import boot
-from bench.measure import Row
+from bench import boot, bus, debug, kernel, rootfs, storage
+from bench.measure import Goal, Row, failed
 
-BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
-    "boot_to_userspace": boot.boot_to_userspace,
+
+@dataclass(frozen=True)
+class Benchmark:
+    run: Callable[[bool], list[Row]]
+    quick: bool = True  # part of --quick when no names are given
+
+
+BENCHMARKS = {
+    "boot_to_userspace": Benchmark(boot.boot_to_userspace),
+    "time_to_breakpoint": Benchmark(debug.time_to_breakpoint),
+    "disk_boot_to_login": Benchmark(boot.disk_boot_to_login),
+    "overlay_create": Benchmark(storage.overlay_create),
+    "rootfs_build": Benchmark(rootfs.rootfs_build),
+    "dbus_call_latency": Benchmark(bus.dbus_call_latency),
+    "scale": Benchmark(bus.scale),
+    "kernel_build": Benchmark(kernel.kernel_build, quick=False),
 }
 
 
+def _first_line(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    return (done.stdout.splitlines() or ["?"])[0]
+
+
 def _machine() -> dict[str, str]:
-    qemu = subprocess.run(
-        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
-    ).stdout.splitlines()
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     models = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
+    memory = Path("/proc/meminfo").read_text().split()[1]
     return {
         "cpu": models[0] if models else platform.processor(),
         "cores": str(len(models)),
+        "memory": f"{int(memory) >> 20} GiB",
         "kernel": platform.release(),
-        "qemu": qemu[0] if qemu else "?",
+        "os": _first_line(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"]),
+        "qemu": _first_line(["qemu-system-x86_64", "--version"]),
+        "libvirt": _first_line(["libvirtd", "--version"]),
+        "python": platform.python_version(),
+        "accel": "tcg",
+        "load_at_start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
     }
 
 
-def _print_table(rows: list[Row]) -> None:
+def _number(value: float) -> str:
+    return "FAILED" if math.isnan(value) else f"{value:.3f}"
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "-"}[met]
+
+
+def print_table(rows: list[Row]) -> None:
     print(
-        f"{'benchmark':<28} {'kdlab':>10} {'baseline':>10} {'ratio':>7} {'unit':<5} "
-        "runs  goal"
+        f"{'benchmark':<40} {'kdlab':>10} {'baseline':>10} {'ratio':>7} {'unit':<4} "
+        f"{'runs':>4}  {'goal':<22} {'':<6}  baseline"
     )
     for r in rows:
         print(
-            f"{r.name:<28} {r.kdlab:>10.3f} {r.baseline_value:>10.3f} {r.ratio:>7.2f} "
-            f"{r.unit:<5} {r.runs:>4}  {r.goal}   (vs {r.baseline})"
+            f"{r.name:<40} {_number(r.kdlab):>10} {_number(r.baseline_value):>10} "
+            f"{r.ratio:>7.2f} {r.unit:<4} {r.runs:>4}  {r.goal.text:<22} "
+            f"{_verdict(r.met):<6}  {r.baseline}"
         )
+        if r.note:
+            print(f"{'':<42}{r.note}")
+
+
+def _run_one(name: str, quick: bool) -> tuple[list[Row], bool]:
+    """The rows of one benchmark, and whether it ran to its end."""
+    print(f"== {name}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    try:
+        rows = BENCHMARKS[name].run(quick)
+    except Exception as err:
+        traceback.print_exc()
+        why = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        return [failed(name, baseline="-", unit="-", goal=Goal("-"), why=why)], False
+    finally:
+        print(f"   {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    return rows, True
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every benchmark's clean-up still runs."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
+    _exit_on_sigterm()
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
     parser.add_argument(
         "--quick", action="store_true", help="fewer runs, a few minutes"
@@ -52,19 +117,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
     parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], metavar="NAME")
     args = parser.parse_args(argv)
+    names = args.names or [
+        name for name, bench in BENCHMARKS.items() if bench.quick or not args.quick
+    ]
+    machine = _machine()
+    started = time.monotonic()
     rows: list[Row] = []
-    for name in args.names or BENCHMARKS:
-        print(f"== {name}", file=sys.stderr, flush=True)
-        rows.extend(BENCHMARKS[name](args.quick))
-    _print_table(rows)
+    completed = True
+    for name in names:
+        more, ok = _run_one(name, args.quick)
+        rows.extend(more)
+        completed = completed and ok
+    print_table(rows)
     if args.output:
-        args.output.write_text(
-            json.dumps(
-                {"machine": _machine(), "rows": [r.as_json() for r in rows]}, indent=2
-            )
-            + "\n"
+        command = shlex.join(
+            ["bench/run", *(argv if argv is not None else sys.argv[1:])]
         )
-    return 0
+        report = {
+            "machine": machine,
+            "command": command,
+            "seconds": round(time.monotonic() - started),
+            "rows": [r.as_json() for r in rows],
+        }
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if completed else 1
 
 
 if __name__ == "__main__":

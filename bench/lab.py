@@ -1,0 +1,163 @@
+"""What the benchmarks share: a kdlabd of their own, kdlabctl, VMs, scratch files.
+
+Everything a benchmark makes is removed when it ends, whether it succeeds or
+fails: its VMs and images (through kdlabd, then through virsh if kdlabd could
+not), kdlabd's pools, its bus and its directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from kdlabd.core.vms import Layout
+from tests.harness import Kdlabd, kdlabctl, system_kdlabd, virsh
+
+BENCH_POOLS = "kdlab-bench"
+CTL_TIMEOUT = 900.0
+INACTIVE = ("defined", "stopped", "crashed")
+
+
+class BenchError(RuntimeError):
+    """A step of a benchmark failed; the message says which and why."""
+
+
+def run(command: Sequence[str], timeout: float = CTL_TIMEOUT) -> str:
+    """Run *command*; its standard output, or :class:`BenchError` with its error."""
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(
+            f"{shlex.join(command)} exited {done.returncode}: {done.stderr[-2000:]}"
+        )
+    return done.stdout
+
+
+def ctl(daemon: Kdlabd, *args: str, timeout: float = CTL_TIMEOUT) -> str:
+    """``kdlabctl ARGS`` on the bench kdlabd; its output, or :class:`BenchError`."""
+    done = kdlabctl(daemon.address, *args, timeout=timeout)
+    if done.returncode != 0:
+        raise BenchError(
+            f"kdlabctl {shlex.join(args)} exited {done.returncode}: {done.stderr}"
+        )
+    return done.stdout
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def layout(daemon: Kdlabd) -> Layout:
+    """Where the bench kdlabd keeps console logs and gdb sockets."""
+    return Layout(daemon.state_dir, daemon.runtime_dir)
+
+
+@contextlib.contextmanager
+def scratch(prefix: str = "kdlab-bench-") -> Iterator[Path]:
+    """A directory QEMU (another user) can traverse to, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bench_daemon(pool_prefix: str = BENCH_POOLS) -> Iterator[Kdlabd]:
+    """kdlabd on the system libvirtd, on a private bus (tests.harness.system_kdlabd).
+
+    system_kdlabd skips its own clean-up when kdlabd does not stop in time:
+    the pools, the bus and the directories are then removed here.
+    """
+    root: Path | None = None
+    try:
+        with system_kdlabd(pool_prefix) as daemon:
+            root = daemon.state_dir.parent
+            yield daemon
+    finally:
+        for pool in (f"{pool_prefix}-boot", f"{pool_prefix}-images"):
+            virsh("pool-destroy", pool)
+            virsh("pool-undefine", pool)
+        if root is not None:
+            _kill_bus_of(root)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_bus_of(root: Path) -> None:
+    """Kill the dbus-daemon whose configuration lies in *root* (ours), if it runs."""
+    wanted = f"--config-file={root / 'bus' / 'bus.conf'}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if wanted in (proc / "cmdline").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def bench_vm(daemon: Kdlabd, *create_args: str, prefix: str = "bench") -> Iterator[str]:
+    """A new kdlab VM (``kdlabctl create NAME ARGS``), deleted afterwards."""
+    name = unique(prefix)
+    try:
+        ctl(daemon, "create", name, "--quiet", *create_args)
+        yield name
+    finally:
+        kdlabctl(daemon.address, "delete", "--force", name)
+        virsh("destroy", f"kdlab-{name}")
+        virsh("undefine", f"kdlab-{name}")
+
+
+@contextlib.contextmanager
+def bench_image(daemon: Kdlabd, size: str = "1G") -> Iterator[str]:
+    """A Debian bookworm image built by kdlabd (cached base), deleted afterwards."""
+    name = unique("bench-img")
+    try:
+        ctl(
+            daemon,
+            "image",
+            "build",
+            name,
+            "--debootstrap",
+            "bookworm",
+            "--size",
+            size,
+            "--quiet",
+        )
+        yield name
+    finally:
+        kdlabctl(daemon.address, "image", "delete", name)
+
+
+def stop_vm(daemon: Kdlabd, name: str) -> None:
+    """Pull the plug of a running VM (a no-op on a stopped one)."""
+    kdlabctl(daemon.address, "stop", "--force", name)
+
+
+def wait_in_file(path: Path, text: bytes, timeout: float = 300) -> None:
+    """Poll *path* (re-opened: each boot starts a new log) until it holds *text*."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if text in path.read_bytes():
+                return
+        time.sleep(0.005)
+    raise BenchError(f"{text!r} not in {path} after {timeout} s")
+
+
+def wait_inactive(daemon: Kdlabd, name: str, timeout: float = 30) -> None:
+    """Until kdlabd shows *name* stopped: after ``virsh destroy`` its view may lag."""
+    deadline = time.monotonic() + timeout
+    while json.loads(ctl(daemon, "show", name, "--json"))["state"] not in INACTIVE:
+        if time.monotonic() > deadline:
+            raise BenchError(f"kdlabd still shows {name} active after {timeout} s")
+        time.sleep(0.05)
