@@ -303,3 +303,32 @@ def system_kdlabd(pool_prefix: str, accel: str = "tcg") -> Iterator[Kdlabd]:
         shutil.rmtree(root, ignore_errors=True)
     if code != 0 or "Traceback" in log:
         raise RuntimeError(f"kdlabd exited {code}:\n{log}")
+
+
+@dataclass(frozen=True)
+class BareGuest:
+    """Bare QEMU under TCG booting a kernel, an initrd and a virtio disk.
+
+    The hand-made baseline some vm tests boot without kdlab.
+    """
+
+    qemu: str
+    kernel: Path
+    initrd: Path
+    disk: Path
+    memory_mib: int = 512
+    snapshot: bool = False
+
+    def command(self, cmdline: str) -> list[str]:
+        drive = [f"file={self.disk},if=virtio,format=raw"]
+        # -snapshot: the boot writes into a temporary overlay, not the image.
+        drive += ["-snapshot"] if self.snapshot else []
+        return [
+            self.qemu,
+            *("-machine", "accel=tcg", "-m", str(self.memory_mib), "-smp", "1"),
+            *("-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot"),
+            *("-kernel", str(self.kernel), "-initrd", str(self.initrd)),
+            "-drive",
+            *drive,
+            *("-append", cmdline),
+        ]

@@ -11,14 +11,13 @@ import os
 import select
 import subprocess
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from kdlabctl import initramfs
 from tests.conftest import require, require_tool
 from tests.fixtures import debian
+from tests.harness import BareGuest as Guest
 
 pytestmark = pytest.mark.vm
 
@@ -30,26 +29,6 @@ GUEST_INIT = f"""\
 /bin/busybox echo "{MARKER} $(/bin/busybox cat /proc/cmdline)"
 /bin/busybox poweroff -f
 """
-
-
-@dataclass(frozen=True)
-class Guest:
-    """Debian's kernel, kdlabctl's initramfs for it, and a tiny ext4 root disk."""
-
-    qemu: str
-    kernel: Path
-    initrd: Path
-    disk: Path
-
-    def command(self, cmdline: str) -> list[str]:
-        return [
-            self.qemu,
-            *("-machine", "accel=tcg", "-m", "512"),
-            *("-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot"),
-            *("-kernel", str(self.kernel), "-initrd", str(self.initrd)),
-            *("-drive", f"file={self.disk},if=virtio,format=raw"),
-            *("-append", cmdline),
-        ]
 
 
 @pytest.fixture(scope="module")

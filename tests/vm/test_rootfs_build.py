@@ -37,6 +37,7 @@ from kdlabd.core.rootfs import (
 )
 from tests.conftest import require, require_root, require_tool
 from tests.fixtures import debian
+from tests.harness import BareGuest as Guest
 
 pytestmark = pytest.mark.vm
 
@@ -159,25 +160,6 @@ def test_configured_files_in_the_image(built: Built) -> None:
 # Bonus: it boots.
 
 
-@dataclass(frozen=True)
-class Guest:
-    qemu: str
-    kernel: Path
-    initrd: Path
-    disk: Path
-
-    def command(self, cmdline: str) -> list[str]:
-        return [
-            self.qemu,
-            *("-machine", "accel=tcg", "-m", "1024", "-smp", "1"),
-            *("-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot"),
-            *("-kernel", str(self.kernel), "-initrd", str(self.initrd)),
-            # -snapshot: the boot writes into a temporary overlay, not the image.
-            *("-drive", f"file={self.disk},if=virtio,format=raw", "-snapshot"),
-            *("-append", cmdline),
-        ]
-
-
 @pytest.fixture(scope="module")
 def guest(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Guest:
     qemu = require_tool("qemu-system-x86_64", "qemu-system-x86")
@@ -189,7 +171,9 @@ def guest(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Guest:
         raise
     initrd = tmp_path_factory.mktemp("rootfs-boot") / "initrd.cpio.gz"
     initrd.write_bytes(initrd_bytes)
-    return Guest(qemu, kernel.vmlinuz, initrd, built.image)
+    return Guest(
+        qemu, kernel.vmlinuz, initrd, built.image, memory_mib=1024, snapshot=True
+    )
 
 
 class Console:
