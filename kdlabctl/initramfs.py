@@ -36,6 +36,9 @@ DEFAULT_MODULES = ("virtio_pci", "virtio_blk")
 """What a virtio root disk needs: an error if the kernel has them neither way."""
 ROOT_FS_MODULES = ("ext4",)
 """Loaded too when they are modules; a kernel without them may mount another root."""
+POWER_BUTTON_MODULES = ("button", "evdev")
+"""Loaded when they are modules: systemd-logind powers off on the ACPI button
+(a graceful ``kdlabctl stop``) only through them."""
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 _DIRECTORIES = ("bin", "dev", "lib", "lib/modules", "newroot", "proc", "sys")
@@ -106,7 +109,9 @@ def build(
     the console in a ``kdlab-initramfs:`` line, followed by an emergency shell.
     """
     binary = static_busybox(busybox)
-    modules = resolve(modules_dir, wanted, optional=ROOT_FS_MODULES)
+    modules = resolve(
+        modules_dir, wanted, optional=(*ROOT_FS_MODULES, *POWER_BUTTON_MODULES)
+    )
     return pack(
         [
             *(CpioEntry.directory(name) for name in _DIRECTORIES),

@@ -67,7 +67,9 @@ DEFAULT_HOSTNAME = "kdlab"
 # systemd as init, and udev: without udev no device unit becomes active and
 # serial-getty@ttyS0 waits 90 s for dev-ttyS0.device. No network stack at all:
 # guests get no network, and ifupdown or networkd would only wait for one.
-BASE_PACKAGES = ("systemd-sysv", "udev")
+# dbus: without it systemd-logind does not run, nothing acts on the ACPI power
+# button, and a graceful "kdlabctl stop" always times out and pulls the plug.
+BASE_PACKAGES = ("dbus", "systemd-sysv", "udev")
 SSH_PACKAGES = ("openssh-server",)
 
 ROOT_DEVICE = "/dev/vda"
@@ -77,7 +79,7 @@ DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 
 CACHE_MAX_AGE = 7 * 24 * 3600.0
 """A cached base older than this is bootstrapped again: suites get updates."""
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Part of the cache key: bump it when the cached tree's content changes meaning."""
 
 TAIL_LINES = 20

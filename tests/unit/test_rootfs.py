@@ -274,9 +274,10 @@ def test_invalid_argument_is_a_kdlab_error_with_its_name() -> None:
 
 
 def test_include_packages() -> None:
-    assert include_packages(RootfsSpec("bookworm")) == ("systemd-sysv", "udev")
+    assert include_packages(RootfsSpec("bookworm")) == ("dbus", "systemd-sysv", "udev")
     with_key = RootfsSpec("bookworm", packages=("gdb", "udev"), ssh_key=KEY)
     assert include_packages(with_key) == (
+        "dbus",
         "gdb",
         "openssh-server",
         "systemd-sysv",
@@ -291,7 +292,7 @@ def test_debootstrap_argv(tmp_path: Path) -> None:
     assert argv[4:] == [
         "debootstrap",
         "--variant=minbase",
-        "--include=gdb,systemd-sysv,udev",
+        "--include=dbus,gdb,systemd-sysv,udev",
         "trixie",
         str(tmp_path / "root"),
         "http://127.0.0.1/debian",

@@ -212,6 +212,11 @@ def test_built_debian_image_boots_debians_kernel_to_a_shell(
     # systemd's serial getty logs root in by itself: the prompt is the proof.
     log = wait_for_console(lab, vm_name, "root@kdlab:~#", timeout=180)
     assert "EXT4-fs (vda): mounted filesystem" in log
+    # A graceful stop: the power button reaches systemd-logind, which powers off
+    # (the kernel says so last); no plug is pulled.
+    stopped = lab.ctl("stop", vm_name, "--timeout", "120", timeout=180)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "reboot: Power down" in lab.ctl("logs", vm_name).stdout
 
 
 def test_wrong_root_device_is_diagnosed_naming_the_vms_disk(
