@@ -23,6 +23,7 @@ from tests.vm.test_lifecycle import state, wait_for_console
 pytestmark = pytest.mark.vm
 
 NOBODY = 65534
+SHELL_PROMPT = "/ # "
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +178,9 @@ def test_console_answers_and_two_viewers_share_it(
     lab: Lab, debug_vm: str, consoles: list[Console]
 ) -> None:
     assert lab.ctl("start", debug_vm).returncode == 0
-    wait_for_console(lab, debug_vm, MARKER)
+    # The shell's prompt, not just the marker: busybox's line editing discards
+    # what was typed before it set the terminal up.
+    wait_for_console(lab, debug_vm, SHELL_PROMPT)
     first = Console(lab.daemon.address, debug_vm)
     second = Console(lab.daemon.address, debug_vm)
     consoles += [first, second]
