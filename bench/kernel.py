@@ -22,8 +22,9 @@ from kdlabctl import kconfig
 from kdlabctl import kernel as kernel_cli
 from tests.fixtures.kernel_tree import linux_source_tree
 
-KDLABCTL_KERNEL = [sys.executable, "-m", "kdlabctl.kernel", "kernel"]
+KDLABCTL_KERNEL = [sys.executable, "-m", "kdlabctl", "kernel"]
 JOBS = len(os.sched_getaffinity(0))  # kdlabctl's default -j
+BUILD_TIMEOUT = 3600.0  # a clean build takes 6 min on an idle 2-CPU machine, 15+ busy
 
 
 def _make(tree: Path, out: Path) -> list[str]:
@@ -35,7 +36,11 @@ def _make(tree: Path, out: Path) -> list[str]:
 
 def _clean_then(tree: Path, out: Path, build: list[str]) -> float:
     run(["make", "-C", str(tree), f"O={out}", "clean"])
-    return seconds(lambda: run(build))
+    return _build(build)
+
+
+def _build(command: list[str]) -> float:
+    return seconds(lambda: run(command, timeout=BUILD_TIMEOUT))
 
 
 def kernel_build(quick: bool) -> list[Row]:
@@ -54,8 +59,8 @@ def kernel_build(quick: bool) -> list[Row]:
         )
         again = interleaved(
             3 if quick else 5,
-            lambda: seconds(lambda: run(ours_cmd)),
-            lambda: seconds(lambda: run(make_cmd)),
+            lambda: _build(ours_cmd),
+            lambda: _build(make_cmd),
         )
     what = f"Debian's 6.1 tree, kdlabctl kernel configure --minimal, -j{JOBS}"
     return [

@@ -79,20 +79,26 @@ def bench_daemon(pool_prefix: str = BENCH_POOLS) -> Iterator[Kdlabd]:
     """kdlabd on the system libvirtd, on a private bus (tests.harness.system_kdlabd).
 
     system_kdlabd skips its own clean-up when kdlabd does not stop in time:
-    the pools, the bus and the directories are then removed here.
+    the pools, the bus and the directories are then removed here. Pools a
+    killed run left behind (their directories gone) are removed first.
     """
+    _remove_pools(pool_prefix)
     root: Path | None = None
     try:
         with system_kdlabd(pool_prefix) as daemon:
             root = daemon.state_dir.parent
             yield daemon
     finally:
-        for pool in (f"{pool_prefix}-boot", f"{pool_prefix}-images"):
-            virsh("pool-destroy", pool)
-            virsh("pool-undefine", pool)
+        _remove_pools(pool_prefix)
         if root is not None:
             _kill_bus_of(root)
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _remove_pools(prefix: str) -> None:
+    for pool in (f"{prefix}-boot", f"{prefix}-images"):
+        virsh("pool-destroy", pool)
+        virsh("pool-undefine", pool)
 
 
 def _kill_bus_of(root: Path) -> None:
@@ -117,22 +123,27 @@ def bench_vm(daemon: Kdlabd, *create_args: str, prefix: str = "bench") -> Iterat
         virsh("undefine", f"kdlab-{name}")
 
 
+def build_image(daemon: Kdlabd, name: str, size: str = "1G") -> None:
+    """``kdlabctl image build NAME``: Debian bookworm, as the README shows."""
+    ctl(
+        daemon,
+        "image",
+        "build",
+        name,
+        "--debootstrap",
+        "bookworm",
+        "--size",
+        size,
+        "--quiet",
+    )
+
+
 @contextlib.contextmanager
 def bench_image(daemon: Kdlabd, size: str = "1G") -> Iterator[str]:
-    """A Debian bookworm image built by kdlabd (cached base), deleted afterwards."""
+    """An image built by kdlabd (from its cached base), deleted afterwards."""
     name = unique("bench-img")
     try:
-        ctl(
-            daemon,
-            "image",
-            "build",
-            name,
-            "--debootstrap",
-            "bookworm",
-            "--size",
-            size,
-            "--quiet",
-        )
+        build_image(daemon, name, size)
         yield name
     finally:
         kdlabctl(daemon.address, "image", "delete", name)

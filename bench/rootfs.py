@@ -21,14 +21,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.lab import bench_daemon, ctl, run, scratch, unique
+from bench.lab import bench_daemon, build_image, run, scratch, unique
 from bench.measure import NO_GOAL, Row, interleaved, row
 from kdlabd.core.rootfs import RootfsSpec, cache_key, debootstrap_argv, mke2fs_argv
 from tests.fixtures import debian
 from tests.harness import Kdlabd, kdlabctl
 
 SIZE = "1G"
-SPEC = RootfsSpec("bookworm", size_bytes=1024**3)
+SPEC = RootfsSpec("bookworm", size_bytes=1024**3)  # what build_image asks for
 
 
 def _kdlab_build(daemon: Kdlabd, before: Path | None = None) -> float:
@@ -38,34 +38,28 @@ def _kdlab_build(daemon: Kdlabd, before: Path | None = None) -> float:
     name = unique("bench-rootfs")
     start = time.perf_counter()
     try:
-        ctl(
-            daemon,
-            "image",
-            "build",
-            name,
-            "--debootstrap",
-            SPEC.suite,
-            "--size",
-            SIZE,
-            "--quiet",
-        )
+        build_image(daemon, name, SIZE)
         return time.perf_counter() - start
     finally:
         kdlabctl(daemon.address, "image", "delete", name)
 
 
 def _by_hand(work: Path, fill: list[str]) -> float:
-    """Seconds for *fill* (a command filling ``work/tree``) then ``mke2fs -d``."""
+    """Seconds to *fill* ``work/tree``, ``mke2fs -d`` it and remove it.
+
+    The tree's removal is timed: kdlabd's build removes its tree too.
+    """
     tree, image = work / "tree", work / "by-hand.raw"
     tree.mkdir()
     start = time.perf_counter()
     try:
         run(fill)
         run(mke2fs_argv(tree, image, SPEC.size_bytes))
-        return time.perf_counter() - start
     finally:
         run(["rm", "-rf", "--one-file-system", str(tree)])
-        image.unlink(missing_ok=True)
+    took = time.perf_counter() - start
+    image.unlink()
+    return took
 
 
 @contextlib.contextmanager
