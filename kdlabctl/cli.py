@@ -323,9 +323,8 @@ async def cmd_console(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import debug
 
     fd = await _open_fd(client, args.name, "OpenConsole")
-    print(f"Connected to {args.name} (escape character is ^])", file=sys.stderr)
     try:
-        why = debug.console(fd)
+        why = debug.console(fd, f"Connected to {args.name} (escape character is ^])")
     finally:
         os.close(fd)
     print(f"\r\nkdlabctl: {why}", file=sys.stderr)

@@ -104,15 +104,19 @@ def proxy_command(bus: str, name: str) -> list[str]:
 ESCAPE = b"\x1d"  # Ctrl-], as in virsh console and telnet
 
 
-def console(sock_fd: int, stdin: int = 0, stdout: int = 1) -> str:
+def console(sock_fd: int, banner: str, stdin: int = 0, stdout: int = 1) -> str:
     """Interactive console on *sock_fd* until Ctrl-] or the VM closes it.
 
     A terminal on stdin is put in raw mode (keys such as Ctrl-C go to the
-    guest) and restored afterwards. Returns why the session ended.
+    guest) and restored afterwards; keys typed before that are kept, not
+    flushed. *banner* goes to stderr once raw mode is on, so whoever waits
+    for it knows every key from then on reaches the VM unechoed. Returns why
+    the session ended.
     """
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     if saved is not None:
-        tty.setraw(stdin)
+        tty.setraw(stdin, termios.TCSADRAIN)
+    print(banner, end="\r\n", file=sys.stderr, flush=True)
     try:
         selector = selectors.DefaultSelector()
         selector.register(stdin, selectors.EVENT_READ)
