@@ -72,7 +72,7 @@ def _verdict(met: bool | None) -> str:
 def print_table(rows: list[Row]) -> None:
     print(
         f"{'benchmark':<40} {'kdlab':>10} {'baseline':>10} {'ratio':>7} {'unit':<4} "
-        f"{'runs':>4}  {'goal':<22} {'':<6}  baseline"
+        f"{'runs':>4}  {'goal':<22} {'met?':<6}  baseline (what kdlab is compared with)"
     )
     for r in rows:
         print(
