@@ -9,7 +9,8 @@ on a private dbus-daemon with kdlab's bus policy; a dbus-next client
   with 100 VMs, each call interleaved with the bus's own ``GetId`` (a round
   trip to dbus-daemon, which answers it itself); and what a command costs:
   ``kdlabctl list`` against ``busctl call ... GetManagedObjects``.
-- ``scale``: kdlabd's start-up time, its RSS (``VmRSS``) and ``ListVMs`` p50
+- ``scale``: kdlabd's start-up time, its RSS (``VmRSS``), ``ListVMs`` and
+  ``GetManagedObjects`` p50
   with 10, 100 and 1000 VMs. The baseline is the same daemon with 10 VMs,
   measured in the same run: the ratio is how the cost grows with the fleet.
   (The bus's GetId is already the baseline of dbus_call_latency.)
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dbus_next import Message, MessageType
@@ -33,7 +34,6 @@ from bench.measure import (
     INFO,
     NO_GOAL,
     Row,
-    failed,
     interleaved,
     percentile,
     row,
@@ -45,16 +45,15 @@ from tests.bus.harness import (
     DBUS_PATH,
     OBJECT_MANAGER,
     BusClient,
-    FakeVM,
     Lab,
     PrivateBus,
+    defined_fleet,
 )
-from tests.harness import Kdlabd
 
-ANSWER_TIMEOUT = 5.0
 CALL_TIMEOUT = 15.0
 FLEET = 100
 SCALES = (10, 100, 1000)
+STARTUP_TIMEOUT = 60.0
 
 # (destination, path, interface, member) of each call measured.
 CALLS = {
@@ -64,32 +63,13 @@ CALLS = {
 }
 
 
-def fleet(count: int) -> list[FakeVM]:
-    """*count* defined kdlab VMs, as the bus tier writes them into a driver file."""
-    return [
-        FakeVM(
-            f"bench-{i:04d}",
-            "defined",
-            0,
-            "root=/dev/vda",
-            "root=/dev/vda console=ttyS0 nokaslr",
-        )
-        for i in range(count)
-    ]
-
-
-class DeafDaemon(BenchError):
-    """kdlabd never answered: it did not take its name, or took it and went deaf."""
-
-
 @dataclass
 class Served:
-    """kdlabd serving a fleet, a client, and how its start went."""
+    """kdlabd serving a fleet, a client, and how long its start took."""
 
     lab: Lab
     client: BusClient
     startup: float  # seconds until kdlabd owned its name
-    deaf_starts: list[str]  # why the starts before this one failed
 
     def rss_mib(self) -> float:
         """kdlabd's resident memory (VmRSS), in MiB."""
@@ -106,74 +86,25 @@ class Served:
                 return int(line.split()[1]) / 1024
         raise BenchError(f"no VmRSS in /proc/{pid}/status")
 
-    def note(self) -> str:
-        if not self.deaf_starts:
-            return ""
-        return (
-            f"; {len(self.deaf_starts)} earlier start(s) of kdlabd never answered "
-            f"({self.deaf_starts[-1]})"
-        )
-
-
-def _stop(daemon: Kdlabd) -> None:
-    if daemon.running:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            daemon.stop(timeout=10)  # kills it after that
-
-
-def _start(lab: Lab, count: int) -> tuple[BusClient, float]:
-    """Start kdlabd; a client and the start-up time, once ListVMs is answered.
-
-    Owning the name is not enough: a kdlabd whose connection died during its
-    start-up burst of signals owns it and never answers (DeafDaemon).
-    """
-    lab.populate()
-    timeout = 5 + count / 100
-    try:
-        startup = seconds(lambda: lab.daemon.start(timeout=timeout))
-    except RuntimeError:
-        _stop(lab.daemon)
-        raise DeafDaemon(f"no {BUS_NAME} on the bus after {timeout:.0f} s") from None
-    client = BusClient(lab.daemon.address)
-    try:
-        latency(client, "ListVMs", timeout=ANSWER_TIMEOUT)
-    except TimeoutError:
-        client.close()
-        _stop(lab.daemon)
-        raise DeafDaemon(
-            f"owned {BUS_NAME} but left ListVMs unanswered for {ANSWER_TIMEOUT:.0f} s"
-        ) from None
-    return client, startup
-
 
 @contextlib.contextmanager
-def served(count: int, attempts: int = 3) -> Iterator[Served]:
-    """kdlabd on a private bus serving *count* VMs from a fresh test driver file.
-
-    A kdlabd that never answers is stopped and started again on a fresh file,
-    up to *attempts* times; the failures are kept for the rows' notes.
-    """
+def served(count: int) -> Iterator[Served]:
+    """kdlabd on a private bus serving *count* VMs from a fresh test driver file."""
     with scratch() as root:
         bus = PrivateBus(root / "bus").start()
+        lab = Lab(bus, root, defined_fleet(count, "bench"))
+        lab.populate()
         try:
-            deaf: list[str] = []
-            for attempt in range(attempts):
-                workdir = root / f"start-{attempt}"
-                workdir.mkdir(mode=0o711)
-                lab = Lab(bus, workdir, fleet(count))
-                try:
-                    client, startup = _start(lab, count)
-                except DeafDaemon as err:
-                    deaf.append(str(err))
-                    continue
-                try:
-                    yield Served(lab, client, startup, deaf)
-                finally:
-                    client.close()
-                    _stop(lab.daemon)
-                return
-            raise DeafDaemon(f"kdlabd with {count} VMs, {attempts} starts: {deaf[-1]}")
+            startup = seconds(lambda: lab.daemon.start(timeout=STARTUP_TIMEOUT))
+            client = BusClient(lab.daemon.address)
+            try:
+                yield Served(lab, client, startup)
+            finally:
+                client.close()
         finally:
+            if lab.daemon.running:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    lab.daemon.stop(timeout=10)  # kills it after that
             bus.stop()
 
 
@@ -202,7 +133,7 @@ def _call_rows(served: Served, call: str, runs: int) -> list[Row]:
         lambda: latency(served.client, "GetId"),
         warmup=20,
     )
-    note = f"{FLEET} VMs defined, one call at a time, dbus-next client{served.note()}"
+    note = f"{FLEET} VMs defined, one call at a time, dbus-next client"
     return [
         row(
             f"dbus_call_latency:{call} {label}",
@@ -276,71 +207,49 @@ def dbus_call_latency(quick: bool) -> list[Row]:
         ]
 
 
-METRICS = {"startup": "s", "rss": "MiB", "ListVMs_p50": "ms"}
+METRICS = {
+    "startup": "s",
+    "rss": "MiB",
+    "ListVMs_p50": "ms",
+    "GetManagedObjects_p50": "ms",
+}
 
 
-@dataclass
-class _Fleet:
-    """What was measured of kdlabd serving *count* VMs, over the rounds."""
-
-    count: int
-    metrics: dict[str, list[float]] = field(default_factory=dict)
-    starts: int = 0
-    deaf: list[str] = field(default_factory=list)
-    broken: str = ""
-
-    def measure(self, calls: int, attempts: int) -> None:
-        if self.broken:
-            return
-        try:
-            with served(self.count, attempts) as lab:
-                listing = [latency(lab.client, "ListVMs") for _ in range(calls)]
-                measured = {
-                    "startup": lab.startup,
-                    "rss": lab.rss_mib(),
-                    "ListVMs_p50": statistics.median(listing) * 1000,
-                }
-                self.starts += 1 + len(lab.deaf_starts)
-                self.deaf += lab.deaf_starts
-        except DeafDaemon as err:
-            self.starts += attempts
-            self.broken = str(err)
-            return
-        for metric, value in measured.items():
-            self.metrics.setdefault(metric, []).append(value)
-
-    def note(self) -> str:
-        deaf = f"; {len(self.deaf)} of {self.starts} starts never answered"
-        return "one kdlabd per size and round, defined VMs" + (
-            deaf if self.deaf else ""
-        )
+def _measure_fleet(count: int, calls: int) -> dict[str, float]:
+    """kdlabd's start-up, memory and listing latencies serving *count* VMs."""
+    with served(count) as lab:
+        listing = [latency(lab.client, "ListVMs") for _ in range(calls)]
+        objects = [latency(lab.client, "GetManagedObjects") for _ in range(calls)]
+        return {
+            "startup": lab.startup,
+            "rss": lab.rss_mib(),
+            "ListVMs_p50": statistics.median(listing) * 1000,
+            "GetManagedObjects_p50": statistics.median(objects) * 1000,
+        }
 
 
 def scale(quick: bool) -> list[Row]:
-    """Start-up, memory and ListVMs latency with 10, 100 and 1000 VMs."""
-    rounds, calls, attempts = (1, 50, 2) if quick else (3, 200, 3)
-    fleets = [_Fleet(count) for count in SCALES]
+    """Start-up, memory and listing latency with 10, 100 and 1000 VMs.
+
+    One kdlabd per size and round; the rounds rotate the sizes, as
+    :func:`bench.measure.interleaved` does.
+    """
+    rounds, calls = (1, 50) if quick else (3, 200)
+    measured: dict[int, list[dict[str, float]]] = {count: [] for count in SCALES}
     for i in range(rounds):
-        for fleet_ in [*fleets[i % 3 :], *fleets[: i % 3]]:  # rotated, as interleaved
-            fleet_.measure(calls, attempts)
-    base = fleets[0]
+        for count in [*SCALES[i % 3 :], *SCALES[: i % 3]]:
+            measured[count].append(_measure_fleet(count, calls))
+    base = SCALES[0]
     return [
-        _scale_row(metric, fleet_, base) for fleet_ in fleets[1:] for metric in METRICS
+        row(
+            f"scale:{metric}@{count}",
+            [m[metric] for m in measured[count]],
+            [m[metric] for m in measured[base]],
+            baseline=f"the same with {base} VMs",
+            unit=unit,
+            goal=NO_GOAL,
+            note=f"defined VMs, {calls} calls a round",
+        )
+        for count in SCALES[1:]
+        for metric, unit in METRICS.items()
     ]
-
-
-def _scale_row(metric: str, fleet_: _Fleet, base: _Fleet) -> Row:
-    name, unit = f"scale:{metric}@{fleet_.count}", METRICS[metric]
-    baseline = f"the same with {base.count} VMs"
-    why = fleet_.broken or base.broken
-    if why:
-        return failed(name, baseline=baseline, unit=unit, goal=NO_GOAL, why=why)
-    return row(
-        name,
-        fleet_.metrics[metric],
-        base.metrics[metric],
-        baseline=baseline,
-        unit=unit,
-        goal=NO_GOAL,
-        note=fleet_.note(),
-    )

@@ -7,14 +7,19 @@ starts the (async) method in a task that copies the context.
 
 from __future__ import annotations
 
+import array
+import asyncio
 import contextlib
 import contextvars
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbus_next import Message, MessageType
+from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
+from dbus_next.aio.message_bus import _MessageWriter
+from dbus_next.service import ServiceInterface
 
 from kdlabd.wire import MANAGER_PATH
 
@@ -55,6 +60,7 @@ class KdlabBus(MessageBus):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
+        self._writer = _PatientWriter(self)
         self.add_message_handler(_record_call)
         self._dispatched: set[int] = set()
 
@@ -81,6 +87,24 @@ class KdlabBus(MessageBus):
                 Call("", list(msg.unix_fds)).close_fds()
             self._dispatched.discard(id(msg))
 
+    def _default_get_managed_objects_handler(
+        self, msg: Message, send_reply: Any
+    ) -> None:
+        """GetManagedObjects in one pass over the exported objects.
+
+        dbus-next 0.2.3 checks after every interface whether the whole reply
+        is complete, walking every object again: quadratic in the number of
+        VMs (37 ms with 100 VMs, seconds with 1000). kdlab's properties are
+        plain attributes, so their values are all at hand at once.
+        """
+        prefix = msg.path.rstrip("/") + "/"
+        objects = {
+            path: {iface.name: _property_variants(iface) for iface in interfaces}
+            for path, interfaces in self._path_exports.items()
+            if path.startswith(prefix)
+        }
+        send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [objects]))
+
     def _send_reply(self, msg: Message) -> _ReplyThatHandles:
         return _ReplyThatHandles(super()._send_reply(msg))
 
@@ -95,6 +119,68 @@ class KdlabBus(MessageBus):
             fds = list(msg.unix_fds)
             future.add_done_callback(lambda _f: Call("", fds).close_fds())
         return future
+
+
+class _PatientWriter(_MessageWriter):
+    """dbus-next 0.2.3's writer takes a full socket buffer (EAGAIN) for a lost
+    connection and drops the bus (python-dbus-next issue 153): a burst of
+    signals, such as exporting 1000 VMs at start-up, left kdlabd connected to
+    nothing. This one waits until the socket is writable again.
+    """
+
+    buf: memoryview | None
+    offset: int
+    unix_fds: list[int] | None
+    fut: asyncio.Future[None] | None
+
+    def write_callback(self) -> None:
+        try:
+            while (buf := self._next_message()) is not None:
+                try:
+                    self.offset += self._send(buf[self.offset :])
+                except BlockingIOError:
+                    return  # the loop calls again once the socket drains
+                if self.offset < len(buf):
+                    return
+                self.buf = None
+                if self.fut is not None and not self.fut.done():
+                    self.fut.set_result(None)
+        except Exception as err:
+            if self.fut is not None and not self.fut.done():
+                self.fut.set_exception(err)
+            self.bus._finalize(err)
+
+    def _next_message(self) -> memoryview | None:
+        """The message being written; None (and the socket unwatched) if none is."""
+        if self.buf is None:
+            if self.messages.empty():
+                self.loop.remove_writer(self.fd)
+                return None
+            data, self.unix_fds, self.fut = self.messages.get_nowait()
+            self.buf, self.offset = memoryview(data), 0
+        return self.buf
+
+    def _send(self, data: memoryview) -> int:
+        """Send what the socket takes of *data*; descriptors go with the first byte."""
+        if not (self.unix_fds and self.negotiate_unix_fd):
+            return int(self.sock.send(data))
+        rights = [
+            (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))
+        ]
+        sent = int(self.sock.sendmsg([data], rights))
+        self.unix_fds = None
+        return sent
+
+
+def _property_variants(interface: ServiceInterface) -> dict[str, Variant]:
+    """The readable properties of *interface*, as GetAll would return them."""
+    return {
+        prop.name: Variant(
+            prop.signature, getattr(interface, prop.prop_getter.__name__)
+        )
+        for prop in ServiceInterface._get_properties(interface)
+        if not prop.disabled and prop.access.readable()
+    }
 
 
 class _ReplyThatHandles:

@@ -230,6 +230,22 @@ FLEET = (
     ),
 )
 VMS = {vm.name: vm for vm in FLEET}
+
+
+def defined_fleet(count: int, prefix: str = "vm") -> list[FakeVM]:
+    """*count* defined VMs of root's, for tests and benchmarks of scale."""
+    return [
+        FakeVM(
+            f"{prefix}-{i:04d}",
+            "defined",
+            0,
+            "root=/dev/vda",
+            "root=/dev/vda console=ttyS0 nokaslr",
+        )
+        for i in range(count)
+    ]
+
+
 # Domains that are not kdlab VMs: no prefix, or the prefix without kdlab's metadata.
 FOREIGN_DOMAINS = ("plain", "kdlab-impostor")
 
