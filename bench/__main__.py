@@ -109,7 +109,6 @@ def _exit_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _exit_on_sigterm()
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
     parser.add_argument(
         "--quick", action="store_true", help="fewer runs, a few minutes"
@@ -117,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
     parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], metavar="NAME")
     args = parser.parse_args(argv)
+    _exit_on_sigterm()
     names = args.names or [
         name for name, bench in BENCHMARKS.items() if bench.quick or not args.quick
     ]
