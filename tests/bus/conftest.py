@@ -86,16 +86,8 @@ def kdlabd(bus: PrivateBus, workdir: Path) -> Iterator[Lab]:
 
     Teardown checks that it exits 0 on SIGTERM and never logged a traceback.
     """
-    lab = Lab(bus, workdir)
-    lab.populate()
-    try:
-        lab.start()
-    except BaseException:
-        if lab.daemon.running:
-            lab.daemon.kill()
-        raise
-    yield lab
-    lab.stop_cleanly()
+    with Lab(bus, workdir).serving() as lab:
+        yield lab
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ its state and runtime directories.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import re
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -318,6 +319,22 @@ class Lab:
     def start(self) -> None:
         """Start kdlabd; it is ready when it owns its name (else: fail with its log)."""
         self.daemon.start(timeout=STARTUP_TIMEOUT)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Lab]:
+        """kdlabd serving a fresh driver file; stopped cleanly afterwards.
+
+        A kdlabd that does not come up is killed, not left running.
+        """
+        self.populate()
+        try:
+            self.start()
+        except BaseException:
+            if self.daemon.running:
+                self.daemon.kill()
+            raise
+        yield self
+        self.stop_cleanly()
 
     def stop_cleanly(self) -> None:
         """SIGTERM kdlabd: it must exit 0 and never have logged a traceback."""

@@ -22,16 +22,8 @@ COUNT = 1000
 
 @pytest.fixture
 def thousand(bus: PrivateBus, workdir: Path) -> Iterator[Lab]:
-    lab = Lab(bus, workdir, defined_fleet(COUNT))
-    lab.populate()
-    try:
-        lab.start()
-    except BaseException:
-        if lab.daemon.running:
-            lab.daemon.kill()
-        raise
-    yield lab
-    lab.stop_cleanly()
+    with Lab(bus, workdir, defined_fleet(COUNT)).serving() as lab:
+        yield lab
 
 
 def test_a_thousand_vms_are_served(thousand: Lab, client: BusClient) -> None:
