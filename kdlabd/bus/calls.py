@@ -108,6 +108,17 @@ class KdlabBus(MessageBus):
     def _send_reply(self, msg: Message) -> _ReplyThatHandles:
         return _ReplyThatHandles(super()._send_reply(msg))
 
+    def _call(self, msg: Message, callback: Any) -> None:
+        """A call on a lost connection fails at once.
+
+        dbus-next 0.2.3 registers the reply handler after the connection is
+        gone and waits for ever: kdlabd would hang at start-up instead of
+        exiting when the bus dies under it.
+        """
+        if self._disconnected:
+            raise ConnectionError("the D-Bus connection is closed")
+        super()._call(msg, callback)
+
     def send(self, msg: Message):  # type: ignore[no-untyped-def]
         if msg.interface == _OBJECT_MANAGER and msg.path.startswith(MANAGER_PATH + "/"):
             # dbus-next 0.2.3 sends InterfacesAdded/Removed from the object's own
