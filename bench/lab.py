@@ -24,6 +24,8 @@ from kdlabd.core.vms import Layout
 from tests.harness import Kdlabd, kdlabctl, system_kdlabd, virsh
 
 BENCH_POOLS = "kdlab-bench"
+# The domains of bench_vm ("kdlab-bench-...") and of hand-written baselines.
+BENCH_DOMAINS = ("kdlab-bench-", "bench-raw-")
 CTL_TIMEOUT = 900.0
 INACTIVE = ("defined", "stopped", "crashed")
 
@@ -79,9 +81,10 @@ def bench_daemon(pool_prefix: str = BENCH_POOLS) -> Iterator[Kdlabd]:
     """kdlabd on the system libvirtd, on a private bus (tests.harness.system_kdlabd).
 
     system_kdlabd skips its own clean-up when kdlabd does not stop in time:
-    the pools, the bus and the directories are then removed here. Pools a
-    killed run left behind (their directories gone) are removed first.
+    the pools, the bus and the directories are then removed here. Domains and
+    pools a killed run left behind are removed first.
     """
+    _remove_domains(BENCH_DOMAINS)
     _remove_pools(pool_prefix)
     root: Path | None = None
     try:
@@ -93,6 +96,13 @@ def bench_daemon(pool_prefix: str = BENCH_POOLS) -> Iterator[Kdlabd]:
         if root is not None:
             _kill_bus_of(root)
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _remove_domains(prefixes: tuple[str, ...]) -> None:
+    listed = virsh("list", "--all", "--name").stdout.split()
+    for domain in (name for name in listed if name.startswith(prefixes)):
+        virsh("destroy", domain)
+        virsh("undefine", domain)
 
 
 def _remove_pools(prefix: str) -> None:
