@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -144,23 +145,28 @@ def _cmdline(daemon: Kdlabd, name: str) -> str:
     return str(json.loads(ctl(daemon, "show", name, "--json"))["cmdline"])
 
 
+def marker_vm(
+    daemon: Kdlabd, kernel: debian.CloudKernel, initrd: Path, *create_args: str
+) -> contextlib.AbstractContextManager[str]:
+    """A bench VM of Debian's *kernel* with the busybox *initrd* printing MARKER."""
+    return bench_vm(
+        daemon,
+        "--kernel",
+        str(kernel.vmlinuz),
+        "--initrd",
+        str(initrd),
+        "--memory",
+        str(MEMORY_MIB),
+        *create_args,
+    )
+
+
 def boot_to_userspace(quick: bool) -> list[Row]:
     """``kdlabctl start`` to the userspace marker vs bare QEMU, same files and accel."""
     kernel = debian.cloud_kernel()
     initrd = debian.busybox_initramfs(MARKER)
     laps = Laps()
-    with (
-        bench_daemon() as daemon,
-        bench_vm(
-            daemon,
-            "--kernel",
-            str(kernel.vmlinuz),
-            "--initrd",
-            str(initrd),
-            "--memory",
-            str(MEMORY_MIB),
-        ) as name,
-    ):
+    with bench_daemon() as daemon, marker_vm(daemon, kernel, initrd) as name:
         bare = bare_qemu_command(kernel.vmlinuz, initrd, _cmdline(daemon, name))
         log = layout(daemon).console_log(name)
         ours, theirs, libvirt = interleaved(

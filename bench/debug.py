@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.boot import MARKER, MEMORY_MIB, VIRSH
+from bench.boot import MARKER, VIRSH, marker_vm
 from bench.lab import (
     BenchError,
     bench_daemon,
-    bench_vm,
     layout,
     run,
     stop_vm,
@@ -108,17 +107,7 @@ def time_to_breakpoint(quick: bool) -> list[Row]:
     laps = Laps()
     with (
         bench_daemon() as daemon,
-        bench_vm(
-            daemon,
-            "--kernel",
-            str(kernel.vmlinuz),
-            "--initrd",
-            str(initrd),
-            "--memory",
-            str(MEMORY_MIB),
-            "--vmlinux",
-            str(vmlinux),
-        ) as name,
+        marker_vm(daemon, kernel, initrd, "--vmlinux", str(vmlinux)) as name,
     ):
         socket = layout(daemon).gdb_socket(name)
         # The first round (kdlab first: kdlabd makes the socket's directory)
