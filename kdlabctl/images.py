@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdlabd.errors import EXIT_FAILURE, EXIT_OK
+from kdlabd.errors import EXIT_FAILURE, EXIT_OK, exit_code_for
 from kdlabd.wire import IMAGE_INTERFACE
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ async def _finish_job(client: Client, path: str, quiet: bool) -> int:
     if end["State"] != "succeeded":
         what = f"{end['Kind']} of {end['Target']} {end['State']}"
         print(f"kdlabctl: {what}: {end['Status']}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exit_code_for(end["Error"]) if end.get("Error") else EXIT_FAILURE
     if not quiet:
         print(end["Status"])
     return EXIT_OK

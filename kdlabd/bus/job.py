@@ -22,6 +22,7 @@ def properties(job: Job) -> dict[str, Any]:
         "Progress": job.progress,
         "Status": job.status,
         "State": job.state.value,
+        "Error": job.error,
     }
 
 
@@ -88,3 +89,8 @@ class JobInterface(ServiceInterface):
     def State(self) -> "s":
         """``running``, ``succeeded``, ``failed`` or ``cancelled``."""
         return self._props["State"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Error(self) -> "s":
+        """Why a failed job failed, as a D-Bus error name ("" otherwise)."""
+        return self._props["Error"]

@@ -6,7 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from kdlabd.core.models import Accel, ImageRecord, ImageSource, VMRecord, VMSpec
+from kdlabd.core.models import (
+    Accel,
+    ImageRecord,
+    ImageSource,
+    StoredImage,
+    VMRecord,
+    VMSpec,
+)
 
 DomainChanged = Callable[[str], None]
 """Called with a VM's name whenever its domain changed (state, definition)."""
@@ -86,11 +93,14 @@ class Hypervisor(Protocol):
     ) -> ImageRecord:
         """Stream *source* into the new image *name*; nothing is left on failure."""
 
+    async def inspect_image(self, name: str) -> StoredImage:
+        """What the image *name* holds as stored (never what a client offered)."""
+
     async def delete_image(self, name: str) -> None:
         """Delete the image *name* if it exists."""
 
-    async def resize_image(self, name: str, size: int) -> ImageRecord:
-        """Grow the image *name* to *size* bytes."""
+    async def resize_image(self, image: ImageRecord, size: int) -> ImageRecord:
+        """Grow *image* to *size* bytes."""
 
     async def create_vm_disk(
         self, volume: str, size: int, base: ImageRecord | None

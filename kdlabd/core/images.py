@@ -22,7 +22,7 @@ from kdlabd.core import validate
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
 from kdlabd.core.journal import Journal, crash_point
-from kdlabd.core.models import ImageRecord, ImageSource
+from kdlabd.core.models import ImageFormat, ImageRecord, ImageSource
 from kdlabd.core.rootfs import Progress as RootfsProgress
 from kdlabd.core.rootfs import RootfsSpec, build_rootfs
 from kdlabd.errors import ImageExists, InvalidArgument, InvalidState, NoSuchImage
@@ -197,9 +197,22 @@ class ImageService:
                 "filesystem: give a larger size"
             )
         with self._claimed(name, exists=True):
-            resized = await self._hv.resize_image(name, size)
+            resized = await self._hv.resize_image(image, size)
+            await self._judge_stored(name, image.format)
         self._store(resized)
         return resized
+
+    async def _judge_stored(self, name: str, expected: ImageFormat) -> None:
+        """Refuse what the volume holds unless it is a self-contained *expected*.
+
+        The client's file may have changed after it was checked: only the
+        bytes in the pool count (see :func:`validate.stored_image`).
+        """
+        try:
+            validate.stored_image(await self._hv.inspect_image(name), expected)
+        except InvalidArgument as err:
+            log.warning("image.refused_as_stored", image=name, reason=str(err))
+            raise
 
     async def _upload(
         self, name: str, source: ImageSource, job: Job, start: float, share: float
@@ -220,8 +233,11 @@ class ImageService:
             image = await finish_on_cancel(
                 self._hv.upload_image(name, source, progress)
             )
+            job.report(start + share, "checking the stored image")
+            await self._judge_stored(name, source.format)
         except BaseException:
             with contextlib.suppress(Exception):
+                await self._hv.delete_image(name)
                 if await self._hv.get_image(name) is None:
                     self._journal.done("image", name)
             raise

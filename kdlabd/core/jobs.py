@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 
 import structlog
 
-from kdlabd.errors import KdlabError, NoSuchJob
+from kdlabd.errors import Internal, KdlabError, NoSuchJob
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +55,8 @@ class Job:
     status: str = "starting"
     state: JobState = JobState.RUNNING
     message: str = ""
+    error: str = ""
+    """The D-Bus error name of a failure ("" otherwise), for exit codes."""
     _notify: Callable[[Job], None] = field(default=lambda _job: None, repr=False)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
@@ -179,10 +181,12 @@ class JobManager:
         except (asyncio.CancelledError, JobCancelled):
             self._finish(job, JobState.CANCELLED, "cancelled")
         except KdlabError as err:
+            job.error = err.dbus_name()
             self._finish(job, JobState.FAILED, str(err))
         except Exception:
             incident = uuid.uuid4().hex[:12]
             log.exception("job.internal_error", job=job.id, incident=incident)
+            job.error = Internal.dbus_name()
             self._finish(job, JobState.FAILED, f"internal error (incident {incident})")
         else:
             job.progress = 1.0

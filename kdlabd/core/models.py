@@ -76,12 +76,39 @@ class ImageSource:
 
 
 @dataclass(frozen=True)
+class StoredImage:
+    """What an image volume holds once its bytes are stored, seen three ways."""
+
+    header: bytes
+    """Its first bytes (at least :data:`kdlabd.core.validate.IMAGE_HEADER_BYTES`)."""
+    probed_format: str
+    """The format libvirt reads from the volume (what a VM's overlay is told)."""
+    tool_format: str
+    """The format qemu-img reports ("" where it cannot run: a remote libvirt)."""
+    virtual_size: int
+    backing: str = ""
+    """A backing file named by the image (libvirt's or qemu-img's view)."""
+    data_file: str = ""
+    """An external data file named by the image (qemu-img's view)."""
+
+
+@dataclass(frozen=True)
+class Backing:
+    """The base volume of an overlay, with its format stated, never probed."""
+
+    path: Path
+    format: ImageFormat
+
+
+@dataclass(frozen=True)
 class Disk:
     """A VM's own disk: a qcow2 overlay on an image, or a blank qcow2 volume."""
 
     path: Path
     target: str
     base_image: str = ""
+    base: Backing | None = None
+    """The image's volume under the overlay; the chain ends there."""
 
 
 @dataclass(frozen=True)

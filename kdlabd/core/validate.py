@@ -12,7 +12,7 @@ import re
 import stat
 import struct
 
-from kdlabd.core.models import ImageFormat, ImageSource
+from kdlabd.core.models import ImageFormat, ImageSource, StoredImage
 from kdlabd.errors import InvalidArgument
 
 NAME_MAX = 63
@@ -161,13 +161,27 @@ _QCOW2_EXTERNAL_DATA = 1 << 2
 def image_source(fd: int) -> ImageSource:
     """An image file to import: raw, or a self-contained qcow2.
 
-    A qcow2 that names a backing file or an external data file is refused:
-    QEMU would open that path (anywhere on the host) when a VM boots from it.
+    This judges the bytes offered, for an early and clear answer; what counts
+    is the judgement of the bytes stored (:func:`stored_image`), because the
+    caller may rewrite the file while it is uploaded.
     """
     size = readable_file(fd, "image", IMAGE_MAX_BYTES)
-    header = os.pread(fd, 104, 0)
+    fmt, capacity = image_header(os.pread(fd, IMAGE_HEADER_BYTES, 0), size)
+    return ImageSource(fd, size, fmt, capacity)
+
+
+IMAGE_HEADER_BYTES = 104
+
+
+def image_header(header: bytes, size: int) -> tuple[ImageFormat, int]:
+    """The format and virtual size an image's first bytes declare.
+
+    A qcow2 that names a backing file or an external data file is refused:
+    QEMU would open that path (anywhere on the host) when a VM boots from it.
+    Anything else is raw, of *size* bytes.
+    """
     if not header.startswith(_QCOW2_MAGIC):
-        return ImageSource(fd, size, ImageFormat.RAW, size)
+        return ImageFormat.RAW, size
     if len(header) < 32:
         raise InvalidArgument("the image has a truncated qcow2 header")
     version, backing_offset, _, _, virtual_size = struct.unpack_from(
@@ -186,4 +200,39 @@ def image_source(fd: int) -> ImageSource:
             raise InvalidArgument("the qcow2 image keeps its data in an external file")
     if virtual_size <= 0:
         raise InvalidArgument("the qcow2 image has a virtual size of 0")
-    return ImageSource(fd, size, ImageFormat.QCOW2, virtual_size)
+    return ImageFormat.QCOW2, virtual_size
+
+
+def stored_image(stored: StoredImage, expected: ImageFormat) -> None:
+    """Judge an image as it was stored in the pool, not as it was offered.
+
+    *stored* is what the hypervisor found in the volume after the bytes came
+    in: the header kdlab parses itself, the format libvirt probes when it
+    refreshes the pool (what a VM's overlay would be told), and qemu-img's
+    view. Anything but a self-contained image of the *expected* format is
+    refused, so a file rewritten after it was checked cannot smuggle in a
+    backing file (another user's file, /etc/shadow, a host block device).
+    """
+    fmt, _ = image_header(stored.header, stored.virtual_size)
+    seen = {fmt.value, stored.probed_format} | (
+        {stored.tool_format} if stored.tool_format else set()
+    )
+    if seen != {expected.value}:
+        raise InvalidArgument(
+            f"the image was offered as {expected.value} but its stored bytes read "
+            f"as {' and '.join(sorted(seen - {expected.value}))}: kdlab imports "
+            "raw images and self-contained qcow2 images, and the file must not "
+            "change while it is imported"
+        )
+    if stored.backing:
+        raise InvalidArgument(
+            f"the stored image names a backing file ({stored.backing!r}): import "
+            "a self-contained image (qemu-img convert -O qcow2 IN OUT flattens it)"
+        )
+    if stored.data_file:
+        raise InvalidArgument("the stored image keeps its data in an external file")
+    if not 0 < stored.virtual_size <= DISK_BYTES_RANGE[1]:
+        raise InvalidArgument(
+            f"the stored image has a virtual size of {stored.virtual_size} bytes; "
+            f"at most {DISK_BYTES_RANGE[1]} are accepted"
+        )

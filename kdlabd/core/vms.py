@@ -30,6 +30,7 @@ from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.journal import crash_point
 from kdlabd.core.models import (
     Accel,
+    Backing,
     DebugSettings,
     Disk,
     ImageRecord,
@@ -324,7 +325,11 @@ class VMService:
             volume = f"{request.name}.{target}.qcow2"
             path = await self._hv.create_vm_disk(volume, size, base)
             undo.push_async_callback(_undo, self._hv.delete_vm_volume, volume)
-            disks.append(Disk(path, target, base.name if base else ""))
+            disks.append(
+                Disk(path, target, base.name, Backing(base.path, base.format))
+                if base is not None
+                else Disk(path, target)
+            )
         return tuple(disks)
 
     async def _replace_kernel(self, record: VMRecord, fd: int) -> None:

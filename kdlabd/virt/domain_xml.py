@@ -12,7 +12,14 @@ from pathlib import Path
 from lxml import etree
 
 from kdlabd.core.cmdline import effective_cmdline
-from kdlabd.core.models import Accel, DebugSettings, Disk, VMSpec
+from kdlabd.core.models import (
+    Accel,
+    Backing,
+    DebugSettings,
+    Disk,
+    ImageFormat,
+    VMSpec,
+)
 
 DOMAIN_PREFIX = "kdlab-"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -108,6 +115,17 @@ def _devices(parent: etree._Element, spec: VMSpec) -> None:
         element = _sub(devices, "disk", type="file", device="disk")
         _sub(element, "driver", name="qemu", type="qcow2", discard="unmap")
         _sub(element, "source", file=str(disk.path))
+        # The whole chain is written out, each format stated and the end
+        # marked, so nothing is probed from a header: a base whose bytes
+        # changed could otherwise add a link to any file on the host.
+        # (A disk defined before kdlab wrote chains keeps libvirt's default.)
+        if disk.base is not None:
+            chain = _sub(element, "backingStore", type="file")
+            _sub(chain, "format", type=disk.base.format.value)
+            _sub(chain, "source", file=str(disk.base.path))
+            _sub(chain, "backingStore")
+        elif not disk.base_image:
+            _sub(element, "backingStore")
         _sub(element, "target", dev=disk.target, bus="virtio")
     serial = _sub(devices, "serial", type="pty")
     # append='off': the file holds exactly one boot; kdlabd rotates it before start.
@@ -220,5 +238,15 @@ def _disks(root: etree._Element, meta: etree._Element) -> tuple[Disk, ...]:
         if source is None or target is None:
             continue
         dev = target.get("dev", "")
-        disks.append(Disk(Path(source.get("file", "")), dev, images.get(dev) or ""))
+        base = None
+        base_source = element.find("backingStore/source")
+        base_format = element.find("backingStore/format")
+        if base_source is not None and base_format is not None:
+            base = Backing(
+                Path(base_source.get("file", "")),
+                ImageFormat(base_format.get("type", "raw")),
+            )
+        disks.append(
+            Disk(Path(source.get("file", "")), dev, images.get(dev) or "", base)
+        )
     return tuple(disks)

@@ -33,6 +33,7 @@ from kdlabd.core.models import (
     ImageFormat,
     ImageRecord,
     ImageSource,
+    StoredImage,
     VMRecord,
     VMSpec,
     VMState,
@@ -321,7 +322,8 @@ class LibvirtHypervisor:
         def list_all(conn: libvirt.virConnect) -> list[ImageRecord]:
             pool = conn.storagePoolLookupByName(self._image_pool_name)
             pool.refresh(0)
-            return [storage.image_record(v) for v in pool.listAllVolumes(0)]
+            records = [storage.probed_record(v) for v in pool.listAllVolumes(0)]
+            return [record for record in records if record is not None]
 
         return await self._call(list_all)
 
@@ -329,7 +331,7 @@ class LibvirtHypervisor:
         def get(conn: libvirt.virConnect) -> ImageRecord | None:
             pool = conn.storagePoolLookupByName(self._image_pool_name)
             volume = storage.find_volume(pool, name)
-            return None if volume is None else storage.image_record(volume)
+            return None if volume is None else storage.probed_record(volume)
 
         return await self._call(get)
 
@@ -337,7 +339,7 @@ class LibvirtHypervisor:
         def create(conn: libvirt.virConnect) -> ImageRecord:
             pool = conn.storagePoolLookupByName(self._image_pool_name)
             volume = storage.create_volume(pool, name, size, ImageFormat.RAW)
-            return storage.image_record(volume)
+            return storage.image_record(volume, ImageFormat.RAW)
 
         return await self._call(create)
 
@@ -356,9 +358,16 @@ class LibvirtHypervisor:
                 capacity=source.capacity,
                 progress=progress,
             )
-            return storage.image_record(volume)
+            return storage.image_record(volume, source.format)
 
         return await self._call(upload)
+
+    async def inspect_image(self, name: str) -> StoredImage:
+        def inspect(conn: libvirt.virConnect) -> StoredImage:
+            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            return storage.inspect(conn, pool, name, local=self.local)
+
+        return await self._call(inspect)
 
     async def delete_image(self, name: str) -> None:
         await self._call(
@@ -367,12 +376,12 @@ class LibvirtHypervisor:
             )
         )
 
-    async def resize_image(self, name: str, size: int) -> ImageRecord:
+    async def resize_image(self, image: ImageRecord, size: int) -> ImageRecord:
         def resize(conn: libvirt.virConnect) -> ImageRecord:
             pool = conn.storagePoolLookupByName(self._image_pool_name)
-            volume = pool.storageVolLookupByName(name)
+            volume = pool.storageVolLookupByName(image.name)
             volume.resize(size, 0)
-            return storage.image_record(volume)
+            return storage.image_record(volume, image.format)
 
         return await self._call(resize)
 

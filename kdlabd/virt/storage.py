@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 from lxml import etree
 
-from kdlabd.core.models import ImageFormat, ImageRecord
-from kdlabd.errors import InvalidArgument
+from kdlabd.core import validate
+from kdlabd.core.models import ImageFormat, ImageRecord, StoredImage
+from kdlabd.errors import HypervisorError, InvalidArgument, KdlabError
 
 UPLOAD_CHUNK = 1024 * 1024
 
@@ -98,16 +102,26 @@ def delete_volume(pool: libvirt.virStoragePool, name: str) -> None:
         volume.delete(0)
 
 
-def image_record(volume: libvirt.virStorageVol) -> ImageRecord:
+def image_record(volume: libvirt.virStorageVol, fmt: ImageFormat) -> ImageRecord:
+    """The image *volume* holds, in the format kdlab stored it as."""
     xml = etree.fromstring(volume.XMLDesc(0).encode())
-    fmt = xml.find("target/format")
     return ImageRecord(
         name=volume.name(),
-        format=ImageFormat(fmt.get("type", "raw") if fmt is not None else "raw"),
+        format=fmt,
         capacity=int(xml.findtext("capacity") or 0),
         allocation=int(xml.findtext("allocation") or 0),
         path=Path(volume.path()),
     )
+
+
+def probed_record(volume: libvirt.virStorageVol) -> ImageRecord | None:
+    """The image *volume* holds, in the format libvirt probes; None for a format
+    kdlab does not take (a volume someone copied into the pool by hand)."""
+    probed = etree.fromstring(volume.XMLDesc(0).encode()).find("target/format")
+    name = probed.get("type", "raw") if probed is not None else "raw"
+    if name not in ImageFormat.__members__.values():
+        return None
+    return image_record(volume, ImageFormat(name))
 
 
 def create_volume(
@@ -204,3 +218,105 @@ def _send_data(
         offset += len(chunk)
         if progress is not None:
             progress(offset)
+
+
+QEMU_IMG_TIMEOUT = 30.0
+
+
+def inspect(
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    name: str,
+    *,
+    local: bool,
+) -> StoredImage:
+    """What the volume *name* holds now that its bytes are stored.
+
+    Three views, each of what will read it later: the first bytes (read back
+    through libvirt, so a remote host works too), the format and backing file
+    libvirt probes when it refreshes the pool, and on a local host qemu-img's.
+    """
+    pool.refresh(0)
+    volume = pool.storageVolLookupByName(name)
+    header = _read_head(conn, volume, validate.IMAGE_HEADER_BYTES)
+    xml = etree.fromstring(volume.XMLDesc(0).encode())
+    fmt = xml.find("target/format")
+    stored = StoredImage(
+        header=header,
+        probed_format=fmt.get("type", "raw") if fmt is not None else "raw",
+        tool_format="",
+        virtual_size=int(xml.findtext("capacity") or 0),
+        backing=xml.findtext("backingStore/path") or "",
+    )
+    if not local:
+        return stored
+    try:
+        # A header that names a backing or data file is refused on its own;
+        # qemu-img must never be the one to open such a path.
+        declared, _ = validate.image_header(header, stored.virtual_size)
+    except KdlabError:
+        return stored
+    info = qemu_img_info(Path(volume.path()), declared)
+    specific = info.get("format-specific", {}).get("data", {})
+    return StoredImage(
+        header=header,
+        probed_format=stored.probed_format,
+        tool_format=str(info.get("format", "")),
+        virtual_size=int(info.get("virtual-size", 0)),
+        backing=stored.backing or str(info.get("backing-filename", "")),
+        data_file=str(specific.get("data-file", "")),
+    )
+
+
+def qemu_img_info(path: Path, fmt: ImageFormat) -> dict[str, Any]:
+    """``qemu-img info`` of *path* read as *fmt*: read-only, no backing opened.
+
+    The format is given, never probed, and qemu-img info does not open a
+    backing file; it runs on kdlab's own volume, never a caller's path.
+    """
+    try:
+        result = subprocess.run(
+            [
+                "qemu-img",
+                "info",
+                "--output=json",
+                "--force-share",
+                "-f",
+                fmt.value,
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=QEMU_IMG_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise HypervisorError(f"cannot inspect the stored image: {err}") from None
+    if result.returncode != 0:
+        raise InvalidArgument(
+            "the stored image is not a valid "
+            f"{fmt.value} image: {result.stderr.strip()[-300:]}"
+        )
+    info: dict[str, Any] = json.loads(result.stdout)
+    return info
+
+
+def _read_head(
+    conn: libvirt.virConnect, volume: libvirt.virStorageVol, length: int
+) -> bytes:
+    """The first *length* bytes of *volume*, read through a libvirt stream."""
+    stream = conn.newStream(0)
+    chunks: list[bytes] = []
+    try:
+        volume.download(stream, 0, length, 0)
+        while sum(map(len, chunks)) < length:
+            data = stream.recv(length)
+            if not isinstance(data, bytes) or not data:
+                break
+            chunks.append(data)
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        raise
+    return b"".join(chunks)[:length]

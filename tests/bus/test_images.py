@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.errors import EXIT_FAILURE, HypervisorError
+from kdlabd.errors import HypervisorError
 from kdlabd.wire import BUS_NAME, JOB_INTERFACE, MANAGER_PATH
 from tests.bus.conftest import Ctl
 from tests.bus.harness import PROPERTIES, BusClient
@@ -45,7 +45,8 @@ def test_failed_import_is_a_failed_job(
 ) -> None:
     client.add_match(type="signal", sender=BUS_NAME, interface=JOB_INTERFACE)
     result = ctl("image", "import", "imported", str(kernels["text"]))
-    assert result.returncode == EXIT_FAILURE
+    # The job's Error names the failure, so the exit code is the table's.
+    assert result.returncode == HypervisorError.exit_code
     assert "virStorageVolUpload" in result.stderr  # libvirt's words, passed on
 
     completed = client.wait_for_signal(lambda msg: msg.member == "Completed")
@@ -53,11 +54,13 @@ def test_failed_import_is_a_failed_job(
     assert not success
     assert "virStorageVolUpload" in message
     (props,) = client.ok(completed.path, PROPERTIES, "GetAll", "s", [JOB_INTERFACE])
-    assert {key: props[key].value for key in ("Kind", "Target", "State", "Owner")} == {
+    keys = ("Kind", "Target", "State", "Owner", "Error")
+    assert {key: props[key].value for key in keys} == {
         "Kind": "import",
         "Target": "imported",
         "State": "failed",
         "Owner": 0,
+        "Error": HypervisorError.dbus_name(),
     }
     (jobs,) = client.ok(MANAGER_PATH, "org.kdlab.Kdlab1.Manager", "ListJobs")
     assert jobs == [completed.path]
