@@ -184,7 +184,9 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
 async def cmd_show(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
-    props = await client.vm_properties(await client.vm_path(args.name))
+    path = await client.vm_path(args.name)
+    props = await client.vm_properties(path)
+    props["Diagnosis"] = await full_diagnosis(client, path, props["Diagnosis"])
     if args.json:
         output.print_json(output.as_json(props))
         return EXIT_OK
@@ -219,12 +221,31 @@ async def cmd_start(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
     await start_vm(client, args.name, paused=args.paused)
-    props = await client.vm_properties(await client.vm_path(args.name))
-    found = output.diagnosis(props["Diagnosis"])
+    path = await client.vm_path(args.name)
+    props = await client.vm_properties(path)
+    found = output.diagnosis(await full_diagnosis(client, path, props["Diagnosis"]))
     if found:
         print(f"kdlabctl: {found['severity']}: {found['cause']}", file=sys.stderr)
         print(f"kdlabctl: fix: {found['fix']}", file=sys.stderr)
     return EXIT_OK
+
+
+async def full_diagnosis(client: Client, path: str, public: list[str]) -> list[str]:
+    """The VM's diagnosis with the console's words when the caller may read its
+    log (GetDiagnosis); else the *public* one everyone sees."""
+    from kdlabctl.client import RemoteError
+    from kdlabd.errors import NotAuthorized
+    from kdlabd.wire import VM_INTERFACE
+
+    if not public[0]:
+        return public
+    try:
+        (found,) = await client.call(path, VM_INTERFACE, "GetDiagnosis")
+    except RemoteError as err:
+        if err.name != NotAuthorized.dbus_name():
+            raise
+        return public
+    return list(found[:4])
 
 
 async def start_vm(client: Client, name: str, *, paused: bool) -> None:

@@ -23,6 +23,7 @@ from kdlabd.wire import (
 T = TypeVar("T")
 
 PROPERTIES = "org.freedesktop.DBus.Properties"
+CONNECT_TIMEOUT = 25.0
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 
@@ -42,16 +43,24 @@ class Client:
 
     @classmethod
     async def connect(cls, bus: str) -> Client:
+        """Connect to *bus*; any way that fails is "not reachable" (exit 69).
+
+        A bus may refuse a client in many ways (no socket, authentication
+        rejected, the connection closed during the handshake, a full bus that
+        never answers): each is one sentence for the user, never a traceback.
+        """
         try:
             address = bus_address(bus)
-            return cls(
-                await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
-            )
-        except (OSError, ValueError) as err:
-            raise RemoteError(
-                "org.freedesktop.DBus.Error.NoServer",
-                f"cannot connect to the {bus} bus: {err}",
-            ) from None
+            connecting = MessageBus(bus_address=address, negotiate_unix_fd=True)
+            return cls(await asyncio.wait_for(connecting.connect(), CONNECT_TIMEOUT))
+        except TimeoutError:
+            reason = f"no answer within {CONNECT_TIMEOUT:g} s"
+        except Exception as err:  # any failure to connect means the same
+            reason = str(err) or type(err).__name__
+        raise RemoteError(
+            "org.freedesktop.DBus.Error.NoServer",
+            f"cannot connect to the {bus} bus: {reason}",
+        )
 
     async def call(
         self,
@@ -130,8 +139,18 @@ class Client:
 
 
 def run(work: Coroutine[Any, Any, T]) -> T:
-    """Run one client coroutine to completion."""
-    return asyncio.run(work)
+    """Run one client coroutine to completion.
+
+    asyncio reports errors nobody awaited (dbus-next's reader, when a bus
+    closes the connection during the handshake) with a traceback on stderr;
+    kdlabctl has already said what went wrong in one sentence.
+    """
+
+    async def quietly() -> T:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, _ctx: None)
+        return await work
+
+    return asyncio.run(quietly())
 
 
 def variant_options(**options: tuple[str, Any] | None) -> dict[str, Variant]:

@@ -20,11 +20,17 @@ STOP_OPTIONS = {"force": "b", "timeout": "u"}
 
 
 def _diagnosis(record: VMRecord) -> list[str]:
-    """``(code, severity, cause, fix)``; four empty strings when all is well."""
+    """``(code, severity, cause, fix)`` as anyone may read them (no text quoted
+    from the console); four empty strings when all is well."""
     found = record.diagnosis
     if found is None:
         return ["", "", "", ""]
-    return [found.code.value, found.severity.value, found.cause, found.fix]
+    return [
+        found.code.value,
+        found.severity.value,
+        found.summary,
+        found.public_fix(record.name),
+    ]
 
 
 def properties(record: VMRecord) -> dict[str, Any]:
@@ -115,6 +121,22 @@ class VMInterface(ServiceInterface):
     async def OpenConsole(self, caller: Caller) -> "h":
         """A stream on the serial console, shared with other viewers."""
         return await self.vms.open_console(self._record.name)
+
+    @exported(Action.DEBUG_VMS)
+    async def GetDiagnosis(self, caller: Caller) -> "(ssssas)":
+        """The Diagnosis property in full, for those who may read the VM's log:
+        the cause and fix as found, quoting the console, and the log lines they
+        are based on. Empty strings and no lines when nothing was found."""
+        found = self.vms.get(self._record.name).diagnosis
+        if found is None:
+            return ["", "", "", "", []]
+        return [
+            found.code.value,
+            found.severity.value,
+            found.cause,
+            found.fix,
+            list(found.evidence),
+        ]
 
     @exported(Action.DEBUG_VMS)
     async def OpenConsoleLog(self, caller: Caller) -> "h":

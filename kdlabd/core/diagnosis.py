@@ -91,6 +91,32 @@ class Code(enum.StrEnum):
     GDB_KASLR = "gdb-kaslr"
 
 
+# What anyone may read of a diagnosis: the cause without the guest's words.
+# A cause quotes the console (a panic message, a task name, a path), which
+# only those who may read the VM's log may see.
+SUMMARIES: dict[Code, str] = {
+    Code.NO_CONSOLE_OUTPUT: "the kernel printed nothing on the serial console",
+    Code.ROOT_NO_DISK: "root= names a disk but the VM has none",
+    Code.ROOT_DRIVER_MISSING: "the kernel has no driver for the root disk",
+    Code.ROOT_DEVICE_MISSING: "the root device does not exist",
+    Code.ROOT_PARTITIONED: "root= names a whole disk that is partitioned",
+    Code.ROOT_FS_MISSING: "the kernel cannot read the root filesystem",
+    Code.ROOT_MOUNT_FAILED: "the root filesystem could not be mounted",
+    Code.ROOT_INVALID: "root= is not a device the kernel understands",
+    Code.DEVTMPFS_MISSING: "the kernel has no devtmpfs",
+    Code.INITRAMFS_MODULE_FAILED: "the initramfs could not load a module",
+    Code.INITRD_INVALID: "the initrd is not one the kernel can unpack",
+    Code.INIT_MISSING: "no init program was found",
+    Code.INIT_DIED: "init exited",
+    Code.KERNEL_OOPS: "kernel oops",
+    Code.KERNEL_BUG: "kernel bug",
+    Code.KERNEL_STALL: "the kernel is stuck",
+    Code.KERNEL_PANIC: "kernel panic",
+    Code.KERNEL_WARNING: "the kernel warned",
+    Code.GDB_KASLR: "KASLR is on while a debugger is expected",
+}
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     """One problem of a boot, and what to do about it."""
@@ -103,6 +129,29 @@ class Diagnosis:
     """One line: what to change (``use root=/dev/vda``)."""
     evidence: tuple[str, ...] = ()
     """Up to :data:`MAX_EVIDENCE` lines of the log the diagnosis is based on."""
+
+    @property
+    def summary(self) -> str:
+        """The cause as anyone may read it: no text of the guest's console."""
+        return SUMMARIES[self.code]
+
+    def public_fix(self, name: str) -> str:
+        """The fix as anyone may read it: a crash's fix names the code location
+        the console reported, so only the way to the report is public."""
+        if self.code in _CRASHES:
+            return f"its owner reads the report: kdlabctl logs {name}"
+        return self.fix
+
+
+_CRASHES = frozenset(
+    {
+        Code.KERNEL_OOPS,
+        Code.KERNEL_BUG,
+        Code.KERNEL_STALL,
+        Code.KERNEL_PANIC,
+        Code.KERNEL_WARNING,
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Every kdlabctl run is checked for leaked Python tracebacks (harness.kdlabctl).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pwd
 import shutil
@@ -373,3 +374,49 @@ def test_no_kdlabd_on_the_bus(ctl: Ctl) -> None:
 def test_nothing_listening_at_the_address(public_dir: Path) -> None:
     result = kdlabctl(f"unix:path={public_dir}/nothing-here", "list")
     assert result.returncode == EXIT_UNAVAILABLE, result.stderr
+
+
+@contextmanager
+def refusing_bus(tmp_path: Path, answer: bytes | None) -> Iterator[str]:
+    """A unix socket that plays a bus refusing its client: it closes at once
+    (*answer* None) or answers the authentication with *answer*, then closes."""
+    import socket
+    import threading
+
+    path = tmp_path / "refusing.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    server.settimeout(30)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            with conn:
+                if answer is not None:
+                    conn.recv(4096)
+                    conn.sendall(answer)
+                    conn.recv(4096)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"unix:path={path}"
+    finally:
+        server.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [None, b"REJECTED EXTERNAL\r\n", b"ERROR\r\n"],
+    ids=["closed", "auth-rejected", "auth-error"],
+)
+def test_a_bus_that_refuses_the_connection_is_exit_69_in_one_sentence(
+    tmp_path: Path, answer: bytes | None
+) -> None:
+    with refusing_bus(tmp_path, answer) as address:
+        result = kdlabctl(address, "list")
+    assert result.returncode == EXIT_UNAVAILABLE, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"kdlabctl: cannot connect to the {address} bus: ")
