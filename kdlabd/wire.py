@@ -7,6 +7,7 @@ without pulling in libvirt or lxml.
 from __future__ import annotations
 
 import os
+import re
 import string
 
 BUS_NAME = "org.kdlab.Kdlab1"
@@ -73,6 +74,23 @@ def image_path(name: str) -> str:
 def job_path(job_id: int) -> str:
     """Object path of job *job_id*."""
     return f"{JOB_PATH_PREFIX}/{job_id}"
+
+
+RELEASE_MAX = 64  # struct utsname's release holds 65 bytes with the NUL
+_RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def is_safe_release(release: str) -> bool:
+    """Whether a kernel release (``uname -r``) may go into a path.
+
+    kdlabctl looks for ``/usr/lib/debug/boot/vmlinux-RELEASE``: a release is
+    letters, digits, ``. _ - +``, starting with a letter or digit, never ``..``.
+    """
+    return (
+        len(release) <= RELEASE_MAX
+        and _RELEASE.fullmatch(release) is not None
+        and ".." not in release
+    )
 
 
 SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"

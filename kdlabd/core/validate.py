@@ -14,6 +14,7 @@ import struct
 
 from kdlabd.core.models import ImageFormat, ImageSource, StoredImage
 from kdlabd.errors import InvalidArgument
+from kdlabd.wire import RELEASE_MAX, is_safe_release
 
 NAME_MAX = 63
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -150,6 +151,17 @@ def kernel_image(header: bytes) -> None:
             "the kernel is not an x86 bzImage: pass arch/x86/boot/bzImage or a "
             "distribution's /boot/vmlinuz-* file"
         )
+
+
+def release(value: str) -> str:
+    """The release a kernel announces ("" for none): it names debug paths."""
+    if value and not is_safe_release(value):
+        raise InvalidArgument(
+            f"the kernel announces the release {value!r}: kdlab takes 1-{RELEASE_MAX} "
+            "letters, digits, '.', '_', '-' or '+' without '..' (set another "
+            "CONFIG_LOCALVERSION and rebuild)"
+        )
+    return value
 
 
 IMAGE_MAX_BYTES = 64 * 1024**3

@@ -267,7 +267,7 @@ class VMService:
         )
         header = os.pread(request.kernel_fd, kernel.HEADER_BYTES, 0)
         validate.kernel_image(header)
-        spec = spec.replace(release=kernel.bzimage_release(header))
+        spec = spec.replace(release=validate.release(kernel.bzimage_release(header)))
         initrd_size = 0
         if request.initrd_fd is not None:
             initrd_size = validate.readable_file(
@@ -337,8 +337,8 @@ class VMService:
         size = validate.readable_file(fd, "kernel", validate.KERNEL_MAX_BYTES)
         header = os.pread(fd, kernel.HEADER_BYTES, 0)
         validate.kernel_image(header)
+        release = validate.release(kernel.bzimage_release(header))
         await self._hv.upload_boot_file(kernel_volume(record.name), fd, size)
-        release = kernel.bzimage_release(header)
         if release != record.spec.release:
             self._store(
                 await self._hv.redefine_vm(record.spec.replace(release=release))

@@ -298,3 +298,22 @@ def test_elf_refused_with_vmlinux_hint() -> None:
 def test_garbage_refused(header: bytes) -> None:
     with pytest.raises(InvalidArgument, match="not an x86 bzImage"):
         validate.kernel_image(header)
+
+
+@pytest.mark.parametrize(
+    "release",
+    ["", "6.1.0-18-amd64", "6.9.0-rc1+", "5.15.0_custom", "6.5.6-300.fc39.x86_64",
+     "x" * 64],
+)  # fmt: skip
+def test_release_accepted(release: str) -> None:
+    assert validate.release(release) == release
+
+
+@pytest.mark.parametrize(
+    "release",
+    ["../../../etc/passwd", "6.1/x", "/abs", "..", "6.1..0", ".6.1", "-6.1",
+     "6.1 x", "6.1\n", "6.1~rc", "6.1$(id)", "6.1;x", "6.1\x00", "x" * 65, "é"],
+)  # fmt: skip
+def test_release_refused(release: str) -> None:
+    with pytest.raises(InvalidArgument, match="announces the release"):
+        validate.release(release)

@@ -63,12 +63,17 @@ class Recorder:
         ]
 
 
-def bzimage(size: int = 8192) -> bytes:
+def bzimage(size: int = 8192, release: bytes = b"") -> bytes:
+    """A bzImage header; with *release*, the version string its 0x20e points at."""
     data = bytearray(size)
     data[0x1FE:0x200] = b"\x55\xaa"
     data[0x202:0x206] = b"HdrS"
     data[0x206:0x208] = struct.pack("<H", 0x020F)
     data[0x400:0x410] = b"kernel text here"
+    if release:
+        data[0x20E:0x210] = struct.pack("<H", 0x500 - 0x200)
+        version = release + b" (kdlab@test) #1\0"
+        data[0x500 : 0x500 + len(version)] = version
     return bytes(data)
 
 
@@ -228,12 +233,16 @@ def _write(path: Path, data: bytes) -> Path:
         ("memory", "memory"),
         ("vcpus", "vCPUs"),
         ("privileged-port", "gdb TCP port"),
+        ("release-dotdot", "announces the release"),
+        ("release-slash", "announces the release"),
     ],
 )
 def test_create_refuses_bad_input_before_any_change(
     lab: Lab, case: str, match: str
 ) -> None:
     elf = _write(lab.tmp / "vmlinux", b"\x7fELF\x02\x01\x01" + bytes(2000))
+    dotdot = _write(lab.tmp / "dotdot", bzimage(release=b"../../../tmp/x"))
+    slash = _write(lab.tmp / "slash", bzimage(release=b"6.1/x"))
     garbage = _write(lab.tmp / "garbage", os.urandom(64) + bytes(2000))
     empty = _write(lab.tmp / "empty", b"")
     arguments: dict[str, dict[str, Any]] = {
@@ -248,6 +257,8 @@ def test_create_refuses_bad_input_before_any_change(
         "memory": {"memory_mib": 1},
         "vcpus": {"vcpus": 0},
         "privileged-port": {"debug": DebugSettings(gdb_tcp_port=22)},
+        "release-dotdot": {"kernel": dotdot},
+        "release-slash": {"kernel": slash},
     }
 
     async def scenario() -> None:
@@ -392,6 +403,31 @@ def test_start_paused(lab: Lab) -> None:
         assert (await lab.service.start("vm1", paused=True)).state is VMState.PAUSED
 
     run(scenario())
+
+
+def test_start_refuses_a_new_kernel_announcing_an_unsafe_release(lab: Lab) -> None:
+    """A rebuilt tree's kernel must pass the same check as at create."""
+    unsafe = _write(lab.tmp / "unsafe", bzimage(release=b"6.1.0-x/../../../etc"))
+
+    async def scenario() -> None:
+        await lab.create()
+        lab.hv.calls.clear()
+        fd = os.open(unsafe, os.O_RDONLY)
+        try:
+            with pytest.raises(InvalidArgument, match="announces the release"):
+                await lab.service.start("vm1", kernel_fd=fd)
+        finally:
+            os.close(fd)
+
+    run(scenario())
+    assert lab.hv.calls == [], "nothing uploaded, nothing started"
+    assert lab.service.get("vm1").spec.release == ""
+
+
+def test_create_keeps_a_safe_release(lab: Lab) -> None:
+    kernel = _write(lab.tmp / "released", bzimage(release=b"6.9.0-rc1+"))
+    record = run(lab.create(kernel=kernel))
+    assert record.spec.release == "6.9.0-rc1+"
 
 
 def test_start_shows_starting_while_it_runs(lab: Lab) -> None:
