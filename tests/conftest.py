@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.logins import Logins
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -36,3 +41,16 @@ def require_tool(name: str, package: str) -> str:
 
 def require_root() -> None:
     require(os.geteuid() == 0, "root (the vm tier drives the system libvirtd)")
+
+
+@pytest.fixture(scope="session")
+def logins() -> Iterator[Logins]:
+    """Real login users (tests/logins.py): kdlabt-alice and kdlabt-bob in group
+    kdlab, kdlabt-eve not; removed at the end of the session."""
+    from tests import logins as accounts
+
+    require(os.geteuid() == 0, "root (the tests make login users)")
+    missing = accounts.missing()
+    require(not missing, missing)
+    with accounts.accounts() as users:
+        yield users

@@ -1,0 +1,216 @@
+"""Real login users, for tests where permissions matter.
+
+A client that runs with ``setpriv`` keeps root's environment, root's current
+directory and root's Python; a person does not. Here each user is a real
+account made with ``useradd``: a 0700 home holding a copy of this checkout
+(``~/kdlab``, every file ``git ls-files`` lists, uncommitted changes
+included, owned by the user), and commands run through a login shell
+(``runuser -l``) with Debian's ``/usr/bin/python3`` (which needs
+``python3-dbus-next``; root's first ``python3`` may be a build other users
+cannot run).
+
+The users, by role:
+
+- ``alice`` and ``bob``: members of group ``kdlab`` (may manage and debug
+  their own VMs);
+- ``eve``: not a member (may only look).
+
+Use the session fixture ``logins`` (tests/conftest.py)::
+
+    def test_x(logins: Logins, bus: PrivateBus) -> None:
+        result = logins.kdlabctl(logins.eve, bus.address, "list")
+        assert result.returncode == 0, result.stderr
+
+Accounts left by a killed run are removed before new ones are made; the
+fixture removes its accounts at the end of the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "kdlabt-"
+GROUP = "kdlab"
+PYTHON = "/usr/bin/python3"
+CLONE = "kdlab"
+# Short name -> member of group kdlab.
+ROLES = {"alice": True, "bob": True, "eve": False}
+_LOCK_RETRIES = 50  # useradd and userdel fail while another one holds /etc/passwd
+
+
+@dataclass(frozen=True)
+class LoginUser:
+    """A real account: its login name, ids and home."""
+
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    member: bool
+
+    @property
+    def clone(self) -> Path:
+        """The user's own copy of the checkout."""
+        return self.home / CLONE
+
+
+class Logins:
+    """The accounts of :data:`ROLES`, and a way to run commands as each."""
+
+    def __init__(self, users: dict[str, LoginUser]) -> None:
+        self.users = users
+
+    @property
+    def alice(self) -> LoginUser:
+        return self.users["alice"]
+
+    @property
+    def bob(self) -> LoginUser:
+        return self.users["bob"]
+
+    @property
+    def eve(self) -> LoginUser:
+        return self.users["eve"]
+
+    @staticmethod
+    def run(
+        user: LoginUser,
+        command: str,
+        *,
+        timeout: float = 60.0,
+        input_text: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the shell *command* in a login shell of *user*; never raises."""
+        return subprocess.run(
+            ["runuser", "--login", user.name, "--command", command],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            input=input_text,
+            stdin=None if input_text is not None else subprocess.DEVNULL,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            cwd="/",
+            check=False,
+        )
+
+    def kdlabctl(
+        self,
+        user: LoginUser,
+        bus: str,
+        *args: str,
+        timeout: float = 60.0,
+        input_text: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """``kdlabctl ARGS`` on the bus *bus*, run by *user* from ``~/kdlab``."""
+        command = (
+            f"cd ~/{CLONE} && KDLAB_BUS={shlex.quote(bus)} "
+            f"exec {PYTHON} -m kdlabctl {shlex.join(args)}"
+        )
+        return self.run(user, command, timeout=timeout, input_text=input_text)
+
+
+def _retry_locked(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a shadow-utils command, again while another one holds the lock."""
+    for _ in range(_LOCK_RETRIES):
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if "lock" not in result.stderr:
+            return result
+        time.sleep(0.1)
+    return result
+
+
+def remove_user(name: str) -> None:
+    """Delete the account *name* and its home, if it exists."""
+    with contextlib.suppress(KeyError):
+        home = pwd.getpwnam(name).pw_dir
+        result = _retry_locked(["userdel", "--remove", "--force", name])
+        # userdel exits 12 when only the (absent) mail spool could not go.
+        assert result.returncode in (0, 12), result.stderr
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def checkout_files() -> list[str]:
+    """The files of this checkout, as ``git ls-files`` lists them (not ignored)."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+         "--exclude-standard"],
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    return sorted({name for name in listed.decode().split("\0") if name})
+
+
+def copy_checkout(user: LoginUser) -> None:
+    """Copy this checkout into the user's home, owned by the user."""
+    for name in checkout_files():
+        source = REPO / name
+        if not source.is_file():
+            continue  # deleted but not yet committed
+        target = user.clone / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    for top, dirs, files in os.walk(user.clone):
+        for entry in (top, *(os.path.join(top, name) for name in dirs + files)):
+            os.lchown(entry, user.uid, user.gid)
+
+
+def create_user(role: str, member: bool) -> LoginUser:
+    name = PREFIX + role
+    remove_user(name)  # left over by a killed run
+    groups = ["--groups", GROUP] if member else []
+    result = _retry_locked(
+        ["useradd", "--create-home", "--user-group", "--shell", "/bin/bash",
+         "--comment", "kdlab test user", *groups, name]
+    )  # fmt: skip
+    assert result.returncode == 0, f"useradd {name}: {result.stderr}"
+    entry = pwd.getpwnam(name)
+    user = LoginUser(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), member)
+    user.home.chmod(0o700)
+    copy_checkout(user)
+    return user
+
+
+def missing() -> str:
+    """What the accounts need and this host lacks ("" when nothing)."""
+    for tool, package in (
+        ("useradd", "passwd"),
+        ("userdel", "passwd"),
+        ("runuser", "util-linux"),
+        ("git", "git"),
+    ):
+        if shutil.which(tool) is None:
+            return f"{tool} (apt-get install {package})"
+    probe = subprocess.run(
+        [PYTHON, "-c", "import dbus_next"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        return f"dbus-next for {PYTHON} (apt-get install python3-dbus-next)"
+    try:
+        grp.getgrnam(GROUP)
+    except KeyError:
+        return f"group {GROUP} (.ci/setup installs it)"
+    return ""
+
+
+@contextlib.contextmanager
+def accounts() -> Iterator[Logins]:
+    """The accounts of :data:`ROLES`, removed afterwards."""
+    users: dict[str, LoginUser] = {}
+    try:
+        for role, member in ROLES.items():
+            users[role] = create_user(role, member)
+        yield Logins(users)
+    finally:
+        for user in users.values():
+            remove_user(user.name)
