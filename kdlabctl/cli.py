@@ -302,31 +302,47 @@ async def _open_fd(client: Client, name: str, member: str) -> int:
 
 
 async def cmd_gdb(client: Client, args: argparse.Namespace) -> int:
+    """gdb on the VM's stub: kdlabd authorizes (OpenGdb) before gdb starts."""
+    import signal
     import subprocess
 
     from kdlabctl import debug
 
+    uid = os.getuid()
     props = await client.vm_properties(await client.vm_path(args.name))
+    fd = await _open_fd(client, args.name, "OpenGdb")
     try:
-        vmlinux = debug.find_vmlinux(props, args.vmlinux)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
-    if props["State"] not in ("running", "paused"):
-        raise UsageError(
-            f"VM {args.name} is {props['State']}: start it first "
-            f"(kdlabctl start --paused {args.name})"
+        try:
+            vmlinux = debug.find_vmlinux(props, args.vmlinux, uid)
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from None
+        script, refused = debug.gdb_script(vmlinux, uid)
+        command = debug.gdb_command(
+            vmlinux, debug.relay_command(fd), args.gdb_args, script
         )
-    if props["WaitingForDebugger"]:
-        print(
-            f"kdlabctl: {args.name} waits for the debugger: 'continue' boots it",
-            file=sys.stderr,
-        )
-    proxy = debug.proxy_command(args.bus, args.name)
-    command = debug.gdb_command(vmlinux, proxy, args.gdb_args)
+        if refused:
+            print(
+                f"kdlabctl: the lx-* helpers are not loaded: {refused}; if you "
+                f"trust them, type in gdb: source {vmlinux.parent / debug.GDB_SCRIPT}",
+                file=sys.stderr,
+            )
+        if props["WaitingForDebugger"]:
+            print(
+                f"kdlabctl: {args.name} waits for the debugger: 'continue' boots it",
+                file=sys.stderr,
+            )
+        try:
+            gdb = subprocess.Popen(command, pass_fds=(fd,))
+        except FileNotFoundError:
+            raise UsageError("gdb is not installed (apt-get install gdb)") from None
+    finally:
+        os.close(fd)  # gdb holds the stream now
+    # Ctrl-C interrupts the kernel in gdb; it must not end kdlabctl (or gdb).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return subprocess.call(command)
-    except FileNotFoundError:
-        raise UsageError("gdb is not installed (apt-get install gdb)") from None
+        return gdb.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 async def cmd_gdb_proxy(client: Client, args: argparse.Namespace) -> int:

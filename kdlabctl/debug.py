@@ -1,15 +1,23 @@
 """``kdlabctl gdb`` and ``gdb-proxy``: gdb on a VM's stub, brokered by kdlabd.
 
-kdlabd hands an authorized caller a connected stream (``VM.OpenGdb``);
-``gdb-proxy`` relays it to stdin/stdout so that gdb's ``target remote | CMD``
-can use it. vmlinux is found the way virtme-ng finds it.
+kdlabd hands an authorized caller a connected stream (``VM.OpenGdb``).
+``kdlabctl gdb`` asks for it before gdb starts and lets gdb inherit it: gdb's
+``target remote | CMD`` runs this module as CMD, relaying the inherited
+descriptor to gdb on stdin/stdout. ``gdb-proxy`` relays a stream of its own,
+for a gdb the user starts. vmlinux is found the way virtme-ng finds it, but a
+VM's recorded paths are used only by the VM's owner: they name files the
+owner chose. gdb auto-loads the kernel's ``vmlinux-gdb.py`` only when nobody
+but the caller and root could have changed it (see :func:`untrusted`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import shlex
+import socket
+import stat
 import sys
 import termios
 import tty
@@ -17,21 +25,39 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from kdlabd.wire import is_safe_release
+
 DEBUG_DIRS = (
     "/usr/lib/debug/boot/vmlinux-{release}",
     "/usr/lib/debug/lib/modules/{release}/vmlinux",
     "/boot/vmlinux-{release}",
 )
+GDB_SCRIPT = "vmlinux-gdb.py"
+# What vmlinux-gdb.py imports: it puts <its directory>/scripts/gdb on sys.path.
+GDB_SCRIPT_PACKAGE = ("scripts", "gdb")
 
 
 def vmlinux_candidates(
-    props: Mapping[str, Any], explicit: str | None
+    props: Mapping[str, Any], explicit: str | None, uid: int
 ) -> Iterator[Path]:
     """Where vmlinux may be, best first: --vmlinux, the recorded path, the build
-    tree of the kernel, then the distribution's debug directories."""
+    tree of the kernel, then the distribution's debug directories.
+
+    The recorded paths count only when *uid* owns the VM: for anyone else they
+    are files another user chose.
+    """
     if explicit:
         yield Path(explicit)
         return
+    if props.get("Owner") == uid:
+        yield from _recorded_candidates(props)
+    release = props.get("KernelRelease", "")
+    if release and is_safe_release(release):
+        for pattern in DEBUG_DIRS:
+            yield Path(pattern.format(release=release))
+
+
+def _recorded_candidates(props: Mapping[str, Any]) -> Iterator[Path]:
     if props.get("Vmlinux"):
         yield Path(props["Vmlinux"])
     kernel = Path(props["KernelPath"]) if props.get("KernelPath") else None
@@ -44,38 +70,127 @@ def vmlinux_candidates(
         ):
             yield kernel.parents[3] / "vmlinux"
         yield kernel.parent / "vmlinux"
-    release = props.get("KernelRelease")
-    if release:
-        for pattern in DEBUG_DIRS:
-            yield Path(pattern.format(release=release))
 
 
-def find_vmlinux(props: Mapping[str, Any], explicit: str | None) -> Path:
+def find_vmlinux(props: Mapping[str, Any], explicit: str | None, uid: int) -> Path:
+    """The first vmlinux of :func:`vmlinux_candidates` that is a file, resolved."""
     tried = []
-    for candidate in vmlinux_candidates(props, explicit):
+    for candidate in vmlinux_candidates(props, explicit, uid):
         if candidate.is_file():
-            return candidate
+            return candidate.resolve()
         tried.append(str(candidate))
-    looked = (
-        ", ".join(tried)
-        if tried
-        else "nowhere: the VM records no kernel path or release"
-    )
+    looked = ", ".join(tried) if tried else "nowhere"
+    if not explicit and props.get("Owner") != uid:
+        looked += (
+            f" (the paths recorded with the VM are used by its owner, uid "
+            f"{props.get('Owner')}, only)"
+        )
     raise FileNotFoundError(
         f"no vmlinux found (looked at {looked}): pass --vmlinux PATH"
     )
 
 
+def untrusted(path: Path, uid: int) -> str:
+    """Why someone other than *uid* and root could change *path*, or "".
+
+    Like ssh's StrictModes: *path* (symlinks resolved) and every directory
+    above it must belong to *uid* or root and be writable by no one else. A
+    directory above it may be root's sticky one (/tmp): there, nobody may
+    rename or remove what another user created.
+    """
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError) as err:
+        return f"{path} cannot be resolved ({err})"
+    for depth, node in enumerate((real, *real.parents)):
+        try:
+            info = os.lstat(node)
+        except OSError as err:
+            return f"{node}: {err.strerror}"
+        if info.st_uid not in (uid, 0):
+            return f"{node} belongs to uid {info.st_uid}"
+        if not info.st_mode & 0o022:
+            continue
+        if depth and info.st_uid == 0 and info.st_mode & stat.S_ISVTX:
+            continue
+        who = "everyone" if info.st_mode & 0o002 else f"group {info.st_gid}"
+        return f"{node} is writable by {who}"
+    return ""
+
+
+def gdb_script(vmlinux: Path, uid: int) -> tuple[Path | None, str]:
+    """The ``vmlinux-gdb.py`` gdb may auto-load for *vmlinux* (resolved), or why not.
+
+    Returns (script, "") when it is trusted, (None, reason) when it is not,
+    and (None, "") when there is no script. The script, the directory of
+    vmlinux and the package the script imports must pass :func:`untrusted`.
+    """
+    script = vmlinux.parent / GDB_SCRIPT
+    if not script.is_file():
+        return None, ""
+    package = vmlinux.parent.joinpath(*GDB_SCRIPT_PACKAGE)
+    checked = [script, vmlinux.parent]
+    if package.is_dir():
+        checked.append(package)
+        for top, dirs, files in os.walk(package):
+            checked += [Path(top, name) for name in (*dirs, *files)]
+    for path in checked:
+        reason = untrusted(path, uid)
+        if reason:
+            return None, reason
+    return script, ""
+
+
 def gdb_command(
-    vmlinux: Path, proxy: list[str], gdb_args: list[str], gdb: str = "gdb"
+    vmlinux: Path,
+    target: list[str],
+    gdb_args: list[str],
+    script: Path | None,
+    gdb: str = "gdb",
 ) -> list[str]:
-    """The gdb command line: symbols, the lx-* helpers if built, the brokered target."""
+    """The gdb command line: symbols, the lx-* helpers if trusted, the target.
+
+    *script* is the one file gdb may auto-load (:func:`gdb_script`); without
+    it no script of vmlinux's auto-loads, whatever the user's gdbinit allows.
+    """
     command = [gdb, "-q"]
-    if (vmlinux.parent / "vmlinux-gdb.py").is_file():
-        # Trust exactly the directory of this vmlinux, never `safe-path /`.
-        command += ["-iex", f"add-auto-load-safe-path {vmlinux.parent}"]
-    command += ["-ex", f"target remote | {shlex.join(proxy)}", *gdb_args, str(vmlinux)]
-    return command
+    if script is not None:
+        # Trust exactly this file, never its directory or `safe-path /`.
+        command += ["-iex", f"add-auto-load-safe-path {script}"]
+    else:
+        command += [
+            "-iex",
+            "set auto-load python-scripts off",
+            "-iex",
+            "set auto-load gdb-scripts off",
+        ]
+    command += ["-ex", f"target remote | {shlex.join(target)}", *gdb_args]
+    return [*command, str(vmlinux)]
+
+
+def relay_command(fd: int) -> list[str]:
+    """What gdb runs to reach the stream on its inherited descriptor *fd*.
+
+    Python runs isolated, with only kdlabctl's own directory added: never the
+    current directory, which may be anyone's.
+    """
+    home = str(Path(__file__).resolve().parents[1])
+    code = f"import sys; sys.path.insert(0, {home!r}); import kdlabctl.debug; "
+    return [sys.executable, "-I", "-c", code + "kdlabctl.debug.main()", str(fd)]
+
+
+def main() -> None:
+    """Relay the descriptor named in argv to stdin/stdout, then hang it up.
+
+    gdb holds the same descriptor: shutting the connection down when gdb
+    closes the pipe (detach, disconnect) frees the stub for the next debugger.
+    """
+    with socket.socket(fileno=int(sys.argv[1])) as sock:
+        try:
+            relay(sock.fileno())
+        finally:
+            with contextlib.suppress(OSError):  # the stub hung up first
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def relay(sock_fd: int, stdin: int = 0, stdout: int = 1) -> None:
@@ -95,10 +210,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def proxy_command(bus: str, name: str) -> list[str]:
-    return [sys.executable, "-m", "kdlabctl", "--bus", bus, "gdb-proxy", name]
 
 
 ESCAPE = b"\x1d"  # Ctrl-], as in virsh console and telnet

@@ -511,9 +511,14 @@ def client_env() -> dict[str, str]:
 
 
 def run_tool(
-    argv: list[str], *, user: Identity | None = None, timeout: float = 30.0
+    argv: list[str],
+    *,
+    user: Identity | None = None,
+    timeout: float = 30.0,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a client program (as *user*) and capture its text output; never raises."""
+    """Run a client program (as *user*, in *cwd*) and capture its text output;
+    never raises."""
     prefix = user.setpriv() if user is not None else []
     return subprocess.run(
         [*prefix, *argv],
@@ -524,6 +529,7 @@ def run_tool(
         check=False,
         env=client_env(),
         stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
 
 
