@@ -164,6 +164,20 @@ QCOW2 = {
     "qcow2-size-0": qcow2_header(size=0),
     "qcow2-truncated": qcow2_header(length=20),
 }
+# A kernel whose release could leave a path (kdlabctl gdb looks for
+# /usr/lib/debug/boot/vmlinux-RELEASE) is refused.
+UNSAFE_RELEASES = {"dotdot": b"../../../home/a/x", "slash": b"6.1/x", "dot": b".."}
+
+
+def announcing(header: bytes, release: bytes) -> bytes:
+    """*header* with a version string (where 0x20e points) starting with *release*."""
+    out = bytearray(header)
+    struct.pack_into("<H", out, 0x20E, 0x300 - 0x200)
+    version = release + b" (kdlab@test) #1\0"
+    out[0x300 : 0x300 + len(version)] = version
+    return bytes(out)
+
+
 # Refused in any descriptor slot.
 BAD_DESCRIPTORS = (
     "directory",
@@ -199,6 +213,10 @@ class Inputs:
             "write-only": bytes(header),
             "o-path": bytes(header),
             **QCOW2,
+            **{
+                f"bzImage-release-{key}": announcing(bytes(header), release)
+                for key, release in UNSAFE_RELEASES.items()
+            },
         }
         for name, content in contents.items():
             (directory / name).write_bytes(content)
@@ -468,7 +486,11 @@ def bad_input_cases() -> list[Case]:
         for key, call in signatures.items()
     ]
     only: dict[str, tuple[str, ...]] = {
-        "kernel": ("text", "vmlinux"),
+        "kernel": (
+            "text",
+            "vmlinux",
+            *(f"bzImage-release-{k}" for k in UNSAFE_RELEASES),
+        ),
         "arg:1": tuple(QCOW2),
     }
     for interface, method, slot in descriptor_slots():
