@@ -21,8 +21,10 @@ Use the session fixture ``logins`` (tests/conftest.py)::
         result = logins.kdlabctl(logins.eve, bus.address, "list")
         assert result.returncode == 0, result.stderr
 
-Accounts left by a killed run are removed before new ones are made; the
-fixture removes its accounts at the end of the session.
+Test sessions may run side by side on one machine: each names its accounts
+after its own process (``kdlabt-alice-PID``). Accounts of a session whose
+process is gone (a killed run) are removed before new ones are made; the
+fixture removes its own at the end of the session.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import contextlib
 import grp
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -41,11 +44,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "kdlabt-"
+_NAME = re.compile(rf"{PREFIX}([a-z]+)-([0-9]+)")
 GROUP = "kdlab"
 PYTHON = "/usr/bin/python3"
 CLONE = "kdlab"
 # Short name -> member of group kdlab.
 ROLES = {"alice": True, "bob": True, "eve": False}
+# Ids of their own: not 1000 (tests/bus/harness.FLEET's "somebody else"),
+# nor those of the host's people.
+KEYS = ("--key", "UID_MIN=20000", "--key", "GID_MIN=20000")
 _LOCK_RETRIES = 50  # useradd and userdel fail while another one holds /etc/passwd
 
 
@@ -141,6 +148,14 @@ def remove_user(name: str) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def remove_orphans() -> None:
+    """Remove the accounts of sessions whose process is gone (killed runs)."""
+    for entry in pwd.getpwall():
+        match = _NAME.fullmatch(entry.pw_name)
+        if match is not None and not Path(f"/proc/{match[2]}").exists():
+            remove_user(entry.pw_name)
+
+
 def checkout_files() -> list[str]:
     """The files of this checkout, as ``git ls-files`` lists them (not ignored)."""
     listed = subprocess.run(
@@ -166,12 +181,11 @@ def copy_checkout(user: LoginUser) -> None:
 
 
 def create_user(role: str, member: bool) -> LoginUser:
-    name = PREFIX + role
-    remove_user(name)  # left over by a killed run
+    name = f"{PREFIX}{role}-{os.getpid()}"
     groups = ["--groups", GROUP] if member else []
     result = _retry_locked(
         ["useradd", "--create-home", "--user-group", "--shell", "/bin/bash",
-         "--comment", "kdlab test user", *groups, name]
+         "--comment", "kdlab test user", *KEYS, *groups, name]
     )  # fmt: skip
     assert result.returncode == 0, f"useradd {name}: {result.stderr}"
     entry = pwd.getpwnam(name)
@@ -206,6 +220,7 @@ def missing() -> str:
 @contextlib.contextmanager
 def accounts() -> Iterator[Logins]:
     """The accounts of :data:`ROLES`, removed afterwards."""
+    remove_orphans()
     users: dict[str, LoginUser] = {}
     try:
         for role, member in ROLES.items():
