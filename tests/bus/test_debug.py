@@ -8,14 +8,19 @@ connection to the caller as a descriptor (type ``h``).
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from kdlabd.wire import VM_INTERFACE
+from tests.bus.gdbstub import RemoteStub
 from tests.bus.harness import BusClient, Lab, PrivateBus, client_env, kdlabctl_argv
 
 pytestmark = pytest.mark.bus
@@ -98,3 +103,39 @@ def test_gdb_proxy_relays_the_stub(bus: PrivateBus, stub: FakeStub) -> None:
         stderr = proxy.stderr.read()
     assert (status, relayed) == (0, REPLY), stderr
     assert stub.received == PACKET
+
+
+def test_ctrl_c_in_gdb_ends_neither_gdb_nor_kdlabctl(
+    bus: PrivateBus, kdlabd: Lab, tmp_path: Path
+) -> None:
+    """Ctrl-C is how gdb interrupts the kernel: the terminal sends SIGINT to
+    kdlabctl and gdb alike, and only gdb may act on it."""
+    remote = RemoteStub(kdlabd.layout.gdb_socket("busy"))
+    vmlinux = tmp_path / "vmlinux"
+    shutil.copy("/bin/true", vmlinux)
+    ready = tmp_path / "ready"
+    wait = f"python import pathlib, time; pathlib.Path({str(ready)!r}).touch(); "
+    argv = kdlabctl_argv(
+        bus.address, "gdb", "busy", "--vmlinux", str(vmlinux), "--batch",
+        "-ex", wait + "time.sleep(10)", "-ex", "echo survived\\n",
+    )  # fmt: skip
+    try:
+        with subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=client_env(),
+            start_new_session=True,  # its own process group, as in a terminal
+        ) as gdb:
+            deadline = time.monotonic() + 30
+            while not ready.exists() and gdb.poll() is None:
+                assert time.monotonic() < deadline, "gdb never ran the command"
+                time.sleep(0.05)
+            os.killpg(gdb.pid, signal.SIGINT)
+            out, err = gdb.communicate(timeout=30)
+    finally:
+        remote.close()
+    assert gdb.returncode == 0, err
+    assert "survived" in out
+    assert remote.attached == [True], "gdb attached, then detached at its end"

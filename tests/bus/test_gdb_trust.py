@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import pytest
 
 from kdlabd.errors import NotAuthorized, exit_code_for
 from tests import figures
+from tests.bus.gdbstub import RemoteStub
 from tests.bus.harness import FakeVM, Lab, PrivateBus, assert_no_traceback, run_tool
 from tests.conftest import require, require_tool
 from tests.logins import GROUP, Logins, LoginUser
@@ -50,77 +49,6 @@ print("helpers of {owner} loaded")
 """
 HELPERS_RAN = "helpers-ran-as"
 PLANTED_RAN = "planted-ran-as"
-
-
-# --- a gdbstub gdb can attach to ---------------------------------------------------
-
-
-def _packet(payload: bytes) -> bytes:
-    return b"$%s#%02x" % (payload, sum(payload) % 256)
-
-
-def _answer(packet: bytes) -> bytes:
-    """What QEMU's stub would say, as far as gdb needs to attach and detach."""
-    if packet.startswith(b"qSupported"):
-        return b"PacketSize=1000"
-    if packet.startswith((b"H", b"D")):
-        return b"OK"
-    if packet == b"g":
-        # x86-64 up to gs (16 GPRs, rip, eflags, 6 segments): the rest unavailable.
-        return b"00" * (17 * 8 + 4 + 6 * 4)
-    if packet.startswith(b"m"):
-        return b"E01"
-    return {b"?": b"S05", b"qAttached": b"1", b"qfThreadInfo": b"l"}.get(packet, b"")
-
-
-class RemoteStub:
-    """A unix socket speaking gdb's remote protocol; records each session's packets."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.sessions: list[list[bytes]] = []
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(path))
-        self._server.listen(4)
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:  # closed
-                return
-            with conn:
-                self.sessions.append([])
-                self._serve(conn, self.sessions[-1])
-
-    @staticmethod
-    def _serve(conn: socket.socket, packets: list[bytes]) -> None:
-        buffer = b""
-        while data := conn.recv(4096):
-            buffer += data
-            while True:
-                buffer = buffer.lstrip(b"+-\x03")
-                end = buffer.find(b"#")
-                if not buffer.startswith(b"$") or end < 0 or len(buffer) < end + 3:
-                    break
-                packet, buffer = buffer[1:end], buffer[end + 3 :]
-                packets.append(packet)
-                conn.sendall(b"+" + _packet(_answer(packet)))
-
-    @property
-    def attached(self) -> list[bool]:
-        """Per session: did gdb attach (qSupported) and detach (D)?"""
-        return [
-            any(p.startswith(b"qSupported") for p in s) and b"D" in s
-            for s in self.sessions
-        ]
-
-    def close(self) -> None:
-        self._server.shutdown(socket.SHUT_RDWR)
-        self._server.close()
-        self._thread.join(timeout=10)
 
 
 # --- the files of alice (and root) -------------------------------------------------
