@@ -632,8 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     gdb.add_argument(
         "--vmlinux",
         metavar="PATH",
-        help="symbols (default: the one given at create, the kernel's "
-        "build tree, /usr/lib/debug/boot/vmlinux-RELEASE)",
+        help="symbols (default: on your own VMs the one given at create or the "
+        "kernel's build tree, else /usr/lib/debug/boot/vmlinux-RELEASE)",
     )
     proxy = command(
         "gdb-proxy",
