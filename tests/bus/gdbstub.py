@@ -35,6 +35,7 @@ class RemoteStub:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.sessions: list[list[bytes]] = []
+        self.ended = 0  # sessions the debugger hung up
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(str(path))
         self._server.listen(4)
@@ -50,6 +51,7 @@ class RemoteStub:
             with conn:
                 self.sessions.append([])
                 self._serve(conn, self.sessions[-1])
+            self.ended += 1
 
     @staticmethod
     def _serve(conn: socket.socket, packets: list[bytes]) -> None:

@@ -7,6 +7,7 @@ connection to the caller as a descriptor (type ``h``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -105,37 +106,70 @@ def test_gdb_proxy_relays_the_stub(bus: PrivateBus, stub: FakeStub) -> None:
     assert stub.received == PACKET
 
 
-def test_ctrl_c_in_gdb_ends_neither_gdb_nor_kdlabctl(
-    bus: PrivateBus, kdlabd: Lab, tmp_path: Path
-) -> None:
-    """Ctrl-C is how gdb interrupts the kernel: the terminal sends SIGINT to
-    kdlabctl and gdb alike, and only gdb may act on it."""
-    remote = RemoteStub(kdlabd.layout.gdb_socket("busy"))
+def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def remote(kdlabd: Lab) -> Iterator[RemoteStub]:
+    """A stub of the running VM "busy" that gdb can attach to."""
+    stub = RemoteStub(kdlabd.layout.gdb_socket("busy"))
+    yield stub
+    stub.close()
+
+
+@contextlib.contextmanager
+def gdb_waiting(
+    bus: PrivateBus, tmp_path: Path, *commands: str
+) -> Iterator[subprocess.Popen[str]]:
+    """``kdlabctl gdb busy --batch`` running *commands*, then waiting 10 s in
+    Python: yields once gdb waits, in a process group of its own (a terminal's)."""
     vmlinux = tmp_path / "vmlinux"
     shutil.copy("/bin/true", vmlinux)
     ready = tmp_path / "ready"
     wait = f"python import pathlib, time; pathlib.Path({str(ready)!r}).touch(); "
     argv = kdlabctl_argv(
         bus.address, "gdb", "busy", "--vmlinux", str(vmlinux), "--batch",
+        *(arg for command in commands for arg in ("-ex", command)),
         "-ex", wait + "time.sleep(10)", "-ex", "echo survived\\n",
     )  # fmt: skip
-    try:
-        with subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=client_env(),
-            start_new_session=True,  # its own process group, as in a terminal
-        ) as gdb:
-            deadline = time.monotonic() + 30
-            while not ready.exists() and gdb.poll() is None:
-                assert time.monotonic() < deadline, "gdb never ran the command"
-                time.sleep(0.05)
-            os.killpg(gdb.pid, signal.SIGINT)
-            out, err = gdb.communicate(timeout=30)
-    finally:
-        remote.close()
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=client_env(),
+        start_new_session=True,
+    ) as gdb:
+        until(lambda: ready.exists() or gdb.poll() is not None, "gdb ran the command")
+        yield gdb
+
+
+def test_ctrl_c_in_gdb_ends_neither_gdb_nor_kdlabctl(
+    bus: PrivateBus, remote: RemoteStub, tmp_path: Path
+) -> None:
+    """Ctrl-C is how gdb interrupts the kernel: the terminal sends SIGINT to
+    kdlabctl and gdb alike, and only gdb may act on it."""
+    with gdb_waiting(bus, tmp_path) as gdb:
+        os.killpg(gdb.pid, signal.SIGINT)
+        out, err = gdb.communicate(timeout=30)
     assert gdb.returncode == 0, err
     assert "survived" in out
     assert remote.attached == [True], "gdb attached, then detached at its end"
+
+
+def test_detach_frees_the_stub_while_gdb_runs_on(
+    bus: PrivateBus, remote: RemoteStub, tmp_path: Path
+) -> None:
+    """gdb holds the stream kdlabd gave it: detaching must still hang it up,
+    or QEMU (one debugger at a time) would refuse the next one."""
+    with gdb_waiting(bus, tmp_path, "detach") as gdb:
+        until(lambda: remote.ended == 1, "the stub saw the debugger hang up")
+        assert gdb.poll() is None, "gdb still runs"
+        os.killpg(gdb.pid, signal.SIGINT)
+        _, err = gdb.communicate(timeout=30)
+    assert gdb.returncode == 0, err
+    assert remote.attached == [True]
