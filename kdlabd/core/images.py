@@ -3,6 +3,11 @@
 Imports and builds are jobs (see :mod:`kdlabd.core.jobs`); creating,
 resizing and deleting are quick calls. An image some VM's disk is based on
 cannot be deleted or resized under it.
+
+A build is journalled before it starts anything, with its scratch directory
+and the token of its sandbox (:mod:`kdlabd.core.sandbox`), so a kdlabd killed
+in the middle kills what is left of the build when it starts again and
+removes its scratch files (:meth:`ImageService.clean_builds`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +29,14 @@ from kdlabd.core.journal import Journal, crash_point
 from kdlabd.core.models import ImageFormat, ImageRecord, ImageSource
 from kdlabd.core.rootfs import Progress as RootfsProgress
 from kdlabd.core.rootfs import RootfsSpec, build_rootfs
-from kdlabd.errors import ImageExists, InvalidArgument, InvalidState, NoSuchImage
+from kdlabd.core.sandbox import BuildSandbox, kill_build
+from kdlabd.errors import (
+    BuildFailed,
+    ImageExists,
+    InvalidArgument,
+    InvalidState,
+    NoSuchImage,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +75,7 @@ class ImageService:
         self._observer = observer
         self._images: dict[str, ImageRecord] = {}
         self._busy: set[str] = set()
+        self._scratches: set[Path] = set()  # of the builds under way
         self._background: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
@@ -85,6 +97,42 @@ class ImageService:
         task = asyncio.get_running_loop().create_task(reload())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def clean_builds(self) -> list[str]:
+        """At start-up: kill what is left of builds that died with kdlabd, and
+        empty the scratch directory. The builds whose processes would not die
+        are named in the log and left for the next start."""
+        cleaned, kept = [], set()
+        for name in self._journal.pending("build"):
+            details = self._journal.details("build", name)
+            token = details.get("token", "")
+            try:
+                if token:
+                    await finish_on_cancel(
+                        asyncio.to_thread(
+                            kill_build, token, systemd=details.get("systemd") == "yes"
+                        )
+                    )
+            except BuildFailed as err:
+                log.error("reconcile.build_not_killed", image=name, error=str(err))
+                kept.add(details.get("scratch", ""))
+                continue
+            self._journal.done("build", name)
+            cleaned.append(name)
+        await asyncio.to_thread(self._empty_scratch, kept)
+        if cleaned:
+            log.warning("reconcile.killed_builds", images=cleaned)
+        return cleaned
+
+    def _empty_scratch(self, kept: set[str]) -> None:
+        try:
+            entries = list(os.scandir(self._scratch_dir))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.path not in kept:
+                log.warning("reconcile.removed_scratch", path=entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
 
     async def reconcile(self) -> list[str]:
         """Delete images whose import or build died half-way (kdlabd or libvirtd)."""
@@ -136,7 +184,13 @@ class ImageService:
 
         async def work(job: Job) -> None:
             try:
-                image = await self._upload(name, own, job, 0.0, 1.0)
+                image = await self._upload(
+                    name,
+                    own,
+                    job,
+                    (0.0, 1.0),
+                    lambda: crash_point("image.upload-started"),
+                )
                 job.report(
                     1.0, f"imported {name} ({image.format}, {image.capacity >> 20} MiB)"
                 )
@@ -149,33 +203,62 @@ class ImageService:
     def build_rootfs(self, name: str, spec: RootfsSpec, owner_uid: int) -> Job:
         """A job: debootstrap a Debian root filesystem into the new image *name*."""
 
+        sandbox = BuildSandbox()
+
         async def build(scratch: Path, progress: RootfsProgress) -> None:
+            output = scratch / "image.raw"
             await build_rootfs(
-                spec, scratch, self._cache_dir, scratch / "image.raw", progress
+                spec, scratch, self._cache_dir, output, progress, sandbox=sandbox
             )
 
-        return self.build(name, build, owner_uid)
+        return self.build(name, build, owner_uid, sandbox=sandbox)
 
-    def build(self, name: str, builder: Builder, owner_uid: int) -> Job:
-        """A job: run *builder* in a scratch directory, upload its image.raw."""
+    def build(
+        self,
+        name: str,
+        builder: Builder,
+        owner_uid: int,
+        *,
+        sandbox: BuildSandbox | None = None,
+    ) -> Job:
+        """A job: run *builder* in a scratch directory, upload its image.raw.
+
+        The build is journalled first (see :meth:`clean_builds`); the
+        processes *builder* runs in *sandbox* are killed if it fails.
+        """
         self._reserve(name)
+        box = sandbox or BuildSandbox()
 
         async def work(job: Job) -> None:
-            scratch = Path(await asyncio.to_thread(self._make_scratch, name))
+            scratch = self._scratch_dir / f"build-{name}-{box.token}"
+            self._scratches.add(scratch)
+            details = {"scratch": str(scratch), "token": box.token}
+            details["systemd"] = "yes" if box.systemd else "no"
+            self._journal.begin("build", name, details)
             try:
+                await asyncio.to_thread(self._make_scratch, scratch)
                 output = scratch / "image.raw"
                 await builder(scratch, lambda f, s: job.report(0.9 * f, s))
                 job.report(0.9, "uploading into the image pool")
                 fd = os.open(output, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     image = await self._upload(
-                        name, validate.image_source(fd), job, 0.9, 0.1
+                        name,
+                        validate.image_source(fd),
+                        job,
+                        (0.9, 0.1),
+                        lambda: crash_point("build.upload-started"),
                     )
                 finally:
                     os.close(fd)
                 job.report(1.0, f"built {name} ({image.capacity >> 20} MiB)")
+            except BaseException:
+                await finish_on_cancel(asyncio.to_thread(box.kill))
+                raise
             finally:
-                await asyncio.to_thread(shutil.rmtree, scratch, True)
+                await finish_on_cancel(asyncio.to_thread(shutil.rmtree, scratch, True))
+                self._journal.done("build", name)
+                self._scratches.discard(scratch)
                 self._release(name)
 
         return self._jobs.start("build", name, owner_uid, work)
@@ -215,9 +298,16 @@ class ImageService:
             raise
 
     async def _upload(
-        self, name: str, source: ImageSource, job: Job, start: float, share: float
+        self,
+        name: str,
+        source: ImageSource,
+        job: Job,
+        span: tuple[float, float],
+        started: Callable[[], None],
     ) -> ImageRecord:
-        """Upload *source* as image *name*, its progress filling *share* of the job."""
+        """Upload *source* as image *name*, its progress filling *span* (start,
+        share) of the job; *started* is called once the intent is journalled."""
+        start, share = span
 
         def progress(done: int) -> None:
             job.report_from_thread(
@@ -228,7 +318,7 @@ class ImageService:
         # The intent stays if the upload fails and its own rollback could not
         # delete the volume (libvirtd went away): reconciliation does it later.
         self._journal.begin("image", name)
-        crash_point("image.upload-started")
+        started()
         try:
             image = await finish_on_cancel(
                 self._hv.upload_image(name, source, progress)
@@ -245,9 +335,9 @@ class ImageService:
         self._store(image)
         return image
 
-    def _make_scratch(self, name: str) -> str:
+    def _make_scratch(self, scratch: Path) -> None:
         self._scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f"build-{name}-", dir=self._scratch_dir)
+        scratch.mkdir(mode=0o700)
 
     def _refuse_if_used(self, name: str, what: str) -> None:
         users = self.used_by(name)

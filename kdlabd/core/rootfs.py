@@ -15,10 +15,14 @@ This is what syzkaller's ``tools/create-image.sh`` does, minus what hurts kdlab'
 users: its fstab mounts configfs, securityfs and debugfs, which stalls kernels
 built without them, and it needs loop mounts.
 
-Every tool runs as a subprocess in its own process group. Cancelling the
-build (or any failure) kills that group and removes everything the build made:
-the tree, the partial image, a partial cache entry. Only the stdlib, asyncio
-and structlog are used here, like the rest of :mod:`kdlabd.core`.
+Every tool runs confined (:mod:`kdlabd.core.sandbox`): new PID, IPC, UTS and
+mount namespaces, a reduced capability bounding set, the host read-only but
+for what the step writes, and only debootstrap on the network, which checks
+every signature against Debian's keyring (``--force-check-gpg``). Cancelling
+the build (or any failure) kills every process of it and removes everything
+the build made: the tree, the partial image, a partial cache entry. Only the
+stdlib, asyncio and structlog are used here, like the rest of
+:mod:`kdlabd.core`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import stat
 import struct
 import time
@@ -46,6 +49,8 @@ from typing import NamedTuple, TypeVar
 import structlog
 
 from kdlabd.core.jobs import finish_on_cancel
+from kdlabd.core.journal import crash_point
+from kdlabd.core.sandbox import NOT_FOUND, BuildSandbox
 from kdlabd.errors import BuildFailed, InvalidArgument
 
 log = structlog.get_logger(__name__)
@@ -76,6 +81,8 @@ ROOT_DEVICE = "/dev/vda"
 FS_LABEL = "kdlab-root"
 SERIAL_CONSOLE = "ttyS0"
 DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+"""The only keys a mirror's Release file may be signed with (any mirror)."""
 
 CACHE_MAX_AGE = 7 * 24 * 3600.0
 """A cached base older than this is bootstrapped again: suites get updates."""
@@ -162,6 +169,8 @@ _TOOL_PACKAGES = {
     "mke2fs": "e2fsprogs",
     "tar": "tar",
     "unshare": "util-linux",
+    "setpriv": "util-linux",
+    "systemd-run": "systemd",
     "rm": "coreutils",
 }
 
@@ -316,14 +325,11 @@ def cache_key(spec: RootfsSpec) -> str:
 def debootstrap_argv(spec: RootfsSpec, target: Path) -> list[str]:
     """The debootstrap command line that bootstraps *spec* into *target*."""
     return [
-        # A private mount namespace: the /proc and /sys debootstrap mounts in the
-        # target vanish with its processes, even when killed, so removing the
-        # tree never walks into a live /proc or /sys.
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
         "debootstrap",
+        # Signatures checked, or the build fails: never a silent unchecked
+        # download (a member may name any mirror).
+        "--force-check-gpg",
+        f"--keyring={DEBIAN_KEYRING}",
         "--variant=minbase",
         f"--include={','.join(include_packages(spec))}",
         spec.suite,
@@ -756,30 +762,48 @@ def _tool_failed(
     )
 
 
+def _not_installed(program: str) -> RootfsBuildError:
+    package = _TOOL_PACKAGES.get(program, program)
+    return RootfsBuildError(
+        f"{program} is not installed on kdlabd's host (apt-get install {package})"
+    )
+
+
 async def _run(
     argv: Sequence[str],
     what: str,
     hint: str,
     on_line: Callable[[str], None] | None = None,
+    *,
+    sandbox: BuildSandbox,
+    writable: Sequence[Path],
+    network: bool = False,
+    chroot_shim: Path | None = None,
+    on_spawn: Callable[[], None] | None = None,
 ) -> None:
-    """Run *argv* in its own process group; killed with it on error or cancel."""
+    """Run *argv* confined by *sandbox*; every process of it is killed on error
+    or cancel. Only *writable* may be written, only with *network* is there one.
+    """
+    env = _tool_env()
+    command = sandbox.command(
+        argv, env, writable=writable, network=network, chroot_shim=chroot_shim
+    )
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            env=_tool_env(),
+            env=sandbox.env(env),
             limit=1024 * 1024,
         )
     except FileNotFoundError:
-        package = _TOOL_PACKAGES.get(argv[0], argv[0])
-        raise RootfsBuildError(
-            f"{argv[0]} is not installed on kdlabd's host (apt-get install {package})"
-        ) from None
+        raise _not_installed(command[0]) from None
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     try:
+        if on_spawn is not None:
+            on_spawn()
         assert proc.stdout is not None
         async for raw in proc.stdout:
             line = _printable(raw)
@@ -788,18 +812,20 @@ async def _run(
                 on_line(line)
         status = await proc.wait()
     except BaseException:
-        await _kill(proc)
+        await _kill(proc, sandbox)
         raise
+    if status == 127 and tail and tail[-1] == f"{NOT_FOUND}{argv[0]}":
+        raise _not_installed(argv[0])
     if status != 0:
         raise _tool_failed(what, status, tail, hint)
 
 
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    """Kill *proc*'s whole process group (debootstrap runs dpkg, scripts...)."""
-    if proc.returncode is None:
-        # Only while the leader is unreaped is its group id surely still its own.
+async def _kill(proc: asyncio.subprocess.Process, sandbox: BuildSandbox) -> None:
+    """Kill every process of the build (debootstrap runs dpkg, scripts...)."""
+    await _in_thread(sandbox.kill)
+    if proc.returncode is None:  # systemd-run, once its unit is stopped
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
     with contextlib.suppress(asyncio.CancelledError):
         await proc.wait()
 
@@ -864,9 +890,13 @@ class _Build:
         cache_dir: Path,
         output: Path,
         progress: Progress,
+        *,
+        sandbox: BuildSandbox,
     ) -> None:
         self.spec = spec
+        self.sandbox = sandbox
         self.scratch_dir = scratch_dir
+        self.shim = scratch_dir / "chroot"
         self.root = scratch_dir / "root"
         self.cache_dir = cache_dir
         self.key = cache_key(spec)
@@ -893,6 +923,7 @@ class _Build:
         self._make_root()
         try:
             await self._base()
+            crash_point("build.configuring")
             self.stages.report("configure", 0.0, "configuring the root file system")
             await _in_thread(self._configure)
             await self._image()
@@ -961,7 +992,7 @@ class _Build:
             f"--directory={self.root}",
         ]
         try:
-            await _run(argv, "unpacking the cached base", "unreadable", on_line)
+            await self._tool(argv, "unpacking the cached base", "unreadable", on_line)
         except RootfsBuildError as err:
             self.log.warning("rootfs.cache_unreadable", error=str(err))
             with contextlib.suppress(FileNotFoundError):
@@ -971,8 +1002,33 @@ class _Build:
         self.log.info("rootfs.cache_hit")
         return True
 
+    async def _tool(
+        self,
+        argv: Sequence[str],
+        what: str,
+        hint: str,
+        on_line: Callable[[str], None] | None = None,
+        *,
+        writes: Path | None = None,
+        network: bool = False,
+        chroot_shim: Path | None = None,
+        on_spawn: Callable[[], None] | None = None,
+    ) -> None:
+        """Run one tool of the build, writing only *writes* (default: the tree)."""
+        await _run(
+            argv,
+            what,
+            hint,
+            on_line,
+            sandbox=self.sandbox,
+            writable=(writes or self.root,),
+            network=network,
+            chroot_shim=chroot_shim,
+            on_spawn=on_spawn,
+        )
+
     async def _empty_root(self) -> None:
-        await _remove_tree(self.root)
+        await self._remove_tree(self.root)
         self.root.mkdir(mode=0o755)
 
     def _remove_stale_temporaries(self) -> None:
@@ -987,19 +1043,35 @@ class _Build:
         parser = DebootstrapProgress(expected_packages(self.spec))
 
         def on_line(line: str) -> None:
+            crash_point("build.debootstrap-running")
             seen = parser.feed(line)
             if seen is not None:
                 self.stages.report("base", *seen)
 
+        if not DEBIAN_KEYRING.is_file():
+            raise RootfsBuildError(
+                f"{DEBIAN_KEYRING} is missing on kdlabd's host, so the mirror's "
+                "signatures cannot be checked (apt-get install debian-archive-keyring)"
+            )
         hint = (
             f"check the suite and packages, and that kdlabd's host reaches "
-            f"{self.spec.mirror}"
+            f"{self.spec.mirror} (a mirror of Debian, signed by Debian's keys)"
         )
         argv = debootstrap_argv(self.spec, self.root)
+        self.leftovers.append(self.shim)
+        await _in_thread(self._write_shim)
         try:
-            await _run(argv, "debootstrap", hint, on_line)
+            await self._tool(
+                argv, "debootstrap", hint, on_line, network=True, chroot_shim=self.shim
+            )
         except RootfsBuildError as err:
             raise self._with_debootstrap_log(err) from None
+
+    def _write_shim(self) -> None:
+        """The chroot that debootstrap's commands in the tree go through."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(self.shim, flags, 0o700), "w") as file:
+            file.write(self.sandbox.chroot_shim())
 
     def _with_debootstrap_log(self, err: RootfsBuildError) -> RootfsBuildError:
         """debootstrap's output ends with "see debootstrap.log": add its tail."""
@@ -1028,7 +1100,12 @@ class _Build:
             f"--directory={self.root}",
             ".",
         ]
-        await _run(argv, "storing the base in the cache", "check the cache's disk")
+        await self._tool(
+            argv,
+            "storing the base in the cache",
+            "check the cache's disk",
+            writes=self.cache_dir,
+        )
         await _in_thread(_fsync, tmp)
         os.replace(tmp, self.entry)
         await _in_thread(_fsync, self.cache_dir)
@@ -1050,29 +1127,35 @@ class _Build:
         os.close(os.open(self.partial, os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         argv = mke2fs_argv(self.root, self.partial, size)
         hint = f"if it ran out of space, build with a size above {size // MIB} MiB"
-        await _run(argv, "mke2fs", hint)
+        await self._tool(
+            argv,
+            "mke2fs",
+            hint,
+            writes=self.partial,
+            on_spawn=lambda: crash_point("build.mke2fs-running"),
+        )
         os.replace(self.partial, self.output)
 
     async def _remove_leftovers(self) -> None:
         for path in reversed(self.leftovers):
             if path == self.root:
-                await _remove_tree(path)
+                await self._remove_tree(path)
             else:
                 path.unlink(missing_ok=True)
         if self.made_scratch:
             with contextlib.suppress(OSError):
                 self.scratch_dir.rmdir()
 
-
-async def _remove_tree(path: Path) -> None:
-    """Remove a build tree; ``--one-file-system`` never descends into a mount."""
-    if not path.exists():
-        return
-    try:
-        argv = ["rm", "-rf", "--one-file-system", "--", str(path)]
-        await _run(argv, f"removing {path}", "is something mounted there?")
-    except RootfsBuildError as err:
-        log.error("rootfs.cleanup_failed", path=str(path), error=str(err))
+    async def _remove_tree(self, path: Path) -> None:
+        """Remove a build tree; ``--one-file-system`` never descends into a mount."""
+        if not path.exists():
+            return
+        try:
+            argv = ["rm", "-rf", "--one-file-system", "--", str(path)]
+            hint = "is something mounted there?"
+            await self._tool(argv, f"removing {path}", hint, writes=path.parent)
+        except RootfsBuildError as err:
+            log.error("rootfs.cleanup_failed", path=str(path), error=str(err))
 
 
 async def build_rootfs(
@@ -1081,6 +1164,8 @@ async def build_rootfs(
     cache_dir: Path,
     output: Path,
     progress: Progress,
+    *,
+    sandbox: BuildSandbox | None = None,
 ) -> None:
     """Build *spec* as a raw ext4 image at *output* (replaced only on success).
 
@@ -1090,6 +1175,9 @@ async def build_rootfs(
     fails (:class:`RootfsBuildError`, :class:`InvalidArgument`) or is cancelled.
     Bases are cached in *cache_dir*; concurrent builds of one base wait for the
     first. *progress* is called on the loop and may raise to stop the build.
+    Every tool runs confined by *sandbox* (a new one if not given), whose token
+    the caller may have journalled to kill what a crash leaves running.
     """
     _check_host(spec, output)
-    await _Build(spec, scratch_dir, cache_dir, output, progress).run()
+    sandbox = sandbox or BuildSandbox()
+    await _Build(spec, scratch_dir, cache_dir, output, progress, sandbox=sandbox).run()
