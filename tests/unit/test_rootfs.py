@@ -2,8 +2,10 @@
 
 Validation, the configure step and progress parsing are pure. The build tests
 run the real ``tar`` and ``mke2fs`` around a fake debootstrap (a few lines of
-shell that write a tiny tree, fail, or sleep), so they take milliseconds and
-need no network; the real debootstrap is in ``tests/vm/test_rootfs_build.py``.
+shell that write a tiny tree, fail, or sleep), all in the build's real
+sandbox (namespaces and capabilities: they need root), so they take well
+under a second each and need no network; the real debootstrap is in
+``tests/vm/test_rootfs_build.py``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from kdlabd.core.rootfs import (
     include_packages,
 )
 from kdlabd.errors import InvalidArgument, KdlabError
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, require, require_tool
 
 T = TypeVar("T")
 
@@ -288,9 +290,10 @@ def test_include_packages() -> None:
 def test_debootstrap_argv(tmp_path: Path) -> None:
     spec = RootfsSpec("trixie", packages=("gdb",), mirror="http://127.0.0.1/debian")
     argv = rootfs.debootstrap_argv(spec, tmp_path / "root")
-    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"]
-    assert argv[4:] == [
+    assert argv == [
         "debootstrap",
+        "--force-check-gpg",
+        "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg",
         "--variant=minbase",
         "--include=dbus,gdb,systemd-sysv,udev",
         "trixie",
@@ -638,7 +641,6 @@ def test_stages_never_go_back() -> None:
 FAKE_DEBOOTSTRAP = r"""
 set -e
 t="$1"
-echo run >> "$2"
 mkdir -p "$t/etc/systemd/system" "$t/root" "$t/var/lib/dbus" "$t/debootstrap"
 printf 'root:x:0:0:root:/root:/bin/bash\n' > "$t/etc/passwd"
 printf 'root:*:19000:0:99999:7:::\n' > "$t/etc/shadow"
@@ -663,25 +665,26 @@ class Builds:
     scratch: Path
     cache: Path
     output: Path
-    runs: Path
     reports: list[tuple[float, str]] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)  # of every build, kept
 
     def fake_debootstrap(self, script: str = FAKE_DEBOOTSTRAP) -> None:
         def argv(_spec: RootfsSpec, target: Path) -> list[str]:
-            return ["sh", "-c", script, "fake-debootstrap", str(target), str(self.runs)]
+            return ["sh", "-c", script, "fake-debootstrap", str(target)]
 
         self.monkeypatch.setattr(rootfs, "debootstrap_argv", argv)
 
     def debootstrap_runs(self) -> int:
-        return len(self.runs.read_text().splitlines()) if self.runs.exists() else 0
+        """How many builds ran debootstrap (the fake can write only its tree)."""
+        return self.statuses.count("debootstrap bookworm")
+
+    def progress(self, fraction: float, status: str) -> None:
+        self.reports.append((fraction, status))
+        self.statuses.append(status)
 
     async def build(self, spec: RootfsSpec = BASE, output: Path | None = None) -> None:
         await build_rootfs(
-            spec,
-            self.scratch,
-            self.cache,
-            output or self.output,
-            lambda f, s: self.reports.append((f, s)),
+            spec, self.scratch, self.cache, output or self.output, self.progress
         )
 
     def leftovers(self) -> list[str]:
@@ -702,6 +705,7 @@ class Builds:
 
 @pytest.fixture
 def builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Builds:
+    require(os.geteuid() == 0, "root (builds run in namespaces, setpriv, unshare)")
     require_tool("mke2fs", "e2fsprogs")
     require_tool("tar", "tar")
     scripts = tmp_path / "debootstrap-scripts"
@@ -716,7 +720,6 @@ def builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Builds:
         scratch=tmp_path / "scratch",
         cache=tmp_path / "cache",
         output=out / "image.raw",
-        runs=tmp_path / "runs",
     )
     builds.fake_debootstrap()
     return builds
@@ -821,14 +824,14 @@ def test_concurrent_builds_of_one_base_bootstrap_once(builds: Builds) -> None:
                 builds.tmp / "s1",
                 builds.cache,
                 builds.tmp / "one.raw",
-                print_nothing,
+                builds.progress,
             ),
             build_rootfs(
                 BASE,
                 builds.tmp / "s2",
                 builds.cache,
                 builds.tmp / "two.raw",
-                print_nothing,
+                builds.progress,
             ),
         )
 
@@ -837,10 +840,6 @@ def test_concurrent_builds_of_one_base_bootstrap_once(builds: Builds) -> None:
     assert debugfs_cat(builds.tmp / "two.raw", "/etc/hostname") == "kdlab\n"
     assert not (builds.tmp / "s1").exists()
     assert not (builds.tmp / "s2").exists()
-
-
-def print_nothing(_fraction: float, _status: str) -> None:
-    pass
 
 
 def assert_nothing_left(builds: Builds) -> None:
@@ -938,14 +937,37 @@ def alive(pid: int) -> bool:
     return fields[0] not in ("Z", "X")
 
 
-SLOW_DEBOOTSTRAP = r"""
-mkdir -p "$1/etc"
-echo $$ > "$1.pid"
-sleep 30 &
-echo $! > "$1.child"
-echo 'I: Retrieving InRelease '
-wait
-"""
+def slow_debootstrap(marker: str) -> str:
+    """A debootstrap that waits for a child in the background, both named by
+    *marker* in their command lines (their PIDs inside the build's PID
+    namespace mean nothing on the host)."""
+    return (
+        'mkdir -p "$1/etc"\n'
+        f"sleep {marker} &\n"
+        "echo 'I: Retrieving InRelease '\n"
+        "wait\n"
+    )
+
+
+@pytest.fixture
+def marker() -> str:
+    """A sleep time of 30 s that no other process on the host has."""
+    return f"30.{os.getpid()}{time.time_ns() % 10**6:06d}"
+
+
+def processes_with(marker: str) -> list[int]:
+    """The host PIDs of live processes with *marker* in their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
 
 
 def started(builds: Builds) -> Callable[[], bool]:
@@ -957,20 +979,18 @@ async def wait_for(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.01)
 
 
-def pids(builds: Builds) -> list[int]:
-    root = builds.scratch / "root"
-    return [int(Path(f"{root}.{suffix}").read_text()) for suffix in ("pid", "child")]
-
-
-def test_cancel_kills_the_process_group_and_removes_everything(builds: Builds) -> None:
-    builds.fake_debootstrap(SLOW_DEBOOTSTRAP)
+def test_cancel_kills_every_process_of_the_build_and_removes_everything(
+    builds: Builds, marker: str
+) -> None:
+    builds.fake_debootstrap(slow_debootstrap(marker))
     builds.scratch.mkdir()
 
     async def cancel_midway() -> list[int]:
         task = asyncio.create_task(builds.build())
         await wait_for(started(builds))
-        running = pids(builds)
-        assert all(alive(pid) for pid in running)
+        running = processes_with(marker)
+        # setpriv-unshare, the shell (init of the PID namespace), sleep
+        assert len(running) == 3, running
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -980,19 +1000,15 @@ def test_cancel_kills_the_process_group_and_removes_everything(builds: Builds) -
     running = run(cancel_midway())
     assert time.monotonic() - begun < 10, "did not wait for sleep 30"
     assert not any(alive(pid) for pid in running), "shell and its child are killed"
-    assert not (builds.scratch / "root").exists()
+    assert processes_with(marker) == []
+    assert list(builds.scratch.iterdir()) == [], "the tree and the chroot shim"
     assert not builds.output.exists()
     assert builds.cache_entries() == []
     assert list(builds.tmp.rglob("*.partial")) == []
-    # Only the pid files the fake wrote beside the tree are left in scratch.
-    assert sorted(p.name for p in builds.scratch.iterdir()) == [
-        "root.child",
-        "root.pid",
-    ]
 
 
-def test_progress_that_raises_stops_the_build(builds: Builds) -> None:
-    builds.fake_debootstrap(SLOW_DEBOOTSTRAP)
+def test_progress_that_raises_stops_the_build(builds: Builds, marker: str) -> None:
+    builds.fake_debootstrap(slow_debootstrap(marker))
 
     class Stop(Exception):
         pass
@@ -1008,8 +1024,7 @@ def test_progress_that_raises_stops_the_build(builds: Builds) -> None:
     scratch.mkdir()
     with pytest.raises(Stop):
         run(build_rootfs(BASE, scratch, builds.cache, builds.output, progress))
-    running = pids(builds)
-    assert not any(alive(pid) for pid in running)
+    assert processes_with(marker) == []
     assert not (scratch / "root").exists()
     assert not builds.output.exists()
 
@@ -1017,10 +1032,10 @@ def test_progress_that_raises_stops_the_build(builds: Builds) -> None:
 def test_cancel_while_storing_leaves_no_partial_cache_entry(builds: Builds) -> None:
     real_run = rootfs._run
 
-    async def slow_tar(argv: list[str], what: str, *args: Any) -> None:
+    async def slow_tar(argv: list[str], what: str, *args: Any, **kwargs: Any) -> None:
         if "--create" in argv:
             argv = ["sh", "-c", 'echo partial > "$1"; sleep 30', "sh", argv[2][7:]]
-        await real_run(argv, what, *args)
+        await real_run(argv, what, *args, **kwargs)
 
     builds.monkeypatch.setattr(rootfs, "_run", slow_tar)
 
