@@ -70,6 +70,7 @@ async def serve(config: Config) -> None:
         await images.load()
         await vms.load()
         await vms.reconcile()
+        await images.clean_builds()
         await images.reconcile()
         # Objects are exported before the name is taken: owning the name means ready.
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)

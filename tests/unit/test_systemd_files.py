@@ -13,6 +13,7 @@ import importlib.util
 import os
 import re
 import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from kdlabd.core.sandbox import BUILD_CAPABILITIES, BuildSandbox
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
@@ -118,8 +121,16 @@ def host_unit_dir() -> Path:
     pytest.fail("no systemd unit directory with sysinit.target: install 'systemd'")
 
 
-def make_unit_root(base: Path, unit_text: str, *, stub_exec: bool = True) -> Path:
-    """A scratch root with the host's units, kdlabd.service and a stub ExecStart binary.
+def make_unit_root(
+    base: Path,
+    unit_text: str,
+    *,
+    stub_exec: bool = True,
+    name: str = UNIT.name,
+    exec_path: str = EXEC_PATH,
+) -> Path:
+    """A scratch root with the host's units, the unit *name* (kdlabd.service) and a
+    stub ExecStart binary.
 
     `systemd-analyze verify` resolves the unit's dependencies (sysinit.target,
     dbus.socket, ...) and checks that ExecStart= is executable, both inside --root.
@@ -127,19 +138,19 @@ def make_unit_root(base: Path, unit_text: str, *, stub_exec: bool = True) -> Pat
     root = base / "root"
     shutil.copytree(host_unit_dir(), root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
-    (root / "etc/systemd/system" / UNIT.name).write_text(unit_text)
+    (root / "etc/systemd/system" / name).write_text(unit_text)
     if stub_exec:
-        stub = root / EXEC_PATH.lstrip("/")
-        stub.parent.mkdir(parents=True)
+        stub = root / exec_path.lstrip("/")
+        stub.parent.mkdir(parents=True, exist_ok=True)
         stub.write_text("#!/bin/sh\nexit 0\n")
         stub.chmod(0o755)
     return root
 
 
-def verify(root: Path) -> subprocess.CompletedProcess[str]:
+def verify(root: Path, name: str = UNIT.name) -> subprocess.CompletedProcess[str]:
     analyze = require_tool("systemd-analyze", "systemd")
     return run(
-        [analyze, "verify", "--man=no", "--generators=no", f"--root={root}", UNIT.name]
+        [analyze, "verify", "--man=no", "--generators=no", f"--root={root}", name]
     )
 
 
@@ -230,6 +241,97 @@ def test_unit_security_exposure(tmp_path: Path) -> None:
     assert proc.returncode == 0, (
         f"exposure {score} is above {MAX_EXPOSURE}:\n{proc.stdout}"
     )
+
+
+# --- the transient unit of an image build ---------------------------------------
+
+BUILD_TOKEN = "0123456789abcdef"
+BUILD_UNIT = f"kdlab-build-{BUILD_TOKEN}-1.service"
+BUILD_TREE = Path("/var/lib/kdlab/scratch/build-bookworm-x/root")
+
+
+def build_unit_text(mutate: Callable[[list[str]], list[str]] = list) -> str:
+    """The unit `systemd-run` makes for a debootstrap step, as a unit file.
+
+    Built from the very command line kdlabd runs: its --property= settings are
+    unit file settings of the same names, --setenv= is Environment=.
+    """
+    argv = BuildSandbox(BUILD_TOKEN, systemd=True).command(
+        ["debootstrap", "bookworm", str(BUILD_TREE)],
+        {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+        writable=[BUILD_TREE],
+        network=True,
+    )
+    split = argv.index("--")
+    options, inside = argv[:split], argv[split + 1 :]
+    assert inside[0] == "unshare"
+    assert f"--unit={BUILD_UNIT.removesuffix('.service')}" in options
+    service = ["Type=exec", f"ExecStart=/usr/bin/{shlex.join(inside)}"]
+    for option in options:
+        if option.startswith("--property="):
+            service.append(option.removeprefix("--property="))
+        elif option.startswith("--setenv="):
+            service.append(
+                f"Environment={shlex.quote(option.removeprefix('--setenv='))}"
+            )
+    head = ["[Unit]", "Description=kdlab image build", "[Service]"]
+    return "\n".join([*head, *mutate(service)]) + "\n"
+
+
+def verify_build_unit(tmp_path: Path, text: str) -> str:
+    root = make_unit_root(tmp_path, text, name=BUILD_UNIT, exec_path="/usr/bin/unshare")
+    return verify_problems(verify(root, BUILD_UNIT))
+
+
+def test_build_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    assert verify_build_unit(tmp_path, build_unit_text()) == ""
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        pytest.param("ProtectSystem=", "ProtectSytem=", id="key-typo"),
+        pytest.param("KillMode=control-group", "KillMode=group", id="bad-value"),
+        pytest.param(
+            "DeviceAllow=/dev/console m",
+            "DeviceAllow=/dev/console x",
+            id="bad-device-access",
+        ),
+    ],
+)
+def test_verify_rejects_a_broken_build_unit(tmp_path: Path, old: str, new: str) -> None:
+    def broken(service: list[str]) -> list[str]:
+        mutated = [line.replace(old, new) for line in service]
+        assert mutated != service
+        return mutated
+
+    assert verify_build_unit(tmp_path, build_unit_text(broken)) != ""
+
+
+def test_build_unit_sandbox() -> None:
+    """What the unit grants is what debootstrap needs, no more; the rest is shut."""
+    settings = dict(line.split("=", 1) for line in build_unit_text().splitlines()[3:])
+    caps = set(settings["CapabilityBoundingSet"].split())
+    assert caps == set(BUILD_CAPABILITIES)
+    assert not caps & {"CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_PTRACE",
+                       "CAP_NET_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_TIME"}  # fmt: skip
+    assert settings["ReadWritePaths"] == str(BUILD_TREE)
+    assert settings["RestrictNamespaces"].split() == ["mnt", "pid", "ipc", "uts", "net"]
+    for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "PrivateIPC",
+                "ProtectKernelModules", "ProtectKernelTunables"):  # fmt: skip
+        assert settings[key] == "yes", key
+    assert settings["ProtectSystem"] == "strict"
+    assert settings["KillMode"] == "control-group"
+    assert settings["KillSignal"] == "SIGKILL"
+    assert settings["DevicePolicy"] == "closed"
+    # sandbox_init names the build's UTS namespace: ProtectHostname= forbids that.
+    assert "ProtectHostname" not in settings
+
+
+def test_kdlabd_unit_is_not_widened_for_builds() -> None:
+    unit = unit_settings()
+    assert single(unit, "Service", "RestrictNamespaces") == "yes"
+    assert "not written" not in UNIT.read_text()
 
 
 # --- D-Bus bus policy ---------------------------------------------------------
