@@ -232,6 +232,26 @@ class Kdlabd:
         return self._proc.wait(timeout=timeout)
 
 
+def processes_with(text: str) -> list[str]:
+    """Live processes whose command line contains *text*, as "PID command line".
+
+    (A zombie's command line is empty: the dead are not counted.) Processes in
+    another PID namespace are found too, by their PIDs on the host.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            words = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{entry.name} {words[:100]}")
+    return found
+
+
 def name_has_owner(address: str, name: str) -> bool:
     result = subprocess.run(
         [

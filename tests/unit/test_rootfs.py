@@ -43,6 +43,7 @@ from kdlabd.core.rootfs import (
     include_packages,
 )
 from kdlabd.errors import InvalidArgument, KdlabError
+from tests import harness
 from tests.conftest import REPO, require, require_tool
 
 T = TypeVar("T")
@@ -957,17 +958,7 @@ def marker() -> str:
 
 def processes_with(marker: str) -> list[int]:
     """The host PIDs of live processes with *marker* in their command line."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline and alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
+    return [int(process.split()[0]) for process in harness.processes_with(marker)]
 
 
 def started(builds: Builds) -> Callable[[], bool]:

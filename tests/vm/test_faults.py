@@ -11,6 +11,9 @@ restart it at will. They check, and print as figures:
 - kill -9 of kdlabd at each crash point of a multi-step operation
   (``KDLAB_TEST_CRASH_AT``, see kdlabd.core.journal) and in the middle of an
   upload: after the restart's reconciliation no orphan is left;
+- kill -9 of kdlabd at each step of an image build (debootstrap running,
+  configuring, mke2fs running, uploading): after the restart no process of
+  the build, no scratch file, no volume, no intent is left;
 - kill -9 of kdlabd with VMs running, and libvirtd restarts (idle and during
   an import): the VMs are not disturbed (same QEMU, console answers) and
   kdlabd reconnects by itself.
@@ -61,7 +64,14 @@ from tests.bus import harness as bus_harness
 from tests.bus.harness import BusClient, Identity
 from tests.conftest import REPO, require, require_tool
 from tests.fixtures import debian
-from tests.harness import Kdlabd, ctl_env, kdlabctl, system_kdlabd, virsh
+from tests.harness import (
+    Kdlabd,
+    ctl_env,
+    kdlabctl,
+    processes_with,
+    system_kdlabd,
+    virsh,
+)
 from tests.vm.conftest import MARKER, Lab
 from tests.vm.test_images import pool_volumes
 from tests.vm.test_lifecycle import wait_for_console
@@ -120,6 +130,15 @@ class Aftermath:
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class BuildKill:
+    """A build killed with kdlabd at one step, and what the next kdlabd found."""
+
+    alive_at_restart: list[str]  # build processes running when kdlabd came back
+    leftovers: list[str]
+    problems: list[str]
+
+
 @dataclass
 class FaultLab:
     """kdlabd on real libvirt that the tests may kill, and what to boot."""
@@ -131,6 +150,7 @@ class FaultLab:
     session: Kdlabd  # the vm tier's shared kdlabd (tests/vm/conftest.py)
     libvirtd_restarted: bool = False
     crashes: dict[str, Aftermath] = field(default_factory=dict)
+    build_kills: dict[str, BuildKill] = field(default_factory=dict)
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return checked(kdlabctl(self.daemon.address, *args, timeout=timeout))
@@ -549,7 +569,7 @@ def crash_points() -> list[str]:
 
 
 def test_every_crash_point_has_a_scenario() -> None:
-    assert crash_points() == sorted(CRASHES)
+    assert crash_points() == sorted({**CRASHES, **BUILD_CRASHES})
 
 
 def died(
@@ -677,6 +697,77 @@ def test_figure_orphans_after_kill_9(
     )
     assert figure.met
     assert [p for after in results.values() for p in after.problems] == []
+
+
+# --- kill -9 at each step of an image build ------------------------------------------
+
+# The crash points of a build, each with the extra packages it builds: the kill
+# in debootstrap needs a base that is not cached (that build never completes);
+# the others take the cached bookworm base when there is one.
+BUILD_CRASHES = {
+    "build.debootstrap-running": ("hello",),
+    "build.configuring": (),
+    "build.mke2fs-running": (),
+    "build.upload-started": (),
+}
+BUILD_TIMEOUT = 900  # s: with a cold cache the build bootstraps first
+
+
+def build_processes(faults: FaultLab) -> list[str]:
+    """Processes working in the test kdlabd's scratch directory (a build's tools
+    name their tree or image there; kdlabd itself only names its state dir)."""
+    return processes_with(str(faults.daemon.state_dir / "scratch"))
+
+
+def scratch_leftovers(faults: FaultLab) -> list[str]:
+    scratch = faults.daemon.state_dir / "scratch"
+    return [str(path) for path in scratch.iterdir()] if scratch.is_dir() else []
+
+
+def killed_during_build(faults: FaultLab, point: str) -> BuildKill:
+    """Build an image, kdlabd killed at *point*; restart it and see what is left.
+
+    Memoized per point: the figure and the per-point tests share one run.
+    """
+    if point in faults.build_kills:
+        return faults.build_kills[point]
+    name = unique("build")
+    faults.restart(env={CRASH_ENV: point})
+    args = ["image", "build", "--quiet", name, "--debootstrap", "bookworm",
+            "--size", "512M"]  # fmt: skip
+    if BUILD_CRASHES[point]:
+        args += ["--packages", ",".join(BUILD_CRASHES[point])]
+    result = faults.ctl(*args, timeout=BUILD_TIMEOUT)
+    problems = [] if died(faults, point, result) else [f"{point}: not killed there"]
+    assert result.returncode != 0, "the build cannot have succeeded"
+    alive = build_processes(faults)
+    faults.daemon.start()  # without the crash point: it cleans up at start
+    leftovers = leftovers_of_image(faults, name) + scratch_leftovers(faults)
+    leftovers += [f"process {process}" for process in build_processes(faults)]
+    faults.build_kills[point] = BuildKill(alive, leftovers, problems)
+    return faults.build_kills[point]
+
+
+@pytest.mark.parametrize("point", sorted(BUILD_CRASHES))
+def test_kill_9_at_a_build_step_leaves_nothing(faults: FaultLab, point: str) -> None:
+    kill = killed_during_build(faults, point)
+    assert kill.problems == []
+    assert kill.leftovers == []
+
+
+def test_figure_leftovers_after_kill_9_at_each_build_step(faults: FaultLab) -> None:
+    kills = {point: killed_during_build(faults, point) for point in BUILD_CRASHES}
+    leftovers = [f"{p}: {left}" for p, kill in kills.items() for left in kill.leftovers]
+    alive = ", ".join(f"{p}: {len(kill.alive_at_restart)}" for p, kill in kills.items())
+    figure = figures.record(
+        "leftovers after kill -9 at each build step",
+        len(leftovers),
+        "== 0",
+        detail=f"{len(kills)} kills; build processes still running when kdlabd "
+        f"restarted: {alive}; " + "; ".join(leftovers),
+    )
+    assert figure.met
+    assert [p for kill in kills.values() for p in kill.problems] == []
 
 
 # --- kill -9 of kdlabd and libvirtd restarts with VMs running -------------------------

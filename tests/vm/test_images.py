@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from kdlabd.errors import BuildFailed
 from tests.conftest import require_tool
-from tests.harness import ctl_env
+from tests.harness import ctl_env, processes_with
 from tests.vm.conftest import POOL_PREFIX, Lab, virsh
 from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
 
@@ -217,6 +218,66 @@ def test_built_debian_image_boots_debians_kernel_to_a_shell(
     stopped = lab.ctl("stop", vm_name, "--timeout", "120", timeout=180)
     assert stopped.returncode == 0, stopped.stderr
     assert "reboot: Power down" in lab.ctl("logs", vm_name).stdout
+
+
+def build_leftovers(lab: Lab, name: str) -> list[str]:
+    """What an image build that did not complete left behind (nothing, it must)."""
+    state = lab.daemon.state_dir
+    found = [f"image {name}"] if name in images(lab) else []
+    found += [f"volume {name}"] if name in pool_volumes(IMAGE_POOL) else []
+    for directory in (state / "scratch", state / "pending"):
+        found += [str(p) for p in directory.iterdir()] if directory.is_dir() else []
+    found += [f"process {p}" for p in processes_with(str(state / "scratch"))]
+    return found
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_cancelled_build_kills_debootstrap_and_leaves_nothing(
+    lab: Lab, image_name: str
+) -> None:
+    require_tool("debootstrap", "debootstrap")
+    # hello: a base never cached, as no build of it completes.
+    client = subprocess.Popen(
+        [sys.executable, "-m", "kdlabctl", "image", "build", image_name,
+         "--debootstrap", "bookworm", "--packages", "hello"],
+        env=ctl_env(lab.daemon.address), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert client.stderr is not None
+    line = client.stderr.readline()
+    while line and not line.startswith(("debootstrap", "unpacking the cached")):
+        line = client.stderr.readline()
+    assert line, "the build reports its first step"
+    scratch = str(lab.daemon.state_dir / "scratch")
+    assert wait_until(lambda: len(processes_with(scratch)) > 0, 60)
+    running = processes_with(scratch)
+    client.send_signal(signal.SIGINT)
+    rest = client.stderr.read()
+    assert client.wait(timeout=60) == 130, rest
+    assert "cancelling" in rest
+    # Cancel returns at once; the job then kills and removes, still bounded.
+    wait_until(lambda: build_leftovers(lab, image_name) == [], 60)
+    assert build_leftovers(lab, image_name) == [], f"was running: {running}"
+
+
+def test_failed_build_says_why_and_leaves_nothing(lab: Lab, image_name: str) -> None:
+    require_tool("debootstrap", "debootstrap")
+    built = lab.ctl(
+        "image", "build", image_name, "--debootstrap", "bookworm",
+        "--packages", "kdlab-no-such-package", timeout=600,
+    )  # fmt: skip
+    assert built.returncode == BuildFailed.exit_code, built.stderr
+    assert "debootstrap failed" in built.stderr
+    assert "kdlab-no-such-package" in built.stderr
+    assert "Traceback" not in built.stderr
+    assert build_leftovers(lab, image_name) == []
 
 
 def test_wrong_root_device_is_diagnosed_naming_the_vms_disk(

@@ -9,6 +9,12 @@ kernel boots it under bare QEMU (TCG) with kdlabctl's initramfs, to systemd's
 autologin shell on ttyS0.
 
 Timings are printed (``pytest -s``), not asserted: speed belongs in bench/.
+
+The confinement of a build is probed by a real, never cached debootstrap (so
+each run bootstraps at least once, whatever the caches hold): the tree is
+seeded with a dpkg hook (``post-invoke``), which dpkg runs in the chroot the
+way it runs maintainer scripts, after each of debootstrap's dpkg calls. The
+hook writes what it sees: processes, capabilities, namespaces, network.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from kdlabctl import initramfs
+from kdlabd.core import rootfs
 from kdlabd.core.rootfs import (
     AUTOLOGIN_CONF,
     AUTOLOGIN_DROP_IN,
@@ -35,6 +42,7 @@ from kdlabd.core.rootfs import (
     RootfsSpec,
     build_rootfs,
 )
+from kdlabd.core.sandbox import BuildSandbox, in_target_capabilities
 from tests.conftest import require, require_root, require_tool
 from tests.fixtures import debian
 from tests.harness import BareGuest as Guest
@@ -92,6 +100,118 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     )
     (work / "first.raw").unlink()
     return Built(work / "second.raw", (first[0], second[0]), (first[1], second[1]))
+
+
+# --- what a package's script sees during a real debootstrap ----------------------
+
+PROBE_HOOK = "etc/dpkg/dpkg.cfg.d/kdlab-probe"
+PROBE_SCRIPT = "kdlab-probe.sh"
+PROBE_OUT = "kdlab-probe.out"
+PROBE = r"""{
+echo probe
+for p in /proc/[0-9]*; do
+    echo "process ${p#/proc/} $(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)"
+done
+grep -E '^(CapBnd|CapEff|NoNewPrivs):' /proc/self/status
+echo "ns-net $(readlink /proc/self/ns/net)"
+echo "ns-pid $(readlink /proc/self/ns/pid)"
+echo "net-devices $(grep -c : /proc/self/net/dev)"
+echo "hostname $(uname -n)"
+echo "sys $(ls -A /sys 2>/dev/null | wc -l)"
+echo "proc-sys $(ls -A /proc/sys 2>/dev/null | wc -l)"
+} >> /kdlab-probe.out 2>&1
+exit 0
+"""
+
+
+@dataclass(frozen=True)
+class Probed:
+    """What the dpkg hook wrote on each run, and debootstrap's statuses."""
+
+    runs: list[list[str]]
+    statuses: list[str]
+    host_marker: str
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory: pytest.TempPathFactory) -> Probed:
+    require_root()
+    require_tool("debootstrap", "debootstrap")
+    work = tmp_path_factory.mktemp("probe")
+    # A host process with a command line of its own: the build must not see it.
+    host_marker = f"600.{os.getpid()}"
+    statuses: list[str] = []
+    build = rootfs._Build(
+        RootfsSpec("bookworm"),
+        work / "scratch",
+        work / "cache",
+        work / "unused.raw",
+        lambda _f, status: statuses.append(status),
+        sandbox=BuildSandbox(),
+    )
+    build._make_root()  # the very steps of a build, on a seeded tree
+    (build.root / PROBE_HOOK).parent.mkdir(parents=True)
+    (build.root / PROBE_HOOK).write_text(f"post-invoke=/bin/sh /{PROBE_SCRIPT}\n")
+    (build.root / PROBE_SCRIPT).write_text(PROBE)
+    started = time.monotonic()
+    with subprocess.Popen(["sleep", host_marker]) as marker:
+        try:
+            asyncio.run(build._debootstrap())
+            text = (build.root / PROBE_OUT).read_text(errors="replace")
+        finally:
+            marker.kill()
+            asyncio.run(build._remove_leftovers())
+    print(f"\nuncached debootstrap: {time.monotonic() - started:.1f} s")
+    assert not (work / "scratch").exists()
+    runs = [run.splitlines() for run in text.split("probe\n")[1:]]
+    return Probed(runs, statuses, host_marker)
+
+
+def test_debootstrap_checked_the_mirrors_signature(probed: Probed) -> None:
+    assert "Checking Release signature" in probed.statuses
+    assert any(s.startswith("Valid Release signature") for s in probed.statuses)
+
+
+def test_package_scripts_see_only_the_builds_processes(probed: Probed) -> None:
+    assert len(probed.runs) >= 3, "dpkg ran the hook on each of debootstrap's calls"
+    host = [entry for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    assert len(host) > 50, "the host runs far more (libvirtd, dbus-daemon, ...)"
+    for run in probed.runs:
+        processes = [line.split()[1:] for line in run if line.startswith("process ")]
+        assert processes, run
+        assert len(processes) < 30, processes
+        programs = {Path(words[1]).name for words in processes if len(words) > 1}
+        assert not programs & {"libvirtd", "dbus-daemon", "virtlogd"}, programs
+        assert probed.host_marker not in str(processes)
+        assert "dpkg" in programs, "its own parent is there"
+
+
+def fields(run: list[str]) -> dict[str, str]:
+    found = {}
+    for line in run:
+        key, sep, value = line.partition(":\t" if ":\t" in line else " ")
+        if sep and key != "process":
+            found[key] = value
+    return found
+
+
+def test_package_scripts_run_without_network_or_dangerous_capabilities(
+    probed: Probed,
+) -> None:
+    host_net = os.readlink("/proc/self/ns/net")
+    host_pid = os.readlink("/proc/self/ns/pid")
+    allowed = sum(1 << cap for cap in in_target_capabilities())
+    for run in probed.runs:
+        found = fields(run)
+        assert int(found["CapBnd"], 16) == allowed, run
+        assert int(found["CapEff"], 16) == allowed
+        assert found["NoNewPrivs"] == "1"
+        assert found["ns-net"] != host_net
+        assert found["net-devices"] == "1", "lo only"
+        assert found["ns-pid"] != host_pid
+        assert found["hostname"] == "kdlab-build"
+        assert found["sys"] == "0", "no /sys"
+        assert found["proc-sys"] == "0", "no /proc/sys"
 
 
 def bootstrapped(statuses: list[str]) -> bool:
