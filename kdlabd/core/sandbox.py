@@ -229,6 +229,35 @@ def tagged(token: str) -> list[int]:
     return found
 
 
+def _stop_units(pattern: str, timeout: float) -> None:
+    """``systemctl stop`` the units matching *pattern*; fail if any is left."""
+    left = ""
+    try:
+        # Its exit status says little with a pattern (none loaded is fine):
+        # what counts is that no such unit is left.
+        subprocess.run(
+            ["systemctl", "stop", pattern],
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+        listed = subprocess.run(
+            ["systemctl", "list-units", "--plain", "--no-legend", pattern],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+        left = listed.stdout.strip()
+    except (OSError, subprocess.SubprocessError) as err:
+        left = str(err)
+    if left:
+        raise BuildFailed(
+            f"could not stop the build units {pattern} ({left}): stop them with "
+            f"systemctl stop '{pattern}'"
+        )
+
+
 def kill_build(token: str, *, systemd: bool, timeout: float = KILL_TIMEOUT) -> None:
     """Kill what is left of build *token* and wait for it to be gone (blocks).
 
@@ -236,19 +265,7 @@ def kill_build(token: str, *, systemd: bool, timeout: float = KILL_TIMEOUT) -> N
     whatever carries it is the build's, whatever became of its PIDs.
     """
     if systemd:
-        units = f"{UNIT_PREFIX}{token}-*"
-        try:
-            subprocess.run(
-                ["systemctl", "stop", units],
-                capture_output=True,
-                timeout=timeout,
-                check=True,
-            )
-        except (OSError, subprocess.SubprocessError) as err:
-            raise BuildFailed(
-                f"could not stop the build units {units} ({err}): "
-                f"stop them with systemctl stop '{units}'"
-            ) from err
+        _stop_units(f"{UNIT_PREFIX}{token}-*", timeout)
         return
     deadline = time.monotonic() + timeout
     while found := tagged(token):

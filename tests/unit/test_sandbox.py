@@ -38,6 +38,7 @@ from kdlabd.core.sandbox import (
     kill_build,
     tagged,
 )
+from kdlabd.errors import BuildFailed
 from tests.conftest import require, require_tool
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -334,3 +335,32 @@ def test_sandbox_init_uses_the_standard_library_only() -> None:
     )
     assert done.returncode == 1
     assert done.stderr == "sandbox_init: unknown command nothing\n"
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$@" >> {calls}
+[ "$1" = list-units ] && cat {units}
+exit 0
+"""
+
+
+@pytest.mark.parametrize("left", ["", "kdlab-build-0123456789abcdef-2.service"])
+def test_systemd_path_stops_the_units_and_checks_none_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: str
+) -> None:
+    """The logic only (no systemd here): a stand-in systemctl on PATH."""
+    calls, units = tmp_path / "calls", tmp_path / "units"
+    units.write_text(left)
+    systemctl = tmp_path / "systemctl"
+    systemctl.write_text(FAKE_SYSTEMCTL.format(calls=calls, units=units))
+    systemctl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    if left:
+        with pytest.raises(BuildFailed, match="systemctl stop 'kdlab-build"):
+            kill_build("0123456789abcdef", systemd=True)
+    else:
+        kill_build("0123456789abcdef", systemd=True)
+    assert calls.read_text().splitlines() == [
+        "stop kdlab-build-0123456789abcdef-*",
+        "list-units --plain --no-legend kdlab-build-0123456789abcdef-*",
+    ]
