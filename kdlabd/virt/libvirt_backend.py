@@ -437,11 +437,11 @@ class LibvirtHypervisor:
 
     def _ensure_pools(self, conn: libvirt.virConnect) -> None:
         """kdlab's pools exist and run; a pool that existed keeps its directory."""
-        self._boot_pool_dir = storage.ensure_pool(
-            conn, self._boot_pool_name, self._boot_pool_dir
+        self._boot_pool_dir = _ensure_pool(
+            conn, self._boot_pool_name, self._boot_pool_dir, "boot_pool"
         )
-        self._image_pool_dir = storage.ensure_pool(
-            conn, self._image_pool_name, self._image_pool_dir
+        self._image_pool_dir = _ensure_pool(
+            conn, self._image_pool_name, self._image_pool_dir, "image_pool"
         )
 
     def _lifecycle_event(
@@ -488,6 +488,28 @@ class LibvirtHypervisor:
                 return
         finally:
             self._reconnecting = None
+
+
+def _ensure_pool(conn: libvirt.virConnect, name: str, expected: Path, key: str) -> Path:
+    """Make sure the pool *name* runs; say so when it is not where kdlabd expects.
+
+    A pool defined elsewhere (before ``state_dir`` changed, or by hand) keeps
+    its directory: the volumes of existing VMs and images are there, and
+    their domains name those paths. kdlabd goes on with it and logs where it
+    is, once (after that *expected* is the pool's own directory).
+    """
+    path = storage.ensure_pool(conn, name, expected)
+    if path != expected:
+        log.warning(
+            "storage.pool_elsewhere",
+            pool=name,
+            path=str(path),
+            expected=str(expected),
+            note=f"libvirt's pool {name} keeps its directory {path}, not "
+            f"{expected} (state_dir), and kdlabd uses it; to have a pool in "
+            f"state_dir, set {key} to another name",
+        )
+    return path
 
 
 _EAGAIN = -2
