@@ -679,6 +679,101 @@ def test_figure_orphans_after_kill_9(
     assert [p for after in results.values() for p in after.problems] == []
 
 
+# --- kdlabd's pools: directories removed, pools defined elsewhere ---------------------
+
+
+def logged(daemon: Kdlabd, event: str) -> list[dict[str, Any]]:
+    """kdlabd's log entries of *event* (JSON lines after a ``<N>`` priority)."""
+    return [
+        entry
+        for line in daemon.log().splitlines()
+        if f'"event": "{event}"' in line
+        and (entry := json.loads(line[line.index("{") :])).get("event") == event
+    ]
+
+
+def pools_of(daemon: Kdlabd, prefix: str) -> dict[str, Path]:
+    """The pools system_kdlabd(*prefix*) gives kdlabd, and their directories."""
+    return {
+        f"{prefix}-boot": daemon.state_dir / "boot",
+        f"{prefix}-images": daemon.state_dir / "images",
+    }
+
+
+def pool_state(pool: str) -> str:
+    info = virsh("pool-info", pool).stdout
+    return next(
+        (line.split()[1] for line in info.splitlines() if line.startswith("State:")),
+        "",
+    )
+
+
+def both_pools_work(faults: FaultLab, daemon: Kdlabd) -> None:
+    """A VM's kernel and initrd land in the boot pool, an image in the image pool."""
+    name = unique("pool")
+    created = checked(kdlabctl(
+        daemon.address, "create", name, "--kernel", str(faults.kernel.vmlinuz),
+        "--initrd", str(faults.initramfs),
+    ))  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    imported = checked(kdlabctl(
+        daemon.address, "image", "import", "--quiet", name,
+        str(faults.scratch / "base.raw"),
+    ))  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    for args in (("delete", name), ("image", "delete", name)):
+        result = checked(kdlabctl(daemon.address, *args))
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("how", ["running", "stopped"])
+@pytest.mark.usefixtures("base_image")
+def test_kdlabd_starts_when_its_pool_directories_were_removed(
+    faults: FaultLab, how: str
+) -> None:
+    """Someone removed kdlabd's pool directories; libvirt still has the pools,
+    running (libvirt has not noticed) or stopped (libvirtd restarted since,
+    and could not start them). kdlabd makes the directories again and says so."""
+    prefix = f"{POOL_PREFIX}-gone{how[0]}"
+    with system_kdlabd(prefix) as daemon:
+        assert daemon.stop(timeout=STOP_TIMEOUT) == 0
+        pools = pools_of(daemon, prefix)
+        for pool, directory in pools.items():
+            if how == "stopped":
+                assert virsh("pool-destroy", pool).returncode == 0
+            shutil.rmtree(directory)
+        daemon.start()
+        for pool, directory in pools.items():
+            assert directory.is_dir(), f"{pool}: {directory} was not made again"
+            assert pool_state(pool) == "running"
+        rebuilt = {entry["pool"] for entry in logged(daemon, "storage.pool_rebuilt")}
+        assert rebuilt == set(pools)
+        both_pools_work(faults, daemon)
+
+
+@pytest.mark.usefixtures("base_image")
+def test_kdlabd_reports_a_pool_outside_its_state_dir_by_name(faults: FaultLab) -> None:
+    """The state directory changed (kdlabd.toml) but libvirt keeps the pools where
+    they were: kdlabd goes on with the pools' own directories, where the VMs'
+    and images' volumes are, and names each pool in its log."""
+    prefix = f"{POOL_PREFIX}-moved"
+    with system_kdlabd(prefix) as daemon:
+        assert daemon.stop(timeout=STOP_TIMEOUT) == 0
+        pools = pools_of(daemon, prefix)
+        daemon.state_dir = daemon.state_dir.with_name("state-moved")
+        daemon.start()
+        elsewhere = {
+            entry["pool"]: (entry["path"], entry["expected"])
+            for entry in logged(daemon, "storage.pool_elsewhere")
+        }
+        moved = pools_of(daemon, prefix)
+        assert elsewhere == {
+            pool: (str(pools[pool]), str(moved[pool])) for pool in pools
+        }
+        both_pools_work(faults, daemon)
+        assert not moved[f"{prefix}-boot"].exists()
+
+
 # --- kill -9 of kdlabd and libvirtd restarts with VMs running -------------------------
 
 
