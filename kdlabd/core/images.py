@@ -25,7 +25,13 @@ from kdlabd.core.journal import Journal, crash_point
 from kdlabd.core.models import ImageFormat, ImageRecord, ImageSource
 from kdlabd.core.rootfs import Progress as RootfsProgress
 from kdlabd.core.rootfs import RootfsSpec, build_rootfs
-from kdlabd.errors import ImageExists, InvalidArgument, InvalidState, NoSuchImage
+from kdlabd.errors import (
+    ImageExists,
+    InvalidArgument,
+    InvalidState,
+    KdlabError,
+    NoSuchImage,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -79,8 +85,12 @@ class ImageService:
         """libvirt came back: reload the pool and finish interrupted rollbacks."""
 
         async def reload() -> None:
-            await self.load()
-            await self.reconcile()
+            try:
+                await self.load()
+                await self.reconcile()
+            except KdlabError as err:
+                # The view stays as it was; the next start-up reloads it.
+                log.error("images.reload_failed", error=str(err))
 
         task = asyncio.get_running_loop().create_task(reload())
         self._background.add(task)

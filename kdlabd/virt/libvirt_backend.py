@@ -377,7 +377,7 @@ class LibvirtHypervisor:
     async def list_vm_volumes(self) -> list[str]:
         def names(conn: libvirt.virConnect) -> list[str]:
             pool = conn.storagePoolLookupByName(self._boot_pool_name)
-            pool.refresh(0)
+            storage.refresh(pool)
             return [str(v) for v in pool.listVolumes()]
 
         return await self._call(names, again=names)
@@ -393,7 +393,7 @@ class LibvirtHypervisor:
     async def list_images(self) -> list[ImageRecord]:
         def list_all(conn: libvirt.virConnect) -> list[ImageRecord]:
             pool = conn.storagePoolLookupByName(self._image_pool_name)
-            pool.refresh(0)
+            storage.refresh(pool)
             records = [storage.probed_record(v) for v in pool.listAllVolumes(0)]
             return [record for record in records if record is not None]
 

@@ -84,17 +84,30 @@ def ensure_pool(conn: libvirt.virConnect, name: str, path: Path) -> Path:
         pool.build(0)
         pool.setAutostart(1)
     if pool.isActive():
-        try:
-            pool.refresh(0)
-        except libvirt.libvirtError:
-            # libvirt stops a pool it cannot refresh (its directory is gone);
-            # then it is started below like any stopped pool.
-            if pool.isActive():
-                raise
+        # A refresh fails only if libvirt stopped the pool (its directory is
+        # gone); then it is started below like any stopped pool.
+        with contextlib.suppress(libvirt.libvirtError):
+            refresh(pool)
     if not pool.isActive():
         _start_pool(pool)
     existing = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path")
     return Path(existing) if existing else path
+
+
+def refresh(pool: libvirt.virStoragePool) -> None:
+    """Re-read the pool's directory, for volumes changed behind libvirt's back.
+
+    libvirt refuses while a volume of the pool is being made ("pool has
+    asynchronous jobs running"); its own list of volumes is current then,
+    so that is no failure. A refresh that fails for a real reason (the
+    directory is gone) stops the pool, and a stopped pool is one.
+    """
+    try:
+        pool.refresh(0)
+    except libvirt.libvirtError:
+        if not pool.isActive():
+            raise
+        log.info("storage.refresh_skipped", pool=pool.name())
 
 
 def _start_pool(pool: libvirt.virStoragePool) -> None:
@@ -117,7 +130,7 @@ def _start_pool(pool: libvirt.virStoragePool) -> None:
             error=err.get_error_message(),
             note="the pool's directory was made again; volumes it had are gone",
         )
-    pool.refresh(0)
+    refresh(pool)
 
 
 def find_volume(
