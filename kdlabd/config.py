@@ -30,6 +30,8 @@ class Config:
     image_pool: str = "kdlab"
     log_format: str = "auto"
     polkit_timeout: float = 25.0
+    # Seconds a call that needs libvirt waits while kdlabd reconnects to it.
+    reconnect_wait: float = 15.0
 
     @property
     def boot_pool_dir(self) -> Path:
@@ -41,6 +43,7 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_SECONDS = ("polkit_timeout", "reconnect_wait")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -48,9 +51,9 @@ def _coerce(key: str, value: Any) -> Any:
         raise InvalidArgument(
             f"unknown configuration key {key!r}; known: {', '.join(_FIELDS)}"
         )
-    if key == "polkit_timeout":
+    if key in _SECONDS:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise InvalidArgument("polkit_timeout must be a positive number of seconds")
+            raise InvalidArgument(f"{key} must be a positive number of seconds")
         return float(value)
     if not isinstance(value, str):
         raise InvalidArgument(f"configuration key {key!r} must be a string")

@@ -38,6 +38,7 @@ async def serve(config: Config) -> None:
         image_pool_dir=config.image_pool_dir,
         gdb_dir=layout.gdb_dir(),
         qemu_user=config.qemu_user,
+        reconnect_wait=config.reconnect_wait,
     )
     await hypervisor.connect()
     vms: VMService | None = None

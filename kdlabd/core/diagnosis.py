@@ -165,11 +165,19 @@ class BootFacts:
     has_initrd: bool
     gdbstub: bool
     seconds_since_start: float
-    """How long the VM has been running in this boot."""
+    """How long the guest's CPUs have run in this boot: time spent paused
+    (waiting for gdb, stopped at a breakpoint) does not count."""
     running: bool
     """The guest's CPUs run (False: it stopped or crashed, or it is paused)."""
     name: str = ""
     """The VM's name, for the commands a fix suggests (``NAME`` when empty)."""
+    paused: bool = False
+    """The guest's CPUs wait (for gdb, at a breakpoint): the boot is not over."""
+
+    @property
+    def over(self) -> bool:
+        """Whether the boot has ended (the VM stopped or crashed)."""
+        return not self.running and not self.paused
 
 
 def diagnose(
@@ -601,7 +609,9 @@ class _Context:
         """Whether the running VM has had the time any boot step may take."""
         facts = self.facts
         return (
-            self.latest and facts.running and facts.seconds_since_start >= self.patience
+            self.latest
+            and not facts.over
+            and facts.seconds_since_start >= self.patience
         )
 
 
@@ -627,11 +637,15 @@ def _no_console_output(ctx: _Context) -> Diagnosis | None:
     facts = ctx.facts
     if not ctx.latest or not ctx.boot.silent:
         return None
-    if facts.running and facts.seconds_since_start < ctx.patience:
+    # A boot still under way (running, or paused for the debugger) has its
+    # patience of running time to print something.
+    if not facts.over and facts.seconds_since_start < ctx.patience:
         return None
-    if facts.running:
+    if not facts.over:
         seconds = facts.seconds_since_start
-        when = f"no kernel message on the serial console after {seconds:.0f} s"
+        when = (
+            f"no kernel message on the serial console after {seconds:.0f} s of running"
+        )
     else:
         when = "the VM stopped before the kernel printed anything on the serial console"
     evidence = ctx.boot.shown(i for i, line in enumerate(ctx.boot.lines) if line.text)
@@ -644,7 +658,7 @@ def _no_console_output(ctx: _Context) -> Diagnosis | None:
             "add console=ttyS0 to the command line: kdlab logs the first serial port",
             evidence,
         )
-    if ctx.cmd.quiet and facts.running:
+    if ctx.cmd.quiet and not facts.over:
         # quiet keeps the kernel silent unless something goes wrong, and a quiet
         # init may print nothing either: not a failure by itself.
         return Diagnosis(

@@ -35,6 +35,7 @@ from kdlabd.errors import (
     ImageExists,
     InvalidArgument,
     InvalidState,
+    KdlabError,
     NoSuchImage,
 )
 
@@ -91,8 +92,12 @@ class ImageService:
         """libvirt came back: reload the pool and finish interrupted rollbacks."""
 
         async def reload() -> None:
-            await self.load()
-            await self.reconcile()
+            try:
+                await self.load()
+                await self.reconcile()
+            except KdlabError as err:
+                # The view stays as it was; the next start-up reloads it.
+                log.error("images.reload_failed", error=str(err))
 
         task = asyncio.get_running_loop().create_task(reload())
         self._background.add(task)

@@ -120,6 +120,42 @@ class CreateRequest:
     extra_disks: tuple[int, ...] = ()
 
 
+class BootClock:
+    """How long a boot's CPUs have run, from the VM's state changes.
+
+    Time spent paused (waiting for gdb after ``start --paused``, stopped at
+    a breakpoint) does not count, so a diagnosis that needs the guest to
+    have had time to print something is not fooled by a debugger. Times are
+    given by the caller (the event loop's clock), which keeps this testable.
+    """
+
+    def __init__(self, *, started_paused: bool) -> None:
+        self._ran = 0.0
+        self._since: float | None = None
+        # A boot started paused has not run until its CPUs first run; one
+        # started otherwise runs from the start, even if it stops too soon
+        # for anyone to see it running.
+        self._has_run = not started_paused
+
+    @property
+    def has_run(self) -> bool:
+        """Whether the guest's CPUs have run at all in this boot."""
+        return self._has_run
+
+    def observe(self, running: bool, now: float) -> None:
+        """The CPUs run (or not) from *now* on."""
+        if running and self._since is None:
+            self._since = now
+            self._has_run = True
+        elif not running and self._since is not None:
+            self._ran += now - self._since
+            self._since = None
+
+    def seconds(self, now: float) -> float:
+        """Seconds of running until *now*."""
+        return self._ran + (now - self._since if self._since is not None else 0.0)
+
+
 def kernel_volume(name: str) -> str:
     return f"{name}.kernel"
 
@@ -163,6 +199,7 @@ class VMService:
         self._waiting: set[str] = set()
         self._consoles = ConsoleHub(hypervisor)
         self._diagnoses: dict[str, Diagnosis] = {}
+        self._clocks: dict[str, BootClock] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -180,7 +217,8 @@ class VMService:
         # A running VM's diagnosis is part of the object it is exported with.
         for record in records.values():
             if record.state.active and record.name not in self._vms:
-                found = await self._diagnosis_of(record, 0.0)
+                self._clock(record)
+                found = await self._diagnosis_of(record)
                 if found is not None:
                     self._diagnoses[record.name] = found
             self._store(record)
@@ -363,8 +401,12 @@ class VMService:
                 raise InvalidState(f"VM {name!r} is already {record.state}")
             if kernel_fd is not None:
                 await self._replace_kernel(record, kernel_fd)
+            # A new boot: nothing of the last one (its watcher, its diagnosis,
+            # its running time) may carry over into this one's diagnosis.
+            self._stop_watching(name)
             self._rotate_console_log(name)
             self._diagnoses.pop(name, None)
+            self._clocks[name] = BootClock(started_paused=paused)
             if paused:
                 self._waiting.add(name)
             async with self._transition(name, VMState.STARTING):
@@ -555,26 +597,36 @@ class VMService:
     def _watch_boot(self, name: str) -> None:
         """Diagnose the VM's boot while it runs, and once more when it ends."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
 
         async def watch() -> None:
             try:
                 while name in self._vms:
                     record = self._vms[name]
-                    await self._diagnose(record, loop.time() - started)
+                    await self._diagnose(record)
                     if not record.state.active:
                         return
                     await asyncio.sleep(DIAGNOSIS_INTERVAL)
             finally:
-                self._watchers.pop(name, None)
+                if self._watchers.get(name) is task:
+                    del self._watchers[name]
 
-        self._watchers[name] = loop.create_task(watch())
+        task = loop.create_task(watch())
+        self._watchers[name] = task
 
-    async def _diagnose(self, record: VMRecord, uptime: float) -> None:
+    def _stop_watching(self, name: str) -> None:
+        watcher = self._watchers.pop(name, None)
+        if watcher is not None:
+            watcher.cancel()
+
+    async def _diagnose(self, record: VMRecord) -> None:
         """Re-diagnose the VM's boot; publish the diagnosis if it changed."""
-        found = await self._diagnosis_of(record, uptime)
         name = record.name
-        if found != self._diagnoses.get(name) and name in self._vms:
+        boot = self._clocks.get(name)
+        found = await self._diagnosis_of(record)
+        # The log was read in a thread: a new boot may have begun meanwhile.
+        if self._clocks.get(name) is not boot or name not in self._vms:
+            return
+        if found != self._diagnoses.get(name):
             if found is None:
                 del self._diagnoses[name]
             else:
@@ -582,15 +634,20 @@ class VMService:
                 log.info("vm.diagnosed", vm=name, code=found.code.value)
             self._store(self._vms[name])
 
-    async def _diagnosis_of(self, record: VMRecord, uptime: float) -> Diagnosis | None:
+    async def _diagnosis_of(self, record: VMRecord) -> Diagnosis | None:
+        """The diagnosis of the VM's current (or last) boot; None before it ran."""
+        clock = self._clocks.get(record.name)
+        if clock is None or not clock.has_run:
+            return None
         spec = record.spec
         facts = BootFacts(
             cmdline=effective_cmdline(spec),
             disks=tuple(disk.target for disk in spec.disks),
             has_initrd=spec.initrd is not None,
             gdbstub=spec.debug.gdb,
-            seconds_since_start=uptime,
-            running=record.state is VMState.RUNNING,
+            seconds_since_start=clock.seconds(asyncio.get_running_loop().time()),
+            running=_cpus_run(record.state),
+            paused=record.state is VMState.PAUSED,
             name=spec.name,
         )
         try:
@@ -598,6 +655,18 @@ class VMService:
         except FileNotFoundError:
             text = ""
         return diagnose(text, facts)
+
+    def _clock(self, record: VMRecord) -> BootClock:
+        """The running time of the VM's boot, told of the VM's state now.
+
+        A boot kdlabd did not start (found running at start-up, or started
+        with virsh) has run, for how long is not known: from now on.
+        """
+        clock = self._clocks.get(record.name)
+        if clock is None:
+            clock = self._clocks[record.name] = BootClock(started_paused=False)
+        clock.observe(_cpus_run(record.state), asyncio.get_running_loop().time())
+        return clock
 
     def _rotate_console_log(self, name: str) -> None:
         """Keep the previous boot's console log as ``console.log.1``."""
@@ -635,6 +704,8 @@ class VMService:
         if old == shown:
             return
         self._vms[shown.name] = shown
+        if shown.state.active or shown.name in self._clocks:
+            self._clock(record)
         if not shown.state.active and shown.state is not VMState.STARTING:
             self._consoles.close(shown.name)
         if shown.state.active and shown.name not in self._watchers:
@@ -650,11 +721,15 @@ class VMService:
         if self._vms.pop(name, None) is not None:
             self._consoles.close(name)
             self._diagnoses.pop(name, None)
-            watcher = self._watchers.pop(name, None)
-            if watcher is not None:
-                watcher.cancel()
+            self._clocks.pop(name, None)
+            self._stop_watching(name)
             self._locks.pop(name, None)
             self._observer.vm_removed(name)
+
+
+def _cpus_run(state: VMState) -> bool:
+    """Whether the guest's CPUs run in *state* (a guest shutting down runs)."""
+    return state in (VMState.RUNNING, VMState.STOPPING)
 
 
 async def _undo(step: Callable[[str], Awaitable[None]], arg: str) -> None:

@@ -3,8 +3,10 @@
 Blocking libvirt calls run in worker threads; events arrive on the asyncio
 loop through libvirt's own asyncio event implementation (``libvirtaio``),
 which :func:`register_event_loop` installs before any connection is opened.
-A lost connection (libvirtd restart) is re-opened in the background and the
-caller is told, so it can rebuild its view.
+A lost connection (libvirtd restart) is re-opened in the background as soon
+as libvirtd answers again, and the caller is told, so it can rebuild its
+view; meanwhile calls that need libvirt wait for it (up to a bound) instead
+of failing.
 """
 
 from __future__ import annotations
@@ -59,7 +61,15 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-_RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+# A local libvirtd is polled at a short interval: a failed attempt costs a
+# connect() to its socket, and a restarted libvirtd is found within this.
+_LOCAL_RECONNECT_INTERVAL = 0.25
+# A remote one (qemu+ssh://) backs off: each attempt may start an ssh.
+_REMOTE_RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 5.0)
+# Failed attempts are logged once, then every so many.
+_RECONNECT_LOG_EVERY = 40
+DEFAULT_RECONNECT_WAIT = 15.0
+"""Seconds a call that needs libvirt waits for a lost connection to return."""
 # How long shutdown waits for libvirt's pending event callbacks.
 _DRAIN_SECONDS = 2.0
 
@@ -118,6 +128,7 @@ class LibvirtHypervisor:
         image_pool_dir: Path,
         gdb_dir: Path,
         qemu_user: str,
+        reconnect_wait: float = DEFAULT_RECONNECT_WAIT,
     ) -> None:
         self._uri = uri
         self._boot_pool_name = boot_pool
@@ -131,6 +142,8 @@ class LibvirtHypervisor:
         self._on_domain_changed: DomainChanged = lambda _name: None
         self._on_reconnected: Reconnected = lambda: None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._reconnect_wait = reconnect_wait
+        self._connected = asyncio.Event()
         self._closing = False
 
     def watch(
@@ -145,7 +158,11 @@ class LibvirtHypervisor:
         return "://" in self._uri and self._uri.split("://", 1)[1].startswith("/")
 
     async def connect(self) -> None:
-        """Connect, subscribe to events and make sure the boot pool exists."""
+        """Connect, subscribe to events and make sure kdlab's pools run.
+
+        The connection is used only once all of that is done, so a call never
+        sees a half-prepared one.
+        """
         self._loop = asyncio.get_running_loop()
         try:
             conn = await asyncio.to_thread(libvirt.open, self._uri)
@@ -154,17 +171,31 @@ class LibvirtHypervisor:
                 f"cannot connect to libvirt at {self._uri}: {err.get_error_message()}; "
                 "is libvirtd running?"
             ) from None
-        self._conn = conn
-        # Keepalive detects a dead libvirtd; drivers without it (test://) need none.
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.setKeepAlive(5, 3)
-        conn.registerCloseCallback(self._closed, None)
-        self._callback_ids = [
-            conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_event, None
-            )
-        ]
-        await self._call(self._ensure_pools)
+        try:
+            # Keepalive detects a dead libvirtd; drivers without it (test://)
+            # need none.
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.setKeepAlive(5, 3)
+            conn.registerCloseCallback(self._closed, None)
+            callback_ids = [
+                conn.domainEventRegisterAny(
+                    None,
+                    libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                    self._lifecycle_event,
+                    None,
+                )
+            ]
+            await asyncio.to_thread(self._ensure_pools, conn)
+        except libvirt.libvirtError as err:
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(conn.close)
+            raise _translate(err) from None
+        except BaseException:
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(conn.close)
+            raise
+        self._conn, self._callback_ids = conn, callback_ids
+        self._connected.set()
         log.info("libvirt.connected", uri=self._uri)
 
     async def close(self) -> None:
@@ -172,6 +203,8 @@ class LibvirtHypervisor:
         if self._reconnecting is not None:
             self._reconnecting.cancel()
         conn, self._conn = self._conn, None
+        # Calls waiting for a reconnection are woken, to fail at once.
+        self._connected.set()
         if conn is None:
             return
         with contextlib.suppress(libvirt.libvirtError):
@@ -193,8 +226,11 @@ class LibvirtHypervisor:
                 log.warning("libvirt.drain_timeout", seconds=_DRAIN_SECONDS)
 
     async def resolve_accel(self, accel: Accel) -> Accel:
+        def capabilities(conn: libvirt.virConnect) -> str:
+            return str(conn.getCapabilities())
+
         caps = etree.fromstring(
-            (await self._call(lambda c: c.getCapabilities())).encode()
+            (await self._call(capabilities, again=capabilities)).encode()
         )
         libvirt_has_kvm = bool(
             caps.xpath("//guest[arch/@name='x86_64']/arch/domain[@type='kvm']")
@@ -221,14 +257,14 @@ class LibvirtHypervisor:
                     records.append(record)
             return records
 
-        return await self._call(list_all)
+        return await self._call(list_all, again=list_all)
 
     async def get_vm(self, name: str) -> VMRecord | None:
         def get(conn: libvirt.virConnect) -> VMRecord | None:
             dom = self._lookup(conn, name)
             return None if dom is None else self._record(dom)
 
-        return await self._call(get)
+        return await self._call(get, again=get)
 
     async def define_vm(self, spec: VMSpec) -> VMRecord:
         xml = build_domain_xml(spec)
@@ -245,7 +281,15 @@ class LibvirtHypervisor:
             assert record is not None, "a domain kdlab defined must parse back"
             return record
 
-        return await self._call(define)
+        def define_again(conn: libvirt.virConnect) -> VMRecord:
+            dom = self._lookup(conn, spec.name)
+            found = None if dom is None else self._record(dom)
+            # Created at the same microsecond: the define got through.
+            if found is not None and found.spec.created_usec == spec.created_usec:
+                return found
+            return define(conn)
+
+        return await self._call(define, again=define_again)
 
     async def redefine_vm(self, spec: VMSpec) -> VMRecord:
         xml = build_domain_xml(spec)
@@ -258,10 +302,17 @@ class LibvirtHypervisor:
             assert record is not None, "a domain kdlab defined must parse back"
             return record
 
-        return await self._call(redefine)
+        return await self._call(redefine, again=redefine)
 
     async def undefine_vm(self, name: str) -> None:
-        await self._call(lambda conn: self._domain(conn, name).undefine())
+        def undefine(conn: libvirt.virConnect) -> None:
+            self._domain(conn, name).undefine()
+
+        def undefine_again(conn: libvirt.virConnect) -> None:
+            if self._lookup(conn, name) is not None:
+                undefine(conn)
+
+        await self._call(undefine, again=undefine_again)
 
     async def start_vm(self, name: str, *, paused: bool) -> None:
         if self.local:
@@ -276,13 +327,32 @@ class LibvirtHypervisor:
                     "(restart kdlabd to recreate its pools)"
                 ) from None
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
-        await self._call(lambda conn: self._domain(conn, name).createWithFlags(flags))
+        await self._change(name, lambda dom: dom.createWithFlags(flags), active=True)
 
     async def shutdown_vm(self, name: str) -> None:
-        await self._call(lambda conn: self._domain(conn, name).shutdown())
+        await self._change(name, lambda dom: dom.shutdown(), active=False)
 
     async def destroy_vm(self, name: str) -> None:
-        await self._call(lambda conn: self._domain(conn, name).destroy())
+        await self._change(name, lambda dom: dom.destroy(), active=False)
+
+    async def _change(
+        self, name: str, act: Callable[[libvirt.virDomain], object], *, active: bool
+    ) -> None:
+        """*act* on the VM's domain, to make it *active* (or inactive).
+
+        If libvirtd went away meanwhile, *act* again on the new connection
+        unless the domain's state shows that it got through.
+        """
+
+        def run(conn: libvirt.virConnect) -> None:
+            act(self._domain(conn, name))
+
+        def again(conn: libvirt.virConnect) -> None:
+            dom = self._domain(conn, name)
+            if bool(dom.isActive()) != active:
+                act(dom)
+
+        await self._call(run, again=again)
 
     async def open_console(self, name: str, on_output: ConsoleOutput) -> ConsoleStream:
         def open_stream(conn: libvirt.virConnect) -> libvirt.virStream:
@@ -294,38 +364,40 @@ class LibvirtHypervisor:
             )
             return stream
 
-        return _Console(await self._call(open_stream), on_output)
+        return _Console(await self._call(open_stream, again=open_stream), on_output)
 
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
         def upload(conn: libvirt.virConnect) -> Path:
             pool = conn.storagePoolLookupByName(self._boot_pool_name)
             return Path(storage.upload(conn, pool, volume, fd, size).path())
 
-        return await self._call(upload)
+        # A boot file is small: uploaded again whole (the upload replaces it).
+        return await self._call(upload, again=upload)
 
     async def list_vm_volumes(self) -> list[str]:
         def names(conn: libvirt.virConnect) -> list[str]:
             pool = conn.storagePoolLookupByName(self._boot_pool_name)
-            pool.refresh(0)
+            storage.refresh(pool)
             return [str(v) for v in pool.listVolumes()]
 
-        return await self._call(names)
+        return await self._call(names, again=names)
 
     async def delete_vm_volume(self, volume: str) -> None:
-        await self._call(
-            lambda conn: storage.delete_volume(
+        def delete(conn: libvirt.virConnect) -> None:
+            storage.delete_volume(
                 conn.storagePoolLookupByName(self._boot_pool_name), volume
             )
-        )
+
+        await self._call(delete, again=delete)
 
     async def list_images(self) -> list[ImageRecord]:
         def list_all(conn: libvirt.virConnect) -> list[ImageRecord]:
             pool = conn.storagePoolLookupByName(self._image_pool_name)
-            pool.refresh(0)
+            storage.refresh(pool)
             records = [storage.probed_record(v) for v in pool.listAllVolumes(0)]
             return [record for record in records if record is not None]
 
-        return await self._call(list_all)
+        return await self._call(list_all, again=list_all)
 
     async def get_image(self, name: str) -> ImageRecord | None:
         def get(conn: libvirt.virConnect) -> ImageRecord | None:
@@ -333,7 +405,7 @@ class LibvirtHypervisor:
             volume = storage.find_volume(pool, name)
             return None if volume is None else storage.probed_record(volume)
 
-        return await self._call(get)
+        return await self._call(get, again=get)
 
     async def create_image(self, name: str, size: int) -> ImageRecord:
         def create(conn: libvirt.virConnect) -> ImageRecord:
@@ -341,7 +413,16 @@ class LibvirtHypervisor:
             volume = storage.create_volume(pool, name, size, ImageFormat.RAW)
             return storage.image_record(volume, ImageFormat.RAW)
 
-        return await self._call(create)
+        def create_again(conn: libvirt.virConnect) -> ImageRecord:
+            # The image service holds the name, and it was no image: a volume
+            # of that name now is the one this call created.
+            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            volume = storage.find_volume(pool, name)
+            if volume is None:
+                return create(conn)
+            return storage.image_record(volume, ImageFormat.RAW)
+
+        return await self._call(create, again=create_again)
 
     async def upload_image(
         self, name: str, source: ImageSource, progress: UploadProgress
@@ -360,6 +441,8 @@ class LibvirtHypervisor:
             )
             return storage.image_record(volume, source.format)
 
+        # Not again: an import is long and reports its progress; it fails, and
+        # its rollback (or reconciliation) removes what it uploaded.
         return await self._call(upload)
 
     async def inspect_image(self, name: str) -> StoredImage:
@@ -367,14 +450,15 @@ class LibvirtHypervisor:
             pool = conn.storagePoolLookupByName(self._image_pool_name)
             return storage.inspect(conn, pool, name, local=self.local)
 
-        return await self._call(inspect)
+        return await self._call(inspect, again=inspect)
 
     async def delete_image(self, name: str) -> None:
-        await self._call(
-            lambda conn: storage.delete_volume(
+        def delete(conn: libvirt.virConnect) -> None:
+            storage.delete_volume(
                 conn.storagePoolLookupByName(self._image_pool_name), name
             )
-        )
+
+        await self._call(delete, again=delete)
 
     async def resize_image(self, image: ImageRecord, size: int) -> ImageRecord:
         def resize(conn: libvirt.virConnect) -> ImageRecord:
@@ -383,7 +467,7 @@ class LibvirtHypervisor:
             volume.resize(size, 0)
             return storage.image_record(volume, image.format)
 
-        return await self._call(resize)
+        return await self._call(resize, again=resize)
 
     async def create_vm_disk(
         self, volume: str, size: int, base: ImageRecord | None
@@ -394,20 +478,63 @@ class LibvirtHypervisor:
             created = storage.create_volume(pool, volume, size, ImageFormat.QCOW2, base)
             return Path(created.path())
 
-        return await self._call(create)
+        return await self._call(create, again=create)
 
-    async def _call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
-        """Run *fn* with the connection in a worker thread; translate libvirt errors."""
-        conn = self._conn
-        if conn is None:
-            raise HypervisorError(
-                f"not connected to libvirt at {self._uri}; kdlabd is reconnecting, "
-                "try again"
-            )
+    async def _call(
+        self,
+        fn: Callable[[libvirt.virConnect], T],
+        *,
+        again: Callable[[libvirt.virConnect], T] | None = None,
+    ) -> T:
+        """Run *fn* with the connection in a worker thread; translate libvirt errors.
+
+        While the connection is lost (libvirtd restarting), the call waits for
+        kdlabd to reconnect, up to the configured bound. If the connection
+        dies during *fn* (libvirtd stopped while the call was on its way),
+        whether *fn* got through is not known: *again* runs on the new
+        connection and does what is left (*fn* itself when running it twice
+        is harmless). Without *again* the call fails.
+        """
+        conn = self._conn or await self._reconnection()
         try:
             return await asyncio.to_thread(fn, conn)
         except libvirt.libvirtError as err:
+            if _alive(conn):
+                raise _translate(err) from None
+            # The close callback may not have run yet: reconnect now.
+            self._lost(conn, libvirt.VIR_CONNECT_CLOSE_REASON_EOF)
+            if again is None:
+                raise HypervisorError(
+                    f"libvirtd went away during the call ({err.get_error_message()}); "
+                    "kdlabd reconnects by itself: try again"
+                ) from None
+            log.info("libvirt.call_again", error=err.get_error_message())
+        conn = await self._reconnection()
+        try:
+            return await asyncio.to_thread(again, conn)
+        except libvirt.libvirtError as err:
             raise _translate(err) from None
+
+    async def _reconnection(self) -> libvirt.virConnect:
+        """The connection, once kdlabd has reconnected; HypervisorError if it
+        does not within the bound, or if kdlabd is stopping."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._reconnect_wait
+        while (conn := self._conn) is None and not self._closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._reconnecting is None:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), remaining)
+        if conn is not None:
+            return conn
+        if self._closing:
+            raise HypervisorError("kdlabd is stopping: its libvirt connection closed")
+        raise HypervisorError(
+            f"not connected to libvirt at {self._uri}: libvirtd has not answered for "
+            f"{self._reconnect_wait:g} s; kdlabd reconnects by itself as soon as it "
+            "does (is libvirtd running? systemctl status libvirtd)"
+        )
 
     @staticmethod
     def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
@@ -437,11 +564,11 @@ class LibvirtHypervisor:
 
     def _ensure_pools(self, conn: libvirt.virConnect) -> None:
         """kdlab's pools exist and run; a pool that existed keeps its directory."""
-        self._boot_pool_dir = storage.ensure_pool(
-            conn, self._boot_pool_name, self._boot_pool_dir
+        self._boot_pool_dir = _ensure_pool(
+            conn, self._boot_pool_name, self._boot_pool_dir, "boot_pool"
         )
-        self._image_pool_dir = storage.ensure_pool(
-            conn, self._image_pool_name, self._image_pool_dir
+        self._image_pool_dir = _ensure_pool(
+            conn, self._image_pool_name, self._image_pool_dir, "image_pool"
         )
 
     def _lifecycle_event(
@@ -462,6 +589,7 @@ class LibvirtHypervisor:
             return
         log.warning("libvirt.disconnected", uri=self._uri, reason=reason)
         self._conn = None
+        self._connected.clear()
         if not self._closing and self._reconnecting is None:
             self._reconnecting = self._loop.create_task(self._reconnect(conn))
 
@@ -472,22 +600,57 @@ class LibvirtHypervisor:
         attempt = 0
         try:
             while True:
-                await asyncio.sleep(
-                    _RECONNECT_DELAYS[min(attempt, len(_RECONNECT_DELAYS) - 1)]
-                )
+                await asyncio.sleep(self._reconnect_delay(attempt))
                 attempt += 1
                 try:
                     await self.connect()
                 except (libvirt.libvirtError, KdlabError) as err:
-                    log.info(
-                        "libvirt.reconnect_failed", attempt=attempt, error=str(err)
-                    )
+                    if attempt % _RECONNECT_LOG_EVERY == 1:
+                        log.info(
+                            "libvirt.reconnect_failed", attempt=attempt, error=str(err)
+                        )
                     continue
                 log.info("libvirt.reconnected", attempts=attempt)
                 self._on_reconnected()
                 return
         finally:
             self._reconnecting = None
+
+    def _reconnect_delay(self, attempt: int) -> float:
+        """Seconds before reconnection attempt *attempt* (from 0)."""
+        if self.local:
+            return _LOCAL_RECONNECT_INTERVAL
+        return _REMOTE_RECONNECT_DELAYS[min(attempt, len(_REMOTE_RECONNECT_DELAYS) - 1)]
+
+
+def _alive(conn: libvirt.virConnect) -> bool:
+    """Whether *conn* is still open (a local check: no call to libvirtd)."""
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
+def _ensure_pool(conn: libvirt.virConnect, name: str, expected: Path, key: str) -> Path:
+    """Make sure the pool *name* runs; say so when it is not where kdlabd expects.
+
+    A pool defined elsewhere (before ``state_dir`` changed, or by hand) keeps
+    its directory: the volumes of existing VMs and images are there, and
+    their domains name those paths. kdlabd goes on with it and logs where it
+    is, once (after that *expected* is the pool's own directory).
+    """
+    path = storage.ensure_pool(conn, name, expected)
+    if path != expected:
+        log.warning(
+            "storage.pool_elsewhere",
+            pool=name,
+            path=str(path),
+            expected=str(expected),
+            note=f"libvirt's pool {name} keeps its directory {path}, not "
+            f"{expected} (state_dir), and kdlabd uses it; to have a pool in "
+            f"state_dir, set {key} to another name",
+        )
+    return path
 
 
 _EAGAIN = -2

@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import structlog
 from lxml import etree
 
 from kdlabd.core import validate
 from kdlabd.core.models import ImageFormat, ImageRecord, StoredImage
 from kdlabd.errors import HypervisorError, InvalidArgument, KdlabError
+
+log = structlog.get_logger(__name__)
 
 UPLOAD_CHUNK = 1024 * 1024
 
@@ -67,7 +70,10 @@ def volume_xml(
 def ensure_pool(conn: libvirt.virConnect, name: str, path: Path) -> Path:
     """Define, build and start the directory pool *name* unless it runs already.
 
-    Returns the pool's directory: a pool that existed keeps its own.
+    Returns the pool's directory: a pool that existed keeps its own (its
+    volumes are there), whatever *path* says. A pool whose directory is gone
+    (removed by hand while libvirt kept the pool) is built again, empty:
+    without it libvirt can neither start nor refresh the pool.
     """
     try:
         pool = conn.storagePoolLookupByName(name)
@@ -77,11 +83,54 @@ def ensure_pool(conn: libvirt.virConnect, name: str, path: Path) -> Path:
         pool = conn.storagePoolDefineXML(pool_xml(name, path), 0)
         pool.build(0)
         pool.setAutostart(1)
+    if pool.isActive():
+        # A refresh fails only if libvirt stopped the pool (its directory is
+        # gone); then it is started below like any stopped pool.
+        with contextlib.suppress(libvirt.libvirtError):
+            refresh(pool)
     if not pool.isActive():
-        pool.create(0)
-    pool.refresh(0)
+        _start_pool(pool)
     existing = etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path")
     return Path(existing) if existing else path
+
+
+def refresh(pool: libvirt.virStoragePool) -> None:
+    """Re-read the pool's directory, for volumes changed behind libvirt's back.
+
+    libvirt refuses while a volume of the pool is being made ("pool has
+    asynchronous jobs running"); its own list of volumes is current then,
+    so that is no failure. A refresh that fails for a real reason (the
+    directory is gone) stops the pool, and a stopped pool is one.
+    """
+    try:
+        pool.refresh(0)
+    except libvirt.libvirtError:
+        if not pool.isActive():
+            raise
+        log.info("storage.refresh_skipped", pool=pool.name())
+
+
+def _start_pool(pool: libvirt.virStoragePool) -> None:
+    """Start a stopped pool; if that fails, build it (make its directory) first.
+
+    Building a directory pool whose directory exists changes nothing but its
+    mode, so this needs no look at a directory that may be on another host.
+    """
+    try:
+        pool.create(0)
+    except libvirt.libvirtError as err:
+        try:
+            pool.build(0)
+            pool.create(0)
+        except libvirt.libvirtError:
+            raise err from None
+        log.warning(
+            "storage.pool_rebuilt",
+            pool=pool.name(),
+            error=err.get_error_message(),
+            note="the pool's directory was made again; volumes it had are gone",
+        )
+    refresh(pool)
 
 
 def find_volume(

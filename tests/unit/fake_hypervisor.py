@@ -132,8 +132,11 @@ class FakeHypervisor:
         domain = self._domain(name)
         if domain.state.active:
             raise InvalidState("domain is already running")
-        # virtlogd truncates or creates the log (append='off') when QEMU starts.
-        domain.spec.console_log.write_bytes(b"Linux version 6.1.0 (fake)\n")
+        # virtlogd truncates or creates the log (append='off') when QEMU starts;
+        # a guest whose CPUs wait has printed nothing yet.
+        domain.spec.console_log.write_bytes(
+            b"" if paused else b"Linux version 6.1.0 (fake)\n"
+        )
         domain.state = VMState.PAUSED if paused else VMState.RUNNING
         self._announce(name)
 

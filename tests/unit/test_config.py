@@ -35,6 +35,7 @@ def test_defaults() -> None:
     assert loaded.qemu_user == "libvirt-qemu"
     assert loaded.boot_pool == "kdlab-boot"
     assert loaded.log_format == "auto"
+    assert loaded.reconnect_wait == 15.0
     assert loaded.boot_pool_dir == Path("/var/lib/kdlab/boot")
 
 
@@ -73,6 +74,15 @@ log_format = "json"
         log_format="json",
     )
     assert load(path, {}).boot_pool_dir == Path("/srv/kdlab/boot")
+
+
+@pytest.mark.parametrize("key", ["polkit_timeout", "reconnect_wait"])
+def test_seconds(tmp_path: Path, key: str) -> None:
+    assert getattr(load(write(tmp_path, f"{key} = 2\n"), {}), key) == 2.0
+    assert getattr(load(write(tmp_path, f"{key} = 0.5\n"), {}), key) == 0.5
+    for bad in ("0", "-1", "true", '"5"'):
+        with pytest.raises(InvalidArgument, match=f"{key} must be a positive number"):
+            load(write(tmp_path, f"{key} = {bad}\n"), {})
 
 
 def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:

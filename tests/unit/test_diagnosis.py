@@ -69,6 +69,7 @@ def facts(
     gdbstub: bool = True,
     seconds: float = 30.0,
     running: bool = True,
+    paused: bool = False,
 ) -> BootFacts:
     return BootFacts(
         cmdline=cmdline,
@@ -78,6 +79,7 @@ def facts(
         seconds_since_start=seconds,
         running=running,
         name="linux-6.1",
+        paused=paused,
     )
 
 
@@ -673,6 +675,21 @@ def test_no_output_from_a_vm_that_stopped_is_a_failure_at_once() -> None:
     assert "stopped" in found.cause
 
 
+def test_no_output_from_a_vm_paused_for_the_debugger_is_no_failure() -> None:
+    """Started paused, or stopped by gdb early: its CPUs wait, nothing is wrong."""
+    waiting = facts(seconds=0.0, running=False, paused=True)
+    assert diagnose("", waiting) is None
+    at_breakpoint = facts(seconds=0.4, running=False, paused=True)
+    assert diagnose("", at_breakpoint) is None
+
+
+def test_no_output_counts_the_running_time_of_a_paused_vm() -> None:
+    found = diagnosed_text("", facts(seconds=12.0, running=False, paused=True))
+    assert found.code is Code.NO_CONSOLE_OUTPUT
+    assert "after 12 s of running" in found.cause
+    assert "stopped" not in found.cause
+
+
 def test_firmware_output_is_not_kernel_output() -> None:
     found = diagnosed_text(SEABIOS, facts())
     assert found.code is Code.NO_CONSOLE_OUTPUT
@@ -893,6 +910,7 @@ boot_facts = st.builds(
     gdbstub=st.booleans(),
     seconds_since_start=st.floats(allow_nan=True, allow_infinity=True),
     running=st.booleans(),
+    paused=st.booleans(),
     # VM names are validated: letters, digits, '.', '_', '-'.
     name=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,9}", fullmatch=True),
 )

@@ -748,3 +748,117 @@ def test_console_log_after_boot_is_read_only(lab: Lab) -> None:
             os.write(fd, b"x")
     finally:
         os.close(fd)
+
+
+# Diagnosis of a boot: made from that boot, counting only the time it ran.
+
+
+class LoopClock:
+    """The running loop's clock, which a test moves forward: the boot watchers'
+    sleeps end and a VM seems to have been up that much longer."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.time
+        self.offset = 0.0
+        loop.time = lambda: real() + self.offset  # type: ignore[method-assign]
+
+    async def advance(self, seconds: float) -> None:
+        """Let pending events land, move on *seconds*, then let the watchers
+        diagnose (they read the log in a thread)."""
+        await asyncio.sleep(0.05)
+        self.offset += seconds
+        await asyncio.sleep(0.2)
+
+
+def code(lab: Lab, name: str = "vm1") -> str | None:
+    found = lab.service.get(name).diagnosis
+    return None if found is None else found.code.value
+
+
+def test_a_vm_started_paused_is_not_diagnosed(lab: Lab) -> None:
+    """Its CPUs wait for gdb: nothing ran, so nothing can have gone wrong, however
+    long it waits."""
+
+    async def scenario() -> None:
+        clock = LoopClock()
+        await lab.create()
+        started = await lab.service.start("vm1", paused=True)
+        assert started.diagnosis is None
+        await clock.advance(0)
+        assert code(lab) is None
+        await clock.advance(60)
+        assert code(lab) is None
+        assert lab.service.get("vm1").waiting_for_debugger
+
+    run(scenario())
+
+
+def test_time_spent_paused_does_not_count_as_running(lab: Lab) -> None:
+    async def scenario() -> None:
+        clock = LoopClock()
+        await lab.create()
+        await lab.service.start("vm1", paused=True)
+        await clock.advance(60)
+        lab.hv.set_state("vm1", VMState.RUNNING)  # gdb: continue
+        await clock.advance(3)
+        assert code(lab) is None, "3 s of running, not 63"
+        lab.hv.set_state("vm1", VMState.PAUSED)  # a breakpoint
+        await clock.advance(60)
+        assert code(lab) is None
+        lab.hv.set_state("vm1", VMState.RUNNING)
+        await clock.advance(10)
+        found = lab.service.get("vm1").diagnosis
+        assert found is not None
+        assert found.code.value == "no-console-output"
+        assert "after 13 s of running" in found.cause
+
+    run(scenario())
+
+
+def test_a_vm_stopped_before_it_ran_is_not_diagnosed(lab: Lab) -> None:
+    async def scenario() -> None:
+        clock = LoopClock()
+        await lab.create()
+        await lab.service.start("vm1", paused=True)
+        await lab.service.stop("vm1", force=True)
+        await clock.advance(2)
+        assert code(lab) is None
+
+    run(scenario())
+
+
+def test_a_boot_is_diagnosed_from_its_own_start(lab: Lab) -> None:
+    """A boot's watcher and running time end with it: a VM started again at once
+    is not judged by the time the previous boot ran."""
+
+    async def scenario() -> None:
+        clock = LoopClock()
+        await lab.booted()
+        await clock.advance(30)
+        assert code(lab) is None  # the fake kernel printed its banner
+        await lab.service.stop("vm1", force=True)
+        await lab.service.start("vm1")
+        lab.layout.console_log("vm1").write_bytes(b"")  # silent so far
+        await clock.advance(2)
+        assert code(lab) is None, "2 s into the new boot"
+
+    run(scenario())
+
+
+def test_a_stopped_boot_keeps_its_diagnosis_until_the_next_start(lab: Lab) -> None:
+    async def scenario() -> None:
+        clock = LoopClock()
+        await lab.booted()
+        lab.layout.console_log("vm1").write_bytes(
+            b"Kernel panic - not syncing: Attempted to kill init!\n"
+        )
+        await lab.service.stop("vm1", force=True)
+        await clock.advance(2)
+        assert code(lab) == "kernel-panic"
+        started = await lab.service.start("vm1", paused=True)
+        assert started.diagnosis is None
+        await clock.advance(2)
+        assert code(lab) is None
+
+    run(scenario())

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from kdlabd.core.diagnosis import DEFAULT_PATIENCE
+from kdlabd.core.vms import DIAGNOSIS_INTERVAL
 from tests.conftest import require, require_tool
 from tests.fixtures import debian
 from tests.harness import ctl_env, kdlabctl
@@ -103,6 +105,28 @@ def test_paused_start_then_gdb_stops_at_start_kernel(lab: Lab, debug_vm: str) ->
     props = show(lab, debug_vm)
     assert props["state"] == "running"
     assert props["waiting_for_debugger"] is False
+
+
+def test_a_vm_paused_for_the_debugger_is_not_diagnosed(lab: Lab, debug_vm: str) -> None:
+    """Its CPUs wait for gdb: nothing is wrong, however long it waits; the
+    diagnosis of the boot counts the time it ran, from its own start."""
+    started = lab.ctl("start", "--paused", debug_vm)
+    assert started.returncode == 0, started.stderr
+    assert started.stderr == "", "start reports no problem"
+    assert show(lab, debug_vm)["diagnosis"] is None
+    # Longer than a running VM may stay silent, and than kdlabd takes to look.
+    time.sleep(DEFAULT_PATIENCE + 2 * DIAGNOSIS_INTERVAL)
+    props = show(lab, debug_vm)
+    assert props["diagnosis"] is None
+    assert props["waiting_for_debugger"] is True
+    gdb = lab.ctl(
+        "gdb", debug_vm, "--batch", "-ex", "hbreak start_kernel", "-ex", "continue"
+    )
+    assert gdb.returncode == 0, gdb.stderr
+    assert "start_kernel () at init/main.c" in gdb.stdout
+    wait_for_console(lab, debug_vm, MARKER)
+    time.sleep(2 * DIAGNOSIS_INTERVAL)
+    assert show(lab, debug_vm)["diagnosis"] is None, "a good boot"
 
 
 def test_gdb_attaches_to_a_running_vm_again_and_again(lab: Lab, debug_vm: str) -> None:
