@@ -153,9 +153,17 @@ class Kdlabd:
 
     def __post_init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        # Whether the test ended this kdlabd (stop, kill) or waited for its end
+        # (wait). Any other end is a death on its own: it fails the test.
+        self._ended_by_test = False
 
     def start(self, timeout: float = 90, env: dict[str, str] | None = None) -> None:
-        """Start kdlabd; *env* adds to the environment (KDLAB_TEST_CRASH_AT, ...)."""
+        """Start kdlabd; *env* adds to the environment (KDLAB_TEST_CRASH_AT, ...).
+
+        The kdlabd started before, if any, must not have died on its own.
+        """
+        self._fail_if_died()
+        self._ended_by_test = False
         self.log_path = self.log_path or self.state_dir.parent / "kdlabd.log"
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
@@ -186,6 +194,7 @@ class Kdlabd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                self._ended_by_test = True  # reported here, not again at the stop
                 raise RuntimeError(
                     f"kdlabd exited {self._proc.returncode}:\n{self.log()}"
                 )
@@ -210,9 +219,49 @@ class Kdlabd:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM kdlabd and return its exit code (kill it after *timeout* s)."""
+    @property
+    def started(self) -> bool:
+        """Started and not ended by the test since (it may have died on its own):
+        the test still owes it a stop, which fails if it did die."""
+        return self._proc is not None and not self._ended_by_test
+
+    @property
+    def pid(self) -> int:
         assert self._proc is not None
+        return self._proc.pid
+
+    def signal_behind_the_harness(self, how: signal.Signals) -> None:
+        """Send *how* to kdlabd as a stray process would, then wait until it has
+        gone; the harness is not told (tests of the harness itself)."""
+        os.kill(self.pid, how)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while self.running:
+            assert time.monotonic() < deadline, f"kdlabd ignored {how.name}"
+            time.sleep(0.05)
+
+    def died_on_its_own(self) -> str:
+        """What happened if kdlabd ended without the test stopping, killing or
+        waiting for it (whatever its exit status); else ""."""
+        if self._proc is None or self._ended_by_test or self._proc.poll() is None:
+            return ""
+        return (
+            f"kdlabd died on its own during the test (exit status "
+            f"{self._proc.returncode}):\n{self.log()}"
+        )
+
+    def _fail_if_died(self) -> None:
+        problem = self.died_on_its_own()
+        assert not problem, problem
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM kdlabd and return its exit code (kill it after *timeout* s).
+
+        A kdlabd that already died on its own fails the test instead: its
+        status would tell nothing about a stop.
+        """
+        assert self._proc is not None
+        self._fail_if_died()
+        self._ended_by_test = True
         self._proc.send_signal(signal.SIGTERM)
         try:
             return self._proc.wait(timeout=timeout)
@@ -223,12 +272,16 @@ class Kdlabd:
 
     def kill(self) -> None:
         assert self._proc is not None
+        self._fail_if_died()
+        self._ended_by_test = True
         self._proc.kill()
         self._proc.wait()
 
     def wait(self, timeout: float = 30) -> int:
-        """Wait for kdlabd to end by itself; its exit status (-9: it was killed)."""
+        """Wait for kdlabd to end by itself, as the test expects; its exit status
+        (-9: it was killed)."""
         assert self._proc is not None
+        self._ended_by_test = True
         return self._proc.wait(timeout=timeout)
 
 
@@ -291,7 +344,8 @@ def system_kdlabd(pool_prefix: str, accel: str = "tcg") -> Iterator[Kdlabd]:
 
     Its VMs are real domains of the system libvirtd; a kdlabd the developer
     runs is not disturbed. On exit the daemon must stop cleanly (exit 0, no
-    traceback in its log), and its pool and directories are removed.
+    traceback in its log) and must not have died on its own before; its pool
+    and directories are removed.
     """
     # QEMU (the libvirt-qemu user) must traverse to the boot volumes and the
     # gdb socket: pytest's temporary directories are 0700, /var/tmp is not.
@@ -314,6 +368,7 @@ def system_kdlabd(pool_prefix: str, accel: str = "tcg") -> Iterator[Kdlabd]:
         daemon.start()
         yield daemon
     finally:
+        died = daemon.died_on_its_own()
         code = daemon.stop() if daemon.running else 0
         log = daemon.log()
         bus.stop()
@@ -321,6 +376,8 @@ def system_kdlabd(pool_prefix: str, accel: str = "tcg") -> Iterator[Kdlabd]:
             virsh("pool-destroy", pool)
             virsh("pool-undefine", pool)
         shutil.rmtree(root, ignore_errors=True)
+    if died:
+        raise RuntimeError(died)
     if code != 0 or "Traceback" in log:
         raise RuntimeError(f"kdlabd exited {code}:\n{log}")
 

@@ -337,7 +337,8 @@ class Lab:
         self.stop_cleanly()
 
     def stop_cleanly(self) -> None:
-        """SIGTERM kdlabd: it must exit 0 and never have logged a traceback."""
+        """SIGTERM kdlabd: it must not have died on its own before, must exit 0
+        and must never have logged a traceback."""
         status = self.daemon.stop()
         log = self.daemon.log()
         assert status == 0, f"kdlabd exited with {status}:\n{log}"

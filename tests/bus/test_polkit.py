@@ -253,7 +253,7 @@ def pk(polkit_bus: PrivateBus, workdir: Path) -> Iterator[PolkitLab]:
             root.close()
     finally:
         mock.stop()
-        if lab.daemon.running:
+        if lab.daemon.started:
             lab.stop_cleanly()
 
 
@@ -427,7 +427,7 @@ def test_polkit_that_never_answers_is_a_no_within_kdlabds_own_timeout(
         assert reply.error_name == NOT_AUTHORIZED
     finally:
         mock.stop()
-        if lab.daemon.running:
+        if lab.daemon.started:
             lab.daemon.kill()
         bus.stop()
 
