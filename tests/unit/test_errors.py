@@ -1,7 +1,9 @@
-"""kdlabd.errors: one D-Bus name and one exit code per reason, and kdlabctl's help."""
+"""kdlabd.errors: one D-Bus name and one exit code per reason, kdlabctl's help,
+and the README's table of exit codes."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from kdlabd.errors import (
     exit_code_for,
 )
 from kdlabd.wire import ERROR_PREFIX
+from tests.conftest import REPO
 
 # A D-Bus error name is an interface name: dot-separated elements, no leading digit.
 DBUS_ERROR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
@@ -84,8 +87,62 @@ def test_exit_codes_one_per_kind_of_reason() -> None:
     assert EXIT_UNAVAILABLE not in codes
 
 
+def all_exit_codes() -> set[int]:
+    """Every exit code kdlabctl may return: its errors' and its own."""
+    codes = {cls.exit_code for cls in ERRORS}
+    return codes | {EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE}
+
+
 def test_exit_codes_table() -> None:
     assert {cls.dbus_name(): cls.exit_code for cls in ERRORS} == EXIT_CODES
+
+
+# The README's table of exit codes is what users read: it must say what
+# kdlabd.errors does, both ways (no error missing there, none only there).
+
+README_TABLE_TITLE = "Exit codes of kdlabctl"
+README_ROW = re.compile(r"^\|\s*(\d+)\s*\|([^|]+)\|([^|]*)\|$")
+README_NAME = re.compile(r"`([\w.]+)`")
+
+
+def readme_exit_codes() -> dict[int, list[str]]:
+    """The README's exit-code table: each code and the D-Bus error names of its row.
+
+    A row may shorten later names to the reason (`NoSuchImage`).
+    """
+    lines = (REPO / "README.md").read_text().splitlines()
+    title = next(
+        i for i, line in enumerate(lines) if line.startswith(README_TABLE_TITLE)
+    )
+    table = list(
+        itertools.takewhile(
+            lambda line: line.startswith("|"),
+            itertools.dropwhile(lambda line: not line.strip(), lines[title + 1 :]),
+        )
+    )
+    assert table[:2] == ["| code | meaning | D-Bus error |", "|---|---|---|"]
+    codes: dict[int, list[str]] = {}
+    for line in table[2:]:
+        match = README_ROW.match(line)
+        assert match, f"unexpected row in the README's exit-code table: {line!r}"
+        code = int(match[1])
+        assert code not in codes, f"exit code {code} has two rows in the README"
+        names = README_NAME.findall(match[3])
+        codes[code] = [
+            n if n.startswith(ERROR_PREFIX) else ERROR_PREFIX + n for n in names
+        ]
+    return codes
+
+
+def test_readme_names_every_error_at_its_exit_code() -> None:
+    readme = [
+        (name, code) for code, names in readme_exit_codes().items() for name in names
+    ]
+    assert sorted(readme) == sorted(EXIT_CODES.items())
+
+
+def test_readme_lists_exactly_kdlabctls_exit_codes() -> None:
+    assert set(readme_exit_codes()) == all_exit_codes()
 
 
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda cls: cls.__name__)
@@ -153,9 +210,7 @@ def help_codes() -> dict[int, str]:
 
 
 def test_help_lists_every_exit_code() -> None:
-    expected = {cls.exit_code for cls in ERRORS}
-    expected |= {EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE}
-    assert set(help_codes()) == expected
+    assert set(help_codes()) == all_exit_codes()
 
 
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda cls: cls.__name__)
