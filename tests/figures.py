@@ -9,8 +9,9 @@ so a run's figures can be collected whatever pytest captured::
     KDLAB_FIGURES=/tmp/run.jsonl pytest tests/bus/test_security.py
     python -m tests.figures /tmp/run.jsonl      # the table
 
-Loaded as a pytest plugin (``pytest -p tests.figures``) it also prints the
-figures of the run in pytest's terminal summary.
+Loaded as a pytest plugin (``pytest -p tests.figures``) it starts each run
+with an empty figures file, so the file holds that run's figures only, and
+prints them in pytest's terminal summary.
 
 :class:`ErrorReplies` checks every D-Bus error reply a test module provokes
 for leaked Python tracebacks and turns the tally into a figure.
@@ -141,6 +142,11 @@ def table(lines: list[dict[str, Any]]) -> str:
 
 
 # --- pytest plugin: pytest -p tests.figures -------------------------------------
+
+
+def pytest_sessionstart(session: Any) -> None:  # noqa: ARG001 (pytest's hook)
+    """Empty the figures file: an earlier run's figures would pass for this run's."""
+    path().write_text("", encoding="utf-8")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
