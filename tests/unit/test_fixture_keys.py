@@ -1,0 +1,70 @@
+"""The vm tier's cached fixtures are keyed on kdlabctl's code that makes them.
+
+A kernel built, or an initramfs packed, by an older kdlabctl must not be taken
+from the cache after that code changed: the regression would hide behind it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+from kdlabctl import initramfs, kernel
+from tests.conftest import require
+from tests.fixtures import debian, kernel_tree
+
+
+def kdlabctl_modules_of(module: str) -> set[Path]:
+    """The files of *module* and of the kdlabctl modules it imports at module level,
+    recursively (imports for type checking, or inside a function to format
+    messages, are left out)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        source = Path(importlib.import_module(name).__file__ or "")
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module == "kdlabctl":
+                todo += [f"kdlabctl.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                todo += [node.module] if node.module.startswith("kdlabctl.") else []
+    return {Path(importlib.import_module(name).__file__ or "") for name in seen}
+
+
+def test_the_kernel_key_covers_the_code_kdlabctl_kernel_runs() -> None:
+    assert set(kernel_tree.KEYED_SOURCES) == kdlabctl_modules_of("kdlabctl.kernel")
+    assert Path(kernel.__file__) in kernel_tree.KEYED_SOURCES
+
+
+def test_a_change_of_kdlabctls_code_changes_the_kernel_key(tmp_path: Path) -> None:
+    sources = [tmp_path / "kernel.py", tmp_path / "kconfig.py"]
+    for source in sources:
+        source.write_text("# kdlabctl as it was\n")
+    tree = tmp_path / "linux"
+    before = kernel_tree.build_key(kernel.MINIMAL_FRAGMENT, tree, "gcc 12", sources)
+    assert before == kernel_tree.build_key(
+        kernel.MINIMAL_FRAGMENT, tree, "gcc 12", sources
+    )
+    sources[1].write_text("# kdlabctl with a regression\n")
+    after = kernel_tree.build_key(kernel.MINIMAL_FRAGMENT, tree, "gcc 12", sources)
+    assert after != before
+
+
+def test_a_change_of_the_cpio_writer_makes_a_new_initramfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require(debian.BUSYBOX.is_file(), "/bin/busybox (apt-get install busybox-static)")
+    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path / "cache"))
+    before = debian.busybox_initramfs()
+    changed = tmp_path / "initramfs.py"
+    changed.write_text(Path(initramfs.__file__).read_text() + "# changed\n")
+    monkeypatch.setattr(initramfs, "__file__", str(changed))
+    after = debian.busybox_initramfs()
+    assert after != before
+    assert after.read_bytes() == before.read_bytes(), "same writer output, new key"
