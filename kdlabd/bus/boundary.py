@@ -20,6 +20,7 @@ from dbus_next.service import method
 
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.calls import CURRENT_CALL
+from kdlabd.core.journal import fault_point
 from kdlabd.errors import Internal, KdlabError
 
 log = structlog.get_logger(__name__)
@@ -65,6 +66,7 @@ def exported(
             call = CURRENT_CALL.get()
             try:
                 caller = await _authorize(self, action)
+                fault_point(f"call.{fn.__name__}")
                 return await fn(self, caller, *args, **kwargs)
             except KdlabError as err:
                 raise DBusError(err.dbus_name(), str(err)) from None

@@ -8,8 +8,10 @@ job of rolling it back. An intent may carry what the rollback needs to know
 (a build's scratch directory and the token naming its processes), as JSON.
 
 :func:`crash_point` lets tests kill kdlabd at a named step
-(``KDLAB_TEST_CRASH_AT=create.kernel-uploaded``); without that variable it
-does nothing.
+(``KDLAB_TEST_CRASH_AT=create.kernel-uploaded``), and :func:`fault_point`
+makes a named step raise an unexpected exception
+(``KDLAB_TEST_FAULT_AT=call.ListVMs``); without those variables they do
+nothing.
 """
 
 from __future__ import annotations
@@ -20,12 +22,23 @@ import signal
 from pathlib import Path
 
 CRASH_ENV = "KDLAB_TEST_CRASH_AT"
+FAULT_ENV = "KDLAB_TEST_FAULT_AT"
+
+
+class InjectedFault(RuntimeError):
+    """The bug a test planted with :data:`FAULT_ENV`."""
 
 
 def crash_point(name: str) -> None:
     """Die here, as kill -9 would, when the test environment asks for it."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_point(name: str) -> None:
+    """Raise here, as a bug would, when the test environment asks for it."""
+    if os.environ.get(FAULT_ENV) == name:
+        raise InjectedFault(f"fault injected at {name} ({FAULT_ENV})")
 
 
 class Journal:
