@@ -267,12 +267,13 @@ def call(client: BusClient, walk: Walk) -> str:
     return REPLIES.outcome(reply)
 
 
-DEBUG_METHODS = {"OpenGdb", "OpenConsole", "OpenConsoleLog"}
+DEBUG_METHODS = {"OpenGdb", "OpenConsole", "OpenConsoleLog", "GetDiagnosis"}
 
 
 def expected_action(member: str) -> Action:
-    """The action the architecture gives each method: reading is inspect, gdb and
-    consoles are debug-vms, every other method manages."""
+    """The action the architecture gives each method: reading is inspect, gdb,
+    consoles and the full diagnosis (it quotes the console) are debug-vms, every
+    other method manages."""
     if member in INSPECT_METHODS:
         return Action.INSPECT
     return Action.DEBUG_VMS if member in DEBUG_METHODS else Action.MANAGE_VMS
