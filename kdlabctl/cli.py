@@ -385,26 +385,38 @@ def _copy(fd: int) -> int:
 async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     import asyncio
 
+    path = await client.vm_path(args.name)
     fd = await _open_log(client, args.name)
     try:
         _copy(fd)
-        last_check = time.monotonic()
+        next_check = 0.0
         while args.follow:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                # The state first: whatever the boot wrote before it ended is
+                # in the log when it is read to its end below.
+                state = (await client.vm_properties(path))["State"]
+                fd = await _newest_log(client, args.name, fd)
+                if state in ("defined", "stopped", "crashed"):
+                    _copy(fd)
+                    break
             if _copy(fd) == 0:
                 await asyncio.sleep(0.2)
-            # A new boot starts a new log file: switch to it, like tail -F.
-            if time.monotonic() - last_check > 1.0:
-                last_check = time.monotonic()
-                newest = await _open_log(client, args.name)
-                if os.fstat(newest).st_ino != os.fstat(fd).st_ino:
-                    _copy(fd)
-                    os.close(fd)
-                    fd = newest
-                else:
-                    os.close(newest)
     finally:
         os.close(fd)
     return EXIT_OK
+
+
+async def _newest_log(client: Client, name: str, fd: int) -> int:
+    """The log of the VM's newest boot: *fd*, or a new one (*fd* then printed and
+    closed). A new boot starts a new log file: switch to it, like tail -F."""
+    newest = await _open_log(client, name)
+    if os.fstat(newest).st_ino == os.fstat(fd).st_ino:
+        os.close(newest)
+        return fd
+    _copy(fd)
+    os.close(fd)
+    return newest
 
 
 async def cmd_up(client: Client, args: argparse.Namespace) -> int:
@@ -656,7 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logs.add_argument("name", metavar="NAME")
     logs.add_argument(
-        "-f", "--follow", action="store_true", help="keep printing new output"
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new output until the VM stops",
     )
     return parser
 
