@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +13,10 @@ import pytest
 
 from tests.conftest import require, require_tool
 from tests.fixtures import debian, kernel_tree
-from tests.vm.conftest import Lab
+from tests.vm.conftest import TEST_POOL, Lab, virsh
+from tests.vm.test_debug import show
 from tests.vm.test_images import ext4_image
-from tests.vm.test_lifecycle import wait_for_diagnosis
+from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
 
 pytestmark = pytest.mark.vm
 
@@ -93,3 +96,41 @@ def test_root_sda_on_a_virtio_disk_panics_and_is_diagnosed(
     assert "VFS: Unable to mount root fs" in lab.ctl("logs", vm_name).stdout
     assert diagnosis["code"] == "root-device-missing"
     assert "vda" in diagnosis["fix"]
+
+
+def test_a_tree_vm_boots_the_newest_bzimage_at_each_start(
+    lab: Lab, vm_name: str, minimal_build: Path, tmp_path: Path
+) -> None:
+    """Between two starts the tree's bzImage is replaced by another kernel (what
+    a rebuild does): the second boot is of the new one."""
+    tree = tmp_path / "build"  # an O= directory: what kdlabctl reads of one
+    (tree / "include" / "config").mkdir(parents=True)
+    (tree / "arch" / "x86" / "boot").mkdir(parents=True)
+    (tree / "source").symlink_to((minimal_build / "source").resolve())
+    release_file = Path("include/config/kernel.release")
+    shutil.copy(minimal_build / release_file, tree / release_file)
+    bzimage = tree / "arch" / "x86" / "boot" / "bzImage"
+    shutil.copy(minimal_build / "arch" / "x86" / "boot" / "bzImage", bzimage)
+    release = (minimal_build / release_file).read_text().strip()
+    created = lab.ctl(
+        "create", vm_name, "--tree", str(tree), "--initrd", str(lab.initramfs)
+    )
+    assert created.returncode == 0, created.stderr
+
+    for kernel, booted in [
+        (None, release),
+        (lab.kernel.vmlinuz, lab.kernel.release),
+    ]:
+        if kernel is not None:
+            assert lab.ctl("stop", "--force", vm_name).returncode == 0
+            staged = bzimage.with_name("bzImage.new")
+            shutil.copy(kernel, staged)
+            staged.replace(bzimage)
+        assert lab.ctl("start", vm_name).returncode == 0
+        wait_for_console(lab, vm_name, f"Linux version {booted} ")
+        assert show(lab, vm_name)["kernel_release"] == booted
+        uploaded = Path(
+            virsh("vol-path", f"{vm_name}.kernel", "--pool", TEST_POOL).stdout.strip()
+        )
+        digest = hashlib.sha256(uploaded.read_bytes()).hexdigest()
+        assert digest == hashlib.sha256(bzimage.read_bytes()).hexdigest()
