@@ -442,7 +442,8 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
             return built
     name = args.name or up_name(tree)
     await _reuse_or_create(client, name, tree, args)
-    await start_vm(client, name, paused=True)
+    # Paused for gdb; with the console instead nothing would ever resume it.
+    await start_vm(client, name, paused=not args.console)
     if args.console:
         return await cmd_console(client, argparse.Namespace(name=name))
     return await cmd_gdb(
@@ -514,7 +515,9 @@ def add_up_parser(
     up.add_argument("--image", metavar="IMAGE", help="root disk image for a new VM")
     up.add_argument("--build", action="store_true", help="make the kernel first")
     up.add_argument(
-        "--console", action="store_true", help="attach the console instead of gdb"
+        "--console",
+        action="store_true",
+        help="boot without waiting for gdb and attach the console instead",
     )
     up.add_argument("--memory", type=_unsigned(32), metavar="MIB")
     up.add_argument("--cmdline", metavar="STR", help="kernel command line (new VM)")

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -162,12 +162,16 @@ def test_gdb_attaches_to_a_running_vm_again_and_again(lab: Lab, debug_vm: str) -
 
 
 class Console:
-    """``kdlabctl console`` on a pseudo-terminal, as a person would run it."""
+    """``kdlabctl console`` on a pseudo-terminal, as a person would run it.
 
-    def __init__(self, address: str, name: str) -> None:
+    *command* runs another kdlabctl command that ends on the console
+    (``up --console``).
+    """
+
+    def __init__(self, address: str, name: str, *, command: Sequence[str] = ()) -> None:
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kdlabctl", "console", name],
+            [sys.executable, "-m", "kdlabctl", *(command or ["console", name])],
             stdin=slave,
             stdout=slave,
             stderr=slave,
