@@ -385,26 +385,38 @@ def _copy(fd: int) -> int:
 async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     import asyncio
 
+    path = await client.vm_path(args.name)
     fd = await _open_log(client, args.name)
     try:
         _copy(fd)
-        last_check = time.monotonic()
+        next_check = 0.0
         while args.follow:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                # The state first: whatever the boot wrote before it ended is
+                # in the log when it is read to its end below.
+                state = (await client.vm_properties(path))["State"]
+                fd = await _newest_log(client, args.name, fd)
+                if state in ("defined", "stopped", "crashed"):
+                    _copy(fd)
+                    break
             if _copy(fd) == 0:
                 await asyncio.sleep(0.2)
-            # A new boot starts a new log file: switch to it, like tail -F.
-            if time.monotonic() - last_check > 1.0:
-                last_check = time.monotonic()
-                newest = await _open_log(client, args.name)
-                if os.fstat(newest).st_ino != os.fstat(fd).st_ino:
-                    _copy(fd)
-                    os.close(fd)
-                    fd = newest
-                else:
-                    os.close(newest)
     finally:
         os.close(fd)
     return EXIT_OK
+
+
+async def _newest_log(client: Client, name: str, fd: int) -> int:
+    """The log of the VM's newest boot: *fd*, or a new one (*fd* then printed and
+    closed). A new boot starts a new log file: switch to it, like tail -F."""
+    newest = await _open_log(client, name)
+    if os.fstat(newest).st_ino == os.fstat(fd).st_ino:
+        os.close(newest)
+        return fd
+    _copy(fd)
+    os.close(fd)
+    return newest
 
 
 async def cmd_up(client: Client, args: argparse.Namespace) -> int:
@@ -430,7 +442,8 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
             return built
     name = args.name or up_name(tree)
     await _reuse_or_create(client, name, tree, args)
-    await start_vm(client, name, paused=True)
+    # Paused for gdb; with the console instead nothing would ever resume it.
+    await start_vm(client, name, paused=not args.console)
     if args.console:
         return await cmd_console(client, argparse.Namespace(name=name))
     return await cmd_gdb(
@@ -502,7 +515,9 @@ def add_up_parser(
     up.add_argument("--image", metavar="IMAGE", help="root disk image for a new VM")
     up.add_argument("--build", action="store_true", help="make the kernel first")
     up.add_argument(
-        "--console", action="store_true", help="attach the console instead of gdb"
+        "--console",
+        action="store_true",
+        help="boot without waiting for gdb and attach the console instead",
     )
     up.add_argument("--memory", type=_unsigned(32), metavar="MIB")
     up.add_argument("--cmdline", metavar="STR", help="kernel command line (new VM)")
@@ -656,7 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logs.add_argument("name", metavar="NAME")
     logs.add_argument(
-        "-f", "--follow", action="store_true", help="keep printing new output"
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new output until the VM stops",
     )
     return parser
 

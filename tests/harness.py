@@ -215,6 +215,11 @@ class Kdlabd:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
+    def events(self) -> list[dict[str, object]]:
+        """The log so far as events (each line is ``<priority>{json}``)."""
+        lines = [line for line in self.log().splitlines() if "{" in line]
+        return [json.loads(line[line.index("{") :]) for line in lines]
+
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -138,11 +138,17 @@ def _devices(parent: etree._Element, spec: VMSpec) -> None:
     _sub(devices, "memballoon", model="none")
 
 
-def build_domain_xml(spec: VMSpec) -> str:
-    """The libvirt domain XML of *spec*: direct kernel boot, serial console, gdbstub."""
+def build_domain_xml(spec: VMSpec, uuid: str | None = None) -> str:
+    """The libvirt domain XML of *spec*: direct kernel boot, serial console, gdbstub.
+
+    *uuid* is the domain's own when it is redefined: libvirt refuses a
+    definition that would give an existing name another UUID.
+    """
     domain_type = "kvm" if spec.accel is Accel.KVM else "qemu"
     root = etree.Element("domain", type=domain_type, nsmap={"qemu": QEMU_NS})
     _sub(root, "name", domain_name(spec.name))
+    if uuid is not None:
+        _sub(root, "uuid", uuid)
     _sub(root, "title", f"kdlab VM {spec.name}")
     _metadata(root, spec)
     _sub(root, "memory", str(spec.memory_mib), unit="MiB")

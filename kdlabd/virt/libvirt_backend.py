@@ -292,10 +292,8 @@ class LibvirtHypervisor:
         return await self._call(define, again=define_again)
 
     async def redefine_vm(self, spec: VMSpec) -> VMRecord:
-        xml = build_domain_xml(spec)
-
         def redefine(conn: libvirt.virConnect) -> VMRecord:
-            self._domain(conn, spec.name)
+            xml = build_domain_xml(spec, self._domain(conn, spec.name).UUIDString())
             record = self._record(
                 conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
             )

@@ -208,8 +208,10 @@ def test_delete_force_stops_a_running_vm_first(ctl: Ctl, client: BusClient) -> N
 
 
 @pytest.mark.usefixtures("kdlabd")
-def test_logs_print_the_console_log(ctl: Ctl) -> None:
-    result = ctl("logs", "booted")
+@pytest.mark.parametrize("follow", [[], ["-f"]])
+def test_logs_print_the_console_log(ctl: Ctl, follow: list[str]) -> None:
+    # "booted" is stopped: following its last boot ends at once.
+    result = ctl("logs", *follow, "booted")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "console of booted\n"
 

@@ -235,6 +235,16 @@ def test_name_title_and_prefix() -> None:
     )
 
 
+def test_a_redefinition_keeps_the_domains_uuid() -> None:
+    """libvirt refuses to redefine a name with another UUID (a kernel with a new
+    release at start redefines the VM)."""
+    uuid = "2f1b8a1e-5c1e-4d8e-9a56-1f0e5b1c2d3e"
+    xml = build_domain_xml(make_spec(), uuid)
+    assert_schema_valid(xml)
+    assert etree.fromstring(xml.encode()).findtext("uuid") == uuid
+    assert etree.fromstring(build_domain_xml(make_spec()).encode()).find("uuid") is None
+
+
 @pytest.mark.parametrize(
     ("accel", "domain_type", "cpu_mode"),
     [(Accel.KVM, "kvm", "host-passthrough"), (Accel.TCG, "qemu", None)],

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,13 @@ from tests.conftest import require, require_tool
 from tests.fixtures import debian
 from tests.harness import ctl_env, kdlabctl
 from tests.vm.conftest import MARKER, Lab, virsh
-from tests.vm.test_lifecycle import state, wait_for_console
+from tests.vm.test_lifecycle import (
+    QEMU_NS,
+    create,
+    read_until,
+    state,
+    wait_for_console,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -72,6 +80,20 @@ def tcp_listeners_of(domain: str) -> list[str]:
         ["ss", "-ltnpH"], capture_output=True, text=True, check=True
     )
     return [line for line in listening.stdout.splitlines() if f"pid={pid}," in line]
+
+
+def tcp_listening_on(port: int) -> list[str]:
+    """The local addresses of every TCP socket on this host listening on *port*."""
+    listening = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    )
+    return [line.split()[3] for line in listening.stdout.splitlines()]
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_paused_start_then_gdb_stops_at_start_kernel(lab: Lab, debug_vm: str) -> None:
@@ -140,12 +162,16 @@ def test_gdb_attaches_to_a_running_vm_again_and_again(lab: Lab, debug_vm: str) -
 
 
 class Console:
-    """``kdlabctl console`` on a pseudo-terminal, as a person would run it."""
+    """``kdlabctl console`` on a pseudo-terminal, as a person would run it.
 
-    def __init__(self, address: str, name: str) -> None:
+    *command* runs another kdlabctl command that ends on the console
+    (``up --console``).
+    """
+
+    def __init__(self, address: str, name: str, *, command: Sequence[str] = ()) -> None:
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kdlabctl", "console", name],
+            [sys.executable, "-m", "kdlabctl", *(command or ["console", name])],
             stdin=slave,
             stdout=slave,
             stderr=slave,
@@ -244,4 +270,171 @@ def test_caller_outside_group_kdlab_gets_no_descriptors(
         result = kdlabctl(address, *command, user=NOBODY, input_text="")
         assert result.returncode == 6, (command, result.stderr)
         assert "does not allow" in result.stderr or "belongs to" in result.stderr
+    assert state(lab, debug_vm) == "running"
+
+
+def test_gdb_tcp_puts_the_stub_on_loopback_only_where_any_local_gdb_attaches(
+    lab: Lab, vm_name: str, vmlinux: Path
+) -> None:
+    require_tool("ss", "iproute2")
+    require_tool("setpriv", "util-linux")
+    port = free_tcp_port()
+    create(lab, vm_name, "--gdb-tcp", str(port), "--vmlinux", str(vmlinux))
+    assert show(lab, vm_name)["gdb_stub"] == f"tcp:127.0.0.1:{port}"
+    assert lab.ctl("start", "--paused", vm_name).returncode == 0
+    assert tcp_listening_on(port) == [f"127.0.0.1:{port}"], "nothing on 0.0.0.0/::"
+    assert len(tcp_listeners_of(f"kdlab-{vm_name}")) == 1
+
+    # A plain gdb of an unprivileged user, no kdlabd in between: on TCP any
+    # local user can attach, as the README warns.
+    gdb = subprocess.run(
+        [
+            *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
+            *("gdb", "-q", "-nx", "--batch", "-ex", f"target remote 127.0.0.1:{port}"),
+            *("-ex", "hbreak start_kernel", "-ex", "continue"),
+            *("-ex", "p init_uts_ns.name.release", str(vmlinux)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": os.environ["PATH"], "HOME": "/"},
+        check=False,
+    )
+    assert gdb.returncode == 0, gdb.stderr
+    assert f'"{lab.kernel.release}"' in gdb.stdout
+    wait_for_console(lab, vm_name, MARKER)
+    # kdlabctl gdb reaches the same stub through kdlabd.
+    brokered = lab.ctl("gdb", vm_name, "--batch", "-ex", "p/x linux_banner[0]@5")
+    assert brokered.returncode == 0, brokered.stderr
+    assert "0x4c, 0x69, 0x6e, 0x75, 0x78" in brokered.stdout  # "Linux"
+
+
+def test_no_gdb_means_no_stub_at_all(lab: Lab, vm_name: str) -> None:
+    require_tool("ss", "iproute2")
+    create(lab, vm_name, "--no-gdb")
+    assert show(lab, vm_name)["gdb_stub"] == "off"
+    assert lab.ctl("start", vm_name).returncode == 0
+    live = etree.fromstring(virsh("dumpxml", f"kdlab-{vm_name}").stdout.encode())
+    assert "-gdb" not in live.xpath("//qemu:arg/@value", namespaces=QEMU_NS)
+    assert "nokaslr" not in live.findtext("os/cmdline", "").split()
+    gdb_dir = lab.daemon.runtime_dir / "gdb"
+    assert not [p for p in gdb_dir.iterdir() if p.name.startswith(f"{vm_name}.")]
+    assert tcp_listeners_of(f"kdlab-{vm_name}") == []
+    refused = kdlabctl(lab.daemon.address, "gdb-proxy", vm_name, input_text="")
+    assert refused.returncode == 3, refused.stderr  # Error.InvalidState
+    assert "no gdbstub" in refused.stderr
+    assert state(lab, vm_name) == "running"
+
+
+@pytest.fixture
+def distro_vmlinux(lab: Lab, vmlinux: Path) -> Iterator[Path]:
+    """/usr/lib/debug/boot/vmlinux-RELEASE, where Debian's -dbg package puts it.
+
+    Unless the package is installed, a hard link to the fixture's vmlinux is
+    there while the test runs (under a lock: concurrent test runs share it).
+    """
+    path = Path(f"/usr/lib/debug/boot/vmlinux-{lab.kernel.release}")
+    with debian._locked("usr-lib-debug-vmlinux"):
+        if path.exists():
+            yield path
+            return
+        made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.link(vmlinux, path)
+        try:
+            yield path
+        finally:
+            path.unlink()
+            for directory in made:
+                directory.rmdir()
+
+
+def test_gdb_finds_vmlinux_in_the_documented_order(
+    lab: Lab, vm_name: str, vmlinux: Path, distro_vmlinux: Path, tmp_path: Path
+) -> None:
+    """--vmlinux, the one given at create, the kernel's build tree, then
+    /usr/lib/debug/boot/vmlinux-RELEASE: each candidate a distinct path (hard
+    links of one vmlinux), removed in turn."""
+    tree, given, recorded = (tmp_path / d for d in ("linux", "given", "recorded"))
+    boot = tree / "arch" / "x86" / "boot"
+    boot.mkdir(parents=True)
+    given.mkdir()
+    recorded.mkdir()
+    os.link(lab.kernel.vmlinuz, boot / "bzImage")
+    for directory in (tree, given, recorded):
+        os.link(vmlinux, directory / "vmlinux")
+    result = lab.ctl(
+        "create",
+        vm_name,
+        *("--kernel", str(boot / "bzImage"), "--initrd", str(lab.initramfs)),
+        *("--vmlinux", str(recorded / "vmlinux"), "--memory", "256"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert lab.ctl("start", "--paused", vm_name).returncode == 0
+
+    def symbols(*args: str) -> str:
+        gdb = lab.ctl("gdb", vm_name, *args, "--batch", "-ex", "info files")
+        assert gdb.returncode == 0, gdb.stderr
+        found = re.search(r'^Symbols from "(.+)"\.$', gdb.stdout, re.MULTILINE)
+        assert found, gdb.stdout
+        return found.group(1)
+
+    assert symbols("--vmlinux", str(given / "vmlinux")) == str(given / "vmlinux")
+    assert symbols() == str(recorded / "vmlinux")
+    (recorded / "vmlinux").unlink()
+    assert symbols() == str(tree / "vmlinux")
+    (tree / "vmlinux").unlink()
+    assert symbols() == str(distro_vmlinux)
+
+
+def test_one_debugger_at_a_time(lab: Lab, debug_vm: str) -> None:
+    """QEMU serves one gdb connection; kdlabd connects a second caller anyway,
+    into QEMU's queue. That gdb gets no answer and gives up; QEMU takes the
+    queued connection when the first debugger detaches, and taking a debugger
+    stops the VM: it stays paused until a debugger attaches and detaches again."""
+    assert lab.ctl("start", "--paused", debug_vm).returncode == 0
+    first = subprocess.Popen(
+        [sys.executable, "-m", "kdlabctl", "gdb", debug_vm],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=ctl_env(lab.daemon.address),
+    )
+    assert first.stdin is not None
+    assert first.stdout is not None
+    try:
+        first.stdin.write(b"info registers rip\n")
+        first.stdin.flush()
+        read_until(first.stdout.fileno(), "rip ", timeout=120)
+
+        # gdb's default timeouts make this take half a minute: shorten them.
+        second = lab.ctl(
+            "gdb",
+            debug_vm,
+            *("--batch", "-iex", "set remotetimeout 1"),
+            *("-ex", "info registers rip"),
+            timeout=300,
+        )
+        assert second.returncode != 0, second.stdout
+        assert not re.search(r"^rip ", second.stdout, re.MULTILINE)
+
+        # The first one is undisturbed.
+        first.stdin.write(b"info registers rip\nquit\n")
+        first.stdin.flush()
+        assert "rip " in read_until(first.stdout.fileno(), "rip ", timeout=60)
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    # The queued connection of the second one, served now, stopped the VM.
+    deadline = time.monotonic() + 60
+    while state(lab, debug_vm) != "paused" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert state(lab, debug_vm) == "paused"
+    # (It may have stopped in the firmware: no kernel memory to read yet.)
+    again = lab.ctl("gdb", debug_vm, "--batch", "-ex", "info registers rip")
+    assert again.returncode == 0, again.stderr
+    assert re.search(r"^rip ", again.stdout, re.MULTILINE)
+    wait_for_console(lab, debug_vm, MARKER)
     assert state(lab, debug_vm) == "running"

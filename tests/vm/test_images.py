@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,23 +20,29 @@ from tests.conftest import require_tool
 from tests.harness import ctl_env, processes_with
 from tests.vm.conftest import POOL_PREFIX, Lab, virsh
 from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
+from tests.vm.test_rootfs_build import SSH_KEY, debugfs
 
 pytestmark = pytest.mark.vm
 
 IMAGE_POOL = f"{POOL_PREFIX}-images"
+BOOT_POOL = f"{POOL_PREFIX}-boot"
 ROOT_MARKER = "KDLAB-ROOT-MOUNTED"
+DISK_MARKER = "KDLAB-ROOT-DISK"
+MIB = 1024 * 1024
 
 
 def ext4_image(path: Path, tree: Path) -> Path:
     """A small whole-disk ext4 whose /sbin/init prints a marker: a root to boot."""
     require_tool("mke2fs", "e2fsprogs")
-    for directory in ("bin", "sbin", "proc", "dev"):
+    for directory in ("bin", "sbin", "proc", "sys", "dev"):
         (tree / directory).mkdir(parents=True, exist_ok=True)
     shutil.copy("/bin/busybox", tree / "bin" / "busybox")
     init = tree / "sbin" / "init"
     init.write_text(
         "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
+        "/bin/busybox mount -t sysfs sysfs /sys\n"
         f'echo "{ROOT_MARKER} $(/bin/busybox cat /proc/cmdline)"\n'
+        f'echo "{DISK_MARKER} $(/bin/busybox cat /sys/block/vda/size) sectors"\n'
         "exec /bin/busybox sh\n"
     )
     init.chmod(0o755)
@@ -305,3 +312,67 @@ def test_wrong_root_device_is_diagnosed_naming_the_vms_disk(
     assert "vda" in diagnosis["fix"]
     human = lab.ctl("show", vm_name).stdout
     assert "root-device-missing" in human
+
+
+def disk_capacity(vm: str) -> int:
+    """The virtual size of *vm*'s root disk volume, in bytes."""
+    info = virsh("vol-info", "--bytes", f"{vm}.vda.qcow2", "--pool", BOOT_POOL)
+    assert info.returncode == 0, info.stderr
+    (capacity,) = re.findall(r"^Capacity:\s+(\d+) bytes$", info.stdout, re.MULTILINE)
+    return int(capacity)
+
+
+def test_resize_grows_an_image_and_disk_size_sizes_a_vms_disk(
+    lab: Lab, image_name: str, vm_name: str, tmp_path: Path
+) -> None:
+    raw = ext4_image(tmp_path / "root.img", tmp_path / "tree")  # 64 MiB
+    assert lab.ctl("image", "import", image_name, str(raw)).returncode == 0
+    shrink = lab.ctl("image", "resize", image_name, "--size", "32M")
+    assert shrink.returncode == 2, shrink.stderr
+    grown = lab.ctl("image", "resize", image_name, "--size", "96M")
+    assert grown.returncode == 0, grown.stderr
+    assert images(lab)[image_name]["capacity"] == 96 * MIB
+
+    kernel = ("--kernel", str(lab.kernel.vmlinuz), "--memory", "256")
+    created = lab.ctl("create", vm_name, *kernel, "--image", image_name)
+    assert created.returncode == 0, created.stderr
+    bigger = f"{vm_name}-big"
+    try:
+        created = lab.ctl(
+            "create", bigger, *kernel, "--image", image_name, "--disk-size", "128M"
+        )
+        assert created.returncode == 0, created.stderr
+        assert disk_capacity(bigger) == 128 * MIB
+    finally:
+        lab.ctl("delete", bigger)
+    assert disk_capacity(vm_name) == 96 * MIB
+
+    # The guest sees the grown disk.
+    assert lab.ctl("start", vm_name).returncode == 0
+    log = wait_for_console(lab, vm_name, " sectors")
+    assert f"{DISK_MARKER} {96 * MIB // 512} sectors" in log
+
+
+def test_image_build_installs_packages_and_the_ssh_key(
+    lab: Lab, image_name: str, tmp_path: Path
+) -> None:
+    """``image build --packages --ssh-key`` through kdlabctl: both are in the image."""
+    require_tool("debootstrap", "debootstrap")
+    require_tool("debugfs", "e2fsprogs")
+    key = tmp_path / "id_ed25519.pub"
+    key.write_text(SSH_KEY + "\n")
+    built = lab.ctl(
+        "image",
+        "build",
+        image_name,
+        *("--debootstrap", "bookworm", "--size", "1G"),
+        *("--packages", "strace", "--ssh-key", str(key)),
+        timeout=900,
+    )
+    assert built.returncode == 0, built.stderr
+    volume = Path(virsh("vol-path", image_name, "--pool", IMAGE_POOL).stdout.strip())
+    assert debugfs(volume, "cat /root/.ssh/authorized_keys") == SSH_KEY + "\n"
+    installed = debugfs(volume, "cat /var/lib/dpkg/status")
+    for package in ("strace", "openssh-server"):
+        assert f"Package: {package}\nStatus: install ok installed\n" in installed
+    assert "Type: regular" in debugfs(volume, "stat /usr/bin/strace")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from lxml import etree
 
+from tests.harness import ctl_env
 from tests.vm.conftest import MARKER, TEST_POOL, Lab, virsh
 
 pytestmark = pytest.mark.vm
@@ -51,6 +55,25 @@ def wait_for_console(lab: Lab, name: str, text: str, timeout: float = 90) -> str
     raise AssertionError(
         f"{text!r} not on {name}'s console after {timeout}s:\n{log[-3000:]}"
     )
+
+
+def read_until(stream: int, text: str, timeout: float) -> str:
+    """Read the pipe *stream* until *text* has come; what was read."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while text.encode() not in seen:
+        ready, _, _ = select.select([stream], [], [], deadline - time.monotonic())
+        chunk = os.read(stream, 65536) if ready else b""
+        if not chunk:
+            raise AssertionError(f"{text!r} not read; got {seen[-3000:]!r}")
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+def holds_open(pid: int, path: Path) -> bool:
+    """Whether process *pid* has *path* open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fds / fd) == str(path) for fd in os.listdir(fds))
 
 
 def wait_for_diagnosis(lab: Lab, name: str, timeout: float = 90) -> dict[str, str]:
@@ -162,3 +185,50 @@ def test_bad_name_is_refused_and_leaves_nothing(lab: Lab) -> None:
     assert result.returncode == 2
     assert "invalid VM name" in result.stderr
     assert "kdlab-../etc" not in virsh("list", "--all", "--name").stdout
+
+
+def test_logs_follow_a_boot_until_the_vm_stops_forced_after_the_timeout(
+    lab: Lab, vm_name: str
+) -> None:
+    """``logs -f`` prints what a boot writes after it started and ends with the VM;
+    ``stop`` pulls the plug after its timeout on a guest that ignores ACPI (the
+    busybox initramfs runs no acpid, so the power button does nothing)."""
+    create(lab, vm_name)
+    assert lab.ctl("start", "--paused", vm_name).returncode == 0
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "kdlabctl", "logs", "-f", vm_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ctl_env(lab.daemon.address),
+    )
+    assert follower.stdout is not None
+    try:
+        log = lab.daemon.state_dir / "vms" / vm_name / "console.log"
+        deadline = time.monotonic() + 60
+        while not holds_open(follower.pid, log) and time.monotonic() < deadline:
+            assert follower.poll() is None, follower.communicate()
+            time.sleep(0.1)
+        assert holds_open(follower.pid, log), "logs -f never opened the log"
+        # The CPUs ran no instruction before this: all the follower prints
+        # comes after it started.
+        assert virsh("resume", f"kdlab-{vm_name}").returncode == 0
+        followed = read_until(follower.stdout.fileno(), MARKER, timeout=90)
+        assert "Linux version" in followed
+
+        stopped = lab.ctl("stop", vm_name, "--timeout", "3", timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        assert state(lab, vm_name) == "stopped"
+        stops = [
+            event
+            for event in lab.daemon.events()
+            if event.get("event") == "vm.stopped" and event.get("vm") == vm_name
+        ]
+        assert [event["forced"] for event in stops] == [True]
+        # The follower ends by itself once the VM has stopped.
+        rest, errors = follower.communicate(timeout=30)
+        assert follower.returncode == 0, errors
+        assert "reboot: Power down" not in followed + rest.decode(errors="replace")
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +13,10 @@ import pytest
 
 from tests.conftest import require, require_tool
 from tests.fixtures import debian, kernel_tree
-from tests.vm.conftest import Lab
-from tests.vm.test_images import ext4_image
-from tests.vm.test_lifecycle import wait_for_diagnosis
+from tests.vm.conftest import TEST_POOL, Lab, virsh
+from tests.vm.test_debug import Console, show
+from tests.vm.test_images import ROOT_MARKER, ext4_image
+from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
 
 pytestmark = pytest.mark.vm
 
@@ -93,3 +96,74 @@ def test_root_sda_on_a_virtio_disk_panics_and_is_diagnosed(
     assert "VFS: Unable to mount root fs" in lab.ctl("logs", vm_name).stdout
     assert diagnosis["code"] == "root-device-missing"
     assert "vda" in diagnosis["fix"]
+
+
+def test_up_builds_then_boots_a_new_vm_on_an_image_on_the_console(
+    lab: Lab, image: str, vm_name: str, minimal_build: Path
+) -> None:
+    """``up --build --image --console``: make runs (nothing to redo in the cached
+    build), the new VM gets the image as its root disk and boots, and the console
+    is attached instead of gdb: nothing waits for a debugger."""
+    up = Console(
+        lab.daemon.address,
+        vm_name,
+        command=[
+            *("up", str(minimal_build), "--name", vm_name),
+            *("--build", "--image", image, "--console"),
+        ],
+    )
+    try:
+        up.expect(b"built in ", timeout=600)
+        up.expect(b"escape character is ^]", timeout=120)
+        up.expect(f"{ROOT_MARKER} root=/dev/vda rw".encode(), timeout=120)
+        up.type(b"echo up-$((6*7))\r")
+        up.expect(b"up-42")
+        assert up.detach() == 0
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+            up.proc.wait()
+    shown = show(lab, vm_name)
+    assert shown["tree"] == str(minimal_build)
+    assert shown["state"] == "running"
+    assert shown["waiting_for_debugger"] is False
+    used = json.loads(lab.ctl("image", "list", "--json").stdout)
+    assert [i["used_by"] for i in used if i["name"] == image] == [[vm_name]]
+
+
+def test_a_tree_vm_boots_the_newest_bzimage_at_each_start(
+    lab: Lab, vm_name: str, minimal_build: Path, tmp_path: Path
+) -> None:
+    """Between two starts the tree's bzImage is replaced by another kernel (what
+    a rebuild does): the second boot is of the new one."""
+    tree = tmp_path / "build"  # an O= directory: what kdlabctl reads of one
+    (tree / "include" / "config").mkdir(parents=True)
+    (tree / "arch" / "x86" / "boot").mkdir(parents=True)
+    (tree / "source").symlink_to((minimal_build / "source").resolve())
+    release_file = Path("include/config/kernel.release")
+    shutil.copy(minimal_build / release_file, tree / release_file)
+    bzimage = tree / "arch" / "x86" / "boot" / "bzImage"
+    shutil.copy(minimal_build / "arch" / "x86" / "boot" / "bzImage", bzimage)
+    release = (minimal_build / release_file).read_text().strip()
+    created = lab.ctl(
+        "create", vm_name, "--tree", str(tree), "--initrd", str(lab.initramfs)
+    )
+    assert created.returncode == 0, created.stderr
+
+    for kernel, booted in [
+        (None, release),
+        (lab.kernel.vmlinuz, lab.kernel.release),
+    ]:
+        if kernel is not None:
+            assert lab.ctl("stop", "--force", vm_name).returncode == 0
+            staged = bzimage.with_name("bzImage.new")
+            shutil.copy(kernel, staged)
+            staged.replace(bzimage)
+        assert lab.ctl("start", vm_name).returncode == 0
+        wait_for_console(lab, vm_name, f"Linux version {booted} ")
+        assert show(lab, vm_name)["kernel_release"] == booted
+        uploaded = Path(
+            virsh("vol-path", f"{vm_name}.kernel", "--pool", TEST_POOL).stdout.strip()
+        )
+        digest = hashlib.sha256(uploaded.read_bytes()).hexdigest()
+        assert digest == hashlib.sha256(bzimage.read_bytes()).hexdigest()
