@@ -39,6 +39,7 @@ exit codes:
   6   not authorized (NotAuthorized)
   7   libvirt or QEMU failed (HypervisorError)
   8   an image build failed (BuildFailed)
+  9   over one of kdlabd's configured limits (LimitExceeded)
   69  kdlabd or the bus is not reachable
 """
 

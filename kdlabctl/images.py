@@ -63,11 +63,13 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
             i["Format"],
             human(i["Capacity"]),
             human(i["Allocation"]),
+            output.user_name(i["Owner"]),
             ",".join(i["UsedBy"]) or "-",
         ]
         for i in images
     ]
-    print(output.table(["NAME", "FORMAT", "SIZE", "ALLOCATED", "USED BY"], rows))
+    headers = ["NAME", "FORMAT", "SIZE", "ALLOCATED", "OWNER", "USED BY"]
+    print(output.table(headers, rows))
     return EXIT_OK
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdlabd.core import validate
+from kdlabd.core.limits import HostResources, Limits
 from kdlabd.core.models import Accel
 from kdlabd.errors import InvalidArgument
 
@@ -32,6 +34,25 @@ class Config:
     polkit_timeout: float = 25.0
     # Seconds a call that needs libvirt waits while kdlabd reconnects to it.
     reconnect_wait: float = 15.0
+    # Limits (kdlabd.core.limits): max_X configures Limits.X.
+    max_memory_mib: int | None = None  # default: the host's memory
+    max_vcpus: int | None = None  # default: the host's CPUs
+    max_disk_gib: int = Limits.disk_gib
+    max_extra_disks: int = Limits.extra_disks
+    max_vms_per_user: int = Limits.vms_per_user
+    max_jobs_per_user: int = Limits.jobs_per_user
+    max_console_viewers_per_vm: int = Limits.console_viewers_per_vm
+    max_console_viewers_per_user: int = Limits.console_viewers_per_user
+
+    def limits(self, host: HostResources) -> Limits:
+        """The limits in force on *host*: memory and vCPUs never above its own."""
+        configured = {
+            field.name: getattr(self, f"max_{field.name}")
+            for field in dataclasses.fields(Limits)
+        }
+        return Limits(
+            **{key: value for key, value in configured.items() if value is not None}
+        ).within_host(host)
 
     @property
     def boot_pool_dir(self) -> Path:
@@ -42,6 +63,7 @@ class Config:
         return self.state_dir / "images"
 
 
+_LIMIT_MAX = 2**32 - 1
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _SECONDS = ("polkit_timeout", "reconnect_wait")
 
@@ -55,6 +77,8 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise InvalidArgument(f"{key} must be a positive number of seconds")
         return float(value)
+    if key.startswith("max_"):
+        return _limit(key, value)
     if not isinstance(value, str):
         raise InvalidArgument(f"configuration key {key!r} must be a string")
     if key in ("state_dir", "runtime_dir", "cache_dir"):
@@ -69,6 +93,13 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "log_format" and value not in ("auto", "json", "console"):
         raise InvalidArgument("log_format must be auto, json or console")
     return value
+
+
+def _limit(key: str, value: Any) -> int:
+    """A limit: a count or size of at least 1 (0 extra disks may be allowed)."""
+    if key == "max_extra_disks":
+        return validate.in_range(value, (0, validate.MAX_EXTRA_DISKS), key)
+    return validate.in_range(value, (1, _LIMIT_MAX), key)
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> Config:

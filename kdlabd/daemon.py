@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sys
 
@@ -49,9 +50,20 @@ async def serve(config: Config) -> None:
         accel = await hypervisor.resolve_accel(config.accel)
         authorizer = await Authorizer.for_bus(bus, config.polkit_timeout)
         exporter = BusExporter(bus, authorizer)
+        limits = config.limits(await hypervisor.host_resources())
+        log.info("kdlabd.limits", **dataclasses.asdict(limits))
         jobs = JobManager()
         jobs.observer = exporter
-        vms = VMService(hypervisor, layout, accel, exporter)
+        # Each service asks the other: VMs look images up, images ask who uses
+        # them. The lambda finds `images` when a VM is created, made by then.
+        vms = VMService(
+            hypervisor,
+            layout,
+            accel,
+            exporter,
+            images=lambda name: images.for_disk(name),  # noqa: PLW0108
+            limits=limits,
+        )
         images = ImageService(
             hypervisor,
             jobs=jobs,
@@ -60,6 +72,7 @@ async def serve(config: Config) -> None:
             cache_dir=layout.cache_dir(),
             journal=Journal(layout.journal_dir()),
             observer=exporter,
+            limits=limits,
         )
         exporter.serve(vms, images, jobs)
 

@@ -82,6 +82,16 @@ class BuildFailed(KdlabError):
     exit_code = 8
 
 
+class LimitExceeded(KdlabError):
+    """The request is over one of kdlabd's configured limits (sizes, counts).
+
+    The message names the limit, its value and its configuration key.
+    """
+
+    reason = "LimitExceeded"
+    exit_code = 9
+
+
 class NotAuthorized(KdlabError):
     """The caller may not do this."""
 
@@ -112,6 +122,7 @@ ERRORS: tuple[type[KdlabError], ...] = (
     ImageExists,
     NoSuchJob,
     BuildFailed,
+    LimitExceeded,
     NotAuthorized,
     HypervisorError,
     Internal,

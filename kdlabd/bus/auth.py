@@ -7,8 +7,8 @@ With polkit on the bus, every call is a ``CheckAuthorization`` of the
 caller's ``system-bus-name`` (never a pid, which can be recycled), for one of
 kdlab's actions (systemd/org.kdlab.Kdlab1.policy; a rule grants group
 ``kdlab``). Any polkit failure denies. Without polkit: anyone may inspect;
-root and members of group ``kdlab`` may manage and debug their own VMs; only
-root may touch VMs that belong to someone else.
+root and members of group ``kdlab`` may manage and debug their own VMs and
+images; only root may touch VMs and images that belong to someone else.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ class Authorizer:
     async def require(
         self, bus_name: str, action: Action, owner_uid: int | None = None
     ) -> Caller:
-        """Return the caller if it may perform *action* (on a VM of *owner_uid*)."""
+        """Return the caller if it may perform *action* (on a VM or image of
+        *owner_uid*)."""
         caller = await self.caller(bus_name)
         if not await self._allowed(caller, action):
             log.info("auth.denied", uid=caller.uid, action=action.value)
@@ -159,8 +160,8 @@ class Authorizer:
         ):
             log.info("auth.denied", uid=caller.uid, action=Action.MANAGE_OTHERS.value)
             raise NotAuthorized(
-                f"this VM belongs to uid {owner_uid}; only its owner or root may "
-                "change it"
+                f"it belongs to uid {owner_uid}; only its owner, or a user allowed "
+                f"{Action.MANAGE_OTHERS.value} (root), may change it"
             )
         return caller
 

@@ -28,11 +28,14 @@ class ImageInterface(ServiceInterface):
         self._props = self._properties(image)
 
     def resource_owner(self) -> int | None:
-        return None
+        """Another user's image needs manage-others to delete or resize."""
+        owner: int = self._props["Owner"]
+        return owner
 
     def _properties(self, image: ImageRecord) -> dict[str, Any]:
         return {
             "Name": image.name,
+            "Owner": image.owner_uid,
             "Format": image.format.value,
             "Capacity": image.capacity,
             "Allocation": image.allocation,
@@ -48,7 +51,10 @@ class ImageInterface(ServiceInterface):
 
     @exported(Action.MANAGE_VMS)
     async def Delete(self, caller: Caller) -> None:
-        """Delete the image; refused while a VM's disk is based on it."""
+        """Delete the image; refused while a VM's disk is based on it.
+
+        Another user's image: only with manage-others (root without polkit).
+        """
         await self.images.delete(self._name)
 
     @exported(Action.MANAGE_VMS)
@@ -60,6 +66,11 @@ class ImageInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> "s":
         return self._props["Name"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Owner(self) -> "u":
+        """The uid that imported, built or created the image (0 if not recorded)."""
+        return self._props["Owner"]
 
     @dbus_property(access=PropertyAccess.READ)
     def Format(self) -> "s":

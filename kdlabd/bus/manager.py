@@ -95,9 +95,9 @@ class ManagerInterface(ServiceInterface):
     async def CreateImage(
         self, caller: Caller, name: "s", size: "t", options: "a{sv}"
     ) -> "o":
-        """A blank image of *size* bytes."""
+        """A blank image of *size* bytes, owned by the caller."""
         take(options, {})
-        return image_path((await self.images.create(name, size)).name)
+        return image_path((await self.images.create(name, size, caller.uid)).name)
 
     @exported(Action.MANAGE_VMS)
     async def ImportImage(

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from kdlabd.core.limits import HostResources
 from kdlabd.core.models import (
     Accel,
     ImageRecord,
@@ -52,6 +53,9 @@ class Hypervisor(Protocol):
     async def resolve_accel(self, accel: Accel) -> Accel:
         """Turn ``auto`` into ``kvm`` or ``tcg`` here; check explicit choices."""
 
+    async def host_resources(self) -> HostResources:
+        """The memory and CPUs of the host the VMs run on."""
+
     async def list_vms(self) -> list[VMRecord]:
         """Every kdlab VM the hypervisor has, running or not."""
 
@@ -80,10 +84,19 @@ class Hypervisor(Protocol):
         """Open the VM's serial console; output goes to *on_output* on the loop."""
 
     async def list_images(self) -> list[ImageRecord]:
-        """Every volume of kdlab's image pool."""
+        """Every image of kdlab's image pool, with its owner."""
 
     async def get_image(self, name: str) -> ImageRecord | None:
         """The image *name*, or None."""
+
+    async def image_owners(self) -> dict[str, int]:
+        """The owner recorded for each image name, images made or not yet."""
+
+    async def set_image_owner(self, name: str, uid: int | None) -> None:
+        """Record *uid* as the owner of image *name* (None: forget its owner).
+
+        Recorded before the image is made, so no image exists without its owner.
+        """
 
     async def create_image(self, name: str, size: int) -> ImageRecord:
         """A blank (sparse raw) image of *size* bytes."""
@@ -97,7 +110,7 @@ class Hypervisor(Protocol):
         """What the image *name* holds as stored (never what a client offered)."""
 
     async def delete_image(self, name: str) -> None:
-        """Delete the image *name* if it exists."""
+        """Delete the image *name* if it exists, and its owner record."""
 
     async def resize_image(self, image: ImageRecord, size: int) -> ImageRecord:
         """Grow *image* to *size* bytes."""

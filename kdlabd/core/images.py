@@ -1,8 +1,11 @@
 """Disk images: volumes of kdlab's image pool that VM disks are overlays of.
 
 Imports and builds are jobs (see :mod:`kdlabd.core.jobs`); creating,
-resizing and deleting are quick calls. An image some VM's disk is based on
-cannot be deleted or resized under it.
+resizing and deleting are quick calls. An image belongs to the uid that made
+it (the bus layer lets only its owner, or a user allowed to manage others',
+delete or resize it). An image some VM's disk is based on, or one a VM is
+being created on, is never deleted or resized under it, and no VM is created
+on an image that is still being imported, built or changed.
 
 A build is journalled before it starts anything, with its scratch directory
 and the token of its sandbox (:mod:`kdlabd.core.sandbox`), so a kdlabd killed
@@ -25,7 +28,8 @@ import structlog
 from kdlabd.core import validate
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
-from kdlabd.core.journal import Journal, crash_point
+from kdlabd.core.journal import Journal, crash_point, hold_point
+from kdlabd.core.limits import Limits
 from kdlabd.core.models import ImageFormat, ImageRecord, ImageSource
 from kdlabd.core.rootfs import Progress as RootfsProgress
 from kdlabd.core.rootfs import RootfsSpec, build_rootfs
@@ -40,6 +44,9 @@ from kdlabd.errors import (
 )
 
 log = structlog.get_logger(__name__)
+
+# What a job does to its image, for "image X is still being ...".
+_MADE = {"import": "imported", "build": "built"}
 
 Builder = Callable[[Path, Callable[[float, str], None]], Awaitable[None]]
 """Writes a raw image file at the given path, reporting (fraction, status)."""
@@ -66,6 +73,7 @@ class ImageService:
         cache_dir: Path,
         journal: Journal,
         observer: ImageObserver,
+        limits: Limits | None = None,
     ) -> None:
         self._hv = hypervisor
         self._jobs = jobs
@@ -74,6 +82,7 @@ class ImageService:
         self._cache_dir = cache_dir
         self._journal = journal
         self._observer = observer
+        self._limits = limits or Limits()
         self._images: dict[str, ImageRecord] = {}
         self._busy: set[str] = set()
         self._scratches: set[Path] = set()  # of the builds under way
@@ -140,16 +149,25 @@ class ImageService:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
     async def reconcile(self) -> list[str]:
-        """Delete images whose import or build died half-way (kdlabd or libvirtd)."""
+        """Delete images whose import or build died half-way (kdlabd or libvirtd),
+        and owner records of images that were never made."""
         removed = []
         for name in self._journal.pending("image"):
             if name in self._busy:
                 continue
             if name in self._images:
-                await self._hv.delete_image(name)
-                self._forget(name)
-                removed.append(name)
+                try:
+                    await self._delete(name)
+                except InvalidState:
+                    # A VM's disk is based on it (a kdlabd older than the check
+                    # let that happen): keep it, the VM would lose its disk.
+                    log.error("reconcile.partial_image_in_use", image=name)
+                else:
+                    removed.append(name)
             self._journal.done("image", name)
+        for name in await self._hv.image_owners():
+            if name not in self._images and name not in self._busy:
+                await self._hv.set_image_owner(name, None)
         if removed:
             log.warning("reconcile.removed_partial_images", removed=removed)
         return removed
@@ -168,12 +186,37 @@ class ImageService:
     def used_by(self, name: str) -> tuple[str, ...]:
         return self._users(name)
 
-    async def create(self, name: str, size: int) -> ImageRecord:
-        """A blank (sparse) raw image."""
-        with self._claimed(name):
-            image = await self._hv.create_image(
-                name, validate.disk_size(size, "image size")
+    def for_disk(self, name: str) -> ImageRecord:
+        """The image *name*, for a new VM's disk to be based on.
+
+        Refused while the image is being imported, built, resized or deleted:
+        a VM's overlay on a half-written image would boot garbage, and the
+        image's rollback would delete it from under the VM.
+        """
+        if name in self._busy:
+            job = self._jobs.running_on(name)
+            if job is not None:
+                raise InvalidState(
+                    f"image {name!r} is still being {_MADE.get(job.kind, job.kind)}; "
+                    f"wait for job {job.id} to end (its Completed signal)"
+                )
+            raise InvalidState(
+                f"image {name!r} is busy with another operation; try again"
             )
+        return self.get(name)
+
+    async def create(self, name: str, size: int, owner_uid: int) -> ImageRecord:
+        """A blank (sparse) raw image owned by *owner_uid*."""
+        size = self._size(size)
+        with self._claimed(name):
+            # Recorded first: an image never exists without its owner.
+            await self._hv.set_image_owner(name, owner_uid)
+            try:
+                image = await self._hv.create_image(name, size)
+            except BaseException:
+                with contextlib.suppress(Exception):  # else pruned at start-up
+                    await self._hv.set_image_owner(name, None)
+                raise
         self._store(image)
         return image
 
@@ -183,7 +226,8 @@ class ImageService:
         The descriptor is checked now (raw, or a self-contained qcow2) and
         duplicated, because the caller's copy is closed when the call returns.
         """
-        source = validate.image_source(fd)
+        self._room_for_job(owner_uid)
+        source = validate.image_source(fd, self._limits)
         self._reserve(name)
         own = ImageSource(os.dup(fd), source.size, source.format, source.capacity)
 
@@ -207,6 +251,7 @@ class ImageService:
 
     def build_rootfs(self, name: str, spec: RootfsSpec, owner_uid: int) -> Job:
         """A job: debootstrap a Debian root filesystem into the new image *name*."""
+        self._limits.disk(spec.size_bytes, "image size")
 
         sandbox = BuildSandbox()
 
@@ -231,6 +276,7 @@ class ImageService:
         The build is journalled first (see :meth:`clean_builds`); the
         processes *builder* runs in *sandbox* are killed if it fails.
         """
+        self._room_for_job(owner_uid)
         self._reserve(name)
         box = sandbox or BuildSandbox()
 
@@ -249,7 +295,7 @@ class ImageService:
                 try:
                     image = await self._upload(
                         name,
-                        validate.image_source(fd),
+                        validate.image_source(fd, self._limits),
                         job,
                         (0.9, 0.1),
                         lambda: crash_point("build.upload-started"),
@@ -270,15 +316,13 @@ class ImageService:
 
     async def delete(self, name: str) -> None:
         self.get(name)
-        self._refuse_if_used(name, "delete")
         with self._claimed(name, exists=True):
-            await self._hv.delete_image(name)
-        self._forget(name)
+            await self._delete(name)
 
     async def resize(self, name: str, size: int) -> ImageRecord:
         image = self.get(name)
         self._refuse_if_used(name, "resize")
-        validate.disk_size(size, "image size")
+        self._size(size)
         if size < image.capacity:
             raise InvalidArgument(
                 f"image {name!r} is {image.capacity} bytes; shrinking would cut its "
@@ -297,7 +341,8 @@ class ImageService:
         bytes in the pool count (see :func:`validate.stored_image`).
         """
         try:
-            validate.stored_image(await self._hv.inspect_image(name), expected)
+            stored = await self._hv.inspect_image(name)
+            validate.stored_image(stored, expected, self._limits)
         except InvalidArgument as err:
             log.warning("image.refused_as_stored", image=name, reason=str(err))
             raise
@@ -323,8 +368,11 @@ class ImageService:
         # The intent stays if the upload fails and its own rollback could not
         # delete the volume (libvirtd went away): reconciliation does it later.
         self._journal.begin("image", name)
-        started()
         try:
+            # Recorded first: an image never exists without its owner.
+            await self._hv.set_image_owner(name, job.owner_uid)
+            started()
+            await hold_point("image.upload-started")
             image = await finish_on_cancel(
                 self._hv.upload_image(name, source, progress)
             )
@@ -332,9 +380,8 @@ class ImageService:
             await self._judge_stored(name, source.format)
         except BaseException:
             with contextlib.suppress(Exception):
-                await self._hv.delete_image(name)
-                if await self._hv.get_image(name) is None:
-                    self._journal.done("image", name)
+                await self._delete(name)
+                self._journal.done("image", name)
             raise
         self._journal.done("image", name)
         self._store(image)
@@ -343,6 +390,23 @@ class ImageService:
     def _make_scratch(self, scratch: Path) -> None:
         self._scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         scratch.mkdir(mode=0o700)
+
+    async def _delete(self, name: str) -> None:
+        """Delete image *name* (volume and owner), unless a VM's disk is based on it.
+
+        Every path that deletes an image comes here: a delete, the rollback of
+        an import or build, reconciliation.
+        """
+        self._refuse_if_used(name, "delete")
+        await self._hv.delete_image(name)
+        self._forget(name)
+
+    def _size(self, size: int) -> int:
+        """An image size: valid (InvalidArgument), within the limit (LimitExceeded)."""
+        return self._limits.disk(validate.disk_size(size, "image size"), "image size")
+
+    def _room_for_job(self, owner_uid: int) -> None:
+        self._limits.room_for_job(owner_uid, self._jobs.running_of(owner_uid))
 
     def _refuse_if_used(self, name: str, what: str) -> None:
         users = self.used_by(name)

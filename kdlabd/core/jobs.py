@@ -155,9 +155,21 @@ class JobManager:
     def list(self) -> list[Job]:
         return list(self._jobs.values())
 
-    def running(self, kind: str, target: str) -> bool:
-        return any(
-            j.kind == kind and j.target == target and j.state is JobState.RUNNING
+    def running_on(self, target: str) -> Job | None:
+        """The running job that works on *target*, if any."""
+        return next(
+            (
+                j
+                for j in self._jobs.values()
+                if j.target == target and j.state is JobState.RUNNING
+            ),
+            None,
+        )
+
+    def running_of(self, owner_uid: int) -> int:
+        """How many jobs of *owner_uid* are running."""
+        return sum(
+            j.owner_uid == owner_uid and j.state is JobState.RUNNING
             for j in self._jobs.values()
         )
 

@@ -8,14 +8,17 @@ job of rolling it back. An intent may carry what the rollback needs to know
 (a build's scratch directory and the token naming its processes), as JSON.
 
 :func:`crash_point` lets tests kill kdlabd at a named step
-(``KDLAB_TEST_CRASH_AT=create.kernel-uploaded``), and :func:`fault_point`
+(``KDLAB_TEST_CRASH_AT=create.kernel-uploaded``), :func:`fault_point`
 makes a named step raise an unexpected exception
-(``KDLAB_TEST_FAULT_AT=call.ListVMs``); without those variables they do
-nothing.
+(``KDLAB_TEST_FAULT_AT=call.ListVMs``), and :func:`hold_point` makes an
+operation wait at one until it is cancelled
+(``KDLAB_TEST_HOLD_AT=image.upload-started``), to see what others may do
+meanwhile; without those variables they do nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -23,6 +26,7 @@ from pathlib import Path
 
 CRASH_ENV = "KDLAB_TEST_CRASH_AT"
 FAULT_ENV = "KDLAB_TEST_FAULT_AT"
+HOLD_ENV = "KDLAB_TEST_HOLD_AT"
 
 
 class InjectedFault(RuntimeError):
@@ -39,6 +43,12 @@ def fault_point(name: str) -> None:
     """Raise here, as a bug would, when the test environment asks for it."""
     if os.environ.get(FAULT_ENV) == name:
         raise InjectedFault(f"fault injected at {name} ({FAULT_ENV})")
+
+
+async def hold_point(name: str) -> None:
+    """Wait here until cancelled, when the test environment asks for it."""
+    if os.environ.get(HOLD_ENV) == name:
+        await asyncio.Event().wait()
 
 
 class Journal:

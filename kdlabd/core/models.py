@@ -63,6 +63,9 @@ class ImageRecord:
     capacity: int
     allocation: int
     path: Path
+    owner_uid: int = 0
+    """The uid that imported, built or created it; root (0) for images kdlab
+    did not record an owner of (made before owners were recorded, or by hand)."""
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,14 @@ import os
 import re
 import stat
 import struct
+from typing import TYPE_CHECKING
 
 from kdlabd.core.models import ImageFormat, ImageSource, StoredImage
 from kdlabd.errors import InvalidArgument
 from kdlabd.wire import RELEASE_MAX, is_safe_release
+
+if TYPE_CHECKING:  # kdlabd.core.limits imports this module's ranges
+    from kdlabd.core.limits import Limits
 
 NAME_MAX = 63
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -84,7 +88,9 @@ def in_range(value: int, bounds: tuple[int, int], what: str) -> int:
 
 
 DISK_BYTES_RANGE = (1024 * 1024, 16 * 1024**4)
-MAX_EXTRA_DISKS = 8
+# virtio disks are vda..vdz: the image's overlay, then at most 25 others. How
+# many a caller may have is a limit (kdlabd.core.limits), at most this.
+MAX_EXTRA_DISKS = 25
 
 
 def disk_size(value: int, what: str = "disk size") -> int:
@@ -170,15 +176,17 @@ _QCOW2_MAGIC = b"QFI\xfb"
 _QCOW2_EXTERNAL_DATA = 1 << 2
 
 
-def image_source(fd: int) -> ImageSource:
+def image_source(fd: int, limits: Limits) -> ImageSource:
     """An image file to import: raw, or a self-contained qcow2.
 
     This judges the bytes offered, for an early and clear answer; what counts
     is the judgement of the bytes stored (:func:`stored_image`), because the
-    caller may rewrite the file while it is uploaded.
+    caller may rewrite the file while it is uploaded. Its virtual size (a raw
+    file's size) is at most the disk size limit.
     """
     size = readable_file(fd, "image", IMAGE_MAX_BYTES)
     fmt, capacity = image_header(os.pread(fd, IMAGE_HEADER_BYTES, 0), size)
+    limits.disk(capacity, "the image's virtual size")
     return ImageSource(fd, size, fmt, capacity)
 
 
@@ -215,7 +223,7 @@ def image_header(header: bytes, size: int) -> tuple[ImageFormat, int]:
     return ImageFormat.QCOW2, virtual_size
 
 
-def stored_image(stored: StoredImage, expected: ImageFormat) -> None:
+def stored_image(stored: StoredImage, expected: ImageFormat, limits: Limits) -> None:
     """Judge an image as it was stored in the pool, not as it was offered.
 
     *stored* is what the hypervisor found in the volume after the bytes came
@@ -248,3 +256,4 @@ def stored_image(stored: StoredImage, expected: ImageFormat) -> None:
             f"the stored image has a virtual size of {stored.virtual_size} bytes; "
             f"at most {DISK_BYTES_RANGE[1]} are accepted"
         )
+    limits.disk(stored.virtual_size, "the stored image's virtual size")

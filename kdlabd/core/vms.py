@@ -28,6 +28,7 @@ from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.diagnosis import BootFacts, Diagnosis, diagnose, read_console_log
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.journal import crash_point
+from kdlabd.core.limits import Limits
 from kdlabd.core.models import (
     Accel,
     Backing,
@@ -46,6 +47,9 @@ from kdlabd.errors import (
     NoSuchVM,
     VMExists,
 )
+
+ImageForDisk = Callable[[str], ImageRecord]
+"""Finds an image a new VM's disk may be based on (see ImageService.for_disk)."""
 
 log = structlog.get_logger(__name__)
 
@@ -187,13 +191,19 @@ class VMService:
         layout: Layout,
         accel: Accel,
         observer: VMObserver,
+        *,
+        images: ImageForDisk | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._hv = hypervisor
         self._layout = layout
         self._accel = accel
         self._observer = observer
+        self._images = images
+        self._limits = limits or Limits()
         self._vms: dict[str, VMRecord] = {}
-        self._creating: set[str] = set()
+        # VMs being created, by name: their names, owners and images are taken.
+        self._creating: dict[str, CreateRequest] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._transitions: dict[str, VMState] = {}
         self._waiting: set[str] = set()
@@ -311,7 +321,8 @@ class VMService:
             initrd_size = validate.readable_file(
                 request.initrd_fd, "initrd", validate.INITRD_MAX_BYTES
             )
-        with self._reserve(name):
+        with self._reserve(request):
+            base = self._image_for(request)
             if await self._hv.get_vm(name) is not None:
                 raise VMExists(f"a VM named {name!r} already exists")
             async with contextlib.AsyncExitStack() as undo:
@@ -330,7 +341,7 @@ class VMService:
                     undo.push_async_callback(
                         _undo, self._hv.delete_vm_volume, initrd_volume(name)
                     )
-                disks = await self._create_disks(request, undo)
+                disks = await self._create_disks(request, base, undo)
                 crash_point("create.disks-created")
                 vm_dir = self._layout.vm_dir(name)
                 vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -344,18 +355,29 @@ class VMService:
         log.info("vm.created", vm=name, owner_uid=request.owner_uid, uuid=record.uuid)
         return self.get(name)
 
+    def _image_for(self, request: CreateRequest) -> ImageRecord | None:
+        """The image the new VM's disk is based on, from the image service.
+
+        Called once the VM is reserved: from then on the image counts as used
+        (see :meth:`uses_image`), so it cannot be deleted or resized under the
+        overlay being made.
+        """
+        if not request.image:
+            return None
+        if self._images is None:
+            raise NoSuchImage(f"no image named {request.image!r}: kdlabd has none")
+        return self._images(request.image)
+
     async def _create_disks(
-        self, request: CreateRequest, undo: contextlib.AsyncExitStack
+        self,
+        request: CreateRequest,
+        image: ImageRecord | None,
+        undo: contextlib.AsyncExitStack,
     ) -> tuple[Disk, ...]:
         """The VM's own disks: an overlay on its image (vda), then blank ones."""
         sizes: list[tuple[int, ImageRecord | None]] = []
-        if request.image:
-            base = await self._hv.get_image(request.image)
-            if base is None:
-                raise NoSuchImage(
-                    f"no image named {request.image!r} (see: kdlabctl image list)"
-                )
-            sizes.append((max(base.capacity, request.disk_size), base))
+        if image is not None:
+            sizes.append((max(image.capacity, request.disk_size), image))
         sizes += [(size, None) for size in request.extra_disks]
         disks = []
         for index, (size, base) in enumerate(sizes):
@@ -384,12 +406,13 @@ class VMService:
         log.info("vm.kernel_replaced", vm=record.name, release=release)
 
     def uses_image(self, image: str) -> tuple[str, ...]:
-        """Names of the VMs whose disks are based on *image*."""
+        """Names of the VMs whose disks are based on *image*, or being created on it."""
+        creating = sorted(n for n, r in self._creating.items() if r.image == image)
         return tuple(
             r.name
             for r in self.list()
             if any(d.base_image == image for d in r.spec.disks)
-        )
+        ) + tuple(creating)
 
     async def start(
         self, name: str, *, paused: bool = False, kernel_fd: int | None = None
@@ -521,8 +544,8 @@ class VMService:
             kernel=Path(),
             initrd=None,
             cmdline=validate.cmdline(request.cmdline),
-            memory_mib=validate.memory_mib(request.memory_mib),
-            vcpus=validate.vcpus(request.vcpus),
+            memory_mib=self._limits.memory(validate.memory_mib(request.memory_mib)),
+            vcpus=self._limits.cpus(validate.vcpus(request.vcpus)),
             accel=self._accel,
             console_log=self._layout.console_log(request.name),
             gdb_socket=self._layout.gdb_socket(request.name),
@@ -537,30 +560,39 @@ class VMService:
         validate.cmdline(effective_cmdline(spec.replace(disks=_PLANNED_ROOT)))
         return spec
 
-    @staticmethod
-    def _check_disks(request: CreateRequest) -> tuple[Disk, ...]:
+    def _check_disks(self, request: CreateRequest) -> tuple[Disk, ...]:
         """Validate the disk options; the disks themselves are made later."""
         if request.image:
             validate.name(request.image, "image name")
         elif request.disk_size:
             raise InvalidArgument("a disk size needs an image (--image)")
         if request.disk_size:
-            validate.disk_size(request.disk_size)
+            self._limits.disk(validate.disk_size(request.disk_size), "disk size")
         if len(request.extra_disks) > validate.MAX_EXTRA_DISKS:
-            raise InvalidArgument(f"at most {validate.MAX_EXTRA_DISKS} extra disks")
+            raise InvalidArgument(
+                f"at most {validate.MAX_EXTRA_DISKS} extra disks (vdb to vdz)"
+            )
+        self._limits.extra(len(request.extra_disks))
         for size in request.extra_disks:
-            validate.disk_size(size, "extra disk size")
+            self._limits.disk(
+                validate.disk_size(size, "extra disk size"), "extra disk size"
+            )
         return ()
 
     @contextlib.contextmanager
-    def _reserve(self, name: str) -> Iterator[None]:
+    def _reserve(self, request: CreateRequest) -> Iterator[None]:
+        """Hold the new VM's name, and count it against its owner's VMs."""
+        name, uid = request.name, request.owner_uid
         if name in self._vms or name in self._creating:
             raise VMExists(f"a VM named {name!r} already exists")
-        self._creating.add(name)
+        owned = sum(r.spec.owner_uid == uid for r in self._vms.values())
+        owned += sum(r.owner_uid == uid for r in self._creating.values())
+        self._limits.room_for_vm(uid, owned)
+        self._creating[name] = request
         try:
             yield
         finally:
-            self._creating.discard(name)
+            del self._creating[name]
 
     def _lock(self, name: str) -> asyncio.Lock:
         self.get(name)

@@ -30,6 +30,7 @@ from kdlabd.core.hypervisor import (
     Reconnected,
     UploadProgress,
 )
+from kdlabd.core.limits import HostResources
 from kdlabd.core.models import (
     Accel,
     ImageFormat,
@@ -388,37 +389,65 @@ class LibvirtHypervisor:
 
         await self._call(delete, again=delete)
 
+    async def host_resources(self) -> HostResources:
+        def info(conn: libvirt.virConnect) -> HostResources:
+            # virNodeInfo: [model, memory in MiB, active CPUs, ...]
+            _model, memory_mib, cpus, *_ = conn.getInfo()
+            return HostResources(memory_mib=int(memory_mib), cpus=int(cpus))
+
+        return await self._call(info)
+
     async def list_images(self) -> list[ImageRecord]:
         def list_all(conn: libvirt.virConnect) -> list[ImageRecord]:
-            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            pool = self._image_pool(conn)
             storage.refresh(pool)
-            records = [storage.probed_record(v) for v in pool.listAllVolumes(0)]
+            volumes = pool.listAllVolumes(0)
+            owners = storage.image_owners([v.name() for v in volumes])
+            records = [
+                storage.probed_record(v, owners.get(v.name(), 0))
+                for v in volumes
+                if storage.parse_owner_mark(v.name()) is None
+            ]
             return [record for record in records if record is not None]
 
         return await self._call(list_all, again=list_all)
 
     async def get_image(self, name: str) -> ImageRecord | None:
         def get(conn: libvirt.virConnect) -> ImageRecord | None:
-            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            pool = self._image_pool(conn)
             volume = storage.find_volume(pool, name)
-            return None if volume is None else storage.probed_record(volume)
+            if volume is None:
+                return None
+            return storage.probed_record(volume, self._owner(pool, name))
 
         return await self._call(get, again=get)
 
+    async def image_owners(self) -> dict[str, int]:
+        def owners(conn: libvirt.virConnect) -> dict[str, int]:
+            return storage.image_owners(self._image_pool(conn).listVolumes())
+
+        return await self._call(owners, again=owners)
+
+    async def set_image_owner(self, name: str, uid: int | None) -> None:
+        def record(conn: libvirt.virConnect) -> None:
+            storage.set_image_owner(self._image_pool(conn), name, uid)
+
+        await self._call(record, again=record)
+
     async def create_image(self, name: str, size: int) -> ImageRecord:
         def create(conn: libvirt.virConnect) -> ImageRecord:
-            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            pool = self._image_pool(conn)
             volume = storage.create_volume(pool, name, size, ImageFormat.RAW)
-            return storage.image_record(volume, ImageFormat.RAW)
+            return self._image_record(pool, volume, ImageFormat.RAW)
 
         def create_again(conn: libvirt.virConnect) -> ImageRecord:
             # The image service holds the name, and it was no image: a volume
             # of that name now is the one this call created.
-            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            pool = self._image_pool(conn)
             volume = storage.find_volume(pool, name)
             if volume is None:
                 return create(conn)
-            return storage.image_record(volume, ImageFormat.RAW)
+            return self._image_record(pool, volume, ImageFormat.RAW)
 
         return await self._call(create, again=create_again)
 
@@ -437,7 +466,7 @@ class LibvirtHypervisor:
                 capacity=source.capacity,
                 progress=progress,
             )
-            return storage.image_record(volume, source.format)
+            return self._image_record(pool, volume, source.format)
 
         # Not again: an import is long and reports its progress; it fails, and
         # its rollback (or reconciliation) removes what it uploaded.
@@ -452,18 +481,19 @@ class LibvirtHypervisor:
 
     async def delete_image(self, name: str) -> None:
         def delete(conn: libvirt.virConnect) -> None:
-            storage.delete_volume(
-                conn.storagePoolLookupByName(self._image_pool_name), name
-            )
+            pool = self._image_pool(conn)
+            storage.delete_volume(pool, name)
+            # The owner goes last: an image is never left without one.
+            storage.set_image_owner(pool, name, None)
 
         await self._call(delete, again=delete)
 
     async def resize_image(self, image: ImageRecord, size: int) -> ImageRecord:
         def resize(conn: libvirt.virConnect) -> ImageRecord:
-            pool = conn.storagePoolLookupByName(self._image_pool_name)
+            pool = self._image_pool(conn)
             volume = pool.storageVolLookupByName(image.name)
             volume.resize(size, 0)
-            return storage.image_record(volume, image.format)
+            return self._image_record(pool, volume, image.format)
 
         return await self._call(resize, again=resize)
 
@@ -533,6 +563,24 @@ class LibvirtHypervisor:
             f"{self._reconnect_wait:g} s; kdlabd reconnects by itself as soon as it "
             "does (is libvirtd running? systemctl status libvirtd)"
         )
+
+    def _image_pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool:
+        return conn.storagePoolLookupByName(self._image_pool_name)
+
+    @staticmethod
+    def _owner(pool: libvirt.virStoragePool, name: str) -> int:
+        """The uid recorded as image *name*'s owner (root if none)."""
+        return storage.image_owners(pool.listVolumes()).get(name, 0)
+
+    @classmethod
+    def _image_record(
+        cls,
+        pool: libvirt.virStoragePool,
+        volume: libvirt.virStorageVol,
+        fmt: ImageFormat,
+    ) -> ImageRecord:
+        """The image *volume* holds, as *fmt*, with its recorded owner."""
+        return storage.image_record(volume, fmt, cls._owner(pool, volume.name()))
 
     @staticmethod
     def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:

@@ -151,7 +151,9 @@ def delete_volume(pool: libvirt.virStoragePool, name: str) -> None:
         volume.delete(0)
 
 
-def image_record(volume: libvirt.virStorageVol, fmt: ImageFormat) -> ImageRecord:
+def image_record(
+    volume: libvirt.virStorageVol, fmt: ImageFormat, owner_uid: int = 0
+) -> ImageRecord:
     """The image *volume* holds, in the format kdlab stored it as."""
     xml = etree.fromstring(volume.XMLDesc(0).encode())
     return ImageRecord(
@@ -160,17 +162,76 @@ def image_record(volume: libvirt.virStorageVol, fmt: ImageFormat) -> ImageRecord
         capacity=int(xml.findtext("capacity") or 0),
         allocation=int(xml.findtext("allocation") or 0),
         path=Path(volume.path()),
+        owner_uid=owner_uid,
     )
 
 
-def probed_record(volume: libvirt.virStorageVol) -> ImageRecord | None:
+def probed_record(
+    volume: libvirt.virStorageVol, owner_uid: int = 0
+) -> ImageRecord | None:
     """The image *volume* holds, in the format libvirt probes; None for a format
     kdlab does not take (a volume someone copied into the pool by hand)."""
     probed = etree.fromstring(volume.XMLDesc(0).encode()).find("target/format")
     name = probed.get("type", "raw") if probed is not None else "raw"
     if name not in ImageFormat.__members__.values():
         return None
-    return image_record(volume, ImageFormat(name))
+    return image_record(volume, ImageFormat(name), owner_uid)
+
+
+# Who owns an image is kept in libvirt as well, as an empty volume of the image
+# pool named ".owner-UID.IMAGE" next to the image. libvirt keeps no metadata on
+# volumes (only domains have <metadata>), and the other places fail:
+# - the volume's <permissions><owner> makes the file the user's, who could then
+#   chmod it and rewrite, under other users' VMs, a base QEMU reads as root's;
+# - <permissions><group> (mode 0600 grants the group nothing) is rewritten by
+#   libvirt's DAC driver, which relabels a VM's whole backing chain for QEMU
+#   while it runs: the owner would read wrong exactly while the image is in use,
+#   and after a kdlabd restart then;
+# - a file in kdlabd's state directory is a second database beside libvirt.
+# A mark is written before its image exists and removed after it is gone (an
+# orphan is pruned at start-up); no image name starts with a dot
+# (kdlabd.core.validate.name), and `virsh vol-list` shows the mark beside it.
+OWNER_MARK_PREFIX = ".owner-"
+
+
+def owner_mark(name: str, uid: int) -> str:
+    """The name of the volume recording that *uid* owns image *name*."""
+    return f"{OWNER_MARK_PREFIX}{uid}.{name}"
+
+
+def parse_owner_mark(volume: str) -> tuple[str, int] | None:
+    """(image name, uid) of an owner mark; None for any other volume."""
+    if not volume.startswith(OWNER_MARK_PREFIX):
+        return None
+    uid, dot, name = volume.removeprefix(OWNER_MARK_PREFIX).partition(".")
+    if not (dot and name and uid.isdigit()):
+        return None
+    return name, int(uid)
+
+
+def image_owners(volumes: list[str]) -> dict[str, int]:
+    """Owner uid by image name, from the pool's volume names.
+
+    kdlabd writes one mark per image; should a crash leave two, the lower
+    uid (root's, if it is one) wins: never a guess that widens access.
+    """
+    owners: dict[str, int] = {}
+    for volume in volumes:
+        mark = parse_owner_mark(volume)
+        if mark is not None:
+            name, uid = mark
+            owners[name] = min(uid, owners.get(name, uid))
+    return owners
+
+
+def set_image_owner(pool: libvirt.virStoragePool, name: str, uid: int | None) -> None:
+    """Replace the owner marks of image *name* by one for *uid* (None: none)."""
+    for volume in pool.listVolumes():
+        mark = parse_owner_mark(volume)
+        if mark is not None and mark[0] == name and mark[1] != uid:
+            delete_volume(pool, volume)
+    if uid is not None and find_volume(pool, owner_mark(name, uid)) is None:
+        create_volume(pool, owner_mark(name, uid), 0, ImageFormat.RAW)
 
 
 def create_volume(

@@ -28,9 +28,10 @@ from hypothesis import strategies as st
 
 from kdlabd.core import kernel, validate
 from kdlabd.core.cmdline import effective_cmdline
-from kdlabd.core.models import Accel, DebugSettings, Disk, VMSpec
+from kdlabd.core.limits import Limits
+from kdlabd.core.models import Accel, DebugSettings, Disk, ImageSource, VMSpec
 from kdlabd.core.vms import CreateRequest, Layout, VMService
-from kdlabd.errors import InvalidArgument
+from kdlabd.errors import InvalidArgument, LimitExceeded
 from kdlabd.virt.domain_xml import build_domain_xml, parse_domain_xml
 from tests.unit.fake_hypervisor import FakeHypervisor
 from tests.unit.test_domain_xml import (
@@ -176,17 +177,30 @@ def memfd(content: bytes) -> Iterator[int]:
         os.close(fd)
 
 
+LIMITS = Limits()
+
+
+def image_source(fd: int) -> ImageSource | None:
+    """validate.image_source under the default limits; None if it refused."""
+    try:
+        source: ImageSource | None = accepted(validate.image_source, fd, LIMITS)
+        return source
+    except LimitExceeded:
+        event("image_source: over the limit")
+        return None
+
+
 @given(content=contents | contents.map(lambda c: c[:40]))
 @PROPERTIES
-def test_image_source_raises_only_invalid_argument(content: bytes) -> None:
+def test_image_source_raises_only_invalid_argument_or_limit(content: bytes) -> None:
     with memfd(content) as fd:
-        source = accepted(validate.image_source, fd)
+        source = image_source(fd)
     if source is None:
         return
+    assert 0 < source.capacity <= LIMITS.disk_bytes
     if content.startswith(b"QFI\xfb"):
         version, backing, _, _, size = struct.unpack_from(">IQIIQ", content, 4)
         assert (version in (2, 3), backing, source.capacity) == (True, 0, size)
-        assert size > 0
     else:
         assert source.capacity == source.size == len(content)
 
