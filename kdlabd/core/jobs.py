@@ -178,7 +178,11 @@ class JobManager:
         if job.state is not JobState.RUNNING:
             return
         job._cancel.set()
-        self._tasks[job_id].cancel()
+        # Soon, not now: a task cancelled before its first step never runs its
+        # work at all, so the work's clean-up (closing its descriptor, freeing
+        # its image name) would never run and the job would stay "running". The
+        # first step was scheduled when the job started: it comes first.
+        asyncio.get_running_loop().call_soon(self._tasks[job_id].cancel)
 
     async def wait(self, job_id: int) -> Job:
         """Wait for the job to end (for tests and callers that block)."""

@@ -10,16 +10,30 @@ releases it (to look at what is visible mid-operation).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdlabd.core.hypervisor import DomainChanged, Reconnected
-from kdlabd.core.models import Accel, VMRecord, VMSpec, VMState
+from kdlabd.core.hypervisor import DomainChanged, Reconnected, UploadProgress
+from kdlabd.core.limits import HostResources
+from kdlabd.core.models import (
+    Accel,
+    ImageFormat,
+    ImageRecord,
+    ImageSource,
+    StoredImage,
+    VMRecord,
+    VMSpec,
+    VMState,
+)
+from kdlabd.core.validate import IMAGE_HEADER_BYTES
 from kdlabd.errors import HypervisorError, InvalidState, NoSuchVM, VMExists
 
 POOL = Path("/fake-pool")
+IMAGE_POOL = Path("/fake-images")
+HOST = HostResources(memory_mib=4096, cpus=4)
 
 
 @dataclass
@@ -43,6 +57,13 @@ class FakeHypervisor:
 
     domains: dict[str, Domain] = field(default_factory=dict)
     volumes: dict[str, bytes] = field(default_factory=dict)
+    # The image pool: volumes by name, and the owner recorded for each name.
+    images: dict[str, ImageRecord] = field(default_factory=dict)
+    heads: dict[str, bytes] = field(default_factory=dict)  # their first bytes
+    owners: dict[str, int] = field(default_factory=dict)
+    # VM disks: (virtual size, the image it is an overlay of) by volume name.
+    disks: dict[str, tuple[int, str | None]] = field(default_factory=dict)
+    host: HostResources = HOST
     calls: list[Call] = field(default_factory=list)
     # "method" or "method:arg" -> the exception that call raises (after recording it).
     failures: dict[str, BaseException] = field(default_factory=dict)
@@ -173,7 +194,92 @@ class FakeHypervisor:
         await self._step("delete_vm_volume", volume)
         self.volumes.pop(volume, None)
 
+    async def list_vm_volumes(self) -> list[str]:
+        await self._step("list_vm_volumes", "")
+        return sorted(self.volumes)
+
+    async def host_resources(self) -> HostResources:
+        await self._step("host_resources", "")
+        return self.host
+
+    async def list_images(self) -> list[ImageRecord]:
+        await self._step("list_images", "")
+        return [self._image(name) for name in sorted(self.images)]
+
+    async def get_image(self, name: str) -> ImageRecord | None:
+        await self._step("get_image", name)
+        return self._image(name) if name in self.images else None
+
+    async def image_owners(self) -> dict[str, int]:
+        await self._step("image_owners", "")
+        return dict(self.owners)
+
+    async def set_image_owner(self, name: str, uid: int | None) -> None:
+        await self._step("set_image_owner", name)
+        if uid is None:
+            self.owners.pop(name, None)
+        else:
+            self.owners[name] = uid
+
+    async def create_image(self, name: str, size: int) -> ImageRecord:
+        await self._step("create_image", name)
+        return self._new_image(name, ImageFormat.RAW, size)
+
+    async def upload_image(
+        self, name: str, source: ImageSource, progress: UploadProgress
+    ) -> ImageRecord:
+        await self._step("upload_image", name)
+        # Like libvirt: the volume exists from the start of the upload.
+        self._new_image(name, source.format, source.capacity)
+        data = os.pread(source.fd, source.size, 0)
+        if len(data) != source.size:
+            del self.images[name]
+            raise HypervisorError("fake: short read")
+        self.heads[name] = data[:IMAGE_HEADER_BYTES]
+        progress(source.size)
+        return self._image(name)
+
+    async def inspect_image(self, name: str) -> StoredImage:
+        await self._step("inspect_image", name)
+        image = self.images[name]
+        return StoredImage(
+            header=self.heads.get(name, bytes(IMAGE_HEADER_BYTES)),
+            probed_format=image.format.value,
+            tool_format=image.format.value,
+            virtual_size=image.capacity,
+        )
+
+    async def delete_image(self, name: str) -> None:
+        await self._step("delete_image", name)
+        self.images.pop(name, None)
+        self.owners.pop(name, None)
+
+    async def resize_image(self, image: ImageRecord, size: int) -> ImageRecord:
+        await self._step("resize_image", image.name)
+        self.images[image.name] = dataclasses.replace(
+            self.images[image.name], capacity=size
+        )
+        return self._image(image.name)
+
+    async def create_vm_disk(
+        self, volume: str, size: int, base: ImageRecord | None
+    ) -> Path:
+        await self._step("create_vm_disk", volume)
+        self.volumes[volume] = b""
+        self.disks[volume] = (size, base.name if base is not None else None)
+        return POOL / volume
+
     # Internals.
+
+    def _new_image(self, name: str, fmt: ImageFormat, size: int) -> ImageRecord:
+        self.images[name] = ImageRecord(name, fmt, size, 0, IMAGE_POOL / name)
+        return self._image(name)
+
+    def _image(self, name: str) -> ImageRecord:
+        """The image with the owner recorded for it (root if none), as libvirt's."""
+        return dataclasses.replace(
+            self.images[name], owner_uid=self.owners.get(name, 0)
+        )
 
     async def _step(self, method: str, arg: str) -> None:
         self.calls.append(Call(method, arg))
