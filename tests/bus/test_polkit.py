@@ -29,7 +29,7 @@ from lxml import etree
 
 from kdlabd.bus.auth import Action
 from kdlabd.errors import HypervisorError, NotAuthorized
-from kdlabd.wire import MANAGER_PATH, vm_path
+from kdlabd.wire import MANAGER_PATH, image_path, vm_path
 from tests import figures
 from tests.bus.contract import IMAGE, JOB, MANAGER, VM
 from tests.bus.harness import (
@@ -363,6 +363,36 @@ def test_another_uids_vm_needs_manage_others(
     assert pk.root.managed_objects() == before
     pk.polkit.mode = "yes"
     assert pk.asked(walk) == ("return", [action.value, Action.MANAGE_OTHERS.value])
+
+
+@pytest.mark.parametrize(
+    ("member", "signature", "body", "allowed"),
+    [
+        ("Delete", "", [], "return"),
+        # Past authorization; the test driver cannot resize volumes.
+        ("Resize", "ta{sv}", [32 << 20, {}], HypervisorError.dbus_name()),
+    ],
+)
+def test_another_uids_image_needs_manage_others(
+    pk: PolkitLab, member: str, signature: str, body: list[Any], allowed: str
+) -> None:
+    """An image nobody made: root changes it only with manage-others; its own
+    image needs no more than manage-vms."""
+    pk.polkit.mode = "yes"
+    theirs = Walk(MANAGER_PATH, MANAGER, "CreateImage", "sta{sv}",
+                  ["theirs", 16 << 20, {}])  # fmt: skip
+    assert calls_as(pk.bus.address, NOBODY, [theirs], pk.scratch) == [("return", "")]
+    pk.root.ok(MANAGER_PATH, MANAGER, "CreateImage", "sta{sv}", ["mine", 16 << 20, {}])
+    pk.polkit.mode = ALL_BUT_OTHERS
+    walk = Walk(image_path("theirs"), IMAGE, member, signature, body)
+    before = pk.root.managed_objects()
+    manage = Action.MANAGE_VMS.value
+    assert pk.asked(walk) == (NOT_AUTHORIZED, [manage, Action.MANAGE_OTHERS.value])
+    assert pk.root.managed_objects() == before
+    own = Walk(image_path("mine"), IMAGE, member, signature, body)
+    assert pk.asked(own) == (allowed, [manage])
+    pk.polkit.mode = "yes"
+    assert pk.asked(walk) == (allowed, [manage, Action.MANAGE_OTHERS.value])
 
 
 def test_own_vm_and_inspecting_need_no_manage_others(pk: PolkitLab) -> None:

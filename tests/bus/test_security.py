@@ -48,7 +48,8 @@ from dbus_next.signature import SignatureTree, SignatureType
 import kdlabd.bus
 from kdlabd.bus.auth import Action
 from kdlabd.core import validate
-from kdlabd.errors import Internal, InvalidArgument, NotAuthorized
+from kdlabd.core.limits import GIB, Limits
+from kdlabd.errors import Internal, InvalidArgument, LimitExceeded, NotAuthorized
 from kdlabd.wire import MANAGER_PATH
 from tests import figures
 from tests.bus import contract, test_policy
@@ -72,6 +73,7 @@ pytestmark = pytest.mark.bus
 
 UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
 INVALID = InvalidArgument.dbus_name()
+LIMIT = LimitExceeded.dbus_name()
 MiB = 1 << 20
 
 REPLIES = figures.ErrorReplies()
@@ -178,6 +180,11 @@ def announcing(header: bytes, release: bytes) -> bytes:
     return bytes(out)
 
 
+# Well-formed, but larger than kdlabd's disk size limit (max_disk_gib).
+OVER_THE_LIMIT = {
+    "qcow2-virtual-2**62": qcow2_header(size=2**62),
+    "qcow2-virtual-limit+1": qcow2_header(size=Limits().disk_bytes + 1),
+}
 # Refused in any descriptor slot.
 BAD_DESCRIPTORS = (
     "directory",
@@ -217,6 +224,7 @@ class Inputs:
                 f"bzImage-release-{key}": announcing(bytes(header), release)
                 for key, release in UNSAFE_RELEASES.items()
             },
+            **OVER_THE_LIMIT,
         }
         for name, content in contents.items():
             (directory / name).write_bytes(content)
@@ -432,7 +440,7 @@ def bad_input_cases() -> list[Case]:
         "extra_disks=[0]": create_vm(extra_disks=Variant("at", [0])),
         "extra_disks=[1]": create_vm(extra_disks=Variant("at", [1])),
         "extra_disks=[2**64-1]": create_vm(extra_disks=Variant("at", [2**64 - 1])),
-        "extra_disks=9": create_vm(extra_disks=Variant("at", [16 * MiB] * 9)),
+        "extra_disks=26": create_vm(extra_disks=Variant("at", [16 * MiB] * 26)),
         "vmlinux relative": create_vm(vmlinux=s("vmlinux")),
         "vmlinux newline": create_vm(vmlinux=s("/home/dev/vmlinux\n")),
         "kernel_path too long": create_vm(kernel_path=s("/" + "x" * 5000)),
@@ -445,6 +453,27 @@ def bad_input_cases() -> list[Case]:
         "resize 2**64-1": resize_image(2**64 - 1),
     }
     cases += [Case(f"range:{key}", call) for key, call in ranges.items()]
+    # Within range, over a limit of the configuration (kdlabd.core.limits). The
+    # test driver's host has 3072 MiB and 16 CPUs.
+    over = Limits().disk_bytes + 1
+    limits: dict[str, Call] = {
+        "memory_mib=host+1": create_vm(memory_mib=u(3073)),
+        "memory_mib=1TiB": create_vm(memory_mib=u(1024 * 1024)),
+        "vcpus=host+1": create_vm(vcpus=u(17)),
+        "vcpus=255": create_vm(vcpus=u(255)),
+        "disk_size=limit+1": create_vm(image=s(BASE_IMAGE), disk_size=t(over)),
+        "disk_size=16TiB": create_vm(image=s(BASE_IMAGE), disk_size=t(16 * 1024 * GIB)),
+        "extra_disks=[limit+1]": create_vm(extra_disks=Variant("at", [over])),
+        "extra_disks=9": create_vm(extra_disks=Variant("at", [16 * MiB] * 9)),
+        "image size=limit+1": create_image(size=over),
+        "image size=16TiB": create_image(size=16 * 1024 * GIB),
+        "resize limit+1": resize_image(over),
+        "BuildImage size=limit+1MiB": build_image(size=t(over - 1 + MiB)),
+    }
+    limits |= {
+        f"ImportImage {name}": import_image(file=name) for name in OVER_THE_LIMIT
+    }
+    cases += [Case(f"limit:{key}", call, LIMIT) for key, call in limits.items()]
     types: dict[str, Call] = {
         "memory_mib as s": create_vm(memory_mib=s("512")),
         "memory_mib as t": create_vm(memory_mib=t(512)),
@@ -634,7 +663,7 @@ def test_bad_input_is_refused_and_leaves_nothing(
 
 def test_enough_bad_inputs_of_every_kind() -> None:
     kinds = {case.id.split(":", 1)[0] for case in CASES}
-    assert kinds >= {"name", "cmdline", "range", "type", "fd", "signature"}
+    assert kinds >= {"name", "cmdline", "range", "limit", "type", "fd", "signature"}
     assert len(CASES) >= 50
 
 
@@ -873,7 +902,8 @@ def test_figure_methods_that_leaked(
     security: SecurityLab, walk_objects: dict[str, list[str]], kdlab_member: Identity
 ) -> None:
     """As nobody (not in group kdlab): only inspecting is allowed, and nothing
-    changes. As a member of kdlab: nothing on VMs and jobs of other uids."""
+    changes. As a member of kdlab: nothing on VMs, images and jobs of
+    other uids."""
     lab, client = security.lab, security.client
     kernel, scratch = security.inputs.dir / "bzImage", security.inputs.dir
     before = state_of(lab, client)
@@ -886,7 +916,7 @@ def test_figure_methods_that_leaked(
     others = {
         MANAGER: [],
         VM: [client.vm_path(vm.name) for vm in lab.vms if vm.owner != kdlab_member.uid],
-        IMAGE: [],
+        IMAGE: walk_objects[IMAGE],  # root's image
         JOB: walk_objects[JOB],  # root's job
     }
     member = method_walks(others, kernel)
@@ -902,7 +932,8 @@ def test_figure_methods_that_leaked(
         len({line.split(" on ")[0] for line in leaked}),
         "== 0",
         detail=f"{len(outsider) + len(member)} calls over {len(methods)} methods "
-        "as nobody and as a kdlab member on others' VMs; " + "; ".join(leaked),
+        "as nobody and as a kdlab member on others' VMs, images and jobs; "
+        + "; ".join(leaked),
     )
     assert figure.met
     assert after == before, "a refused call changed something"
