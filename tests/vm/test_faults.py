@@ -598,7 +598,11 @@ def leftovers_of_vm(faults: FaultLab, name: str) -> list[str]:
 
 
 def leftovers_of_image(faults: FaultLab, name: str) -> list[str]:
-    found = [f"volume {name}"] if name in pool_volumes(IMAGE_POOL) else []
+    volumes = pool_volumes(IMAGE_POOL)
+    found = [f"volume {name}"] if name in volumes else []
+    # Its owner's record (kdlabd.virt.storage.owner_mark), written first.
+    found += [f"volume {v}" for v in volumes if v.startswith(".owner-") and
+              v.endswith(f".{name}")]  # fmt: skip
     listed = faults.ctl("image", "list", "--json")
     if name in {image["name"] for image in json.loads(listed.stdout)}:
         found.append("an image object")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from kdlabd.errors import BuildFailed
-from tests.conftest import require_tool
+from tests.bus.harness import NOBODY, Identity
+from tests.conftest import REPO, require_tool
 from tests.harness import ctl_env, processes_with
 from tests.vm.conftest import POOL_PREFIX, Lab, virsh
 from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
@@ -126,6 +130,41 @@ def test_vm_boots_debian_kernel_from_an_overlay_of_an_image(
     assert images(lab)[image_name]["used_by"] == []
     assert lab.ctl("image", "delete", image_name).returncode == 0
     assert image_name not in pool_volumes(IMAGE_POOL)
+
+
+def test_an_images_owner_is_kept_by_libvirt_beside_it(
+    lab: Lab, image_name: str
+) -> None:
+    """A kdlab member imports: its uid is an empty volume of the pool next to the
+    image (virsh sees it), the image's file stays root's (a member's file could
+    be rewritten under other users' VMs), and kdlabd reads it back after a
+    restart. Deleting the image removes the record."""
+    member = Identity(NOBODY.uid, NOBODY.gid, (grp.getgrnam("kdlab").gr_gid,))
+    public = Path(tempfile.mkdtemp(dir=lab.daemon.state_dir.parent))
+    public.chmod(0o755)
+    raw = public / "disk.raw"
+    raw.write_bytes(b"a member's disk image\n" * 1024)
+    raw.chmod(0o644)
+    imported = subprocess.run(
+        [*member.setpriv(), sys.executable, "-m", "kdlabctl", "image", "import",
+         image_name, str(raw)],
+        env=ctl_env(lab.daemon.address), cwd=REPO, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    mark = f".owner-{NOBODY.uid}.{image_name}"
+    assert mark in pool_volumes(IMAGE_POOL)
+    assert images(lab)[image_name]["owner"] == NOBODY.uid
+    assert mark not in images(lab), "the record is no image"
+    path = Path(virsh("vol-path", image_name, "--pool", IMAGE_POOL).stdout.strip())
+    assert (path.stat().st_uid, stat.S_IMODE(path.stat().st_mode)) == (0, 0o600)
+
+    assert lab.daemon.stop() == 0
+    lab.daemon.start()
+    assert images(lab)[image_name]["owner"] == NOBODY.uid
+    assert lab.ctl("image", "delete", image_name).returncode == 0
+    assert not [v for v in pool_volumes(IMAGE_POOL) if v.endswith(image_name)]
+    shutil.rmtree(public)
 
 
 def test_qcow2_with_a_backing_file_is_refused(
