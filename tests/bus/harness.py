@@ -316,19 +316,20 @@ class Lab:
                 log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 log.write_text(f"console of {vm.name}\n")
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         """Start kdlabd; it is ready when it owns its name (else: fail with its log)."""
-        self.daemon.start(timeout=STARTUP_TIMEOUT)
+        self.daemon.start(timeout=STARTUP_TIMEOUT, env=env)
 
     @contextlib.contextmanager
-    def serving(self) -> Iterator[Lab]:
+    def serving(self, env: dict[str, str] | None = None) -> Iterator[Lab]:
         """kdlabd serving a fresh driver file; stopped cleanly afterwards.
 
-        A kdlabd that does not come up is killed, not left running.
+        *env* adds to its environment (KDLAB_TEST_HOLD_AT, ...). A kdlabd that
+        does not come up is killed, not left running.
         """
         self.populate()
         try:
-            self.start()
+            self.start(env)
         except BaseException:
             if self.daemon.running:
                 self.daemon.kill()

@@ -30,7 +30,6 @@ from tests.bus.harness import (
     FLEET,
     NOBODY,
     PROPERTIES,
-    STARTUP_TIMEOUT,
     BusClient,
     Identity,
     Lab,
@@ -52,15 +51,8 @@ def serving(
     """kdlabd on the standard fleet with *config* added to its configuration."""
     lab = Lab(bus, workdir)
     lab.daemon.config_text += config
-    lab.populate()
-    try:
-        lab.daemon.start(STARTUP_TIMEOUT, env=env)
-    except BaseException:
-        if lab.daemon.running:
-            lab.daemon.kill()
-        raise
-    yield lab
-    lab.stop_cleanly()
+    with lab.serving(env) as serving:
+        yield serving
 
 
 Serving = Callable[..., AbstractContextManager[Lab]]

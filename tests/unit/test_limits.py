@@ -127,29 +127,18 @@ def test_every_limit_has_its_key() -> None:
 
 
 def test_limits_from_the_file(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        """\
-max_memory_mib = 1024
-max_vcpus = 2
-max_disk_gib = 16
-max_extra_disks = 0
-max_vms_per_user = 5
-max_jobs_per_user = 1
-max_console_viewers_per_vm = 2
-max_console_viewers_per_user = 3
-""",
-    )
-    assert load(path, {}).limits(HOST) == Limits(
-        memory_mib=1024,
-        vcpus=2,
-        disk_gib=16,
-        extra_disks=0,
-        vms_per_user=5,
-        jobs_per_user=1,
-        console_viewers_per_vm=2,
-        console_viewers_per_user=3,
-    )
+    values = {
+        "memory_mib": 1024,
+        "vcpus": 2,
+        "disk_gib": 16,
+        "extra_disks": 0,
+        "vms_per_user": 5,
+        "jobs_per_user": 1,
+        "console_viewers_per_vm": 2,
+        "console_viewers_per_user": 3,
+    }
+    text = "".join(f"max_{key} = {value}\n" for key, value in values.items())
+    assert load(write(tmp_path, text), {}).limits(HOST) == Limits(**values)
 
 
 def test_memory_and_vcpus_never_above_the_hosts(tmp_path: Path) -> None:
