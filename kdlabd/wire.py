@@ -22,7 +22,7 @@ JOB_PATH_PREFIX = f"{MANAGER_PATH}/job"
 ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
 
 # Bumped on every additive change of the interfaces in xml/dbus/.
-API_REVISION = 3
+API_REVISION = 4
 
 _ALNUM = frozenset(string.ascii_letters + string.digits)
 
