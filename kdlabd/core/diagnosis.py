@@ -36,6 +36,7 @@ against logs recorded from Debian's 6.1 kernel under QEMU
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import re
@@ -129,6 +130,9 @@ class Diagnosis:
     """One line: what to change (``use root=/dev/vda``)."""
     evidence: tuple[str, ...] = ()
     """Up to :data:`MAX_EVIDENCE` lines of the log the diagnosis is based on."""
+    fix_quotes_console: bool = False
+    """The fix names something only the console said (a filesystem type, a
+    device): it is then its owner's to read, like the cause."""
 
     @property
     def summary(self) -> str:
@@ -140,6 +144,8 @@ class Diagnosis:
         the console reported, so only the way to the report is public."""
         if self.code in _CRASHES:
             return f"its owner reads the report: kdlabctl logs {name}"
+        if self.fix_quotes_console:
+            return f"its owner reads the fix: kdlabctl show {name}"
         return self.fix
 
 
@@ -201,9 +207,7 @@ def diagnose(
         # line, so a fatal problem of an earlier boot is still this VM's problem.
         if found.severity is Severity.ERROR:
             cause = f"{found.cause} (in an earlier boot; the VM has rebooted since)"
-            return Diagnosis(
-                found.code, found.severity, cause, found.fix, found.evidence
-            )
+            return dataclasses.replace(found, cause=cause)
     return None
 
 
@@ -844,6 +848,36 @@ def _device_missing(
 def _mount_failed(ctx: _Context, device: str, attempt: _RootAttempt) -> Diagnosis:
     named = attempt.fstype or ctx.cmd.params.get("rootfstype")
     fstype = named or DEFAULT_ROOT_FS
+    found = _mount_failure(device, fstype, named, attempt)
+    # The fix of a missing filesystem names its type; a failed mount's, the device too.
+    named_device = found.code is Code.ROOT_MOUNT_FAILED
+    quoted = not _public_fstype(ctx, fstype) or (
+        named_device and not _public_device(ctx, device)
+    )
+    return dataclasses.replace(found, fix_quotes_console=quoted)
+
+
+def _public_device(ctx: _Context, device: str) -> bool:
+    """Whether *device* is one of the VM's disks (or a partition of one), or the
+    command line's root=: not a name that only the console said."""
+    disks = "|".join(re.escape(disk) for disk in ctx.facts.disks)
+    return device == ctx.cmd.root_device or (
+        bool(disks) and re.fullmatch(rf"(?:{disks})p?\d{{0,3}}", device) is not None
+    )
+
+
+def _public_fstype(ctx: _Context, fstype: str) -> bool:
+    """Whether *fstype* is one kdlab knows, or the command line's rootfstype=."""
+    return fstype in _FS_CONFIG or fstype == ctx.cmd.params.get("rootfstype")
+
+
+def _mount_failure(
+    device: str,
+    fstype: str,
+    named: str | None,
+    attempt: _RootAttempt,
+) -> Diagnosis:
+    """A root filesystem type the kernel lacks, or a mount of it that failed."""
     # ENODEV from the kernel's mount: the type rootfstype= names is unknown.
     if (attempt.fstypes and fstype not in attempt.fstypes) or (
         named and attempt.error == -19

@@ -43,7 +43,7 @@ from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 from lxml import etree
 
-from kdlabd.core.models import Accel, DebugSettings, VMSpec
+from kdlabd.core.models import Accel, DebugSettings, Disk, VMSpec
 from kdlabd.core.vms import Layout
 from kdlabd.virt.domain_xml import build_domain_xml
 from kdlabd.wire import BUS_NAME, MANAGER_PATH, VM_INTERFACE
@@ -133,6 +133,7 @@ class FakeVM:
     release: str = ""  # what the bzImage announced at creation
     vmlinux: str = ""  # the client's hints, kept in kdlab's metadata
     kernel_path: str = ""
+    disk: bool = False  # a blank vda, for a console that diagnoses the root disk
 
     @property
     def uuid(self) -> str:
@@ -164,6 +165,11 @@ class FakeVM:
             release=self.release,
             vmlinux=self.vmlinux,
             kernel_source=self.kernel_path,
+            disks=(
+                (Disk(layout.state_dir / "boot" / f"{self.name}.vda.qcow2", "vda"),)
+                if self.disk
+                else ()
+            ),
         )
 
     @property

@@ -31,6 +31,21 @@ PANIC_LOG = (
     "[    1.234570] ---[ end Kernel panic - not syncing ]---\n"
 )
 CRASHED = FakeVM("crashed", "running", NOBODY.uid, "", "console=ttyS0 nokaslr")
+# The fix of a failed root mount names the filesystem type and the device; a
+# guest chooses what its console says they are (issue 10.7, found again by the
+# hostile pass: "set CONFIG_<SECRET>_FS=y" was public).
+UNMOUNTED = FakeVM(
+    "unmounted", "running", NOBODY.uid, "", "console=ttyS0 nokaslr", disk=True
+)
+MOUNT_LOG = (
+    "[    0.000000] Linux version 6.1.0-56-cloud-amd64 (debian-kernel@lists)\n"
+    "[    0.000000] Command line: root=/dev/vda console=ttyS0 nokaslr\n"
+    "[    0.900000] virtio_blk virtio1: [vda] 131072 512-byte logical blocks\n"
+    f"kdlab-initramfs: cannot mount /dev/{SECRET} on /newroot with type {SECRET} "
+    f"and options rw; this kernel mounts: ext4 {SECRET}\n"
+    "kdlab-initramfs: emergency shell: look around, then leave it (exit) to try "
+    "again\n"
+)
 
 
 def kdlab_gid() -> int:
@@ -40,16 +55,17 @@ def kdlab_gid() -> int:
 @pytest.fixture
 def lab(bus: PrivateBus, workdir: Path) -> Iterator[Lab]:
     """kdlabd with one running VM of nobody's whose console shows a panic."""
-    lab = Lab(bus, workdir, [CRASHED])
+    lab = Lab(bus, workdir, [CRASHED, UNMOUNTED])
     lab.populate()
     lab.layout.console_log(CRASHED.name).write_text(PANIC_LOG)
+    lab.layout.console_log(UNMOUNTED.name).write_text(MOUNT_LOG)
     lab.start()
     yield lab
     lab.stop_cleanly()
 
 
-def show(lab: Lab, user: Identity | None) -> dict[str, object]:
-    result = kdlabctl(lab.daemon.address, "show", "--json", CRASHED.name, user=user)
+def show(lab: Lab, user: Identity | None, vm: FakeVM = CRASHED) -> dict[str, object]:
+    result = kdlabctl(lab.daemon.address, "show", "--json", vm.name, user=user)
     assert result.returncode == 0, result.stderr
     shown: dict[str, object] = json.loads(result.stdout)
     return shown
@@ -77,3 +93,21 @@ def test_others_see_the_code_and_fix_but_not_the_consoles_words(lab: Lab) -> Non
         assert isinstance(found, dict)
         assert found["code"] == "kernel-panic"
         assert SECRET in str(found["cause"]), found
+
+
+def test_a_fix_naming_what_the_console_said_is_the_owners(lab: Lab) -> None:
+    owner = Identity(NOBODY.uid, NOBODY.gid, (kdlab_gid(),))
+    daemon = pwd.getpwnam("daemon")
+    other_member = Identity(daemon.pw_uid, daemon.pw_gid, (kdlab_gid(),))
+
+    found = show(lab, other_member, UNMOUNTED)["diagnosis"]
+    assert isinstance(found, dict)
+    assert found["code"] == "root-mount-failed", found
+    assert found["fix"] == f"its owner reads the fix: kdlabctl show {UNMOUNTED.name}"
+    shown = json.dumps(show(lab, other_member, UNMOUNTED)).lower()
+    assert SECRET not in shown, "the console's words leak through the fix"
+
+    for user in (owner, None):  # the owner, and root
+        found = show(lab, user, UNMOUNTED)["diagnosis"]
+        assert isinstance(found, dict)
+        assert SECRET in str(found["fix"]), found

@@ -951,3 +951,22 @@ def test_diagnose_never_raises_on_kernel_messages_in_any_order(
         for n, (text, stamp, end) in enumerate(lines)
     )
     check(diagnose(log, boot))
+
+
+def test_a_fix_naming_what_only_the_console_said_is_not_public() -> None:
+    """Anyone may read the public fix: a type or device the guest printed stays
+    its owner's (issue 10.7); kdlab's own names stay public."""
+    log = console("initramfs-rootfstype-xfs")
+    said = "/dev/vda on /newroot with type xfs"
+    assert said in log
+    honest = diagnosed_text(log, facts(has_initrd=True))
+    assert honest.code is Code.ROOT_FS_MISSING
+    assert honest.public_fix("vm") == "set CONFIG_XFS_FS=y"
+    secret = "guestsecret"
+    for quoted in (
+        said.replace("xfs", secret),  # a filesystem the kernel lacks
+        said.replace("vda", secret).replace("xfs", "ext4"),  # a failed mount
+    ):
+        found = diagnosed_text(log.replace(said, quoted), facts(has_initrd=True))
+        assert secret in found.fix.lower()
+        assert found.public_fix("vm") == "its owner reads the fix: kdlabctl show vm"
