@@ -498,6 +498,31 @@ def bad_input_cases() -> list[Case]:
         "Stop force as u": vm_method("busy", "Stop", force=u(1)),
     }
     cases += [Case(f"type:{key}", call) for key, call in types.items()]
+    # What a member hands debootstrap, apt and the image's root account (the
+    # hostile pass of issue 10): options, lists and paths where names go.
+    ed25519 = (
+        "ssh-ed25519 "
+        "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    )
+    builds: dict[str, Call] = {
+        "package -option": build_image(packages=Variant("as", ["--no-check-gpg"])),
+        "package apt option": build_image(
+            packages=Variant("as", ["-oAPT::Get::AllowUnauthenticated=true"])
+        ),
+        "package list": build_image(packages=Variant("as", ["vim,nano"])),
+        "package path": build_image(packages=Variant("as", ["../../etc/shadow"])),
+        "package .deb": build_image(packages=Variant("as", ["/tmp/evil.deb"])),
+        "package =version": build_image(packages=Variant("as", ["bash=1.0"])),
+        "suite path": build_image(suite=s("../../etc")),
+        "suite option": build_image(suite=s("bookworm --no-check-gpg")),
+        "ssh key options": build_image(ssh_key=s(f'command="sh" {ed25519}')),
+        "ssh key two lines": build_image(ssh_key=s(f"{ed25519}\n{ed25519} b")),
+        "ssh key CR": build_image(ssh_key=s(f"{ed25519}\rx")),
+        "ssh key blob of another type": build_image(
+            ssh_key=s(f"ssh-rsa {ed25519.split()[1]}")
+        ),
+    }
+    cases += [Case(f"build:{key}", call) for key, call in builds.items()]
     signatures = {
         "CreateVM(sa{ss})": Call(MANAGER_PATH, MANAGER, "CreateVM", "sa{ss}",
                                  ("new", {"kernel": "/boot/vmlinuz"})),
