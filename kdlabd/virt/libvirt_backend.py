@@ -599,13 +599,19 @@ class LibvirtHypervisor:
 
     @staticmethod
     def _record(dom: libvirt.virDomain) -> VMRecord | None:
-        if not dom.name().startswith(DOMAIN_PREFIX):
-            return None
+        """kdlab's record of *dom*; None if it is not kdlab's, or if it was
+        undefined since it was listed (someone's virsh, another kdlabd)."""
         try:
+            if not dom.name().startswith(DOMAIN_PREFIX):
+                return None
             spec = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            state, reason = dom.state()
         except NotKdlabDomain:
             return None
-        state, reason = dom.state()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
         return VMRecord(spec=spec, uuid=dom.UUIDString(), state=vm_state(state, reason))
 
     def _ensure_pools(self, conn: libvirt.virConnect) -> None:
