@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import resource
 import signal
 import sys
 
@@ -15,6 +16,7 @@ from kdlabd.bus.auth import Authorizer
 from kdlabd.bus.calls import KdlabBus
 from kdlabd.bus.exporter import BusExporter
 from kdlabd.config import Config, from_args
+from kdlabd.core import blocking
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
 from kdlabd.core.journal import Journal
@@ -25,9 +27,33 @@ from kdlabd.wire import BUS_NAME, bus_address
 
 log = structlog.get_logger(__name__)
 
+# kdlabd.service's LimitNOFILE=. Console viewers, gdb sessions and received
+# descriptors each hold one; without systemd the soft limit (often 1024) is
+# raised to this at start, as far as the hard limit allows.
+DESCRIPTOR_LIMIT = 65536
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE towards DESCRIPTOR_LIMIT; the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = DESCRIPTOR_LIMIT
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as err:  # seccomp (@resources) under systemd
+            log.warning("kdlabd.descriptor_limit_kept", limit=soft, error=str(err))
+            return soft
+        return wanted
+    return soft
+
 
 async def serve(config: Config) -> None:
     """Run until SIGTERM/SIGINT or until the bus goes away."""
+    # A call stuck in libvirt must not keep a stopped kdlabd alive.
+    asyncio.get_running_loop().set_default_executor(blocking.DaemonThreads())
+    log.info("kdlabd.descriptors", limit=raise_descriptor_limit())
     register_event_loop()
     layout = Layout(config.state_dir, config.runtime_dir, config.cache_dir)
     layout.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -101,10 +127,11 @@ async def serve(config: Config) -> None:
         await _until_stopped(bus)
     finally:
         if vms is not None:
-            vms.close()
+            await vms.close()
         bus.disconnect()
         await hypervisor.close()
-    log.info("kdlabd.stopped")
+    # Daemon threads: whatever still waits for libvirtd ends with the process.
+    log.info("kdlabd.stopped", threads_left=blocking.busy_threads())
 
 
 async def _until_stopped(bus: KdlabBus) -> None:
