@@ -128,6 +128,15 @@ ERRORS: tuple[type[KdlabError], ...] = (
     Internal,
 )
 
+
+def out_of_descriptors(detail: str) -> LimitExceeded:
+    """kdlabd's descriptor table (LimitNOFILE= of its unit) or the host's is full."""
+    return LimitExceeded(
+        f"kdlabd has run out of file descriptors ({detail}): close console or "
+        "gdb sessions, or raise LimitNOFILE= of kdlabd.service, then try again"
+    )
+
+
 # Exit codes kdlabctl uses for conditions that are not a kdlabd error.
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -8,6 +8,7 @@ full log entry in the journal.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import uuid
@@ -21,7 +22,7 @@ from dbus_next.service import method
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.calls import CURRENT_CALL
 from kdlabd.core.journal import fault_point
-from kdlabd.errors import Internal, KdlabError
+from kdlabd.errors import Internal, KdlabError, out_of_descriptors
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +47,18 @@ async def _authorize(interface: Guarded, action: Action) -> Caller:
     )
 
 
+def _known(err: Exception) -> KdlabError | None:
+    """The kdlab error a caller gets for *err*; None for a bug."""
+    if isinstance(err, KdlabError):
+        return err
+    # Any call that makes a descriptor (a console socket, a gdb connection, an
+    # image's copy of the caller's file) fails so when kdlabd's table is full.
+    if isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE):
+        log.warning("dbus.out_of_descriptors", error=str(err))
+        return out_of_descriptors(err.strerror or str(err))
+    return None
+
+
 def exported(
     action: Action, name: str | None = None
 ) -> Callable[
@@ -65,20 +78,22 @@ def exported(
         async def guarded(self: Guarded, *args: P.args, **kwargs: P.kwargs) -> R:
             call = CURRENT_CALL.get()
             try:
+                if call is not None and call.fds_lost:
+                    raise out_of_descriptors("the descriptors of this call were lost")
                 caller = await _authorize(self, action)
                 fault_point(f"call.{fn.__name__}")
                 return await fn(self, caller, *args, **kwargs)
-            except KdlabError as err:
-                raise DBusError(err.dbus_name(), str(err)) from None
-            except Exception:
-                incident = uuid.uuid4().hex[:12]
-                log.exception(
-                    "dbus.internal_error", method=fn.__name__, incident=incident
-                )
-                raise DBusError(
-                    Internal.dbus_name(),
-                    f"internal error in kdlabd (incident {incident}); see its log",
-                ) from None
+            except Exception as err:
+                known = _known(err)
+                if known is None:
+                    incident = uuid.uuid4().hex[:12]
+                    log.exception(
+                        "dbus.internal_error", method=fn.__name__, incident=incident
+                    )
+                    known = Internal(
+                        f"internal error in kdlabd (incident {incident}); see its log"
+                    )
+                raise DBusError(known.dbus_name(), str(known)) from None
             finally:
                 if call is not None:
                     call.close_fds()

@@ -26,10 +26,15 @@ from kdlabd.wire import MANAGER_PATH
 
 @dataclass(frozen=True)
 class Call:
-    """One incoming method call."""
+    """One incoming method call.
+
+    *fds_lost*: the call came with descriptors that kdlabd could not receive
+    (its descriptor table was full): the kernel dropped them.
+    """
 
     sender: str
     unix_fds: list[int] = field(default_factory=list)
+    fds_lost: bool = False
 
     def close_fds(self) -> None:
         """Close the descriptors that arrived with the call; kdlabd owns them."""
@@ -43,9 +48,24 @@ CURRENT_CALL: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
 )
 
 
-def _record_call(msg: Message) -> None:
-    if msg.message_type is MessageType.METHOD_CALL:
-        CURRENT_CALL.set(Call(msg.sender or "", list(msg.unix_fds)))
+class _Receiver:
+    """The bus socket as dbus-next's unmarshaller reads it, noting lost descriptors.
+
+    When the receiver's descriptor table is full, the kernel drops the
+    descriptors of SCM_RIGHTS it cannot install and sets MSG_CTRUNC. dbus-next
+    0.2.3 ignores the flag and hands the method None for each lost ``h``,
+    which read as "the client sent no descriptor".
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.truncated = False
+
+    def recvmsg(self, *args: Any) -> tuple[bytes, list[Any], int, Any]:
+        data, ancdata, flags, address = self._sock.recvmsg(*args)
+        if flags & socket.MSG_CTRUNC:
+            self.truncated = True
+        return data, ancdata, flags, address
 
 
 _OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
@@ -62,8 +82,22 @@ class KdlabBus(MessageBus):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self._writer = _PatientWriter(self)
-        self.add_message_handler(_record_call)
+        self.add_message_handler(self._record_call)
         self._dispatched: set[int] = set()
+
+    def _create_unmarshaller(self) -> Any:
+        unmarshaller = super()._create_unmarshaller()
+        if unmarshaller.sock is not None:
+            unmarshaller.sock = _Receiver(unmarshaller.sock)
+        return unmarshaller
+
+    def _record_call(self, msg: Message) -> None:
+        """Before dispatch: who sent the call, and what came with it."""
+        if msg.message_type is MessageType.METHOD_CALL:
+            # The unmarshaller that read *msg* is replaced only after this.
+            receiver = getattr(self._unmarshaller, "sock", None)
+            lost = isinstance(receiver, _Receiver) and receiver.truncated
+            CURRENT_CALL.set(Call(msg.sender or "", list(msg.unix_fds), lost))
 
     def _make_method_handler(self, interface: Any, method: Any) -> Any:
         handler = super()._make_method_handler(interface, method)

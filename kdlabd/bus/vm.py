@@ -115,12 +115,12 @@ class VMInterface(ServiceInterface):
     @exported(Action.DEBUG_VMS)
     async def OpenGdb(self, caller: Caller) -> "h":
         """A stream connected to the VM's gdbstub (gdb remote protocol)."""
-        return self.vms.open_gdb(self._record.name)
+        return await self.vms.open_gdb(self._record.name)
 
     @exported(Action.DEBUG_VMS)
     async def OpenConsole(self, caller: Caller) -> "h":
         """A stream on the serial console, shared with other viewers."""
-        return await self.vms.open_console(self._record.name)
+        return await self.vms.open_console(self._record.name, caller.uid)
 
     @exported(Action.DEBUG_VMS)
     async def GetDiagnosis(self, caller: Caller) -> "(ssssas)":
@@ -141,7 +141,7 @@ class VMInterface(ServiceInterface):
     @exported(Action.DEBUG_VMS)
     async def OpenConsoleLog(self, caller: Caller) -> "h":
         """A read-only descriptor of the console log of the current or last boot."""
-        return self.vms.open_console_log(self._record.name)
+        return await self.vms.open_console_log(self._record.name)
 
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> "s":

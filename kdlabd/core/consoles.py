@@ -1,10 +1,17 @@
-"""Serial consoles shared by any number of viewers.
+"""Serial consoles shared by viewers, within limits.
 
 The hypervisor gives one console session per VM. kdlabd holds that session
 and hands every viewer its own socket: output goes to all viewers, input from
 any viewer goes to the VM, so two viewers never steal bytes from each other.
 A viewer that cannot keep up loses output (the per-boot log keeps it all)
 rather than stall the VM or the other viewers.
+
+Input is bounded the other way round: while the guest does not take what
+was typed (a paused VM, ``cat /dev/zero | kdlabctl console``), kdlabd stops
+reading its viewers, so their writes block in their own process instead of
+piling up in kdlabd or in libvirtd. Every viewer holds a descriptor in
+kdlabd, so viewers are counted per VM and per user
+(``max_console_viewers_per_vm``, ``max_console_viewers_per_user``).
 """
 
 from __future__ import annotations
@@ -12,33 +19,47 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
 from kdlabd.core.hypervisor import ConsoleStream, Hypervisor
+from kdlabd.core.limits import Limits
 from kdlabd.errors import InvalidState
 
 log = structlog.get_logger(__name__)
 
 _READ_SIZE = 4096
+# Typed bytes the hypervisor has not taken yet; above this no viewer is read.
+INPUT_BACKLOG_MAX = 64 * 1024
+# How long shutdown waits for the sessions' hypervisor streams to close.
+CLOSE_ALL_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class _Viewer:
+    sock: socket.socket
+    uid: int
 
 
 class _Session:
     """One VM's console session and the viewers attached to it."""
 
-    def __init__(self, name: str, on_closed: Callable[[str], None]) -> None:
+    def __init__(self, name: str, on_closed: Callable[[_Session], None]) -> None:
         self.name = name
         self.stream: ConsoleStream | None = None
-        self._viewers: dict[int, socket.socket] = {}
+        self._viewers: dict[int, _Viewer] = {}
         self._on_closed = on_closed
         self._closed = False
+        self._reading = True
         self._loop = asyncio.get_running_loop()
 
-    def add_viewer(self) -> int:
+    def add_viewer(self, uid: int) -> int:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
-        self._viewers[ours.fileno()] = ours
-        self._loop.add_reader(ours.fileno(), self._typed, ours)
+        self._viewers[ours.fileno()] = _Viewer(ours, uid)
+        if self._reading:
+            self._loop.add_reader(ours.fileno(), self._typed, ours)
         return theirs.detach()
 
     @property
@@ -49,6 +70,9 @@ class _Session:
     def viewers(self) -> int:
         return len(self._viewers)
 
+    def viewers_of(self, uid: int) -> int:
+        return sum(viewer.uid == uid for viewer in self._viewers.values())
+
     def output(self, data: bytes) -> None:
         """Console output: copy to every viewer; ``b""`` ends the session."""
         if not data:
@@ -56,41 +80,55 @@ class _Session:
             return
         for viewer in list(self._viewers.values()):
             try:
-                viewer.send(data)
+                viewer.sock.send(data)
             except BlockingIOError:
                 log.debug("console.viewer_behind", vm=self.name, dropped=len(data))
             except OSError:
-                self._drop(viewer)
+                self._drop(viewer.sock)
+
+    def sent(self) -> None:
+        """The hypervisor took typed input: read the viewers again once it is low."""
+        stream = self.stream
+        if self._reading or self._closed or stream is None:
+            return
+        if stream.backlog <= INPUT_BACKLOG_MAX // 2:
+            self._reading = True
+            for fd, viewer in self._viewers.items():
+                self._loop.add_reader(fd, self._typed, viewer.sock)
 
     def close(self) -> None:
-        """Disconnect every viewer and close the console session, once."""
+        """Disconnect every viewer and hand the session back, once."""
         if self._closed:
             return
         self._closed = True
         for viewer in list(self._viewers.values()):
-            self._drop(viewer)
-        if self.stream is not None:
-            self.stream.close()
-        self._on_closed(self.name)
+            self._drop(viewer.sock)
+        self._on_closed(self)
 
-    def _typed(self, viewer: socket.socket) -> None:
+    def _typed(self, sock: socket.socket) -> None:
         try:
-            data = viewer.recv(_READ_SIZE)
+            data = sock.recv(_READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
             data = b""
+        stream = self.stream
         if not data:
-            self._drop(viewer)
-        elif self.stream is not None:
-            self.stream.send(data)
+            self._drop(sock)
+        elif stream is not None:
+            stream.send(data)
+            if stream.backlog >= INPUT_BACKLOG_MAX and self._reading:
+                log.debug("console.input_paused", vm=self.name, backlog=stream.backlog)
+                self._reading = False
+                for fd in self._viewers:
+                    self._loop.remove_reader(fd)
 
-    def _drop(self, viewer: socket.socket) -> None:
-        fd = viewer.fileno()
+    def _drop(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
         if self._viewers.pop(fd, None) is None:
             return
         self._loop.remove_reader(fd)
-        viewer.close()
+        sock.close()
         if not self._viewers:
             self.close()
 
@@ -98,23 +136,35 @@ class _Session:
 class ConsoleHub:
     """Console sessions by VM name, opened on first viewer, closed after the last."""
 
-    def __init__(self, hypervisor: Hypervisor) -> None:
+    def __init__(self, hypervisor: Hypervisor, limits: Limits | None = None) -> None:
         self._hv = hypervisor
+        self._limits = limits or Limits()
         self._sessions: dict[str, _Session] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
-    async def attach(self, name: str) -> int:
+    async def attach(self, name: str, uid: int) -> int:
         """A new viewer's socket for the console of the running VM *name*."""
+        self._check_limits(name, uid)
         async with self._opening.setdefault(name, asyncio.Lock()):
             session = self._sessions.get(name)
             if session is None:
                 session = _Session(name, self._session_closed)
-                session.stream = await self._hv.open_console(name, session.output)
+                stream = await self._hv.open_console(name, session.output, session.sent)
                 if session.closed:
+                    self._close_stream(stream)
                     raise InvalidState(f"the console of VM {name!r} closed at once")
+                session.stream = stream
                 self._sessions[name] = session
                 log.info("console.opened", vm=name)
-            return session.add_viewer()
+            # Others may have attached while the session was opening.
+            self._check_limits(name, uid)
+            try:
+                return session.add_viewer(uid)
+            except BaseException:
+                if not session.viewers:
+                    session.close()
+                raise
 
     def viewers(self, name: str) -> int:
         session = self._sessions.get(name)
@@ -126,6 +176,29 @@ class ConsoleHub:
         if session is not None:
             session.close()
 
-    def _session_closed(self, name: str) -> None:
-        if self._sessions.pop(name, None) is not None:
-            log.info("console.closed", vm=name)
+    async def close_all(self) -> None:
+        """Shutting down: end every session and wait (a bounded time) for their
+        streams to close."""
+        for session in list(self._sessions.values()):
+            session.close()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=CLOSE_ALL_SECONDS)
+
+    def _check_limits(self, name: str, uid: int) -> None:
+        session = self._sessions.get(name)
+        on_vm = 0 if session is None else session.viewers
+        mine = sum(s.viewers_of(uid) for s in self._sessions.values())
+        self._limits.room_for_viewer(name, on_vm, uid, mine)
+
+    def _session_closed(self, session: _Session) -> None:
+        if self._sessions.get(session.name) is session:
+            del self._sessions[session.name]
+            log.info("console.closed", vm=session.name)
+        if session.stream is not None:
+            self._close_stream(session.stream)
+
+    def _close_stream(self, stream: ConsoleStream) -> None:
+        """Close *stream* in the background; shutdown waits for it (a bounded time)."""
+        task = asyncio.get_running_loop().create_task(stream.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

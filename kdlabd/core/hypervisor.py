@@ -28,15 +28,22 @@ UploadProgress = Callable[[int], None]
 ConsoleOutput = Callable[[bytes], None]
 """Receives what a VM writes to its serial console; ``b""`` when it closed."""
 
+ConsoleSent = Callable[[], None]
+"""Told, on the loop, that the hypervisor took typed input (the backlog shrank)."""
+
 
 class ConsoleStream(Protocol):
     """An open serial console of a running VM."""
 
-    def send(self, data: bytes) -> None:
-        """Type *data* into the console (never blocks)."""
+    @property
+    def backlog(self) -> int:
+        """Bytes typed into the console that the hypervisor has not taken yet."""
 
-    def close(self) -> None:
-        """Close the console; no more output is delivered."""
+    def send(self, data: bytes) -> None:
+        """Type *data* into the console (never blocks; queued behind the backlog)."""
+
+    async def close(self) -> None:
+        """Close the console; no more output is delivered. Bounded in time."""
 
 
 class Hypervisor(Protocol):
@@ -80,8 +87,14 @@ class Hypervisor(Protocol):
     async def destroy_vm(self, name: str) -> None:
         """Pull the plug."""
 
-    async def open_console(self, name: str, on_output: ConsoleOutput) -> ConsoleStream:
-        """Open the VM's serial console; output goes to *on_output* on the loop."""
+    async def open_console(
+        self, name: str, on_output: ConsoleOutput, on_sent: ConsoleSent
+    ) -> ConsoleStream:
+        """Open the VM's serial console; output goes to *on_output* on the loop.
+
+        A console has a hypervisor connection of its own: one that stalls
+        (a guest that takes no input) cannot starve other calls.
+        """
 
     async def list_images(self) -> list[ImageRecord]:
         """Every image of kdlab's image pool, with its owner."""

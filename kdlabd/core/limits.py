@@ -102,6 +102,23 @@ class Limits:
             hint="wait for one to end, or cancel it",
         )
 
+    def room_for_viewer(self, vm: str, on_vm: int, uid: int, mine: int) -> None:
+        """Refuse a console viewer of *vm*, which has *on_vm*, for uid with *mine*."""
+        if on_vm >= self.console_viewers_per_vm:
+            raise LimitExceeded(
+                f"VM {vm!r} has {on_vm} console viewers; the limit is "
+                f"{self.console_viewers_per_vm} (configuration key "
+                "max_console_viewers_per_vm): detach one first"
+            )
+        _room(
+            uid,
+            mine,
+            self.console_viewers_per_user,
+            what="console viewers",
+            key="console_viewers_per_user",
+            hint="detach one first",
+        )
+
 
 def _at_most(asked: int, limit: int, *, what: str, key: str, unit: str = "") -> int:
     if asked > limit:

@@ -18,11 +18,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from kdlabd.core import kernel, validate
+from kdlabd.core import blocking, kernel, validate
 from kdlabd.core.cmdline import effective_cmdline
 from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.diagnosis import BootFacts, Diagnosis, diagnose, read_console_log
@@ -53,10 +53,17 @@ ImageForDisk = Callable[[str], ImageRecord]
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_VCPUS = 1
 DEFAULT_STOP_TIMEOUT = 30.0
 DIAGNOSIS_INTERVAL = 2.0
+# Time limits of blocking calls (they run in threads; see kdlabd.core.blocking).
+# A caller's descriptor may be a file on a stalled network or FUSE filesystem.
+DESCRIPTOR_SECONDS = 10.0
+GDB_CONNECT_SECONDS = 5.0
+CONSOLE_LOG_SECONDS = 5.0
 # The longest root= kdlab may add, for checking a command line's length early.
 _PLANNED_ROOT = (Disk(Path(), "vda", "image"),)
 
@@ -207,7 +214,7 @@ class VMService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._transitions: dict[str, VMState] = {}
         self._waiting: set[str] = set()
-        self._consoles = ConsoleHub(hypervisor)
+        self._consoles = ConsoleHub(hypervisor, self._limits)
         self._diagnoses: dict[str, Diagnosis] = {}
         self._clocks: dict[str, BootClock] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -234,12 +241,11 @@ class VMService:
             self._store(record)
         log.info("vms.loaded", count=len(self._vms))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Shutting down: end console sessions and watchers; VMs keep running."""
-        for name in list(self._vms):
-            self._consoles.close(name)
         for watcher in list(self._watchers.values()):
             watcher.cancel()
+        await self._consoles.close_all()
 
     async def reconcile(self) -> list[str]:
         """Remove what crashed creates left: volumes and directories of no VM.
@@ -310,16 +316,15 @@ class VMService:
             raise InvalidArgument(
                 "a kernel is required: pass an open descriptor of a bzImage"
             )
-        kernel_size = validate.readable_file(
-            request.kernel_fd, "kernel", validate.KERNEL_MAX_BYTES
-        )
-        header = os.pread(request.kernel_fd, kernel.HEADER_BYTES, 0)
-        validate.kernel_image(header)
+        kernel_size, header = await _kernel_header(request.kernel_fd)
         spec = spec.replace(release=validate.release(kernel.bzimage_release(header)))
         initrd_size = 0
-        if request.initrd_fd is not None:
-            initrd_size = validate.readable_file(
-                request.initrd_fd, "initrd", validate.INITRD_MAX_BYTES
+        if (initrd_fd := request.initrd_fd) is not None:
+            initrd_size = await _from_caller(
+                lambda: validate.readable_file(
+                    initrd_fd, "initrd", validate.INITRD_MAX_BYTES
+                ),
+                "initrd",
             )
         with self._reserve(request):
             base = self._image_for(request)
@@ -394,9 +399,7 @@ class VMService:
 
     async def _replace_kernel(self, record: VMRecord, fd: int) -> None:
         """Stage a new snapshot of the kernel: rebuilding the tree later is safe."""
-        size = validate.readable_file(fd, "kernel", validate.KERNEL_MAX_BYTES)
-        header = os.pread(fd, kernel.HEADER_BYTES, 0)
-        validate.kernel_image(header)
+        size, header = await _kernel_header(fd)
         release = validate.release(kernel.bzimage_release(header))
         await self._hv.upload_boot_file(kernel_volume(record.name), fd, size)
         if release != record.spec.release:
@@ -478,7 +481,7 @@ class VMService:
             self._forget(name)
             log.info("vm.deleted", vm=name)
 
-    def open_gdb(self, name: str) -> int:
+    async def open_gdb(self, name: str) -> int:
         """A stream socket connected to the VM's gdbstub, for the caller to keep.
 
         The stub lives on this host (a unix socket only root and QEMU can
@@ -503,35 +506,54 @@ class VMService:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             address = str(record.spec.gdb_socket)
         try:
-            sock.settimeout(5)
-            sock.connect(address)
+            sock.settimeout(GDB_CONNECT_SECONDS)
+            # A unix socket whose listener does not accept blocks in connect().
+            await blocking.run(
+                lambda: sock.connect(address),
+                seconds=GDB_CONNECT_SECONDS + 1,
+                what=f"connecting to the gdbstub of {name}",
+            )
             sock.setblocking(True)
-        except OSError as err:
+        except (OSError, blocking.Unanswered) as err:
             sock.close()
+            why = err.strerror if isinstance(err, OSError) else "no answer"
             raise HypervisorError(
-                f"cannot reach the gdbstub of VM {name!r} at {address}: {err.strerror}"
+                f"cannot reach the gdbstub of VM {name!r} at {address}: {why}"
             ) from None
         return sock.detach()
 
-    async def open_console(self, name: str) -> int:
-        """A socket on the VM's serial console, shared with any other viewers."""
+    async def open_console(self, name: str, uid: int) -> int:
+        """A socket on the VM's serial console, shared with any other viewers.
+
+        *uid* is the viewer's: viewers are counted per user.
+        """
         record = self.get(name)
         if not record.state.active:
             raise InvalidState(
                 f"VM {name!r} is {record.state}: start it first (kdlabctl start "
                 f"{name}); the last boot's output is in kdlabctl logs {name}"
             )
-        return await self._consoles.attach(name)
+        return await self._consoles.attach(name, uid)
 
-    def open_console_log(self, name: str) -> int:
+    async def open_console_log(self, name: str) -> int:
         """A read-only descriptor of the console log of the current or last boot."""
         self.get(name)
+        path = self._layout.console_log(name)
         try:
-            return os.open(self._layout.console_log(name), os.O_RDONLY | os.O_CLOEXEC)
+            return await blocking.run(
+                lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC),
+                seconds=CONSOLE_LOG_SECONDS,
+                what=f"opening {path}",
+            )
         except FileNotFoundError:
             raise InvalidState(
                 f"VM {name!r} has not been booted yet: there is no console log "
                 f"(kdlabctl start {name})"
+            ) from None
+        except blocking.Unanswered:
+            raise HypervisorError(
+                f"the console log of VM {name!r} (written by virtlogd) did not open "
+                f"within {CONSOLE_LOG_SECONDS:g} s: its filesystem does not answer"
             ) from None
 
     def _new_spec(self, request: CreateRequest) -> VMSpec:
@@ -683,9 +705,15 @@ class VMService:
             name=spec.name,
         )
         try:
-            text = await asyncio.to_thread(read_console_log, spec.console_log)
+            text = await blocking.run(
+                lambda: read_console_log(spec.console_log),
+                seconds=CONSOLE_LOG_SECONDS,
+                what=f"reading {spec.console_log}",
+            )
         except FileNotFoundError:
             text = ""
+        except blocking.Unanswered:
+            return self._diagnoses.get(spec.name)  # no news: keep what was found
         return diagnose(text, facts)
 
     def _clock(self, record: VMRecord) -> BootClock:
@@ -762,6 +790,31 @@ class VMService:
 def _cpus_run(state: VMState) -> bool:
     """Whether the guest's CPUs run in *state* (a guest shutting down runs)."""
     return state in (VMState.RUNNING, VMState.STOPPING)
+
+
+async def _from_caller(look: Callable[[], T], what: str) -> T:
+    """*look* at a caller's descriptor in a thread, within a time limit."""
+    try:
+        return await blocking.run(
+            look, seconds=DESCRIPTOR_SECONDS, what=f"reading the {what} descriptor"
+        )
+    except blocking.Unanswered:
+        raise InvalidArgument(
+            f"{what}: reading the file took over {DESCRIPTOR_SECONDS:g} s; pass a "
+            "file on a filesystem that answers (a local copy)"
+        ) from None
+
+
+async def _kernel_header(fd: int) -> tuple[int, bytes]:
+    """The size and boot header of the bzImage the caller passed as *fd*."""
+
+    def look() -> tuple[int, bytes]:
+        size = validate.readable_file(fd, "kernel", validate.KERNEL_MAX_BYTES)
+        header = os.pread(fd, kernel.HEADER_BYTES, 0)
+        validate.kernel_image(header)
+        return size, header
+
+    return await _from_caller(look, "kernel")
 
 
 async def _undo(step: Callable[[str], Awaitable[None]], arg: str) -> None:

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
+import os
+import queue
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,8 +28,10 @@ import libvirtaio
 import structlog
 from lxml import etree
 
+from kdlabd.core import blocking
 from kdlabd.core.hypervisor import (
     ConsoleOutput,
+    ConsoleSent,
     ConsoleStream,
     DomainChanged,
     Reconnected,
@@ -48,6 +55,7 @@ from kdlabd.errors import (
     KdlabError,
     NoSuchVM,
     VMExists,
+    out_of_descriptors,
 )
 from kdlabd.virt import host, storage
 from kdlabd.virt.domain_xml import (
@@ -73,6 +81,12 @@ DEFAULT_RECONNECT_WAIT = 15.0
 """Seconds a call that needs libvirt waits for a lost connection to return."""
 # How long shutdown waits for libvirt's pending event callbacks.
 _DRAIN_SECONDS = 2.0
+# Closing a connection is a call to libvirtd; one that does not answer is left
+# to its keepalive (kdlabd's 5 s x 3, libvirtd's own) rather than waited for.
+_CLOSE_SECONDS = 3.0
+# Opening a console: a connection of its own, the domain, the stream.
+_CONSOLE_OPEN_SECONDS = 15.0
+_KEEPALIVE = (5, 3)
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: VMState.STOPPED,
@@ -109,6 +123,8 @@ def vm_state(state: int, reason: int) -> VMState:
 def _translate(err: libvirt.libvirtError) -> KdlabError:
     code = err.get_error_code()
     message = err.get_error_message() or str(err)
+    if os.strerror(errno.EMFILE) in message or os.strerror(errno.ENFILE) in message:
+        return out_of_descriptors(f"libvirt: {message}")
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return NoSuchVM(f"libvirt has no such domain: {message}")
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
@@ -146,6 +162,7 @@ class LibvirtHypervisor:
         self._reconnect_wait = reconnect_wait
         self._connected = asyncio.Event()
         self._closing = False
+        self._consoles: set[_Console] = set()
 
     def watch(
         self, on_domain_changed: DomainChanged, on_reconnected: Reconnected
@@ -176,7 +193,7 @@ class LibvirtHypervisor:
             # Keepalive detects a dead libvirtd; drivers without it (test://)
             # need none.
             with contextlib.suppress(libvirt.libvirtError):
-                conn.setKeepAlive(5, 3)
+                conn.setKeepAlive(*_KEEPALIVE)
             conn.registerCloseCallback(self._closed, None)
             callback_ids = [
                 conn.domainEventRegisterAny(
@@ -216,9 +233,18 @@ class LibvirtHypervisor:
         # by its traceback) hold it open; freed now, libvirt really closes it
         # while the loop still runs, instead of at exit on a closed loop.
         gc.collect()
-        remaining = await asyncio.to_thread(conn.close)
+        try:
+            remaining = await blocking.run(
+                conn.close, seconds=_CLOSE_SECONDS, what="closing libvirt's connection"
+            )
+        except (blocking.Unanswered, libvirt.libvirtError):
+            return  # its event handles stay registered: nothing to drain
         if remaining:
             log.warning("libvirt.close_leaked", references=remaining)
+            return
+        if self._consoles:  # their connections' handles stay registered
+            log.warning("libvirt.consoles_left", consoles=len(self._consoles))
+            return
         impl = libvirtaio.getCurrentImpl()
         if impl is not None:
             try:
@@ -353,17 +379,54 @@ class LibvirtHypervisor:
 
         await self._call(run, again=again)
 
-    async def open_console(self, name: str, on_output: ConsoleOutput) -> ConsoleStream:
-        def open_stream(conn: libvirt.virConnect) -> libvirt.virStream:
-            stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
-            # FORCE: kdlabd holds the one session per VM and shares it; a stale
-            # session (virsh console left open) must not lock viewers out.
-            self._domain(conn, name).openConsole(
-                None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE
-            )
-            return stream
+    async def open_console(
+        self, name: str, on_output: ConsoleOutput, on_sent: ConsoleSent
+    ) -> ConsoleStream:
+        # libvirtd stops reading a client whose console input the guest does
+        # not take (max_client_requests); on the shared connection that froze
+        # every other call until a keepalive dropped it. Each console gets a
+        # connection of its own, made once libvirtd answers again if it went away.
+        if self._conn is None:
+            await self._reconnection()
+        abandoned = threading.Event()
 
-        return _Console(await self._call(open_stream, again=open_stream), on_output)
+        def open_stream() -> tuple[libvirt.virConnect, libvirt.virStream]:
+            conn = libvirt.open(self._uri)
+            try:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.setKeepAlive(*_KEEPALIVE)
+                stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+                # FORCE: kdlabd holds the one session per VM and shares it; a
+                # stale session (virsh console left open) must not lock viewers out.
+                self._domain(conn, name).openConsole(
+                    None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE
+                )
+                if abandoned.is_set():  # the caller gave up: nobody will close it
+                    stream.abort()
+                    raise HypervisorError("opened too late")
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+                raise
+            return conn, stream
+
+        try:
+            conn, stream = await blocking.run(
+                open_stream,
+                seconds=_CONSOLE_OPEN_SECONDS,
+                what=f"opening the console of {name}",
+            )
+        except blocking.Unanswered:
+            abandoned.set()
+            raise HypervisorError(
+                f"libvirt did not open the console of VM {name!r} within "
+                f"{_CONSOLE_OPEN_SECONDS:g} s; try again"
+            ) from None
+        except libvirt.libvirtError as err:
+            raise _translate(err) from None
+        console = _Console(conn, stream, on_output, on_sent, self._consoles.discard)
+        self._consoles.add(console)
+        return console
 
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
         def upload(conn: libvirt.virConnect) -> Path:
@@ -647,8 +710,10 @@ class LibvirtHypervisor:
 
     async def _reconnect(self, dead: libvirt.virConnect) -> None:
         # Free the dead connection's event handles and callbacks first.
-        with contextlib.suppress(libvirt.libvirtError):
-            await asyncio.to_thread(dead.close)
+        with contextlib.suppress(libvirt.libvirtError, blocking.Unanswered):
+            await blocking.run(
+                dead.close, seconds=_CLOSE_SECONDS, what="closing the lost connection"
+            )
         attempt = 0
         try:
             while True:
@@ -707,40 +772,156 @@ def _ensure_pool(conn: libvirt.virConnect, name: str, expected: Path, key: str) 
 
 _EAGAIN = -2
 _READABLE = libvirt.VIR_STREAM_EVENT_READABLE
-_WRITABLE = libvirt.VIR_STREAM_EVENT_WRITABLE
 _CLOSED = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
+# Typed input goes to libvirtd in packets of at most this many bytes.
+_SEND_MAX = 64 * 1024
 
 
 class _Console:
-    """A non-blocking libvirt console stream driven by libvirtaio on the loop."""
+    """A console stream on a libvirt connection of its own.
 
-    def __init__(self, stream: libvirt.virStream, on_output: ConsoleOutput) -> None:
+    Output arrives through the stream's events on the loop (libvirtaio);
+    a non-blocking ``recv`` only copies what libvirt already received. Input
+    cannot be sent from the loop: ``virStreamSend`` waits until libvirtd
+    reads the packet, and libvirtd stops reading while the guest takes no
+    input. A writer thread of the console's own sends it, and then also
+    aborts the stream and closes the connection when the console closes,
+    since those are calls that wait behind a stuck send. The loop only counts
+    the backlog.
+    """
+
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        stream: libvirt.virStream,
+        on_output: ConsoleOutput,
+        on_sent: ConsoleSent,
+        on_finished: Callable[[_Console], None],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._conn: libvirt.virConnect | None = conn
         self._stream: libvirt.virStream | None = stream
         self._on_output = on_output
-        self._pending = b""
+        self._on_sent = on_sent
+        self._on_finished = on_finished
+        self._backlog = 0
+        self._ended = False
+        self._input: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
         stream.eventAddCallback(_READABLE | _CLOSED, self._event, None)
+        conn.registerCloseCallback(self._conn_closed, None)
+        # The thread gets the only other references: libvirt's last unref of
+        # the connection (a call to libvirtd) then happens there, never here.
+        threading.Thread(
+            target=self._write,
+            args=(conn, stream),
+            name=blocking.thread_name("console"),
+            daemon=True,
+        ).start()
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog
 
     def send(self, data: bytes) -> None:
-        self._pending += data
-        self._flush()
+        if self._closing.is_set():
+            return
+        self._backlog += len(data)
+        self._input.put(data)
 
-    def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
+    async def close(self) -> None:
+        if not self._closing.is_set():
+            self._closing.set()
+            # libvirtaio is not thread-safe: callbacks are removed here, on the
+            # loop, before the writer thread aborts the stream.
+            stream, self._stream = self._stream, None
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(libvirt.libvirtError, AttributeError):
+                stream.eventRemoveCallback()  # type: ignore[union-attr]
+            with contextlib.suppress(libvirt.libvirtError, AttributeError):
+                conn.unregisterCloseCallback()  # type: ignore[union-attr]
+            del stream, conn
+            self._input.put(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closed), _CLOSE_SECONDS)
+        except TimeoutError:
+            # A send or the abort waits for libvirtd; the thread ends when its
+            # keepalive drops the connection, or with kdlabd (a daemon thread).
+            log.warning("console.close_unanswered", seconds=_CLOSE_SECONDS)
+
+    def _write(self, conn: libvirt.virConnect, stream: libvirt.virStream) -> None:
+        """The writer thread: send typed input until closed, then close."""
+        failed = False
+        try:
+            while (data := self._next_input()) is not None:
+                if not failed:
+                    failed = not self._send_all(stream, data)
+                self._from_thread(self._took, len(data), failed)
+        finally:
             with contextlib.suppress(libvirt.libvirtError):
-                stream.eventRemoveCallback()
                 stream.abort()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+            self._from_thread(self._finished)
+
+    def _next_input(self) -> bytes | None:
+        """What was typed, several chunks at once; None once the console closes."""
+        data = self._input.get()
+        if data is None or self._closing.is_set():
+            return None
+        while len(data) < _SEND_MAX:
+            try:
+                more = self._input.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                return None
+            data += more
+        return data
+
+    def _send_all(self, stream: libvirt.virStream, data: bytes) -> bool:
+        view = memoryview(data)
+        while view and not self._closing.is_set():
+            try:
+                sent = stream.send(view.tobytes())
+            except libvirt.libvirtError:
+                return False
+            if sent == _EAGAIN:  # remote streams block instead; others may not
+                time.sleep(0.05)
+                continue
+            view = view[sent:]
+        return True
+
+    def _from_thread(self, fn: Callable[..., None], *args: object) -> None:
+        # After kdlabd's loop has closed there is nobody left to tell.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _took(self, count: int, failed: bool) -> None:
+        self._backlog -= count
+        if failed:
+            self._end()
+        else:
+            self._on_sent()
+
+    def _finished(self) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._on_finished(self)
+
+    def _conn_closed(self, _conn: Any, _reason: int, _opaque: Any) -> None:
+        """libvirt's close callback (a keepalive gave up, libvirtd restarted)."""
+        self._from_thread(self._end)
 
     def _event(self, stream: libvirt.virStream, events: int, _opaque: Any) -> None:
         if events & _READABLE:
             self._read(stream)
-        if events & _WRITABLE:
-            self._flush()
-        if events & _CLOSED and self._stream is not None:
+        if events & _CLOSED:
             self._end()
 
     def _read(self, stream: libvirt.virStream) -> None:
-        while self._stream is not None:
+        while not self._closing.is_set():
             try:
                 data = stream.recv(65536)
             except libvirt.libvirtError:
@@ -753,21 +934,8 @@ class _Console:
                 return
             self._on_output(data)
 
-    def _flush(self) -> None:
-        stream = self._stream
-        if stream is None:
-            return
-        try:
-            while self._pending:
-                sent = stream.send(self._pending)
-                if sent == _EAGAIN:
-                    break
-                self._pending = self._pending[sent:]
-            wanted = _READABLE | _CLOSED | (_WRITABLE if self._pending else 0)
-            stream.eventUpdateCallback(wanted)
-        except libvirt.libvirtError:
-            self._end()
-
     def _end(self) -> None:
-        self.close()
-        self._on_output(b"")
+        """The console ended by itself: tell the session, which closes it."""
+        if not self._ended and not self._closing.is_set():
+            self._ended = True
+            self._on_output(b"")

@@ -733,7 +733,7 @@ def test_console_log_before_first_boot(lab: Lab) -> None:
 
     run(scenario())
     with pytest.raises(InvalidState, match="has not been booted yet"):
-        lab.service.open_console_log("vm1")
+        run(lab.service.open_console_log("vm1"))
 
 
 def test_console_log_after_boot_is_read_only(lab: Lab) -> None:
@@ -741,7 +741,7 @@ def test_console_log_after_boot_is_read_only(lab: Lab) -> None:
         await lab.booted()
 
     run(scenario())
-    fd = lab.service.open_console_log("vm1")
+    fd = run(lab.service.open_console_log("vm1"))
     try:
         assert os.read(fd, 100) == b"Linux version 6.1.0 (fake)\n"
         with pytest.raises(OSError, match="Bad file descriptor"):
