@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests import figures
+
 if TYPE_CHECKING:
     from tests.logins import Logins
 
@@ -54,3 +56,25 @@ def logins() -> Iterator[Logins]:
     require(not missing, missing)
     with accounts.accounts() as users:
         yield users
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_sigterm_exits() -> Iterator[None]:
+    """Every kdlabd the tests SIGTERM must exit cleanly (tests.harness.Kdlabd.stop
+    asserts each); the run's tally is a figure. Session fixtures of the tiers,
+    which stop their own kdlabd, end before this one."""
+    yield
+    from tests.harness import STOP_SECONDS, STOPS
+
+    if not STOPS:
+        return
+    unclean = [stop for stop in STOPS if not stop.clean]
+    figure = figures.record(
+        "clean SIGTERM exits",
+        len(STOPS) - len(unclean),
+        f"== {len(STOPS)}",
+        detail=f"of every kdlabd the tests stopped: the documented status within "
+        f"{STOP_SECONDS:g} s"
+        + "".join(f"; pid {s.pid}: {s.status} (None: hung)" for s in unclean),
+    )
+    assert figure.met

@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "systemd" / "org.kdlab.Kdlab1.conf"
 BUS_NAME = "org.kdlab.Kdlab1"
 STARTUP_TIMEOUT = 15.0
+# SIGTERM to exit: kdlabd waits at most a few seconds for libvirt on its way out.
+STOP_SECONDS = 10.0
 
 SYSTEM_BUS_CONFIG = Path("/usr/share/dbus-1/system.conf")  # dbus-system-bus-common
 
@@ -139,6 +141,23 @@ def kdlabctl_json(address: str, *args: str) -> object:
     return json.loads(result.stdout)
 
 
+@dataclass(frozen=True)
+class Stop:
+    """One SIGTERM of a kdlabd by the tests, and how it ended."""
+
+    pid: int
+    status: int | None  # None: it did not exit within STOP_SECONDS
+    expected: int
+
+    @property
+    def clean(self) -> bool:
+        return self.status == self.expected
+
+
+# Every stop of the run, for the "clean SIGTERM exits" figure (tests/conftest.py).
+STOPS: list[Stop] = []
+
+
 @dataclass
 class Kdlabd:
     """kdlabd as a subprocess on a private bus."""
@@ -150,6 +169,8 @@ class Kdlabd:
     extra_args: Sequence[str] = ()
     config_text: str = ""
     log_path: Path | None = None
+    # RLIMIT_NOFILE (soft and hard) to start kdlabd with; None: the tests' own.
+    nofile: int | None = None
 
     def __post_init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
@@ -166,8 +187,10 @@ class Kdlabd:
         self._ended_by_test = False
         self.log_path = self.log_path or self.state_dir.parent / "kdlabd.log"
         log = self.log_path.open("ab")
+        limit = [] if self.nofile is None else ["prlimit", f"--nofile={self.nofile}"]
         self._proc = subprocess.Popen(
             [
+                *limit,
                 sys.executable,
                 "-m",
                 "kdlabd",
@@ -258,22 +281,34 @@ class Kdlabd:
         problem = self.died_on_its_own()
         assert not problem, problem
 
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM kdlabd and return its exit code (kill it after *timeout* s).
+    def stop(self, expected: int = 0) -> int:
+        """SIGTERM kdlabd: it must exit with *expected* within STOP_SECONDS.
 
-        A kdlabd that already died on its own fails the test instead: its
-        status would tell nothing about a stop.
+        One that hangs is killed; either way the test fails, with kdlabd's log.
+        Every stop counts in the figure "clean SIGTERM exits". A kdlabd that
+        already died on its own fails the test instead: its status would tell
+        nothing about a stop.
         """
         assert self._proc is not None
         self._fail_if_died()
         self._ended_by_test = True
         self._proc.send_signal(signal.SIGTERM)
         try:
-            return self._proc.wait(timeout=timeout)
+            status: int | None = self._proc.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-            raise
+            status = None
+        stop = Stop(self._proc.pid, status, expected)
+        STOPS.append(stop)
+        if stop.clean:
+            return expected
+        what = (
+            f"did not exit within {STOP_SECONDS:g} s"
+            if status is None
+            else f"exited {status}, not {expected}"
+        )
+        raise AssertionError(f"kdlabd {what} on SIGTERM:\n{self.log()[-6000:]}")
 
     def kill(self) -> None:
         assert self._proc is not None
@@ -344,13 +379,16 @@ def virsh(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def system_kdlabd(pool_prefix: str, accel: str = "tcg") -> Iterator[Kdlabd]:
+def system_kdlabd(
+    pool_prefix: str, accel: str = "tcg", config: str = "", nofile: int | None = None
+) -> Iterator[Kdlabd]:
     """kdlabd on the system libvirtd, on a private bus, with its own state and pool.
 
     Its VMs are real domains of the system libvirtd; a kdlabd the developer
-    runs is not disturbed. On exit the daemon must stop cleanly (exit 0, no
-    traceback in its log) and must not have died on its own before; its pool
-    and directories are removed.
+    runs is not disturbed. *config* adds lines to its kdlabd.toml, *nofile*
+    sets its descriptor limit. On exit the daemon must stop cleanly (exit 0
+    within STOP_SECONDS of SIGTERM, no traceback in its log) and must not have
+    died on its own before; its pool and directories are removed.
     """
     # QEMU (the libvirt-qemu user) must traverse to the boot volumes and the
     # gdb socket: pytest's temporary directories are 0700, /var/tmp is not.
@@ -366,25 +404,29 @@ def system_kdlabd(pool_prefix: str, accel: str = "tcg") -> Iterator[Kdlabd]:
         # Builds keep their debootstrap cache across runs, as a developer's do.
         config_text=(
             f'boot_pool = "{pool_prefix}-boot"\nimage_pool = "{pool_prefix}-images"\n'
-            f'cache_dir = "{debian.cache_dir() / "kdlabd"}"\n'
+            f'cache_dir = "{debian.cache_dir() / "kdlabd"}"\n{config}'
         ),
+        nofile=nofile,
     )
     try:
         daemon.start()
         yield daemon
     finally:
         died = daemon.died_on_its_own()
-        code = daemon.stop() if daemon.running else 0
-        log = daemon.log()
-        bus.stop()
-        for pool in (f"{pool_prefix}-boot", f"{pool_prefix}-images"):
-            virsh("pool-destroy", pool)
-            virsh("pool-undefine", pool)
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            if daemon.running:
+                daemon.stop()  # exit 0 within STOP_SECONDS, or it fails here
+        finally:
+            log = daemon.log()
+            bus.stop()
+            for pool in (f"{pool_prefix}-boot", f"{pool_prefix}-images"):
+                virsh("pool-destroy", pool)
+                virsh("pool-undefine", pool)
+            shutil.rmtree(root, ignore_errors=True)
     if died:
         raise RuntimeError(died)
-    if code != 0 or "Traceback" in log:
-        raise RuntimeError(f"kdlabd exited {code}:\n{log}")
+    if "Traceback" in log:
+        raise RuntimeError(f"kdlabd logged a traceback:\n{log}")
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,15 @@ def test_unit_core_settings() -> None:
     assert "libvirtd.service" in " ".join(values(unit, "Unit", "After")).split()
 
 
+def test_unit_descriptor_limit_is_kdlabds() -> None:
+    """The unit gives kdlabd the descriptor limit it raises itself to elsewhere."""
+    from kdlabd.daemon import DESCRIPTOR_LIMIT
+
+    limit = single(unit_settings(), "Service", "LimitNOFILE")
+    assert limit == str(DESCRIPTOR_LIMIT)
+    assert DESCRIPTOR_LIMIT > 1024
+
+
 def test_unit_security_exposure(tmp_path: Path) -> None:
     analyze = require_tool("systemd-analyze", "systemd")
     root = make_unit_root(tmp_path, UNIT.read_text())

@@ -7,7 +7,9 @@ libvirtd, named ``kdlab-vmt-*``, and every test removes what it made.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bus.harness import Identity
 from tests.conftest import require, require_root, require_tool
 from tests.fixtures import debian
 from tests.harness import Kdlabd, kdlabctl, system_kdlabd, virsh
@@ -25,6 +28,7 @@ from tests.harness import Kdlabd, kdlabctl, system_kdlabd, virsh
 POOL_PREFIX = f"kdlab-vmtest{os.getpid()}"
 TEST_POOL = f"{POOL_PREFIX}-boot"
 MARKER = debian.DEFAULT_MARKER
+TEST_USER = "kdlabtest"
 
 __all__ = ["MARKER", "TEST_POOL", "Lab", "virsh"]
 
@@ -69,3 +73,29 @@ def vm_name(lab: Lab) -> Iterator[str]:
     lab.ctl("delete", "--force", name)
     virsh("destroy", f"kdlab-{name}")
     virsh("undefine", f"kdlab-{name}")
+
+
+@pytest.fixture(scope="session")
+def kdlab_user() -> Identity:
+    """A system user in group kdlab (made here when missing: CI machines are
+    throwaway). No polkit on the private bus: the group rule applies."""
+    require_tool("useradd", "passwd")
+    try:
+        kdlab = grp.getgrnam("kdlab")
+    except KeyError:
+        require(False, "group kdlab (.ci/setup creates it with systemd-sysusers)")
+        raise
+    try:
+        user = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell",
+             "/usr/sbin/nologin", "--groups", "kdlab", TEST_USER],
+            check=False,  # another session may have made it meanwhile
+        )  # fmt: skip
+        user = pwd.getpwnam(TEST_USER)
+    groups = os.getgrouplist(TEST_USER, user.pw_gid)
+    if kdlab.gr_gid not in groups:
+        subprocess.run(["usermod", "-aG", "kdlab", TEST_USER], check=True)
+        groups.append(kdlab.gr_gid)
+    return Identity(user.pw_uid, user.pw_gid, tuple(groups))
