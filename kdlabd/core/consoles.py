@@ -17,6 +17,7 @@ kdlabd, so viewers are counted per VM and per user
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ _READ_SIZE = 4096
 INPUT_BACKLOG_MAX = 64 * 1024
 # How long shutdown waits for the sessions' hypervisor streams to close.
 CLOSE_ALL_SECONDS = 5.0
+# While viewers are not read, how often kdlabd looks for ones that went away.
+HANGUP_CHECK_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class _Session:
         self._on_closed = on_closed
         self._closed = False
         self._reading = True
+        self._hangup_check: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
     def add_viewer(self, uid: int) -> int:
@@ -93,6 +97,9 @@ class _Session:
             return
         if stream.backlog <= INPUT_BACKLOG_MAX // 2:
             self._reading = True
+            if self._hangup_check is not None:
+                self._hangup_check.cancel()
+                self._hangup_check = None
             for fd, viewer in self._viewers.items():
                 self._loop.add_reader(fd, self._typed, viewer.sock)
 
@@ -101,6 +108,8 @@ class _Session:
         if self._closed:
             return
         self._closed = True
+        if self._hangup_check is not None:
+            self._hangup_check.cancel()
         for viewer in list(self._viewers.values()):
             self._drop(viewer.sock)
         self._on_closed(self)
@@ -122,6 +131,25 @@ class _Session:
                 self._reading = False
                 for fd in self._viewers:
                     self._loop.remove_reader(fd)
+                self._check_hangups()
+
+    def _check_hangups(self) -> None:
+        """Drop viewers that hung up while they are not read (a detach on a
+        paused VM): their unread input is moot, and they count against limits."""
+        self._hangup_check = None
+        if self._reading or self._closed:
+            return
+        poller = select.poll()
+        for fd in self._viewers:
+            poller.register(fd, select.POLLRDHUP)
+        for fd, _events in poller.poll(0):  # POLLHUP and POLLERR come anyway
+            viewer = self._viewers.get(fd)
+            if viewer is not None:
+                self._drop(viewer.sock)
+        if not self._closed:
+            self._hangup_check = self._loop.call_later(
+                HANGUP_CHECK_SECONDS, self._check_hangups
+            )
 
     def _drop(self, sock: socket.socket) -> None:
         fd = sock.fileno()

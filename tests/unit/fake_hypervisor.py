@@ -16,7 +16,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdlabd.core.hypervisor import DomainChanged, Reconnected, UploadProgress
+from kdlabd.core.hypervisor import (
+    ConsoleOutput,
+    ConsoleSent,
+    DomainChanged,
+    Reconnected,
+    UploadProgress,
+)
 from kdlabd.core.limits import HostResources
 from kdlabd.core.models import (
     Accel,
@@ -52,6 +58,34 @@ class Domain:
 
 
 @dataclass
+class FakeConsole:
+    """A console whose guest takes typed input only when the test says so."""
+
+    on_output: ConsoleOutput
+    on_sent: ConsoleSent
+    waiting: list[bytes] = field(default_factory=list)
+    taken: bytearray = field(default_factory=bytearray)
+    closed: bool = False
+
+    @property
+    def backlog(self) -> int:
+        return sum(map(len, self.waiting))
+
+    def send(self, data: bytes) -> None:
+        self.waiting.append(data)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> None:
+        """The guest reads everything typed so far."""
+        for data in self.waiting:
+            self.taken += data
+        self.waiting.clear()
+        self.on_sent()
+
+
+@dataclass
 class FakeHypervisor:
     """Domains and boot volumes in memory."""
 
@@ -65,6 +99,7 @@ class FakeHypervisor:
     disks: dict[str, tuple[int, str | None]] = field(default_factory=dict)
     host: HostResources = HOST
     calls: list[Call] = field(default_factory=list)
+    consoles: list[FakeConsole] = field(default_factory=list)
     # "method" or "method:arg" -> the exception that call raises (after recording it).
     failures: dict[str, BaseException] = field(default_factory=dict)
     # "method" or "method:arg" -> an event the call waits for before doing anything.
@@ -181,6 +216,14 @@ class FakeHypervisor:
             self._power_off.pop(name).cancel()
         domain.state = VMState.STOPPED
         self._announce(name)
+
+    async def open_console(
+        self, name: str, on_output: ConsoleOutput, on_sent: ConsoleSent
+    ) -> FakeConsole:
+        await self._step("open_console", name)
+        console = FakeConsole(on_output, on_sent)
+        self.consoles.append(console)
+        return console
 
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
         await self._step("upload_boot_file", volume)
