@@ -229,7 +229,8 @@ def console(sock_fd: int, banner: str, stdin: int = 0, stdout: int = 1) -> str:
         tty.setraw(stdin, termios.TCSADRAIN)
     print(banner, end="\r\n", file=sys.stderr, flush=True)
     try:
-        selector = selectors.DefaultSelector()
+        # poll, not epoll: epoll refuses a file or /dev/zero as stdin (EPERM).
+        selector = selectors.PollSelector()
         selector.register(stdin, selectors.EVENT_READ)
         selector.register(sock_fd, selectors.EVENT_READ)
         while True:

@@ -19,6 +19,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -777,6 +778,21 @@ _CLOSED = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
 _SEND_MAX = 64 * 1024
 
 
+def _weakly(
+    method: Callable[[libvirt.virStream, int, Any], None],
+) -> Callable[[libvirt.virStream, int, Any], None]:
+    """*method* as a stream callback that does not keep its object alive (libvirt
+    leaks what a remote stream's callback holds: see _Console._write)."""
+    ref = weakref.WeakMethod(method)
+
+    def callback(stream: libvirt.virStream, events: int, opaque: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(stream, events, opaque)
+
+    return callback
+
+
 class _Console:
     """A console stream on a libvirt connection of its own.
 
@@ -809,7 +825,7 @@ class _Console:
         self._input: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._closing = threading.Event()
         self._closed: asyncio.Future[None] = self._loop.create_future()
-        stream.eventAddCallback(_READABLE | _CLOSED, self._event, None)
+        stream.eventAddCallback(_READABLE | _CLOSED, _weakly(self._event), None)
         conn.registerCloseCallback(self._conn_closed, None)
         # The thread gets the only other references: libvirt's last unref of
         # the connection (a call to libvirtd) then happens there, never here.
@@ -861,6 +877,13 @@ class _Console:
         finally:
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()
+            # libvirt 9.0 never calls the free function of a remote stream's
+            # event callback (remoteStreamCallbackFree; upstream patch
+            # "remote/stream-event: Fix a memory leak", 2025): libvirt-python's
+            # reference to the stream leaks, and the stream kept the connection
+            # and its socket open for ever. Free the stream itself; only a
+            # small wrapper object is left behind.
+            stream.__del__()
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
             self._from_thread(self._finished)

@@ -1,0 +1,529 @@
+"""Consoles under abuse by a member, on real libvirt and QEMU (issue 11).
+
+A member of group kdlab (a real uid through ``setpriv``) owns the VMs and
+drives ``kdlabctl console`` the way a person or a script would; root's calls
+must keep answering meanwhile. Checked, and recorded as figures:
+
+- a detach from a paused VM after typing 64 KiB leaves kdlabd answering and
+  stoppable (it used to sit in virStreamAbort on its event loop);
+- ``cat /dev/zero | kdlabctl console`` into a paused and a running VM: every
+  call of another client (list, image create and delete) is answered within
+  1 s (the shared libvirt connection used to stall, then drop);
+- viewer limits per VM and per user: Error.LimitExceeded;
+- a kdlabd whose descriptor table is full says so (LimitExceeded naming
+  LimitNOFILE=), also for calls whose descriptors the kernel dropped;
+- no descriptor is left after 1000 viewer attach/detach cycles;
+- SIGTERM after all this, and after a libvirt reconnection, exits at once.
+
+This module's kdlabd has small viewer limits (the defaults are checked in
+tests/unit/test_consoles.py), so that reaching them costs a few viewers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import pytest
+from dbus_next import Message, MessageType, Variant
+
+from kdlabd.errors import LimitExceeded
+from kdlabd.wire import (
+    BUS_NAME,
+    IMAGE_INTERFACE,
+    MANAGER_INTERFACE,
+    MANAGER_PATH,
+    VM_INTERFACE,
+    vm_path,
+)
+from tests import figures
+from tests.bus import harness as bus_harness
+from tests.bus.harness import BusClient, Identity
+from tests.harness import Kdlabd, system_kdlabd, virsh
+from tests.vm.conftest import MARKER, Lab
+
+pytestmark = pytest.mark.vm
+
+POOL_PREFIX = f"kdlab-vmcon{os.getpid()}"
+VM_PREFIX = f"con{os.getpid()}-"
+PER_VM, PER_USER = 3, 4
+LIMITS = (
+    f"max_console_viewers_per_vm = {PER_VM}\n"
+    f"max_console_viewers_per_user = {PER_USER}\n"
+)
+ANSWER_SECONDS = 1.0  # "answered": within this, or the call counts as not answered
+TYPED = 64 * 1024
+FLOOD_SECONDS = 10.0
+CYCLES = 1000
+SESSION_CYCLES = 50
+# Low enough that console viewers fill it; kdlabd needs about 40 to start.
+SMALL_NOFILE = 160
+LIMIT_EXCEEDED = LimitExceeded.dbus_name()
+
+
+def unique(purpose: str) -> str:
+    return f"{VM_PREFIX}{purpose}-{uuid.uuid4().hex[:6]}"
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Viewer:
+    """``kdlabctl console NAME`` run by *user*, reading *stdin* (a pipe by default)."""
+
+    def __init__(
+        self, address: str, name: str, user: Identity, stdin: IO[bytes] | int
+    ) -> None:
+        self.proc = subprocess.Popen(
+            user.setpriv() + bus_harness.kdlabctl_argv(address, "console", name),
+            stdin=stdin,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=bus_harness.client_env(),
+        )
+        self.stderr = b""
+
+    def attached(self, timeout: float = 30) -> bool:
+        """Wait for the banner (True) or for kdlabctl to give up (False)."""
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while b"escape character is ^]" not in self.stderr:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"kdlabctl console said {self.stderr!r}"
+            ready, _, _ = select.select([self.proc.stderr], [], [], remaining)
+            chunk = os.read(self.proc.stderr.fileno(), 4096) if ready else b""
+            if ready and not chunk:
+                self.proc.wait(timeout=10)
+                bus_harness.assert_no_traceback(self.stderr.decode())
+                return False
+            self.stderr += chunk
+        return True
+
+    def end(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        assert self.proc.stderr is not None
+        if not self.proc.stderr.closed:
+            self.stderr += self.proc.stderr.read()
+            self.proc.stderr.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+
+
+@dataclass
+class ConsoleLab:
+    """This module's kdlabd, what it boots and the member who abuses it."""
+
+    daemon: Kdlabd
+    lab: Lab
+    member: Identity
+    viewers: list[Viewer]
+
+    def ctl(
+        self, *args: str, user: Identity | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return bus_harness.kdlabctl(self.daemon.address, *args, user=user)
+
+    def member_vm(self, purpose: str, *, paused: bool) -> str:
+        """A VM of the member's, started (paused: its CPUs never run)."""
+        name = unique(purpose)
+        created = self.ctl(
+            "create", name, "--kernel", str(self.lab.kernel.vmlinuz),
+            "--initrd", str(self.lab.initramfs), "--memory", "256", user=self.member,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        started = self.ctl("start", *(["--paused"] if paused else []), name)
+        assert started.returncode == 0, started.stderr
+        return name
+
+    def viewer(
+        self, name: str, user: Identity, stdin: IO[bytes] | int = subprocess.PIPE
+    ) -> Viewer:
+        viewer = Viewer(self.daemon.address, name, user, stdin)
+        self.viewers.append(viewer)
+        return viewer
+
+    def wait_for_console(self, name: str, text: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.ctl("logs", name).stdout):
+            assert time.monotonic() < deadline, f"{text!r} not in {log[-2000:]!r}"
+            time.sleep(0.5)
+
+
+ROOT = Identity(0, 0)
+
+
+@pytest.fixture(scope="module")
+def conlab(lab: Lab, kdlab_user: Identity) -> Iterator[ConsoleLab]:
+    with system_kdlabd(POOL_PREFIX, config=LIMITS) as daemon:
+        conlab = ConsoleLab(daemon, lab, kdlab_user, [])
+        try:
+            yield conlab
+        finally:
+            for viewer in conlab.viewers:
+                viewer.end()
+            for domain in virsh("list", "--all", "--name").stdout.split():
+                if domain.startswith(f"kdlab-{VM_PREFIX}"):
+                    conlab.ctl("delete", "--force", domain.removeprefix("kdlab-"))
+                    virsh("destroy", domain)
+                    virsh("undefine", domain)
+
+
+@pytest.fixture(scope="module")
+def paused_vm(conlab: ConsoleLab) -> str:
+    return conlab.member_vm("paused", paused=True)
+
+
+@pytest.fixture(scope="module")
+def running_vm(conlab: ConsoleLab) -> str:
+    name = conlab.member_vm("running", paused=False)
+    conlab.wait_for_console(name, MARKER)
+    return name
+
+
+def call_within(
+    client: BusClient, seconds: float, path: str, interface: str, member: str, *,
+    signature: str = "", body: list[Any] | None = None,
+    unix_fds: list[int] | None = None,
+) -> Message | None:  # fmt: skip
+    """The reply to a call, or None if none came within *seconds*."""
+    message = Message(
+        destination=BUS_NAME, path=path, interface=interface, member=member,
+        signature=signature, body=body or [], unix_fds=unix_fds or [],
+    )  # fmt: skip
+    try:
+        return client.run(client.bus.call(message), timeout=seconds)
+    except TimeoutError:
+        return None
+
+
+def answered(reply: Message | None) -> bool:
+    return reply is not None and reply.message_type is MessageType.METHOD_RETURN
+
+
+def libvirt_round(client: BusClient, seconds: float) -> list[bool]:
+    """Calls that need kdlabd's libvirt connection: create and delete an image."""
+    name = f"{VM_PREFIX}probe-{uuid.uuid4().hex[:6]}"
+    created = call_within(client, seconds, MANAGER_PATH, MANAGER_INTERFACE,
+                          "CreateImage", signature="sta{sv}",
+                          body=[name, 1 << 20, {}])  # fmt: skip
+    if not answered(created):
+        return [False]
+    assert created is not None
+    deleted = call_within(client, seconds, created.body[0], IMAGE_INTERFACE, "Delete")
+    return [True, answered(deleted)]
+
+
+# --- a detach from a paused VM ------------------------------------------------------
+
+
+def test_detach_from_a_paused_vm_leaves_kdlabd_answering_and_stoppable(
+    conlab: ConsoleLab, paused_vm: str
+) -> None:
+    viewer = conlab.viewer(paused_vm, conlab.member)
+    assert viewer.attached()
+    assert viewer.proc.stdin is not None
+    viewer.proc.stdin.write(b"x" * TYPED + b"\x1d")  # 64 KiB, then Ctrl-]
+    viewer.proc.stdin.flush()
+    assert viewer.proc.wait(timeout=30) == 0, viewer.stderr
+    client = BusClient(conlab.daemon.address)
+    try:
+        listed = call_within(
+            client, ANSWER_SECONDS, MANAGER_PATH, MANAGER_INTERFACE, "ListVMs"
+        )
+        assert answered(listed), "ListVMs unanswered after the detach"
+        assert all(libvirt_round(client, 15)), "kdlabd's libvirt calls fail"
+    finally:
+        client.close()
+    # The viewer is gone: the member may attach again, PER_VM times.
+    again = [conlab.viewer(paused_vm, conlab.member) for _ in range(PER_VM)]
+    assert all(v.attached() for v in again)
+    for v in again:
+        v.end()
+    conlab.daemon.stop()  # exit 0 within STOP_SECONDS, or the test fails
+    conlab.daemon.start()
+
+
+# --- a flood of input ---------------------------------------------------------------
+
+
+def test_figure_calls_answered_while_a_member_floods_a_console(
+    conlab: ConsoleLab, paused_vm: str, running_vm: str
+) -> None:
+    zeros = [subprocess.Popen(["cat", "/dev/zero"], stdout=subprocess.PIPE)
+             for _ in range(2)]  # fmt: skip
+    floods = []
+    for name, zero in zip((paused_vm, running_vm), zeros, strict=True):
+        assert zero.stdout is not None
+        floods.append(conlab.viewer(name, conlab.member, zero.stdout))
+        zero.stdout.close()  # kdlabctl's now: cat /dev/zero | kdlabctl console NAME
+    assert all(flood.attached() for flood in floods)
+    client = BusClient(conlab.daemon.address)
+    outcomes: list[bool] = []
+    try:
+        deadline = time.monotonic() + FLOOD_SECONDS
+        while time.monotonic() < deadline:
+            listed = call_within(
+                client, ANSWER_SECONDS, MANAGER_PATH, MANAGER_INTERFACE, "ListVMs"
+            )
+            outcomes.append(answered(listed))
+            outcomes += libvirt_round(client, ANSWER_SECONDS)
+        flooding = [flood.proc.poll() is None for flood in floods]
+    finally:
+        client.close()
+        for flood in floods:
+            flood.end()
+        for zero in zeros:
+            zero.kill()
+            zero.wait()
+    figure = figures.record(
+        "kdlabd calls answered within 1 s while one member floods a console",
+        outcomes.count(True),
+        f"== {len(outcomes)}",
+        detail=f"{outcomes.count(True)}/{len(outcomes)} calls of root (ListVMs, "
+        f"CreateImage, Image.Delete) during {FLOOD_SECONDS:g} s of cat /dev/zero "
+        "| kdlabctl console into a paused and a running VM of a kdlab member",
+    )
+    assert figure.met
+    assert flooding == [True, True], [(f.proc.returncode, f.stderr) for f in floods]
+    # The running VM's console still works for its owner.
+    after = conlab.viewer(running_vm, conlab.member)
+    assert after.attached()
+    assert after.proc.stdin is not None
+    after.proc.stdin.write(b"\x15\recho after-$((6*7))\r")
+    after.proc.stdin.flush()
+    conlab.wait_for_console(running_vm, "after-42", timeout=60)
+    after.end()
+
+
+# --- limits -------------------------------------------------------------------------
+
+
+def test_viewers_per_vm_and_per_user_are_limited(
+    conlab: ConsoleLab, paused_vm: str, running_vm: str
+) -> None:
+    def refused(viewer: Viewer, key: str) -> None:
+        assert not viewer.attached()
+        assert viewer.proc.returncode == LimitExceeded.exit_code, viewer.stderr
+        assert key.encode() in viewer.stderr
+
+    first = [conlab.viewer(paused_vm, conlab.member) for _ in range(PER_VM)]
+    assert all(v.attached() for v in first)
+    refused(conlab.viewer(paused_vm, conlab.member), "max_console_viewers_per_vm")
+    other = conlab.viewer(running_vm, conlab.member)
+    assert other.attached()  # PER_USER (4) in all
+    refused(conlab.viewer(running_vm, conlab.member), "max_console_viewers_per_user")
+    root = conlab.viewer(running_vm, ROOT)
+    assert root.attached(), "another user's viewers count apart"
+    first.pop().end()
+    time.sleep(1)  # kdlabd notices the hang-up
+    again = conlab.viewer(running_vm, conlab.member)
+    assert again.attached()
+    for viewer in [*first, other, root, again]:
+        viewer.end()
+
+
+# --- descriptors --------------------------------------------------------------------
+
+
+def open_console(client: BusClient, name: str) -> tuple[str, int | None]:
+    reply = client.call(vm_path(name), VM_INTERFACE, "OpenConsole")
+    if reply.message_type is MessageType.METHOD_RETURN:
+        (fd,) = reply.unix_fds
+        return "return", fd
+    return str(reply.error_name), None
+
+
+def test_figure_descriptors_left_after_viewer_cycles(
+    conlab: ConsoleLab, running_vm: str
+) -> None:
+    conlab.daemon.stop()  # a fresh kdlabd: nothing left of the other tests
+    conlab.daemon.start()
+    pid = conlab.daemon.pid
+    client = BusClient(conlab.daemon.address)
+    retries = 0
+
+    def cycle() -> None:
+        nonlocal retries
+        outcome, fd = open_console(client, running_vm)
+        while outcome == LIMIT_EXCEEDED:  # the last detach is not processed yet
+            retries += 1
+            client.sleep(0.01)
+            outcome, fd = open_console(client, running_vm)
+        assert fd is not None, outcome
+        os.close(fd)
+
+    try:
+        client.sleep(1)
+        before = open_fds(pid)
+        outcome, anchor = open_console(client, running_vm)  # keeps the session open
+        assert anchor is not None, outcome
+        for _ in range(CYCLES):
+            cycle()
+        os.close(anchor)
+        for _ in range(SESSION_CYCLES):  # each opens and closes a session
+            cycle()
+            client.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while (after := open_fds(pid)) != before and time.monotonic() < deadline:
+            client.sleep(0.5)
+    finally:
+        client.close()
+    figure = figures.record(
+        f"descriptors left after {CYCLES} viewer attach/detach cycles",
+        after - before,
+        "== 0",
+        detail=f"kdlabd had {before} open before, {after} after; one viewer kept "
+        f"the session open, then {SESSION_CYCLES} more cycles opened and closed it "
+        f"(a libvirt connection each); {retries} attaches retried",
+    )
+    assert figure.met
+
+
+def create_call(client: BusClient, fds: list[int]) -> Message | None:
+    options = {"kernel": Variant("h", 0), "initrd": Variant("h", 1)}
+    return call_within(client, 30, MANAGER_PATH, MANAGER_INTERFACE, "CreateVM",
+                       signature="sa{sv}", body=[unique("full"), options],
+                       unix_fds=fds)  # fmt: skip
+
+
+def import_call(client: BusClient, fds: list[int]) -> Message | None:
+    return call_within(client, 30, MANAGER_PATH, MANAGER_INTERFACE, "ImportImage",
+                       signature="sha{sv}", body=[unique("full"), 0, {}],
+                       unix_fds=fds)  # fmt: skip
+
+
+def test_a_full_descriptor_table_is_reported_as_a_limit(
+    conlab: ConsoleLab, running_vm: str, paused_vm: str
+) -> None:
+    """Viewers fill a kdlabd started with a small RLIMIT_NOFILE; every call that
+    needs a descriptor then gets LimitExceeded naming LimitNOFILE=, also a
+    call whose own descriptors the kernel dropped on the way in."""
+    lab = conlab.lab
+    files = [os.open(lab.kernel.vmlinuz, os.O_RDONLY),
+             os.open(lab.initramfs, os.O_RDONLY)]  # fmt: skip
+    fds = [*files, os.dup(files[0]), os.dup(files[1])]  # more than one free slot
+    viewers: list[int] = []
+    many = "max_console_viewers_per_vm = 10000\nmax_console_viewers_per_user = 10000\n"
+    try:
+        with system_kdlabd(
+            f"{POOL_PREFIX}-full", config=many, nofile=SMALL_NOFILE
+        ) as daemon:
+            client = BusClient(daemon.address)
+            try:
+                outcome, fd = open_console(client, running_vm)
+                while fd is not None:
+                    viewers.append(fd)
+                    assert len(viewers) < SMALL_NOFILE, "the limit did not apply"
+                    outcome, fd = open_console(client, running_vm)
+                replies = {
+                    "OpenConsole": client.call(
+                        vm_path(running_vm), VM_INTERFACE, "OpenConsole"
+                    ),
+                    "OpenConsole (new session)": client.call(
+                        vm_path(paused_vm), VM_INTERFACE, "OpenConsole"
+                    ),
+                    "OpenConsoleLog": client.call(
+                        vm_path(running_vm), VM_INTERFACE, "OpenConsoleLog"
+                    ),
+                    "CreateVM": create_call(client, fds),
+                    "ImportImage": import_call(client, fds),
+                }
+                wrong = {
+                    call: (reply.error_name, reply.body) if reply else "no reply"
+                    for call, reply in replies.items()
+                    if reply is None
+                    or reply.error_name != LIMIT_EXCEEDED
+                    or "LimitNOFILE" not in reply.body[0]
+                }
+                assert outcome == LIMIT_EXCEEDED, outcome
+                assert wrong == {}
+                # Descriptors given back: kdlabd serves again.
+                for fd in viewers[:20]:
+                    os.close(fd)
+                del viewers[:20]
+                client.sleep(1)
+                outcome, fd = open_console(client, running_vm)
+                assert fd is not None, outcome
+                viewers.append(fd)
+            finally:
+                client.close()
+    finally:
+        for fd in fds + viewers:
+            os.close(fd)
+
+
+# --- SIGTERM after a reconnection ---------------------------------------------------
+
+
+def libvirt_clients_of(pid: int) -> list[str]:
+    """libvirtd's ids of the connections process *pid* holds (virt-admin)."""
+    listing = subprocess.run(
+        ["virt-admin", "srv-clients-list", "libvirtd"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    ids = [line.split()[0] for line in listing.splitlines()[2:] if line.strip()]
+    mine = []
+    for client_id in ids:
+        info = subprocess.run(
+            ["virt-admin", "client-info", "libvirtd", client_id],
+            capture_output=True, text=True, check=False,
+        ).stdout  # fmt: skip
+        found = re.search(r"unix_process_id\s*:\s*(\d+)", info)
+        if found and int(found[1]) == pid:
+            mine.append(client_id)
+    return mine
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s"
+        time.sleep(0.2)
+
+
+def test_sigterm_after_a_libvirt_reconnection_with_consoles_open(
+    conlab: ConsoleLab, running_vm: str, paused_vm: str
+) -> None:
+    """libvirtd drops every connection of kdlabd (``virt-admin
+    client-disconnect``, which leaves other clients alone) while consoles are
+    open, one of them stuck on typed input; kdlabd reconnects, and stops at
+    once."""
+    stuck = conlab.viewer(paused_vm, conlab.member)
+    live = conlab.viewer(running_vm, conlab.member)
+    assert stuck.attached()
+    assert live.attached()
+    assert stuck.proc.stdin is not None
+    stuck.proc.stdin.write(b"y" * TYPED * 2)
+    stuck.proc.stdin.flush()
+    pid = conlab.daemon.pid
+    dropped = libvirt_clients_of(pid)
+    assert len(dropped) >= 3, "the main connection and one per console session"
+    for client_id in dropped:
+        subprocess.run(["virt-admin", "client-disconnect", "libvirtd", client_id],
+                       capture_output=True, check=True)  # fmt: skip
+    client = BusClient(conlab.daemon.address)
+    try:
+        wait_for(lambda: all(libvirt_round(client, 5)), timeout=20)
+    finally:
+        client.close()
+    wait_for(lambda: live.proc.poll() is not None, timeout=10)  # its session ended
+    assert len(libvirt_clients_of(pid)) == 1, "the consoles' connections are closed"
+    conlab.daemon.stop()
+    conlab.daemon.start()
+    shown = json.loads(conlab.ctl("show", running_vm, "--json").stdout)
+    assert shown["state"] == "running"
+
+
+def test_kdlabd_log_has_no_traceback(conlab: ConsoleLab) -> None:
+    assert "Traceback" not in conlab.daemon.log()
