@@ -11,7 +11,8 @@ was typed (a paused VM, ``cat /dev/zero | kdlabctl console``), kdlabd stops
 reading its viewers, so their writes block in their own process instead of
 piling up in kdlabd or in libvirtd. Every viewer holds a descriptor in
 kdlabd, so viewers are counted per VM and per user
-(``max_console_viewers_per_vm``, ``max_console_viewers_per_user``).
+(``max_console_viewers_per_vm``, ``max_console_viewers_per_user``) and never
+take kdlabd's reserve of descriptors (kdlabd.core.descriptors).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from kdlabd.core import descriptors
 from kdlabd.core.hypervisor import ConsoleStream, Hypervisor
 from kdlabd.core.limits import Limits
 from kdlabd.errors import InvalidState
@@ -213,6 +215,7 @@ class ConsoleHub:
             await asyncio.wait(set(self._closing), timeout=CLOSE_ALL_SECONDS)
 
     def _check_limits(self, name: str, uid: int) -> None:
+        descriptors.require("a console viewer")
         session = self._sessions.get(name)
         on_vm = 0 if session is None else session.viewers
         mine = sum(s.viewers_of(uid) for s in self._sessions.values())

@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from kdlabd.core import blocking, kernel, validate
+from kdlabd.core import blocking, descriptors, kernel, validate
 from kdlabd.core.cmdline import effective_cmdline
 from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.diagnosis import BootFacts, Diagnosis, diagnose, read_console_log
@@ -499,6 +499,7 @@ class VMService:
                 f"VM {name!r} is {record.state}: start it first (kdlabctl start "
                 f"--paused {name} stops it before the first instruction)"
             )
+        descriptors.require("a gdb connection")
         if debug.gdb_tcp_port is not None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             address: str | tuple[str, int] = ("127.0.0.1", debug.gdb_tcp_port)
