@@ -36,6 +36,7 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -100,14 +101,14 @@ class Logins:
     ) -> subprocess.CompletedProcess[str]:
         """Run the shell *command* in a login shell of *user*; never raises."""
         return subprocess.run(
-            ["runuser", "--login", user.name, "--command", command],
+            login_argv(user, command),
             capture_output=True,
             text=True,
             errors="replace",
             timeout=timeout,
             input=input_text,
             stdin=None if input_text is not None else subprocess.DEVNULL,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            env=LOGIN_ENV,
             cwd="/",
             check=False,
         )
@@ -121,11 +122,49 @@ class Logins:
         input_text: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """``kdlabctl ARGS`` on the bus *bus*, run by *user* from ``~/kdlab``."""
-        command = (
-            f"cd ~/{CLONE} && KDLAB_BUS={shlex.quote(bus)} "
-            f"exec {PYTHON} -m kdlabctl {shlex.join(args)}"
-        )
+        command = kdlabctl_command(bus, *args)
         return self.run(user, command, timeout=timeout, input_text=input_text)
+
+
+LOGIN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+def login_argv(user: LoginUser, command: str) -> list[str]:
+    """The command line that runs the shell *command* in a login shell of *user*
+    (for a process the test keeps running: start it with env=LOGIN_ENV)."""
+    return ["runuser", "--login", user.name, "--command", command]
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    """Kill a process started with :func:`login_argv` and everything it started.
+
+    runuser runs the command in a session of its own, out of reach of the
+    caller's ``killpg``; killing runuser alone leaves the command running.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [process.pid], [process.pid]
+    while todo:
+        found = children.get(todo.pop(), [])
+        tree += found
+        todo += found
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def kdlabctl_command(bus: str, *args: str, source: str = "") -> str:
+    """The shell command of ``kdlabctl ARGS`` on *bus*, run from ``~/kdlab``;
+    *source*, a shell command, feeds its input (``cat /dev/zero``)."""
+    run = f"{source} | " if source else "exec "
+    return (
+        f"cd ~/{CLONE} && export KDLAB_BUS={shlex.quote(bus)} && "
+        f"{run}{PYTHON} -m kdlabctl {shlex.join(args)}"
+    )
 
 
 def _retry_locked(argv: list[str]) -> subprocess.CompletedProcess[str]:

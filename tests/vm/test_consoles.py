@@ -1,8 +1,9 @@
 """Consoles under abuse by a member, on real libvirt and QEMU (issue 11).
 
-A member of group kdlab (a real uid through ``setpriv``) owns the VMs and
-drives ``kdlabctl console`` the way a person or a script would; root's calls
-must keep answering meanwhile. Checked, and recorded as figures:
+A member of group kdlab (a real login user, tests/logins.py) owns the VMs
+and drives ``kdlabctl console`` from a login shell the way a person or a
+script would; root's calls must keep answering meanwhile. Checked, and
+recorded as figures:
 
 - a detach from a paused VM after typing 64 KiB leaves kdlabd answering and
   stoppable (it used to sit in virStreamAbort on its event loop);
@@ -31,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 from dbus_next import Message, MessageType, Variant
@@ -45,10 +46,11 @@ from kdlabd.wire import (
     VM_INTERFACE,
     vm_path,
 )
-from tests import figures
+from tests import figures, logins
 from tests.bus import harness as bus_harness
-from tests.bus.harness import BusClient, Identity
+from tests.bus.harness import BusClient
 from tests.harness import Kdlabd, system_kdlabd, virsh
+from tests.logins import Logins, LoginUser
 from tests.vm.conftest import MARKER, Lab
 
 pytestmark = pytest.mark.vm
@@ -79,17 +81,24 @@ def open_fds(pid: int) -> int:
 
 
 class Viewer:
-    """``kdlabctl console NAME`` run by *user*, reading *stdin* (a pipe by default)."""
+    """``kdlabctl console NAME`` run by *user* (root if None) reading a pipe, or
+    in *user*'s login shell ``SOURCE | kdlabctl console NAME``."""
 
     def __init__(
-        self, address: str, name: str, user: Identity, stdin: IO[bytes] | int
+        self, address: str, name: str, user: LoginUser | None, source: str = ""
     ) -> None:
+        if user is None:
+            argv = bus_harness.kdlabctl_argv(address, "console", name)
+        else:
+            command = logins.kdlabctl_command(address, "console", name, source=source)
+            argv = logins.login_argv(user, command)
         self.proc = subprocess.Popen(
-            user.setpriv() + bus_harness.kdlabctl_argv(address, "console", name),
-            stdin=stdin,
+            argv,
+            stdin=subprocess.DEVNULL if source else subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=bus_harness.client_env(),
+            env=logins.LOGIN_ENV,
+            cwd="/",
         )
         self.stderr = b""
 
@@ -109,10 +118,13 @@ class Viewer:
             self.stderr += chunk
         return True
 
+    def type(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
     def end(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+        logins.kill(self.proc)  # runuser, the shell, cat and kdlabctl
         assert self.proc.stderr is not None
         if not self.proc.stderr.closed:
             self.stderr += self.proc.stderr.read()
@@ -127,30 +139,31 @@ class ConsoleLab:
 
     daemon: Kdlabd
     lab: Lab
-    member: Identity
+    logins: Logins
     viewers: list[Viewer]
 
-    def ctl(
-        self, *args: str, user: Identity | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return bus_harness.kdlabctl(self.daemon.address, *args, user=user)
+    @property
+    def member(self) -> LoginUser:
+        return self.logins.alice
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """kdlabctl as root."""
+        return bus_harness.kdlabctl(self.daemon.address, *args)
 
     def member_vm(self, purpose: str, *, paused: bool) -> str:
         """A VM of the member's, started (paused: its CPUs never run)."""
         name = unique(purpose)
-        created = self.ctl(
-            "create", name, "--kernel", str(self.lab.kernel.vmlinuz),
-            "--initrd", str(self.lab.initramfs), "--memory", "256", user=self.member,
-        )  # fmt: skip
-        assert created.returncode == 0, created.stderr
-        started = self.ctl("start", *(["--paused"] if paused else []), name)
-        assert started.returncode == 0, started.stderr
+        for args in (
+            ("create", name, "--kernel", str(self.lab.kernel.vmlinuz),
+             "--initrd", str(self.lab.initramfs), "--memory", "256"),
+            ("start", *(["--paused"] if paused else []), name),
+        ):  # fmt: skip
+            done = self.logins.kdlabctl(self.member, self.daemon.address, *args)
+            assert done.returncode == 0, done.stderr
         return name
 
-    def viewer(
-        self, name: str, user: Identity, stdin: IO[bytes] | int = subprocess.PIPE
-    ) -> Viewer:
-        viewer = Viewer(self.daemon.address, name, user, stdin)
+    def viewer(self, name: str, user: LoginUser | None, source: str = "") -> Viewer:
+        viewer = Viewer(self.daemon.address, name, user, source)
         self.viewers.append(viewer)
         return viewer
 
@@ -161,13 +174,13 @@ class ConsoleLab:
             time.sleep(0.5)
 
 
-ROOT = Identity(0, 0)
+ROOT = None  # a Viewer of root's
 
 
 @pytest.fixture(scope="module")
-def conlab(lab: Lab, kdlab_user: Identity) -> Iterator[ConsoleLab]:
+def conlab(lab: Lab, logins: Logins) -> Iterator[ConsoleLab]:
     with system_kdlabd(POOL_PREFIX, config=LIMITS) as daemon:
-        conlab = ConsoleLab(daemon, lab, kdlab_user, [])
+        conlab = ConsoleLab(daemon, lab, logins, [])
         try:
             yield conlab
         finally:
@@ -233,9 +246,7 @@ def test_detach_from_a_paused_vm_leaves_kdlabd_answering_and_stoppable(
 ) -> None:
     viewer = conlab.viewer(paused_vm, conlab.member)
     assert viewer.attached()
-    assert viewer.proc.stdin is not None
-    viewer.proc.stdin.write(b"x" * TYPED + b"\x1d")  # 64 KiB, then Ctrl-]
-    viewer.proc.stdin.flush()
+    viewer.type(b"x" * TYPED + b"\x1d")  # 64 KiB, then Ctrl-]
     assert viewer.proc.wait(timeout=30) == 0, viewer.stderr
     client = BusClient(conlab.daemon.address)
     try:
@@ -247,6 +258,7 @@ def test_detach_from_a_paused_vm_leaves_kdlabd_answering_and_stoppable(
     finally:
         client.close()
     # The viewer is gone: the member may attach again, PER_VM times.
+    time.sleep(1)  # kdlabd looks for hang-ups of unread viewers twice a second
     again = [conlab.viewer(paused_vm, conlab.member) for _ in range(PER_VM)]
     assert all(v.attached() for v in again)
     for v in again:
@@ -261,14 +273,10 @@ def test_detach_from_a_paused_vm_leaves_kdlabd_answering_and_stoppable(
 def test_figure_calls_answered_while_a_member_floods_a_console(
     conlab: ConsoleLab, paused_vm: str, running_vm: str
 ) -> None:
-    zeros = [subprocess.Popen(["cat", "/dev/zero"], stdout=subprocess.PIPE)
-             for _ in range(2)]  # fmt: skip
-    floods = []
-    for name, zero in zip((paused_vm, running_vm), zeros, strict=True):
-        assert zero.stdout is not None
-        floods.append(conlab.viewer(name, conlab.member, zero.stdout))
-        zero.stdout.close()  # kdlabctl's now: cat /dev/zero | kdlabctl console NAME
-    assert all(flood.attached() for flood in floods)
+    floods = [conlab.viewer(name, conlab.member, source="cat /dev/zero")
+              for name in (paused_vm, running_vm)]  # fmt: skip
+    for flood in floods:
+        assert flood.attached(), flood.stderr
     client = BusClient(conlab.daemon.address)
     outcomes: list[bool] = []
     try:
@@ -284,9 +292,6 @@ def test_figure_calls_answered_while_a_member_floods_a_console(
         client.close()
         for flood in floods:
             flood.end()
-        for zero in zeros:
-            zero.kill()
-            zero.wait()
     figure = figures.record(
         "kdlabd calls answered within 1 s while one member floods a console",
         outcomes.count(True),
@@ -300,9 +305,7 @@ def test_figure_calls_answered_while_a_member_floods_a_console(
     # The running VM's console still works for its owner.
     after = conlab.viewer(running_vm, conlab.member)
     assert after.attached()
-    assert after.proc.stdin is not None
-    after.proc.stdin.write(b"\x15\recho after-$((6*7))\r")
-    after.proc.stdin.flush()
+    after.type(b"\x15\recho after-$((6*7))\r")
     conlab.wait_for_console(running_vm, "after-42", timeout=60)
     after.end()
 
@@ -513,9 +516,7 @@ def test_sigterm_after_a_libvirt_reconnection_with_consoles_open(
     live = conlab.viewer(running_vm, conlab.member)
     assert stuck.attached()
     assert live.attached()
-    assert stuck.proc.stdin is not None
-    stuck.proc.stdin.write(b"y" * TYPED * 2)
-    stuck.proc.stdin.flush()
+    stuck.type(b"y" * TYPED * 2)
     pid = conlab.daemon.pid
     dropped = libvirt_clients_of(pid)
     assert len(dropped) >= 3, "the main connection and one per console session"
