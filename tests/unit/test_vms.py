@@ -411,6 +411,7 @@ def test_start_refuses_a_new_kernel_announcing_an_unsafe_release(lab: Lab) -> No
 
     async def scenario() -> None:
         await lab.create()
+        await settle()  # the refreshes the create's events started
         lab.hv.calls.clear()
         fd = os.open(unsafe, os.O_RDONLY)
         try:
