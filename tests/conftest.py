@@ -75,6 +75,9 @@ def _clean_sigterm_exits() -> Iterator[None]:
         f"== {len(STOPS)}",
         detail=f"of every kdlabd the tests stopped: the documented status within "
         f"{STOP_SECONDS:g} s"
-        + "".join(f"; pid {s.pid}: {s.status} (None: hung)" for s in unclean),
+        + "".join(
+            f"; pid {s.pid}: " + ("hung" if s.status is None else f"exit {s.status}")
+            for s in unclean
+        ),
     )
     assert figure.met
