@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -102,10 +101,11 @@ def served(count: int) -> Iterator[Served]:
             finally:
                 client.close()
         finally:
-            if lab.daemon.running:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    lab.daemon.stop(timeout=10)  # kills it after that
-            bus.stop()
+            try:
+                if lab.daemon.running:
+                    lab.daemon.stop()  # exit 0 within seconds, or it is killed
+            finally:
+                bus.stop()
 
 
 def latency(client: BusClient, call: str, timeout: float = CALL_TIMEOUT) -> float:

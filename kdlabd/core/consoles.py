@@ -36,7 +36,7 @@ _READ_SIZE = 4096
 # Typed bytes the hypervisor has not taken yet; above this no viewer is read.
 INPUT_BACKLOG_MAX = 64 * 1024
 # How long shutdown waits for the sessions' hypervisor streams to close.
-CLOSE_ALL_SECONDS = 5.0
+CLOSE_ALL_SECONDS = 4.0
 # While viewers are not read, how often kdlabd looks for ones that went away.
 HANGUP_CHECK_SECONDS = 0.5
 
