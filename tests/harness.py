@@ -378,6 +378,17 @@ def virsh(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def forget_cached_base(suite: str, packages: tuple[str, ...]) -> None:
+    """Remove the debootstrap base of *suite* with *packages* from the builds'
+    cache (see :func:`system_kdlabd`), so the next such build bootstraps for
+    real: a test that must catch debootstrap running cannot rely on no run
+    before it having completed that build."""
+    from kdlabd.core.rootfs import RootfsSpec, cache_key
+
+    key = cache_key(RootfsSpec(suite, packages=packages))
+    (debian.cache_dir() / "kdlabd" / f"{key}.tar").unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def system_kdlabd(
     pool_prefix: str, accel: str = "tcg", config: str = "", nofile: int | None = None

@@ -66,6 +66,7 @@ from tests.fixtures import debian
 from tests.harness import (
     Kdlabd,
     ctl_env,
+    forget_cached_base,
     kdlabctl,
     processes_with,
     system_kdlabd,
@@ -674,7 +675,7 @@ def test_figure_orphans_after_kill_9(
 # --- kill -9 at each step of an image build ------------------------------------------
 
 # The crash points of a build, each with the extra packages it builds: the kill
-# in debootstrap needs a base that is not cached (that build never completes);
+# in debootstrap needs a base that is not cached (removed before it runs);
 # the others take the cached bookworm base when there is one.
 BUILD_CRASHES = {
     "build.debootstrap-running": ("hello",),
@@ -709,6 +710,7 @@ def killed_during_build(faults: FaultLab, point: str) -> BuildKill:
             "--size", "512M"]  # fmt: skip
     if BUILD_CRASHES[point]:
         args += ["--packages", ",".join(BUILD_CRASHES[point])]
+        forget_cached_base("bookworm", BUILD_CRASHES[point])
     result = faults.ctl(*args, timeout=BUILD_TIMEOUT)
     problems = [] if died(faults, point, result) else [f"{point}: not killed there"]
     assert result.returncode != 0, "the build cannot have succeeded"

@@ -21,7 +21,7 @@ import pytest
 from kdlabd.errors import BuildFailed
 from tests.bus.harness import NOBODY, Identity
 from tests.conftest import REPO, require_tool
-from tests.harness import ctl_env, processes_with
+from tests.harness import ctl_env, forget_cached_base, processes_with
 from tests.vm.conftest import POOL_PREFIX, Lab, virsh
 from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
 from tests.vm.test_rootfs_build import SSH_KEY, debugfs
@@ -290,7 +290,7 @@ def test_cancelled_build_kills_debootstrap_and_leaves_nothing(
     lab: Lab, image_name: str
 ) -> None:
     require_tool("debootstrap", "debootstrap")
-    # hello: a base never cached, as no build of it completes.
+    forget_cached_base("bookworm", ("hello",))
     client = subprocess.Popen(
         [sys.executable, "-m", "kdlabctl", "image", "build", image_name,
          "--debootstrap", "bookworm", "--packages", "hello"],
