@@ -96,6 +96,14 @@ async def run(fn: Callable[[], T], *, seconds: float, what: str) -> T:
     done, _ = await asyncio.wait({task}, timeout=seconds)
     if not done:
         task.cancel()
+        # The thread's late result or error has nobody left to hear it.
+        task.add_done_callback(_dropped)
         log.warning("blocking.unanswered", call=what, seconds=seconds)
         raise Unanswered(what, seconds)
     return task.result()
+
+
+def _dropped(task: asyncio.Future[Any]) -> None:
+    """Retrieve a late call's outcome, so asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()

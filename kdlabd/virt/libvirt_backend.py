@@ -851,13 +851,15 @@ class _Console:
             self._closing.set()
             # libvirtaio is not thread-safe: callbacks are removed here, on the
             # loop, before the writer thread aborts the stream.
+            # (The connection's close callback is unregistered by the writer
+            # thread: on a remote connection that is a call to libvirtd, which
+            # waits while libvirtd does not read the connection, as it does not
+            # while a paused guest leaves the typed input unread.)
             stream, self._stream = self._stream, None
-            conn, self._conn = self._conn, None
+            self._conn = None
             with contextlib.suppress(libvirt.libvirtError, AttributeError):
                 stream.eventRemoveCallback()  # type: ignore[union-attr]
-            with contextlib.suppress(libvirt.libvirtError, AttributeError):
-                conn.unregisterCloseCallback()  # type: ignore[union-attr]
-            del stream, conn
+            del stream
             self._input.put(None)
         try:
             await asyncio.wait_for(asyncio.shield(self._closed), _CLOSE_SECONDS)
@@ -884,6 +886,8 @@ class _Console:
             # and its socket open for ever. Free the stream itself; only a
             # small wrapper object is left behind.
             stream.__del__()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.unregisterCloseCallback()
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
             self._from_thread(self._finished)
