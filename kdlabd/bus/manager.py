@@ -105,7 +105,8 @@ class ManagerInterface(ServiceInterface):
     ) -> "o":
         """Import a raw or self-contained qcow2 file (a descriptor) as a job."""
         take(options, {})
-        return job_path(self.images.import_image(name, file, caller.uid).id)
+        job = await self.images.import_image(name, file, caller.uid)
+        return job_path(job.id)
 
     @exported(Action.MANAGE_VMS)
     async def BuildImage(self, caller: Caller, name: "s", options: "a{sv}") -> "o":

@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from kdlabd.errors import InvalidArgument
+
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
@@ -107,3 +109,21 @@ def _dropped(task: asyncio.Future[Any]) -> None:
     """Retrieve a late call's outcome, so asyncio does not log it as lost."""
     if not task.cancelled():
         task.exception()
+
+
+DESCRIPTOR_SECONDS = 10.0
+"""How long reading a caller's descriptor may take (a file on a stuck network
+or FUSE filesystem never answers)."""
+
+
+async def from_caller(look: Callable[[], T], what: str) -> T:
+    """*look* at a caller's descriptor in a thread, within a time limit."""
+    try:
+        return await run(
+            look, seconds=DESCRIPTOR_SECONDS, what=f"reading the {what} descriptor"
+        )
+    except Unanswered:
+        raise InvalidArgument(
+            f"{what}: reading the file took over {DESCRIPTOR_SECONDS:g} s; pass a "
+            "file on a filesystem that answers (a local copy)"
+        ) from None

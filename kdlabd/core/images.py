@@ -25,7 +25,7 @@ from typing import Protocol
 
 import structlog
 
-from kdlabd.core import validate
+from kdlabd.core import blocking, validate
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
 from kdlabd.core.journal import Journal, crash_point, hold_point
@@ -220,14 +220,17 @@ class ImageService:
         self._store(image)
         return image
 
-    def import_image(self, name: str, fd: int, owner_uid: int) -> Job:
+    async def import_image(self, name: str, fd: int, owner_uid: int) -> Job:
         """Stream the client's file into a new image, as a job.
 
-        The descriptor is checked now (raw, or a self-contained qcow2) and
-        duplicated, because the caller's copy is closed when the call returns.
+        The descriptor is checked now (raw, or a self-contained qcow2), in a
+        thread with a time limit, and duplicated, because the caller's copy is
+        closed when the call returns.
         """
+        source = await blocking.from_caller(
+            lambda: validate.image_source(fd, self._limits), "image"
+        )
         self._room_for_job(owner_uid)
-        source = validate.image_source(fd, self._limits)
         self._reserve(name)
         own = ImageSource(os.dup(fd), source.size, source.format, source.capacity)
 

@@ -61,7 +61,6 @@ DEFAULT_STOP_TIMEOUT = 30.0
 DIAGNOSIS_INTERVAL = 2.0
 # Time limits of blocking calls (they run in threads; see kdlabd.core.blocking).
 # A caller's descriptor may be a file on a stalled network or FUSE filesystem.
-DESCRIPTOR_SECONDS = 10.0
 GDB_CONNECT_SECONDS = 5.0
 CONSOLE_LOG_SECONDS = 5.0
 # The longest root= kdlab may add, for checking a command line's length early.
@@ -320,7 +319,7 @@ class VMService:
         spec = spec.replace(release=validate.release(kernel.bzimage_release(header)))
         initrd_size = 0
         if (initrd_fd := request.initrd_fd) is not None:
-            initrd_size = await _from_caller(
+            initrd_size = await blocking.from_caller(
                 lambda: validate.readable_file(
                     initrd_fd, "initrd", validate.INITRD_MAX_BYTES
                 ),
@@ -793,19 +792,6 @@ def _cpus_run(state: VMState) -> bool:
     return state in (VMState.RUNNING, VMState.STOPPING)
 
 
-async def _from_caller(look: Callable[[], T], what: str) -> T:
-    """*look* at a caller's descriptor in a thread, within a time limit."""
-    try:
-        return await blocking.run(
-            look, seconds=DESCRIPTOR_SECONDS, what=f"reading the {what} descriptor"
-        )
-    except blocking.Unanswered:
-        raise InvalidArgument(
-            f"{what}: reading the file took over {DESCRIPTOR_SECONDS:g} s; pass a "
-            "file on a filesystem that answers (a local copy)"
-        ) from None
-
-
 async def _kernel_header(fd: int) -> tuple[int, bytes]:
     """The size and boot header of the bzImage the caller passed as *fd*."""
 
@@ -815,7 +801,7 @@ async def _kernel_header(fd: int) -> tuple[int, bytes]:
         validate.kernel_image(header)
         return size, header
 
-    return await _from_caller(look, "kernel")
+    return await blocking.from_caller(look, "kernel")
 
 
 async def _undo(step: Callable[[str], Awaitable[None]], arg: str) -> None:

@@ -61,15 +61,15 @@ class ImageLab(Lab):
     journal: Journal = field(default=None)  # type: ignore[assignment]
     raw: Path = field(default=None)  # type: ignore[assignment]
 
-    def start_import(self, name: str, owner: int = OWNER) -> Job:
+    async def start_import(self, name: str, owner: int = OWNER) -> Job:
         fd = os.open(self.raw, os.O_RDONLY)
         try:
-            return self.images.import_image(name, fd, owner)
+            return await self.images.import_image(name, fd, owner)
         finally:
             os.close(fd)
 
     async def imported(self, name: str, owner: int = OWNER) -> ImageRecord:
-        job = await self.jobs.wait(self.start_import(name, owner).id)
+        job = await self.jobs.wait((await self.start_import(name, owner)).id)
         assert job.state is JobState.SUCCEEDED, job.message
         return self.images.get(name)
 
@@ -199,7 +199,7 @@ def test_no_vm_on_an_image_still_being_imported(lab: ImageLab) -> None:
     async def scenario() -> None:
         await lab.imported("other")
         await lab.create("bystander", image="other")
-        job = lab.start_import("disk")
+        job = await lab.start_import("disk")
         await settle()
         assert "upload_image" in [call.method for call in lab.hv.calls]
         with pytest.raises(InvalidState) as refused:
@@ -229,7 +229,7 @@ def test_an_import_cancelled_at_once_still_cleans_up(lab: ImageLab) -> None:
 
     async def scenario() -> None:
         fds = len(os.listdir("/proc/self/fd"))
-        job = lab.start_import("disk")
+        job = await lab.start_import("disk")
         lab.jobs.cancel(job.id)
         assert (await lab.jobs.wait(job.id)).state is JobState.CANCELLED
         assert len(os.listdir("/proc/self/fd")) == fds
@@ -300,17 +300,19 @@ def test_imports_and_builds_per_user(tmp_path: Path) -> None:
     held = lab.hv.hold("upload_image")
 
     async def scenario() -> None:
-        first = lab.start_import("a")
-        lab.start_import("b")
+        first = await lab.start_import("a")
+        await lab.start_import("b")
         with pytest.raises(LimitExceeded, match="max_jobs_per_user"):
-            lab.start_import("c")
+            await lab.start_import("c")
         with pytest.raises(LimitExceeded, match="max_jobs_per_user"):
             lab.images.build_rootfs("d", RootfsSpec("bookworm"), OWNER)
-        lab.start_import("c", OTHER)  # another uid has its own count
+        await lab.start_import("c", OTHER)  # another uid has its own count
         lab.jobs.cancel(first.id)
-        await lab.jobs.wait(first.id)
-        last = lab.start_import("d")  # room again
+        # The fake's held upload ignores the cancel (a real one stops at its
+        # next progress report): let it return, then the job ends cancelled.
         held.set()
+        assert (await lab.jobs.wait(first.id)).state is JobState.CANCELLED
+        last = await lab.start_import("d")  # room again
         await lab.jobs.wait(last.id)
         await settle()
         assert lab.hv.owners == {"b": OWNER, "c": OTHER, "d": OWNER}
