@@ -10,9 +10,11 @@ releases it (to look at what is visible mid-operation).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,7 +273,9 @@ class FakeHypervisor:
     async def upload_image(
         self, name: str, source: ImageSource, progress: UploadProgress
     ) -> ImageRecord:
-        await self._step("upload_image", name)
+        # Held like a real upload: it reports progress, so it stops once its
+        # job is cancelled (the report raises).
+        await self._step("upload_image", name, while_held=lambda: progress(0))
         # Like libvirt: the volume exists from the start of the upload.
         self._new_image(name, source.format, source.capacity)
         data = os.pread(source.fd, source.size, 0)
@@ -324,13 +328,19 @@ class FakeHypervisor:
             self.images[name], owner_uid=self.owners.get(name, 0)
         )
 
-    async def _step(self, method: str, arg: str) -> None:
+    async def _step(
+        self, method: str, arg: str, while_held: Callable[[], None] | None = None
+    ) -> None:
         self.calls.append(Call(method, arg))
         # Like a worker thread: other tasks run while "libvirt" works.
         await asyncio.sleep(0)
         for key in (f"{method}:{arg}", method):
             if key in self.holds:
-                await self.holds[key].wait()
+                while not self.holds[key].is_set():
+                    if while_held is not None:
+                        while_held()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.holds[key].wait(), 0.01)
         for key in (f"{method}:{arg}", method):
             if key in self.failures:
                 raise self.failures[key]

@@ -308,11 +308,9 @@ def test_imports_and_builds_per_user(tmp_path: Path) -> None:
             lab.images.build_rootfs("d", RootfsSpec("bookworm"), OWNER)
         await lab.start_import("c", OTHER)  # another uid has its own count
         lab.jobs.cancel(first.id)
-        # The fake's held upload ignores the cancel (a real one stops at its
-        # next progress report): let it return, then the job ends cancelled.
-        held.set()
         assert (await lab.jobs.wait(first.id)).state is JobState.CANCELLED
-        last = await lab.start_import("d")  # room again
+        last = await lab.start_import("d")  # room again, "b" still running
+        held.set()
         await lab.jobs.wait(last.id)
         await settle()
         assert lab.hv.owners == {"b": OWNER, "c": OTHER, "d": OWNER}

@@ -37,9 +37,15 @@ def run(work: Coroutine[Any, Any, T]) -> T:
 
 
 async def settle() -> None:
-    """Let announced events and the background refreshes they start finish."""
-    for _ in range(20):
-        await asyncio.sleep(0)
+    """Let announced events and the background refreshes they start finish.
+
+    Some steps hop to a worker thread (a caller's descriptor is read there):
+    the loop also waits a little in real time, not only a few turns.
+    """
+    for _ in range(10):
+        for _ in range(20):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
 
 
 @dataclass
