@@ -38,7 +38,7 @@ from bench.measure import (
     row,
     seconds,
 )
-from kdlabd.wire import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH
+from kdlab.wire import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH
 from tests.bus.harness import (
     DBUS_NAME,
     DBUS_PATH,

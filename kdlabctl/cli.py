@@ -14,14 +14,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from kdlabctl import images, kconfig, kernel
-from kdlabd.errors import (
+from kdlab.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     exit_code_for,
 )
+from kdlabctl import images, kconfig, kernel
 
 if TYPE_CHECKING:
     from kdlabctl.client import Client
@@ -234,9 +234,9 @@ async def cmd_start(client: Client, args: argparse.Namespace) -> int:
 async def full_diagnosis(client: Client, path: str, public: list[str]) -> list[str]:
     """The VM's diagnosis with the console's words when the caller may read its
     log (GetDiagnosis); else the *public* one everyone sees."""
+    from kdlab.errors import NotAuthorized
+    from kdlab.wire import VM_INTERFACE
     from kdlabctl.client import RemoteError
-    from kdlabd.errors import NotAuthorized
-    from kdlabd.wire import VM_INTERFACE
 
     if not public[0]:
         return public
@@ -251,8 +251,8 @@ async def full_diagnosis(client: Client, path: str, public: list[str]) -> list[s
 
 async def start_vm(client: Client, name: str, *, paused: bool) -> None:
     """Start *name*; a VM made from a kernel tree boots the tree's newest build."""
+    from kdlab.wire import VM_INTERFACE
     from kdlabctl.client import variant_options
-    from kdlabd.wire import VM_INTERFACE
 
     path = await client.vm_path(name)
     tree = (await client.vm_properties(path))["Tree"]
@@ -294,7 +294,7 @@ async def cmd_delete(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _open_fd(client: Client, name: str, member: str) -> int:
-    from kdlabd.wire import VM_INTERFACE
+    from kdlab.wire import VM_INTERFACE
 
     _, fds = await client.call(
         await client.vm_path(name), VM_INTERFACE, member, with_fds=True
@@ -465,8 +465,8 @@ async def _reuse_or_create(
     client: Client, name: str, tree: str, args: argparse.Namespace
 ) -> None:
     """Keep (stopped) the VM of this tree if it exists; create it otherwise."""
+    from kdlab.errors import NoSuchVM
     from kdlabctl.client import RemoteError, variant_options
-    from kdlabd.errors import NoSuchVM
 
     try:
         props = await client.vm_properties(await client.vm_path(name))

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
-from kdlabd.wire import (
+from kdlab.wire import (
     BUS_NAME,
     MANAGER_INTERFACE,
     MANAGER_PATH,

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from kdlabd.wire import is_safe_release
+from kdlab.wire import is_safe_release
 
 DEBUG_DIRS = (
     "/usr/lib/debug/boot/vmlinux-{release}",

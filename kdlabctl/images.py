@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdlabd.errors import EXIT_FAILURE, EXIT_OK, exit_code_for
-from kdlabd.wire import IMAGE_INTERFACE
+from kdlab.errors import EXIT_FAILURE, EXIT_OK, exit_code_for
+from kdlab.wire import IMAGE_INTERFACE
 
 if TYPE_CHECKING:
     from kdlabctl.client import Client

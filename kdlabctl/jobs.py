@@ -6,7 +6,7 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 
-from kdlabd.wire import JOB_INTERFACE
+from kdlab.wire import JOB_INTERFACE
 
 if TYPE_CHECKING:
     from kdlabctl.client import Client

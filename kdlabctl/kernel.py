@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from kdlab.errors import EXIT_FAILURE, EXIT_OK
 from kdlabctl import kconfig
 from kdlabctl.kconfig import KernelError
-from kdlabd.errors import EXIT_FAILURE, EXIT_OK
 
 if TYPE_CHECKING:
     from kdlabctl.client import Client

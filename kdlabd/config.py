@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdlab.errors import InvalidArgument
 from kdlabd.core import validate
 from kdlabd.core.limits import HostResources, Limits
 from kdlabd.core.models import Accel
-from kdlabd.errors import InvalidArgument
 
 DEFAULT_CONFIG = Path("/etc/kdlab/kdlabd.toml")
 

@@ -11,6 +11,8 @@ import sys
 import structlog
 from dbus_next.constants import NameFlag, RequestNameReply
 
+from kdlab.errors import KdlabError
+from kdlab.wire import BUS_NAME, bus_address
 from kdlabd import logs
 from kdlabd.bus.auth import Authorizer
 from kdlabd.bus.calls import KdlabBus
@@ -21,9 +23,7 @@ from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
 from kdlabd.core.journal import Journal
 from kdlabd.core.vms import Layout, VMService
-from kdlabd.errors import KdlabError
 from kdlabd.virt.libvirt_backend import LibvirtHypervisor, register_event_loop
-from kdlabd.wire import BUS_NAME, bus_address
 
 log = structlog.get_logger(__name__)
 

@@ -24,7 +24,7 @@ import structlog
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
-from kdlabd.errors import NotAuthorized
+from kdlab.errors import NotAuthorized
 
 log = structlog.get_logger(__name__)
 

@@ -19,10 +19,10 @@ import structlog
 from dbus_next import DBusError
 from dbus_next.service import method
 
+from kdlab.errors import Internal, KdlabError, out_of_descriptors
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.calls import CURRENT_CALL
 from kdlabd.core.journal import fault_point
-from kdlabd.errors import Internal, KdlabError, out_of_descriptors
 
 log = structlog.get_logger(__name__)
 

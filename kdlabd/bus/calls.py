@@ -21,7 +21,7 @@ from dbus_next.aio import MessageBus
 from dbus_next.aio.message_bus import _MessageWriter
 from dbus_next.service import ServiceInterface
 
-from kdlabd.wire import MANAGER_PATH
+from kdlab.wire import MANAGER_PATH
 
 
 @dataclass(frozen=True)

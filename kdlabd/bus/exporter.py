@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dbus_next.aio import MessageBus
 
+from kdlab.wire import MANAGER_PATH, image_path, job_path, vm_path
 from kdlabd.bus.auth import Authorizer
 from kdlabd.bus.image import ImageInterface
 from kdlabd.bus.job import JobInterface
@@ -13,7 +14,6 @@ from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import Job, JobManager
 from kdlabd.core.models import ImageRecord, VMRecord
 from kdlabd.core.vms import VMService
-from kdlabd.wire import MANAGER_PATH, image_path, job_path, vm_path
 
 
 class BusExporter:

@@ -7,12 +7,12 @@ from typing import Any
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property
 
+from kdlab.wire import IMAGE_INTERFACE
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.options import take
 from kdlabd.core.images import ImageService
 from kdlabd.core.models import ImageRecord
-from kdlabd.wire import IMAGE_INTERFACE
 
 
 class ImageInterface(ServiceInterface):

@@ -7,10 +7,11 @@ from typing import Any
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, signal
 
+from kdlab.states import JobState
+from kdlab.wire import JOB_INTERFACE
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
-from kdlabd.core.jobs import Job, JobManager, JobState
-from kdlabd.wire import JOB_INTERFACE
+from kdlabd.core.jobs import Job, JobManager
 
 
 def properties(job: Job) -> dict[str, Any]:

@@ -6,6 +6,7 @@
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, signal
 
+from kdlab.wire import API_REVISION, MANAGER_INTERFACE, image_path, job_path, vm_path
 from kdlabd import __version__
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
@@ -15,7 +16,6 @@ from kdlabd.core.jobs import JobManager
 from kdlabd.core.models import DebugSettings
 from kdlabd.core.rootfs import DEFAULT_SIZE_BYTES, RootfsSpec
 from kdlabd.core.vms import CreateRequest, VMService
-from kdlabd.wire import API_REVISION, MANAGER_INTERFACE, image_path, job_path, vm_path
 
 CREATE_OPTIONS = {
     "kernel": "h",

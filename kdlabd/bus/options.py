@@ -6,7 +6,7 @@ from typing import Any
 
 from dbus_next import Variant
 
-from kdlabd.errors import InvalidArgument
+from kdlab.errors import InvalidArgument
 
 
 def take(options: dict[str, Variant], schema: dict[str, str]) -> dict[str, Any]:

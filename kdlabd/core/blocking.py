@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from kdlabd.errors import InvalidArgument
+from kdlab.errors import InvalidArgument
 
 log = structlog.get_logger(__name__)
 

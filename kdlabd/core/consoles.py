@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import structlog
 
+from kdlab.errors import InvalidState
 from kdlabd.core import descriptors
 from kdlabd.core.hypervisor import ConsoleStream, Hypervisor
 from kdlabd.core.limits import Limits
-from kdlabd.errors import InvalidState
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import resource
 
-from kdlabd.errors import out_of_descriptors
+from kdlab.errors import out_of_descriptors
 
 RESERVE = 64
 

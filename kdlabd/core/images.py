@@ -25,6 +25,14 @@ from typing import Protocol
 
 import structlog
 
+from kdlab.errors import (
+    BuildFailed,
+    ImageExists,
+    InvalidArgument,
+    InvalidState,
+    KdlabError,
+    NoSuchImage,
+)
 from kdlabd.core import blocking, validate
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
@@ -34,14 +42,6 @@ from kdlabd.core.models import ImageFormat, ImageRecord, ImageSource
 from kdlabd.core.rootfs import Progress as RootfsProgress
 from kdlabd.core.rootfs import RootfsSpec, build_rootfs
 from kdlabd.core.sandbox import BuildSandbox, kill_build
-from kdlabd.errors import (
-    BuildFailed,
-    ImageExists,
-    InvalidArgument,
-    InvalidState,
-    KdlabError,
-    NoSuchImage,
-)
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import threading
 import time
@@ -22,7 +21,8 @@ from typing import Protocol, TypeVar
 
 import structlog
 
-from kdlabd.errors import Internal, KdlabError, NoSuchJob
+from kdlab.errors import Internal, KdlabError, NoSuchJob
+from kdlab.states import JobState
 
 log = structlog.get_logger(__name__)
 
@@ -30,13 +30,6 @@ T = TypeVar("T")
 
 KEEP_FINISHED_SECONDS = 300.0
 _NOTIFY_INTERVAL = 0.1
-
-
-class JobState(enum.StrEnum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 class JobCancelled(Exception):

@@ -4,7 +4,7 @@ kdlabd is shared by everyone on a workstation; without limits one member could
 ask for more memory than the host has, disks of many TiB, or start imports and
 builds until the host gives up. Each limit is a key of kdlabd's configuration
 (``max_`` + the field name, see :mod:`kdlabd.config`); a request over one is
-refused with :class:`~kdlabd.errors.LimitExceeded`, whose message names the
+refused with :class:`~kdlab.errors.LimitExceeded`, whose message names the
 limit, its value and its key. Values that are wrong whatever the configuration
 (0 vCPUs, a disk under 1 MiB) stay :mod:`kdlabd.core.validate`'s
 InvalidArgument.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from kdlab.errors import LimitExceeded
 from kdlabd.core import validate
-from kdlabd.errors import LimitExceeded
 
 GIB = 1 << 30
 

@@ -7,24 +7,8 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdlab.states import VMState
 from kdlabd.core.diagnosis import Diagnosis
-
-
-class VMState(enum.StrEnum):
-    """A VM's state as clients see it (never libvirt's integers)."""
-
-    DEFINED = "defined"
-    STARTING = "starting"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    CRASHED = "crashed"
-
-    @property
-    def active(self) -> bool:
-        """Whether a QEMU process exists for the VM."""
-        return self in (VMState.RUNNING, VMState.PAUSED, VMState.STOPPING)
 
 
 class Accel(enum.StrEnum):

@@ -48,10 +48,10 @@ from typing import NamedTuple, TypeVar
 
 import structlog
 
+from kdlab.errors import BuildFailed, InvalidArgument
 from kdlabd.core.jobs import finish_on_cancel
 from kdlabd.core.journal import crash_point
 from kdlabd.core.sandbox import NOT_FOUND, BuildSandbox
-from kdlabd.errors import BuildFailed, InvalidArgument
 
 log = structlog.get_logger(__name__)
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import structlog
 
-from kdlabd.errors import BuildFailed
+from kdlab.errors import BuildFailed
 
 log = structlog.get_logger(__name__)
 

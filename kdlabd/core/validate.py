@@ -1,6 +1,6 @@
 """One validator per kind of input. Every path that takes an input uses these.
 
-Each raises :class:`~kdlabd.errors.InvalidArgument` with a message that says
+Each raises :class:`~kdlab.errors.InvalidArgument` with a message that says
 what is allowed, and changes nothing.
 """
 
@@ -13,9 +13,9 @@ import stat
 import struct
 from typing import TYPE_CHECKING
 
+from kdlab.errors import InvalidArgument
+from kdlab.wire import RELEASE_MAX, is_safe_release
 from kdlabd.core.models import ImageFormat, ImageSource, StoredImage
-from kdlabd.errors import InvalidArgument
-from kdlabd.wire import RELEASE_MAX, is_safe_release
 
 if TYPE_CHECKING:  # kdlabd.core.limits imports this module's ranges
     from kdlabd.core.limits import Limits

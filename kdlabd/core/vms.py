@@ -22,6 +22,15 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from kdlab.errors import (
+    HypervisorError,
+    InvalidArgument,
+    InvalidState,
+    NoSuchImage,
+    NoSuchVM,
+    VMExists,
+)
+from kdlab.states import VMState
 from kdlabd.core import blocking, descriptors, kernel, validate
 from kdlabd.core.cmdline import effective_cmdline
 from kdlabd.core.consoles import ConsoleHub
@@ -37,15 +46,6 @@ from kdlabd.core.models import (
     ImageRecord,
     VMRecord,
     VMSpec,
-    VMState,
-)
-from kdlabd.errors import (
-    HypervisorError,
-    InvalidArgument,
-    InvalidState,
-    NoSuchImage,
-    NoSuchVM,
-    VMExists,
 )
 
 ImageForDisk = Callable[[str], ImageRecord]

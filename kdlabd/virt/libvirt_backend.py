@@ -29,6 +29,16 @@ import libvirtaio
 import structlog
 from lxml import etree
 
+from kdlab.errors import (
+    HypervisorError,
+    InvalidArgument,
+    InvalidState,
+    KdlabError,
+    NoSuchVM,
+    VMExists,
+    out_of_descriptors,
+)
+from kdlab.states import VMState
 from kdlabd.core import blocking
 from kdlabd.core.hypervisor import (
     ConsoleOutput,
@@ -47,16 +57,6 @@ from kdlabd.core.models import (
     StoredImage,
     VMRecord,
     VMSpec,
-    VMState,
-)
-from kdlabd.errors import (
-    HypervisorError,
-    InvalidArgument,
-    InvalidState,
-    KdlabError,
-    NoSuchVM,
-    VMExists,
-    out_of_descriptors,
 )
 from kdlabd.virt import host, storage
 from kdlabd.virt.domain_xml import (

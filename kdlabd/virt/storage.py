@@ -21,9 +21,9 @@ import libvirt
 import structlog
 from lxml import etree
 
+from kdlab.errors import HypervisorError, InvalidArgument, KdlabError
 from kdlabd.core import validate
 from kdlabd.core.models import ImageFormat, ImageRecord, StoredImage
-from kdlabd.errors import HypervisorError, InvalidArgument, KdlabError
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from subprocess import CompletedProcess
 
 import pytest
 
-from kdlabd.wire import (
+from kdlab.wire import (
     IMAGE_INTERFACE,
     JOB_INTERFACE,
     MANAGER_INTERFACE,

@@ -17,7 +17,7 @@ from functools import cache
 
 from lxml import etree
 
-from kdlabd.errors import KdlabError
+from kdlab.errors import KdlabError
 from tests.bus.harness import CONTRACT_DIR, assert_no_traceback
 
 MANAGER = "org.kdlab.Kdlab1.Manager"

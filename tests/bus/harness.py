@@ -43,10 +43,10 @@ from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 from lxml import etree
 
+from kdlab.wire import BUS_NAME, MANAGER_PATH, VM_INTERFACE
 from kdlabd.core.models import Accel, DebugSettings, Disk, VMSpec
 from kdlabd.core.vms import Layout
 from kdlabd.virt.domain_xml import build_domain_xml
-from kdlabd.wire import BUS_NAME, MANAGER_PATH, VM_INTERFACE
 from tests import harness as shared
 
 SHIPPED_POLICY = shared.POLICY

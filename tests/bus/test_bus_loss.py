@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.wire import BUS_NAME
 from kdlabd.bus.calls import KdlabBus
-from kdlabd.wire import BUS_NAME
 from tests.bus.harness import Lab, PrivateBus, defined_fleet
 
 pytestmark = pytest.mark.bus

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kdlabd.errors import (
+from kdlab.errors import (
     HypervisorError,
     ImageExists,
     InvalidArgument,
@@ -22,7 +22,7 @@ from kdlabd.errors import (
     NoSuchImage,
     NoSuchVM,
 )
-from kdlabd.wire import BUS_NAME, MANAGER_PATH
+from kdlab.wire import BUS_NAME, MANAGER_PATH
 from tests.bus import contract
 from tests.bus.conftest import Target
 from tests.bus.contract import MANAGER, VM

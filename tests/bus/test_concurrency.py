@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from dbus_next import Message, MessageType
 
-from kdlabd.errors import InvalidState, NoSuchVM
-from kdlabd.wire import BUS_NAME, VM_INTERFACE
+from kdlab.errors import InvalidState, NoSuchVM
+from kdlab.wire import BUS_NAME, VM_INTERFACE
 from tests.bus.harness import BusClient
 
 pytestmark = [pytest.mark.bus, pytest.mark.usefixtures("kdlabd")]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 
 import kdlabd
+from kdlab.errors import ERRORS
+from kdlab.wire import API_REVISION, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE
 from kdlabd.bus.manager import BUILD_OPTIONS, CREATE_OPTIONS
 from kdlabd.bus.vm import START_OPTIONS, STOP_OPTIONS
-from kdlabd.errors import ERRORS
-from kdlabd.wire import API_REVISION, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE
 from tests.bus import contract
 from tests.bus.contract import IMAGE, INTERFACES, JOB, MANAGER, VM
 from tests.bus.harness import FLEET, OBJECT_MANAGER, PROPERTIES, BusClient
@@ -25,7 +25,7 @@ INTROSPECT_DOCTYPE = (
     "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd",
 )
 KDLAB_ERRORS = {cls.dbus_name() for cls in ERRORS}
-# Written out here, not computed with kdlabd.wire: the escaping is part of the contract.
+# Written out here, not computed with kdlab.wire: the escaping is part of the contract.
 VM_PATHS = {
     "booted": "/org/kdlab/Kdlab1/vm/booted",
     "busy": "/org/kdlab/Kdlab1/vm/busy",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.wire import VM_INTERFACE
+from kdlab.wire import VM_INTERFACE
 from tests.bus.gdbstub import RemoteStub
 from tests.bus.harness import BusClient, Lab, PrivateBus, client_env, kdlabctl_argv
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kdlabd.errors import LimitExceeded
+from kdlab.errors import LimitExceeded
 from tests.bus.harness import BusClient, PrivateBus
 from tests.conftest import REPO
 
@@ -33,7 +33,7 @@ SERVER = textwrap.dedent(
     from kdlabd.bus.auth import Action, Authorizer
     from kdlabd.bus.boundary import exported
     from kdlabd.bus.calls import KdlabBus
-    from kdlabd.wire import BUS_NAME
+    from kdlab.wire import BUS_NAME
 
     class Probe(ServiceInterface):
         def __init__(self, authorizer):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.errors import NotAuthorized
+from kdlab.errors import NotAuthorized
 from tests.bus.harness import NOBODY, FakeVM, Identity, Lab, PrivateBus, kdlabctl
 
 pytestmark = pytest.mark.bus

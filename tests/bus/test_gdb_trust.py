@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.errors import NotAuthorized, exit_code_for
+from kdlab.errors import NotAuthorized, exit_code_for
 from tests import figures
 from tests.bus.gdbstub import RemoteStub
 from tests.bus.harness import FakeVM, Lab, PrivateBus, assert_no_traceback, run_tool

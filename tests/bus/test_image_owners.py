@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from kdlabd.errors import HypervisorError, NotAuthorized
-from kdlabd.wire import IMAGE_INTERFACE, image_path
+from kdlab.errors import HypervisorError, NotAuthorized
+from kdlab.wire import IMAGE_INTERFACE, image_path
 from tests.bus.conftest import Ctl
 from tests.bus.harness import PROPERTIES, BusClient, Identity
 from tests.bus.test_limits import kdlab_member, stranger

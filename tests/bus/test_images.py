@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.errors import HypervisorError
-from kdlabd.wire import BUS_NAME, JOB_INTERFACE, MANAGER_PATH
+from kdlab.errors import HypervisorError
+from kdlab.wire import BUS_NAME, JOB_INTERFACE, MANAGER_PATH
 from tests.bus.conftest import Ctl
 from tests.bus.harness import PROPERTIES, BusClient
 

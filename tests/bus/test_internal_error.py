@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from kdlab.errors import Internal
+from kdlab.wire import MANAGER_PATH
 from kdlabd.core.journal import FAULT_ENV
-from kdlabd.errors import Internal
-from kdlabd.wire import MANAGER_PATH
 from tests.bus.contract import MANAGER
 from tests.bus.harness import (
     STARTUP_TIMEOUT,

@@ -17,8 +17,7 @@ from subprocess import CompletedProcess
 
 import pytest
 
-from kdlabctl import output
-from kdlabd.errors import (
+from kdlab.errors import (
     EXIT_UNAVAILABLE,
     HypervisorError,
     InvalidArgument,
@@ -27,6 +26,7 @@ from kdlabd.errors import (
     NoSuchVM,
     VMExists,
 )
+from kdlabctl import output
 from tests.bus.conftest import Ctl
 from tests.bus.harness import FLEET, VMS, BusClient, Lab, PrivateBus, kdlabctl
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from dbus_next import Variant
 
+from kdlab.errors import HypervisorError, InvalidState, LimitExceeded
+from kdlab.wire import JOB_INTERFACE, MANAGER_PATH
 from kdlabd.core.journal import HOLD_ENV
-from kdlabd.errors import HypervisorError, InvalidState, LimitExceeded
-from kdlabd.wire import JOB_INTERFACE, MANAGER_PATH
 from tests.bus import contract, test_policy
 from tests.bus.conftest import Ctl
 from tests.bus.contract import MANAGER

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.errors import NotAuthorized, exit_code_for
+from kdlab.errors import NotAuthorized, exit_code_for
 from tests import logins as accounts
 from tests.bus.harness import Lab, PrivateBus
 from tests.logins import GROUP, PYTHON, Logins, LoginUser

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from dbus_next import Variant
 
-from kdlabd.errors import HypervisorError, InvalidArgument
+from kdlab.errors import HypervisorError, InvalidArgument
 from tests.bus import contract
 from tests.bus.contract import IMAGE, MANAGER, VM
 from tests.bus.harness import MANAGER_PATH, BusClient

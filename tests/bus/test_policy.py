@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from kdlabd.errors import HypervisorError, NotAuthorized
-from kdlabd.wire import BUS_NAME
+from kdlab.errors import HypervisorError, NotAuthorized
+from kdlab.wire import BUS_NAME
 from tests.bus import contract
 from tests.bus.conftest import Ctl, Target
 from tests.bus.contract import MANAGER

@@ -27,9 +27,9 @@ from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 from lxml import etree
 
+from kdlab.errors import HypervisorError, NotAuthorized
+from kdlab.wire import MANAGER_PATH, image_path, vm_path
 from kdlabd.bus.auth import Action
-from kdlabd.errors import HypervisorError, NotAuthorized
-from kdlabd.wire import MANAGER_PATH, image_path, vm_path
 from tests import figures
 from tests.bus.contract import IMAGE, JOB, MANAGER, VM
 from tests.bus.harness import (

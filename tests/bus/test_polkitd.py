@@ -19,7 +19,7 @@ from subprocess import CompletedProcess
 
 import pytest
 
-from kdlabd.errors import NotAuthorized
+from kdlab.errors import NotAuthorized
 from tests.bus.harness import FakeVM, Lab, kdlabctl
 from tests.bus.polkitd import polkitd_on_a_private_bus
 from tests.logins import Logins

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from kdlabd.errors import EXIT_UNAVAILABLE
-from kdlabd.wire import VM_INTERFACE
+from kdlab.errors import EXIT_UNAVAILABLE
+from kdlab.wire import VM_INTERFACE
 from tests.bus.conftest import Ctl
 from tests.bus.contract import MANAGER
 from tests.bus.harness import OBJECT_MANAGER, BusClient, Lab

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.wire import MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE
+from kdlab.wire import MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE
 from tests.bus.harness import BusClient, Lab, PrivateBus, defined_fleet
 
 pytestmark = pytest.mark.bus

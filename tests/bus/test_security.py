@@ -46,11 +46,11 @@ from dbus_next.service import ServiceInterface
 from dbus_next.signature import SignatureTree, SignatureType
 
 import kdlabd.bus
+from kdlab.errors import Internal, InvalidArgument, LimitExceeded, NotAuthorized
+from kdlab.wire import MANAGER_PATH
 from kdlabd.bus.auth import Action
 from kdlabd.core import validate
 from kdlabd.core.limits import GIB, Limits
-from kdlabd.errors import Internal, InvalidArgument, LimitExceeded, NotAuthorized
-from kdlabd.wire import MANAGER_PATH
 from tests import figures
 from tests.bus import contract, test_policy
 from tests.bus.contract import IMAGE, INTERFACES, JOB, MANAGER, VM

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from dbus_next import Message
 
-from kdlabd.wire import BUS_NAME, MANAGER_PATH, VM_INTERFACE
+from kdlab.wire import BUS_NAME, MANAGER_PATH, VM_INTERFACE
 from tests.bus.conftest import Ctl
 from tests.bus.contract import MANAGER
 from tests.bus.harness import OBJECT_MANAGER, PROPERTIES, BusClient, assert_no_traceback

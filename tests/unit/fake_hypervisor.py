@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdlab.errors import HypervisorError, InvalidState, NoSuchVM, VMExists
+from kdlab.states import VMState
 from kdlabd.core.hypervisor import (
     ConsoleOutput,
     ConsoleSent,
@@ -34,10 +36,8 @@ from kdlabd.core.models import (
     StoredImage,
     VMRecord,
     VMSpec,
-    VMState,
 )
 from kdlabd.core.validate import IMAGE_HEADER_BYTES
-from kdlabd.errors import HypervisorError, InvalidState, NoSuchVM, VMExists
 
 POOL = Path("/fake-pool")
 IMAGE_POOL = Path("/fake-images")

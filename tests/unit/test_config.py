@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.errors import InvalidArgument
 from kdlabd import config
 from kdlabd.config import Config, from_args, load
 from kdlabd.core.models import Accel
-from kdlabd.errors import InvalidArgument
 
 
 @pytest.fixture(autouse=True)

@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from kdlab.errors import LimitExceeded
 from kdlabd.core import consoles
 from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.limits import Limits
-from kdlabd.errors import LimitExceeded
 from tests.unit.fake_hypervisor import FakeConsole, FakeHypervisor
 
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""kdlabd.errors: one D-Bus name and one exit code per reason, kdlabctl's help,
+"""kdlab.errors: one D-Bus name and one exit code per reason, kdlabctl's help,
 and the README's table of exit codes."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kdlabctl import cli
-from kdlabd import errors
-from kdlabd.errors import (
+from kdlab import errors
+from kdlab.errors import (
     ERRORS,
     EXIT_CODES,
     EXIT_FAILURE,
@@ -23,7 +22,8 @@ from kdlabd.errors import (
     NotAuthorized,
     exit_code_for,
 )
-from kdlabd.wire import ERROR_PREFIX
+from kdlab.wire import ERROR_PREFIX
+from kdlabctl import cli
 from tests.conftest import REPO
 
 # A D-Bus error name is an interface name: dot-separated elements, no leading digit.
@@ -98,7 +98,7 @@ def test_exit_codes_table() -> None:
 
 
 # The README's table of exit codes is what users read: it must say what
-# kdlabd.errors does, both ways (no error missing there, none only there).
+# kdlab.errors does, both ways (no error missing there, none only there).
 
 README_TABLE_TITLE = "Exit codes of kdlabctl"
 README_ROW = re.compile(r"^\|\s*(\d+)\s*\|([^|]+)\|([^|]*)\|$")

@@ -15,20 +15,21 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from kdlabd.core.images import ImageService
-from kdlabd.core.jobs import Job, JobManager, JobState
-from kdlabd.core.journal import Journal
-from kdlabd.core.limits import GIB, Limits
-from kdlabd.core.models import Accel, ImageFormat, ImageRecord
-from kdlabd.core.rootfs import RootfsSpec
-from kdlabd.core.vms import Layout, VMService
-from kdlabd.errors import (
+from kdlab.errors import (
     HypervisorError,
     InvalidArgument,
     InvalidState,
     LimitExceeded,
     NoSuchImage,
 )
+from kdlab.states import JobState
+from kdlabd.core.images import ImageService
+from kdlabd.core.jobs import Job, JobManager
+from kdlabd.core.journal import Journal
+from kdlabd.core.limits import GIB, Limits
+from kdlabd.core.models import Accel, ImageFormat, ImageRecord
+from kdlabd.core.rootfs import RootfsSpec
+from kdlabd.core.vms import Layout, VMService
 from tests.unit.fake_hypervisor import HOST, FakeHypervisor
 from tests.unit.test_vms import OWNER, Lab, Recorder, bzimage, run, settle
 

@@ -15,8 +15,7 @@ import pytest
 
 from tests.conftest import REPO
 
-PACKAGES = ("kdlabd", "kdlabctl")
-CLIENT_SHARED = ("kdlabd.wire", "kdlabd.errors")
+PACKAGES = ("kdlab", "kdlabd", "kdlabctl")
 
 
 def module_name(path: Path) -> str:
@@ -46,7 +45,7 @@ def imports_of(path: Path) -> set[str]:
             if module == "__future__":
                 continue
             found.add(module)
-            # `from kdlabd import wire` imports kdlabd.wire.
+            # `from kdlab import wire` imports kdlab.wire.
             found.update(f"{module}.{alias.name}" for alias in node.names)
     return found
 
@@ -59,13 +58,6 @@ def sources(package: str) -> list[Path]:
 
 def top(module: str) -> str:
     return module.split(".", maxsplit=1)[0]
-
-
-def shared_with_client(module: str) -> bool:
-    """Whether *module* (or a name imported from it) is something kdlabctl may use."""
-    return module == "kdlabd" or any(
-        module == shared or module.startswith(shared + ".") for shared in CLIENT_SHARED
-    )
 
 
 def violations(paths: list[Path], forbidden: set[str]) -> list[str]:
@@ -101,29 +93,28 @@ def test_core_does_not_import_outer_layers() -> None:
     assert found == []
 
 
-def test_kdlabctl_uses_only_wire_and_errors_from_kdlabd() -> None:
+def test_daemon_and_client_do_not_import_each_other() -> None:
+    """What both need lives in the shared package ``kdlab``."""
     found = sorted(
         f"{path.relative_to(REPO)} imports {module}"
-        for path in sources("kdlabctl")
+        for package, other in (("kdlabctl", "kdlabd"), ("kdlabd", "kdlabctl"))
+        for path in sources(package)
         for module in imports_of(path)
-        if top(module) == "kdlabd" and not shared_with_client(module)
+        if top(module) == other
     )
     assert found == []
 
 
-@pytest.mark.parametrize("module", [*CLIENT_SHARED, "kdlabd"])
-def test_client_shared_modules_are_stdlib_only(module: str) -> None:
-    path = REPO / (module.replace(".", "/") + ".py")
-    if not path.exists():
-        path = REPO / module.replace(".", "/") / "__init__.py"
-    allowed = set(sys.stdlib_module_names) | {"kdlabd"}
-    found = imports_of(path)
-    outside = sorted(m for m in found if top(m) not in allowed)
-    assert outside == []
-    internal = sorted(
-        m for m in found if top(m) == "kdlabd" and not shared_with_client(m)
+def test_shared_package_is_stdlib_only() -> None:
+    """kdlab is imported by both sides, so it may import only itself and stdlib."""
+    allowed = set(sys.stdlib_module_names) | {"kdlab"}
+    found = sorted(
+        f"{path.relative_to(REPO)} imports {module}"
+        for path in sources("kdlab")
+        for module in imports_of(path)
+        if top(module) not in allowed
     )
-    assert internal == [], "the shared modules may import only each other"
+    assert found == []
 
 
 # The checker itself must be able to fail.

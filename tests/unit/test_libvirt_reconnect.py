@@ -16,7 +16,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from kdlabd.errors import HypervisorError
+from kdlab.errors import HypervisorError
 from kdlabd.virt import libvirt_backend
 from kdlabd.virt.libvirt_backend import LibvirtHypervisor, register_event_loop
 

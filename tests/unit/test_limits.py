@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.errors import EXIT_CODES, InvalidArgument, LimitExceeded
 from kdlabd import config
 from kdlabd.config import Config, load
 from kdlabd.core import validate
 from kdlabd.core.limits import GIB, HostResources, Limits
-from kdlabd.errors import EXIT_CODES, InvalidArgument, LimitExceeded
 
 HOST = HostResources(memory_mib=8192, cpus=4)
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from kdlab.errors import InvalidArgument, KdlabError
 from kdlabd.core import rootfs
 from kdlabd.core.rootfs import (
     AUTOLOGIN_CONF,
@@ -42,7 +43,6 @@ from kdlabd.core.rootfs import (
     configure_tree,
     include_packages,
 )
-from kdlabd.errors import InvalidArgument, KdlabError
 from tests import harness
 from tests.conftest import REPO, require, require_tool
 

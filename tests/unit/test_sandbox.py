@@ -25,6 +25,7 @@ from typing import cast
 
 import pytest
 
+from kdlab.errors import BuildFailed
 from kdlabd.core import sandbox
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.images import ImageObserver, ImageService
@@ -38,7 +39,6 @@ from kdlabd.core.sandbox import (
     kill_build,
     tagged,
 )
-from kdlabd.errors import BuildFailed
 from tests.conftest import require, require_tool
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.errors import InvalidArgument
 from kdlabd.core import validate
-from kdlabd.errors import InvalidArgument
 from tests.conftest import require
 from tests.fixtures import debian
 

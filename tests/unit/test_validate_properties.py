@@ -26,12 +26,12 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
+from kdlab.errors import InvalidArgument, LimitExceeded
 from kdlabd.core import kernel, validate
 from kdlabd.core.cmdline import effective_cmdline
 from kdlabd.core.limits import Limits
 from kdlabd.core.models import Accel, DebugSettings, Disk, ImageSource, VMSpec
 from kdlabd.core.vms import CreateRequest, Layout, VMService
-from kdlabd.errors import InvalidArgument, LimitExceeded
 from kdlabd.virt.domain_xml import build_domain_xml, parse_domain_xml
 from tests.unit.fake_hypervisor import FakeHypervisor
 from tests.unit.test_domain_xml import (

@@ -16,15 +16,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kdlabd.core.models import Accel, DebugSettings, VMRecord, VMState
-from kdlabd.core.vms import CreateRequest, Layout, VMService
-from kdlabd.errors import (
+from kdlab.errors import (
     HypervisorError,
     InvalidArgument,
     InvalidState,
     NoSuchVM,
     VMExists,
 )
+from kdlab.states import VMState
+from kdlabd.core.models import Accel, DebugSettings, VMRecord
+from kdlabd.core.vms import CreateRequest, Layout, VMService
 from tests.unit.fake_hypervisor import POOL, FakeHypervisor
 
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""kdlabd.wire: object-path escaping as systemd's sd_bus_path_encode, bus addresses."""
+"""kdlab.wire: object-path escaping as systemd's sd_bus_path_encode, bus addresses."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdlabd import wire
-from kdlabd.wire import escape_path_label, unescape_path_label, vm_path
+from kdlab import wire
+from kdlab.wire import escape_path_label, unescape_path_label, vm_path
 from tests.conftest import require
 
 PROPERTIES = settings(database=None, deadline=None, max_examples=300)

@@ -37,8 +37,8 @@ from typing import Any
 import pytest
 from dbus_next import Message, MessageType, Variant
 
-from kdlabd.errors import LimitExceeded
-from kdlabd.wire import (
+from kdlab.errors import LimitExceeded
+from kdlab.wire import (
     BUS_NAME,
     IMAGE_INTERFACE,
     MANAGER_INTERFACE,

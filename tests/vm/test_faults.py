@@ -46,10 +46,8 @@ import pytest
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
-from kdlabd.core.journal import CRASH_ENV
-from kdlabd.core.vms import volume_owner
-from kdlabd.errors import EXIT_USAGE, NoSuchVM, VMExists
-from kdlabd.wire import (
+from kdlab.errors import EXIT_USAGE, NoSuchVM, VMExists
+from kdlab.wire import (
     BUS_NAME,
     IMAGE_INTERFACE,
     JOB_INTERFACE,
@@ -58,6 +56,8 @@ from kdlabd.wire import (
     VM_INTERFACE,
     vm_path,
 )
+from kdlabd.core.journal import CRASH_ENV
+from kdlabd.core.vms import volume_owner
 from tests import figures
 from tests.bus import harness as bus_harness
 from tests.bus.harness import BusClient, Identity

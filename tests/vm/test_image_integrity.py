@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from dbus_next import MessageType
 
-from kdlabd.errors import InvalidArgument
-from kdlabd.wire import MANAGER_PATH
+from kdlab.errors import InvalidArgument
+from kdlab.wire import MANAGER_PATH
 from tests import figures
 from tests.bus.harness import BusClient
 from tests.conftest import require_tool

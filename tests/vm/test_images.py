@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.errors import BuildFailed
+from kdlab.errors import BuildFailed
 from tests.bus.harness import NOBODY, Identity
 from tests.conftest import REPO, require_tool
 from tests.harness import ctl_env, forget_cached_base, processes_with

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from kdlabd.wire import ERROR_PREFIX
+from kdlab.wire import ERROR_PREFIX
 
 
 class KdlabError(Exception):
