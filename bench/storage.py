@@ -77,7 +77,8 @@ def overlay_create(quick: bool) -> list[Row]:
     with scratch() as work, _pool(work / "pool") as pool:
         bases = {
             label: storage.image_record(
-                storage.create_volume(pool, f"base-{label}", size, ImageFormat.RAW)
+                storage.create_volume(pool, f"base-{label}", size, ImageFormat.RAW),
+                ImageFormat.RAW,
             )
             for label, size in BASES.items()
         }
