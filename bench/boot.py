@@ -37,8 +37,9 @@ from bench.lab import (
 )
 from bench.measure import INFO, Goal, Laps, Row, interleaved, row
 from kdlabctl import initramfs
-from tests.fixtures import debian
-from tests.harness import SYSTEM_LIBVIRT, Kdlabd, virsh
+from tests.support import debian
+from tests.support.daemon import Kdlabd
+from tests.support.system import SYSTEM_LIBVIRT, remove_domain, virsh
 
 MARKER = debian.DEFAULT_MARKER
 MEMORY_MIB = 256
@@ -278,11 +279,6 @@ def _define_by_hand(
     return name, log
 
 
-def _undefine(domain: str) -> None:
-    virsh("destroy", domain)
-    virsh("undefine", domain)
-
-
 def disk_boot_to_login(quick: bool) -> list[Row]:
     """A VM from a kdlab Debian image to its autologin prompt vs a hand-made domain."""
     kernel = debian.cloud_kernel()
@@ -312,7 +308,7 @@ def disk_boot_to_login(quick: bool) -> list[Row]:
                 lambda: _virsh_boot(domain, log, PROMPT, laps),
             )
         finally:
-            _undefine(domain)
+            remove_domain(domain)
     return [
         row(
             "disk_boot_to_login",

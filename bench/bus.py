@@ -1,9 +1,10 @@
 """kdlabd on the bus: call latency and scale, on libvirt's test driver.
 
 kdlabd serves a test driver file pre-populated with N kdlab domains
-(:func:`tests.bus.harness.driver_xml`, through :class:`tests.bus.harness.Lab`)
+(:func:`tests.support.testdriver.driver_xml`, through
+:class:`tests.support.testdriver.Lab`)
 on a private dbus-daemon with kdlab's bus policy; a dbus-next client
-(:class:`tests.bus.harness.BusClient`) makes one call at a time.
+(:class:`tests.support.bus.BusClient`) makes one call at a time.
 
 - ``dbus_call_latency``: p50 and p99 of ``GetManagedObjects`` and ``ListVMs``
   with 100 VMs, each call interleaved with the bus's own ``GetId`` (a round
@@ -39,20 +40,20 @@ from bench.measure import (
     seconds,
 )
 from kdlab.wire import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH
-from tests.bus.harness import (
+from tests.support.bus import (
     DBUS_NAME,
     DBUS_PATH,
     OBJECT_MANAGER,
     BusClient,
-    Lab,
     PrivateBus,
-    defined_fleet,
 )
+from tests.support.testdriver import Lab, defined_fleet
+from tests.support.timeouts import CALL_TIMEOUT
 
-CALL_TIMEOUT = 15.0
 FLEET = 100
 SCALES = (10, 100, 1000)
-STARTUP_TIMEOUT = 60.0
+# scale starts kdlabd on up to 1000 VMs: more than the tests' STARTUP_TIMEOUT allows.
+FLEET_STARTUP_TIMEOUT = 60.0
 
 # (destination, path, interface, member) of each call measured.
 CALLS = {
@@ -94,7 +95,7 @@ def served(count: int) -> Iterator[Served]:
         lab = Lab(bus, root, defined_fleet(count, "bench"))
         lab.populate()
         try:
-            startup = seconds(lambda: lab.daemon.start(timeout=STARTUP_TIMEOUT))
+            startup = seconds(lambda: lab.daemon.start(timeout=FLEET_STARTUP_TIMEOUT))
             client = BusClient(lab.daemon.address)
             try:
                 yield Served(lab, client, startup)

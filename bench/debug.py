@@ -24,8 +24,10 @@ from bench.lab import (
     wait_inactive,
 )
 from bench.measure import Goal, Laps, Row, interleaved, row
-from tests.fixtures import debian
-from tests.harness import Kdlabd, ctl_env, virsh
+from tests.support import debian
+from tests.support.clients import ctl_env
+from tests.support.daemon import Kdlabd
+from tests.support.system import virsh
 
 GDB_COMMANDS = ("-ex", "hbreak start_kernel", "-ex", "continue")
 HIT = "start_kernel () at"

@@ -1,6 +1,6 @@
 """``kernel_build``: ``kdlabctl kernel build`` against ``make``, same tree and config.
 
-Debian's 6.1 tree (:func:`tests.fixtures.kernel_tree.linux_source_tree`, read
+Debian's 6.1 tree (:func:`tests.support.kernel_tree.linux_source_tree`, read
 only: both build into ``O=`` directories of their own), configured once by
 ``kdlabctl kernel configure --minimal``. The baseline is the very ``make``
 command kdlabctl runs (same targets, same ``-j``), typed by hand.
@@ -20,7 +20,7 @@ from bench.lab import run, scratch
 from bench.measure import NO_GOAL, Row, interleaved, row, seconds
 from kdlabctl import kconfig
 from kdlabctl import kernel as kernel_cli
-from tests.fixtures.kernel_tree import linux_source_tree
+from tests.support.kernel_tree import linux_source_tree
 
 KDLABCTL_KERNEL = [sys.executable, "-m", "kdlabctl", "kernel"]
 JOBS = len(os.sched_getaffinity(0))  # kdlabctl's default -j

@@ -21,7 +21,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kdlabd.core.vms import Layout
-from tests.harness import Kdlabd, kdlabctl, system_kdlabd, virsh
+from tests.support.clients import kdlabctl
+from tests.support.daemon import Kdlabd, processes_with
+from tests.support.system import (
+    remove_domain,
+    remove_pools,
+    remove_vm,
+    system_kdlabd,
+    virsh,
+)
 
 BENCH_POOLS = "kdlab-bench"
 # The domains of bench_vm ("kdlab-bench-...") and of hand-written baselines.
@@ -78,21 +86,21 @@ def scratch(prefix: str = "kdlab-bench-") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def bench_daemon(pool_prefix: str = BENCH_POOLS) -> Iterator[Kdlabd]:
-    """kdlabd on the system libvirtd, on a private bus (tests.harness.system_kdlabd).
+    """kdlabd on the system libvirtd, on a private bus (system_kdlabd).
 
     system_kdlabd skips its own clean-up when kdlabd does not stop in time:
     the pools, the bus and the directories are then removed here. Domains and
     pools a killed run left behind are removed first.
     """
     _remove_domains(BENCH_DOMAINS)
-    _remove_pools(pool_prefix)
+    remove_pools(pool_prefix)
     root: Path | None = None
     try:
         with system_kdlabd(pool_prefix) as daemon:
             root = daemon.state_dir.parent
             yield daemon
     finally:
-        _remove_pools(pool_prefix)
+        remove_pools(pool_prefix)
         if root is not None:
             _kill_bus_of(root)
             shutil.rmtree(root, ignore_errors=True)
@@ -101,23 +109,14 @@ def bench_daemon(pool_prefix: str = BENCH_POOLS) -> Iterator[Kdlabd]:
 def _remove_domains(prefixes: tuple[str, ...]) -> None:
     listed = virsh("list", "--all", "--name").stdout.split()
     for domain in (name for name in listed if name.startswith(prefixes)):
-        virsh("destroy", domain)
-        virsh("undefine", domain)
-
-
-def _remove_pools(prefix: str) -> None:
-    for pool in (f"{prefix}-boot", f"{prefix}-images"):
-        virsh("pool-destroy", pool)
-        virsh("pool-undefine", pool)
+        remove_domain(domain)
 
 
 def _kill_bus_of(root: Path) -> None:
     """Kill the dbus-daemon whose configuration lies in *root* (ours), if it runs."""
-    wanted = f"--config-file={root / 'bus' / 'bus.conf'}".encode()
-    for proc in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            if wanted in (proc / "cmdline").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
+    for process in processes_with(f"--config-file={root / 'bus' / 'bus.conf'}"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(process.split()[0]), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -128,9 +127,7 @@ def bench_vm(daemon: Kdlabd, *create_args: str, prefix: str = "bench") -> Iterat
         ctl(daemon, "create", name, "--quiet", *create_args)
         yield name
     finally:
-        kdlabctl(daemon.address, "delete", "--force", name)
-        virsh("destroy", f"kdlab-{name}")
-        virsh("undefine", f"kdlab-{name}")
+        remove_vm(daemon, name)
 
 
 def build_image(daemon: Kdlabd, name: str, size: str = "1G") -> None:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from bench.lab import bench_daemon, build_image, run, scratch, unique
 from bench.measure import NO_GOAL, Row, interleaved, row
-from kdlabd.core.rootfs import RootfsSpec, cache_key, debootstrap_argv, mke2fs_argv
-from tests.fixtures import debian
-from tests.harness import Kdlabd, kdlabctl
+from kdlabd.core.rootfs import RootfsSpec, debootstrap_argv, mke2fs_argv
+from tests.support.clients import kdlabctl
+from tests.support.daemon import Kdlabd
+from tests.support.system import build_cache, cached_base
 
 SIZE = "1G"
 SPEC = RootfsSpec("bookworm", size_bytes=1024**3)  # what build_image asks for
@@ -79,13 +80,14 @@ def _environ(key: str, value: str) -> Iterator[None]:
 def _daemon_with_empty_cache() -> Iterator[tuple[Kdlabd, Path]]:
     """A bench kdlabd whose debootstrap cache is its own (and empty), and that cache.
 
-    tests.harness.system_kdlabd puts kdlabd's cache under $KDLAB_CACHE: it
+    system_kdlabd puts kdlabd's cache (build_cache()) under $KDLAB_CACHE: it
     points at a scratch directory while kdlabd starts.
     """
     with scratch() as fixtures, contextlib.ExitStack() as stack:
         with _environ("KDLAB_CACHE", str(fixtures)):
             daemon = stack.enter_context(bench_daemon("kdlab-bench-rootfs"))
-        yield daemon, fixtures / "kdlabd"
+            cache = build_cache()
+        yield daemon, cache
 
 
 def _uncached(work: Path, runs: int) -> Row:
@@ -108,8 +110,7 @@ def _uncached(work: Path, runs: int) -> Row:
 
 def _cached(work: Path, runs: int) -> Row:
     with bench_daemon() as daemon:
-        # Where tests.harness.system_kdlabd puts kdlabd's debootstrap cache.
-        entry = debian.cache_dir() / "kdlabd" / f"{cache_key(SPEC)}.tar"
+        entry = cached_base(SPEC)
         if not entry.is_file():
             _kdlab_build(daemon)  # bootstraps once, for every later run
         untar = [

@@ -21,7 +21,7 @@ from bench.lab import run, scratch
 from bench.measure import Goal, Row, interleaved, row
 from kdlabd.core.models import ImageFormat, ImageRecord
 from kdlabd.virt import storage
-from tests.harness import SYSTEM_LIBVIRT
+from tests.support.system import SYSTEM_LIBVIRT
 
 POOL = "kdlab-bench-overlay"
 MIB = 1024 * 1024

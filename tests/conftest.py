@@ -1,55 +1,29 @@
-"""Shared test plumbing: the three tiers and how a missing prerequisite is reported.
+"""Fixtures every tier may use, and the figure every run ends with.
 
-Outside CI a tier whose prerequisites are missing is skipped with the reason.
-In CI (``CI=true``) it fails instead, naming what is missing: a skipped tier
-proves nothing.
+The harness itself (processes, clients, prerequisites) is the package
+``tests.support``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests import figures
+from tests.support import figures
+from tests.support.prereq import require
 
 if TYPE_CHECKING:
-    from tests.logins import Logins
-
-REPO = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require(condition: bool, missing: str) -> None:
-    """Skip (or in CI, fail) the current test when *condition* is false."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"prerequisite missing in CI: {missing}", pytrace=False)
-    pytest.skip(f"prerequisite missing: {missing}")
-
-
-def require_tool(name: str, package: str) -> str:
-    """The path of the program *name*, required from Debian package *package*."""
-    path = shutil.which(name)
-    require(path is not None, f"{name} (apt-get install {package})")
-    assert path is not None
-    return path
-
-
-def require_root() -> None:
-    require(os.geteuid() == 0, "root (the vm tier drives the system libvirtd)")
+    from tests.support.logins import Logins
 
 
 @pytest.fixture(scope="session")
 def logins() -> Iterator[Logins]:
-    """Real login users (tests/logins.py): kdlabt-alice and kdlabt-bob in group
-    kdlab, kdlabt-eve not; removed at the end of the session."""
-    from tests import logins as accounts
+    """Real login users (tests/support/logins.py): kdlabt-alice and kdlabt-bob in
+    group kdlab, kdlabt-eve not; removed at the end of the session."""
+    from tests.support import logins as accounts
 
     require(os.geteuid() == 0, "root (the tests make login users)")
     missing = accounts.missing()
@@ -60,11 +34,12 @@ def logins() -> Iterator[Logins]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _clean_sigterm_exits() -> Iterator[None]:
-    """Every kdlabd the tests SIGTERM must exit cleanly (tests.harness.Kdlabd.stop
-    asserts each); the run's tally is a figure. Session fixtures of the tiers,
-    which stop their own kdlabd, end before this one."""
+    """Every kdlabd the tests SIGTERM must exit cleanly (Kdlabd.stop in
+    tests/support/daemon.py asserts each); the run's tally is a figure. Session
+    fixtures of the tiers, which stop their own kdlabd, end before this one."""
     yield
-    from tests.harness import STOP_SECONDS, STOPS
+    from tests.support.daemon import STOPS
+    from tests.support.timeouts import STOP_SECONDS
 
     if not STOPS:
         return

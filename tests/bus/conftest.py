@@ -1,4 +1,4 @@
-"""Fixtures of the bus tier (see harness.py for what runs and why).
+"""Fixtures of the bus tier (see tests/support/testdriver.py for what runs and why).
 
 One private dbus-daemon serves the whole session: it keeps no state between
 tests once a test's kdlabd and clients have gone. Every test gets its own
@@ -23,16 +23,10 @@ from kdlab.wire import (
     MANAGER_PATH,
     VM_INTERFACE,
 )
-from tests.bus.harness import (
-    PROPERTIES,
-    SYSTEM_BUS_CONFIG,
-    BusClient,
-    Identity,
-    Lab,
-    PrivateBus,
-    kdlabctl,
-)
-from tests.conftest import require, require_tool
+from tests.support.bus import PROPERTIES, SYSTEM_BUS_CONFIG, BusClient, PrivateBus
+from tests.support.clients import Identity, kdlabctl
+from tests.support.prereq import require, require_tool
+from tests.support.testdriver import Lab
 
 Ctl = Callable[..., CompletedProcess[str]]
 
@@ -82,7 +76,7 @@ def workdir(public_dir: Path) -> Path:
 
 @pytest.fixture
 def kdlabd(bus: PrivateBus, workdir: Path) -> Iterator[Lab]:
-    """kdlabd serving the standard fleet (harness.FLEET) from a fresh driver file.
+    """kdlabd serving the standard fleet (testdriver.FLEET) from a fresh driver file.
 
     Teardown checks that it exits 0 on SIGTERM and never logged a traceback.
     """

@@ -18,13 +18,15 @@ from functools import cache
 from lxml import etree
 
 from kdlab.errors import KdlabError
-from tests.bus.harness import CONTRACT_DIR, assert_no_traceback
+from tests.support import REPO
+from tests.support.clients import assert_no_traceback
 
 MANAGER = "org.kdlab.Kdlab1.Manager"
 VM = "org.kdlab.Kdlab1.VM"
 IMAGE = "org.kdlab.Kdlab1.Image"
 JOB = "org.kdlab.Kdlab1.Job"
 INTERFACES = (MANAGER, VM, IMAGE, JOB)
+CONTRACT_DIR = REPO / "xml" / "dbus"
 ERROR_RE = re.compile(r"\b(org\.kdlab\.Kdlab1\.Error\.\w+):")
 OPTION_RE = re.compile(r"^\s+([a-z_]+) \(([a-z]+)\):", re.MULTILINE)
 

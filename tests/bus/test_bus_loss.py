@@ -11,7 +11,8 @@ import pytest
 
 from kdlab.wire import BUS_NAME
 from kdlabd.bus.calls import KdlabBus
-from tests.bus.harness import Lab, PrivateBus, defined_fleet
+from tests.support.bus import PrivateBus
+from tests.support.testdriver import Lab, defined_fleet
 
 pytestmark = pytest.mark.bus
 

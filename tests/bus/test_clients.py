@@ -26,14 +26,9 @@ from kdlab.wire import BUS_NAME, MANAGER_PATH
 from tests.bus import contract
 from tests.bus.conftest import Target
 from tests.bus.contract import MANAGER, VM
-from tests.bus.harness import (
-    VMS,
-    PrivateBus,
-    assert_no_traceback,
-    gdbus_call,
-    gdbus_error,
-    run_tool,
-)
+from tests.support.bus import PrivateBus
+from tests.support.clients import assert_no_traceback, gdbus_call, gdbus_error, run_tool
+from tests.support.testdriver import VMS
 
 pytestmark = [pytest.mark.bus, pytest.mark.usefixtures("kdlabd")]
 

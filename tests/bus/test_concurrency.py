@@ -11,7 +11,7 @@ from dbus_next import Message, MessageType
 
 from kdlab.errors import InvalidState, NoSuchVM
 from kdlab.wire import BUS_NAME, VM_INTERFACE
-from tests.bus.harness import BusClient
+from tests.support.bus import BusClient
 
 pytestmark = [pytest.mark.bus, pytest.mark.usefixtures("kdlabd")]
 

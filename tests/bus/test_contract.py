@@ -16,7 +16,8 @@ from kdlabd.bus.manager import BUILD_OPTIONS, CREATE_OPTIONS
 from kdlabd.bus.vm import START_OPTIONS, STOP_OPTIONS
 from tests.bus import contract
 from tests.bus.contract import IMAGE, INTERFACES, JOB, MANAGER, VM
-from tests.bus.harness import FLEET, OBJECT_MANAGER, PROPERTIES, BusClient
+from tests.support.bus import OBJECT_MANAGER, PROPERTIES, BusClient
+from tests.support.testdriver import FLEET
 
 pytestmark = pytest.mark.bus
 

@@ -22,7 +22,9 @@ import pytest
 
 from kdlab.wire import VM_INTERFACE
 from tests.bus.gdbstub import RemoteStub
-from tests.bus.harness import BusClient, Lab, PrivateBus, client_env, kdlabctl_argv
+from tests.support.bus import BusClient, PrivateBus
+from tests.support.clients import client_env, kdlabctl_argv
+from tests.support.testdriver import Lab
 
 pytestmark = pytest.mark.bus
 

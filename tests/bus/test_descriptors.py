@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from kdlab.errors import LimitExceeded
-from tests.bus.harness import BusClient, PrivateBus
-from tests.conftest import REPO
+from tests.support import REPO
+from tests.support.bus import BusClient, PrivateBus
 
 pytestmark = pytest.mark.bus
 

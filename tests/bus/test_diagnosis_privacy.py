@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from kdlab.errors import NotAuthorized
-from tests.bus.harness import NOBODY, FakeVM, Identity, Lab, PrivateBus, kdlabctl
+from tests.support.bus import PrivateBus
+from tests.support.clients import NOBODY, Identity, kdlabctl
+from tests.support.testdriver import FakeVM, Lab
 
 pytestmark = pytest.mark.bus
 

@@ -1,6 +1,6 @@
 """``kdlabctl gdb`` runs no code another user chose (issue 10, item 2).
 
-Real gdb, run by real login users (tests/logins.py) and by root. A VM of
+Real gdb, run by real login users (tests/support/logins.py) and by root. A VM of
 alice records a vmlinux in a directory of hers holding a ``vmlinux-gdb.py``
 that leaves a mark for the uid that ran it. gdb reaches each VM's stand-in
 gdbstub (:class:`RemoteStub`, enough of gdb's remote protocol for gdb to
@@ -29,11 +29,13 @@ from pathlib import Path
 import pytest
 
 from kdlab.errors import NotAuthorized, exit_code_for
-from tests import figures
 from tests.bus.gdbstub import RemoteStub
-from tests.bus.harness import FakeVM, Lab, PrivateBus, assert_no_traceback, run_tool
-from tests.conftest import require, require_tool
-from tests.logins import GROUP, Logins, LoginUser
+from tests.support import figures
+from tests.support.bus import PrivateBus
+from tests.support.clients import assert_no_traceback, run_tool
+from tests.support.logins import GROUP, Logins, LoginUser
+from tests.support.prereq import require, require_tool
+from tests.support.testdriver import FakeVM, Lab
 
 pytestmark = pytest.mark.bus
 

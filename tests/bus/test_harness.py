@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bus.harness import Lab, PrivateBus, defined_fleet
+from tests.support.bus import PrivateBus
+from tests.support.testdriver import Lab, defined_fleet
 
 pytestmark = pytest.mark.bus
 

@@ -18,8 +18,9 @@ import pytest
 from kdlab.errors import HypervisorError, NotAuthorized
 from kdlab.wire import IMAGE_INTERFACE, image_path
 from tests.bus.conftest import Ctl
-from tests.bus.harness import PROPERTIES, BusClient, Identity
 from tests.bus.test_limits import kdlab_member, stranger
+from tests.support.bus import PROPERTIES, BusClient
+from tests.support.clients import Identity
 
 pytestmark = [pytest.mark.bus, pytest.mark.usefixtures("kdlabd")]
 

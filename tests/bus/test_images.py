@@ -14,7 +14,7 @@ import pytest
 from kdlab.errors import HypervisorError
 from kdlab.wire import BUS_NAME, JOB_INTERFACE, MANAGER_PATH
 from tests.bus.conftest import Ctl
-from tests.bus.harness import PROPERTIES, BusClient
+from tests.support.bus import PROPERTIES, BusClient
 
 pytestmark = [pytest.mark.bus, pytest.mark.usefixtures("kdlabd")]
 

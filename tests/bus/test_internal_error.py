@@ -21,14 +21,10 @@ from kdlab.errors import Internal
 from kdlab.wire import MANAGER_PATH
 from kdlabd.core.journal import FAULT_ENV
 from tests.bus.contract import MANAGER
-from tests.bus.harness import (
-    STARTUP_TIMEOUT,
-    BusClient,
-    Lab,
-    PrivateBus,
-    assert_no_traceback,
-    kdlabctl,
-)
+from tests.support.bus import BusClient, PrivateBus
+from tests.support.clients import assert_no_traceback, kdlabctl
+from tests.support.testdriver import Lab
+from tests.support.timeouts import STARTUP_TIMEOUT
 
 pytestmark = pytest.mark.bus
 

@@ -1,6 +1,7 @@
 """kdlabctl as a user runs it: output, state changes, and exit codes for each error.
 
-Every kdlabctl run is checked for leaked Python tracebacks (harness.kdlabctl).
+Every kdlabctl run is checked for leaked Python tracebacks
+(tests.support.clients.kdlabctl).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from kdlab.errors import (
 )
 from kdlabctl import output
 from tests.bus.conftest import Ctl
-from tests.bus.harness import FLEET, VMS, BusClient, Lab, PrivateBus, kdlabctl
+from tests.support.bus import BusClient, PrivateBus
+from tests.support.clients import kdlabctl
+from tests.support.testdriver import FLEET, VMS, Lab
 
 pytestmark = pytest.mark.bus
 

@@ -26,16 +26,10 @@ from kdlabd.core.journal import HOLD_ENV
 from tests.bus import contract, test_policy
 from tests.bus.conftest import Ctl
 from tests.bus.contract import MANAGER
-from tests.bus.harness import (
-    FLEET,
-    NOBODY,
-    PROPERTIES,
-    BusClient,
-    Identity,
-    Lab,
-    PrivateBus,
-)
 from tests.bus.test_security import Snapshot, Walk, calls_as
+from tests.support.bus import PROPERTIES, BusClient, PrivateBus
+from tests.support.clients import NOBODY, Identity
+from tests.support.testdriver import FLEET, Lab
 
 pytestmark = pytest.mark.bus
 

@@ -1,4 +1,4 @@
-"""The login users of tests/logins.py are what the tests that use them assume.
+"""The login users of tests/support/logins.py are what the tests that use them assume.
 
 Each runs in a login of its own (not root's environment, directory or
 Python), from its own copy of the checkout, and kdlabd sees its groups.
@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from kdlab.errors import NotAuthorized, exit_code_for
-from tests import logins as accounts
-from tests.bus.harness import Lab, PrivateBus
-from tests.logins import GROUP, PYTHON, Logins, LoginUser
+from tests.support import logins as accounts
+from tests.support.bus import PrivateBus
+from tests.support.logins import GROUP, PYTHON, Logins, LoginUser
+from tests.support.testdriver import Lab
 
 pytestmark = pytest.mark.bus
 
@@ -47,7 +48,7 @@ def test_a_login_is_the_users_own(logins: Logins, role: str) -> None:
 def test_the_users_are_distinct_and_not_fleet_owners(logins: Logins) -> None:
     uids = {user.uid for user in logins.users.values()}
     assert len(uids) == 3
-    assert not uids & {0, 1000, 65534}, "harness.FLEET's owners stay strangers"
+    assert not uids & {0, 1000, 65534}, "testdriver.FLEET's owners stay strangers"
 
 
 def test_kdlabd_sees_who_is_in_group_kdlab(

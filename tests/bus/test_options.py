@@ -16,9 +16,10 @@ import pytest
 from dbus_next import Variant
 
 from kdlab.errors import HypervisorError, InvalidArgument
+from kdlab.wire import MANAGER_PATH
 from tests.bus import contract
 from tests.bus.contract import IMAGE, MANAGER, VM
-from tests.bus.harness import MANAGER_PATH, BusClient
+from tests.support.bus import BusClient
 
 pytestmark = pytest.mark.bus
 

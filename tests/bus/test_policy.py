@@ -17,26 +17,20 @@ import pytest
 from lxml import etree
 
 from kdlab.errors import HypervisorError, NotAuthorized
-from kdlab.wire import BUS_NAME
+from kdlab.wire import BUS_NAME, MANAGER_PATH
 from tests.bus import contract
 from tests.bus.conftest import Ctl, Target
 from tests.bus.contract import MANAGER
-from tests.bus.harness import (
+from tests.support.bus import (
     DBUS_NAME,
     DBUS_PATH,
-    MANAGER_PATH,
-    NOBODY,
     SHIPPED_POLICY,
-    VMS,
     BusClient,
-    Identity,
-    Lab,
     PrivateBus,
-    gdbus_call,
-    gdbus_error,
-    run_tool,
 )
-from tests.conftest import require
+from tests.support.clients import NOBODY, Identity, gdbus_call, gdbus_error, run_tool
+from tests.support.prereq import require
+from tests.support.testdriver import VMS, Lab
 
 pytestmark = pytest.mark.bus
 

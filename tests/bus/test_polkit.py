@@ -30,20 +30,19 @@ from lxml import etree
 from kdlab.errors import HypervisorError, NotAuthorized
 from kdlab.wire import MANAGER_PATH, image_path, vm_path
 from kdlabd.bus.auth import Action
-from tests import figures
 from tests.bus.contract import IMAGE, JOB, MANAGER, VM
-from tests.bus.harness import (
+from tests.bus.test_security import INSPECT_METHODS, Walk, calls_as, method_walks
+from tests.support import figures
+from tests.support.bus import (
     DBUS_NAME,
     DBUS_PATH,
-    NOBODY,
     PROPERTIES,
     SHIPPED_POLICY,
-    VMS,
     BusClient,
-    Lab,
     PrivateBus,
 )
-from tests.bus.test_security import INSPECT_METHODS, Walk, calls_as, method_walks
+from tests.support.clients import NOBODY
+from tests.support.testdriver import VMS, Lab
 
 pytestmark = pytest.mark.bus
 

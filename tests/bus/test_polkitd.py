@@ -2,11 +2,11 @@
 
 README, "Who may do what": anyone may inspect; members of group ``kdlab`` may
 manage and debug their own VMs; only root may touch another user's. Here the
-callers are real login users (tests/logins.py: ``kdlabt-alice`` and
+callers are real login users (tests/support/logins.py: ``kdlabt-alice`` and
 ``kdlabt-bob`` in group kdlab, ``kdlabt-eve`` not) running kdlabctl from their
 own homes, kdlabd runs in polkit mode, and the polkitd it asks loaded this
 checkout's ``systemd/org.kdlab.Kdlab1.policy`` and ``systemd/50-kdlab.rules``
-(tests/bus/polkitd.py). Without the shipped rule the members are refused: the
+(tests/support/polkitd.py). Without the shipped rule the members are refused: the
 decisions are polkitd's, not kdlabd's built-in policy (which would let them).
 """
 
@@ -20,9 +20,10 @@ from subprocess import CompletedProcess
 import pytest
 
 from kdlab.errors import NotAuthorized
-from tests.bus.harness import FakeVM, Lab, kdlabctl
-from tests.bus.polkitd import polkitd_on_a_private_bus
-from tests.logins import Logins
+from tests.support.clients import kdlabctl
+from tests.support.logins import Logins
+from tests.support.polkitd import polkitd_on_a_private_bus
+from tests.support.testdriver import FakeVM, Lab
 
 pytestmark = pytest.mark.bus
 

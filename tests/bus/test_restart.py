@@ -13,7 +13,8 @@ from kdlab.errors import EXIT_UNAVAILABLE
 from kdlab.wire import VM_INTERFACE
 from tests.bus.conftest import Ctl
 from tests.bus.contract import MANAGER
-from tests.bus.harness import OBJECT_MANAGER, BusClient, Lab
+from tests.support.bus import OBJECT_MANAGER, BusClient
+from tests.support.testdriver import Lab
 
 pytestmark = pytest.mark.bus
 

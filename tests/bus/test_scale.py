@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from kdlab.wire import MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE
-from tests.bus.harness import BusClient, Lab, PrivateBus, defined_fleet
+from tests.support.bus import BusClient, PrivateBus
+from tests.support.testdriver import Lab, defined_fleet
 
 pytestmark = pytest.mark.bus
 

@@ -51,23 +51,13 @@ from kdlab.wire import MANAGER_PATH
 from kdlabd.bus.auth import Action
 from kdlabd.core import validate
 from kdlabd.core.limits import GIB, Limits
-from tests import figures
 from tests.bus import contract, test_policy
 from tests.bus.contract import IMAGE, INTERFACES, JOB, MANAGER, VM
-from tests.bus.harness import (
-    CALL_TIMEOUT,
-    DBUS_NAME,
-    DBUS_PATH,
-    FLEET,
-    NOBODY,
-    PROPERTIES,
-    BusClient,
-    Identity,
-    Lab,
-    PrivateBus,
-    run_tool,
-)
-from tests.conftest import REPO
+from tests.support import REPO, figures
+from tests.support.bus import DBUS_NAME, DBUS_PATH, PROPERTIES, BusClient, PrivateBus
+from tests.support.clients import NOBODY, Identity, run_tool
+from tests.support.testdriver import FLEET, Lab
+from tests.support.timeouts import CALL_TIMEOUT
 
 pytestmark = pytest.mark.bus
 
@@ -774,7 +764,7 @@ _CHILD = """
 import json, os, pickle, sys
 sys.path.insert(0, sys.argv[1])
 from dbus_next import MessageType
-from tests.bus.harness import BusClient
+from tests.support.bus import BusClient
 with open(sys.argv[3], "rb") as file:
     calls = pickle.load(file)
 client = BusClient(sys.argv[2])

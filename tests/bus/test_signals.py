@@ -12,7 +12,8 @@ from dbus_next import Message
 from kdlab.wire import BUS_NAME, MANAGER_PATH, VM_INTERFACE
 from tests.bus.conftest import Ctl
 from tests.bus.contract import MANAGER
-from tests.bus.harness import OBJECT_MANAGER, PROPERTIES, BusClient, assert_no_traceback
+from tests.support.bus import OBJECT_MANAGER, PROPERTIES, BusClient
+from tests.support.clients import assert_no_traceback
 
 pytestmark = [pytest.mark.bus, pytest.mark.usefixtures("kdlabd")]
 

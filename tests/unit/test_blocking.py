@@ -15,7 +15,7 @@ import pytest
 
 from kdlabd import daemon
 from kdlabd.core import blocking
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 def test_run_returns_the_result_and_raises_the_error() -> None:

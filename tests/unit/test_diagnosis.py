@@ -7,7 +7,7 @@ with QEMU 7.2 (TCG, ``-M pc``, 512 MiB, ``-serial`` to a log file) unless the
 list says otherwise:
 
 - ``boot-shell-kdlabd.log``: recorded by kdlabd itself (libvirt, the busybox
-  initramfs of ``tests/fixtures/debian.py``), a shell with commands typed into it.
+  initramfs of ``tests/support/debian.py``), a shell with commands typed into it.
 - ``boot-login.log``: kdlab's initramfs (``kdlabctl/initramfs.py``) mounts an
   ext4 virtio disk holding busybox init and getty: a login prompt.
 - ``root-*``: no initrd. ``no-disk``: no disk; ``virtio-no-driver``: a virtio
@@ -54,7 +54,7 @@ from kdlabd.core.diagnosis import (
     diagnose,
     read_console_log,
 )
-from tests.conftest import REPO
+from tests.support import REPO
 
 CONSOLES = REPO / "tests" / "golden" / "consoles"
 KDLAB_CMDLINE = "root=/dev/vda rw console=ttyS0 nokaslr"

@@ -35,7 +35,8 @@ from kdlabd.virt.domain_xml import (
     parse_domain_xml,
     qemu_option_value,
 )
-from tests.conftest import REPO, require
+from tests.support import REPO
+from tests.support.prereq import require
 
 GOLDEN_DIR = REPO / "tests" / "golden"
 REGENERATE = os.environ.get("KDLAB_REGENERATE_GOLDEN", "") == "1"

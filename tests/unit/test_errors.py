@@ -24,7 +24,7 @@ from kdlab.errors import (
 )
 from kdlab.wire import ERROR_PREFIX
 from kdlabctl import cli
-from tests.conftest import REPO
+from tests.support import REPO
 
 # A D-Bus error name is an interface name: dot-separated elements, no leading digit.
 DBUS_ERROR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")

@@ -1,4 +1,4 @@
-"""tests.figures: each pytest run starts a fresh figures file.
+"""tests.support.figures: each pytest run starts a fresh figures file.
 
 Two runs of a test that records one figure must leave one figure in the
 file, not two: a figure left by an earlier run would pass for this run's.
@@ -12,11 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests import figures
-from tests.conftest import REPO
+from tests.support import REPO, figures
 
 RECORDING_TEST = """
-from tests import figures
+from tests.support import figures
 
 def test_records() -> None:
     figures.record("runs of this test", 1, "== 1")
@@ -24,7 +23,8 @@ def test_records() -> None:
 
 
 def run_pytest(test_file: Path, figures_file: Path) -> subprocess.CompletedProcess[str]:
-    """pytest with kdlab's configuration (which loads tests.figures) on *test_file*."""
+    """pytest with kdlab's configuration (which loads tests.support.figures) on
+    *test_file*."""
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
          "-c", str(REPO / "pyproject.toml"), str(test_file)],

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from kdlabctl import initramfs, kernel
-from tests.conftest import require
-from tests.fixtures import debian, kernel_tree
+from tests.support import debian, kernel_tree
+from tests.support.prereq import require
 
 
 def kdlabctl_modules_of(module: str) -> set[Path]:

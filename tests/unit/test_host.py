@@ -23,7 +23,7 @@ from kdlabd.virt.host import (
     prepare_private_dir,
     require_reachable,
 )
-from tests.conftest import require
+from tests.support.prereq import require
 
 QEMU_UID = 64055
 KVM_GID = 107

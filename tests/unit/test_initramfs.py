@@ -17,8 +17,8 @@ import pytest
 
 from kdlabctl import initramfs
 from kdlabctl.initramfs import InitramfsError, Module, build, find_modules_dir, resolve
-from tests.conftest import require, require_tool
-from tests.fixtures import debian
+from tests.support import debian
+from tests.support.prereq import require, require_tool
 
 # What `modinfo -F depends` says of Debian's 6.1 cloud modules (and of 6.12's).
 VIRTIO_DEPENDS = {
@@ -464,7 +464,7 @@ def test_dynamic_busybox_refused(tmp_path: Path) -> None:
         build(tmp_path, busybox=tmp_path / "busybox")
 
 
-# The cpio writer that tests.fixtures.debian shares
+# The cpio writer that tests.support.debian shares
 
 
 def test_cpio_entries_extracted_as_written(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import pytest
 
 from kdlabctl import kconfig, kernel
 from kdlabctl.kconfig import Finding, KernelError, Severity
-from tests.conftest import require
-from tests.fixtures import debian
+from tests.support import debian
+from tests.support.prereq import require
 
 
 def config_text(options: dict[str, bool]) -> str:

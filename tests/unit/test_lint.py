@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 PYTHON_DIRS = ["kdlabd", "kdlabctl", "tests", "bench"]
 

@@ -43,12 +43,12 @@ from kdlabd.core.rootfs import (
     configure_tree,
     include_packages,
 )
-from tests import harness
-from tests.conftest import REPO, require, require_tool
+from tests.support import REPO, daemon
+from tests.support.prereq import require, require_tool
 
 T = TypeVar("T")
 
-RECORDED_LOG = REPO / "tests" / "fixtures" / "debootstrap-bookworm-minbase.log"
+RECORDED_LOG = REPO / "tests" / "golden" / "debootstrap-bookworm-minbase.log"
 MIB = 1024 * 1024
 
 
@@ -958,7 +958,7 @@ def marker() -> str:
 
 def processes_with(marker: str) -> list[int]:
     """The host PIDs of live processes with *marker* in their command line."""
-    return [int(process.split()[0]) for process in harness.processes_with(marker)]
+    return [int(process.split()[0]) for process in daemon.processes_with(marker)]
 
 
 def started(builds: Builds) -> Callable[[], bool]:

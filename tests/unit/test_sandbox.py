@@ -39,7 +39,7 @@ from kdlabd.core.sandbox import (
     kill_build,
     tagged,
 )
-from tests.conftest import require, require_tool
+from tests.support.prereq import require, require_tool
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 # debootstrap's in_target: PATH=/sbin:/usr/sbin:/bin:/usr/bin eval "chroot ..."

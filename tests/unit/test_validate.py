@@ -14,8 +14,8 @@ import pytest
 
 from kdlab.errors import InvalidArgument
 from kdlabd.core import validate
-from tests.conftest import require
-from tests.fixtures import debian
+from tests.support import debian
+from tests.support.prereq import require
 
 # Names.
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from kdlab import wire
 from kdlab.wire import escape_path_label, unescape_path_label, vm_path
-from tests.conftest import require
+from tests.support.prereq import require
 
 PROPERTIES = settings(database=None, deadline=None, max_examples=300)
 PATH_ELEMENT = re.compile(r"[A-Za-z0-9_]+")

@@ -1,7 +1,7 @@
 """The vm tier: real libvirtd (qemu:///system), QEMU under TCG, Debian's kernels.
 
 kdlabd runs on a private bus with its own state directory and boot pool (see
-:func:`tests.harness.system_kdlabd`); its VMs are real domains in the system
+:func:`tests.support.system.system_kdlabd`); its VMs are real domains in the system
 libvirtd, named ``kdlab-vmt-*``, and every test removes what it made.
 """
 
@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.bus.harness import Identity
-from tests.conftest import require, require_root, require_tool
-from tests.fixtures import debian
-from tests.harness import Kdlabd, kdlabctl, system_kdlabd, virsh
+from tests.support import debian
+from tests.support.clients import Identity, kdlabctl
+from tests.support.daemon import Kdlabd
+from tests.support.prereq import require, require_root, require_tool
+from tests.support.system import remove_vm, system_kdlabd, virsh
+from tests.support.timeouts import CTL_TIMEOUT
 
 # Per test session: two sessions on one libvirtd must not share (or delete)
 # each other's pools.
@@ -41,7 +43,9 @@ class Lab:
     kernel: debian.CloudKernel
     initramfs: Path
 
-    def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self, *args: str, timeout: float = CTL_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
         return kdlabctl(self.daemon.address, *args, timeout=timeout)
 
 
@@ -70,9 +74,7 @@ def vm_name(lab: Lab) -> Iterator[str]:
     """A fresh VM name; whatever the test leaves of it is removed afterwards."""
     name = f"vmt-{uuid.uuid4().hex[:8]}"
     yield name
-    lab.ctl("delete", "--force", name)
-    virsh("destroy", f"kdlab-{name}")
-    virsh("undefine", f"kdlab-{name}")
+    remove_vm(lab.daemon, name)
 
 
 @pytest.fixture(scope="session")

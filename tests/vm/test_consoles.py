@@ -1,6 +1,6 @@
 """Consoles under abuse by a member, on real libvirt and QEMU (issue 11).
 
-A member of group kdlab (a real login user, tests/logins.py) owns the VMs
+A member of group kdlab (a real login user, tests/support/logins.py) owns the VMs
 and drives ``kdlabctl console`` from a login shell the way a person or a
 script would; root's calls must keep answering meanwhile. Checked, and
 recorded as figures:
@@ -46,11 +46,12 @@ from kdlab.wire import (
     VM_INTERFACE,
     vm_path,
 )
-from tests import figures, logins
-from tests.bus import harness as bus_harness
-from tests.bus.harness import BusClient
-from tests.harness import Kdlabd, system_kdlabd, virsh
-from tests.logins import Logins, LoginUser
+from tests.support import figures, logins
+from tests.support.bus import BusClient
+from tests.support.clients import assert_no_traceback, kdlabctl, kdlabctl_argv
+from tests.support.daemon import Kdlabd
+from tests.support.logins import Logins, LoginUser
+from tests.support.system import system_kdlabd, virsh
 from tests.vm.conftest import MARKER, Lab
 
 pytestmark = pytest.mark.vm
@@ -88,7 +89,7 @@ class Viewer:
         self, address: str, name: str, user: LoginUser | None, source: str = ""
     ) -> None:
         if user is None:
-            argv = bus_harness.kdlabctl_argv(address, "console", name)
+            argv = kdlabctl_argv(address, "console", name)
         else:
             command = logins.kdlabctl_command(address, "console", name, source=source)
             argv = logins.login_argv(user, command)
@@ -113,7 +114,7 @@ class Viewer:
             chunk = os.read(self.proc.stderr.fileno(), 4096) if ready else b""
             if ready and not chunk:
                 self.proc.wait(timeout=10)
-                bus_harness.assert_no_traceback(self.stderr.decode())
+                assert_no_traceback(self.stderr.decode())
                 return False
             self.stderr += chunk
         return True
@@ -148,7 +149,7 @@ class ConsoleLab:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """kdlabctl as root."""
-        return bus_harness.kdlabctl(self.daemon.address, *args)
+        return kdlabctl(self.daemon.address, *args)
 
     def member_vm(self, purpose: str, *, paused: bool) -> str:
         """A VM of the member's, started (paused: its CPUs never run)."""

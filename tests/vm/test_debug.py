@@ -18,9 +18,9 @@ from lxml import etree
 
 from kdlabd.core.diagnosis import DEFAULT_PATIENCE
 from kdlabd.core.vms import DIAGNOSIS_INTERVAL
-from tests.conftest import require, require_tool
-from tests.fixtures import debian
-from tests.harness import ctl_env, kdlabctl
+from tests.support import debian
+from tests.support.clients import NOBODY, ctl_env, kdlabctl
+from tests.support.prereq import require, require_tool
 from tests.vm.conftest import MARKER, Lab, virsh
 from tests.vm.test_lifecycle import (
     QEMU_NS,
@@ -32,7 +32,6 @@ from tests.vm.test_lifecycle import (
 
 pytestmark = pytest.mark.vm
 
-NOBODY = 65534
 SHELL_PROMPT = "/ # "
 
 
@@ -289,7 +288,7 @@ def test_gdb_tcp_puts_the_stub_on_loopback_only_where_any_local_gdb_attaches(
     # local user can attach, as the README warns.
     gdb = subprocess.run(
         [
-            *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
+            *NOBODY.setpriv(),
             *("gdb", "-q", "-nx", "--batch", "-ex", f"target remote 127.0.0.1:{port}"),
             *("-ex", "hbreak start_kernel", "-ex", "continue"),
             *("-ex", "p init_uts_ns.name.release", str(vmlinux)),

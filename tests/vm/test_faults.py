@@ -1,7 +1,7 @@
 """Faults, races and a hostile file, on real libvirt (issue 6).
 
 kdlabd runs here on a private bus with its own pools (``kdlab-vmfault<pid>-*``),
-through :func:`tests.harness.system_kdlabd`, so these tests may kill and
+through :func:`tests.support.system.system_kdlabd`, so these tests may kill and
 restart it at will. They check, and print as figures:
 
 - a root-only file offered as a kernel by a member of group kdlab never
@@ -58,20 +58,12 @@ from kdlab.wire import (
 )
 from kdlabd.core.journal import CRASH_ENV
 from kdlabd.core.vms import volume_owner
-from tests import figures
-from tests.bus import harness as bus_harness
-from tests.bus.harness import BusClient, Identity
-from tests.conftest import REPO, require_tool
-from tests.fixtures import debian
-from tests.harness import (
-    Kdlabd,
-    ctl_env,
-    forget_cached_base,
-    kdlabctl,
-    processes_with,
-    system_kdlabd,
-    virsh,
-)
+from tests.support import REPO, debian, figures
+from tests.support.bus import BusClient
+from tests.support.clients import Identity, ctl_env, kdlabctl
+from tests.support.daemon import Kdlabd, processes_with
+from tests.support.prereq import require_tool
+from tests.support.system import forget_cached_base, system_kdlabd, virsh
 from tests.vm.conftest import MARKER, Lab
 from tests.vm.test_images import pool_volumes
 from tests.vm.test_lifecycle import wait_for_console
@@ -317,7 +309,7 @@ def test_root_only_kernel_offered_by_a_kdlab_member_never_reaches_a_guest(
     secret.chmod(0o600)
     name = unique("secret")
     try:
-        refused = bus_harness.kdlabctl(
+        refused = kdlabctl(
             faults.daemon.address, "create", name, "--kernel", str(secret),
             user=kdlab_user,
         )  # fmt: skip
@@ -335,7 +327,7 @@ def test_root_only_kernel_offered_by_a_kdlab_member_never_reaches_a_guest(
     public = faults.scratch / "bzImage"
     shutil.copyfile(faults.kernel.vmlinuz, public)
     public.chmod(0o644)
-    allowed = bus_harness.kdlabctl(
+    allowed = kdlabctl(
         faults.daemon.address, "create", name, "--kernel", str(public),
         user=kdlab_user,
     )  # fmt: skip

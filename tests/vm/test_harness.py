@@ -1,6 +1,6 @@
 """The vm tier's harness: a kdlabd that dies on its own fails the session using it.
 
-:func:`tests.harness.system_kdlabd` used to report such a kdlabd as a clean
+:func:`tests.support.system.system_kdlabd` used to report such a kdlabd as a clean
 exit 0 at teardown; a death nobody asked for must fail, whatever its status.
 """
 
@@ -10,8 +10,8 @@ import signal
 
 import pytest
 
-from tests.conftest import require, require_root
-from tests.harness import system_kdlabd, virsh
+from tests.support.prereq import require, require_root
+from tests.support.system import system_kdlabd, virsh
 from tests.vm.conftest import POOL_PREFIX
 
 pytestmark = pytest.mark.vm

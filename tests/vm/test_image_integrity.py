@@ -32,9 +32,9 @@ from dbus_next import MessageType
 
 from kdlab.errors import InvalidArgument
 from kdlab.wire import MANAGER_PATH
-from tests import figures
-from tests.bus.harness import BusClient
-from tests.conftest import require_tool
+from tests.support import figures
+from tests.support.bus import BusClient
+from tests.support.prereq import require_tool
 from tests.vm.conftest import POOL_PREFIX, Lab, virsh
 from tests.vm.test_images import ext4_image, images, pool_volumes
 

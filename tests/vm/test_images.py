@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 
 from kdlab.errors import BuildFailed
-from tests.bus.harness import NOBODY, Identity
-from tests.conftest import REPO, require_tool
-from tests.harness import ctl_env, forget_cached_base, processes_with
+from tests.support import REPO
+from tests.support.clients import NOBODY, Identity, ctl_env
+from tests.support.daemon import processes_with
+from tests.support.prereq import require_tool
+from tests.support.system import forget_cached_base
 from tests.vm.conftest import POOL_PREFIX, Lab, virsh
 from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
 from tests.vm.test_rootfs_build import SSH_KEY, debugfs

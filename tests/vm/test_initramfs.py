@@ -15,9 +15,9 @@ import time
 import pytest
 
 from kdlabctl import initramfs
-from tests.conftest import require, require_tool
-from tests.fixtures import debian
-from tests.harness import BareGuest as Guest
+from tests.support import debian
+from tests.support.prereq import require, require_tool
+from tests.support.system import BareGuest as Guest
 
 pytestmark = pytest.mark.vm
 

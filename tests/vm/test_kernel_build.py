@@ -20,9 +20,8 @@ import pytest
 
 from kdlabctl import kernel
 from kdlabd.core.kernel import HEADER_BYTES, bzimage_release
-from tests import figures
-from tests.conftest import require, require_tool
-from tests.fixtures import debian, kernel_tree
+from tests.support import debian, figures, kernel_tree
+from tests.support.prereq import require, require_tool
 
 pytestmark = pytest.mark.vm
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from tests.harness import ctl_env
+from tests.support.clients import ctl_env
 from tests.vm.conftest import MARKER, TEST_POOL, Lab, virsh
 
 pytestmark = pytest.mark.vm

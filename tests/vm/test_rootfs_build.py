@@ -42,10 +42,9 @@ from kdlabd.core.rootfs import (
     build_rootfs,
 )
 from kdlabd.core.sandbox import BuildSandbox, in_target_capabilities
-from tests import figures
-from tests.conftest import require, require_root, require_tool
-from tests.fixtures import debian
-from tests.harness import BareGuest as Guest
+from tests.support import debian, figures
+from tests.support.prereq import require, require_root, require_tool
+from tests.support.system import BareGuest as Guest
 
 pytestmark = pytest.mark.vm
 

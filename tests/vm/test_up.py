@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, require_tool
-from tests.fixtures import debian, kernel_tree
+from tests.support import debian, kernel_tree
+from tests.support.prereq import require, require_tool
 from tests.vm.conftest import TEST_POOL, Lab, virsh
 from tests.vm.test_debug import Console, show
 from tests.vm.test_images import ROOT_MARKER, ext4_image

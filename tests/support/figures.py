@@ -7,9 +7,9 @@ the file named by ``$KDLAB_FIGURES`` (default ``/tmp/kdlab-figures.jsonl``),
 so a run's figures can be collected whatever pytest captured::
 
     KDLAB_FIGURES=/tmp/run.jsonl pytest tests/bus/test_security.py
-    python -m tests.figures /tmp/run.jsonl      # the table
+    python -m tests.support.figures /tmp/run.jsonl      # the table
 
-Loaded as a pytest plugin (``pytest -p tests.figures``) it starts each run
+Loaded as a pytest plugin (``pytest -p tests.support.figures``) it starts each run
 with an empty figures file, so the file holds that run's figures only, and
 prints them in pytest's terminal summary.
 
@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.clients import has_traceback
+
 FIGURES_ENV = "KDLAB_FIGURES"
 DEFAULT_PATH = Path("/tmp/kdlab-figures.jsonl")
-# What a Python traceback leaks into a message (as tests.bus.harness checks).
-TRACEBACK_MARKERS = ("Traceback", 'File "')
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "==": operator.eq,
@@ -99,10 +99,6 @@ def record(
     return figure
 
 
-def has_traceback(text: str) -> bool:
-    return any(marker in text for marker in TRACEBACK_MARKERS)
-
-
 class ErrorReplies:
     """The D-Bus error replies (name, message) a module's tests provoked."""
 
@@ -141,7 +137,7 @@ def table(lines: list[dict[str, Any]]) -> str:
     return "\n".join(rows) if rows else "no figures recorded"
 
 
-# --- pytest plugin: pytest -p tests.figures -------------------------------------
+# --- pytest plugin: pytest -p tests.support.figures -----------------------------
 
 
 def pytest_sessionstart(session: Any) -> None:  # noqa: ARG001 (pytest's hook)

@@ -43,7 +43,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
+
 PREFIX = "kdlabt-"
 _NAME = re.compile(rf"{PREFIX}([a-z]+)-([0-9]+)")
 GROUP = "kdlab"
@@ -51,7 +52,7 @@ PYTHON = "/usr/bin/python3"
 CLONE = "kdlab"
 # Short name -> member of group kdlab.
 ROLES = {"alice": True, "bob": True, "eve": False}
-# Ids of their own: not 1000 (tests/bus/harness.FLEET's "somebody else"),
+# Ids of their own: not 1000 (tests.support.testdriver.FLEET's "somebody else"),
 # nor those of the host's people.
 KEYS = ("--key", "UID_MIN=20000", "--key", "GID_MIN=20000")
 _LOCK_RETRIES = 50  # useradd and userdel fail while another one holds /etc/passwd

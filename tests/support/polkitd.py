@@ -24,8 +24,10 @@ from pathlib import Path
 
 from lxml import etree
 
-from tests.conftest import require, require_tool
-from tests.harness import POLICY, REPO, STARTUP_TIMEOUT, PrivateBus, name_has_owner
+from tests.support import REPO
+from tests.support.bus import SHIPPED_POLICY, PrivateBus, name_has_owner
+from tests.support.prereq import require, require_tool
+from tests.support.timeouts import STARTUP_TIMEOUT
 
 POLKITD = Path("/usr/lib/polkit-1/polkitd")  # Debian's polkitd package
 POLKIT_NAME = "org.freedesktop.PolicyKit1"
@@ -61,7 +63,7 @@ def _copy_with(installed: Path, copy: Path, ours: Path | None, theirs: str) -> P
 
 def _bus_policy(directory: Path) -> Path:
     config = etree.Element("busconfig")
-    for policy in (POLICY, POLKIT_BUS_POLICY):
+    for policy in (SHIPPED_POLICY, POLKIT_BUS_POLICY):
         etree.SubElement(config, "include").text = str(policy)
     path = directory / "policy.conf"
     path.write_bytes(etree.tostring(config))

@@ -1,0 +1,291 @@
+"""kdlabd on libvirt's test driver, serving a pre-populated fleet (the bus tier's).
+
+:class:`Lab` runs kdlabd (:class:`tests.support.daemon.Kdlabd`) against
+``test:///<file>``, a ``<node>`` pre-populated with kdlab domains built by
+kdlabd's own :func:`~kdlabd.virt.domain_xml.build_domain_xml`. The test driver
+cannot upload volumes nor start a domain paused, so a successful CreateVM is
+the vm tier's job; every other call runs here for real.
+
+Everything lives below one world-traversable directory (the caller's): an
+unprivileged client must reach the bus socket, and kdlabd checks that the QEMU
+user could reach its state and runtime directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest.mock import ANY
+
+from lxml import etree
+
+from kdlabd.core.models import Accel, DebugSettings, Disk, VMSpec
+from kdlabd.core.vms import Layout
+from kdlabd.virt.domain_xml import build_domain_xml
+from tests.support.bus import PrivateBus
+from tests.support.clients import NOBODY
+from tests.support.daemon import Kdlabd
+from tests.support.timeouts import STARTUP_TIMEOUT
+
+# --- libvirt's test driver, pre-populated with kdlab domains -------------------
+
+TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
+
+
+class RunState(enum.IntEnum):
+    """libvirt's virDomainState values the test driver's ``<test:runstate>`` takes."""
+
+    RUNNING = 1
+    PAUSED = 3
+    SHUTOFF = 5
+
+
+# The state kdlab shows for each libvirt state of a pre-populated domain.
+# "defined" and "stopped" are both shut off: "stopped" VMs have a console log.
+RUNSTATES = {
+    "defined": RunState.SHUTOFF,
+    "stopped": RunState.SHUTOFF,
+    "running": RunState.RUNNING,
+    "paused": RunState.PAUSED,
+}
+
+
+@dataclass(frozen=True)
+class FakeVM:
+    """A kdlab VM written into the test driver file, and what kdlabd must show of it."""
+
+    name: str
+    state: str
+    owner: int
+    cmdline: str
+    boots_with: str  # the Cmdline property: the user's plus kdlab's additions
+    gdb_stub: str = "unix"
+    memory_mib: int = 256
+    vcpus: int = 1
+    created_usec: int = 1_700_000_000_000_000
+    release: str = ""  # what the bzImage announced at creation
+    vmlinux: str = ""  # the client's hints, kept in kdlab's metadata
+    kernel_path: str = ""
+    disk: bool = False  # a blank vda, for a console that diagnoses the root disk
+
+    @property
+    def uuid(self) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"kdlab-test:{self.name}"))
+
+    @property
+    def booted(self) -> bool:
+        return self.state != "defined"
+
+    def spec(self, layout: Layout) -> VMSpec:
+        port = (
+            int(self.gdb_stub.rsplit(":", 1)[1])
+            if self.gdb_stub.startswith("tcp:")
+            else None
+        )
+        return VMSpec(
+            name=self.name,
+            owner_uid=self.owner,
+            kernel=layout.state_dir / "boot" / f"{self.name}.kernel",
+            initrd=None,
+            cmdline=self.cmdline,
+            memory_mib=self.memory_mib,
+            vcpus=self.vcpus,
+            accel=Accel.TCG,
+            console_log=layout.console_log(self.name),
+            gdb_socket=layout.gdb_socket(self.name),
+            debug=DebugSettings(gdb=self.gdb_stub != "off", gdb_tcp_port=port),
+            created_usec=self.created_usec,
+            release=self.release,
+            vmlinux=self.vmlinux,
+            kernel_source=self.kernel_path,
+            disks=(
+                (Disk(layout.state_dir / "boot" / f"{self.name}.vda.qcow2", "vda"),)
+                if self.disk
+                else ()
+            ),
+        )
+
+    @property
+    def diagnosis(self) -> list[str]:
+        """What kdlabd diagnoses from the cmdline alone: KASLR under a gdbstub."""
+        if self.gdb_stub != "off" and "kaslr" in self.boots_with.split():
+            return ["gdb-kaslr", "warning", ANY, ANY]
+        return ["", "", "", ""]
+
+    def properties(self, **changes: Any) -> dict[str, Any]:
+        """The org.kdlab.Kdlab1.VM properties kdlabd must export, with *changes*."""
+        props = {
+            "Name": self.name,
+            "UUID": self.uuid,
+            "State": self.state,
+            "Owner": self.owner,
+            "Cmdline": self.boots_with,
+            "MemoryMiB": self.memory_mib,
+            "VCPUs": self.vcpus,
+            "Accel": "tcg",
+            "Created": self.created_usec,
+            "GdbStub": self.gdb_stub,
+            "WaitingForDebugger": False,
+            "KernelRelease": self.release,
+            "Vmlinux": self.vmlinux,
+            "KernelPath": self.kernel_path,
+            "Tree": "",
+            "Diagnosis": self.diagnosis,
+        }
+        props.update(changes)
+        return props
+
+
+# The VMs every bus test starts with. Owner 1000 is "somebody else" for the
+# unprivileged callers; "booted" belongs to nobody (65534).
+FLEET = (
+    FakeVM(
+        "idle", "defined", 1000, "root=/dev/vda", "root=/dev/vda console=ttyS0 nokaslr"
+    ),
+    FakeVM(
+        "booted",
+        "stopped",
+        NOBODY.uid,
+        "quiet",
+        "quiet console=ttyS0 nokaslr",
+        memory_mib=512,
+        created_usec=1_700_000_000_123_456,
+    ),
+    FakeVM(
+        "busy", "running", 1000, "console=hvc0 kaslr", "console=hvc0 kaslr", vcpus=2
+    ),
+    FakeVM("frozen", "paused", 1000, "", "console=ttyS0", gdb_stub="off"),
+    FakeVM(
+        "linux-6.9-rc1",
+        "defined",
+        0,
+        "root=/dev/vda rw",
+        "root=/dev/vda rw console=ttyS0 nokaslr",
+        gdb_stub="tcp:127.0.0.1:4321",
+        memory_mib=1024,
+        vcpus=4,
+        release="6.9.0-rc1-kdlab",
+        vmlinux="/home/dev/linux/vmlinux",
+        kernel_path="/home/dev/linux/arch/x86/boot/bzImage",
+    ),
+)
+VMS = {vm.name: vm for vm in FLEET}
+
+
+def defined_fleet(count: int, prefix: str = "vm") -> list[FakeVM]:
+    """*count* defined VMs of root's, for tests and benchmarks of scale."""
+    return [
+        FakeVM(
+            f"{prefix}-{i:04d}",
+            "defined",
+            0,
+            "root=/dev/vda",
+            "root=/dev/vda console=ttyS0 nokaslr",
+        )
+        for i in range(count)
+    ]
+
+
+# Domains that are not kdlab VMs: no prefix, or the prefix without kdlab's metadata.
+FOREIGN_DOMAINS = ("plain", "kdlab-impostor")
+
+
+def _foreign_domain(name: str) -> etree._Element:
+    domain = etree.Element("domain", type="test")
+    etree.SubElement(domain, "name").text = name
+    etree.SubElement(domain, "memory", unit="MiB").text = "64"
+    etree.SubElement(etree.SubElement(domain, "os"), "type").text = "hvm"
+    return domain
+
+
+def driver_xml(vms: Iterable[FakeVM], layout: Layout) -> bytes:
+    """A test driver ``<node>`` file holding *vms* plus :data:`FOREIGN_DOMAINS`.
+
+    The domains keep kdlab's XML as built (type ``qemu``: libvirt 9's test
+    driver accepts it, keeps ``<metadata>`` and drops ``<qemu:commandline>``),
+    plus a fixed ``<uuid>`` and the run state in the test driver's namespace
+    (a domain in the file runs unless told otherwise).
+    """
+    node = etree.Element("node", nsmap={"test": TEST_NS})
+    for vm in vms:
+        domain = etree.fromstring(build_domain_xml(vm.spec(layout)).encode())
+        domain.find("name").addnext(etree.Element("uuid"))
+        domain.find("uuid").text = vm.uuid
+        etree.SubElement(domain, f"{{{TEST_NS}}}runstate").text = str(
+            int(RUNSTATES[vm.state])
+        )
+        node.append(domain)
+    for name in FOREIGN_DOMAINS:
+        node.append(_foreign_domain(name))
+    return etree.tostring(
+        node, pretty_print=True, xml_declaration=True, encoding="UTF-8"
+    )
+
+
+# --- kdlabd -------------------------------------------------------------------------
+
+
+class Lab:
+    """kdlabd on *bus*, serving *vms* from a test driver file in *workdir*."""
+
+    def __init__(
+        self, bus: PrivateBus, workdir: Path, vms: Iterable[FakeVM] = FLEET
+    ) -> None:
+        self.vms = tuple(vms)
+        self.layout = Layout(workdir / "state", workdir / "run")
+        self.driver = workdir / "testdriver.xml"
+        self.daemon = Kdlabd(
+            address=bus.address,
+            libvirt_uri=f"test://{self.driver}",
+            state_dir=self.layout.state_dir,
+            runtime_dir=self.layout.runtime_dir,
+            log_path=workdir / "kdlabd.log",
+        )
+
+    def populate(self) -> None:
+        """Write the driver file and the host files a real libvirt would have left."""
+        self.driver.write_bytes(driver_xml(self.vms, self.layout))
+        # libvirtd creates a directory pool's directory when it builds the pool;
+        # the test driver keeps pools in memory and creates nothing.
+        (self.layout.state_dir / "boot").mkdir(mode=0o711, parents=True, exist_ok=True)
+        for vm in self.vms:
+            if vm.booted:
+                log = self.layout.console_log(vm.name)
+                log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                log.write_text(f"console of {vm.name}\n")
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start kdlabd; it is ready when it owns its name (else: fail with its log)."""
+        self.daemon.start(timeout=STARTUP_TIMEOUT, env=env)
+
+    @contextlib.contextmanager
+    def serving(self, env: dict[str, str] | None = None) -> Iterator[Lab]:
+        """kdlabd serving a fresh driver file; stopped cleanly afterwards.
+
+        *env* adds to its environment (KDLAB_TEST_HOLD_AT, ...). A kdlabd that
+        does not come up is killed, not left running.
+        """
+        self.populate()
+        try:
+            self.start(env)
+        except BaseException:
+            if self.daemon.running:
+                self.daemon.kill()
+            raise
+        yield self
+        self.stop_cleanly()
+
+    def stop_cleanly(self) -> None:
+        """SIGTERM kdlabd: it must not have died on its own before, must exit 0
+        at once and must never have logged a traceback."""
+        self.daemon.stop()
+        log = self.daemon.log()
+        assert "Traceback" not in log, f"kdlabd logged a traceback:\n{log}"
+
+    def vm_dir(self, name: str) -> Path:
+        return self.layout.vm_dir(name)
