@@ -57,7 +57,8 @@ def bus_config(socket: Path, policy: Path | None) -> bytes:
     config.extend(system.getroot().findall("policy[@context='default']"))
     if policy is not None:
         etree.SubElement(config, "include").text = str(policy)
-    return etree.tostring(config, doctype=system.docinfo.doctype)
+    doctype: str = system.docinfo.doctype  # type: ignore[union-attr]
+    return etree.tostring(config, doctype=doctype)
 
 
 class PrivateBus:
@@ -192,7 +193,7 @@ class BusClient:
         """Send every call before awaiting any reply; return the replies in order."""
 
         async def all_at_once() -> list[Message | None]:
-            return await asyncio.gather(*(self.bus.call(msg) for msg in calls))
+            return list(await asyncio.gather(*(self.bus.call(msg) for msg in calls)))
 
         replies = self.run(all_at_once())
         assert all(reply is not None for reply in replies)

@@ -214,8 +214,11 @@ def driver_xml(vms: Iterable[FakeVM], layout: Layout) -> bytes:
     node = etree.Element("node", nsmap={"test": TEST_NS})
     for vm in vms:
         domain = etree.fromstring(build_domain_xml(vm.spec(layout)).encode())
-        domain.find("name").addnext(etree.Element("uuid"))
-        domain.find("uuid").text = vm.uuid
+        uuid = etree.Element("uuid")
+        uuid.text = vm.uuid
+        named = domain.find("name")
+        assert named is not None, "kdlab's domain XML has a <name>"
+        named.addnext(uuid)
         etree.SubElement(domain, f"{{{TEST_NS}}}runstate").text = str(
             int(RUNSTATES[vm.state])
         )
