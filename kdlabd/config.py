@@ -28,6 +28,8 @@ class Config:
     cache_dir: Path | None = None  # default: STATE_DIR/cache
     accel: Accel = Accel.AUTO
     qemu_user: str = "libvirt-qemu"
+    # The pool of VM volumes (kernels, initrds, disks): the key kept its first
+    # name, from when the pool held only what a VM boots.
     boot_pool: str = "kdlab-boot"
     image_pool: str = "kdlab"
     log_format: str = "auto"
@@ -55,7 +57,7 @@ class Config:
         ).within_host(host)
 
     @property
-    def boot_pool_dir(self) -> Path:
+    def vm_pool_dir(self) -> Path:
         return self.state_dir / "boot"
 
     @property

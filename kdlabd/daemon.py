@@ -59,8 +59,8 @@ async def serve(config: Config) -> None:
     layout.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
     hypervisor = LibvirtHypervisor(
         config.libvirt_uri,
-        boot_pool=config.boot_pool,
-        boot_pool_dir=config.boot_pool_dir,
+        vm_pool=config.boot_pool,
+        vm_pool_dir=config.vm_pool_dir,
         image_pool=config.image_pool,
         image_pool_dir=config.image_pool_dir,
         gdb_dir=layout.gdb_dir(),

@@ -72,7 +72,7 @@ class ManagerInterface(ServiceInterface):
                     gdb=opts.get("gdb", True), gdb_tcp_port=port or None
                 ),
                 vmlinux=opts.get("vmlinux", ""),
-                kernel_source=opts.get("kernel_path", ""),
+                kernel_path=opts.get("kernel_path", ""),
                 tree=opts.get("tree", ""),
                 image=opts.get("image", ""),
                 disk_size=opts.get("disk_size", 0),

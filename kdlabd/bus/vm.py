@@ -57,7 +57,7 @@ def properties(record: VMRecord) -> dict[str, Any]:
         "Diagnosis": _diagnosis(record),
         "KernelRelease": spec.release,
         "Vmlinux": spec.vmlinux,
-        "KernelPath": spec.kernel_source,
+        "KernelPath": spec.kernel_path,
         "Tree": spec.tree,
     }
 

@@ -134,7 +134,7 @@ class Hypervisor(Protocol):
         """A VM's qcow2 disk: an overlay on *base* (O(1), no copy) or blank."""
 
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
-        """Stream *size* bytes of *fd* into boot volume *volume*; return its path."""
+        """Stream *size* bytes of *fd* into the VM volume *volume*; return its path."""
 
     async def list_vm_volumes(self) -> list[str]:
         """Names of the volumes in the pool of VM volumes (kernels, initrds, disks)."""

@@ -116,10 +116,10 @@ class VMSpec:
     created_usec: int = 0
     release: str = ""
     vmlinux: str = ""
-    kernel_source: str = ""
+    kernel_path: str = ""
     tree: str = ""
     disks: tuple[Disk, ...] = ()
-    """*release* is read from the bzImage; *vmlinux*, *kernel_source* and
+    """*release* is read from the bzImage; *vmlinux*, *kernel_path* and
     *tree* (a kernel source tree) are the client's paths, kept as hints for
     kdlabctl (gdb, start) and never opened by kdlabd."""
 

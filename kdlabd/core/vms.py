@@ -123,7 +123,7 @@ class CreateRequest:
     vcpus: int = DEFAULT_VCPUS
     debug: DebugSettings = field(default_factory=DebugSettings)
     vmlinux: str = ""
-    kernel_source: str = ""
+    kernel_path: str = ""
     tree: str = ""
     image: str = ""
     disk_size: int = 0
@@ -178,7 +178,7 @@ _VOLUME_SUFFIX = re.compile(r"\.(kernel|initrd|vd[a-z]\.qcow2)$")
 
 
 def volume_owner(volume: str) -> str | None:
-    """The VM a boot-pool volume belongs to, by its name; None if not kdlab's."""
+    """The VM a volume of the VM pool belongs to, by its name; None if not kdlab's."""
     match = _VOLUME_SUFFIX.search(volume)
     return volume[: match.start()] if match else None
 
@@ -575,7 +575,7 @@ class VMService:
             created_usec=time.time_ns() // 1000,
             vmlinux=validate.hint_path(request.vmlinux, "vmlinux path"),
             disks=self._check_disks(request),
-            kernel_source=validate.hint_path(request.kernel_source, "kernel path"),
+            kernel_path=validate.hint_path(request.kernel_path, "kernel path"),
             tree=validate.hint_path(request.tree, "kernel tree path"),
         )
         # kdlab's additions (root=, console=, nokaslr) count against the limit.

@@ -26,6 +26,9 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 KDLAB_NS = "https://kdlab.org/xmlns/domain/1"
 KDLAB_PREFIX = "kdlab"
 GDB_CHARDEV_ID = "kdlab-gdb"
+KERNEL_PATH_ATTRIBUTE = "source"
+"""The attribute of ``<kdlab:kernel>`` holding the spec's *kernel_path*; the name
+defined domains already store it under, so it stays."""
 
 _Q = f"{{{QEMU_NS}}}"
 _K = f"{{{KDLAB_NS}}}"
@@ -92,8 +95,8 @@ def _metadata(parent: etree._Element, spec: VMSpec) -> None:
     for disk in spec.disks:
         _sub(vm, _K + "disk", target=disk.target, image=disk.base_image)
     kernel = _sub(vm, _K + "kernel", release=spec.release)
-    if spec.kernel_source:
-        kernel.set("source", spec.kernel_source)
+    if spec.kernel_path:
+        kernel.set(KERNEL_PATH_ATTRIBUTE, spec.kernel_path)
     if spec.vmlinux:
         kernel.set("vmlinux", spec.vmlinux)
     if spec.tree:
@@ -229,7 +232,7 @@ def parse_domain_xml(xml: str) -> VMSpec:
         created_usec=int(created.get("usec", "0")) if created is not None else 0,
         release=hints.get("release", ""),
         vmlinux=hints.get("vmlinux", ""),
-        kernel_source=hints.get("source", ""),
+        kernel_path=hints.get(KERNEL_PATH_ATTRIBUTE, ""),
         tree=hints.get("tree", ""),
         disks=_disks(root, meta),
     )

@@ -140,8 +140,8 @@ class LibvirtHypervisor:
         self,
         uri: str,
         *,
-        boot_pool: str,
-        boot_pool_dir: Path,
+        vm_pool: str,
+        vm_pool_dir: Path,
         image_pool: str,
         image_pool_dir: Path,
         gdb_dir: Path,
@@ -149,8 +149,8 @@ class LibvirtHypervisor:
         reconnect_wait: float = DEFAULT_RECONNECT_WAIT,
     ) -> None:
         self._uri = uri
-        self._boot_pool_name = boot_pool
-        self._boot_pool_dir = boot_pool_dir
+        self._vm_pool_name = vm_pool
+        self._vm_pool_dir = vm_pool_dir
         self._image_pool_name = image_pool
         self._image_pool_dir = image_pool_dir
         self._gdb_dir = gdb_dir
@@ -344,7 +344,7 @@ class LibvirtHypervisor:
         if self.local:
             try:
                 host.prepare_private_dir(self._gdb_dir, self._qemu_user)
-                host.require_reachable(self._boot_pool_dir, self._qemu_user)
+                host.require_reachable(self._vm_pool_dir, self._qemu_user)
             except PermissionError as err:
                 raise HypervisorError(str(err)) from None
             except OSError as err:
@@ -431,7 +431,7 @@ class LibvirtHypervisor:
 
     async def upload_boot_file(self, volume: str, fd: int, size: int) -> Path:
         def upload(conn: libvirt.virConnect) -> Path:
-            pool = conn.storagePoolLookupByName(self._boot_pool_name)
+            pool = conn.storagePoolLookupByName(self._vm_pool_name)
             return Path(storage.upload(conn, pool, volume, fd, size).path())
 
         # A boot file is small: uploaded again whole (the upload replaces it).
@@ -439,7 +439,7 @@ class LibvirtHypervisor:
 
     async def list_vm_volumes(self) -> list[str]:
         def names(conn: libvirt.virConnect) -> list[str]:
-            pool = conn.storagePoolLookupByName(self._boot_pool_name)
+            pool = conn.storagePoolLookupByName(self._vm_pool_name)
             storage.refresh(pool)
             return [str(v) for v in pool.listVolumes()]
 
@@ -448,7 +448,7 @@ class LibvirtHypervisor:
     async def delete_vm_volume(self, volume: str) -> None:
         def delete(conn: libvirt.virConnect) -> None:
             storage.delete_volume(
-                conn.storagePoolLookupByName(self._boot_pool_name), volume
+                conn.storagePoolLookupByName(self._vm_pool_name), volume
             )
 
         await self._call(delete, again=delete)
@@ -565,7 +565,7 @@ class LibvirtHypervisor:
         self, volume: str, size: int, base: ImageRecord | None
     ) -> Path:
         def create(conn: libvirt.virConnect) -> Path:
-            pool = conn.storagePoolLookupByName(self._boot_pool_name)
+            pool = conn.storagePoolLookupByName(self._vm_pool_name)
             storage.delete_volume(pool, volume)
             created = storage.create_volume(pool, volume, size, ImageFormat.QCOW2, base)
             return Path(created.path())
@@ -680,8 +680,8 @@ class LibvirtHypervisor:
 
     def _ensure_pools(self, conn: libvirt.virConnect) -> None:
         """kdlab's pools exist and run; a pool that existed keeps its directory."""
-        self._boot_pool_dir = _ensure_pool(
-            conn, self._boot_pool_name, self._boot_pool_dir, "boot_pool"
+        self._vm_pool_dir = _ensure_pool(
+            conn, self._vm_pool_name, self._vm_pool_dir, "boot_pool"
         )
         self._image_pool_dir = _ensure_pool(
             conn, self._image_pool_name, self._image_pool_dir, "image_pool"

@@ -102,7 +102,7 @@ class FakeVM:
             created_usec=self.created_usec,
             release=self.release,
             vmlinux=self.vmlinux,
-            kernel_source=self.kernel_path,
+            kernel_path=self.kernel_path,
             disks=(
                 (Disk(layout.state_dir / "boot" / f"{self.name}.vda.qcow2", "vda"),)
                 if self.disk

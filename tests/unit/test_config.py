@@ -36,7 +36,7 @@ def test_defaults() -> None:
     assert loaded.boot_pool == "kdlab-boot"
     assert loaded.log_format == "auto"
     assert loaded.reconnect_wait == 15.0
-    assert loaded.boot_pool_dir == Path("/var/lib/kdlab/boot")
+    assert loaded.vm_pool_dir == Path("/var/lib/kdlab/boot")
 
 
 def test_defaults_from_empty_command_line() -> None:
@@ -73,7 +73,7 @@ log_format = "json"
         boot_pool="boot",
         log_format="json",
     )
-    assert load(path, {}).boot_pool_dir == Path("/srv/kdlab/boot")
+    assert load(path, {}).vm_pool_dir == Path("/srv/kdlab/boot")
 
 
 @pytest.mark.parametrize("key", ["polkit_timeout", "reconnect_wait"])

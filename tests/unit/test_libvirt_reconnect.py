@@ -51,7 +51,7 @@ def scenario(tmp_path: Path, libvirtd: Libvirtd) -> list[str]:
         driver = tmp_path / "node.xml"
         driver.write_text("<node/>")
         hv = LibvirtHypervisor(
-            f"test://{driver}", boot_pool="boot", boot_pool_dir=tmp_path / "boot",
+            f"test://{driver}", vm_pool="boot", vm_pool_dir=tmp_path / "boot",
             image_pool="images", image_pool_dir=tmp_path / "images",
             gdb_dir=tmp_path / "gdb", qemu_user="root", reconnect_wait=WAIT,
         )  # fmt: skip

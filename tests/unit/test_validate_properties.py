@@ -225,13 +225,13 @@ def or_default(check: Callable[..., Any], value: str, default: str, *args: Any) 
     cmdline=cmdline_texts,
     image=texts,
     vmlinux=path_texts,
-    source=path_texts,
+    kernel_path=path_texts,
     tree=path_texts,
     runtime=path_texts,
 )
 @PROPERTIES
 def test_what_validators_accept_builds_schema_valid_xml_that_round_trips(
-    *, name: str, cmdline: str, image: str, vmlinux: str, source: str, tree: str,
+    *, name: str, cmdline: str, image: str, vmlinux: str, kernel_path: str, tree: str,
     runtime: str,
 ) -> None:  # fmt: skip
     name = or_default(validate.name, name, "vm1")
@@ -242,7 +242,7 @@ def test_what_validators_accept_builds_schema_valid_xml_that_round_trips(
         name,
         cmdline=or_default(validate.cmdline, cmdline, ""),
         vmlinux=or_default(validate.hint_path, vmlinux, "", "vmlinux path"),
-        kernel_source=or_default(validate.hint_path, source, "", "kernel path"),
+        kernel_path=or_default(validate.hint_path, kernel_path, "", "kernel path"),
         tree=or_default(validate.hint_path, tree, "", "kernel tree path"),
         gdb_socket=gdb_socket / "gdb" / f"{name}.sock",
         disks=(Disk(Path(f"/var/lib/kdlab/boot/{name}.vda.qcow2"), "vda", image),),
@@ -300,7 +300,7 @@ def test_release_of_any_accepted_kernel_builds_valid_xml(release: bytes) -> None
 
 def test_specs_here_cover_every_field_a_client_sets() -> None:
     """A new client-supplied spec field should get a property here too."""
-    covered = {"name", "cmdline", "vmlinux", "kernel_source", "tree", "disks"}
+    covered = {"name", "cmdline", "vmlinux", "kernel_path", "tree", "disks"}
     client_strings = {
         f.name
         for f in dataclasses.fields(VMSpec)
