@@ -30,7 +30,6 @@ from kdlab.errors import (
     ImageExists,
     InvalidArgument,
     InvalidState,
-    KdlabError,
     NoSuchImage,
 )
 from kdlabd.core import blocking, validate
@@ -42,6 +41,7 @@ from kdlabd.core.models import ImageFormat, ImageRecord, ImageSource
 from kdlabd.core.rootfs import Progress as RootfsProgress
 from kdlabd.core.rootfs import RootfsSpec, build_rootfs
 from kdlabd.core.sandbox import BuildSandbox, kill_build
+from kdlabd.core.tasks import Background
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +86,7 @@ class ImageService:
         self._images: dict[str, ImageRecord] = {}
         self._busy: set[str] = set()
         self._scratches: set[Path] = set()  # of the builds under way
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background("images.reload_failed")
 
     async def load(self) -> None:
         """Rebuild the view from the pool."""
@@ -101,16 +101,11 @@ class ImageService:
         """libvirt came back: reload the pool and finish interrupted rollbacks."""
 
         async def reload() -> None:
-            try:
-                await self.load()
-                await self.reconcile()
-            except KdlabError as err:
-                # The view stays as it was; the next start-up reloads it.
-                log.error("images.reload_failed", error=str(err))
+            # On failure the view stays as it was; the next start-up reloads it.
+            await self.load()
+            await self.reconcile()
 
-        task = asyncio.get_running_loop().create_task(reload())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.start(reload())
 
     async def clean_builds(self) -> list[str]:
         """At start-up: kill what is left of builds that died with kdlabd, and

@@ -15,10 +15,10 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -47,6 +47,7 @@ from kdlabd.core.models import (
     VMRecord,
     VMSpec,
 )
+from kdlabd.core.tasks import Background
 
 ImageForDisk = Callable[[str], ImageRecord]
 """Finds an image a new VM's disk may be based on (see ImageService.for_disk)."""
@@ -218,7 +219,7 @@ class VMService:
         self._clocks: dict[str, BootClock] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._changed: dict[str, asyncio.Event] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background("vms.refresh_failed")
 
     @property
     def accel(self) -> Accel:
@@ -281,21 +282,11 @@ class VMService:
 
     def domain_changed(self, name: str) -> None:
         """Hypervisor event callback: re-read the VM in the background."""
-        self._in_background(self.refresh(name))
+        self._background.start(self.refresh(name))
 
     def hypervisor_reconnected(self) -> None:
         """Hypervisor callback: the connection came back; rebuild the whole view."""
-        self._in_background(self.load())
-
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("vms.refresh_failed", error=str(task.exception()))
+        self._background.start(self.load())
 
     async def refresh(self, name: str) -> None:
         """Re-read one VM from the hypervisor and publish what changed."""
