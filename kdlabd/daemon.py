@@ -86,10 +86,10 @@ async def serve(config: Config) -> None:
             hypervisor,
             layout,
             accel,
-            exporter,
             images=lambda name: images.for_disk(name),  # noqa: PLW0108
             limits=limits,
         )
+        vms.subscribe(exporter)
         images = ImageService(
             hypervisor,
             jobs=jobs,

@@ -206,6 +206,11 @@ class ConsoleHub:
         if session is not None:
             session.close()
 
+    def forget(self, name: str) -> None:
+        """The VM is gone: end its session and drop what was kept for it."""
+        self.close(name)
+        self._opening.pop(name, None)
+
     async def close_all(self) -> None:
         """Shutting down: end every session and wait (a bounded time) for their
         streams to close."""

@@ -167,6 +167,64 @@ class BootClock:
         return self._ran + (now - self._since if self._since is not None else 0.0)
 
 
+@dataclass(eq=False)
+class Boot:
+    """One boot of a VM: what its diagnosis is made of. Each start makes a new one."""
+
+    clock: BootClock
+    waiting_for_debugger: bool = False
+    """Started paused, and not yet seen anything but starting or paused."""
+    diagnosis: Diagnosis | None = None
+    watcher: asyncio.Task[None] | None = None
+    """Diagnoses the boot while it runs (see :meth:`VMService._watch_boot`)."""
+
+
+@dataclass(eq=False)
+class VMEntry:
+    """Everything kdlabd keeps about one VM, in one place: dropped as a whole."""
+
+    name: str
+    record: VMRecord | None = None
+    """What the hypervisor last reported; None until it reported anything."""
+    shown: VMRecord | None = None
+    """What clients were last told (see :func:`client_view`); None: nothing yet,
+    and the VM does not exist for callers."""
+    creating: CreateRequest | None = None
+    """A create under way: the name, an owner's VM and the image are taken."""
+    transition: VMState | None = None
+    """Starting or stopping, shown while that operation is under way."""
+    booted: bool = False
+    """Whether a console log tells that the VM has ever booted."""
+    boot: Boot | None = None
+    """The current or last boot; None before kdlabd saw one."""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serializes the operations on the VM."""
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set whenever what clients see changed (a stop waits on it)."""
+
+
+def client_view(entry: VMEntry) -> VMRecord:
+    """What clients see of the VM of *entry* (which the hypervisor reported)."""
+    record = entry.record
+    assert record is not None, "a VM the hypervisor never reported"
+    state, transition = record.state, entry.transition
+    # STARTING shows until the domain is active, STOPPING until it is not.
+    if transition is not None and state.active == (transition is VMState.STOPPING):
+        state = transition
+    elif state is VMState.STOPPED and not entry.booted:
+        state = VMState.DEFINED
+    boot = entry.boot
+    # Started paused, the VM waits for a debugger until it first runs.
+    waiting = state is VMState.PAUSED and boot is not None and boot.waiting_for_debugger
+    return VMRecord(
+        record.spec,
+        record.uuid,
+        state,
+        waiting_for_debugger=waiting,
+        diagnosis=None if boot is None else boot.diagnosis,
+    )
+
+
 def kernel_volume(name: str) -> str:
     return f"{name}.kernel"
 
@@ -197,7 +255,6 @@ class VMService:
         hypervisor: Hypervisor,
         layout: Layout,
         accel: Accel,
-        observer: VMObserver,
         *,
         images: ImageForDisk | None = None,
         limits: Limits | None = None,
@@ -205,21 +262,26 @@ class VMService:
         self._hv = hypervisor
         self._layout = layout
         self._accel = accel
-        self._observer = observer
         self._images = images
         self._limits = limits or Limits()
-        self._vms: dict[str, VMRecord] = {}
-        # VMs being created, by name: their names, owners and images are taken.
-        self._creating: dict[str, CreateRequest] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._transitions: dict[str, VMState] = {}
-        self._waiting: set[str] = set()
+        # One entry per VM, by name: the VMs clients see and those being created.
+        self._vms: dict[str, VMEntry] = {}
+        self._observers: list[VMObserver] = []
         self._consoles = ConsoleHub(hypervisor, self._limits)
-        self._diagnoses: dict[str, Diagnosis] = {}
-        self._clocks: dict[str, BootClock] = {}
-        self._watchers: dict[str, asyncio.Task[None]] = {}
-        self._changed: dict[str, asyncio.Event] = {}
         self._background = Background("vms.refresh_failed")
+
+    def subscribe(self, observer: VMObserver) -> Callable[[], None]:
+        """Tell *observer* of every change of the view from now on.
+
+        Returns the function that ends the subscription.
+        """
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            # By identity: observers may compare equal (dataclasses).
+            self._observers[:] = [o for o in self._observers if o is not observer]
+
+        return unsubscribe
 
     @property
     def accel(self) -> Accel:
@@ -231,20 +293,23 @@ class VMService:
         for name in list(self._vms):
             if name not in records:
                 self._forget(name)
-        # A running VM's diagnosis is part of the object it is exported with.
         for record in records.values():
             if record.state.active and record.name not in self._vms:
-                self._clock(record)
-                found = await self._diagnosis_of(record)
-                if found is not None:
-                    self._diagnoses[record.name] = found
+                # A running VM's diagnosis is part of the object it is
+                # exported with. A boot kdlabd did not start (found running
+                # at start-up, or started with virsh) has run, for how long
+                # is not known: from now on.
+                boot = Boot(BootClock(started_paused=False))
+                entry = VMEntry(record.name, record, boot=boot)
+                boot.diagnosis = await self._diagnosis_of(entry, record)
+                self._vms.setdefault(record.name, entry)
             self._store(record)
-        log.info("vms.loaded", count=len(self._vms))
+        log.info("vms.loaded", count=len(self.list()))
 
     async def close(self) -> None:
         """Shutting down: end console sessions and watchers; VMs keep running."""
-        for watcher in list(self._watchers.values()):
-            watcher.cancel()
+        for entry in self._vms.values():
+            _end_watching(entry)
         await self._consoles.close_all()
 
     async def reconcile(self) -> list[str]:
@@ -272,13 +337,18 @@ class VMService:
         return removed
 
     def list(self) -> list[VMRecord]:
-        return sorted(self._vms.values(), key=lambda r: r.name)
+        shown = (entry.shown for entry in self._vms.values())
+        return sorted((r for r in shown if r is not None), key=lambda r: r.name)
 
     def get(self, name: str) -> VMRecord:
-        try:
-            return self._vms[name]
-        except KeyError:
-            raise NoSuchVM(f"no VM named {name!r} (see: kdlabctl list)") from None
+        return _shown(self._entry(name))
+
+    def _entry(self, name: str) -> VMEntry:
+        """The entry of the VM *name* as clients see it; NoSuchVM if they do not."""
+        entry = self._vms.get(name)
+        if entry is None or entry.shown is None:
+            raise NoSuchVM(f"no VM named {name!r} (see: kdlabctl list)")
+        return entry
 
     def domain_changed(self, name: str) -> None:
         """Hypervisor event callback: re-read the VM in the background."""
@@ -290,7 +360,8 @@ class VMService:
 
     async def refresh(self, name: str) -> None:
         """Re-read one VM from the hypervisor and publish what changed."""
-        if name in self._creating:
+        entry = self._vms.get(name)
+        if entry is not None and entry.creating is not None:
             return
         record = await self._hv.get_vm(name)
         if record is None:
@@ -400,7 +471,11 @@ class VMService:
 
     def uses_image(self, image: str) -> tuple[str, ...]:
         """Names of the VMs whose disks are based on *image*, or being created on it."""
-        creating = sorted(n for n, r in self._creating.items() if r.image == image)
+        creating = sorted(
+            name
+            for name, entry in self._vms.items()
+            if entry.creating is not None and entry.creating.image == image
+        )
         return tuple(
             r.name
             for r in self.list()
@@ -411,25 +486,25 @@ class VMService:
         self, name: str, *, paused: bool = False, kernel_fd: int | None = None
     ) -> VMRecord:
         """Boot the VM; *kernel_fd* replaces its kernel first (a fresh build)."""
-        async with self._lock(name):
-            record = self.get(name)
+        async with self._entry(name).lock:
+            entry = self._entry(name)
+            record = _shown(entry)
             if record.state.active:
                 raise InvalidState(f"VM {name!r} is already {record.state}")
             if kernel_fd is not None:
                 await self._replace_kernel(record, kernel_fd)
             # A new boot: nothing of the last one (its watcher, its diagnosis,
             # its running time) may carry over into this one's diagnosis.
-            self._stop_watching(name)
+            _end_watching(entry)
             self._rotate_console_log(name)
-            self._diagnoses.pop(name, None)
-            self._clocks[name] = BootClock(started_paused=paused)
-            if paused:
-                self._waiting.add(name)
-            async with self._transition(name, VMState.STARTING):
+            boot = entry.boot = Boot(
+                BootClock(started_paused=paused), waiting_for_debugger=paused
+            )
+            async with self._transition(entry, VMState.STARTING):
                 try:
                     await self._hv.start_vm(name, paused=paused)
                 except BaseException:
-                    self._waiting.discard(name)
+                    boot.waiting_for_debugger = False
                     raise
             log.info("vm.started", vm=name, paused=paused)
             return self.get(name)
@@ -438,15 +513,16 @@ class VMService:
         self, name: str, *, force: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT
     ) -> VMRecord:
         """Power off: ACPI first, the plug after *timeout* seconds (or at once)."""
-        async with self._lock(name):
-            record = self.get(name)
+        async with self._entry(name).lock:
+            entry = self._entry(name)
+            record = _shown(entry)
             if not record.state.active:
                 raise InvalidState(f"VM {name!r} is not running (it is {record.state})")
             force = force or timeout <= 0
-            async with self._transition(name, VMState.STOPPING):
+            async with self._transition(entry, VMState.STOPPING):
                 if not force:
                     await self._hv.shutdown_vm(name)
-                    force = not await self._wait_inactive(name, timeout)
+                    force = not await self._wait_inactive(entry, timeout)
                     if force:
                         log.warning("vm.shutdown_timeout", vm=name, timeout=timeout)
                 if force:
@@ -455,7 +531,7 @@ class VMService:
             return self.get(name)
 
     async def delete(self, name: str) -> None:
-        async with self._lock(name):
+        async with self._entry(name).lock:
             record = self.get(name)
             if record.state.active:
                 raise InvalidState(
@@ -596,93 +672,93 @@ class VMService:
     def _reserve(self, request: CreateRequest) -> Iterator[None]:
         """Hold the new VM's name, and count it against its owner's VMs."""
         name, uid = request.name, request.owner_uid
-        if name in self._vms or name in self._creating:
+        if name in self._vms:
             raise VMExists(f"a VM named {name!r} already exists")
-        owned = sum(r.spec.owner_uid == uid for r in self._vms.values())
-        owned += sum(r.owner_uid == uid for r in self._creating.values())
+        entries = self._vms.values()
+        owned = sum(
+            e.shown is not None and e.shown.spec.owner_uid == uid for e in entries
+        )
+        owned += sum(
+            e.creating is not None and e.creating.owner_uid == uid for e in entries
+        )
         self._limits.room_for_vm(uid, owned)
-        self._creating[name] = request
+        self._vms[name] = VMEntry(name, creating=request)
         try:
             yield
         finally:
-            del self._creating[name]
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        self.get(name)
-        return self._locks.setdefault(name, asyncio.Lock())
+            # By name: the VM may have been shown, and forgotten, meanwhile.
+            entry = self._vms.get(name)
+            if entry is not None and entry.creating is request:
+                entry.creating = None
+                if entry.shown is None:
+                    del self._vms[name]
 
     @contextlib.asynccontextmanager
-    async def _transition(self, name: str, state: VMState) -> AsyncIterator[None]:
+    async def _transition(self, entry: VMEntry, state: VMState) -> AsyncIterator[None]:
         """Show *state* while an operation is under way, whatever libvirt says.
 
         Afterwards, failed or not, the VM shows what the hypervisor reports.
         """
-        self._transitions[name] = state
-        self._store(self.get(name))
+        entry.transition = state
+        self._publish(entry)
         try:
             yield
         finally:
-            del self._transitions[name]
-            await self.refresh(name)
+            entry.transition = None
+            await self.refresh(entry.name)
 
-    async def _wait_inactive(self, name: str, timeout: float) -> bool:
+    async def _wait_inactive(self, entry: VMEntry, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        changed = self._changed.setdefault(name, asyncio.Event())
         while (remaining := deadline - loop.time()) > 0:
-            changed.clear()
-            record = await self._hv.get_vm(name)
+            entry.changed.clear()
+            record = await self._hv.get_vm(entry.name)
             if record is None or not record.state.active:
                 return True
             # Events wake us at once; the timeout re-checks in case one was lost.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(1.0, remaining))
+                await asyncio.wait_for(entry.changed.wait(), min(1.0, remaining))
         return False
 
-    def _watch_boot(self, name: str) -> None:
+    def _watch_boot(self, entry: VMEntry, boot: Boot) -> None:
         """Diagnose the VM's boot while it runs, and once more when it ends."""
-        loop = asyncio.get_running_loop()
 
         async def watch() -> None:
             try:
-                while name in self._vms:
-                    record = self._vms[name]
-                    await self._diagnose(record)
+                while self._vms.get(entry.name) is entry:
+                    record = _shown(entry)
+                    await self._diagnose(entry, record)
                     if not record.state.active:
                         return
                     await asyncio.sleep(DIAGNOSIS_INTERVAL)
             finally:
-                if self._watchers.get(name) is task:
-                    del self._watchers[name]
+                if boot.watcher is task:
+                    boot.watcher = None
 
-        task = loop.create_task(watch())
-        self._watchers[name] = task
+        task = asyncio.get_running_loop().create_task(watch())
+        boot.watcher = task
 
-    def _stop_watching(self, name: str) -> None:
-        watcher = self._watchers.pop(name, None)
-        if watcher is not None:
-            watcher.cancel()
-
-    async def _diagnose(self, record: VMRecord) -> None:
+    async def _diagnose(self, entry: VMEntry, record: VMRecord) -> None:
         """Re-diagnose the VM's boot; publish the diagnosis if it changed."""
-        name = record.name
-        boot = self._clocks.get(name)
-        found = await self._diagnosis_of(record)
+        boot = entry.boot
+        found = await self._diagnosis_of(entry, record)
         # The log was read in a thread: a new boot may have begun meanwhile.
-        if self._clocks.get(name) is not boot or name not in self._vms:
+        if (
+            boot is None
+            or entry.boot is not boot
+            or self._vms.get(entry.name) is not entry
+        ):
             return
-        if found != self._diagnoses.get(name):
-            if found is None:
-                del self._diagnoses[name]
-            else:
-                self._diagnoses[name] = found
-                log.info("vm.diagnosed", vm=name, code=found.code.value)
-            self._store(self._vms[name])
+        if found != boot.diagnosis:
+            boot.diagnosis = found
+            if found is not None:
+                log.info("vm.diagnosed", vm=entry.name, code=found.code.value)
+            self._publish(entry)
 
-    async def _diagnosis_of(self, record: VMRecord) -> Diagnosis | None:
+    async def _diagnosis_of(self, entry: VMEntry, record: VMRecord) -> Diagnosis | None:
         """The diagnosis of the VM's current (or last) boot; None before it ran."""
-        clock = self._clocks.get(record.name)
-        if clock is None or not clock.has_run:
+        boot = entry.boot
+        if boot is None or not boot.clock.has_run:
             return None
         spec = record.spec
         facts = BootFacts(
@@ -690,7 +766,7 @@ class VMService:
             disks=tuple(disk.target for disk in spec.disks),
             has_initrd=spec.initrd is not None,
             gdbstub=spec.debug.gdb,
-            seconds_since_start=clock.seconds(asyncio.get_running_loop().time()),
+            seconds_since_start=boot.clock.seconds(asyncio.get_running_loop().time()),
             running=_cpus_run(record.state),
             paused=record.state is VMState.PAUSED,
             name=spec.name,
@@ -704,20 +780,8 @@ class VMService:
         except FileNotFoundError:
             text = ""
         except blocking.Unanswered:
-            return self._diagnoses.get(spec.name)  # no news: keep what was found
+            return boot.diagnosis  # no news: keep what was found
         return diagnose(text, facts)
-
-    def _clock(self, record: VMRecord) -> BootClock:
-        """The running time of the VM's boot, told of the VM's state now.
-
-        A boot kdlabd did not start (found running at start-up, or started
-        with virsh) has run, for how long is not known: from now on.
-        """
-        clock = self._clocks.get(record.name)
-        if clock is None:
-            clock = self._clocks[record.name] = BootClock(started_paused=False)
-        clock.observe(_cpus_run(record.state), asyncio.get_running_loop().time())
-        return clock
 
     def _rotate_console_log(self, name: str) -> None:
         """Keep the previous boot's console log as ``console.log.1``."""
@@ -725,57 +789,75 @@ class VMService:
         with contextlib.suppress(FileNotFoundError):
             current.rename(current.with_name(current.name + ".1"))
 
-    def _displayed(self, record: VMRecord) -> VMRecord:
-        transition = self._transitions.get(record.name)
-        state = record.state
-        # STARTING shows until the domain is active, STOPPING until it is not.
-        if transition is not None and state.active == (transition is VMState.STOPPING):
-            state = transition
-        elif state is VMState.STOPPED and not self._has_booted(record.name):
-            state = VMState.DEFINED
-        # Started paused, the VM waits for a debugger until it first runs.
-        if state not in (VMState.STARTING, VMState.PAUSED):
-            self._waiting.discard(record.name)
-        waiting = state is VMState.PAUSED and record.name in self._waiting
-        return VMRecord(
-            record.spec,
-            record.uuid,
-            state,
-            waiting_for_debugger=waiting,
-            diagnosis=self._diagnoses.get(record.name),
-        )
-
     def _has_booted(self, name: str) -> bool:
         log_file = self._layout.console_log(name)
         return log_file.exists() or log_file.with_name(log_file.name + ".1").exists()
 
     def _store(self, record: VMRecord) -> None:
-        shown = self._displayed(record)
-        old = self._vms.get(shown.name)
+        """Take what the hypervisor reports of a VM; publish what changed."""
+        entry = self._vms.get(record.name)
+        if entry is None:
+            entry = self._vms[record.name] = VMEntry(record.name)
+        entry.record = record
+        self._publish(entry)
+
+    def _publish(self, entry: VMEntry) -> None:
+        """Tell subscribers what changed in what clients see of *entry*'s VM, and
+        follow its state: time and watch its boot, close its consoles."""
+        record = entry.record
+        assert record is not None, "a VM the hypervisor never reported"
+        if record.state is VMState.STOPPED:
+            entry.booted = self._has_booted(entry.name)
+        shown = client_view(entry)
+        boot = entry.boot
+        if boot is not None and shown.state not in (VMState.STARTING, VMState.PAUSED):
+            boot.waiting_for_debugger = False
+        old = entry.shown
         if old == shown:
             return
-        self._vms[shown.name] = shown
-        if shown.state.active or shown.name in self._clocks:
-            self._clock(record)
+        entry.shown = shown
+        if shown.state.active and boot is None:
+            boot = entry.boot = Boot(BootClock(started_paused=False))
+        if boot is not None:
+            now = asyncio.get_running_loop().time()
+            boot.clock.observe(_cpus_run(record.state), now)
         if not shown.state.active and shown.state is not VMState.STARTING:
-            self._consoles.close(shown.name)
-        if shown.state.active and shown.name not in self._watchers:
-            self._watch_boot(shown.name)
-        if shown.name in self._changed:
-            self._changed[shown.name].set()
-        if old is None:
-            self._observer.vm_added(shown)
-        else:
-            self._observer.vm_changed(shown)
+            self._consoles.close(entry.name)
+        if shown.state.active and boot is not None and boot.watcher is None:
+            self._watch_boot(entry, boot)
+        entry.changed.set()
+        for observer in list(self._observers):
+            if old is None:
+                observer.vm_added(shown)
+            else:
+                observer.vm_changed(shown)
 
     def _forget(self, name: str) -> None:
-        if self._vms.pop(name, None) is not None:
-            self._consoles.close(name)
-            self._diagnoses.pop(name, None)
-            self._clocks.pop(name, None)
-            self._stop_watching(name)
-            self._locks.pop(name, None)
-            self._observer.vm_removed(name)
+        """The VM is gone: drop its entry and everything in it."""
+        entry = self._vms.get(name)
+        if entry is None or entry.shown is None:
+            return
+        if entry.creating is None:
+            del self._vms[name]
+        else:  # a create of the name is under way: the name stays taken
+            self._vms[name] = VMEntry(name, creating=entry.creating)
+        self._consoles.forget(name)
+        _end_watching(entry)
+        for observer in list(self._observers):
+            observer.vm_removed(name)
+
+
+def _shown(entry: VMEntry) -> VMRecord:
+    """What clients were last told of *entry*'s VM (which they see)."""
+    assert entry.shown is not None, "a VM clients do not see"
+    return entry.shown
+
+
+def _end_watching(entry: VMEntry) -> None:
+    """Stop diagnosing the VM's boot (it ended, or the VM is gone)."""
+    if entry.boot is not None and entry.boot.watcher is not None:
+        entry.boot.watcher.cancel()
+        entry.boot.watcher = None
 
 
 def _cpus_run(state: VMState) -> bool:

@@ -84,7 +84,6 @@ def make_lab(tmp_path: Path, limits: Limits | None = None) -> ImageLab:
         hv,
         layout,
         Accel.TCG,
-        Recorder(),
         images=lambda name: images.for_disk(name),  # noqa: PLW0108 (made below)
         limits=limits,
     )

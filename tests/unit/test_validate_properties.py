@@ -41,7 +41,6 @@ from tests.unit.test_domain_xml import (
     make_spec,
     qemu_args,
 )
-from tests.unit.test_vms import Recorder
 
 # Characters that break things when they slip through: XML's, QEMU's option
 # syntax, the shell's, paths', line breaks, controls, and non-ASCII look-alikes.
@@ -273,7 +272,6 @@ def test_effective_cmdline_of_any_accepted_vm_fits_the_kernel(value: str) -> Non
         FakeHypervisor(),
         Layout(Path("/nonexistent"), Path("/nonexistent")),
         Accel.TCG,
-        Recorder(),
     )
     request = CreateRequest("vm1", 0, kernel_fd=None, cmdline=value, image="base")
     try:

@@ -139,7 +139,8 @@ def lab(tmp_path: Path) -> Lab:
     hv = FakeHypervisor()
     observer = Recorder()
     layout = Layout(tmp_path / "state", tmp_path / "run")
-    service = VMService(hv, layout, Accel.TCG, observer)
+    service = VMService(hv, layout, Accel.TCG)
+    service.subscribe(observer)
     hv.watch(service.domain_changed, service.hypervisor_reconnected)
     kernel = tmp_path / "bzImage"
     kernel.write_bytes(bzimage())
@@ -212,7 +213,7 @@ def test_create_defaults(lab: Lab) -> None:
 
 
 def test_accel_is_the_services(lab: Lab) -> None:
-    service = VMService(lab.hv, lab.layout, Accel.KVM, lab.observer)
+    service = VMService(lab.hv, lab.layout, Accel.KVM)
     fd = os.open(lab.kernel, os.O_RDONLY)
     try:
         record = run(service.create(CreateRequest("kvm1", OWNER, fd)))
@@ -650,6 +651,49 @@ def test_delete_removes_files(lab: Lab) -> None:
     assert not lab.layout.vm_dir("vm1").exists()
 
 
+def leftovers(service: VMService) -> dict[str, object]:
+    """Every collection of the service, its console hub and its background
+    tasks that still holds something (its subscribers aside)."""
+    found: dict[str, object] = {}
+    for part in (service, service._consoles, service._background):
+        for key, value in vars(part).items():
+            if isinstance(value, dict | set | list) and value and key != "_observers":
+                found[f"{type(part).__name__}.{key}"] = value
+    return found
+
+
+def test_a_deleted_vm_leaves_nothing_behind(lab: Lab) -> None:
+    """Whatever a VM went through (boots, a graceful and a forced stop, a start
+    paused, a console viewer, a failed start, a refused duplicate), deleting it
+    leaves no trace in the service: nothing grows with VMs that are gone."""
+
+    async def scenario() -> None:
+        for _ in range(2):
+            await lab.create(initrd=lab.initrd)
+            with pytest.raises(VMExists):
+                await lab.create()
+            await lab.service.start("vm1")
+            os.close(await lab.service.open_console("vm1", OWNER))
+            await lab.service.stop("vm1", timeout=5)
+            lab.hv.fail("start_vm")
+            with pytest.raises(HypervisorError):
+                await lab.service.start("vm1")
+            lab.hv.failures.clear()
+            await lab.service.start("vm1", paused=True)
+            await lab.service.stop("vm1", force=True)
+            await settle()
+            await lab.service.delete("vm1")
+            await settle()
+            assert leftovers(lab.service) == {}
+        lab.hv.fail("define_vm")
+        with pytest.raises(HypervisorError):
+            await lab.create("failed")
+        await settle()
+        assert leftovers(lab.service) == {}
+
+    run(scenario())
+
+
 # Unknown names.
 
 
@@ -704,7 +748,8 @@ def test_load_from_scratch(lab: Lab) -> None:
         await lab.booted("a")
         await lab.create("b")
         observer = Recorder()
-        fresh = VMService(lab.hv, lab.layout, Accel.TCG, observer)
+        fresh = VMService(lab.hv, lab.layout, Accel.TCG)
+        fresh.subscribe(observer)
         await fresh.load()
         assert {r.name: r.state for r in fresh.list()} == {
             "a": VMState.RUNNING,
@@ -717,6 +762,27 @@ def test_load_from_scratch(lab: Lab) -> None:
 
     run(scenario())
     assert lab.hv.called("destroy_vm") == lab.hv.called("shutdown_vm") == []
+
+
+def test_every_subscriber_is_told_until_it_unsubscribes(lab: Lab) -> None:
+    second = Recorder()
+    unsubscribe = lab.service.subscribe(second)
+
+    async def scenario() -> None:
+        await lab.create("a")
+        unsubscribe()
+        unsubscribe()  # twice is harmless
+        await lab.create("b")
+        await lab.service.delete("a")
+        await settle()
+
+    run(scenario())
+    assert second.events == [("added", "a", "defined")]
+    assert lab.observer.events == [
+        ("added", "a", "defined"),
+        ("added", "b", "defined"),
+        ("removed", "a", None),
+    ]
 
 
 def test_reconnection_rebuilds_the_view(lab: Lab) -> None:
