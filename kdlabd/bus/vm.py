@@ -11,7 +11,6 @@ from kdlab.wire import VM_INTERFACE
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.options import take
-from kdlabd.core.cmdline import effective_cmdline
 from kdlabd.core.models import VMRecord
 from kdlabd.core.vms import DEFAULT_STOP_TIMEOUT, VMService
 
@@ -47,7 +46,7 @@ def properties(record: VMRecord) -> dict[str, Any]:
         "UUID": record.uuid,
         "State": record.state.value,
         "Owner": spec.owner_uid,
-        "Cmdline": effective_cmdline(spec),
+        "Cmdline": spec.effective_cmdline,
         "MemoryMiB": spec.memory_mib,
         "VCPUs": spec.vcpus,
         "Accel": spec.accel.value,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdlab.states import VMState
+from kdlabd.core import cmdline as kernel_cmdline
 from kdlabd.core.diagnosis import Diagnosis
 
 
@@ -122,6 +123,12 @@ class VMSpec:
     """*release* is read from the bzImage; *vmlinux*, *kernel_path* and
     *tree* (a kernel source tree) are the client's paths, kept as hints for
     kdlabctl (gdb, start) and never opened by kdlabd."""
+
+    @property
+    def effective_cmdline(self) -> str:
+        """The command line the VM boots with: *cmdline* and kdlab's additions
+        (see :func:`kdlabd.core.cmdline.effective`)."""
+        return kernel_cmdline.effective(self.cmdline, self.disks, gdb=self.debug.gdb)
 
     def replace(self, **changes: object) -> VMSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

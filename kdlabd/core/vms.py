@@ -32,7 +32,7 @@ from kdlab.errors import (
 )
 from kdlab.states import VMState
 from kdlabd.core import blocking, descriptors, kernel, validate
-from kdlabd.core.cmdline import effective_cmdline
+from kdlabd.core import cmdline as kernel_cmdline
 from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.diagnosis import BootFacts, Diagnosis, diagnose, read_console_log
 from kdlabd.core.hypervisor import Hypervisor
@@ -64,8 +64,6 @@ DIAGNOSIS_INTERVAL = 2.0
 # A caller's descriptor may be a file on a stalled network or FUSE filesystem.
 GDB_CONNECT_SECONDS = 5.0
 CONSOLE_LOG_SECONDS = 5.0
-# The longest root= kdlab may add, for checking a command line's length early.
-_PLANNED_ROOT = (Disk(Path(), "vda", "image"),)
 
 
 class VMObserver(Protocol):
@@ -113,7 +111,10 @@ class Layout:
 
 @dataclass(frozen=True)
 class CreateRequest:
-    """A validated-on-use request to create a VM; descriptors stay the caller's."""
+    """A request to create a VM, as a caller made it; descriptors stay the caller's.
+
+    :meth:`VMService.create` checks all of it before it makes anything.
+    """
 
     name: str
     owner_uid: int
@@ -129,6 +130,28 @@ class CreateRequest:
     image: str = ""
     disk_size: int = 0
     extra_disks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class NewDisk:
+    """A disk a create is to make: the image's overlay, or a blank disk."""
+
+    target: str
+    base_image: str = ""
+    size: int = 0
+    """Bytes; an overlay is at least as large as its image."""
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """The kernel and initrd a create got, checked: what they hold."""
+
+    kernel_fd: int
+    kernel_size: int
+    release: str
+    """What the kernel announces (``uname -r``), or ""."""
+    initrd_fd: int | None
+    initrd_size: int
 
 
 class BootClock:
@@ -231,6 +254,10 @@ def kernel_volume(name: str) -> str:
 
 def initrd_volume(name: str) -> str:
     return f"{name}.initrd"
+
+
+def disk_volume(name: str, target: str) -> str:
+    return f"{name}.{target}.qcow2"
 
 
 _VOLUME_SUFFIX = re.compile(r"\.(kernel|initrd|vd[a-z]\.qcow2)$")
@@ -370,56 +397,116 @@ class VMService:
             self._store(record)
 
     async def create(self, request: CreateRequest) -> VMRecord:
-        """Stage the boot files and define the domain; roll back on any failure."""
-        name = validate.name(request.name)
-        spec = self._new_spec(request)
-        if request.kernel_fd is None:
-            raise InvalidArgument(
-                "a kernel is required: pass an open descriptor of a bzImage"
-            )
-        kernel_size, header = await _kernel_header(request.kernel_fd)
-        spec = spec.replace(release=validate.release(kernel.bzimage_release(header)))
-        initrd_size = 0
-        if (initrd_fd := request.initrd_fd) is not None:
-            initrd_size = await blocking.from_caller(
-                lambda: validate.readable_file(
-                    initrd_fd, "initrd", validate.INITRD_MAX_BYTES
-                ),
-                "initrd",
-            )
+        """Check the whole request, make the VM's volumes and define its domain.
+
+        Nothing is made before every part of the request passed; what was made
+        is removed again when a later step fails.
+        """
+        disks = self._check(request)
+        files = await _read_boot_files(request)
+        name = request.name
         with self._reserve(request):
-            base = self._image_for(request)
+            image = self._image_for(request)
             if await self._hv.get_vm(name) is not None:
                 raise VMExists(f"a VM named {name!r} already exists")
             async with contextlib.AsyncExitStack() as undo:
-                kernel_path = await self._hv.upload_boot_file(
-                    kernel_volume(name), request.kernel_fd, kernel_size
-                )
-                undo.push_async_callback(
-                    _undo, self._hv.delete_vm_volume, kernel_volume(name)
-                )
-                crash_point("create.kernel-uploaded")
-                initrd = None
-                if request.initrd_fd is not None:
-                    initrd = await self._hv.upload_boot_file(
-                        initrd_volume(name), request.initrd_fd, initrd_size
-                    )
-                    undo.push_async_callback(
-                        _undo, self._hv.delete_vm_volume, initrd_volume(name)
-                    )
-                disks = await self._create_disks(request, base, undo)
-                crash_point("create.disks-created")
-                vm_dir = self._layout.vm_dir(name)
-                vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                undo.callback(shutil.rmtree, vm_dir, ignore_errors=True)
-                record = await self._hv.define_vm(
-                    spec.replace(kernel=kernel_path, initrd=initrd, disks=disks)
-                )
+                spec = await self._stage(request, files, disks, image, undo)
+                record = await self._hv.define_vm(spec)
                 undo.pop_all()
                 crash_point("create.defined")
         self._store(record)
         log.info("vm.created", vm=name, owner_uid=request.owner_uid, uuid=record.uuid)
         return self.get(name)
+
+    def _check(self, request: CreateRequest) -> tuple[NewDisk, ...]:
+        """Refuse a bad request before anything is made; the disks it asks for."""
+        validate.name(request.name)
+        debug = request.debug
+        if debug.gdb_tcp_port is not None:
+            validate.tcp_port(debug.gdb_tcp_port)
+        validate.cmdline(request.cmdline)
+        self._limits.memory(validate.memory_mib(request.memory_mib))
+        self._limits.cpus(validate.vcpus(request.vcpus))
+        validate.hint_path(request.vmlinux, "vmlinux path")
+        disks = self._check_disks(request)
+        validate.hint_path(request.kernel_path, "kernel path")
+        validate.hint_path(request.tree, "kernel tree path")
+        # kdlab's additions (root=, console=, nokaslr) count against the limit.
+        validate.cmdline(
+            kernel_cmdline.effective(request.cmdline, disks, gdb=debug.gdb)
+        )
+        return disks
+
+    def _check_disks(self, request: CreateRequest) -> tuple[NewDisk, ...]:
+        """Check the disk options: the image's overlay (vda), then blank disks."""
+        disks = []
+        if request.image:
+            validate.name(request.image, "image name")
+            disks.append(NewDisk(disk_target(0), request.image, request.disk_size))
+        elif request.disk_size:
+            raise InvalidArgument("a disk size needs an image (--image)")
+        if request.disk_size:
+            self._limits.disk(validate.disk_size(request.disk_size), "disk size")
+        if len(request.extra_disks) > validate.MAX_EXTRA_DISKS:
+            raise InvalidArgument(
+                f"at most {validate.MAX_EXTRA_DISKS} extra disks (vdb to vdz)"
+            )
+        self._limits.extra(len(request.extra_disks))
+        for size in request.extra_disks:
+            self._limits.disk(
+                validate.disk_size(size, "extra disk size"), "extra disk size"
+            )
+            disks.append(NewDisk(disk_target(len(disks)), size=size))
+        return tuple(disks)
+
+    async def _stage(
+        self,
+        request: CreateRequest,
+        files: BootFiles,
+        disks: tuple[NewDisk, ...],
+        image: ImageRecord | None,
+        undo: contextlib.AsyncExitStack,
+    ) -> VMSpec:
+        """Make the checked request's volumes and directory, each pushed on
+        *undo*; the spec of the VM they make."""
+        name = request.name
+        kernel_file = await self._hv.upload_boot_file(
+            kernel_volume(name), files.kernel_fd, files.kernel_size
+        )
+        undo.push_async_callback(_undo, self._hv.delete_vm_volume, kernel_volume(name))
+        crash_point("create.kernel-uploaded")
+        initrd_file = None
+        if files.initrd_fd is not None:
+            initrd_file = await self._hv.upload_boot_file(
+                initrd_volume(name), files.initrd_fd, files.initrd_size
+            )
+            undo.push_async_callback(
+                _undo, self._hv.delete_vm_volume, initrd_volume(name)
+            )
+        made = await self._make_disks(name, disks, image, undo)
+        crash_point("create.disks-created")
+        vm_dir = self._layout.vm_dir(name)
+        vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        undo.callback(shutil.rmtree, vm_dir, ignore_errors=True)
+        return VMSpec(
+            name=name,
+            owner_uid=request.owner_uid,
+            kernel=kernel_file,
+            initrd=initrd_file,
+            cmdline=request.cmdline,
+            memory_mib=request.memory_mib,
+            vcpus=request.vcpus,
+            accel=self._accel,
+            console_log=self._layout.console_log(name),
+            gdb_socket=self._layout.gdb_socket(name),
+            debug=request.debug,
+            created_usec=time.time_ns() // 1000,
+            release=files.release,
+            vmlinux=request.vmlinux,
+            kernel_path=request.kernel_path,
+            tree=request.tree,
+            disks=made,
+        )
 
     def _image_for(self, request: CreateRequest) -> ImageRecord | None:
         """The image the new VM's disk is based on, from the image service.
@@ -434,34 +521,31 @@ class VMService:
             raise NoSuchImage(f"no image named {request.image!r}: kdlabd has none")
         return self._images(request.image)
 
-    async def _create_disks(
+    async def _make_disks(
         self,
-        request: CreateRequest,
+        name: str,
+        disks: tuple[NewDisk, ...],
         image: ImageRecord | None,
         undo: contextlib.AsyncExitStack,
     ) -> tuple[Disk, ...]:
         """The VM's own disks: an overlay on its image (vda), then blank ones."""
-        sizes: list[tuple[int, ImageRecord | None]] = []
-        if image is not None:
-            sizes.append((max(image.capacity, request.disk_size), image))
-        sizes += [(size, None) for size in request.extra_disks]
-        disks = []
-        for index, (size, base) in enumerate(sizes):
-            target = disk_target(index)
-            volume = f"{request.name}.{target}.qcow2"
+        made = []
+        for disk in disks:
+            base = image if disk.base_image else None
+            size = disk.size if base is None else max(base.capacity, disk.size)
+            volume = disk_volume(name, disk.target)
             path = await self._hv.create_vm_disk(volume, size, base)
             undo.push_async_callback(_undo, self._hv.delete_vm_volume, volume)
-            disks.append(
-                Disk(path, target, base.name, Backing(base.path, base.format))
+            made.append(
+                Disk(path, disk.target, base.name, Backing(base.path, base.format))
                 if base is not None
-                else Disk(path, target)
+                else Disk(path, disk.target)
             )
-        return tuple(disks)
+        return tuple(made)
 
     async def _replace_kernel(self, record: VMRecord, fd: int) -> None:
         """Stage a new snapshot of the kernel: rebuilding the tree later is safe."""
-        size, header = await _kernel_header(fd)
-        release = validate.release(kernel.bzimage_release(header))
+        size, release = await _read_kernel(fd)
         await self._hv.upload_boot_file(kernel_volume(record.name), fd, size)
         if release != record.spec.release:
             self._store(
@@ -623,51 +707,6 @@ class VMService:
                 f"within {CONSOLE_LOG_SECONDS:g} s: its filesystem does not answer"
             ) from None
 
-    def _new_spec(self, request: CreateRequest) -> VMSpec:
-        debug = request.debug
-        if debug.gdb_tcp_port is not None:
-            validate.tcp_port(debug.gdb_tcp_port)
-        spec = VMSpec(
-            name=request.name,
-            owner_uid=request.owner_uid,
-            kernel=Path(),
-            initrd=None,
-            cmdline=validate.cmdline(request.cmdline),
-            memory_mib=self._limits.memory(validate.memory_mib(request.memory_mib)),
-            vcpus=self._limits.cpus(validate.vcpus(request.vcpus)),
-            accel=self._accel,
-            console_log=self._layout.console_log(request.name),
-            gdb_socket=self._layout.gdb_socket(request.name),
-            debug=debug,
-            created_usec=time.time_ns() // 1000,
-            vmlinux=validate.hint_path(request.vmlinux, "vmlinux path"),
-            disks=self._check_disks(request),
-            kernel_path=validate.hint_path(request.kernel_path, "kernel path"),
-            tree=validate.hint_path(request.tree, "kernel tree path"),
-        )
-        # kdlab's additions (root=, console=, nokaslr) count against the limit.
-        validate.cmdline(effective_cmdline(spec.replace(disks=_PLANNED_ROOT)))
-        return spec
-
-    def _check_disks(self, request: CreateRequest) -> tuple[Disk, ...]:
-        """Validate the disk options; the disks themselves are made later."""
-        if request.image:
-            validate.name(request.image, "image name")
-        elif request.disk_size:
-            raise InvalidArgument("a disk size needs an image (--image)")
-        if request.disk_size:
-            self._limits.disk(validate.disk_size(request.disk_size), "disk size")
-        if len(request.extra_disks) > validate.MAX_EXTRA_DISKS:
-            raise InvalidArgument(
-                f"at most {validate.MAX_EXTRA_DISKS} extra disks (vdb to vdz)"
-            )
-        self._limits.extra(len(request.extra_disks))
-        for size in request.extra_disks:
-            self._limits.disk(
-                validate.disk_size(size, "extra disk size"), "extra disk size"
-            )
-        return ()
-
     @contextlib.contextmanager
     def _reserve(self, request: CreateRequest) -> Iterator[None]:
         """Hold the new VM's name, and count it against its owner's VMs."""
@@ -762,7 +801,7 @@ class VMService:
             return None
         spec = record.spec
         facts = BootFacts(
-            cmdline=effective_cmdline(spec),
+            cmdline=spec.effective_cmdline,
             disks=tuple(disk.target for disk in spec.disks),
             has_initrd=spec.initrd is not None,
             gdbstub=spec.debug.gdb,
@@ -865,8 +904,8 @@ def _cpus_run(state: VMState) -> bool:
     return state in (VMState.RUNNING, VMState.STOPPING)
 
 
-async def _kernel_header(fd: int) -> tuple[int, bytes]:
-    """The size and boot header of the bzImage the caller passed as *fd*."""
+async def _read_kernel(fd: int) -> tuple[int, str]:
+    """The size and release of the bzImage the caller passed as *fd*."""
 
     def look() -> tuple[int, bytes]:
         size = validate.readable_file(fd, "kernel", validate.KERNEL_MAX_BYTES)
@@ -874,7 +913,28 @@ async def _kernel_header(fd: int) -> tuple[int, bytes]:
         validate.kernel_image(header)
         return size, header
 
-    return await blocking.from_caller(look, "kernel")
+    size, header = await blocking.from_caller(look, "kernel")
+    return size, validate.release(kernel.bzimage_release(header))
+
+
+async def _read_boot_files(request: CreateRequest) -> BootFiles:
+    """Check the kernel and initrd the caller passed; what they hold."""
+    if request.kernel_fd is None:
+        raise InvalidArgument(
+            "a kernel is required: pass an open descriptor of a bzImage"
+        )
+    kernel_size, release = await _read_kernel(request.kernel_fd)
+    initrd_size = 0
+    if (initrd_fd := request.initrd_fd) is not None:
+        initrd_size = await blocking.from_caller(
+            lambda: validate.readable_file(
+                initrd_fd, "initrd", validate.INITRD_MAX_BYTES
+            ),
+            "initrd",
+        )
+    return BootFiles(
+        request.kernel_fd, kernel_size, release, request.initrd_fd, initrd_size
+    )
 
 
 async def _undo(step: Callable[[str], Awaitable[None]], arg: str) -> None:

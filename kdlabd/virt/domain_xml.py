@@ -11,7 +11,6 @@ from pathlib import Path
 
 from lxml import etree
 
-from kdlabd.core.cmdline import effective_cmdline
 from kdlabd.core.models import (
     Accel,
     Backing,
@@ -109,7 +108,7 @@ def _os(parent: etree._Element, spec: VMSpec) -> None:
     _sub(os_el, "kernel", str(spec.kernel))
     if spec.initrd is not None:
         _sub(os_el, "initrd", str(spec.initrd))
-    _sub(os_el, "cmdline", effective_cmdline(spec))
+    _sub(os_el, "cmdline", spec.effective_cmdline)
 
 
 def _devices(parent: etree._Element, spec: VMSpec) -> None:

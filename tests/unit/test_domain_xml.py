@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from kdlabd.core import validate
-from kdlabd.core.cmdline import effective_cmdline
 from kdlabd.core.models import Accel, DebugSettings, VMSpec
 from kdlabd.virt.domain_xml import (
     GDB_CHARDEV_ID,
@@ -302,7 +301,7 @@ def test_xml_escaping_of_cmdline() -> None:
     # The socket path is in an attribute: quotes are escaped there too.
     assert "path=/run/kdlab,,lab/gdb/&quot;e&amp;s&lt;c&gt;&quot;,,sock," in xml
     root = etree.fromstring(xml.encode())
-    assert root.findtext("os/cmdline") == effective_cmdline(spec)
+    assert root.findtext("os/cmdline") == spec.effective_cmdline
     assert root.findtext(f"metadata/{{{KDLAB_NS}}}vm/{{{KDLAB_NS}}}cmdline") == (
         spec.cmdline
     )

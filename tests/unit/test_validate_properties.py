@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 
 from kdlab.errors import InvalidArgument, LimitExceeded
 from kdlabd.core import kernel, validate
-from kdlabd.core.cmdline import effective_cmdline
 from kdlabd.core.limits import Limits
 from kdlabd.core.models import Accel, DebugSettings, Disk, ImageSource, VMSpec
 from kdlabd.core.vms import CreateRequest, Layout, VMService
@@ -275,13 +274,18 @@ def test_effective_cmdline_of_any_accepted_vm_fits_the_kernel(value: str) -> Non
     )
     request = CreateRequest("vm1", 0, kernel_fd=None, cmdline=value, image="base")
     try:
-        spec = service._new_spec(request)  # the create path's validation
+        disks = service._check(request)  # the create path's validation
     except InvalidArgument:
         return
-    booted = spec.replace(
-        disks=(Disk(Path("/var/lib/kdlab/boot/vm1.vda.qcow2"), "vda", "base"),)
+    booted = make_spec(
+        cmdline=value,
+        disks=tuple(
+            Disk(Path(f"/var/lib/kdlab/boot/vm1.{d.target}.qcow2"), d.target, "base")
+            for d in disks
+        ),
     )
-    assert len(effective_cmdline(booted)) <= validate.CMDLINE_MAX
+    assert booted.disks, "the image's disk was planned"
+    assert len(booted.effective_cmdline) <= validate.CMDLINE_MAX
 
 
 @given(st.binary(max_size=64))
