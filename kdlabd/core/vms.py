@@ -263,7 +263,7 @@ def disk_volume(name: str, target: str) -> str:
 _VOLUME_SUFFIX = re.compile(r"\.(kernel|initrd|vd[a-z]\.qcow2)$")
 
 
-def volume_owner(volume: str) -> str | None:
+def vm_of_volume(volume: str) -> str | None:
     """The VM a volume of the VM pool belongs to, by its name; None if not kdlab's."""
     match = _VOLUME_SUFFIX.search(volume)
     return volume[: match.start()] if match else None
@@ -349,8 +349,8 @@ class VMService:
         """
         removed = []
         for volume in await self._hv.list_vm_volumes():
-            owner = volume_owner(volume)
-            if owner is not None and owner not in self._vms:
+            vm = vm_of_volume(volume)
+            if vm is not None and vm not in self._vms:
                 await self._hv.delete_vm_volume(volume)
                 removed.append(volume)
         vms_dir = self._layout.state_dir / "vms"

@@ -57,7 +57,7 @@ from kdlab.wire import (
     vm_path,
 )
 from kdlabd.core.journal import CRASH_ENV
-from kdlabd.core.vms import volume_owner
+from kdlabd.core.vms import vm_of_volume
 from tests.support import REPO, debian, figures
 from tests.support.bus import BusClient
 from tests.support.clients import Identity, ctl_env, kdlabctl
@@ -184,7 +184,7 @@ class FaultLab:
         return {vm["name"]: vm["state"] for vm in json.loads(result.stdout)}
 
     def volumes_of(self, name: str) -> list[str]:
-        return sorted(v for v in pool_volumes(BOOT_POOL) if volume_owner(v) == name)
+        return sorted(v for v in pool_volumes(BOOT_POOL) if vm_of_volume(v) == name)
 
     def state_leftovers(self, name: str) -> list[str]:
         """kdlabd's files of *name* that outlived it, and unfinished intents."""
