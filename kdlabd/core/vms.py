@@ -570,8 +570,7 @@ class VMService:
         self, name: str, *, paused: bool = False, kernel_fd: int | None = None
     ) -> VMRecord:
         """Boot the VM; *kernel_fd* replaces its kernel first (a fresh build)."""
-        async with self._entry(name).lock:
-            entry = self._entry(name)
+        async with self._locked(name) as entry:
             record = _shown(entry)
             if record.state.active:
                 raise InvalidState(f"VM {name!r} is already {record.state}")
@@ -597,8 +596,7 @@ class VMService:
         self, name: str, *, force: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT
     ) -> VMRecord:
         """Power off: ACPI first, the plug after *timeout* seconds (or at once)."""
-        async with self._entry(name).lock:
-            entry = self._entry(name)
+        async with self._locked(name) as entry:
             record = _shown(entry)
             if not record.state.active:
                 raise InvalidState(f"VM {name!r} is not running (it is {record.state})")
@@ -615,8 +613,8 @@ class VMService:
             return self.get(name)
 
     async def delete(self, name: str) -> None:
-        async with self._entry(name).lock:
-            record = self.get(name)
+        async with self._locked(name) as entry:
+            record = _shown(entry)
             if record.state.active:
                 raise InvalidState(
                     f"VM {name!r} is {record.state}: stop it first "
@@ -731,6 +729,13 @@ class VMService:
                 entry.creating = None
                 if entry.shown is None:
                     del self._vms[name]
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[VMEntry]:
+        """The entry of the VM *name*, while no other operation runs on it."""
+        async with self._entry(name).lock:
+            # Looked up again: the VM may have gone while the lock was held.
+            yield self._entry(name)
 
     @contextlib.asynccontextmanager
     async def _transition(self, entry: VMEntry, state: VMState) -> AsyncIterator[None]:
