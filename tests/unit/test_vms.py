@@ -24,9 +24,19 @@ from kdlab.errors import (
     VMExists,
 )
 from kdlab.states import VMState
+from kdlabd.core.diagnosis import BootFacts, diagnose
 from kdlabd.core.models import Accel, DebugSettings, VMRecord
-from kdlabd.core.vms import CreateRequest, Layout, VMService
+from kdlabd.core.vms import (
+    Boot,
+    BootClock,
+    CreateRequest,
+    Layout,
+    VMEntry,
+    VMService,
+    client_view,
+)
 from tests.unit.fake_hypervisor import POOL, FakeHypervisor
+from tests.unit.test_domain_xml import make_spec
 
 T = TypeVar("T")
 
@@ -147,6 +157,57 @@ def lab(tmp_path: Path) -> Lab:
     initrd = tmp_path / "initrd.img"
     initrd.write_bytes(b"070701" + bytes(500))
     return Lab(tmp_path, hv, observer, layout, service, kernel, initrd)
+
+
+# What clients see: a function of the VM's entry.
+
+S = VMState
+
+
+@pytest.mark.parametrize(
+    ("reported", "transition", "booted", "shown"),
+    [
+        (S.STOPPED, None, False, S.DEFINED),
+        (S.STOPPED, None, True, S.STOPPED),
+        (S.STOPPED, S.STARTING, False, S.STARTING),
+        (S.RUNNING, S.STARTING, True, S.RUNNING),
+        (S.PAUSED, S.STARTING, True, S.PAUSED),
+        (S.RUNNING, S.STOPPING, True, S.STOPPING),
+        (S.PAUSED, S.STOPPING, True, S.STOPPING),
+        (S.STOPPED, S.STOPPING, True, S.STOPPED),
+        (S.CRASHED, None, True, S.CRASHED),
+    ],
+)
+def test_the_state_clients_see(
+    reported: VMState, transition: VMState | None, booted: bool, shown: VMState
+) -> None:
+    spec = make_spec()
+    entry = VMEntry("vm1", VMRecord(spec, "u", reported), transition=transition)
+    entry.booted = booted
+    assert client_view(entry) == VMRecord(spec, "u", shown)
+
+
+@pytest.mark.parametrize(
+    ("reported", "waiting"), [(S.PAUSED, True), (S.RUNNING, False), (S.STOPPED, False)]
+)
+def test_a_vm_started_paused_waits_for_a_debugger_while_paused(
+    reported: VMState, waiting: bool
+) -> None:
+    boot = Boot(BootClock(started_paused=True), waiting_for_debugger=True)
+    entry = VMEntry("vm1", VMRecord(make_spec(), "u", reported), boot=boot)
+    assert client_view(entry).waiting_for_debugger is waiting
+    boot.waiting_for_debugger = False
+    assert not client_view(entry).waiting_for_debugger
+
+
+def test_the_diagnosis_clients_see_is_the_boots() -> None:
+    silent = BootFacts("console=ttyS0", ("vda",), False, True, 60.0, running=True)
+    found = diagnose("", silent)
+    assert found is not None
+    entry = VMEntry("vm1", VMRecord(make_spec(), "u", S.STOPPED), booted=True)
+    assert client_view(entry).diagnosis is None
+    entry.boot = Boot(BootClock(started_paused=False), diagnosis=found)
+    assert client_view(entry).diagnosis == found
 
 
 # Create.
