@@ -15,7 +15,7 @@ from kdlab.errors import KdlabError
 from kdlab.wire import BUS_NAME, bus_address
 from kdlabd import logs
 from kdlabd.bus.auth import Authorizer
-from kdlabd.bus.calls import KdlabBus
+from kdlabd.bus.dbus_next_patches import KdlabBus
 from kdlabd.bus.exporter import BusExporter
 from kdlabd.config import Config, from_args
 from kdlabd.core import blocking

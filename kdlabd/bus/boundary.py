@@ -3,7 +3,8 @@
 dbus-next would send the Python traceback of any unexpected exception to the
 caller. Here kdlab errors become their D-Bus names with their message;
 anything else becomes ``Error.Internal`` with no detail on the wire and a
-full log entry in the journal.
+full log entry in the journal. Every log line emitted while serving a call
+names the caller (``sender``, ``uid``) and the method (``method``, ``path``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def _known(err: Exception) -> KdlabError | None:
     return None
 
 
+def _error_reply(err: Exception) -> DBusError:
+    """The error reply for *err*: its D-Bus name, or Internal (logged) for a bug."""
+    known = _known(err)
+    if known is None:
+        incident = uuid.uuid4().hex[:12]
+        log.exception("dbus.internal_error", incident=incident)
+        known = Internal(f"internal error in kdlabd (incident {incident}); see its log")
+    return DBusError(known.dbus_name(), str(known))
+
+
 def exported(
     action: Action, name: str | None = None
 ) -> Callable[
@@ -77,26 +88,25 @@ def exported(
         @functools.wraps(fn)
         async def guarded(self: Guarded, *args: P.args, **kwargs: P.kwargs) -> R:
             call = CURRENT_CALL.get()
-            try:
-                if call is not None and call.fds_lost:
-                    raise out_of_descriptors("the descriptors of this call were lost")
-                caller = await _authorize(self, action)
-                fault_point(f"call.{fn.__name__}")
-                return await fn(self, caller, *args, **kwargs)
-            except Exception as err:
-                known = _known(err)
-                if known is None:
-                    incident = uuid.uuid4().hex[:12]
-                    log.exception(
-                        "dbus.internal_error", method=fn.__name__, incident=incident
-                    )
-                    known = Internal(
-                        f"internal error in kdlabd (incident {incident}); see its log"
-                    )
-                raise DBusError(known.dbus_name(), str(known)) from None
-            finally:
-                if call is not None:
-                    call.close_fds()
+            # Every log line of the call names it. Each call runs in a task of
+            # its own; tasks it starts inherit the names (a job's, its starter's).
+            context = call.log_context() if call is not None else {}
+            with structlog.contextvars.bound_contextvars(**context):
+                try:
+                    if call is not None and call.fds_lost:
+                        raise out_of_descriptors(
+                            "the descriptors of this call were lost"
+                        )
+                    caller = await _authorize(self, action)
+                    structlog.contextvars.bind_contextvars(uid=caller.uid)
+                    fault_point(f"call.{fn.__name__}")
+                    return await fn(self, caller, *args, **kwargs)
+                except Exception as err:
+                    raise _error_reply(err) from None
+                finally:
+                    structlog.contextvars.unbind_contextvars("uid")
+                    if call is not None:
+                        call.close_fds()
 
         # dbus-next reads the D-Bus signature from the annotations: hide the Caller.
         signature = inspect.signature(fn)

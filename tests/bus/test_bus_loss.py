@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kdlab.wire import BUS_NAME
-from kdlabd.bus.calls import KdlabBus
+from kdlabd.bus.dbus_next_patches import KdlabBus
 from tests.support.bus import PrivateBus
 from tests.support.testdriver import Lab, defined_fleet
 

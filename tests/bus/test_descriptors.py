@@ -32,7 +32,7 @@ SERVER = textwrap.dedent(
     from dbus_next.service import ServiceInterface
     from kdlabd.bus.auth import Action, Authorizer
     from kdlabd.bus.boundary import exported
-    from kdlabd.bus.calls import KdlabBus
+    from kdlabd.bus.dbus_next_patches import KdlabBus
     from kdlab.wire import BUS_NAME
 
     class Probe(ServiceInterface):

@@ -62,7 +62,8 @@ def test_the_caller_gets_an_incident_id_and_the_log_the_traceback(
     match = INCIDENT.search(message)
     assert match, message
     entry = logged_incidents(faulty)[match[1]]
-    assert entry["method"] == "GetVM"
+    assert entry["method"] == f"{MANAGER}.GetVM"
+    assert (entry["path"], entry["uid"]) == (MANAGER_PATH, 0)
     assert entry["level"] == "error"
     assert entry["exception"].startswith("Traceback (most recent call last):")
     assert "InjectedFault: fault injected at call.GetVM" in entry["exception"]
