@@ -11,6 +11,7 @@ from kdlab.wire import IMAGE_INTERFACE
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.options import take
+from kdlabd.bus.properties import announce_changes
 from kdlabd.core.images import ImageService
 from kdlabd.core.models import ImageRecord
 
@@ -43,11 +44,8 @@ class ImageInterface(ServiceInterface):
         }
 
     def update(self, image: ImageRecord) -> None:
-        new = self._properties(image)
-        changed = {k: v for k, v in new.items() if self._props[k] != v}
-        self._props = new
-        if changed:
-            self.emit_properties_changed(changed)
+        """Take the image's new state and announce the properties that changed."""
+        self._props = announce_changes(self, self._props, self._properties(image))
 
     @exported(Action.MANAGE_VMS)
     async def Delete(self, caller: Caller) -> None:

@@ -11,6 +11,7 @@ from kdlab.states import JobState
 from kdlab.wire import JOB_INTERFACE
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
+from kdlabd.bus.properties import announce_changes
 from kdlabd.core.jobs import Job, JobManager
 
 
@@ -41,11 +42,8 @@ class JobInterface(ServiceInterface):
         return self._job.owner_uid
 
     def update(self) -> None:
-        new = properties(self._job)
-        changed = {k: v for k, v in new.items() if self._props[k] != v}
-        self._props = new
-        if changed:
-            self.emit_properties_changed(changed)
+        """Announce the properties that changed, and the end of the job."""
+        self._props = announce_changes(self, self._props, properties(self._job))
         if self._job.state is not JobState.RUNNING:
             self.Completed(self._job.state is JobState.SUCCEEDED, self._job.message)
 

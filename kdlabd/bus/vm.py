@@ -11,6 +11,7 @@ from kdlab.wire import VM_INTERFACE
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.options import take
+from kdlabd.bus.properties import announce_changes
 from kdlabd.core.models import VMRecord
 from kdlabd.core.vms import DEFAULT_STOP_TIMEOUT, VMService
 
@@ -78,13 +79,8 @@ class VMInterface(ServiceInterface):
 
     def update(self, record: VMRecord) -> None:
         """Take the VM's new state and announce the properties that changed."""
-        new = properties(record)
-        changed = {
-            key: value for key, value in new.items() if self._props[key] != value
-        }
-        self._record, self._props = record, new
-        if changed:
-            self.emit_properties_changed(changed)
+        self._record = record
+        self._props = announce_changes(self, self._props, properties(record))
 
     @exported(Action.MANAGE_VMS)
     async def Start(self, caller: Caller, options: "a{sv}") -> None:
