@@ -75,11 +75,9 @@ async def serve(config: Config) -> None:
     try:
         accel = await hypervisor.resolve_accel(config.accel)
         authorizer = await Authorizer.for_bus(bus, config.polkit_timeout)
-        exporter = BusExporter(bus, authorizer)
         limits = config.limits(await hypervisor.host_resources())
         log.info("kdlabd.limits", **dataclasses.asdict(limits))
         jobs = JobManager()
-        jobs.observer = exporter
         # Each service asks the other: VMs look images up, images ask who uses
         # them. The lambda finds `images` when a VM is created, made by then.
         vms = VMService(
@@ -89,7 +87,6 @@ async def serve(config: Config) -> None:
             images=lambda name: images.for_disk(name),  # noqa: PLW0108
             limits=limits,
         )
-        vms.subscribe(exporter)
         images = ImageService(
             hypervisor,
             jobs=jobs,
@@ -97,10 +94,9 @@ async def serve(config: Config) -> None:
             scratch_dir=layout.scratch_dir(),
             cache_dir=layout.cache_dir(),
             journal=Journal(layout.journal_dir()),
-            observer=exporter,
             limits=limits,
         )
-        exporter.serve(vms, images, jobs)
+        BusExporter(bus, authorizer, vms, images, jobs)
 
         def reconnected() -> None:
             vms.hypervisor_reconnected()

@@ -17,84 +17,79 @@ from kdlabd.core.vms import VMService
 
 
 class BusExporter:
-    """Observer of the core services: one object per VM, image and job.
+    """Observer of the core services: the manager, and one object per VM, image
+    and job.
 
-    It is attached before the services load, so every object exists before
-    kdlabd takes its bus name.
+    It exports the manager and subscribes to the services when it is made,
+    before they load, so every object exists before kdlabd takes its bus name.
     """
 
-    def __init__(self, bus: MessageBus, authorizer: Authorizer) -> None:
-        self._bus = bus
-        self._authorizer = authorizer
-        self._manager: ManagerInterface | None = None
-        self._vms: dict[str, VMInterface] = {}
-        self._images: dict[str, ImageInterface] = {}
-        self._jobs: dict[int, JobInterface] = {}
-
-    def serve(
+    def __init__(
         self,
+        bus: MessageBus,
+        authorizer: Authorizer,
         vms: VMService,
         images: ImageService,
         jobs: JobManager,
     ) -> None:
-        """Export the manager; VM, image and job objects follow as they appear."""
-        self._services = (vms, images, jobs)
-        self._manager = ManagerInterface(vms, images, jobs, self._authorizer)
-        self._bus.export(MANAGER_PATH, self._manager)
-
-    @property
-    def manager(self) -> ManagerInterface:
-        assert self._manager is not None, "serve() first"
-        return self._manager
+        self._bus = bus
+        self._authorizer = authorizer
+        self._vms = vms
+        self._images = images
+        self._jobs = jobs
+        self._vm_objects: dict[str, VMInterface] = {}
+        self._image_objects: dict[str, ImageInterface] = {}
+        self._job_objects: dict[int, JobInterface] = {}
+        self._manager = ManagerInterface(vms, images, jobs, authorizer)
+        bus.export(MANAGER_PATH, self._manager)
+        vms.subscribe(self)
+        images.subscribe(self)
+        jobs.subscribe(self)
 
     def vm_added(self, record: VMRecord) -> None:
-        vms, _, _ = self._services
-        interface = VMInterface(record, vms, self._authorizer)
-        self._vms[record.name] = interface
+        interface = VMInterface(record, self._vms, self._authorizer)
+        self._vm_objects[record.name] = interface
         path = vm_path(record.name)
         self._bus.export(path, interface)
-        self.manager.VMNew(record.name, path)
+        self._manager.VMNew(record.name, path)
         self._refresh_image_users()
 
     def vm_changed(self, record: VMRecord) -> None:
-        self._vms[record.name].update(record)
+        self._vm_objects[record.name].update(record)
 
     def vm_removed(self, name: str) -> None:
         path = vm_path(name)
         self._bus.unexport(path)
-        del self._vms[name]
-        self.manager.VMRemoved(name, path)
+        del self._vm_objects[name]
+        self._manager.VMRemoved(name, path)
         self._refresh_image_users()
 
     def image_added(self, image: ImageRecord) -> None:
-        _, images, _ = self._services
-        interface = ImageInterface(image, images, self._authorizer)
-        self._images[image.name] = interface
+        interface = ImageInterface(image, self._images, self._authorizer)
+        self._image_objects[image.name] = interface
         self._bus.export(image_path(image.name), interface)
 
     def image_changed(self, image: ImageRecord) -> None:
-        self._images[image.name].update(image)
+        self._image_objects[image.name].update(image)
 
     def image_removed(self, name: str) -> None:
         self._bus.unexport(image_path(name))
-        del self._images[name]
+        del self._image_objects[name]
 
     def job_added(self, job: Job) -> None:
-        _, _, jobs = self._services
-        interface = JobInterface(job, jobs, self._authorizer)
-        self._jobs[job.id] = interface
+        interface = JobInterface(job, self._jobs, self._authorizer)
+        self._job_objects[job.id] = interface
         self._bus.export(job_path(job.id), interface)
 
     def job_changed(self, job: Job) -> None:
-        self._jobs[job.id].update()
+        self._job_objects[job.id].update()
 
     job_finished = job_changed
 
     def job_removed(self, job: Job) -> None:
         self._bus.unexport(job_path(job.id))
-        del self._jobs[job.id]
+        del self._job_objects[job.id]
 
     def _refresh_image_users(self) -> None:
-        _, images, _ = self._services
-        for name, interface in self._images.items():
-            interface.update(images.get(name))
+        for name, interface in self._image_objects.items():
+            interface.update(self._images.get(name))

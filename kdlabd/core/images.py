@@ -38,6 +38,7 @@ from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
 from kdlabd.core.journal import Journal, crash_point, hold_point
 from kdlabd.core.limits import Limits
 from kdlabd.core.models import ImageFormat, ImageRecord, ImageSource
+from kdlabd.core.observers import Observers
 from kdlabd.core.rootfs import Progress as RootfsProgress
 from kdlabd.core.rootfs import RootfsSpec, build_rootfs
 from kdlabd.core.sandbox import BuildSandbox, kill_build
@@ -53,6 +54,8 @@ Builder = Callable[[Path, Callable[[float, str], None]], Awaitable[None]]
 
 
 class ImageObserver(Protocol):
+    """Told about every change of the image view (the bus layer exports objects)."""
+
     def image_added(self, image: ImageRecord) -> None: ...
 
     def image_changed(self, image: ImageRecord) -> None: ...
@@ -72,7 +75,6 @@ class ImageService:
         scratch_dir: Path,
         cache_dir: Path,
         journal: Journal,
-        observer: ImageObserver,
         limits: Limits | None = None,
     ) -> None:
         self._hv = hypervisor
@@ -81,12 +83,17 @@ class ImageService:
         self._scratch_dir = scratch_dir
         self._cache_dir = cache_dir
         self._journal = journal
-        self._observer = observer
+        self._observers: Observers[ImageObserver] = Observers()
         self._limits = limits or Limits()
         self._images: dict[str, ImageRecord] = {}
         self._busy: set[str] = set()
         self._scratches: set[Path] = set()  # of the builds under way
         self._background = Background("images.reload_failed")
+
+    def subscribe(self, observer: ImageObserver) -> Callable[[], None]:
+        """Tell *observer* of every image added, changed or removed from now on;
+        returns the function that ends the subscription."""
+        return self._observers.subscribe(observer)
 
     async def load(self) -> None:
         """Rebuild the view from the pool."""
@@ -439,11 +446,13 @@ class ImageService:
         if old == image:
             return
         self._images[image.name] = image
-        if old is None:
-            self._observer.image_added(image)
-        else:
-            self._observer.image_changed(image)
+        for observer in self._observers:
+            if old is None:
+                observer.image_added(image)
+            else:
+                observer.image_changed(image)
 
     def _forget(self, name: str) -> None:
         if self._images.pop(name, None) is not None:
-            self._observer.image_removed(name)
+            for observer in self._observers:
+                observer.image_removed(name)

@@ -23,6 +23,7 @@ import structlog
 
 from kdlab.errors import Internal, KdlabError, NoSuchJob
 from kdlab.states import JobState
+from kdlabd.core.observers import Observers
 
 log = structlog.get_logger(__name__)
 
@@ -104,6 +105,9 @@ async def finish_on_cancel(work: Awaitable[T]) -> T:
 
 
 class JobObserver(Protocol):
+    """Told about every job from its start to its removal (the bus layer exports
+    objects)."""
+
     def job_added(self, job: Job) -> None: ...
 
     def job_changed(self, job: Job) -> None: ...
@@ -120,19 +124,24 @@ class JobManager:
     """Runs jobs and keeps them visible until a while after they end."""
 
     def __init__(self, keep_finished: float = KEEP_FINISHED_SECONDS) -> None:
-        self.observer: JobObserver | None = None
+        self._observers: Observers[JobObserver] = Observers()
         self._keep_finished = keep_finished
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    def subscribe(self, observer: JobObserver) -> Callable[[], None]:
+        """Tell *observer* of every job from now on; returns the function that
+        ends the subscription."""
+        return self._observers.subscribe(observer)
 
     def start(self, kind: str, target: str, owner_uid: int, work: Work) -> Job:
         loop = asyncio.get_running_loop()
         job = Job(next(self._ids), kind, target, owner_uid, _loop=loop)
         job._notify = self._changed
         self._jobs[job.id] = job
-        if self.observer is not None:
-            self.observer.job_added(job)
+        for observer in self._observers:
+            observer.job_added(job)
         self._tasks[job.id] = loop.create_task(self._run(job, work))
         log.info("job.started", job=job.id, kind=kind, target=target)
         return job
@@ -207,15 +216,16 @@ class JobManager:
         job.state, job.message = state, message
         job.status = message
         log.info("job.finished", job=job.id, state=state.value, message=message)
-        if self.observer is not None:
-            self.observer.job_finished(job)
+        for observer in self._observers:
+            observer.job_finished(job)
         asyncio.get_running_loop().call_later(self._keep_finished, self._remove, job.id)
 
     def _changed(self, job: Job) -> None:
-        if self.observer is not None:
-            self.observer.job_changed(job)
+        for observer in self._observers:
+            observer.job_changed(job)
 
     def _remove(self, job_id: int) -> None:
         job = self._jobs.pop(job_id, None)
-        if job is not None and self.observer is not None:
-            self.observer.job_removed(job)
+        if job is not None:
+            for observer in self._observers:
+                observer.job_removed(job)

@@ -47,6 +47,7 @@ from kdlabd.core.models import (
     VMRecord,
     VMSpec,
 )
+from kdlabd.core.observers import Observers
 from kdlabd.core.tasks import Background
 
 ImageForDisk = Callable[[str], ImageRecord]
@@ -293,7 +294,7 @@ class VMService:
         self._limits = limits or Limits()
         # One entry per VM, by name: the VMs clients see and those being created.
         self._vms: dict[str, VMEntry] = {}
-        self._observers: list[VMObserver] = []
+        self._observers: Observers[VMObserver] = Observers()
         self._consoles = ConsoleHub(hypervisor, self._limits)
         self._background = Background("vms.refresh_failed")
 
@@ -302,13 +303,7 @@ class VMService:
 
         Returns the function that ends the subscription.
         """
-        self._observers.append(observer)
-
-        def unsubscribe() -> None:
-            # By identity: observers may compare equal (dataclasses).
-            self._observers[:] = [o for o in self._observers if o is not observer]
-
-        return unsubscribe
+        return self._observers.subscribe(observer)
 
     @property
     def accel(self) -> Accel:
@@ -870,7 +865,7 @@ class VMService:
         if shown.state.active and boot is not None and boot.watcher is None:
             self._watch_boot(entry, boot)
         entry.changed.set()
-        for observer in list(self._observers):
+        for observer in self._observers:
             if old is None:
                 observer.vm_added(shown)
             else:
@@ -887,7 +882,7 @@ class VMService:
             self._vms[name] = VMEntry(name, creating=entry.creating)
         self._consoles.forget(name)
         _end_watching(entry)
-        for observer in list(self._observers):
+        for observer in self._observers:
             observer.vm_removed(name)
 
 

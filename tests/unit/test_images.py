@@ -94,7 +94,6 @@ def make_lab(tmp_path: Path, limits: Limits | None = None) -> ImageLab:
         scratch_dir=layout.scratch_dir(),
         cache_dir=layout.cache_dir(),
         journal=journal,
-        observer=ImageRecorder(),
         limits=limits,
     )
     hv.watch(vms.domain_changed, vms.hypervisor_reconnected)
@@ -175,6 +174,23 @@ def test_deleting_an_image_forgets_its_owner(lab: ImageLab) -> None:
         assert (lab.hv.images, lab.hv.owners) == ({}, {})
 
     run(scenario())
+
+
+def test_subscribers_hear_of_every_change_until_they_leave(lab: ImageLab) -> None:
+    first, second = ImageRecorder(), ImageRecorder()
+    leave = lab.images.subscribe(first)
+    lab.images.subscribe(second)
+
+    async def scenario() -> None:
+        await lab.images.create("blank", 64 * MIB, OTHER)
+        await lab.images.resize("blank", 128 * MIB)
+        leave()
+        await lab.images.delete("blank")
+
+    run(scenario())
+    told = [("added", "blank"), ("changed", "blank")]
+    assert first.events == told
+    assert second.events == [*told, ("removed", "blank")]
 
 
 def test_reconcile_prunes_owners_of_images_never_made(lab: ImageLab) -> None:
@@ -419,14 +435,6 @@ class Refusing:
         raise HypervisorError("libvirt: internal error: pool has asynchronous jobs")
 
 
-class Observer:
-    def image_added(self, image: ImageRecord) -> None: ...
-
-    def image_changed(self, image: ImageRecord) -> None: ...
-
-    def image_removed(self, name: str) -> None: ...
-
-
 def test_a_reload_after_a_reconnection_that_fails_is_logged(tmp_path: Path) -> None:
     """Not left as an exception nobody retrieves (asyncio logs those with a
     traceback, at some later garbage collection)."""
@@ -443,7 +451,6 @@ def test_a_reload_after_a_reconnection_that_fails_is_logged(tmp_path: Path) -> N
             scratch_dir=tmp_path / "scratch",
             cache_dir=tmp_path / "cache",
             journal=Journal(tmp_path / "pending"),
-            observer=Observer(),
         )
         service.hypervisor_reconnected()
         for _ in range(10):

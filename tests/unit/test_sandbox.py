@@ -28,7 +28,7 @@ import pytest
 from kdlab.errors import BuildFailed
 from kdlabd.core import sandbox
 from kdlabd.core.hypervisor import Hypervisor
-from kdlabd.core.images import ImageObserver, ImageService
+from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
 from kdlabd.core.journal import Journal
 from kdlabd.core.sandbox import (
@@ -279,14 +279,6 @@ def test_setpriv_applies_the_units_bounding_set() -> None:
     assert {"--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs"} <= set(argv)
 
 
-class NoImages:
-    def image_added(self, image: object) -> None: ...
-
-    def image_changed(self, image: object) -> None: ...
-
-    def image_removed(self, name: str) -> None: ...
-
-
 def test_start_up_kills_a_journalled_build_and_empties_scratch(
     box: BuildSandbox, tmp_path: Path
 ) -> None:
@@ -305,7 +297,6 @@ def test_start_up_kills_a_journalled_build_and_empties_scratch(
         scratch_dir=scratch_dir,
         cache_dir=tmp_path / "cache",
         journal=journal,
-        observer=cast(ImageObserver, NoImages()),
     )
     assert asyncio.run(images.clean_builds()) == ["img"]
     assert tagged(box.token) == []
