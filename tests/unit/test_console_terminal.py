@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import select
 import socket
 import termios
 import threading
@@ -66,6 +67,9 @@ def test_keys_typed_before_raw_mode_reach_the_vm(terminal: Terminal) -> None:
     # A line typed while the terminal is still cooked sits in its line buffer;
     # switching to raw mode must not flush it (TCSAFLUSH would).
     os.write(terminal.master, b"typed-ahead\r")
+    # The pty's line discipline takes the keys in asynchronously: wait until
+    # the cooked line (\r turned into \n) is there, as it is for a person.
+    assert select.select([terminal.slave], [], [], 10)[0], "the line never arrived"
     terminal.start()
     assert terminal.from_keyboard(len(b"typed-ahead\n")) == b"typed-ahead\n"
     os.write(terminal.master, b"\x03after")  # Ctrl-C goes to the guest too
