@@ -65,6 +65,41 @@ class Config:
         return self.state_dir / "images"
 
 
+# What each key means: kdlabd(8) lists them (kdlabd.manpage), with the
+# defaults above; a unit test keeps this complete.
+KEY_HELP = {
+    "bus": "The bus kdlabd serves on: system, session or a D-Bus address.",
+    "libvirt_uri": "The libvirt connection URI.",
+    "state_dir": "kdlabd's state: the storage pools' directories (boot, images) "
+    "and each VM's console logs.",
+    "runtime_dir": "Where the VMs' gdb sockets live, in a directory only root and "
+    "QEMU can enter.",
+    "cache_dir": "The debootstrap bases of image builds (default: STATE_DIR/cache).",
+    "accel": "auto uses KVM only when libvirt reports it, a hardware KVM module is "
+    "loaded and the QEMU user can open /dev/kvm; otherwise TCG. kvm or tcg force "
+    "one.",
+    "qemu_user": "The user libvirt runs QEMU as, who must reach the VMs' files "
+    "and sockets.",
+    "boot_pool": "The libvirt storage pool, in STATE_DIR/boot, of kernels, initrds "
+    "and VM disks.",
+    "image_pool": "The libvirt storage pool, in STATE_DIR/images, of disk images.",
+    "log_format": "json (one object a line, with a syslog priority prefix), "
+    "console, or auto: json under the journal or when stderr is not a terminal.",
+    "polkit_timeout": "Seconds kdlabd waits for polkit's answer before it denies "
+    "the call.",
+    "reconnect_wait": "Seconds a call that needs libvirt waits while kdlabd "
+    "reconnects to it, before it fails with HypervisorError.",
+    "max_memory_mib": "A VM's memory in MiB (default: the host's memory; never "
+    "above it).",
+    "max_vcpus": "A VM's vCPUs (default: the host's CPUs; never above them).",
+    "max_disk_gib": "The size in GiB of an image and of a VM's disks.",
+    "max_extra_disks": "Blank disks per VM (at most 25: vdb to vdz).",
+    "max_vms_per_user": "VMs one uid owns (or is creating).",
+    "max_jobs_per_user": "Imports and builds one uid runs at once.",
+    "max_console_viewers_per_vm": "Console viewers of one VM.",
+    "max_console_viewers_per_user": "Console viewers one uid has open.",
+}
+
 _LIMIT_MAX = 2**32 - 1
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _SECONDS = ("polkit_timeout", "reconnect_wait")

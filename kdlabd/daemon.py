@@ -31,6 +31,8 @@ log = structlog.get_logger(__name__)
 # descriptors each hold one; without systemd the soft limit (often 1024) is
 # raised to this at start, as far as the hard limit allows.
 DESCRIPTOR_LIMIT = 65536
+# The signals that stop kdlabd cleanly (kdlabd(8) lists them).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def raise_descriptor_limit() -> int:
@@ -133,7 +135,7 @@ async def serve(config: Config) -> None:
 async def _until_stopped(bus: KdlabBus) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     stopped = asyncio.ensure_future(stop.wait())
