@@ -35,7 +35,7 @@ SYSUSERS = SYSTEMD_DIR / "kdlab.sysusers"
 TMPFILES = SYSTEMD_DIR / "kdlab.tmpfiles"
 
 BUS_NAME = "org.kdlab.Kdlab1"
-EXEC_PATH = "/usr/local/bin/kdlabd"
+EXEC_PATH = "/opt/kdlab/bin/kdlabd"  # .ci/install's
 STATE_DIR = "/var/lib/kdlab"
 RUNTIME_DIR = "/run/kdlab"
 # `systemd-analyze security` overall exposure (0.0 best .. 10.0 worst) must stay at or
@@ -201,6 +201,17 @@ def test_verify_rejects_broken_unit(
 ) -> None:
     root = make_unit_root(tmp_path, mutate(UNIT.read_text()), stub_exec=stub_exec)
     assert verify_problems(verify(root)) != "", "verify accepted a broken unit"
+
+
+def test_unit_runs_the_kdlabd_that_ci_install_installs() -> None:
+    """The unit and .ci/kdlabd-service (no init system) start the installed
+    kdlabd, not one in a clone that other users or the unit's sandbox may not
+    reach."""
+    install = (REPO / ".ci" / "install").read_text()
+    prefix = re.search(r"^prefix=(/\S+)$", install, re.MULTILINE)
+    assert prefix is not None, ".ci/install sets no default prefix="
+    assert f"{prefix[1]}/bin/kdlabd" == EXEC_PATH
+    assert f"nohup {EXEC_PATH} " in (REPO / ".ci" / "kdlabd-service").read_text()
 
 
 def test_unit_core_settings() -> None:
