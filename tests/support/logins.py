@@ -206,15 +206,20 @@ def checkout_files() -> list[str]:
     return sorted({name for name in listed.decode().split("\0") if name})
 
 
-def copy_checkout(user: LoginUser) -> None:
-    """Copy this checkout into the user's home, owned by the user."""
+def copy_checkout_to(clone: Path) -> None:
+    """Copy this checkout into the directory *clone* (made if missing)."""
     for name in checkout_files():
         source = REPO / name
         if not source.is_file():
             continue  # deleted but not yet committed
-        target = user.clone / name
+        target = clone / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+
+
+def copy_checkout(user: LoginUser) -> None:
+    """Copy this checkout into the user's home, owned by the user."""
+    copy_checkout_to(user.clone)
     for top, dirs, files in os.walk(user.clone):
         for entry in (top, *(os.path.join(top, name) for name in dirs + files)):
             os.lchown(entry, user.uid, user.gid)

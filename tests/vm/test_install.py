@@ -1,0 +1,146 @@
+"""kdlab as .ci/setup installs it, used by a member of group kdlab through a real login.
+
+The clone lies in a directory of root's that no one else may enter (a clone
+in a 0700 home), and root's environment is the test's own (its first
+``python3`` may be a build under /root, as here). The clone's own
+``.ci/install`` installs it, as .ci/setup does into /opt/kdlab and /usr/local,
+but into a scratch prefix. Then ``kdlabt-alice`` (group kdlab) logs in with
+``runuser -l`` and uses what was installed: ``kdlabctl list``, ``create`` of
+a VM from Debian's kernel, ``delete``, the man pages; and again once the clone
+is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.logins import Logins, LoginUser, copy_checkout_to
+from tests.vm.conftest import Lab
+
+pytestmark = pytest.mark.vm
+
+INSTALL_TIMEOUT = 600  # a venv, a wheel, pip (structlog from the index)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """kdlab installed from a clone only root can read."""
+
+    clone: Path
+    prefix: Path
+    bindir: Path
+    mandir: Path
+
+
+@pytest.fixture(scope="module")
+def installed() -> Iterator[Installed]:
+    root = Path(tempfile.mkdtemp(prefix="kdlab-install-", dir="/var/tmp"))
+    try:
+        root.chmod(0o755)  # the installation is for everyone
+        hidden = root / "home"
+        hidden.mkdir(mode=0o700)  # as a 0700 home: no one else may enter
+        clone = hidden / "kdlab"
+        copy_checkout_to(clone)
+        done = Installed(clone, root / "opt" / "kdlab", root / "bin", root / "man")
+        result = subprocess.run(
+            [str(clone / ".ci" / "install"),
+             "--prefix", str(done.prefix), "--bindir", str(done.bindir),
+             "--mandir", str(done.mandir)],
+            cwd=clone, env=os.environ, capture_output=True, text=True,
+            timeout=INSTALL_TIMEOUT, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, f".ci/install failed:\n{result.stderr}"
+        yield done
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def as_member(
+    logins: Logins, user: LoginUser, where: Installed, bus: str, command: str
+) -> subprocess.CompletedProcess[str]:
+    """*command* in a login shell of *user*, with the installation's bin and
+    man directories on its paths, as /usr/local's are after .ci/setup."""
+    environment = (
+        f"export PATH={shlex.quote(str(where.bindir))}:$PATH "
+        f"MANPATH={shlex.quote(str(where.mandir))} KDLAB_BUS={shlex.quote(bus)}"
+    )
+    result = logins.run(user, f"{environment} && cd && {command}", timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def own_copy(user: LoginUser, source: Path) -> Path:
+    """A copy of *source* in *user*'s home, the user's own (a person's kernel)."""
+    target = user.home / source.name
+    shutil.copyfile(source, target)
+    os.chown(target, user.uid, user.gid)
+    return target
+
+
+def test_member_uses_installed_kdlabctl_from_a_clone_they_cannot_read(
+    lab: Lab, logins: Logins, installed: Installed, vm_name: str
+) -> None:
+    alice, bus = logins.alice, lab.daemon.address
+
+    def run(command: str) -> subprocess.CompletedProcess[str]:
+        return as_member(logins, alice, installed, bus, command)
+
+    unreadable = run(f"ls {shlex.quote(str(installed.clone))}")
+    assert unreadable.returncode != 0, "the member can read the clone"
+    program = installed.bindir / "kdlabctl"
+    runs = run(f"{program} --help")
+    assert runs.returncode == 0, f"{program} does not run for a member: {runs.stderr}"
+    found = run("command -v kdlabctl")
+    assert found.stdout.strip() == str(program), found.stderr
+
+    listing = run("kdlabctl list")
+    assert listing.returncode == 0, listing.stderr
+    kernel = own_copy(alice, lab.kernel.vmlinuz)
+    initrd = own_copy(alice, lab.initramfs)
+    created = run(
+        f"kdlabctl create {vm_name} --kernel {kernel} --initrd {initrd} --memory 256"
+    )
+    assert created.returncode == 0, created.stderr
+    listing = run("kdlabctl list")
+    assert listing.returncode == 0, listing.stderr
+    row = next(line.split() for line in listing.stdout.splitlines() if vm_name in line)
+    assert row[0] == vm_name
+    assert row[-1] == alice.name, listing.stdout
+    deleted = run(f"kdlabctl delete {vm_name}")
+    assert deleted.returncode == 0, deleted.stderr
+    assert vm_name not in run("kdlabctl list").stdout
+
+    # Installed, not linked into the clone: it works with the clone gone.
+    shutil.rmtree(installed.clone)
+    listing = run("kdlabctl list")
+    assert listing.returncode == 0, listing.stderr
+
+
+def test_member_finds_the_man_pages(
+    logins: Logins, installed: Installed, lab: Lab
+) -> None:
+    for section, name, expected in (
+        ("1", "kdlabctl", "kdlabctl image build"),
+        ("8", "kdlabd", "max_vms_per_user"),
+        ("7", "kdlab-dbus", "org.kdlab.Kdlab1.Manager"),
+    ):
+        where = as_member(
+            logins, logins.bob, installed, lab.daemon.address, f"man -w {name}"
+        )
+        page = installed.mandir / f"man{section}" / f"{name}.{section}"
+        assert where.stdout.strip() == str(page), where.stderr
+        shown = as_member(
+            logins, logins.bob, installed, lab.daemon.address,
+            f"MANPAGER=cat MANWIDTH=100 man {section} {name}",
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert expected in shown.stdout
