@@ -79,7 +79,7 @@ def kdlabd_page() -> roff.Page:
     manual.heading("FILES")
     for path, text in (
         (DEFAULT_CONFIG, "The configuration."),
-        (defaults.boot_pool_dir, f"The pool {defaults.boot_pool}: kernels, "
+        (defaults.vm_pool_dir, f"The pool {defaults.boot_pool}: kernels, "
          "initrds, VM disks."),
         (defaults.image_pool_dir, f"The pool {defaults.image_pool}: disk images."),
         (layout.console_log("NAME"), "The serial console log of VM NAME's current "
