@@ -40,25 +40,34 @@ class Installed:
     bindir: Path
     mandir: Path
 
+    def install(self, clone: Path) -> None:
+        """Run *clone*'s .ci/install into this installation, as .ci/setup does."""
+        result = subprocess.run(
+            [str(clone / ".ci" / "install"),
+             "--prefix", str(self.prefix), "--bindir", str(self.bindir),
+             "--mandir", str(self.mandir)],
+            cwd=clone, env=os.environ, capture_output=True, text=True,
+            timeout=INSTALL_TIMEOUT, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, f".ci/install failed:\n{result.stderr}"
+
+
+def hidden_clone(root: Path, name: str) -> Path:
+    """A copy of this checkout in a new 0700 directory (as a 0700 home) of root's."""
+    home = root / name
+    home.mkdir(mode=0o700)
+    copy_checkout_to(home / "kdlab")
+    return home / "kdlab"
+
 
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Installed]:
     root = Path(tempfile.mkdtemp(prefix="kdlab-install-", dir="/var/tmp"))
     try:
         root.chmod(0o755)  # the installation is for everyone
-        hidden = root / "home"
-        hidden.mkdir(mode=0o700)  # as a 0700 home: no one else may enter
-        clone = hidden / "kdlab"
-        copy_checkout_to(clone)
+        clone = hidden_clone(root, "home")
         done = Installed(clone, root / "opt" / "kdlab", root / "bin", root / "man")
-        result = subprocess.run(
-            [str(clone / ".ci" / "install"),
-             "--prefix", str(done.prefix), "--bindir", str(done.bindir),
-             "--mandir", str(done.mandir)],
-            cwd=clone, env=os.environ, capture_output=True, text=True,
-            timeout=INSTALL_TIMEOUT, check=False,
-        )  # fmt: skip
-        assert result.returncode == 0, f".ci/install failed:\n{result.stderr}"
+        done.install(clone)
         yield done
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -144,3 +153,22 @@ def test_member_finds_the_man_pages(
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr
         assert expected in shown.stdout
+
+
+def test_install_again_updates_code_and_manual(installed: Installed) -> None:
+    """A clone with changed code, same version number: installing it again
+    replaces the installed code and regenerates the man pages."""
+    clone = hidden_clone(installed.prefix.parent.parent, "home2")
+    source = clone / "kdlabctl" / "manpage.py"
+    text = source.read_text()
+    assert 'SUMMARY = "' in text
+    source.write_text(text.replace('SUMMARY = "', 'SUMMARY = "updated: ', 1))
+    installed.install(clone)
+    page = (installed.mandir / "man1" / "kdlabctl.1").read_text()
+    assert "kdlabctl \\- updated: " in page
+    summary = subprocess.run(
+        [str(installed.prefix / "bin" / "python"), "-c",
+         "from kdlabctl.manpage import SUMMARY; print(SUMMARY)"],
+        cwd="/", capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert summary.startswith("updated: ")
