@@ -6,6 +6,7 @@ Stdlib-only: kdlabctl maps D-Bus error names to exit codes with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 from kdlab.wire import ERROR_PREFIX
@@ -144,6 +145,35 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: kdlabd or the bus is not reachable
 
 EXIT_CODES: dict[str, int] = {cls.dbus_name(): cls.exit_code for cls in ERRORS}
+
+
+@dataclass(frozen=True)
+class ExitCode:
+    """One exit code of kdlabctl: what it means, and the errors that give it."""
+
+    code: int
+    meaning: str
+
+    @property
+    def errors(self) -> tuple[type[KdlabError], ...]:
+        return tuple(cls for cls in ERRORS if cls.exit_code == self.code)
+
+
+# The one table of kdlabctl's exit codes: its --help shows it, and a unit test
+# keeps the README's table equal to it (tests/unit/test_errors.py).
+EXIT_TABLE: tuple[ExitCode, ...] = (
+    ExitCode(EXIT_OK, "success"),
+    ExitCode(EXIT_FAILURE, "an unclassified failure, or a bug in kdlabd"),
+    ExitCode(InvalidArgument.exit_code, "invalid argument or usage"),
+    ExitCode(InvalidState.exit_code, "the VM is in the wrong state for the operation"),
+    ExitCode(NoSuchVM.exit_code, "no such VM, image or job"),
+    ExitCode(VMExists.exit_code, "the VM or image already exists"),
+    ExitCode(NotAuthorized.exit_code, "not authorized"),
+    ExitCode(HypervisorError.exit_code, "libvirt or QEMU failed"),
+    ExitCode(BuildFailed.exit_code, "an image build failed"),
+    ExitCode(LimitExceeded.exit_code, "over one of kdlabd's configured limits"),
+    ExitCode(EXIT_UNAVAILABLE, "kdlabd or the bus is not reachable"),
+)
 
 
 def exit_code_for(dbus_error_name: str) -> int:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from kdlab.errors import (
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_TABLE,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     exit_code_for,
@@ -28,20 +29,15 @@ if TYPE_CHECKING:
 
 Command = Callable[["Client", argparse.Namespace], Awaitable[int]]
 
-EXIT_CODES_HELP = """\
-exit codes:
-  0   success
-  1   failure (kdlabd error Internal, or an unclassified failure)
-  2   invalid argument or usage (InvalidArgument)
-  3   the VM is in the wrong state (InvalidState)
-  4   no such VM, image or job (NoSuchVM, NoSuchImage, NoSuchJob)
-  5   the VM or image already exists (VMExists, ImageExists)
-  6   not authorized (NotAuthorized)
-  7   libvirt or QEMU failed (HypervisorError)
-  8   an image build failed (BuildFailed)
-  9   over one of kdlabd's configured limits (LimitExceeded)
-  69  kdlabd or the bus is not reachable
-"""
+
+def exit_codes_help() -> str:
+    """The ``--help`` epilog: kdlab.errors' table of exit codes."""
+    lines = ["exit codes:"]
+    for entry in EXIT_TABLE:
+        reasons = ", ".join(cls.reason for cls in entry.errors)
+        line = f"  {entry.code:<3} {entry.meaning}"
+        lines.append(f"{line} ({reasons})" if reasons else line)
+    return "\n".join(lines) + "\n"
 
 
 def _unsigned(bits: int, low: int = 0) -> Callable[[str], int]:
@@ -590,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdlabctl",
         description="Kernel debug VMs served by kdlabd: create, start, watch, debug.",
-        epilog=EXIT_CODES_HELP,
+        epilog=exit_codes_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -1,9 +1,9 @@
-"""kdlab.errors: one D-Bus name and one exit code per reason, kdlabctl's help,
-and the README's table of exit codes."""
+"""kdlab.errors: one D-Bus name and one exit code per reason, and the one table
+of exit codes that kdlabctl's help and the README show."""
 
 from __future__ import annotations
 
-import itertools
+import os
 import re
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from kdlab.errors import (
     EXIT_CODES,
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_TABLE,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     Internal,
@@ -97,52 +98,63 @@ def test_exit_codes_table() -> None:
     assert {cls.dbus_name(): cls.exit_code for cls in ERRORS} == EXIT_CODES
 
 
-# The README's table of exit codes is what users read: it must say what
-# kdlab.errors does, both ways (no error missing there, none only there).
+def test_exit_table_has_each_exit_code_once() -> None:
+    """kdlab.errors.EXIT_TABLE, which --help and the README show, has a row
+    for every code kdlabctl may return, and no other."""
+    codes = [entry.code for entry in EXIT_TABLE]
+    assert len(set(codes)) == len(codes), codes
+    assert set(codes) == all_exit_codes()
 
+
+# The README's table of exit codes is what users read: it is EXIT_TABLE,
+# rendered; KDLAB_REGENERATE_GOLDEN=1 writes it into the README.
+
+README = REPO / "README.md"
 README_TABLE_TITLE = "Exit codes of kdlabctl"
-README_ROW = re.compile(r"^\|\s*(\d+)\s*\|([^|]+)\|([^|]*)\|$")
-README_NAME = re.compile(r"`([\w.]+)`")
+REGENERATE = os.environ.get("KDLAB_REGENERATE_GOLDEN", "") == "1"
 
 
-def readme_exit_codes() -> dict[int, list[str]]:
-    """The README's exit-code table: each code and the D-Bus error names of its row.
+def markdown_exit_codes() -> list[str]:
+    """EXIT_TABLE as the README's table: later names of a row shortened to
+    their reason (`NoSuchImage`)."""
+    lines = ["| code | meaning | D-Bus error |", "|---|---|---|"]
+    for entry in EXIT_TABLE:
+        names = ", ".join(
+            f"`{cls.reason if i else cls.dbus_name()}`"
+            for i, cls in enumerate(entry.errors)
+        )
+        lines.append(
+            f"| {entry.code} | {entry.meaning} | {names} |".replace("|  |", "| |")
+        )
+    return lines
 
-    A row may shorten later names to the reason (`NoSuchImage`).
-    """
-    lines = (REPO / "README.md").read_text().splitlines()
+
+def readme_table_span(lines: list[str]) -> tuple[int, int]:
+    """Where the README's exit-code table is: its first and after-last line."""
     title = next(
         i for i, line in enumerate(lines) if line.startswith(README_TABLE_TITLE)
     )
-    table = list(
-        itertools.takewhile(
-            lambda line: line.startswith("|"),
-            itertools.dropwhile(lambda line: not line.strip(), lines[title + 1 :]),
-        )
+    start = next(i for i in range(title, len(lines)) if lines[i].startswith("|"))
+    end = next(
+        (i for i in range(start, len(lines)) if not lines[i].startswith("|")),
+        len(lines),
     )
-    assert table[:2] == ["| code | meaning | D-Bus error |", "|---|---|---|"]
-    codes: dict[int, list[str]] = {}
-    for line in table[2:]:
-        match = README_ROW.match(line)
-        assert match, f"unexpected row in the README's exit-code table: {line!r}"
-        code = int(match[1])
-        assert code not in codes, f"exit code {code} has two rows in the README"
-        names = README_NAME.findall(match[3])
-        codes[code] = [
-            n if n.startswith(ERROR_PREFIX) else ERROR_PREFIX + n for n in names
-        ]
-    return codes
+    return start, end
 
 
-def test_readme_names_every_error_at_its_exit_code() -> None:
-    readme = [
-        (name, code) for code, names in readme_exit_codes().items() for name in names
-    ]
-    assert sorted(readme) == sorted(EXIT_CODES.items())
-
-
-def test_readme_lists_exactly_kdlabctls_exit_codes() -> None:
-    assert set(readme_exit_codes()) == all_exit_codes()
+def test_readme_exit_codes_are_the_exit_table() -> None:
+    text = README.read_text()
+    lines = text.splitlines()
+    start, end = readme_table_span(lines)
+    expected = markdown_exit_codes()
+    if REGENERATE and lines[start:end] != expected:
+        lines[start:end] = expected
+        README.write_text("\n".join(lines) + ("\n" if text.endswith("\n") else ""))
+        return
+    assert lines[start:end] == expected, (
+        "the README's exit codes are not kdlab.errors.EXIT_TABLE "
+        "(KDLAB_REGENERATE_GOLDEN=1 writes it there):\n" + "\n".join(expected)
+    )
 
 
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda cls: cls.__name__)
@@ -197,7 +209,7 @@ HELP_LINE = re.compile(r"^  (\d+)\s+(.+)$")
 
 
 def help_codes() -> dict[int, str]:
-    lines = cli.EXIT_CODES_HELP.splitlines()
+    lines = cli.exit_codes_help().splitlines()
     assert lines[0] == "exit codes:"
     codes: dict[int, str] = {}
     for line in lines[1:]:
@@ -224,5 +236,5 @@ def test_help_names_each_reason_at_its_code(cls: type[KdlabError]) -> None:
 
 
 def test_help_is_the_parser_epilog() -> None:
-    assert cli.build_parser().epilog == cli.EXIT_CODES_HELP
+    assert cli.build_parser().epilog == cli.exit_codes_help()
     assert "69" in cli.build_parser().format_help()
