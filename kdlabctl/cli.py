@@ -10,8 +10,8 @@ import argparse
 import os
 import re
 import sys
-import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kdlab.errors import (
@@ -22,12 +22,18 @@ from kdlab.errors import (
     EXIT_USAGE,
     exit_code_for,
 )
+from kdlab.states import VMState
 from kdlabctl import images, kconfig, kernel
 
 if TYPE_CHECKING:
-    from kdlabctl.client import Client
+    from kdlabctl.client import VM, Client, Diagnosis, VMOptions, Watch
 
 Command = Callable[["Client", argparse.Namespace], Awaitable[int]]
+
+# A VM in these states has no QEMU and none is being started: its log is whole.
+OFF = frozenset({VMState.DEFINED, VMState.STOPPED, VMState.CRASHED})
+# How long ``logs -f`` waits for news before it reads on in the log it holds.
+LOG_READ_SECONDS = 0.2
 
 
 def exit_codes_help() -> str:
@@ -76,7 +82,20 @@ def _tree_build(tree: str) -> kernel.Artifacts:
         raise UsageError(str(err)) from None
 
 
-def _initrd(args: argparse.Namespace) -> int | None:
+@dataclass(frozen=True)
+class KernelFiles:
+    """What a new VM boots, as the user names the files (kdlabctl opens them)."""
+
+    kernel: str | None = None  # a bzImage
+    tree: str | None = None  # or a built kernel tree: its bzImage and vmlinux
+    vmlinux: str | None = None
+    initrd: str | None = None
+    modules: str | None = None  # /lib/modules/RELEASE, for kdlabctl's initramfs
+
+
+def _initrd(
+    files: KernelFiles, kernel: str, image: str | None, quiet: bool
+) -> int | None:
     """The initrd to pass: --initrd, or one kdlabctl builds for a modular kernel.
 
     A distribution kernel has virtio_blk as a module: with a disk image and
@@ -87,13 +106,13 @@ def _initrd(args: argparse.Namespace) -> int | None:
 
     from kdlabctl import initramfs
 
-    if args.initrd:
-        if args.modules:
+    if files.initrd:
+        if files.modules:
             raise UsageError("--initrd and --modules exclude each other")
-        return open_for_daemon(args.initrd, "initrd")
-    modules = Path(args.modules) if args.modules else None
-    if modules is None and args.image:
-        modules = initramfs.find_modules_dir(Path(args.kernel), None)
+        return open_for_daemon(files.initrd, "initrd")
+    modules = Path(files.modules) if files.modules else None
+    if modules is None and image:
+        modules = initramfs.find_modules_dir(Path(kernel), None)
     if modules is None:
         return None
     try:
@@ -102,73 +121,91 @@ def _initrd(args: argparse.Namespace) -> int | None:
         raise UsageError(f"cannot build an initramfs from {modules}: {err}") from None
     fd = os.memfd_create("kdlab-initramfs", os.MFD_CLOEXEC)
     os.write(fd, archive)
-    if not args.quiet:
+    if not quiet:
         print(
             f"built an initramfs loading virtio modules from {modules}", file=sys.stderr
         )
     return fd
 
 
-async def cmd_create(client: Client, args: argparse.Namespace) -> int:
-    from kdlabctl.client import variant_options
+async def create_vm(
+    client: Client, name: str, files: KernelFiles, options: VMOptions, *, quiet: bool
+) -> None:
+    """Open the kernel (and an initrd) as the user and create VM *name*."""
+    from dataclasses import replace
 
-    if args.tree:
-        built = _tree_build(args.tree)
-        args.kernel = str(built.bzimage)
-        args.vmlinux = args.vmlinux or (str(built.vmlinux) if built.vmlinux else None)
-    elif not args.kernel:
+    from kdlabctl.client import BootFiles
+
+    kernel, vmlinux = files.kernel, files.vmlinux
+    if files.tree:
+        built = _tree_build(files.tree)
+        kernel = str(built.bzimage)
+        vmlinux = vmlinux or (str(built.vmlinux) if built.vmlinux else None)
+    elif not kernel:
         raise UsageError(
             "give --kernel PATH (a bzImage) or --tree PATH (a kernel tree)"
         )
-    vmlinux = os.path.abspath(args.vmlinux) if args.vmlinux else None
     if vmlinux and not os.path.isfile(vmlinux):
-        raise UsageError(f"vmlinux {args.vmlinux} is not a file")
-    fds = [open_for_daemon(args.kernel, "kernel")]
-    initrd = _initrd(args)
-    if initrd is not None:
-        fds.append(initrd)
+        raise UsageError(f"vmlinux {vmlinux} is not a file")
+    options = replace(
+        options,
+        vmlinux=os.path.abspath(vmlinux) if vmlinux else None,
+        kernel_path=os.path.abspath(kernel),
+        tree=os.path.abspath(files.tree) if files.tree else None,
+    )
+    fds = [open_for_daemon(kernel, "kernel")]
     try:
-        # Descriptors travel out of band; the body holds their index in unix_fds.
-        options = variant_options(
-            kernel=("h", 0),
-            initrd=("h", 1) if initrd is not None else None,
-            cmdline=("s", args.cmdline) if args.cmdline is not None else None,
-            memory_mib=("u", args.memory) if args.memory is not None else None,
-            vcpus=("u", args.cpus) if args.cpus is not None else None,
-            gdb=("b", False) if args.no_gdb else None,
-            gdb_tcp_port=("q", args.gdb_tcp) if args.gdb_tcp is not None else None,
-            vmlinux=("s", vmlinux) if vmlinux else None,
-            kernel_path=("s", os.path.abspath(args.kernel)),
-            tree=("s", os.path.abspath(args.tree)) if args.tree else None,
-            image=("s", args.image) if args.image else None,
-            disk_size=("t", args.disk_size) if args.disk_size else None,
-            extra_disks=("at", args.extra_disk) if args.extra_disk else None,
-        )
-        (path,) = await client.manager("CreateVM", "sa{sv}", [args.name, options], fds)
+        initrd = _initrd(files, kernel, options.image, quiet)
+        if initrd is not None:
+            fds.append(initrd)
+        path = await client.create_vm(name, options, BootFiles(fds[0], initrd))
     finally:
         for fd in fds:
             os.close(fd)
-    if not args.quiet:
-        print(f"created VM {args.name} ({path})")
+    if not quiet:
+        print(f"created VM {name} ({path})")
+
+
+async def cmd_create(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl.client import VMOptions
+
+    files = KernelFiles(
+        kernel=args.kernel,
+        tree=args.tree,
+        vmlinux=args.vmlinux,
+        initrd=args.initrd,
+        modules=args.modules,
+    )
+    options = VMOptions(
+        cmdline=args.cmdline,
+        memory_mib=args.memory,
+        vcpus=args.cpus,
+        gdb=False if args.no_gdb else None,
+        gdb_tcp_port=args.gdb_tcp,
+        image=args.image or None,
+        disk_size=args.disk_size or None,
+        extra_disks=tuple(args.extra_disk or ()),
+    )
+    await create_vm(client, args.name, files, options, quiet=args.quiet)
     return EXIT_OK
 
 
 async def cmd_list(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
-    vms = await client.vms()
+    vms = await client.list_vms()
     if args.json:
         output.print_json([output.as_json(vm) for vm in vms])
         return EXIT_OK
     rows = [
         [
-            vm["Name"],
-            vm["State"],
-            f"{vm['MemoryMiB']}M",
-            str(vm["VCPUs"]),
-            vm["Accel"],
-            vm["GdbStub"],
-            output.user_name(vm["Owner"]),
+            vm.name,
+            vm.state,
+            f"{vm.memory_mib}M",
+            str(vm.vcpus),
+            vm.accel,
+            vm.gdb_stub,
+            output.user_name(vm.owner),
         ]
         for vm in vms
     ]
@@ -179,30 +216,31 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_show(client: Client, args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from kdlabctl import output
 
-    path = await client.vm_path(args.name)
-    props = await client.vm_properties(path)
-    props["Diagnosis"] = await full_diagnosis(client, path, props["Diagnosis"])
+    vm = await client.vm(args.name)
+    vm = replace(vm, diagnosis=await full_diagnosis(client, vm))
     if args.json:
-        output.print_json(output.as_json(props))
+        output.print_json(output.as_json(vm))
         return EXIT_OK
     fields = [
-        ("Name", props["Name"]),
-        ("State", props["State"]),
-        ("UUID", props["UUID"]),
-        ("Owner", f"{output.user_name(props['Owner'])} ({props['Owner']})"),
-        ("Cmdline", props["Cmdline"]),
-        ("Memory", f"{props['MemoryMiB']} MiB"),
-        ("vCPUs", str(props["VCPUs"])),
-        ("Accel", props["Accel"]),
-        ("gdbstub", props["GdbStub"]),
-        ("Waiting", "for a debugger" if props["WaitingForDebugger"] else "no"),
-        ("Kernel", f"{props['KernelPath'] or '-'} ({props['KernelRelease'] or '?'})"),
-        ("vmlinux", props["Vmlinux"] or "-"),
-        ("Created", output.timestamp(props["Created"])),
+        ("Name", vm.name),
+        ("State", vm.state),
+        ("UUID", vm.uuid),
+        ("Owner", f"{output.user_name(vm.owner)} ({vm.owner})"),
+        ("Cmdline", vm.cmdline),
+        ("Memory", f"{vm.memory_mib} MiB"),
+        ("vCPUs", str(vm.vcpus)),
+        ("Accel", vm.accel),
+        ("gdbstub", vm.gdb_stub),
+        ("Waiting", "for a debugger" if vm.waiting_for_debugger else "no"),
+        ("Kernel", f"{vm.kernel_path or '-'} ({vm.kernel_release or '?'})"),
+        ("vmlinux", vm.vmlinux or "-"),
+        ("Created", output.timestamp(vm.created)),
     ]
-    found = output.diagnosis(props["Diagnosis"])
+    found = output.diagnosis(vm.diagnosis)
     if found:
         fields += [
             ("Problem", f"{found['severity']} {found['code']}: {found['cause']}"),
@@ -218,87 +256,59 @@ async def cmd_start(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
     await start_vm(client, args.name, paused=args.paused)
-    path = await client.vm_path(args.name)
-    props = await client.vm_properties(path)
-    found = output.diagnosis(await full_diagnosis(client, path, props["Diagnosis"]))
+    found = output.diagnosis(await full_diagnosis(client, await client.vm(args.name)))
     if found:
         print(f"kdlabctl: {found['severity']}: {found['cause']}", file=sys.stderr)
         print(f"kdlabctl: fix: {found['fix']}", file=sys.stderr)
     return EXIT_OK
 
 
-async def full_diagnosis(client: Client, path: str, public: list[str]) -> list[str]:
+async def full_diagnosis(client: Client, vm: VM) -> Diagnosis:
     """The VM's diagnosis with the console's words when the caller may read its
-    log (GetDiagnosis); else the *public* one everyone sees."""
+    log (GetDiagnosis); else the public one everyone sees."""
     from kdlab.errors import NotAuthorized
-    from kdlab.wire import VM_INTERFACE
     from kdlabctl.client import RemoteError
 
-    if not public[0]:
-        return public
+    if not vm.diagnosis[0]:
+        return vm.diagnosis
     try:
-        (found,) = await client.call(path, VM_INTERFACE, "GetDiagnosis")
+        return await client.diagnosis(vm.name)
     except RemoteError as err:
         if err.name != NotAuthorized.dbus_name():
             raise
-        return public
-    return list(found[:4])
+        return vm.diagnosis
 
 
 async def start_vm(client: Client, name: str, *, paused: bool) -> None:
     """Start *name*; a VM made from a kernel tree boots the tree's newest build."""
-    from kdlab.wire import VM_INTERFACE
-    from kdlabctl.client import variant_options
-
-    path = await client.vm_path(name)
-    tree = (await client.vm_properties(path))["Tree"]
-    fds = [open_for_daemon(str(_tree_build(tree).bzimage), "kernel")] if tree else []
+    tree = (await client.vm(name)).tree
+    fd = open_for_daemon(str(_tree_build(tree).bzimage), "kernel") if tree else None
     try:
-        options = variant_options(
-            paused=("b", True) if paused else None,
-            kernel=("h", 0) if fds else None,
-        )
-        await client.call(path, VM_INTERFACE, "Start", "a{sv}", [options], unix_fds=fds)
+        await client.start(name, paused=paused, kernel=fd)
     finally:
-        for fd in fds:
+        if fd is not None:
             os.close(fd)
 
 
 async def cmd_stop(client: Client, args: argparse.Namespace) -> int:
-    from kdlabctl.client import variant_options
-
-    options = variant_options(
-        force=("b", True) if args.force else None,
-        timeout=("u", args.timeout) if args.timeout is not None else None,
-    )
-    await client.vm_call(args.name, "Stop", "a{sv}", [options])
+    await client.stop(args.name, force=args.force, timeout=args.timeout)
     return EXIT_OK
 
 
 async def cmd_delete(client: Client, args: argparse.Namespace) -> int:
-    from kdlabctl.client import variant_options
-
-    path = await client.vm_path(args.name)
-    if args.force:
-        props = await client.vm_properties(path)
-        if props["State"] in ("running", "paused", "stopping"):
-            await client.vm_call(
-                args.name, "Stop", "a{sv}", [variant_options(force=("b", True))]
-            )
-    await client.vm_call(args.name, "Delete")
+    if args.force and (await client.vm(args.name)).state.active:
+        await client.stop(args.name, force=True)
+    await client.delete(args.name)
     return EXIT_OK
 
 
-async def _open_fd(client: Client, name: str, member: str) -> int:
-    from kdlab.wire import VM_INTERFACE
-
-    _, fds = await client.call(
-        await client.vm_path(name), VM_INTERFACE, member, with_fds=True
-    )
-    return int(fds[0])
-
-
 async def cmd_gdb(client: Client, args: argparse.Namespace) -> int:
+    return await gdb(client, args.name, args.vmlinux, args.gdb_args)
+
+
+async def gdb(
+    client: Client, name: str, vmlinux: str | None, gdb_args: list[str]
+) -> int:
     """gdb on the VM's stub: kdlabd authorizes (OpenGdb) before gdb starts."""
     import signal
     import subprocess
@@ -306,30 +316,28 @@ async def cmd_gdb(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import debug
 
     uid = os.getuid()
-    props = await client.vm_properties(await client.vm_path(args.name))
-    fd = await _open_fd(client, args.name, "OpenGdb")
+    vm = await client.vm(name)
+    fd = await client.open_gdb(name)
     try:
         try:
-            vmlinux = debug.find_vmlinux(props, args.vmlinux, uid)
+            symbols = debug.find_vmlinux(vm, vmlinux, uid)
         except FileNotFoundError as err:
             raise UsageError(str(err)) from None
-        script, refused = debug.gdb_script(vmlinux, uid)
-        command = debug.gdb_command(
-            vmlinux, debug.relay_command(fd), args.gdb_args, script
-        )
+        script, refused = debug.gdb_script(symbols, uid)
+        command = debug.gdb_command(symbols, debug.relay_command(fd), gdb_args, script)
         if refused:
             print(
                 f"kdlabctl: the lx-* helpers are not loaded: {refused}; if you "
-                f"trust them, type in gdb: source {vmlinux.parent / debug.GDB_SCRIPT}",
+                f"trust them, type in gdb: source {symbols.parent / debug.GDB_SCRIPT}",
                 file=sys.stderr,
             )
-        if props["WaitingForDebugger"]:
+        if vm.waiting_for_debugger:
             print(
-                f"kdlabctl: {args.name} waits for the debugger: 'continue' boots it",
+                f"kdlabctl: {name} waits for the debugger: 'continue' boots it",
                 file=sys.stderr,
             )
         try:
-            gdb = subprocess.Popen(command, pass_fds=(fd,))
+            process = subprocess.Popen(command, pass_fds=(fd,))
         except FileNotFoundError:
             raise UsageError("gdb is not installed (apt-get install gdb)") from None
     finally:
@@ -337,7 +345,7 @@ async def cmd_gdb(client: Client, args: argparse.Namespace) -> int:
     # Ctrl-C interrupts the kernel in gdb; it must not end kdlabctl (or gdb).
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return gdb.wait()
+        return process.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -345,7 +353,7 @@ async def cmd_gdb(client: Client, args: argparse.Namespace) -> int:
 async def cmd_gdb_proxy(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import debug
 
-    fd = await _open_fd(client, args.name, "OpenGdb")
+    fd = await client.open_gdb(args.name)
     try:
         debug.relay(fd)
     finally:
@@ -354,19 +362,19 @@ async def cmd_gdb_proxy(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    return await console(client, args.name)
+
+
+async def console(client: Client, name: str) -> int:
     from kdlabctl import debug
 
-    fd = await _open_fd(client, args.name, "OpenConsole")
+    fd = await client.open_console(name)
     try:
-        why = debug.console(fd, f"Connected to {args.name} (escape character is ^])")
+        why = debug.console(fd, f"Connected to {name} (escape character is ^])")
     finally:
         os.close(fd)
     print(f"\r\nkdlabctl: {why}", file=sys.stderr)
     return EXIT_OK
-
-
-async def _open_log(client: Client, name: str) -> int:
-    return await _open_fd(client, name, "OpenConsoleLog")
 
 
 def _copy(fd: int) -> int:
@@ -380,44 +388,46 @@ def _copy(fd: int) -> int:
 
 
 async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
-    import asyncio
-
-    path = await client.vm_path(args.name)
-    fd = await _open_log(client, args.name)
-    try:
-        _copy(fd)
-        next_check = 0.0
-        while args.follow:
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + 1.0
-                # The state first: whatever the boot wrote before it ended is
-                # in the log when it is read to its end below.
-                state = (await client.vm_properties(path))["State"]
-                fd = await _newest_log(client, args.name, fd)
-                if state in ("defined", "stopped", "crashed"):
-                    _copy(fd)
-                    break
-            if _copy(fd) == 0:
-                await asyncio.sleep(0.2)
-    finally:
-        os.close(fd)
+    if not args.follow:
+        fd = await client.open_console_log(args.name)
+        try:
+            _copy(fd)
+        finally:
+            os.close(fd)
+        return EXIT_OK
+    async with client.watch_vm(args.name) as watch:
+        fd = await client.open_console_log(args.name)
+        try:
+            await _follow_log(watch, fd)
+        finally:
+            os.close(fd)
     return EXIT_OK
 
 
-async def _newest_log(client: Client, name: str, fd: int) -> int:
-    """The log of the VM's newest boot: *fd*, or a new one (*fd* then printed and
-    closed). A new boot starts a new log file: switch to it, like tail -F."""
-    newest = await _open_log(client, name)
-    if os.fstat(newest).st_ino == os.fstat(fd).st_ino:
-        os.close(newest)
-        return fd
-    _copy(fd)
-    os.close(fd)
-    return newest
+async def _follow_log(watch: Watch[VM], fd: int) -> None:
+    """Print the console log on *fd* as it grows, until the VM is off.
+
+    The VM's state comes from its signals, the log from the one descriptor
+    OpenConsoleLog gave: while nothing is new, it is read on every
+    :data:`LOG_READ_SECONDS` (a read of a local file, not a call). A new boot
+    starts a new log, but only from a VM that is off, which ends the follow:
+    the descriptor always holds the current boot's log.
+    """
+    while True:
+        # The state first: whatever the boot wrote before it ended is in the
+        # log when it is read to its end below.
+        off = watch.current.state in OFF
+        copied = _copy(fd)
+        if off:
+            return
+        if not copied:
+            await watch.changed(LOG_READ_SECONDS)
 
 
 async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     """The seed's whole recipe: check, build, (re)create, boot paused, debug."""
+    from kdlabctl.client import VMOptions
+
     tree = os.path.abspath(args.path)
     try:
         findings = kernel.check_config(kconfig.locate(tree))
@@ -431,24 +441,19 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
             f"kdlabctl kernel configure {args.path}"
         )
     if args.build:
-        jobs = len(os.sched_getaffinity(0))
-        built = await kernel.cmd_build(
-            None, argparse.Namespace(path=tree, out=None, jobs=jobs)
-        )
+        built = await kernel.build(tree, None, len(os.sched_getaffinity(0)))
         if built != EXIT_OK:
             return built
     name = args.name or up_name(tree)
-    await _reuse_or_create(client, name, tree, args)
+    options = VMOptions(
+        cmdline=args.cmdline, memory_mib=args.memory, image=args.image or None
+    )
+    await _reuse_or_create(client, name, tree, options)
     # Paused for gdb; with the console instead nothing would ever resume it.
     await start_vm(client, name, paused=not args.console)
     if args.console:
-        return await cmd_console(client, argparse.Namespace(name=name))
-    return await cmd_gdb(
-        client,
-        argparse.Namespace(
-            name=name, vmlinux=None, bus=args.bus, gdb_args=args.gdb_args
-        ),
-    )
+        return await console(client, name)
+    return await gdb(client, name, None, args.gdb_args)
 
 
 def up_name(tree: str) -> str:
@@ -458,44 +463,25 @@ def up_name(tree: str) -> str:
 
 
 async def _reuse_or_create(
-    client: Client, name: str, tree: str, args: argparse.Namespace
+    client: Client, name: str, tree: str, options: VMOptions
 ) -> None:
     """Keep (stopped) the VM of this tree if it exists; create it otherwise."""
     from kdlab.errors import NoSuchVM
-    from kdlabctl.client import RemoteError, variant_options
+    from kdlabctl.client import RemoteError
 
     try:
-        props = await client.vm_properties(await client.vm_path(name))
+        vm = await client.vm(name)
     except RemoteError as err:
         if err.name != NoSuchVM.dbus_name():
             raise
-        props = None
-    if props is None:
-        create = argparse.Namespace(
-            name=name,
-            tree=tree,
-            kernel=None,
-            vmlinux=None,
-            initrd=None,
-            modules=None,
-            cmdline=args.cmdline,
-            memory=args.memory,
-            cpus=None,
-            no_gdb=False,
-            gdb_tcp=None,
-            image=args.image,
-            disk_size=None,
-            extra_disk=None,
-            quiet=True,
-        )
-        await cmd_create(client, create)
+        await create_vm(client, name, KernelFiles(tree=tree), options, quiet=True)
         return
-    if props["Tree"] != tree:
-        other = props["Tree"] or props["KernelPath"]
-        raise UsageError(f"VM {name} boots another kernel ({other}): use --name")
-    if props["State"] in ("running", "paused", "stopping"):
-        force = variant_options(force=("b", True))
-        await client.vm_call(name, "Stop", "a{sv}", [force])
+    if vm.tree != tree:
+        raise UsageError(
+            f"VM {name} boots another kernel ({vm.tree or vm.kernel_path}): use --name"
+        )
+    if vm.state.active:
+        await client.stop(name, force=True)
 
 
 def add_up_parser(

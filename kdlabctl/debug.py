@@ -21,9 +21,9 @@ import stat
 import sys
 import termios
 import tty
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from kdlab.wire import is_safe_release
 
@@ -37,9 +37,20 @@ GDB_SCRIPT = "vmlinux-gdb.py"
 GDB_SCRIPT_PACKAGE = ("scripts", "gdb")
 
 
-def vmlinux_candidates(
-    props: Mapping[str, Any], explicit: str | None, uid: int
-) -> Iterator[Path]:
+class Recorded(Protocol):
+    """What a VM records of its kernel (a :class:`kdlabctl.client.VM` has it)."""
+
+    @property
+    def owner(self) -> int: ...
+    @property
+    def vmlinux(self) -> str: ...
+    @property
+    def kernel_path(self) -> str: ...
+    @property
+    def kernel_release(self) -> str: ...
+
+
+def vmlinux_candidates(vm: Recorded, explicit: str | None, uid: int) -> Iterator[Path]:
     """Where vmlinux may be, best first: --vmlinux, the recorded path, the build
     tree of the kernel, then the distribution's debug directories.
 
@@ -49,18 +60,18 @@ def vmlinux_candidates(
     if explicit:
         yield Path(explicit)
         return
-    if props.get("Owner") == uid:
-        yield from _recorded_candidates(props)
-    release = props.get("KernelRelease", "")
+    if vm.owner == uid:
+        yield from _recorded_candidates(vm)
+    release = vm.kernel_release
     if release and is_safe_release(release):
         for pattern in DEBUG_DIRS:
             yield Path(pattern.format(release=release))
 
 
-def _recorded_candidates(props: Mapping[str, Any]) -> Iterator[Path]:
-    if props.get("Vmlinux"):
-        yield Path(props["Vmlinux"])
-    kernel = Path(props["KernelPath"]) if props.get("KernelPath") else None
+def _recorded_candidates(vm: Recorded) -> Iterator[Path]:
+    if vm.vmlinux:
+        yield Path(vm.vmlinux)
+    kernel = Path(vm.kernel_path) if vm.kernel_path else None
     if kernel is not None:
         # arch/x86/boot/bzImage -> the tree's top, where `make` leaves vmlinux.
         if (
@@ -72,18 +83,18 @@ def _recorded_candidates(props: Mapping[str, Any]) -> Iterator[Path]:
         yield kernel.parent / "vmlinux"
 
 
-def find_vmlinux(props: Mapping[str, Any], explicit: str | None, uid: int) -> Path:
+def find_vmlinux(vm: Recorded, explicit: str | None, uid: int) -> Path:
     """The first vmlinux of :func:`vmlinux_candidates` that is a file, resolved."""
     tried = []
-    for candidate in vmlinux_candidates(props, explicit, uid):
+    for candidate in vmlinux_candidates(vm, explicit, uid):
         if candidate.is_file():
             return candidate.resolve()
         tried.append(str(candidate))
     looked = ", ".join(tried) if tried else "nowhere"
-    if not explicit and props.get("Owner") != uid:
+    if not explicit and vm.owner != uid:
         looked += (
             f" (the paths recorded with the VM are used by its owner, uid "
-            f"{props.get('Owner')}, only)"
+            f"{vm.owner}, only)"
         )
     raise FileNotFoundError(
         f"no vmlinux found (looked at {looked}): pass --vmlinux PATH"

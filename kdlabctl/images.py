@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdlab.errors import EXIT_FAILURE, EXIT_OK, exit_code_for
-from kdlab.wire import IMAGE_INTERFACE
 
 if TYPE_CHECKING:
     from kdlabctl.client import Client
@@ -38,33 +37,34 @@ def human(n: int) -> str:
 
 
 async def _finish_job(client: Client, path: str, quiet: bool) -> int:
+    from kdlab.states import JobState
     from kdlabctl import jobs
 
     end = await jobs.follow(client, path)
-    if end["State"] != "succeeded":
-        what = f"{end['Kind']} of {end['Target']} {end['State']}"
-        print(f"kdlabctl: {what}: {end['Status']}", file=sys.stderr)
-        return exit_code_for(end["Error"]) if end.get("Error") else EXIT_FAILURE
+    if end.state is not JobState.SUCCEEDED:
+        what = f"{end.kind} of {end.target} {end.state}"
+        print(f"kdlabctl: {what}: {end.status}", file=sys.stderr)
+        return exit_code_for(end.error) if end.error else EXIT_FAILURE
     if not quiet:
-        print(end["Status"])
+        print(end.status)
     return EXIT_OK
 
 
 async def cmd_list(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
-    images = await client.objects(IMAGE_INTERFACE)
+    images = await client.list_images()
     if args.json:
         output.print_json([output.as_json(image) for image in images])
         return EXIT_OK
     rows = [
         [
-            i["Name"],
-            i["Format"],
-            human(i["Capacity"]),
-            human(i["Allocation"]),
-            output.user_name(i["Owner"]),
-            ",".join(i["UsedBy"]) or "-",
+            i.name,
+            i.format,
+            human(i.capacity),
+            human(i.allocation),
+            output.user_name(i.owner),
+            ",".join(i.used_by) or "-",
         ]
         for i in images
     ]
@@ -74,7 +74,7 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_create(client: Client, args: argparse.Namespace) -> int:
-    await client.manager("CreateImage", "sta{sv}", [args.name, args.size, {}])
+    await client.create_image(args.name, args.size)
     return EXIT_OK
 
 
@@ -83,37 +83,33 @@ async def cmd_import(client: Client, args: argparse.Namespace) -> int:
 
     fd = open_for_daemon(args.file, "image")
     try:
-        (path,) = await client.manager(
-            "ImportImage", "sha{sv}", [args.name, 0, {}], [fd]
-        )
+        path = await client.import_image(args.name, fd)
     finally:
         os.close(fd)
     return await _finish_job(client, path, args.quiet)
 
 
 async def cmd_build(client: Client, args: argparse.Namespace) -> int:
-    from kdlabctl.client import variant_options
+    from kdlabctl.client import ImageBuild
 
     key = Path(args.ssh_key).read_text().strip() if args.ssh_key else None
-    options = variant_options(
-        suite=("s", args.debootstrap),
-        size=("t", args.size) if args.size else None,
-        packages=("as", args.packages.split(",")) if args.packages else None,
-        ssh_key=("s", key) if key else None,
+    build = ImageBuild(
+        suite=args.debootstrap,
+        size=args.size or None,
+        packages=tuple(args.packages.split(",")) if args.packages else (),
+        ssh_key=key or None,
     )
-    (path,) = await client.manager("BuildImage", "sa{sv}", [args.name, options])
+    path = await client.build_image(args.name, build)
     return await _finish_job(client, path, args.quiet)
 
 
 async def cmd_delete(client: Client, args: argparse.Namespace) -> int:
-    (path,) = await client.manager("GetImage", "s", [args.name])
-    await client.call(path, IMAGE_INTERFACE, "Delete")
+    await client.delete_image(args.name)
     return EXIT_OK
 
 
 async def cmd_resize(client: Client, args: argparse.Namespace) -> int:
-    (path,) = await client.manager("GetImage", "s", [args.name])
-    await client.call(path, IMAGE_INTERFACE, "Resize", "ta{sv}", [args.size, {}])
+    await client.resize_image(args.name, args.size)
     return EXIT_OK
 
 

@@ -1,17 +1,20 @@
-"""Following a kdlabd job to its end, with a progress bar on a terminal."""
+"""Following a kdlabd job to its end, with a progress bar on a terminal.
+
+The job's PropertiesChanged and Completed signals drive the bar: kdlabctl
+reads the job once and then only listens (:meth:`Client.watch_job`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from kdlab.wire import JOB_INTERFACE
+from kdlab.states import JobState
 
 if TYPE_CHECKING:
-    from kdlabctl.client import Client
+    from kdlabctl.client import Client, Job
 
-POLL_SECONDS = 0.2
 BAR_WIDTH = 30
 
 
@@ -21,25 +24,26 @@ def bar(progress: float, status: str, width: int = BAR_WIDTH) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {progress * 100:3.0f}% {status}"
 
 
-async def follow(client: Client, path: str) -> dict[str, Any]:
+async def follow(client: Client, path: str) -> Job:
     """Show the job's progress until it ends; Ctrl-C cancels it. Returns its end."""
     tty = sys.stderr.isatty()
     last_status = ""
     try:
-        while True:
-            props = await client.properties(path, JOB_INTERFACE)
-            if tty:
-                line = bar(props["Progress"], props["Status"])[:120]
-                print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
-            elif props["Status"] != last_status and props["State"] == "running":
-                print(props["Status"], file=sys.stderr, flush=True)
-            last_status = props["Status"]
-            if props["State"] != "running":
+        async with client.watch_job(path) as watch:
+            while True:
+                job = watch.current
                 if tty:
-                    print(file=sys.stderr)
-                return props
-            await asyncio.sleep(POLL_SECONDS)
+                    line = bar(job.progress, job.status)[:120]
+                    print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+                elif job.status != last_status and job.state is JobState.RUNNING:
+                    print(job.status, file=sys.stderr, flush=True)
+                last_status = job.status
+                if job.state is not JobState.RUNNING or watch.ended:
+                    if tty:
+                        print(file=sys.stderr)
+                    return job
+                await watch.changed()
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("\nkdlabctl: cancelling the job", file=sys.stderr)
-        await client.call(path, JOB_INTERFACE, "Cancel")
+        await client.cancel_job(path)
         raise

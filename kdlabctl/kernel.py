@@ -43,6 +43,7 @@ __all__ = [
     "Artifacts",
     "KernelError",
     "add_parser",
+    "build",
     "cmd_build",
     "cmd_check",
     "cmd_configure",
@@ -585,8 +586,13 @@ def _describe(artifacts: Artifacts) -> str:
 
 
 async def cmd_build(_client: Client | None, args: argparse.Namespace) -> int:
+    return await build(args.path, args.out, args.jobs)
+
+
+async def build(path: str, out: str | None, jobs: int) -> int:
+    """``make`` the tree at *path* (in ``O=`` *out*) with *jobs* jobs: an exit code."""
     try:
-        dirs = resolve_dirs(Path(args.path), _path(args.out))
+        dirs = resolve_dirs(Path(path), _path(out))
         findings = check_config(kconfig.locate(dirs.build))
         _require_build_tools()
     except KernelError as err:
@@ -594,11 +600,11 @@ async def cmd_build(_client: Client | None, args: argparse.Namespace) -> int:
     if kconfig.errors(findings):
         print(
             f"kdlabctl: warning: {summary(findings, dirs.config)} "
-            f"(kdlabctl kernel check {args.path})",
+            f"(kdlabctl kernel check {path})",
             file=sys.stderr,
         )
     config = kconfig.parse(dirs.config.read_text(errors="replace"))
-    command = dirs.make(*build_targets(config), jobs=args.jobs)
+    command = dirs.make(*build_targets(config), jobs=jobs)
     print(f"  {shlex.join(_short(command))}", file=sys.stderr)
     started = time.monotonic()
     result = await make_with_progress(command)

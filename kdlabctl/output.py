@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import json
 import pwd
-import re
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# A word is a plural acronym (VCPUs), a capitalised word that may end in one
-# capital (MemoryMiB: Memory, MiB), or an acronym (UUID, APIRevision: API).
-_WORD = re.compile(
-    r"[A-Z]+s(?![a-z])|[A-Z]?[a-z0-9]+(?:[A-Z](?![a-z]))?|[A-Z]+(?![a-z])"
-)
-
-
-def snake(name: str) -> str:
-    """``MemoryMiB`` -> ``memory_mib``: D-Bus property names as JSON keys."""
-    return "_".join(_WORD.findall(name)).lower()
-
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 DIAGNOSIS_FIELDS = ("code", "severity", "cause", "fix")
 
@@ -30,10 +21,12 @@ def diagnosis(value: Sequence[str]) -> dict[str, str] | None:
     return dict(zip(DIAGNOSIS_FIELDS, value, strict=True)) if value[0] else None
 
 
-def as_json(props: dict[str, Any]) -> dict[str, Any]:
-    converted = {snake(key): value for key, value in props.items()}
-    if "Diagnosis" in props:
-        converted["diagnosis"] = diagnosis(props["Diagnosis"])
+def as_json(record: DataclassInstance) -> dict[str, Any]:
+    """A record of :mod:`kdlabctl.client` for ``--json``: its fields, which are the
+    D-Bus properties in snake_case."""
+    converted = {field.name: getattr(record, field.name) for field in fields(record)}
+    if "diagnosis" in converted:
+        converted["diagnosis"] = diagnosis(converted["diagnosis"])
     return converted
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -203,12 +203,23 @@ def test_relay_runs_isolated_from_the_current_directory() -> None:
 
 # --- vmlinux_candidates(): the VM's recorded paths are its owner's --------------------
 
-PROPS: dict[str, Any] = {
-    "Owner": 1000,
-    "Vmlinux": "/home/a/linux/vmlinux",
-    "KernelPath": "/home/a/linux/arch/x86/boot/bzImage",
-    "KernelRelease": "6.9.0-rc1",
-}
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a VM records of its kernel (debug.Recorded; kdlabctl passes a VM)."""
+
+    owner: int
+    vmlinux: str
+    kernel_path: str
+    kernel_release: str
+
+
+RECORDED = Recorded(
+    owner=1000,
+    vmlinux="/home/a/linux/vmlinux",
+    kernel_path="/home/a/linux/arch/x86/boot/bzImage",
+    kernel_release="6.9.0-rc1",
+)
 SYSTEM = [
     "/usr/lib/debug/boot/vmlinux-6.9.0-rc1",
     "/usr/lib/debug/lib/modules/6.9.0-rc1/vmlinux",
@@ -216,14 +227,12 @@ SYSTEM = [
 ]
 
 
-def candidates(
-    props: dict[str, Any], uid: int, explicit: str | None = None
-) -> list[str]:
-    return [str(p) for p in debug.vmlinux_candidates(props, explicit, uid)]
+def candidates(vm: Recorded, uid: int, explicit: str | None = None) -> list[str]:
+    return [str(p) for p in debug.vmlinux_candidates(vm, explicit, uid)]
 
 
 def test_owner_gets_the_recorded_paths_first() -> None:
-    assert candidates(PROPS, 1000) == [
+    assert candidates(RECORDED, 1000) == [
         "/home/a/linux/vmlinux",
         "/home/a/linux/vmlinux",
         "/home/a/linux/arch/x86/boot/vmlinux",
@@ -233,27 +242,27 @@ def test_owner_gets_the_recorded_paths_first() -> None:
 
 @pytest.mark.parametrize("uid", [0, 1001])
 def test_anyone_else_gets_only_the_system_paths(uid: int) -> None:
-    assert candidates(PROPS, uid) == SYSTEM
+    assert candidates(RECORDED, uid) == SYSTEM
 
 
 @pytest.mark.parametrize("uid", [0, 1000, 1001])
 def test_explicit_vmlinux_is_always_honoured(uid: int) -> None:
-    assert candidates(PROPS, uid, "/mine/vmlinux") == ["/mine/vmlinux"]
+    assert candidates(RECORDED, uid, "/mine/vmlinux") == ["/mine/vmlinux"]
 
 
 @pytest.mark.parametrize("release", ["../../../tmp/x", "6.1/x", "..", "6.1 x"])
 def test_unsafe_release_names_no_path(release: str) -> None:
-    assert candidates({**PROPS, "KernelRelease": release}, 1001) == []
+    assert candidates(replace(RECORDED, kernel_release=release), 1001) == []
 
 
 def test_not_found_says_why_the_recorded_paths_were_skipped() -> None:
-    props = {**PROPS, "KernelRelease": "0.0.0-kdlab-none"}
+    vm = replace(RECORDED, kernel_release="0.0.0-kdlab-none")
     with pytest.raises(FileNotFoundError, match="used by its owner, uid 1000, only"):
-        debug.find_vmlinux(props, None, 1001)
+        debug.find_vmlinux(vm, None, 1001)
 
 
 def test_found_vmlinux_is_resolved(top: Path) -> None:
     vmlinux = kernel_tree(top / "linux")
     link = top / "link"
     link.symlink_to(vmlinux)
-    assert debug.find_vmlinux(PROPS, str(link), ME) == vmlinux
+    assert debug.find_vmlinux(RECORDED, str(link), ME) == vmlinux

@@ -1,4 +1,4 @@
-"""kdlabctl.output: JSON keys from D-Bus property names, tables, timestamps."""
+"""kdlabctl.output: tables, JSON, timestamps (records: test_client.py)."""
 
 from __future__ import annotations
 
@@ -8,42 +8,7 @@ import pwd
 import pytest
 
 from kdlabctl import output
-from kdlabctl.output import as_json, snake, table
-
-# Names whose conversion works today.
-SNAKE = [
-    ("UUID", "uuid"),
-    ("GdbStub", "gdb_stub"),
-    ("APIRevision", "api_revision"),
-    ("Name", "name"),
-    ("State", "state"),
-    ("Owner", "owner"),
-    ("Cmdline", "cmdline"),
-    ("Accel", "accel"),
-    ("Created", "created"),
-    ("OpenGdb", "open_gdb"),
-    ("VMNew", "vm_new"),
-]
-
-
-@pytest.mark.parametrize(("name", "expected"), SNAKE)
-def test_snake(name: str, expected: str) -> None:
-    assert snake(name) == expected
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"), [("MemoryMiB", "memory_mib"), ("VCPUs", "vcpus")]
-)
-def test_snake_units_and_plural_acronyms(name: str, expected: str) -> None:
-    assert snake(name) == expected
-
-
-def test_as_json_keys() -> None:
-    assert as_json({"Name": "vm1", "GdbStub": "unix", "UUID": "u"}) == {
-        "name": "vm1",
-        "gdb_stub": "unix",
-        "uuid": "u",
-    }
+from kdlabctl.output import table
 
 
 def test_print_json_is_sorted_and_parses(capsys: pytest.CaptureFixture[str]) -> None:
