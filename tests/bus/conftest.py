@@ -41,6 +41,7 @@ def public_dir() -> Iterator[Path]:
     )
     for tool, package in (
         ("dbus-daemon", "dbus-daemon"),
+        ("dbus-monitor", "dbus-bin"),
         ("busctl", "systemd"),
         ("gdbus", "libglib2.0-bin"),
         ("setpriv", "util-linux"),

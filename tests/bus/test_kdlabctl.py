@@ -10,6 +10,8 @@ import contextlib
 import json
 import pwd
 import shutil
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
@@ -17,8 +19,10 @@ from pathlib import Path
 from subprocess import CompletedProcess
 
 import pytest
+from dbus_next import Variant
 
 from kdlab.errors import (
+    EXIT_FAILURE,
     EXIT_UNAVAILABLE,
     HypervisorError,
     InvalidArgument,
@@ -27,11 +31,20 @@ from kdlab.errors import (
     NoSuchVM,
     VMExists,
 )
+from kdlab.wire import JOB_INTERFACE, JOB_PATH_PREFIX, VM_INTERFACE
 from kdlabctl import output
+from kdlabd.core.journal import HOLD_ENV
 from tests.bus.conftest import Ctl
-from tests.support.bus import BusClient, PrivateBus
-from tests.support.clients import kdlabctl
+from tests.support.bus import PROPERTIES, BusClient, BusMonitor, Call, PrivateBus
+from tests.support.clients import (
+    assert_no_traceback,
+    client_env,
+    kdlabctl,
+    kdlabctl_argv,
+    read_until,
+)
 from tests.support.testdriver import FLEET, VMS, Lab
+from tests.support.timeouts import CALL_TIMEOUT
 
 pytestmark = pytest.mark.bus
 
@@ -217,6 +230,113 @@ def test_logs_print_the_console_log(ctl: Ctl, follow: list[str]) -> None:
     result = ctl("logs", *follow, "booted")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "console of booted\n"
+
+
+# --- listening, not polling ---------------------------------------------------------
+
+# How long the tests below watch kdlabctl follow something that does not change:
+# a client that polled would call kdlabd many times in it (the old one: every
+# 0.2 s for a job, every second for a log).
+QUIET_SECONDS = 3.0
+
+
+def follower(address: str, *args: str) -> subprocess.Popen[bytes]:
+    """kdlabctl *args* running in the background, its output on pipes."""
+    return subprocess.Popen(
+        kdlabctl_argv(address, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=client_env(),
+    )
+
+
+def ended(process: subprocess.Popen[bytes]) -> tuple[int, str, str]:
+    """Wait for *process* to end by itself: (status, stdout, stderr)."""
+    try:
+        out, err = process.communicate(timeout=CALL_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = out.decode(errors="replace"), err.decode(errors="replace")
+    assert_no_traceback("".join(text))
+    return process.returncode, *text
+
+
+def test_logs_follow_opens_the_log_once_and_reads_on_until_the_vm_stops(
+    kdlabd: Lab, client: BusClient, bus: PrivateBus
+) -> None:
+    """``logs -f`` on a running VM: one OpenConsoleLog and one read of the VM
+    over seconds of following; what the boot writes later is printed; the
+    VM's PropertiesChanged (State stopped) ends it."""
+    log = kdlabd.layout.console_log("busy")
+    with BusMonitor(bus.address) as monitor:
+        logs = follower(bus.address, "logs", "-f", "busy")
+        try:
+            assert logs.stdout is not None
+            read = read_until(logs.stdout.fileno(), "console of busy\n", CALL_TIMEOUT)
+            time.sleep(QUIET_SECONDS)
+            with log.open("a") as boot:
+                boot.write("later line\n")
+            read += read_until(logs.stdout.fileno(), "later line\n", CALL_TIMEOUT)
+            path = client.vm_path("busy")
+            stop = {"force": Variant("b", True)}
+            client.ok(path, VM_INTERFACE, "Stop", "a{sv}", [stop])
+            status, rest, errors = ended(logs)
+        finally:
+            if logs.poll() is None:
+                logs.kill()
+                logs.wait()
+        opened = monitor.calls("OpenConsoleLog")
+        assert len(opened) == 1, opened
+        reads = [
+            call
+            for call in monitor.calls(path=path)
+            if call.sender == opened[0].sender and call.interface == PROPERTIES
+        ]
+    assert status == 0, errors
+    assert read + rest == "console of busy\nlater line\n"
+    assert [call.member for call in reads] == ["GetAll"]
+
+
+def test_a_job_is_followed_by_its_signals(
+    bus: PrivateBus, workdir: Path, client: BusClient, kernels: dict[str, Path]
+) -> None:
+    """``image import`` reads its job once, then shows it from its signals
+    until it ends (here: cancelled while its upload is held)."""
+    lab = Lab(bus, workdir)
+    with (
+        lab.serving({HOLD_ENV: "image.upload-started"}),
+        BusMonitor(bus.address) as monitor,
+    ):
+        imports = follower(bus.address, "image", "import", "held", str(kernels["text"]))
+        try:
+
+            def job_read() -> list[Call]:
+                return [
+                    call
+                    for call in monitor.calls("GetAll")
+                    if call.path.startswith(JOB_PATH_PREFIX)
+                ]
+
+            client.wait_until(lambda: bool(job_read()), CALL_TIMEOUT)
+            importer, job = job_read()[0].sender, job_read()[0].path
+            time.sleep(QUIET_SECONDS)
+            client.ok(job, JOB_INTERFACE, "Cancel")
+            status, _, errors = ended(imports)
+        finally:
+            if imports.poll() is None:
+                imports.kill()
+                imports.wait()
+        reads = [
+            call.member
+            for call in monitor.calls(path=job)
+            if call.sender == importer and call.interface == PROPERTIES
+        ]
+    assert status == EXIT_FAILURE, errors
+    assert errors.endswith("kdlabctl: import of held cancelled: cancelled\n"), errors
+    assert reads == ["GetAll"]
 
 
 # --- errors -------------------------------------------------------------------------

@@ -7,6 +7,7 @@
   own ``org.kdlab.Kdlab1`` and let any uid call it.
 - :class:`BusClient` is a dbus-next connection driven synchronously, which
   records the signals it receives.
+- :class:`BusMonitor` is ``dbus-monitor``: the method calls clients make.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import select
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,8 +46,9 @@ def bus_config(socket: Path, policy: Path | None) -> bytes:
     """A bus configuration with the system bus's own default policy.
 
     The ``<policy context="default">`` of the installed ``system.conf`` (deny
-    owning names and sending method calls, except to the bus itself), then an
-    include of the *policy* file (kdlab's shipped one, normally).
+    owning names and sending method calls, except to the bus itself) and its
+    ``<policy user="root">``, then an include of the *policy* file (kdlab's
+    shipped one, normally).
     """
     system = etree.parse(
         str(SYSTEM_BUS_CONFIG), etree.XMLParser(load_dtd=False, no_network=True)
@@ -55,6 +58,9 @@ def bus_config(socket: Path, policy: Path | None) -> bytes:
     etree.SubElement(config, "listen").text = f"unix:path={socket}"
     etree.SubElement(config, "auth").text = "EXTERNAL"
     config.extend(system.getroot().findall("policy[@context='default']"))
+    # Root's own holes, as on the system bus: root may become a monitor
+    # (BusMonitor watches what clients call).
+    config.extend(system.getroot().findall("policy[@user='root']"))
     if policy is not None:
         etree.SubElement(config, "include").text = str(policy)
     doctype: str = system.docinfo.doctype  # type: ignore[union-attr]
@@ -272,3 +278,70 @@ class BusClient:
     def introspect(self, path: str) -> str:
         (xml,) = self.ok(path, INTROSPECTABLE, "Introspect")
         return str(xml)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A method call the bus routed, as dbus-monitor saw it."""
+
+    sender: str
+    destination: str
+    path: str
+    interface: str
+    member: str
+
+
+class BusMonitor:
+    """``dbus-monitor --profile`` on the bus at *address*: every method call on it.
+
+    The bus lets root's connections become monitors (BecomeMonitor); the calls
+    are collected by a thread that keeps reading its output.
+    """
+
+    def __init__(self, address: str) -> None:
+        self._proc = subprocess.Popen(
+            ["dbus-monitor", "--address", address, "--profile"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._calls: list[Call] = []
+        self._lock = threading.Lock()
+        self._monitoring = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # The bus takes a new monitor's unique name away (NameLost): from
+        # then on every message passes by it.
+        if not self._monitoring.wait(STARTUP_TIMEOUT):
+            self.close()
+            raise AssertionError("dbus-monitor did not become a monitor")
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            fields = line.rstrip("\n").split("\t")
+            if fields[0] == "sig" and fields[-1] == "NameLost":
+                self._monitoring.set()
+            elif fields[0] == "mc" and len(fields) == 8:
+                with self._lock:
+                    self._calls.append(Call(*fields[3:]))
+
+    def calls(self, member: str = "", path: str = "") -> list[Call]:
+        """The calls seen so far, of *member* and on *path* if given."""
+        with self._lock:
+            return [
+                call
+                for call in self._calls
+                if member in ("", call.member) and path in ("", call.path)
+            ]
+
+    def close(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        self._reader.join(timeout=5)
+
+    def __enter__(self) -> BusMonitor:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

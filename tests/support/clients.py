@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,3 +140,17 @@ def gdbus_error(result: subprocess.CompletedProcess[str]) -> tuple[str, str]:
     match = _GDBUS_ERROR.search(result.stderr)
     assert match is not None, result.stderr
     return match[1], match[2]
+
+
+def read_until(stream: int, text: str, timeout: float) -> str:
+    """Read the pipe *stream* (a client's output) until *text* has come; what
+    was read."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while text.encode() not in seen:
+        ready, _, _ = select.select([stream], [], [], deadline - time.monotonic())
+        chunk = os.read(stream, 65536) if ready else b""
+        if not chunk:
+            raise AssertionError(f"{text!r} not read; got {seen[-3000:]!r}")
+        seen += chunk
+    return seen.decode(errors="replace")

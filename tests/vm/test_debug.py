@@ -19,13 +19,12 @@ from lxml import etree
 from kdlabd.core.diagnosis import DEFAULT_PATIENCE
 from kdlabd.core.vms import DIAGNOSIS_INTERVAL
 from tests.support import debian
-from tests.support.clients import NOBODY, ctl_env, kdlabctl
+from tests.support.clients import NOBODY, ctl_env, kdlabctl, read_until
 from tests.support.prereq import require, require_tool
 from tests.vm.conftest import MARKER, Lab, virsh
 from tests.vm.test_lifecycle import (
     QEMU_NS,
     create,
-    read_until,
     state,
     wait_for_console,
 )

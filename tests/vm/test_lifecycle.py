@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from tests.support.clients import ctl_env
+from tests.support.clients import ctl_env, read_until
 from tests.vm.conftest import MARKER, TEST_POOL, Lab, virsh
 
 pytestmark = pytest.mark.vm
@@ -55,19 +54,6 @@ def wait_for_console(lab: Lab, name: str, text: str, timeout: float = 90) -> str
     raise AssertionError(
         f"{text!r} not on {name}'s console after {timeout}s:\n{log[-3000:]}"
     )
-
-
-def read_until(stream: int, text: str, timeout: float) -> str:
-    """Read the pipe *stream* until *text* has come; what was read."""
-    deadline = time.monotonic() + timeout
-    seen = b""
-    while text.encode() not in seen:
-        ready, _, _ = select.select([stream], [], [], deadline - time.monotonic())
-        chunk = os.read(stream, 65536) if ready else b""
-        if not chunk:
-            raise AssertionError(f"{text!r} not read; got {seen[-3000:]!r}")
-        seen += chunk
-    return seen.decode(errors="replace")
 
 
 def holds_open(pid: int, path: Path) -> bool:
