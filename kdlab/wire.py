@@ -24,6 +24,28 @@ ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
 # Bumped on every additive change of the interfaces in xml/dbus/.
 API_REVISION = 4
 
+# The ``a{sv}`` options of each method that takes them: every key and its D-Bus
+# type, as the contract (xml/dbus/) documents them. kdlabd refuses any other
+# key or type; kdlabctl sends each value with its key's type.
+CREATE_OPTIONS = {
+    "kernel": "h",
+    "initrd": "h",
+    "cmdline": "s",
+    "memory_mib": "u",
+    "vcpus": "u",
+    "gdb": "b",
+    "gdb_tcp_port": "q",
+    "vmlinux": "s",
+    "kernel_path": "s",
+    "tree": "s",
+    "image": "s",
+    "disk_size": "t",
+    "extra_disks": "at",
+}
+BUILD_OPTIONS = {"suite": "s", "size": "t", "packages": "as", "ssh_key": "s"}
+START_OPTIONS = {"paused": "b", "kernel": "h"}
+STOP_OPTIONS = {"force": "b", "timeout": "u"}
+
 _ALNUM = frozenset(string.ascii_letters + string.digits)
 
 

@@ -30,11 +30,15 @@ from dbus_next.aio import MessageBus
 
 from kdlab.states import JobState, VMState
 from kdlab.wire import (
+    BUILD_OPTIONS,
     BUS_NAME,
+    CREATE_OPTIONS,
     IMAGE_INTERFACE,
     JOB_INTERFACE,
     MANAGER_INTERFACE,
     MANAGER_PATH,
+    START_OPTIONS,
+    STOP_OPTIONS,
     VM_INTERFACE,
     bus_address,
 )
@@ -48,26 +52,6 @@ DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
 # What kdlabctl reports when kdlabd leaves the bus under a watch (exit 69).
 GONE = "org.freedesktop.DBus.Error.NameHasNoOwner"
-
-# The D-Bus type of every option key kdlabctl sends, per method.
-CREATE_OPTIONS = {
-    "kernel": "h",
-    "initrd": "h",
-    "cmdline": "s",
-    "memory_mib": "u",
-    "vcpus": "u",
-    "gdb": "b",
-    "gdb_tcp_port": "q",
-    "vmlinux": "s",
-    "kernel_path": "s",
-    "tree": "s",
-    "image": "s",
-    "disk_size": "t",
-    "extra_disks": "at",
-}
-START_OPTIONS = {"paused": "b", "kernel": "h"}
-STOP_OPTIONS = {"force": "b", "timeout": "u"}
-BUILD_OPTIONS = {"suite": "s", "size": "t", "packages": "as", "ssh_key": "s"}
 
 
 class RemoteError(Exception):

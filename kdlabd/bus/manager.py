@@ -6,7 +6,15 @@
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, signal
 
-from kdlab.wire import API_REVISION, MANAGER_INTERFACE, image_path, job_path, vm_path
+from kdlab.wire import (
+    API_REVISION,
+    BUILD_OPTIONS,
+    CREATE_OPTIONS,
+    MANAGER_INTERFACE,
+    image_path,
+    job_path,
+    vm_path,
+)
 from kdlabd import __version__
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
@@ -16,23 +24,6 @@ from kdlabd.core.jobs import JobManager
 from kdlabd.core.models import DebugSettings
 from kdlabd.core.rootfs import DEFAULT_SIZE_BYTES, RootfsSpec
 from kdlabd.core.vms import CreateRequest, VMService
-
-CREATE_OPTIONS = {
-    "kernel": "h",
-    "initrd": "h",
-    "cmdline": "s",
-    "memory_mib": "u",
-    "vcpus": "u",
-    "gdb": "b",
-    "gdb_tcp_port": "q",
-    "vmlinux": "s",
-    "kernel_path": "s",
-    "tree": "s",
-    "image": "s",
-    "disk_size": "t",
-    "extra_disks": "at",
-}
-BUILD_OPTIONS = {"suite": "s", "size": "t", "packages": "as", "ssh_key": "s"}
 
 
 class ManagerInterface(ServiceInterface):

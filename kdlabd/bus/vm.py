@@ -7,16 +7,13 @@ from typing import Any
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property
 
-from kdlab.wire import VM_INTERFACE
+from kdlab.wire import START_OPTIONS, STOP_OPTIONS, VM_INTERFACE
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.options import take
 from kdlabd.bus.properties import announce_changes
 from kdlabd.core.models import VMRecord
 from kdlabd.core.vms import DEFAULT_STOP_TIMEOUT, VMService
-
-START_OPTIONS = {"paused": "b", "kernel": "h"}
-STOP_OPTIONS = {"force": "b", "timeout": "u"}
 
 
 def _diagnosis(record: VMRecord) -> list[str]:

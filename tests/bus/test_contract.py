@@ -11,9 +11,16 @@ import pytest
 
 import kdlabd
 from kdlab.errors import ERRORS
-from kdlab.wire import API_REVISION, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE
-from kdlabd.bus.manager import BUILD_OPTIONS, CREATE_OPTIONS
-from kdlabd.bus.vm import START_OPTIONS, STOP_OPTIONS
+from kdlab.wire import (
+    API_REVISION,
+    BUILD_OPTIONS,
+    CREATE_OPTIONS,
+    MANAGER_INTERFACE,
+    MANAGER_PATH,
+    START_OPTIONS,
+    STOP_OPTIONS,
+    VM_INTERFACE,
+)
 from tests.bus import contract
 from tests.bus.contract import IMAGE, INTERFACES, JOB, MANAGER, VM
 from tests.support.bus import OBJECT_MANAGER, PROPERTIES, BusClient

@@ -16,10 +16,9 @@ import pytest
 from dbus_next import Message, MessageType, Variant
 
 from kdlab.states import JobState, VMState
-from kdlab.wire import BUS_NAME, JOB_INTERFACE, MANAGER_PATH, job_path
+from kdlab.wire import BUS_NAME, CREATE_OPTIONS, JOB_INTERFACE, MANAGER_PATH, job_path
 from kdlabctl import output
 from kdlabctl.client import (
-    CREATE_OPTIONS,
     DBUS_NAME,
     GONE,
     OBJECT_MANAGER,
