@@ -1,7 +1,8 @@
 """kdlabctl: create, run and inspect kdlab VMs through kdlabd on D-Bus.
 
-Only the stdlib and kdlabd's stdlib-only wire and error modules are imported
-up front, so ``kdlabctl --help`` is instant; dbus-next loads when a command runs.
+Only the stdlib and the shared stdlib-only ``kdlab`` package are imported up
+front, so ``kdlabctl --help`` is instant; dbus-next loads when a command runs
+(kdlabctl.client, the one module that speaks D-Bus).
 """
 
 from __future__ import annotations
@@ -415,8 +416,8 @@ async def _follow_log(watch: Watch[VM], fd: int) -> None:
     """
     while True:
         # The state first: whatever the boot wrote before it ended is in the
-        # log when it is read to its end below.
-        off = watch.current.state in OFF
+        # log when it is read to its end below. A VM that went away is off.
+        off = watch.ended or watch.current.state in OFF
         copied = _copy(fd)
         if off:
             return
