@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdlab.errors import EXIT_FAILURE, EXIT_OK, exit_code_for
+from kdlab.states import JobState
 
 if TYPE_CHECKING:
     from kdlabctl.client import Client
@@ -37,7 +38,6 @@ def human(n: int) -> str:
 
 
 async def _finish_job(client: Client, path: str, quiet: bool) -> int:
-    from kdlab.states import JobState
     from kdlabctl import jobs
 
     end = await jobs.follow(client, path)
