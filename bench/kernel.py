@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.lab import run, scratch
 from bench.measure import NO_GOAL, Row, interleaved, row, seconds
-from kdlabctl import kconfig
+from kdlab.kernel import kconfig
 from kdlabctl import kernel as kernel_cli
 from tests.support.kernel_tree import linux_source_tree
 

@@ -23,6 +23,7 @@ from kdlab.errors import (
     EXIT_USAGE,
     exit_code_for,
 )
+from kdlab.kernel.findings import errors
 from kdlab.states import VMState
 from kdlabctl import images, kconfig, kernel
 
@@ -434,7 +435,7 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
         findings = kernel.check_config(kconfig.locate(tree))
     except kconfig.KernelError as err:
         raise UsageError(str(err)) from None
-    blocking = kconfig.errors(findings)
+    blocking = errors(findings)
     if blocking:
         print(kernel.format_findings(blocking), file=sys.stderr)
         raise UsageError(

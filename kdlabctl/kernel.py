@@ -5,7 +5,7 @@ info and ``GDB_SCRIPTS`` on, ``DEBUG_INFO_REDUCED`` off) as three commands that 
 on a source tree or an ``O=`` build directory:
 
 - ``check``: what in a ``.config`` would stop a VM from booting or being debugged,
-  with the fix for each (:mod:`kdlabctl.kconfig`).
+  with the fix for each (:mod:`kdlab.kernel.kconfig`).
 - ``configure``: the recipe, or with ``--minimal`` tinyconfig plus
   :data:`MINIMAL_FRAGMENT`; either way the result passes ``check``.
 - ``build``: ``make bzImage scripts_gdb`` with a progress line, the compiler's last
@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from kdlab.errors import EXIT_FAILURE, EXIT_OK
+from kdlab.kernel import kconfig as rules
+from kdlab.kernel.findings import Severity, errors
+from kdlab.kernel.kconfig import ConfigFinding
 from kdlabctl import kconfig
 from kdlabctl.kconfig import KernelError
 
@@ -294,16 +297,17 @@ async def _run(command: Sequence[str], cwd: Path | None = None) -> str:
 # kernel check.
 
 
-def check_config(location: kconfig.Location) -> list[kconfig.Finding]:
+def check_config(location: kconfig.Location) -> list[ConfigFinding]:
     """The findings for a located ``.config``."""
     try:
         text = location.config.read_text(errors="replace")
     except OSError as err:
         raise KernelError(f"cannot read {location.config}: {err.strerror}") from None
-    return kconfig.check(kconfig.parse(text), location.build)
+    unbuilt = kconfig.unbuilt_gdb_scripts(location.build)
+    return rules.check(rules.parse(text), unbuilt)
 
 
-def format_findings(findings: Sequence[kconfig.Finding]) -> str:
+def format_findings(findings: Sequence[ConfigFinding]) -> str:
     """A table of severity, option and problem, each row followed by its fix."""
     from kdlabctl import output
 
@@ -316,13 +320,10 @@ def format_findings(findings: Sequence[kconfig.Finding]) -> str:
     return "\n".join(text)
 
 
-def summary(findings: Sequence[kconfig.Finding], config: Path) -> str:
+def summary(findings: Sequence[ConfigFinding], config: Path) -> str:
     counts = collections.Counter(f.severity for f in findings)
-    parts = [
-        f"{counts[s]} {s.value}{'' if counts[s] == 1 else 's'}"
-        for s in kconfig.Severity
-    ]
-    verdict = "fails" if counts[kconfig.Severity.ERROR] else "passes"
+    parts = [f"{counts[s]} {s.value}{'' if counts[s] == 1 else 's'}" for s in Severity]
+    verdict = "fails" if counts[Severity.ERROR] else "passes"
     return f"{config}: {', '.join(parts)}: {verdict} kdlab's check"
 
 
@@ -333,12 +334,12 @@ async def cmd_check(_client: Client | None, args: argparse.Namespace) -> int:
     except KernelError as err:
         return _fail(err)
     if args.json:
-        print(kconfig.report_json(findings, location.config))
+        print(rules.report_json(findings, location.config))
     else:
         if findings:
             print(format_findings(findings))
         print(summary(findings, location.config))
-    return EXIT_FAILURE if kconfig.errors(findings) else EXIT_OK
+    return EXIT_FAILURE if errors(findings) else EXIT_OK
 
 
 # kernel configure.
@@ -354,7 +355,7 @@ def recipe_steps(dirs: Dirs, keep: bool) -> list[list[str]]:
     )
     edits = [
         arg
-        for option, on in kconfig.wanted_options().items()
+        for option, on in rules.wanted_options().items()
         for arg in ("-e" if on else "-d", option)
     ]
     start = [] if keep else [dirs.make("x86_64_defconfig"), dirs.make(kvm)]
@@ -362,10 +363,10 @@ def recipe_steps(dirs: Dirs, keep: bool) -> list[list[str]]:
     return [*start, scripts_config + edits, dirs.make("olddefconfig")]
 
 
-def fragment_misses(config: kconfig.Config, fragment: str) -> list[str]:
+def fragment_misses(config: rules.Config, fragment: str) -> list[str]:
     """Options of *fragment* that the configured kernel does not have as asked:
     renamed or gone in this kernel version, or held back by a dependency."""
-    wanted = kconfig.parse(fragment)
+    wanted = rules.parse(fragment)
     unset = re.findall(r"^# (CONFIG_\w+) is not set$", fragment, re.MULTILINE)
     return [o for o, v in wanted.items() if config.get(o) != v] + [
         o for o in unset if o in config
@@ -390,7 +391,7 @@ async def configure(dirs: Dirs, *, minimal: bool, keep: bool) -> list[str]:
     else:
         for step in recipe_steps(dirs, keep):
             await _step(step)
-    configured = kconfig.parse(dirs.config.read_text())
+    configured = rules.parse(dirs.config.read_text())
     return fragment_misses(configured, MINIMAL_FRAGMENT) if minimal else []
 
 
@@ -449,8 +450,8 @@ async def cmd_configure(_client: Client | None, args: argparse.Namespace) -> int
             f"{', '.join(misses)} from kdlab's fragment",
             file=sys.stderr,
         )
-    if kconfig.errors(findings):
-        print(format_findings(kconfig.errors(findings)), file=sys.stderr)
+    if errors(findings):
+        print(format_findings(errors(findings)), file=sys.stderr)
         return _fail(
             KernelError(f"{dirs.config} still fails the check: set the options above")
         )
@@ -463,7 +464,7 @@ async def cmd_configure(_client: Client | None, args: argparse.Namespace) -> int
 # kernel build.
 
 
-def build_targets(config: kconfig.Config) -> list[str]:
+def build_targets(config: rules.Config) -> list[str]:
     """bzImage and the lx-* helpers; modules when there are any."""
     targets = ["bzImage", "scripts_gdb"]
     if config.get("CONFIG_MODULES") == "y" and "m" in config.values():
@@ -597,13 +598,13 @@ async def build(path: str, out: str | None, jobs: int) -> int:
         _require_build_tools()
     except KernelError as err:
         return _fail(err)
-    if kconfig.errors(findings):
+    if errors(findings):
         print(
             f"kdlabctl: warning: {summary(findings, dirs.config)} "
             f"(kdlabctl kernel check {path})",
             file=sys.stderr,
         )
-    config = kconfig.parse(dirs.config.read_text(errors="replace"))
+    config = rules.parse(dirs.config.read_text(errors="replace"))
     command = dirs.make(*build_targets(config), jobs=jobs)
     print(f"  {shlex.join(_short(command))}", file=sys.stderr)
     started = time.monotonic()

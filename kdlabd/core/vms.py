@@ -30,8 +30,9 @@ from kdlab.errors import (
     NoSuchVM,
     VMExists,
 )
+from kdlab.kernel import bzimage as kernel
 from kdlab.states import VMState
-from kdlabd.core import blocking, descriptors, kernel, validate
+from kdlabd.core import blocking, descriptors, validate
 from kdlabd.core import cmdline as kernel_cmdline
 from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.diagnosis import BootFacts, Diagnosis, diagnose, read_console_log

@@ -1,4 +1,4 @@
-"""The vm tier's cached fixtures are keyed on kdlabctl's code that makes them.
+"""The vm tier's cached fixtures are keyed on the code that makes them.
 
 A kernel built, or an initramfs packed, by an older kdlabctl must not be taken
 from the cache after that code changed: the regression would hide behind it.
@@ -16,11 +16,15 @@ from kdlabctl import initramfs, kernel
 from tests.support import debian, kernel_tree
 from tests.support.prereq import require
 
+# Where the code that configures and builds a kernel lives: kdlabctl, and the
+# kernel rules it shares with kdlabd.
+KEYED_PACKAGES = ("kdlabctl", "kdlab.kernel")
 
-def kdlabctl_modules_of(module: str) -> set[Path]:
-    """The files of *module* and of the kdlabctl modules it imports at module level,
-    recursively (imports for type checking, or inside a function to format
-    messages, are left out)."""
+
+def keyed_modules_of(module: str) -> set[Path]:
+    """The files of *module* and of the modules of :data:`KEYED_PACKAGES` it
+    imports at module level, recursively (imports for type checking, or inside a
+    function to format messages, are left out)."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -30,15 +34,17 @@ def kdlabctl_modules_of(module: str) -> set[Path]:
         seen.add(name)
         source = Path(importlib.import_module(name).__file__ or "")
         for node in ast.parse(source.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.module == "kdlabctl":
-                todo += [f"kdlabctl.{alias.name}" for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                todo += [node.module] if node.module.startswith("kdlabctl.") else []
+            if not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            if node.module in KEYED_PACKAGES:
+                todo += [f"{node.module}.{alias.name}" for alias in node.names]
+            elif node.module.startswith(tuple(f"{p}." for p in KEYED_PACKAGES)):
+                todo.append(node.module)
     return {Path(importlib.import_module(name).__file__ or "") for name in seen}
 
 
 def test_the_kernel_key_covers_the_code_kdlabctl_kernel_runs() -> None:
-    assert set(kernel_tree.KEYED_SOURCES) == kdlabctl_modules_of("kdlabctl.kernel")
+    assert set(kernel_tree.KEYED_SOURCES) == keyed_modules_of("kdlabctl.kernel")
     assert Path(kernel.__file__) in kernel_tree.KEYED_SOURCES
 
 

@@ -1,4 +1,4 @@
-"""kdlabctl.kconfig and ``kdlabctl kernel check``: which configs boot and debug.
+"""kdlab.kernel.kconfig and ``kdlabctl kernel check``: which configs boot and debug.
 
 The real case is Debian's cloud kernel config (virtio as modules, no gdb scripts,
 KASLR); the rest are synthetic configs and fake trees, so nothing here runs a
@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from kdlabctl import kconfig, kernel
-from kdlabctl.kconfig import Finding, KernelError, Severity
+from kdlab.kernel import guest, kconfig
+from kdlab.kernel.findings import Severity, errors
+from kdlab.kernel.kconfig import ConfigFinding
+from kdlabctl import kernel
+from kdlabctl.kconfig import KernelError, Location, locate
 from tests.support import debian
 from tests.support.prereq import require
 
@@ -40,7 +43,7 @@ def without(option: str, value: str | None = None) -> dict[str, str]:
     return config
 
 
-def by_option(findings: list[Finding]) -> dict[str, Finding]:
+def by_option(findings: list[ConfigFinding]) -> dict[str, ConfigFinding]:
     return {f.option: f for f in findings}
 
 
@@ -98,7 +101,7 @@ def test_debian_cloud_config(debian_config: Path) -> None:
     }
     assert found == expected
     # Debian builds full DWARF, ext4 in, a serial console and initrd support.
-    assert [f.option for f in kconfig.errors(findings)] == ["CONFIG_GDB_SCRIPTS"]
+    assert [f.option for f in errors(findings)] == ["CONFIG_GDB_SCRIPTS"]
 
 
 def test_findings_come_errors_first(debian_config: Path) -> None:
@@ -116,7 +119,7 @@ def test_passing_config_has_no_findings() -> None:
 
 def test_empty_config_fails_with_a_fix_for_everything() -> None:
     findings = kconfig.check({})
-    assert kconfig.errors(findings)
+    assert errors(findings)
     for finding in findings:
         assert finding.option.startswith("CONFIG_")
         assert finding.problem
@@ -215,16 +218,32 @@ def test_kaslr_is_a_note() -> None:
 
 
 def test_gdb_scripts_not_built_after_a_build(tmp_path: Path) -> None:
-    assert kconfig.check(passing(), tmp_path) == []  # nothing built yet
+    config = tmp_path / ".config"
+    config.write_text(config_text(kconfig.wanted_options()))
+    built = Location(config, None, tmp_path)
+    assert kernel.check_config(built) == []  # nothing built yet
     (tmp_path / "vmlinux").write_bytes(b"\x7fELF")
-    (finding,) = kconfig.check(passing(), tmp_path)
+    (finding,) = kernel.check_config(built)
     assert (finding.code, finding.severity) == (
         "gdb-scripts-not-built",
         Severity.WARNING,
     )
+    assert str(tmp_path / "vmlinux-gdb.py") in finding.problem
     assert "make scripts_gdb" in finding.fix
     (tmp_path / "vmlinux-gdb.py").write_text("")
-    assert kconfig.check(passing(), tmp_path) == []
+    assert kernel.check_config(built) == []
+
+
+def test_unbuilt_gdb_scripts_without_gdb_scripts_is_only_the_missing_option(
+    tmp_path: Path,
+) -> None:
+    config = without("GDB_SCRIPTS")
+    (finding,) = kconfig.check(config, unbuilt_gdb_scripts=tmp_path / "x.py")
+    assert finding.code == "no-gdb-scripts"
+
+
+def test_power_button_modules_are_options_the_check_wants() -> None:
+    assert set(guest.POWER_BUTTON_DRIVERS) <= set(kconfig.POWER_BUTTON)
 
 
 def test_report_shape() -> None:
@@ -267,38 +286,38 @@ def fake_build_dir(path: Path, tree: Path, link: bool = True) -> Path:
 def test_locate_source_tree(tmp_path: Path) -> None:
     tree = fake_tree(tmp_path / "linux")
     (tree / ".config").write_text("")
-    assert kconfig.locate(tree) == (tree / ".config", tree, tree)
+    assert locate(tree) == (tree / ".config", tree, tree)
 
 
 @pytest.mark.parametrize("link", [True, False], ids=["source-link", "makefile"])
 def test_locate_build_directory(tmp_path: Path, link: bool) -> None:
     tree = fake_tree(tmp_path / "linux")
     build = fake_build_dir(tmp_path / "build", tree, link)
-    assert kconfig.locate(build) == (build / ".config", tree, build)
+    assert locate(build) == (build / ".config", tree, build)
 
 
 def test_locate_config_file(tmp_path: Path) -> None:
     config = tmp_path / "config-6.1.0-56-cloud-amd64"
     config.write_text("CONFIG_EXT4_FS=y\n")
-    assert kconfig.locate(config) == (config, None, None)
+    assert locate(config) == (config, None, None)
 
 
 def test_locate_dot_config_in_a_build_directory(tmp_path: Path) -> None:
     tree = fake_tree(tmp_path / "linux")
     build = fake_build_dir(tmp_path / "build", tree)
-    assert kconfig.locate(build / ".config") == (build / ".config", tree, build)
+    assert locate(build / ".config") == (build / ".config", tree, build)
 
 
 def test_locate_unconfigured_tree_says_what_to_run(tmp_path: Path) -> None:
     tree = fake_tree(tmp_path / "linux")
     with pytest.raises(KernelError, match="kdlabctl kernel configure") as err:
-        kconfig.locate(tree)
+        locate(tree)
     assert "O=DIR" in str(err.value)
 
 
 def test_locate_rejects_other_directories(tmp_path: Path) -> None:
     with pytest.raises(KernelError, match="neither a kernel source tree"):
-        kconfig.locate(tmp_path)
+        locate(tmp_path)
 
 
 # kdlabctl kernel: the fragment, the recipe, artifacts, check's output

@@ -27,7 +27,8 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from kdlab.errors import InvalidArgument, LimitExceeded
-from kdlabd.core import kernel, validate
+from kdlab.kernel.bzimage import bzimage_release
+from kdlabd.core import validate
 from kdlabd.core.limits import Limits
 from kdlabd.core.models import Accel, DebugSettings, Disk, ImageSource, VMSpec
 from kdlabd.core.vms import CreateRequest, Layout, VMService
@@ -143,7 +144,7 @@ kernel_headers = st.binary(max_size=2048) | st.builds(
 @PROPERTIES
 def test_kernel_image_raises_only_invalid_argument(header: bytes) -> None:
     accepted(validate.kernel_image, header)
-    assert isinstance(kernel.bzimage_release(header), str)
+    assert isinstance(bzimage_release(header), str)
 
 
 def qcow2(
@@ -294,7 +295,7 @@ def test_effective_cmdline_of_any_accepted_vm_fits_the_kernel(value: str) -> Non
 def test_release_of_any_accepted_kernel_builds_valid_xml(release: bytes) -> None:
     header = bzimage(b"", release)
     validate.kernel_image(header)
-    spec = make_spec(release=kernel.bzimage_release(header))
+    spec = make_spec(release=bzimage_release(header))
     xml = build_domain_xml(spec)
     assert_schema_valid(xml)
     assert parse_domain_xml(xml) == spec

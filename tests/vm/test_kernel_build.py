@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.kernel.bzimage import HEADER_BYTES, bzimage_release
 from kdlabctl import kernel
-from kdlabd.core.kernel import HEADER_BYTES, bzimage_release
 from tests.support import debian, figures, kernel_tree
 from tests.support.prereq import require, require_tool
 

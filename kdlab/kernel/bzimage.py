@@ -8,7 +8,8 @@ HEADER_BYTES = 64 * 1024
 """Enough of a bzImage for the header and its version string."""
 
 # Documentation/arch/x86/boot.rst: kernel_version, at 0x20e, is the offset of
-# the version string minus 0x200. (validate.kernel_image checks the magic.)
+# the version string minus 0x200. (kdlabd.core.validate.kernel_image checks
+# the magic.)
 _VERSION_POINTER = 0x20E
 _SETUP_BASE = 0x200
 

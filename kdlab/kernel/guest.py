@@ -1,0 +1,22 @@
+"""What a kdlab VM gives the kernel it boots, and what the kernel needs for it.
+
+A VM boots from a whole-disk ext4 image on a virtio disk behind virtio-pci
+(``root=/dev/vda``), prints on its first serial port, and powers off when the
+ACPI power button is pressed. The config check asks for these drivers, kdlab's
+initramfs loads them when they are modules, and the boot diagnosis names them
+when a boot lacked them: one table serves all three.
+"""
+
+from __future__ import annotations
+
+ROOT_DEVICE = "/dev/vda"
+"""The root of a VM booted from an image: its first disk, a whole-disk filesystem."""
+ROOT_FS = "ext4"
+"""What kdlab's images hold, and what a root without ``rootfstype=`` is taken for."""
+
+# By CONFIG_ option (without CONFIG_) and module name, in load order.
+ROOT_DISK_DRIVERS = {"VIRTIO_PCI": "virtio_pci", "VIRTIO_BLK": "virtio_blk"}
+"""What a virtio root disk needs: without them the kernel sees no disk."""
+POWER_BUTTON_DRIVERS = {"ACPI_BUTTON": "button", "INPUT_EVDEV": "evdev"}
+"""What ``kdlabctl stop`` needs: systemd-logind reads the ACPI power button as
+an input event from ``/dev/input``."""
