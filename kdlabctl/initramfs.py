@@ -11,8 +11,9 @@ no ``modules.dep`` (its postinst runs depmod), so without one the tree is indexe
 and each needed module's dependencies are read from its ``.modinfo`` ELF section.
 
 The archive is a gzip'd newc cpio written here, deterministic (mtime 0, owned by root):
-no root is needed to hold ``/dev/console``. Stdlib only, like the rest of kdlabctl's
-up-front code: no libvirt, lxml or dbus-next.
+no root is needed to hold ``/dev/console``. Its ``/init``, and the lines it prints, are
+:mod:`kdlab.kernel.initramfs`'s. Stdlib only, like the rest of kdlabctl's up-front
+code: no libvirt, lxml or dbus-next.
 """
 
 from __future__ import annotations
@@ -20,28 +21,29 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
-import shlex
 import shutil
 import stat
 import struct
 import subprocess
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from kdlab.kernel.guest import POWER_BUTTON_DRIVERS, ROOT_DISK_DRIVERS, ROOT_FS
+from kdlab.kernel.initramfs import DIRECTORIES, init_script, module_path
+
 BUSYBOX = Path("/bin/busybox")
-DEFAULT_MODULES = ("virtio_pci", "virtio_blk")
+DEFAULT_MODULES = tuple(ROOT_DISK_DRIVERS.values())
 """What a virtio root disk needs: an error if the kernel has them neither way."""
-ROOT_FS_MODULES = ("ext4",)
+ROOT_FS_MODULES = (ROOT_FS,)
 """Loaded too when they are modules; a kernel without them may mount another root."""
-POWER_BUTTON_MODULES = ("button", "evdev")
+POWER_BUTTON_MODULES = tuple(POWER_BUTTON_DRIVERS.values())
 """Loaded when they are modules: systemd-logind powers off on the ACPI button
 (a graceful ``kdlabctl stop``) only through them."""
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
-_DIRECTORIES = ("bin", "dev", "lib", "lib/modules", "newroot", "proc", "sys")
 
 
 class InitramfsError(Exception):
@@ -103,10 +105,11 @@ def build(
 ) -> bytes:
     """A gzip'd newc initramfs that loads *wanted* and switches to the real root.
 
-    Its ``/init`` reads ``root=`` (default ``/dev/vda``; ``UUID=``/``LABEL=`` too),
-    ``rootfstype=``, ``rootflags=``, ``ro``/``rw`` (read-only unless ``rw``, as the
-    kernel does) and ``init=`` from the kernel command line. Whatever fails is named on
-    the console in a ``kdlab-initramfs:`` line, followed by an emergency shell.
+    Its ``/init`` (:mod:`kdlab.kernel.initramfs`) reads ``root=`` (default
+    ``/dev/vda``; ``UUID=``/``LABEL=`` too), ``rootfstype=``, ``rootflags=``,
+    ``ro``/``rw`` (read-only unless ``rw``, as the kernel does) and ``init=`` from
+    the kernel command line. Whatever fails is named on the console in a
+    ``kdlab-initramfs:`` line, followed by an emergency shell.
     """
     binary = static_busybox(busybox)
     modules = resolve(
@@ -114,14 +117,14 @@ def build(
     )
     return pack(
         [
-            *(CpioEntry.directory(name) for name in _DIRECTORIES),
+            *(CpioEntry.directory(name) for name in DIRECTORIES),
             CpioEntry.char_device("dev/console", 5, 1),
             CpioEntry.file("bin/busybox", binary),
             *(
-                CpioEntry.file(f"lib/modules/{m.name}.ko", module_bytes(m), 0o644)
+                CpioEntry.file(module_path(m.name), module_bytes(m), 0o644)
                 for m in modules
             ),
-            CpioEntry.file("init", _init_script([m.name for m in modules])),
+            CpioEntry.file("init", init_script([m.name for m in modules])),
         ]
     )
 
@@ -480,126 +483,3 @@ def _unzstd(module: Module) -> bytes:
         error = done.stderr.decode(errors="replace").strip()
         raise InitramfsError(f"cannot decompress {module.path}: {error}")
     return done.stdout
-
-
-# /init.
-
-
-def _init_script(modules: Sequence[str]) -> bytes:
-    return _INIT.replace("@MODULES@", shlex.join(modules)).encode()
-
-
-_INIT = r"""#!/bin/busybox sh
-# kdlab's initramfs (kdlabctl/initramfs.py): load the modules a virtio root disk
-# needs, mount the root that the kernel command line names, and switch to it.
-# busybox --install finds itself through /proc/self/exe.
-/bin/busybox mount -t proc proc /proc
-/bin/busybox --install -s /bin
-export PATH=/bin
-set -f  # words of the command line are never globs
-
-say() {
-    echo "kdlab-initramfs: $*"
-}
-
-emergency() {
-    say "$*"
-    say "emergency shell: look around, then leave it (exit) to try again"
-    # cttyhack makes the console the shell's controlling tty: job control, ^C.
-    setsid cttyhack sh
-}
-
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev ||
-    say "cannot mount devtmpfs (CONFIG_DEVTMPFS=y?): no device node will appear"
-cmdline=$(cat /proc/cmdline)
-
-for module in @MODULES@; do
-    # As modprobe does, give MODULE.PARAM=VALUE from the command line to MODULE.
-    params=
-    for arg in $cmdline; do
-        case $arg in
-            "$module".*=*) params="$params ${arg#"$module".}" ;;
-        esac
-    done
-    error=$(insmod "/lib/modules/$module.ko" $params 2>&1) ||
-        say "cannot load module $module: $(echo ${error:-insmod failed})"
-done
-
-root=/dev/vda rootfstype= rootflags= mode=ro init=/sbin/init
-for arg in $cmdline; do
-    case $arg in
-        --) break ;;
-        root=*) root=${arg#root=} ;;
-        rootfstype=*) rootfstype=${arg#rootfstype=} ;;
-        rootflags=*) rootflags=${arg#rootflags=} ;;
-        ro | rw) mode=$arg ;;
-        init=*) init=${arg#init=} ;;
-    esac
-done
-options=$mode${rootflags:+,$rootflags}
-
-find_root() {
-    case $root in
-        UUID=* | LABEL=*) findfs "$root" 2>/dev/null ;;
-        *) [ -b "$root" ] && echo "$root" ;;
-    esac
-}
-
-wait_for_root() {
-    tries=150
-    until device=$(find_root); do
-        tries=$((tries - 1))
-        [ "$tries" -gt 0 ] || return 1
-        sleep 0.1
-    done
-}
-
-mount_root() {
-    if [ -n "$rootfstype" ]; then
-        mount -t "$rootfstype" -o "$options" "$device" /newroot
-    else
-        mount -t ext4 -o "$options" "$device" /newroot 2>/dev/null ||
-            mount -o "$options" "$device" /newroot
-    fi
-}
-
-try_root() {
-    case $root in
-        /dev/* | UUID=* | LABEL=*) ;;
-        *)
-            emergency "root=$root is not supported here: use root=/dev/NAME," \
-                "root=UUID=... or root=LABEL=..."
-            return 1
-            ;;
-    esac
-    if ! wait_for_root; then
-        disks=$(ls /sys/block)
-        emergency "root device $root did not appear within 15 s;" \
-            "block devices: $(echo ${disks:-none: is the disk\'s driver loaded?})"
-        return 1
-    fi
-    what=$root
-    [ "$device" = "$root" ] || what="$root ($device)"
-    if ! mount_root; then
-        known=$(grep -v nodev /proc/filesystems)
-        emergency "cannot mount $what on /newroot" \
-            "with type ${rootfstype:-ext4 or any} and options $options;" \
-            "this kernel mounts: $(echo $known)"
-        return 1
-    fi
-    if [ ! -e "/newroot$init" ] && [ ! -L "/newroot$init" ]; then
-        umount /newroot
-        emergency "init $init is not on the root filesystem $what: give init=..."
-        return 1
-    fi
-}
-
-until try_root; do :; done
-say "mounted $what with $options, starting $init"
-for fs in dev proc sys; do
-    mount --move "/$fs" "/newroot/$fs" 2>/dev/null || umount -l "/$fs"
-done
-# The kernel's arguments for init (single, ...) are this script's.
-exec switch_root /newroot "$init" "$@"
-"""

@@ -44,10 +44,10 @@ class Finding(Generic[CodeT]):
     """One line: what is wrong, with the names involved (``root=/dev/sda``)."""
     fix: str
     """One line: what to change (``use root=/dev/vda``)."""
-    option: str = ""
-    """The ``CONFIG_`` option a config's finding is about."""
     evidence: tuple[str, ...] = ()
     """The lines of a boot's console log the finding is based on."""
+    option: str = ""
+    """The ``CONFIG_`` option a config's finding is about."""
     fix_quotes_evidence: bool = False
     """The fix names something only the evidence said (a filesystem type, a
     device the guest printed): it is then private like the evidence."""

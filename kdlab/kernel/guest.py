@@ -13,6 +13,8 @@ ROOT_DEVICE = "/dev/vda"
 """The root of a VM booted from an image: its first disk, a whole-disk filesystem."""
 ROOT_FS = "ext4"
 """What kdlab's images hold, and what a root without ``rootfstype=`` is taken for."""
+SERIAL_CONSOLE = "ttyS0"
+"""Where the kernel must print: kdlab logs the first serial port."""
 
 # By CONFIG_ option (without CONFIG_) and module name, in load order.
 ROOT_DISK_DRIVERS = {"VIRTIO_PCI": "virtio_pci", "VIRTIO_BLK": "virtio_blk"}

@@ -7,6 +7,7 @@ from typing import Any
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property
 
+from kdlab.kernel.diagnosis import public_fix, summary
 from kdlab.wire import START_OPTIONS, STOP_OPTIONS, VM_INTERFACE
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
@@ -25,8 +26,8 @@ def _diagnosis(record: VMRecord) -> list[str]:
     return [
         found.code.value,
         found.severity.value,
-        found.summary,
-        found.public_fix(record.name),
+        summary(found),
+        public_fix(found, record.name),
     ]
 
 
@@ -125,7 +126,7 @@ class VMInterface(ServiceInterface):
         return [
             found.code.value,
             found.severity.value,
-            found.cause,
+            found.problem,
             found.fix,
             list(found.evidence),
         ]

@@ -7,9 +7,9 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdlab.kernel.diagnosis import Diagnosis
 from kdlab.states import VMState
 from kdlabd.core import cmdline as kernel_cmdline
-from kdlabd.core.diagnosis import Diagnosis
 
 
 class Accel(enum.StrEnum):

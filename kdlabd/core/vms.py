@@ -31,11 +31,12 @@ from kdlab.errors import (
     VMExists,
 )
 from kdlab.kernel import bzimage as kernel
+from kdlab.kernel.diagnosis import BootFacts, Diagnosis, diagnose
 from kdlab.states import VMState
 from kdlabd.core import blocking, descriptors, validate
 from kdlabd.core import cmdline as kernel_cmdline
+from kdlabd.core.console_log import read_console_log
 from kdlabd.core.consoles import ConsoleHub
-from kdlabd.core.diagnosis import BootFacts, Diagnosis, diagnose, read_console_log
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.journal import crash_point
 from kdlabd.core.limits import Limits

@@ -8,7 +8,7 @@ list says otherwise:
 
 - ``boot-shell-kdlabd.log``: recorded by kdlabd itself (libvirt, the busybox
   initramfs of ``tests/support/debian.py``), a shell with commands typed into it.
-- ``boot-login.log``: kdlab's initramfs (``kdlabctl/initramfs.py``) mounts an
+- ``boot-login.log``: kdlab's initramfs (``kdlab/kernel/initramfs.py``) mounts an
   ext4 virtio disk holding busybox init and getty: a login prompt.
 - ``root-*``: no initrd. ``no-disk``: no disk; ``virtio-no-driver``: a virtio
   disk the kernel has no driver for; ``nvme-*``: an NVMe disk (its driver is
@@ -35,7 +35,10 @@ list says otherwise:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
+import shlex
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,17 +47,36 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdlabd.core.diagnosis import (
+from kdlab.kernel import kconfig
+from kdlab.kernel.diagnosis import (
     MAX_EVIDENCE,
     TAIL_SIZE,
     BootFacts,
     Code,
     Diagnosis,
-    Severity,
     diagnose,
-    read_console_log,
+    public_fix,
 )
+from kdlab.kernel.findings import Severity
+from kdlab.kernel.initramfs import (
+    ANY_FSTYPE,
+    CANNOT_MOUNT,
+    CATALOGUE,
+    DEVTMPFS_MISSING,
+    EMERGENCY_SHELL,
+    MODULE_FAILED,
+    MOUNTED,
+    NO_BLOCK_DEVICES,
+    NO_INIT,
+    ROOT_MISSING,
+    ROOT_UNSUPPORTED,
+    Message,
+    init_script,
+    recognize,
+)
+from kdlabd.core.console_log import read_console_log
 from tests.support import REPO
+from tests.support.prereq import require
 
 CONSOLES = REPO / "tests" / "golden" / "consoles"
 KDLAB_CMDLINE = "root=/dev/vda rw console=ttyS0 nokaslr"
@@ -283,7 +305,7 @@ def test_recorded_boot(case: Case) -> None:
     found = diagnosed(case.log, case.facts)
     assert (found.code, found.severity) == (case.code, case.severity), found
     for words in case.cause:
-        assert words in found.cause, found.cause
+        assert words in found.problem, found.problem
     for words in case.fix:
         assert words in found.fix, found.fix
     for words in case.evidence:
@@ -307,7 +329,7 @@ def test_a_good_boot_has_no_diagnosis(log: str, boot: BootFacts) -> None:
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_evidence_is_quoted_from_the_log(case: Case) -> None:
     found = diagnosed(case.log, case.facts)
-    assert "\n" not in found.cause
+    assert "\n" not in found.problem
     assert "\n" not in found.fix
     assert len(found.evidence) <= MAX_EVIDENCE
     log = console(case.log).replace("\r", "")
@@ -327,7 +349,7 @@ def test_the_same_panic_means_no_disk_or_no_driver() -> None:
 def test_driver_missing_with_an_initrd_blames_the_initramfs() -> None:
     found = diagnosed("root-virtio-no-driver", facts(has_initrd=True))
     assert found.code is Code.ROOT_DRIVER_MISSING
-    assert "the initramfs did not load" in found.cause
+    assert "the initramfs did not load" in found.problem
 
 
 def test_initramfs_without_devices_is_a_missing_driver_when_the_vm_has_a_disk() -> None:
@@ -338,7 +360,7 @@ def test_initramfs_without_devices_is_a_missing_driver_when_the_vm_has_a_disk() 
 def test_a_partition_on_a_whole_disk_image_names_the_disk() -> None:
     found = diagnosed("root-virtio-wrong-name-edited", facts("root=/dev/vda1 rw"))
     assert found.code is Code.ROOT_DEVICE_MISSING
-    assert "/dev/vda has no partitions" in found.cause
+    assert "/dev/vda has no partitions" in found.problem
     assert found.fix == "use root=/dev/vda"
 
 
@@ -348,13 +370,13 @@ def test_root_on_the_wrong_disk_names_all_of_the_vms_disks() -> None:
     )
     assert found.code is Code.ROOT_DEVICE_MISSING
     # vdb was not listed by the kernel, so only vda can be named.
-    assert found.cause == "root=/dev/sda but the VM's disk is /dev/vda"
+    assert found.problem == "root=/dev/sda but the VM's disk is /dev/vda"
 
 
 def test_root_uuid_without_an_initramfs() -> None:
     found = diagnosed("root-virtio-wrong-name-edited", facts("root=UUID=1234-abcd"))
     assert found.code is Code.ROOT_DEVICE_MISSING
-    assert "needs an initramfs" in found.cause
+    assert "needs an initramfs" in found.problem
     assert "root=/dev/vda" in found.fix
 
 
@@ -374,7 +396,7 @@ def test_a_disk_no_filesystem_takes() -> None:
     log = whole_nvme_disk(console("root-nvme-partitioned"))
     found = diagnosed_text(log, facts("root=/dev/nvme0n1 rw", disks=NVME))
     assert found.code is Code.ROOT_MOUNT_FAILED
-    assert "/dev/nvme0n1" in found.cause
+    assert "/dev/nvme0n1" in found.problem
     assert "CONFIG_EXT4_FS=y" in found.fix
 
 
@@ -388,7 +410,7 @@ def test_filesystems_tried_without_ext4() -> None:
     found = diagnosed_text(log, facts("root=/dev/nvme0n1 rw", disks=NVME))
     assert found.code is Code.ROOT_FS_MISSING
     assert found.fix == "set CONFIG_EXT4_FS=y"
-    assert "(it has: vfat)" in found.cause
+    assert "(it has: vfat)" in found.problem
 
 
 def test_filesystems_tried_listed_on_one_line() -> None:
@@ -398,7 +420,7 @@ def test_filesystems_tried_listed_on_one_line() -> None:
     log = log.replace("tried: ", "tried:  vfat msdos iso9660")
     found = diagnosed_text(log, facts("root=/dev/nvme0n1 rw", disks=NVME))
     assert found.code is Code.ROOT_FS_MISSING
-    assert "vfat msdos iso9660" in found.cause
+    assert "vfat msdos iso9660" in found.problem
 
 
 def test_rootwait_is_a_failure_only_once_the_vm_had_time() -> None:
@@ -422,7 +444,7 @@ def test_initramfs_module_failure_is_the_cause_of_no_disk() -> None:
     )
     found = diagnosed_text(log, facts(has_initrd=True))
     assert found.code is Code.INITRAMFS_MODULE_FAILED
-    assert "virtio_blk" in found.cause
+    assert "virtio_blk" in found.problem
     assert "--modules" in found.fix
 
 
@@ -434,7 +456,10 @@ def test_initramfs_without_devtmpfs() -> None:
     )
     found = diagnosed_text(log, facts(has_initrd=True))
     assert found.code is Code.DEVTMPFS_MISSING
-    assert found.fix == "set CONFIG_DEVTMPFS=y"
+    assert found.fix == "set CONFIG_DEVTMPFS=y and CONFIG_DEVTMPFS_MOUNT=y"
+    # kdlabctl kernel check gives the same fix for the same problem.
+    (checked,) = [f for f in kconfig.check({}) if f.option == "CONFIG_DEVTMPFS"]
+    assert checked.fix.partition(", then rebuild")[0] == found.fix
 
 
 def test_initramfs_unsupported_root() -> None:
@@ -467,27 +492,174 @@ def test_initramfs_pseudo_disks_are_not_the_vms_disks() -> None:
     )
 
 
-INITRAMFS_MESSAGES = (
-    "root device $root did not appear",
-    "block devices: ",
-    "none: is the disk",
-    "cannot mount $what on /newroot",
-    "with type ${rootfstype:-ext4 or any}",
-    "this kernel mounts: ",
-    "init $init is not on the root filesystem $what:",
-    "root=$root is not supported here",
-    "cannot load module $module:",
-    "cannot mount devtmpfs",
-    'say "mounted ',
-    'echo "kdlab-initramfs: $*"',
+# The catalogue of the initramfs's lines: the script prints them, the
+# diagnosis reads them back.
+
+# For each field: shell variables as the script sets them, and the value the
+# line then shows.
+FIELD_SAMPLES: dict[str, list[tuple[dict[str, str], str]]] = {
+    "module": [({"module": "virtio_blk"}, "virtio_blk")],
+    "error": [
+        (
+            {"error": "insmod: can't insert 'x.ko':\n  unknown symbol in module"},
+            "insmod: can't insert 'x.ko': unknown symbol in module",
+        ),
+        ({"error": ""}, "insmod failed"),
+    ],
+    "root": [({"root": "/dev/sda"}, "/dev/sda"), ({"root": ""}, "")],
+    "disks": [({"disks": "vda vdb"}, "vda vdb"), ({"disks": ""}, NO_BLOCK_DEVICES)],
+    "what": [
+        ({"what": "/dev/vda"}, "/dev/vda"),
+        ({"what": "UUID=1-2 (/dev/vda)"}, "UUID=1-2 (/dev/vda)"),
+    ],
+    "fstype": [({"rootfstype": "xfs"}, "xfs"), ({"rootfstype": ""}, ANY_FSTYPE)],
+    "options": [({"options": "ro,noatime"}, "ro,noatime")],
+    "known": [({"known": "ext3 ext2 ext4"}, "ext3 ext2 ext4"), ({"known": ""}, "")],
+    "init": [({"init": "/sbin/init"}, "/sbin/init")],
+}
+
+
+def samples(message: Message) -> list[tuple[dict[str, str], dict[str, str]]]:
+    """Every combination of the samples of *message*'s fields: (variables, values)."""
+    combinations = itertools.product(*(FIELD_SAMPLES[f] for f in message.fields))
+    return [
+        (
+            {k: v for shell, _ in chosen for k, v in shell.items()},
+            dict(zip(message.fields, (value for _, value in chosen), strict=True)),
+        )
+        for chosen in combinations
+    ]
+
+
+def test_the_script_prints_the_catalogue_and_nothing_else() -> None:
+    script = init_script(["virtio_blk"]).decode()
+    said = re.findall(r"^\s*(?:say|emergency) (.*)$", script, re.MULTILINE)
+    shells = {message.shell for message in CATALOGUE.values()}
+    assert [word for word in said if word != '"$*"'] != []
+    assert {word for word in said if word != '"$*"'} == shells
+    assert set(FIELD_SAMPLES) == {f for m in CATALOGUE.values() for f in m.fields}
+
+
+@pytest.mark.parametrize("message", CATALOGUE.values(), ids=list(CATALOGUE))
+def test_every_line_the_script_prints_is_recognized(message: Message) -> None:
+    """The shell prints each message with each kind of value; what it printed
+    is recognized as that message, with those values."""
+    busybox = Path("/bin/busybox")
+    require(busybox.is_file(), "/bin/busybox (apt-get install busybox-static)")
+    script = init_script([]).decode()
+    say = re.search(r"^say\(\) \{\n.*?^\}$", script, re.MULTILINE | re.DOTALL)
+    assert say is not None
+    cases = samples(message)
+    program = "set -f\n" + say[0] + "\n"
+    for variables, _ in cases:
+        program += "".join(f"{k}={shlex.quote(v)}\n" for k, v in variables.items())
+        program += f"say {message.shell}\n"
+    done = subprocess.run(
+        [busybox, "sh", "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    printed = done.stdout.splitlines()
+    assert printed == [message.text(**values) for _, values in cases]
+    for line, (_, values) in zip(printed, cases, strict=True):
+        assert recognize(line) == (message, values)
+        # The console log may lose the blanks at the end of a line.
+        assert recognize(line.rstrip()) == (message, values)
+
+
+def initramfs_log(*lines: str) -> str:
+    """A boot in which kdlab's initramfs prints *lines*, each failure followed
+    by the emergency shell, as the script does."""
+    shown = [
+        text
+        for line in lines
+        for text in (
+            line,
+            *([EMERGENCY_SHELL.text()] if "mounted " not in line else []),
+        )
+    ]
+    return "Linux version 6.1.0\r\nRun /init as init process\r\n" + "".join(
+        f"{line}\r\n" for line in shown
+    )
+
+
+@pytest.mark.parametrize(
+    ("lines", "code"),
+    [
+        ([ROOT_UNSUPPORTED.text(root="nfs")], Code.ROOT_INVALID),
+        (
+            [ROOT_MISSING.text(root="/dev/sda", disks="vda")],
+            Code.ROOT_DEVICE_MISSING,
+        ),
+        (
+            [ROOT_MISSING.text(root="/dev/vda", disks=NO_BLOCK_DEVICES)],
+            Code.ROOT_DRIVER_MISSING,
+        ),
+        (
+            [
+                MODULE_FAILED.text(module="virtio_blk", error="insmod failed"),
+                ROOT_MISSING.text(root="/dev/vda", disks=NO_BLOCK_DEVICES),
+            ],
+            Code.INITRAMFS_MODULE_FAILED,
+        ),
+        (
+            [
+                DEVTMPFS_MISSING.text(),
+                ROOT_MISSING.text(root="/dev/vda", disks="vda"),
+            ],
+            Code.DEVTMPFS_MISSING,
+        ),
+        (
+            [
+                CANNOT_MOUNT.text(
+                    what="/dev/vda", fstype="xfs", options="rw", known="ext4"
+                )
+            ],
+            Code.ROOT_FS_MISSING,
+        ),
+        (
+            [
+                CANNOT_MOUNT.text(
+                    what="UUID=1 (/dev/vda)",
+                    fstype=ANY_FSTYPE,
+                    options="ro",
+                    known="ext4",
+                )
+            ],
+            Code.ROOT_MOUNT_FAILED,
+        ),
+        # A kernel that mounts no filesystem on a disk at all.
+        (
+            [
+                CANNOT_MOUNT.text(
+                    what="/dev/vda", fstype=ANY_FSTYPE, options="ro", known=""
+                )
+            ],
+            Code.ROOT_MOUNT_FAILED,
+        ),
+        ([NO_INIT.text(init="/sbin/init", what="/dev/vda")], Code.INIT_MISSING),
+        (
+            [
+                ROOT_MISSING.text(root="/dev/sda", disks="vda"),
+                MOUNTED.text(what="/dev/vda", options="rw", init="/sbin/init"),
+            ],
+            None,
+        ),
+    ],
+    ids=lambda value: value if isinstance(value, Code) else "",
 )
-
-
-@pytest.mark.parametrize("message", INITRAMFS_MESSAGES)
-def test_initramfs_still_says_what_diagnosis_reads(message: str) -> None:
-    """kdlabctl/initramfs.py's /init and the matchers must keep the same words."""
-    source = (REPO / "kdlabctl" / "initramfs.py").read_text()
-    assert message in source
+def test_every_failure_the_initramfs_names_is_diagnosed(
+    lines: list[str], code: Code | None
+) -> None:
+    # The command line names the root the initramfs looked for.
+    root = re.search(r"root(?: device)? (/dev/\w+)", " ".join(lines))
+    cmdline = KDLAB_CMDLINE.replace("/dev/vda", root[1] if root else "/dev/vda")
+    found = diagnose(initramfs_log(*lines), facts(cmdline, has_initrd=True))
+    assert (found.code if found else None) is code
+    if found is not None:
+        assert lines[-1].rstrip() in found.evidence
 
 
 # The kernel's crash reports.
@@ -501,7 +673,7 @@ def test_a_panic_after_an_oops_is_reported_as_the_oops() -> None:
     )
     found = diagnosed_text(log, facts(NO_ROOT, disks=()))
     assert found.code is Code.KERNEL_OOPS
-    assert found.cause.endswith("the kernel then panicked")
+    assert found.problem.endswith("the kernel then panicked")
 
 
 def test_a_root_failure_after_an_oops_is_reported_as_the_oops() -> None:
@@ -550,7 +722,7 @@ def test_crash_headlines(line: str, code: str) -> None:
     found = diagnosed_text(log, facts(NO_ROOT))
     assert found.code == f"kernel-{code}"
     assert found.severity is Severity.ERROR
-    assert "foo_probe+0x1c/0x40" in found.cause
+    assert "foo_probe+0x1c/0x40" in found.problem
     assert found.evidence[0].endswith(line)
 
 
@@ -565,7 +737,7 @@ def test_a_stack_trace_alone_is_a_warning() -> None:
     )
     found = diagnosed_text(log, facts(NO_ROOT))
     assert (found.code, found.severity) == (Code.KERNEL_WARNING, Severity.WARNING)
-    assert "sysrq: Show Blocked State" in found.cause
+    assert "sysrq: Show Blocked State" in found.problem
 
 
 def test_lockdep_warning() -> None:
@@ -576,7 +748,7 @@ def test_lockdep_warning() -> None:
     )
     found = diagnosed_text(log, facts(NO_ROOT))
     assert found.code is Code.KERNEL_WARNING
-    assert "possible circular locking dependency" in found.cause
+    assert "possible circular locking dependency" in found.problem
 
 
 def test_a_program_saying_warning_is_not_the_kernel() -> None:
@@ -596,7 +768,7 @@ def test_an_initrd_the_kernel_cannot_unpack_explains_the_root_failure() -> None:
     found = diagnosed_text(log, facts(has_initrd=True))
     assert found.code is Code.INITRD_INVALID
     assert found.severity is Severity.ERROR
-    assert "invalid magic" in found.cause
+    assert "invalid magic" in found.problem
 
 
 def test_an_initrd_the_kernel_cannot_unpack_is_a_warning_if_it_booted() -> None:
@@ -623,7 +795,7 @@ def test_init_exit_status(status: str, said: str) -> None:
     log = console("init-exits").replace("exitcode=0x00000100", f"exitcode={status}")
     found = diagnosed_text(log, facts(NO_ROOT, has_initrd=True))
     assert found.code is Code.INIT_DIED
-    assert said in found.cause
+    assert said in found.problem
 
 
 @pytest.mark.parametrize(
@@ -638,7 +810,7 @@ def test_init_that_exists_but_cannot_run(error: str, said: str) -> None:
     )
     found = diagnosed_text(log, facts("root=/dev/nvme0n1", disks=NVME))
     assert found.code is Code.INIT_MISSING
-    assert found.cause.startswith(f"init /sbin/init {said}")
+    assert found.problem.startswith(f"init /sbin/init {said}")
 
 
 # No output.
@@ -653,15 +825,15 @@ SEABIOS = (
 def test_no_output_with_console_ttys0_blames_the_kernel_config() -> None:
     found = diagnosed("no-output", facts(has_initrd=True))
     assert found.code is Code.NO_CONSOLE_OUTPUT
-    assert "console=ttyS0 is set" in found.cause
+    assert "console=ttyS0 is set" in found.problem
     assert "CONFIG_SERIAL_8250_CONSOLE=y" in found.fix
 
 
 def test_no_output_names_the_console_that_was_chosen_instead() -> None:
     found = diagnosed("no-output", facts("root=/dev/vda console=tty0"))
-    assert "console=tty0 prints elsewhere" in found.cause
+    assert "console=tty0 prints elsewhere" in found.problem
     assert diagnose("", facts("console=ttyS0,115200n8")) is not None
-    assert "missing" not in diagnosed_text("", facts("console=ttyS0,115200")).cause
+    assert "missing" not in diagnosed_text("", facts("console=ttyS0,115200")).problem
 
 
 def test_no_output_is_not_a_failure_before_the_patience_runs_out() -> None:
@@ -672,7 +844,7 @@ def test_no_output_is_not_a_failure_before_the_patience_runs_out() -> None:
 def test_no_output_from_a_vm_that_stopped_is_a_failure_at_once() -> None:
     found = diagnosed_text("", facts(seconds=0.5, running=False))
     assert found.code is Code.NO_CONSOLE_OUTPUT
-    assert "stopped" in found.cause
+    assert "stopped" in found.problem
 
 
 def test_no_output_from_a_vm_paused_for_the_debugger_is_no_failure() -> None:
@@ -686,8 +858,8 @@ def test_no_output_from_a_vm_paused_for_the_debugger_is_no_failure() -> None:
 def test_no_output_counts_the_running_time_of_a_paused_vm() -> None:
     found = diagnosed_text("", facts(seconds=12.0, running=False, paused=True))
     assert found.code is Code.NO_CONSOLE_OUTPUT
-    assert "after 12 s of running" in found.cause
-    assert "stopped" not in found.cause
+    assert "after 12 s of running" in found.problem
+    assert "stopped" not in found.problem
 
 
 def test_firmware_output_is_not_kernel_output() -> None:
@@ -759,9 +931,9 @@ def test_line_endings_escapes_and_timestamps_do_not_matter(
     mangled = mangle(console(name))
     assert mangled != console(name)
     found = diagnosed_text(mangled, boot)
-    assert (found.code, found.cause, found.fix) == (
+    assert (found.code, found.problem, found.fix) == (
         expected.code,
-        expected.cause,
+        expected.problem,
         expected.fix,
     )
 
@@ -832,14 +1004,14 @@ def test_a_fatal_earlier_boot_is_reported_while_the_next_one_boots() -> None:
     log = console("init-exits-reboot-loop")
     found = diagnosed_text(log, facts("console=ttyS0 nokaslr panic=1", disks=()))
     assert found.code is Code.INIT_DIED
-    assert "earlier boot" in found.cause
+    assert "earlier boot" in found.problem
 
 
 def test_the_last_boot_comes_first() -> None:
     log = console("init-exits") + console("panic-sysrq")
     found = diagnosed_text(log, facts(NO_ROOT, disks=()))
     assert found.code is Code.KERNEL_PANIC
-    assert "earlier" not in found.cause
+    assert "earlier" not in found.problem
 
 
 def test_read_console_log_replaces_bad_bytes(tmp_path: Path) -> None:
@@ -921,7 +1093,7 @@ def check(found: Diagnosis | None) -> None:
         return
     assert found.code in set(Code)
     assert found.severity in set(Severity)
-    assert "\n" not in found.cause
+    assert "\n" not in found.problem
     assert "\n" not in found.fix
     assert len(found.evidence) <= MAX_EVIDENCE
 
@@ -961,7 +1133,7 @@ def test_a_fix_naming_what_only_the_console_said_is_not_public() -> None:
     assert said in log
     honest = diagnosed_text(log, facts(has_initrd=True))
     assert honest.code is Code.ROOT_FS_MISSING
-    assert honest.public_fix("vm") == "set CONFIG_XFS_FS=y"
+    assert public_fix(honest, "vm") == "set CONFIG_XFS_FS=y"
     secret = "guestsecret"
     for quoted in (
         said.replace("xfs", secret),  # a filesystem the kernel lacks
@@ -969,4 +1141,4 @@ def test_a_fix_naming_what_only_the_console_said_is_not_public() -> None:
     ):
         found = diagnosed_text(log.replace(said, quoted), facts(has_initrd=True))
         assert secret in found.fix.lower()
-        assert found.public_fix("vm") == "its owner reads the fix: kdlabctl show vm"
+        assert public_fix(found, "vm") == "its owner reads the fix: kdlabctl show vm"

@@ -23,8 +23,8 @@ from kdlab.errors import (
     NoSuchVM,
     VMExists,
 )
+from kdlab.kernel.diagnosis import BootFacts, diagnose
 from kdlab.states import VMState
-from kdlabd.core.diagnosis import BootFacts, diagnose
 from kdlabd.core.models import Accel, DebugSettings, VMRecord
 from kdlabd.core.vms import (
     Boot,
@@ -946,7 +946,7 @@ def test_time_spent_paused_does_not_count_as_running(lab: Lab) -> None:
         found = lab.service.get("vm1").diagnosis
         assert found is not None
         assert found.code.value == "no-console-output"
-        assert "after 13 s of running" in found.cause
+        assert "after 13 s of running" in found.problem
 
     run(scenario())
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from kdlabd.core.diagnosis import DEFAULT_PATIENCE
+from kdlab.kernel.diagnosis import DEFAULT_PATIENCE
 from kdlabd.core.vms import DIAGNOSIS_INTERVAL
 from tests.support import debian
 from tests.support.clients import NOBODY, ctl_env, kdlabctl, read_until
