@@ -49,6 +49,7 @@ from typing import NamedTuple, TypeVar
 import structlog
 
 from kdlab.errors import BuildFailed, InvalidArgument
+from kdlab.kernel.guest import ROOT_DEVICE, SERIAL_CONSOLE
 from kdlabd.core.jobs import finish_on_cancel
 from kdlabd.core.journal import crash_point
 from kdlabd.core.sandbox import NOT_FOUND, BuildSandbox
@@ -77,9 +78,7 @@ DEFAULT_HOSTNAME = "kdlab"
 BASE_PACKAGES = ("dbus", "systemd-sysv", "udev")
 SSH_PACKAGES = ("openssh-server",)
 
-ROOT_DEVICE = "/dev/vda"
 FS_LABEL = "kdlab-root"
-SERIAL_CONSOLE = "ttyS0"
 DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 """The only keys a mirror's Release file may be signed with (any mirror)."""

@@ -1,4 +1,5 @@
-"""kdlabctl.initramfs: module resolution without depmod, the cpio writer, /init.
+"""kdlabctl.initramfs: module resolution without depmod, the cpio writer, and the
+/init of kdlab.kernel.initramfs it packs.
 
 Real modules come from Debian's cloud kernel (the cached fixture); the rest are
 minimal ELF objects made here, whose only content is a ``.modinfo`` section.

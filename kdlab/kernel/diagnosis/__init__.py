@@ -62,7 +62,7 @@ from kdlab.kernel.diagnosis.log import (
     MAX_EVIDENCE,
     TAIL_SIZE,
     excerpt,
-    read_lines,
+    parse_lines,
     split_boots,
 )
 from kdlab.kernel.diagnosis.root import root_mount_failed, root_wait
@@ -97,7 +97,7 @@ def diagnose(
     *patience* is how many seconds a running VM may print nothing (or wait for
     its root device) before that counts as a failure.
     """
-    boots = split_boots(read_lines(excerpt(log)))
+    boots = split_boots(parse_lines(excerpt(log)))
     command_line = CommandLine.parse(facts.cmdline)
     for age, boot in enumerate(reversed(boots)):
         context = Context(Boot(boot), facts, command_line, patience, latest=age == 0)

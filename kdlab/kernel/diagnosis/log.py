@@ -50,7 +50,7 @@ def excerpt(log: str) -> str:
     return log[:HEAD_SIZE] + "\n" + log[-TAIL_SIZE:]
 
 
-def read_lines(log: str) -> list[Line]:
+def parse_lines(log: str) -> list[Line]:
     text = _ESCAPE.sub("", log.replace("\r\n", "\n").replace("\r", "\n"))
     lines: list[Line] = []
     for raw in text.split("\n"):
