@@ -8,7 +8,7 @@ being created on, is never deleted or resized under it, and no VM is created
 on an image that is still being imported, built or changed.
 
 A build is journalled before it starts anything, with its scratch directory
-and the token of its sandbox (:mod:`kdlabd.core.sandbox`), so a kdlabd killed
+and the token of its sandbox (:mod:`kdlabd.host.sandbox`), so a kdlabd killed
 in the middle kills what is left of the build when it starts again and
 removes its scratch files (:meth:`ImageService.clean_builds`).
 """
@@ -41,8 +41,8 @@ from kdlabd.core.models import ImageFormat, ImageRecord, ImageSource
 from kdlabd.core.observers import Observers
 from kdlabd.core.rootfs import Progress as RootfsProgress
 from kdlabd.core.rootfs import RootfsSpec, build_rootfs
-from kdlabd.core.sandbox import BuildSandbox, kill_build
 from kdlabd.core.tasks import Background
+from kdlabd.host.sandbox import BuildSandbox, kill_build
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ This is what syzkaller's ``tools/create-image.sh`` does, minus what hurts kdlab'
 users: its fstab mounts configfs, securityfs and debugfs, which stalls kernels
 built without them, and it needs loop mounts.
 
-Every tool runs confined (:mod:`kdlabd.core.sandbox`): new PID, IPC, UTS and
+Every tool runs confined (:mod:`kdlabd.host.sandbox`): new PID, IPC, UTS and
 mount namespaces, a reduced capability bounding set, the host read-only but
 for what the step writes, and only debootstrap on the network, which checks
 every signature against Debian's keyring (``--force-check-gpg``). Cancelling
@@ -52,7 +52,7 @@ from kdlab.errors import BuildFailed, InvalidArgument
 from kdlab.kernel.guest import ROOT_DEVICE, SERIAL_CONSOLE
 from kdlabd.core.jobs import finish_on_cancel
 from kdlabd.core.journal import crash_point
-from kdlabd.core.sandbox import NOT_FOUND, BuildSandbox
+from kdlabd.host.sandbox import NOT_FOUND, BuildSandbox
 
 log = structlog.get_logger(__name__)
 

@@ -1,7 +1,7 @@
-"""kdlabd.core.sandbox: the confinement of image builds, with real processes.
+"""kdlabd.host.sandbox: the confinement of image builds, with real processes.
 
 A confined command here is the one a build runs (setpriv, unshare and
-kdlabd.core.sandbox_init; root needed), probing what it can see and do.
+kdlabd.host.sandbox_init; root needed), probing what it can see and do.
 What runs in the tree goes through the chroot shim as debootstrap calls it
 (``chroot TARGET COMMAND`` with debootstrap's PATH), with busybox as the tree.
 A real debootstrap in that sandbox is tests/vm/test_rootfs_build.py's.
@@ -26,12 +26,12 @@ from typing import cast
 import pytest
 
 from kdlab.errors import BuildFailed
-from kdlabd.core import sandbox
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
 from kdlabd.core.journal import Journal
-from kdlabd.core.sandbox import (
+from kdlabd.host import sandbox
+from kdlabd.host.sandbox import (
     BUILD_CAPABILITIES,
     TOKEN_ENV,
     BuildSandbox,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.core.sandbox import BUILD_CAPABILITIES, BuildSandbox
+from kdlabd.host.sandbox import BUILD_CAPABILITIES, BuildSandbox
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"

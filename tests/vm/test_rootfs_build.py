@@ -41,7 +41,7 @@ from kdlabd.core.rootfs import (
     RootfsSpec,
     build_rootfs,
 )
-from kdlabd.core.sandbox import BuildSandbox, in_target_capabilities
+from kdlabd.host.sandbox import BuildSandbox, in_target_capabilities
 from tests.support import debian, figures
 from tests.support.prereq import require, require_root, require_tool
 from tests.support.system import BareGuest as Guest

@@ -6,7 +6,7 @@ debootstrap needs (:data:`BUILD_CAPABILITIES`) and no way to gain more
 (no_new_privs), on a host file system that is read-only but for the
 directories the step writes. Only debootstrap keeps the host's network, for
 its mirror; the other steps get an empty network namespace. The packages'
-maintainer scripts are confined further by :mod:`kdlabd.core.sandbox_init`'s
+maintainer scripts are confined further by :mod:`kdlabd.host.sandbox_init`'s
 ``chroot``: no network, no CAP_SYS_ADMIN/CAP_SYS_CHROOT/CAP_MKNOD, a /proc of
 processes only.
 
@@ -52,7 +52,7 @@ UNIT_PREFIX = "kdlab-build-"
 INIT = Path(__file__).with_name("sandbox_init.py")
 """Run by path inside the namespaces; see its docstring."""
 NOT_FOUND = "kdlab-sandbox: command not found: "
-"""How :mod:`kdlabd.core.sandbox_init` reports a missing program (exit 127)."""
+"""How :mod:`kdlabd.host.sandbox_init` reports a missing program (exit 127)."""
 KILL_TIMEOUT = 30.0
 
 # What debootstrap needs, by capability number (linux/capability.h):

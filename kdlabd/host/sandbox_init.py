@@ -1,4 +1,4 @@
-"""The first program inside an image build's namespaces (see kdlabd.core.sandbox).
+"""The first program inside an image build's namespaces (see kdlabd.host.sandbox).
 
 It is run by path with ``python -I -S``, never imported by kdlabd, so it uses
 the standard library only. Two commands:
@@ -32,7 +32,7 @@ import stat
 import sys
 
 HOSTNAME = b"kdlab-build"
-NOT_FOUND = "kdlab-sandbox: command not found: "  # as kdlabd.core.sandbox expects
+NOT_FOUND = "kdlab-sandbox: command not found: "  # as kdlabd.host.sandbox expects
 
 _MS_RDONLY = 0x1
 _MS_NOSUID = 0x2
