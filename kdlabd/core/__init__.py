@@ -1,1 +1,1 @@
-"""Use cases and models. Pure asyncio: no libvirt, no D-Bus, no lxml, no host I/O here."""
+"""Use cases and models. Pure asyncio: no libvirt, D-Bus, lxml or host I/O here."""
