@@ -3,7 +3,7 @@
 - ``rootfs_build`` (not in --quick: about a minute a build): kdlabd with an
   empty debootstrap cache of its own against ``debootstrap --variant=minbase``
   and ``mke2fs -d`` run by hand with the same packages, mirror, size and ext4
-  features (the commands are kdlabd's own, :mod:`kdlabd.core.rootfs`).
+  features (the commands are kdlabd's own, :mod:`kdlabd.host.rootfs`).
 - ``rootfs_build:cached``: the second build, from kdlabd's cached base (the
   fixture cache's, shared with the vm tests), against the same by hand: ``tar
   -x`` of that very base, then ``mke2fs -d``.
@@ -23,7 +23,8 @@ from pathlib import Path
 
 from bench.lab import bench_daemon, build_image, run, scratch, unique
 from bench.measure import NO_GOAL, Row, interleaved, row
-from kdlabd.core.rootfs import RootfsSpec, debootstrap_argv, mke2fs_argv
+from kdlabd.core.rootfs import RootfsSpec
+from kdlabd.host.rootfs import debootstrap_argv, mke2fs_argv
 from tests.support.clients import kdlabctl
 from tests.support.daemon import Kdlabd
 from tests.support.system import build_cache, cached_base

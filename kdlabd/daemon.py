@@ -21,8 +21,9 @@ from kdlabd.config import Config, from_args
 from kdlabd.core import blocking
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
-from kdlabd.core.journal import Journal
 from kdlabd.core.vms import Layout, VMService
+from kdlabd.host.builder import LocalBuilder
+from kdlabd.host.journal import FileJournal
 from kdlabd.virt.libvirt_backend import LibvirtHypervisor, register_event_loop
 
 log = structlog.get_logger(__name__)
@@ -93,9 +94,8 @@ async def serve(config: Config) -> None:
             hypervisor,
             jobs=jobs,
             users=vms.uses_image,
-            scratch_dir=layout.scratch_dir(),
-            cache_dir=layout.cache_dir(),
-            journal=Journal(layout.journal_dir()),
+            builder=LocalBuilder(layout.scratch_dir(), layout.cache_dir()),
+            journal=FileJournal(layout.journal_dir()),
             limits=limits,
         )
         BusExporter(bus, authorizer, vms, images, jobs)

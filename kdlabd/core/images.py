@@ -7,20 +7,18 @@ delete or resize it). An image some VM's disk is based on, or one a VM is
 being created on, is never deleted or resized under it, and no VM is created
 on an image that is still being imported, built or changed.
 
-A build is journalled before it starts anything, with its scratch directory
-and the token of its sandbox (:mod:`kdlabd.host.sandbox`), so a kdlabd killed
-in the middle kills what is left of the build when it starts again and
-removes its scratch files (:meth:`ImageService.clean_builds`).
+A build runs on the host behind the :class:`~kdlabd.core.builder.Builder`
+port. It is journalled before it starts anything, with what the builder needs
+to find it again (its scratch directory, the token naming its processes), so
+a kdlabd killed in the middle kills what is left of the build when it starts
+again and removes its scratch files (:meth:`ImageService.clean_builds`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import shutil
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import structlog
@@ -33,24 +31,20 @@ from kdlab.errors import (
     NoSuchImage,
 )
 from kdlabd.core import blocking, validate
+from kdlabd.core.builder import Builder
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
 from kdlabd.core.journal import Journal, crash_point, hold_point
 from kdlabd.core.limits import Limits
 from kdlabd.core.models import ImageFormat, ImageRecord, ImageSource
 from kdlabd.core.observers import Observers
-from kdlabd.core.rootfs import Progress as RootfsProgress
-from kdlabd.core.rootfs import RootfsSpec, build_rootfs
+from kdlabd.core.rootfs import RootfsSpec
 from kdlabd.core.tasks import Background
-from kdlabd.host.sandbox import BuildSandbox, kill_build
 
 log = structlog.get_logger(__name__)
 
 # What a job does to its image, for "image X is still being ...".
 _MADE = {"import": "imported", "build": "built"}
-
-Builder = Callable[[Path, Callable[[float, str], None]], Awaitable[None]]
-"""Writes a raw image file at the given path, reporting (fraction, status)."""
 
 
 class ImageObserver(Protocol):
@@ -72,22 +66,19 @@ class ImageService:
         *,
         jobs: JobManager,
         users: Callable[[str], tuple[str, ...]],
-        scratch_dir: Path,
-        cache_dir: Path,
+        builder: Builder,
         journal: Journal,
         limits: Limits | None = None,
     ) -> None:
         self._hv = hypervisor
         self._jobs = jobs
         self._users = users
-        self._scratch_dir = scratch_dir
-        self._cache_dir = cache_dir
+        self._builder = builder
         self._journal = journal
         self._observers: Observers[ImageObserver] = Observers()
         self._limits = limits or Limits()
         self._images: dict[str, ImageRecord] = {}
         self._busy: set[str] = set()
-        self._scratches: set[Path] = set()  # of the builds under way
         self._background = Background("images.reload_failed")
 
     def subscribe(self, observer: ImageObserver) -> Callable[[], None]:
@@ -118,37 +109,21 @@ class ImageService:
         """At start-up: kill what is left of builds that died with kdlabd, and
         empty the scratch directory. The builds whose processes would not die
         are named in the log and left for the next start."""
-        cleaned, kept = [], set()
+        cleaned, kept = [], []
         for name in self._journal.pending("build"):
-            details = self._journal.details("build", name)
-            token = details.get("token", "")
+            record = self._journal.details("build", name)
             try:
-                if token:
-                    await finish_on_cancel(
-                        asyncio.to_thread(
-                            kill_build, token, systemd=details.get("systemd") == "yes"
-                        )
-                    )
+                await finish_on_cancel(self._builder.kill_left(record))
             except BuildFailed as err:
                 log.error("reconcile.build_not_killed", image=name, error=str(err))
-                kept.add(details.get("scratch", ""))
+                kept.append(record)
                 continue
             self._journal.done("build", name)
             cleaned.append(name)
-        await asyncio.to_thread(self._empty_scratch, kept)
+        await self._builder.empty_scratch(kept)
         if cleaned:
             log.warning("reconcile.killed_builds", images=cleaned)
         return cleaned
-
-    def _empty_scratch(self, kept: set[str]) -> None:
-        try:
-            entries = list(os.scandir(self._scratch_dir))
-        except FileNotFoundError:
-            return
-        for entry in entries:
-            if entry.path not in kept:
-                log.warning("reconcile.removed_scratch", path=entry.path)
-                shutil.rmtree(entry.path, ignore_errors=True)
 
     async def reconcile(self) -> list[str]:
         """Delete images whose import or build died half-way (kdlabd or libvirtd),
@@ -255,48 +230,22 @@ class ImageService:
         return self._jobs.start("import", name, owner_uid, work)
 
     def build_rootfs(self, name: str, spec: RootfsSpec, owner_uid: int) -> Job:
-        """A job: debootstrap a Debian root filesystem into the new image *name*."""
-        self._limits.disk(spec.size_bytes, "image size")
+        """A job: debootstrap a Debian root filesystem into the new image *name*.
 
-        sandbox = BuildSandbox()
-
-        async def build(scratch: Path, progress: RootfsProgress) -> None:
-            output = scratch / "image.raw"
-            await build_rootfs(
-                spec, scratch, self._cache_dir, output, progress, sandbox=sandbox
-            )
-
-        return self.build(name, build, owner_uid, sandbox=sandbox)
-
-    def build(
-        self,
-        name: str,
-        builder: Builder,
-        owner_uid: int,
-        *,
-        sandbox: BuildSandbox | None = None,
-    ) -> Job:
-        """A job: run *builder* in a scratch directory, upload its image.raw.
-
-        The build is journalled first (see :meth:`clean_builds`); the
-        processes *builder* runs in *sandbox* are killed if it fails.
+        The build is journalled first (see :meth:`clean_builds`); its
+        processes are killed if it fails, its scratch space removed in any case.
         """
+        self._limits.disk(spec.size_bytes, "image size")
         self._room_for_job(owner_uid)
         self._reserve(name)
-        box = sandbox or BuildSandbox()
+        build = self._builder.rootfs(name, spec)
 
         async def work(job: Job) -> None:
-            scratch = self._scratch_dir / f"build-{name}-{box.token}"
-            self._scratches.add(scratch)
-            details = {"scratch": str(scratch), "token": box.token}
-            details["systemd"] = "yes" if box.systemd else "no"
-            self._journal.begin("build", name, details)
+            self._journal.begin("build", name, build.record)
             try:
-                await asyncio.to_thread(self._make_scratch, scratch)
-                output = scratch / "image.raw"
-                await builder(scratch, lambda f, s: job.report(0.9 * f, s))
+                await build.run(lambda f, s: job.report(0.9 * f, s))
                 job.report(0.9, "uploading into the image pool")
-                fd = os.open(output, os.O_RDONLY | os.O_CLOEXEC)
+                fd = build.open_image()
                 try:
                     image = await self._upload(
                         name,
@@ -309,12 +258,11 @@ class ImageService:
                     os.close(fd)
                 job.report(1.0, f"built {name} ({image.capacity >> 20} MiB)")
             except BaseException:
-                await finish_on_cancel(asyncio.to_thread(box.kill))
+                await finish_on_cancel(build.kill())
                 raise
             finally:
-                await finish_on_cancel(asyncio.to_thread(shutil.rmtree, scratch, True))
+                await finish_on_cancel(build.remove())
                 self._journal.done("build", name)
-                self._scratches.discard(scratch)
                 self._release(name)
 
         return self._jobs.start("build", name, owner_uid, work)
@@ -391,10 +339,6 @@ class ImageService:
         self._journal.done("image", name)
         self._store(image)
         return image
-
-    def _make_scratch(self, scratch: Path) -> None:
-        self._scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        scratch.mkdir(mode=0o700)
 
     async def _delete(self, name: str) -> None:
         """Delete image *name* (volume and owner), unless a VM's disk is based on it.

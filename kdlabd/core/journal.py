@@ -1,11 +1,12 @@
 """A journal of multi-step operations, so a crash in the middle leaves no orphan.
 
 Before an operation makes its first volume (or, for an image build, starts
-its first process), it writes an intent file; when it completes (or rolls
-back) it removes it. An intent file found at start-up belongs to an operation
-that died with kdlabd (kill -9, power cut), and reconciliation finishes the
-job of rolling it back. An intent may carry what the rollback needs to know
-(a build's scratch directory and the token naming its processes), as JSON.
+its first process), it records its intent; when it completes (or rolls back)
+it removes it. An intent found at start-up belongs to an operation that died
+with kdlabd (kill -9, power cut), and reconciliation finishes the job of
+rolling it back. An intent may carry what the rollback needs to know (a
+build's scratch directory and the token naming its processes). The records
+are the host's (files, :mod:`kdlabd.host.journal`), behind :class:`Journal`.
 
 :func:`crash_point` lets tests kill kdlabd at a named step
 (``KDLAB_TEST_CRASH_AT=create.kernel-uploaded``), :func:`fault_point`
@@ -19,10 +20,10 @@ meanwhile; without those variables they do nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Protocol
 
 CRASH_ENV = "KDLAB_TEST_CRASH_AT"
 FAULT_ENV = "KDLAB_TEST_FAULT_AT"
@@ -51,49 +52,26 @@ async def hold_point(name: str) -> None:
         await asyncio.Event().wait()
 
 
-class Journal:
-    """Intent files ``KIND-NAME`` in one directory."""
+class Journal(Protocol):
+    """Intent records of operations under way, by kind and name.
 
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
+    :mod:`kdlabd.host.journal` keeps them as files that survive kdlabd.
+    """
 
     def begin(
-        self, kind: str, name: str, details: dict[str, str] | None = None
+        self, kind: str, name: str, details: Mapping[str, str] | None = None
     ) -> None:
         """Record that *kind* of *name* is under way, until :meth:`done`.
 
-        *details* are kept with it (:meth:`details`); the record is on disk
+        *details* are kept with it (:meth:`details`); the record is durable
         when this returns.
         """
-        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self._dir / f"{kind}-{name}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            if details:
-                os.write(fd, json.dumps(details).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def details(self, kind: str, name: str) -> dict[str, str]:
         """What :meth:`begin` kept with *kind* of *name* (empty if nothing or torn)."""
-        try:
-            text = (self._dir / f"{kind}-{name}").read_text()
-            found = json.loads(text) if text else {}
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(found, dict):
-            return {}
-        return {str(key): str(value) for key, value in found.items()}
 
     def pending(self, kind: str) -> list[str]:
         """Names whose *kind* operation never finished."""
-        prefix = f"{kind}-"
-        try:
-            entries = os.listdir(self._dir)
-        except FileNotFoundError:
-            return []
-        return sorted(e.removeprefix(prefix) for e in entries if e.startswith(prefix))
 
     def done(self, kind: str, name: str) -> None:
-        (self._dir / f"{kind}-{name}").unlink(missing_ok=True)
+        """The operation ended (completed or rolled back): forget its record."""

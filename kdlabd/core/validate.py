@@ -6,11 +6,14 @@ what is allowed, and changes nothing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fcntl
 import os
 import re
 import stat
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kdlab.errors import InvalidArgument
@@ -257,3 +260,129 @@ def stored_image(stored: StoredImage, expected: ImageFormat, limits: Limits) -> 
             f"at most {DISK_BYTES_RANGE[1]} are accepted"
         )
     limits.disk(stored.virtual_size, "the stored image's virtual size")
+
+
+# Root file system builds (kdlabd.core.rootfs.RootfsSpec).
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+ROOTFS_SIZE_RANGE = (512 * MIB, 1024 * GIB)
+MAX_PACKAGES = 200
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+_SUITE = re.compile(r"[a-z][a-z0-9-]{1,30}")
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_MIRROR = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+/-]*)?")
+SSH_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+
+
+def debian_suite(suite: object) -> str:
+    """A Debian suite's codename, as debootstrap names its scripts."""
+    if not (isinstance(suite, str) and _SUITE.fullmatch(suite)):
+        raise InvalidArgument(
+            f"invalid Debian suite {suite!r}: use a codename such as 'bookworm' "
+            "(2-31 of a-z, 0-9 and '-', starting with a letter)"
+        )
+    return suite
+
+
+def rootfs_size(size: object) -> int:
+    """A built image's size: a whole number of MiB from 512 MiB to 1 TiB."""
+    low, high = ROOTFS_SIZE_RANGE
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, int)
+        or not low <= size <= high
+        or size % MIB
+    ):
+        raise InvalidArgument(
+            f"invalid image size {size!r}: give a whole number of MiB from "
+            f"{low // MIB} MiB to {high // GIB} GiB"
+        )
+    return size
+
+
+def debian_packages(packages: object) -> tuple[str, ...]:
+    """Debian package names, sorted and without duplicates."""
+    if isinstance(packages, str) or not isinstance(packages, Sequence):
+        raise InvalidArgument("packages must be a list of Debian package names")
+    for package in packages:
+        if not (isinstance(package, str) and _PACKAGE.fullmatch(package)):
+            raise InvalidArgument(
+                f"invalid Debian package name {package!r}: use at least two of "
+                "a-z, 0-9, '+', '-' and '.', starting with a letter or digit"
+            )
+    unique = tuple(sorted(set(packages)))
+    if len(unique) > MAX_PACKAGES:
+        raise InvalidArgument(
+            f"at most {MAX_PACKAGES} extra packages, not {len(unique)}"
+        )
+    return unique
+
+
+def ssh_public_key(key: object) -> str:
+    """One public key, ``TYPE BASE64 [COMMENT]``, its blob of the type it claims.
+
+    The text of a ``.pub`` file: a trailing newline is dropped; "" is no key.
+    """
+    if not isinstance(key, str):
+        raise InvalidArgument("the SSH key must be text")
+    key = key.removesuffix("\n")
+    if not key:
+        return ""
+    how = "give the one line of a public key file such as ~/.ssh/id_ed25519.pub"
+    if not key.isprintable():
+        raise InvalidArgument(f"the SSH key must be a single printable line: {how}")
+    kind, _, rest = key.partition(" ")
+    blob, _, _comment = rest.partition(" ")
+    if kind not in SSH_KEY_TYPES:
+        raise InvalidArgument(
+            f"the SSH key starts with {kind[:40]!r}, not a key type: {how} "
+            f"(types: {', '.join(SSH_KEY_TYPES)}); options are not accepted"
+        )
+    if _blob_type(blob) != kind:
+        raise InvalidArgument(f"the SSH key's base64 part is not a {kind} key: {how}")
+    return key
+
+
+def _blob_type(blob: str) -> str | None:
+    """The key type written at the start of an OpenSSH key blob, if it is one."""
+    try:
+        data = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(data) < 4:
+        return None
+    (length,) = struct.unpack_from(">I", data)
+    if len(data) < 4 + length:
+        return None
+    return data[4 : 4 + length].decode("ascii", "replace")
+
+
+def hostname(value: object) -> str:
+    """A guest's hostname: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'."""
+    if not (isinstance(value, str) and _HOSTNAME.fullmatch(value)):
+        raise InvalidArgument(
+            f"invalid hostname {value!r}: use 1-63 of a-z, 0-9 and '-', "
+            "not starting or ending with '-'"
+        )
+    return value
+
+
+def debian_mirror(mirror: object) -> str:
+    """An http(s) URL of a Debian mirror."""
+    # http(s) only: a file:// mirror would have root's debootstrap read host paths.
+    if not (isinstance(mirror, str) and _MIRROR.fullmatch(mirror)):
+        raise InvalidArgument(
+            f"invalid Debian mirror {mirror!r}: give an http:// or https:// URL "
+            f"such as {DEBIAN_MIRROR}"
+        )
+    return mirror

@@ -66,7 +66,7 @@ def build_cache() -> Path:
 
 def cached_base(spec: RootfsSpec) -> Path:
     """The debootstrap base a build of *spec* uses, in :func:`build_cache`."""
-    from kdlabd.core.rootfs import cache_key
+    from kdlabd.host.rootfs import cache_key
 
     return build_cache() / f"{cache_key(spec)}.tar"
 

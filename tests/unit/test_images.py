@@ -25,11 +25,12 @@ from kdlab.errors import (
 from kdlab.states import JobState
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import Job, JobManager
-from kdlabd.core.journal import Journal
 from kdlabd.core.limits import GIB, Limits
 from kdlabd.core.models import Accel, ImageFormat, ImageRecord
 from kdlabd.core.rootfs import RootfsSpec
 from kdlabd.core.vms import Layout, VMService
+from kdlabd.host.builder import LocalBuilder
+from kdlabd.host.journal import FileJournal
 from tests.unit.fake_hypervisor import HOST, FakeHypervisor
 from tests.unit.test_vms import OWNER, Lab, Recorder, bzimage, run, settle
 
@@ -59,7 +60,7 @@ class ImageLab(Lab):
 
     images: ImageService = field(default=None)  # type: ignore[assignment]
     jobs: JobManager = field(default_factory=JobManager)
-    journal: Journal = field(default=None)  # type: ignore[assignment]
+    journal: FileJournal = field(default=None)  # type: ignore[assignment]
     raw: Path = field(default=None)  # type: ignore[assignment]
 
     async def start_import(self, name: str, owner: int = OWNER) -> Job:
@@ -79,7 +80,7 @@ def make_lab(tmp_path: Path, limits: Limits | None = None) -> ImageLab:
     hv = FakeHypervisor()
     layout = Layout(tmp_path / "state", tmp_path / "run")
     jobs = JobManager()
-    journal = Journal(layout.journal_dir())
+    journal = FileJournal(layout.journal_dir())
     vms = VMService(
         hv,
         layout,
@@ -91,8 +92,7 @@ def make_lab(tmp_path: Path, limits: Limits | None = None) -> ImageLab:
         hv,
         jobs=jobs,
         users=vms.uses_image,
-        scratch_dir=layout.scratch_dir(),
-        cache_dir=layout.cache_dir(),
+        builder=LocalBuilder(layout.scratch_dir(), layout.cache_dir()),
         journal=journal,
         limits=limits,
     )
@@ -448,9 +448,8 @@ def test_a_reload_after_a_reconnection_that_fails_is_logged(tmp_path: Path) -> N
             Refusing(),  # type: ignore[arg-type]
             jobs=JobManager(),
             users=lambda _name: (),
-            scratch_dir=tmp_path / "scratch",
-            cache_dir=tmp_path / "cache",
-            journal=Journal(tmp_path / "pending"),
+            builder=LocalBuilder(tmp_path / "scratch", tmp_path / "cache"),
+            journal=FileJournal(tmp_path / "pending"),
         )
         service.hypervisor_reconnected()
         for _ in range(10):

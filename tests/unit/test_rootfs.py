@@ -1,4 +1,6 @@
-"""kdlabd.core.rootfs: specs, the configured tree, progress, cache, cleanup.
+"""Root file system builds: specs (kdlabd.core.rootfs, validated by
+kdlabd.core.validate), and the host's build (kdlabd.host.rootfs): the
+configured tree, progress, cache, cleanup.
 
 Validation, the configure step and progress parsing are pure. The build tests
 run the real ``tar`` and ``mke2fs`` around a fake debootstrap (a few lines of
@@ -27,8 +29,10 @@ from typing import Any, TypeVar
 import pytest
 
 from kdlab.errors import InvalidArgument, KdlabError
-from kdlabd.core import rootfs
-from kdlabd.core.rootfs import (
+from kdlabd.core import validate
+from kdlabd.core.rootfs import RootfsSpec
+from kdlabd.host import rootfs
+from kdlabd.host.rootfs import (
     AUTOLOGIN_CONF,
     AUTOLOGIN_DROP_IN,
     FSTAB,
@@ -37,7 +41,6 @@ from kdlabd.core.rootfs import (
     SSH_HOST_KEYS_DROP_IN,
     DebootstrapProgress,
     RootfsBuildError,
-    RootfsSpec,
     build_rootfs,
     cache_key,
     configure_tree,
@@ -168,7 +171,7 @@ def test_packages_must_be_a_list() -> None:
 
 
 def test_too_many_packages() -> None:
-    many = tuple(f"pkg{n}" for n in range(rootfs.MAX_PACKAGES + 1))
+    many = tuple(f"pkg{n}" for n in range(validate.MAX_PACKAGES + 1))
     with pytest.raises(InvalidArgument, match="at most"):
         RootfsSpec("bookworm", packages=many)
     assert len(RootfsSpec("bookworm", packages=many[:-1]).packages) == len(many) - 1

@@ -29,8 +29,9 @@ from kdlab.errors import BuildFailed
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
-from kdlabd.core.journal import Journal
 from kdlabd.host import sandbox
+from kdlabd.host.builder import LocalBuilder
+from kdlabd.host.journal import FileJournal
 from kdlabd.host.sandbox import (
     BUILD_CAPABILITIES,
     TOKEN_ENV,
@@ -287,15 +288,14 @@ def test_start_up_kills_a_journalled_build_and_empties_scratch(
     scratch = scratch_dir / f"build-img-{box.token}"
     (scratch / "root" / "etc").mkdir(parents=True)
     (scratch_dir / "stray-from-an-old-kdlabd").mkdir()
-    journal = Journal(tmp_path / "pending")
+    journal = FileJournal(tmp_path / "pending")
     journal.begin("build", "img", {"scratch": str(scratch), "token": box.token})
     left = start_confined(box, scratch)
     images = ImageService(
         cast(Hypervisor, None),  # cleaning builds never reaches libvirt
         jobs=JobManager(),
         users=lambda _name: (),
-        scratch_dir=scratch_dir,
-        cache_dir=tmp_path / "cache",
+        builder=LocalBuilder(scratch_dir, tmp_path / "cache"),
         journal=journal,
     )
     assert asyncio.run(images.clean_builds()) == ["img"]
@@ -306,7 +306,7 @@ def test_start_up_kills_a_journalled_build_and_empties_scratch(
 
 
 def test_journal_keeps_details(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+    journal = FileJournal(tmp_path)
     journal.begin("build", "a-b", {"token": "t", "scratch": "/s"})
     journal.begin("image", "a-b")
     assert journal.details("build", "a-b") == {"token": "t", "scratch": "/s"}

@@ -1,6 +1,6 @@
 """A real Debian root file system: debootstrap from Debian's mirror, then booted.
 
-:func:`kdlabd.core.rootfs.build_rootfs` builds bookworm twice, with a cache of
+:func:`kdlabd.host.rootfs.build_rootfs` builds bookworm twice, with a cache of
 this run's own: the first build always runs debootstrap from Debian's mirror
 (about 40 s here; a cache kept across runs would hide a broken bootstrap),
 the second must come from the cache the first filled. The image is read with
@@ -31,14 +31,14 @@ from pathlib import Path
 import pytest
 
 from kdlabctl import initramfs
-from kdlabd.core import rootfs
-from kdlabd.core.rootfs import (
+from kdlabd.core.rootfs import RootfsSpec
+from kdlabd.host import rootfs
+from kdlabd.host.rootfs import (
     AUTOLOGIN_CONF,
     AUTOLOGIN_DROP_IN,
     FSTAB,
     MASKED_UNITS,
     SSH_HOST_KEYS_DROP_IN,
-    RootfsSpec,
     build_rootfs,
 )
 from kdlabd.host.sandbox import BuildSandbox, in_target_capabilities
