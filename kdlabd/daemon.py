@@ -24,6 +24,7 @@ from kdlabd.core.jobs import JobManager
 from kdlabd.core.vms import Layout, VMService
 from kdlabd.host.builder import LocalBuilder
 from kdlabd.host.journal import FileJournal
+from kdlabd.host.local import LocalHost
 from kdlabd.virt.libvirt_backend import LibvirtHypervisor, register_event_loop
 
 log = structlog.get_logger(__name__)
@@ -81,12 +82,14 @@ async def serve(config: Config) -> None:
         limits = config.limits(await hypervisor.host_resources())
         log.info("kdlabd.limits", **dataclasses.asdict(limits))
         jobs = JobManager()
+        host = LocalHost()
         # Each service asks the other: VMs look images up, images ask who uses
         # them. The lambda finds `images` when a VM is created, made by then.
         vms = VMService(
             hypervisor,
             layout,
             accel,
+            host=host,
             images=lambda name: images.for_disk(name),  # noqa: PLW0108
             limits=limits,
         )
@@ -95,6 +98,7 @@ async def serve(config: Config) -> None:
             jobs=jobs,
             users=vms.uses_image,
             builder=LocalBuilder(layout.scratch_dir(), layout.cache_dir()),
+            files=host,
             journal=FileJournal(layout.journal_dir()),
             limits=limits,
         )

@@ -1,8 +1,10 @@
 """Serial consoles shared by viewers, within limits.
 
 The hypervisor gives one console session per VM. kdlabd holds that session
-and hands every viewer its own socket: output goes to all viewers, input from
-any viewer goes to the VM, so two viewers never steal bytes from each other.
+and hands every viewer its own socket (made by the host:
+:meth:`kdlabd.core.host.Host.console_viewer`): output goes to all viewers,
+input from any viewer goes to the VM, so two viewers never steal bytes from
+each other.
 A viewer that cannot keep up loses output (the per-boot log keeps it all)
 rather than stall the VM or the other viewers.
 
@@ -18,21 +20,18 @@ take kdlabd's reserve of descriptors (kdlabd.core.descriptors).
 from __future__ import annotations
 
 import asyncio
-import select
-import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 
 from kdlab.errors import InvalidState
 from kdlabd.core import descriptors
+from kdlabd.core.host import Host, Viewer
 from kdlabd.core.hypervisor import ConsoleStream, Hypervisor
 from kdlabd.core.limits import Limits
 
 log = structlog.get_logger(__name__)
 
-_READ_SIZE = 4096
 # Typed bytes the hypervisor has not taken yet; above this no viewer is read.
 INPUT_BACKLOG_MAX = 64 * 1024
 # How long shutdown waits for the sessions' hypervisor streams to close.
@@ -41,19 +40,16 @@ CLOSE_ALL_SECONDS = 4.0
 HANGUP_CHECK_SECONDS = 0.5
 
 
-@dataclass(frozen=True)
-class _Viewer:
-    sock: socket.socket
-    uid: int
-
-
 class _Session:
     """One VM's console session and the viewers attached to it."""
 
-    def __init__(self, name: str, on_closed: Callable[[_Session], None]) -> None:
+    def __init__(
+        self, name: str, host: Host, on_closed: Callable[[_Session], None]
+    ) -> None:
         self.name = name
         self.stream: ConsoleStream | None = None
-        self._viewers: dict[int, _Viewer] = {}
+        self._host = host
+        self._viewers: dict[Viewer, int] = {}  # and their uids
         self._on_closed = on_closed
         self._closed = False
         self._reading = True
@@ -61,12 +57,13 @@ class _Session:
         self._loop = asyncio.get_running_loop()
 
     def add_viewer(self, uid: int) -> int:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ours.setblocking(False)
-        self._viewers[ours.fileno()] = _Viewer(ours, uid)
-        if self._reading:
-            self._loop.add_reader(ours.fileno(), self._typed, ours)
-        return theirs.detach()
+        def typed(data: bytes) -> None:
+            self._typed(viewer, data)
+
+        viewer, theirs = self._host.console_viewer(typed)
+        self._viewers[viewer] = uid
+        viewer.reading(self._reading)
+        return theirs
 
     @property
     def closed(self) -> bool:
@@ -77,20 +74,20 @@ class _Session:
         return len(self._viewers)
 
     def viewers_of(self, uid: int) -> int:
-        return sum(viewer.uid == uid for viewer in self._viewers.values())
+        return sum(owner == uid for owner in self._viewers.values())
 
     def output(self, data: bytes) -> None:
         """Console output: copy to every viewer; ``b""`` ends the session."""
         if not data:
             self.close()
             return
-        for viewer in list(self._viewers.values()):
+        for viewer in list(self._viewers):
             try:
-                viewer.sock.send(data)
+                viewer.send(data)
             except BlockingIOError:
                 log.debug("console.viewer_behind", vm=self.name, dropped=len(data))
             except OSError:
-                self._drop(viewer.sock)
+                self._drop(viewer)
 
     def sent(self) -> None:
         """The hypervisor took typed input: read the viewers again once it is low."""
@@ -102,8 +99,8 @@ class _Session:
             if self._hangup_check is not None:
                 self._hangup_check.cancel()
                 self._hangup_check = None
-            for fd, viewer in self._viewers.items():
-                self._loop.add_reader(fd, self._typed, viewer.sock)
+            for viewer in self._viewers:
+                viewer.reading(True)
 
     def close(self) -> None:
         """Disconnect every viewer and hand the session back, once."""
@@ -112,27 +109,21 @@ class _Session:
         self._closed = True
         if self._hangup_check is not None:
             self._hangup_check.cancel()
-        for viewer in list(self._viewers.values()):
-            self._drop(viewer.sock)
+        for viewer in list(self._viewers):
+            self._drop(viewer)
         self._on_closed(self)
 
-    def _typed(self, sock: socket.socket) -> None:
-        try:
-            data = sock.recv(_READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
+    def _typed(self, viewer: Viewer, data: bytes) -> None:
         stream = self.stream
         if not data:
-            self._drop(sock)
+            self._drop(viewer)
         elif stream is not None:
             stream.send(data)
             if stream.backlog >= INPUT_BACKLOG_MAX and self._reading:
                 log.debug("console.input_paused", vm=self.name, backlog=stream.backlog)
                 self._reading = False
-                for fd in self._viewers:
-                    self._loop.remove_reader(fd)
+                for paused in self._viewers:
+                    paused.reading(False)
                 self._check_hangups()
 
     def _check_hangups(self) -> None:
@@ -141,24 +132,17 @@ class _Session:
         self._hangup_check = None
         if self._reading or self._closed:
             return
-        poller = select.poll()
-        for fd in self._viewers:
-            poller.register(fd, select.POLLRDHUP)
-        for fd, _events in poller.poll(0):  # POLLHUP and POLLERR come anyway
-            viewer = self._viewers.get(fd)
-            if viewer is not None:
-                self._drop(viewer.sock)
+        for gone in [viewer for viewer in self._viewers if viewer.hung_up()]:
+            self._drop(gone)
         if not self._closed:
             self._hangup_check = self._loop.call_later(
                 HANGUP_CHECK_SECONDS, self._check_hangups
             )
 
-    def _drop(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        if self._viewers.pop(fd, None) is None:
+    def _drop(self, viewer: Viewer) -> None:
+        if self._viewers.pop(viewer, None) is None:
             return
-        self._loop.remove_reader(fd)
-        sock.close()
+        viewer.close()
         if not self._viewers:
             self.close()
 
@@ -166,8 +150,11 @@ class _Session:
 class ConsoleHub:
     """Console sessions by VM name, opened on first viewer, closed after the last."""
 
-    def __init__(self, hypervisor: Hypervisor, limits: Limits | None = None) -> None:
+    def __init__(
+        self, hypervisor: Hypervisor, host: Host, limits: Limits | None = None
+    ) -> None:
         self._hv = hypervisor
+        self._host = host
         self._limits = limits or Limits()
         self._sessions: dict[str, _Session] = {}
         self._opening: dict[str, asyncio.Lock] = {}
@@ -179,7 +166,7 @@ class ConsoleHub:
         async with self._opening.setdefault(name, asyncio.Lock()):
             session = self._sessions.get(name)
             if session is None:
-                session = _Session(name, self._session_closed)
+                session = _Session(name, self._host, self._session_closed)
                 stream = await self._hv.open_console(name, session.output, session.sent)
                 if session.closed:
                     self._close_stream(stream)
@@ -220,7 +207,7 @@ class ConsoleHub:
             await asyncio.wait(set(self._closing), timeout=CLOSE_ALL_SECONDS)
 
     def _check_limits(self, name: str, uid: int) -> None:
-        descriptors.require("a console viewer")
+        descriptors.require(self._host.free_descriptors(), "a console viewer")
         session = self._sessions.get(name)
         on_vm = 0 if session is None else session.viewers
         mine = sum(s.viewers_of(uid) for s in self._sessions.values())

@@ -6,31 +6,21 @@ the table, and kdlabd itself would then fail where it cannot report it: GLib
 aborts the whole process when a new libvirt connection cannot get the pipes
 of its main context ("Creating pipes for GWakeup: Too many open files"), and
 the kernel silently drops descriptors that come with a D-Bus call. So such
-descriptors are refused while fewer than :data:`RESERVE` are free.
+descriptors are refused while fewer than :data:`RESERVE` are free (the host
+counts them: :meth:`kdlabd.core.host.Host.free_descriptors`).
 """
 
 from __future__ import annotations
-
-import os
-import resource
 
 from kdlab.errors import out_of_descriptors
 
 RESERVE = 64
 
 
-def free() -> int:
-    """How many more descriptors kdlabd may open (its soft RLIMIT_NOFILE)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return RESERVE * 1024
-    return soft - len(os.listdir("/proc/self/fd"))
-
-
-def require(what: str) -> None:
-    """Refuse *what* (LimitExceeded) if it would eat into the reserve."""
-    left = free()
-    if left < RESERVE:
+def require(free: int, what: str) -> None:
+    """Refuse *what* (LimitExceeded) if it would eat into the reserve, with
+    *free* descriptors left."""
+    if free < RESERVE:
         raise out_of_descriptors(
-            f"{left} left, {RESERVE} are kept for kdlabd itself: {what} refused"
+            f"{free} left, {RESERVE} are kept for kdlabd itself: {what} refused"
         )

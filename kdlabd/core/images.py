@@ -32,6 +32,7 @@ from kdlab.errors import (
 )
 from kdlabd.core import blocking, validate
 from kdlabd.core.builder import Builder
+from kdlabd.core.host import CallerFiles
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
 from kdlabd.core.journal import Journal, crash_point, hold_point
@@ -67,6 +68,7 @@ class ImageService:
         jobs: JobManager,
         users: Callable[[str], tuple[str, ...]],
         builder: Builder,
+        files: CallerFiles,
         journal: Journal,
         limits: Limits | None = None,
     ) -> None:
@@ -74,6 +76,7 @@ class ImageService:
         self._jobs = jobs
         self._users = users
         self._builder = builder
+        self._files = files
         self._journal = journal
         self._observers: Observers[ImageObserver] = Observers()
         self._limits = limits or Limits()
@@ -205,7 +208,7 @@ class ImageService:
         closed when the call returns.
         """
         source = await blocking.from_caller(
-            lambda: validate.image_source(fd, self._limits), "image"
+            lambda: validate.image_source(self._files, fd, self._limits), "image"
         )
         self._room_for_job(owner_uid)
         self._reserve(name)
@@ -249,7 +252,7 @@ class ImageService:
                 try:
                     image = await self._upload(
                         name,
-                        validate.image_source(fd, self._limits),
+                        validate.image_source(self._files, fd, self._limits),
                         job,
                         (0.9, 0.1),
                         lambda: crash_point("build.upload-started"),

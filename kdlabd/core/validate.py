@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
-import os
 import re
-import stat
 import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -21,6 +18,7 @@ from kdlab.wire import RELEASE_MAX, is_safe_release
 from kdlabd.core.models import ImageFormat, ImageSource, StoredImage
 
 if TYPE_CHECKING:  # kdlabd.core.limits imports this module's ranges
+    from kdlabd.core.host import CallerFiles
     from kdlabd.core.limits import Limits
 
 NAME_MAX = 63
@@ -113,32 +111,32 @@ def tcp_port(value: int) -> int:
     return in_range(value, TCP_PORT_RANGE, "gdb TCP port")
 
 
-def readable_file(fd: int | None, what: str, max_bytes: int) -> int:
+def readable_file(files: CallerFiles, fd: int | None, what: str, max_bytes: int) -> int:
     """A descriptor passed by a client: an open, readable, non-empty regular file.
 
     Returns its size. Directories, FIFOs, sockets, devices and write-only
-    descriptors are refused before a byte is read.
+    descriptors are refused before a byte is read. *files* looks at it (in
+    the thread this is called in: see :mod:`kdlabd.core.host`).
     """
     if fd is None:  # dbus-next's value for a descriptor that did not arrive
         raise InvalidArgument(f"{what}: no file descriptor came with the call")
     try:
-        info = os.fstat(fd)
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        info = files.describe(fd)
     except OSError as err:
         raise InvalidArgument(
             f"{what}: not an open file descriptor ({err.strerror})"
         ) from None
-    if not stat.S_ISREG(info.st_mode):
+    if not info.regular:
         raise InvalidArgument(f"{what} must be a regular file")
-    if flags & os.O_ACCMODE == os.O_WRONLY or flags & os.O_PATH:
+    if not info.readable:
         raise InvalidArgument(f"{what}: the descriptor is not open for reading")
-    if info.st_size == 0:
+    if info.size == 0:
         raise InvalidArgument(f"{what} is empty")
-    if info.st_size > max_bytes:
+    if info.size > max_bytes:
         raise InvalidArgument(
-            f"{what} is {info.st_size} bytes; at most {max_bytes} are accepted"
+            f"{what} is {info.size} bytes; at most {max_bytes} are accepted"
         )
-    return info.st_size
+    return info.size
 
 
 _ELF_MAGIC = b"\x7fELF"
@@ -179,7 +177,7 @@ _QCOW2_MAGIC = b"QFI\xfb"
 _QCOW2_EXTERNAL_DATA = 1 << 2
 
 
-def image_source(fd: int, limits: Limits) -> ImageSource:
+def image_source(files: CallerFiles, fd: int, limits: Limits) -> ImageSource:
     """An image file to import: raw, or a self-contained qcow2.
 
     This judges the bytes offered, for an early and clear answer; what counts
@@ -187,8 +185,8 @@ def image_source(fd: int, limits: Limits) -> ImageSource:
     caller may rewrite the file while it is uploaded. Its virtual size (a raw
     file's size) is at most the disk size limit.
     """
-    size = readable_file(fd, "image", IMAGE_MAX_BYTES)
-    fmt, capacity = image_header(os.pread(fd, IMAGE_HEADER_BYTES, 0), size)
+    size = readable_file(files, fd, "image", IMAGE_MAX_BYTES)
+    fmt, capacity = image_header(files.read_header(fd, IMAGE_HEADER_BYTES), size)
     limits.disk(capacity, "the image's virtual size")
     return ImageSource(fd, size, fmt, capacity)
 

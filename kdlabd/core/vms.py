@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import shutil
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,12 +28,12 @@ from kdlab.errors import (
     VMExists,
 )
 from kdlab.kernel import bzimage as kernel
-from kdlab.kernel.diagnosis import BootFacts, Diagnosis, diagnose
+from kdlab.kernel.diagnosis import HEAD_SIZE, TAIL_SIZE, BootFacts, Diagnosis, diagnose
 from kdlab.states import VMState
 from kdlabd.core import blocking, descriptors, validate
 from kdlabd.core import cmdline as kernel_cmdline
-from kdlabd.core.console_log import read_console_log
 from kdlabd.core.consoles import ConsoleHub
+from kdlabd.core.host import Address, CallerFiles, Host
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.journal import crash_point
 from kdlabd.core.limits import Limits
@@ -286,18 +283,20 @@ class VMService:
         layout: Layout,
         accel: Accel,
         *,
+        host: Host,
         images: ImageForDisk | None = None,
         limits: Limits | None = None,
     ) -> None:
         self._hv = hypervisor
         self._layout = layout
         self._accel = accel
+        self._host = host
         self._images = images
         self._limits = limits or Limits()
         # One entry per VM, by name: the VMs clients see and those being created.
         self._vms: dict[str, VMEntry] = {}
         self._observers: Observers[VMObserver] = Observers()
-        self._consoles = ConsoleHub(hypervisor, self._limits)
+        self._consoles = ConsoleHub(hypervisor, host, self._limits)
         self._background = Background("vms.refresh_failed")
 
     def subscribe(self, observer: VMObserver) -> Callable[[], None]:
@@ -351,11 +350,10 @@ class VMService:
                 await self._hv.delete_vm_volume(volume)
                 removed.append(volume)
         vms_dir = self._layout.state_dir / "vms"
-        if vms_dir.is_dir():
-            for entry in vms_dir.iterdir():
-                if entry.name not in self._vms:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(str(entry))
+        for entry in self._host.names(vms_dir):
+            if entry not in self._vms:
+                self._host.remove_tree(vms_dir / entry)
+                removed.append(str(vms_dir / entry))
         if removed:
             log.warning("reconcile.removed_orphans", removed=removed)
         return removed
@@ -400,7 +398,7 @@ class VMService:
         is removed again when a later step fails.
         """
         disks = self._check(request)
-        files = await _read_boot_files(request)
+        files = await _read_boot_files(self._host, request)
         name = request.name
         with self._reserve(request):
             image = self._image_for(request)
@@ -483,8 +481,8 @@ class VMService:
         made = await self._make_disks(name, disks, image, undo)
         crash_point("create.disks-created")
         vm_dir = self._layout.vm_dir(name)
-        vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        undo.callback(shutil.rmtree, vm_dir, ignore_errors=True)
+        self._host.make_private_dir(vm_dir)
+        undo.callback(self._host.remove_tree, vm_dir)
         return VMSpec(
             name=name,
             owner_uid=request.owner_uid,
@@ -542,7 +540,7 @@ class VMService:
 
     async def _replace_kernel(self, record: VMRecord, fd: int) -> None:
         """Stage a new snapshot of the kernel: rebuilding the tree later is safe."""
-        size, release = await _read_kernel(fd)
+        size, release = await _read_kernel(self._host, fd)
         await self._hv.upload_boot_file(kernel_volume(record.name), fd, size)
         if release != record.spec.release:
             self._store(
@@ -622,7 +620,7 @@ class VMService:
             await self._hv.delete_vm_volume(initrd_volume(name))
             for disk in record.spec.disks:
                 await self._hv.delete_vm_volume(disk.path.name)
-            shutil.rmtree(self._layout.vm_dir(name), ignore_errors=True)
+            self._host.remove_tree(self._layout.vm_dir(name))
             self._forget(name)
             log.info("vm.deleted", vm=name)
 
@@ -644,29 +642,21 @@ class VMService:
                 f"VM {name!r} is {record.state}: start it first (kdlabctl start "
                 f"--paused {name} stops it before the first instruction)"
             )
-        descriptors.require("a gdb connection")
+        descriptors.require(self._host.free_descriptors(), "a gdb connection")
+        address: Address = str(record.spec.gdb_socket)
         if debug.gdb_tcp_port is not None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            address: str | tuple[str, int] = ("127.0.0.1", debug.gdb_tcp_port)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address = str(record.spec.gdb_socket)
+            address = ("127.0.0.1", debug.gdb_tcp_port)
         try:
-            sock.settimeout(GDB_CONNECT_SECONDS)
-            # A unix socket whose listener does not accept blocks in connect().
-            await blocking.run(
-                lambda: sock.connect(address),
-                seconds=GDB_CONNECT_SECONDS + 1,
+            return await self._host.connect(
+                address,
+                seconds=GDB_CONNECT_SECONDS,
                 what=f"connecting to the gdbstub of {name}",
             )
-            sock.setblocking(True)
         except (OSError, blocking.Unanswered) as err:
-            sock.close()
             why = err.strerror if isinstance(err, OSError) else "no answer"
             raise HypervisorError(
                 f"cannot reach the gdbstub of VM {name!r} at {address}: {why}"
             ) from None
-        return sock.detach()
 
     async def open_console(self, name: str, uid: int) -> int:
         """A socket on the VM's serial console, shared with any other viewers.
@@ -687,7 +677,7 @@ class VMService:
         path = self._layout.console_log(name)
         try:
             return await blocking.run(
-                lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC),
+                lambda: self._host.open_read_only(path),
                 seconds=CONSOLE_LOG_SECONDS,
                 what=f"opening {path}",
             )
@@ -814,7 +804,7 @@ class VMService:
         )
         try:
             text = await blocking.run(
-                lambda: read_console_log(spec.console_log),
+                lambda: self._host.read_excerpt(spec.console_log, HEAD_SIZE, TAIL_SIZE),
                 seconds=CONSOLE_LOG_SECONDS,
                 what=f"reading {spec.console_log}",
             )
@@ -828,11 +818,12 @@ class VMService:
         """Keep the previous boot's console log as ``console.log.1``."""
         current = self._layout.console_log(name)
         with contextlib.suppress(FileNotFoundError):
-            current.rename(current.with_name(current.name + ".1"))
+            self._host.rename(current, current.with_name(current.name + ".1"))
 
     def _has_booted(self, name: str) -> bool:
         log_file = self._layout.console_log(name)
-        return log_file.exists() or log_file.with_name(log_file.name + ".1").exists()
+        previous = log_file.with_name(log_file.name + ".1")
+        return self._host.exists(log_file) or self._host.exists(previous)
 
     def _store(self, record: VMRecord) -> None:
         """Take what the hypervisor reports of a VM; publish what changed."""
@@ -906,12 +897,12 @@ def _cpus_run(state: VMState) -> bool:
     return state in (VMState.RUNNING, VMState.STOPPING)
 
 
-async def _read_kernel(fd: int) -> tuple[int, str]:
+async def _read_kernel(files: CallerFiles, fd: int) -> tuple[int, str]:
     """The size and release of the bzImage the caller passed as *fd*."""
 
     def look() -> tuple[int, bytes]:
-        size = validate.readable_file(fd, "kernel", validate.KERNEL_MAX_BYTES)
-        header = os.pread(fd, kernel.HEADER_BYTES, 0)
+        size = validate.readable_file(files, fd, "kernel", validate.KERNEL_MAX_BYTES)
+        header = files.read_header(fd, kernel.HEADER_BYTES)
         validate.kernel_image(header)
         return size, header
 
@@ -919,18 +910,18 @@ async def _read_kernel(fd: int) -> tuple[int, str]:
     return size, validate.release(kernel.bzimage_release(header))
 
 
-async def _read_boot_files(request: CreateRequest) -> BootFiles:
+async def _read_boot_files(files: CallerFiles, request: CreateRequest) -> BootFiles:
     """Check the kernel and initrd the caller passed; what they hold."""
     if request.kernel_fd is None:
         raise InvalidArgument(
             "a kernel is required: pass an open descriptor of a bzImage"
         )
-    kernel_size, release = await _read_kernel(request.kernel_fd)
+    kernel_size, release = await _read_kernel(files, request.kernel_fd)
     initrd_size = 0
     if (initrd_fd := request.initrd_fd) is not None:
         initrd_size = await blocking.from_caller(
             lambda: validate.readable_file(
-                initrd_fd, "initrd", validate.INITRD_MAX_BYTES
+                files, initrd_fd, "initrd", validate.INITRD_MAX_BYTES
             ),
             "initrd",
         )

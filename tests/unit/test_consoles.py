@@ -19,6 +19,7 @@ from kdlab.errors import LimitExceeded
 from kdlabd.core import consoles
 from kdlabd.core.consoles import ConsoleHub
 from kdlabd.core.limits import Limits
+from kdlabd.host.local import LocalHost
 from tests.unit.fake_hypervisor import FakeConsole, FakeHypervisor
 
 T = TypeVar("T")
@@ -31,7 +32,7 @@ Scenario = Callable[[ConsoleHub, FakeHypervisor], Coroutine[Any, Any, T]]
 def run(scenario: Scenario[T], limits: Limits | None = None) -> T:
     async def main() -> T:
         hv = FakeHypervisor()
-        hub = ConsoleHub(hv, limits)  # type: ignore[arg-type]
+        hub = ConsoleHub(hv, LocalHost(), limits)  # type: ignore[arg-type]
         try:
             return await scenario(hub, hv)
         finally:

@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 
 from kdlab.kernel import kconfig
 from kdlab.kernel.diagnosis import (
+    HEAD_SIZE,
     MAX_EVIDENCE,
     TAIL_SIZE,
     BootFacts,
@@ -74,7 +75,7 @@ from kdlab.kernel.initramfs import (
     init_script,
     recognize,
 )
-from kdlabd.core.console_log import read_console_log
+from kdlabd.host.local import LocalHost
 from tests.support import REPO
 from tests.support.prereq import require
 
@@ -103,6 +104,11 @@ def facts(
         name="linux-6.1",
         paused=paused,
     )
+
+
+def read_console_log(path: Path) -> str:
+    """The log at *path* as kdlabd reads a VM's console log for diagnose."""
+    return LocalHost().read_excerpt(path, HEAD_SIZE, TAIL_SIZE)
 
 
 def console(name: str) -> str:

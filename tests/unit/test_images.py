@@ -31,6 +31,7 @@ from kdlabd.core.rootfs import RootfsSpec
 from kdlabd.core.vms import Layout, VMService
 from kdlabd.host.builder import LocalBuilder
 from kdlabd.host.journal import FileJournal
+from kdlabd.host.local import LocalHost
 from tests.unit.fake_hypervisor import HOST, FakeHypervisor
 from tests.unit.test_vms import OWNER, Lab, Recorder, bzimage, run, settle
 
@@ -85,6 +86,7 @@ def make_lab(tmp_path: Path, limits: Limits | None = None) -> ImageLab:
         hv,
         layout,
         Accel.TCG,
+        host=LocalHost(),
         images=lambda name: images.for_disk(name),  # noqa: PLW0108 (made below)
         limits=limits,
     )
@@ -93,6 +95,7 @@ def make_lab(tmp_path: Path, limits: Limits | None = None) -> ImageLab:
         jobs=jobs,
         users=vms.uses_image,
         builder=LocalBuilder(layout.scratch_dir(), layout.cache_dir()),
+        files=LocalHost(),
         journal=journal,
         limits=limits,
     )
@@ -449,6 +452,7 @@ def test_a_reload_after_a_reconnection_that_fails_is_logged(tmp_path: Path) -> N
             jobs=JobManager(),
             users=lambda _name: (),
             builder=LocalBuilder(tmp_path / "scratch", tmp_path / "cache"),
+            files=LocalHost(),
             journal=FileJournal(tmp_path / "pending"),
         )
         service.hypervisor_reconnected()

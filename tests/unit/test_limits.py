@@ -14,8 +14,10 @@ from kdlabd import config
 from kdlabd.config import Config, load
 from kdlabd.core import validate
 from kdlabd.core.limits import GIB, HostResources, Limits
+from kdlabd.host.descriptors import CallerDescriptors
 
 HOST = HostResources(memory_mib=8192, cpus=4)
+FILES = CallerDescriptors()
 
 
 @pytest.fixture(autouse=True)
@@ -188,19 +190,19 @@ def qcow2(virtual_size: int) -> bytes:
 def test_a_qcow2_of_2_to_the_62_bytes_is_refused(memfd: int) -> None:
     os.write(memfd, qcow2(2**62))
     with pytest.raises(LimitExceeded) as refused:
-        validate.image_source(memfd, Limits())
+        validate.image_source(FILES, memfd, Limits())
     assert "virtual size" in str(refused.value)
     assert "max_disk_gib" in str(refused.value)
 
 
 def test_a_qcow2_at_the_limit_is_accepted(memfd: int) -> None:
     os.write(memfd, qcow2(256 * GIB))
-    assert validate.image_source(memfd, Limits()).capacity == 256 * GIB
+    assert validate.image_source(FILES, memfd, Limits()).capacity == 256 * GIB
 
 
 def test_a_raw_image_over_the_limit_is_refused(memfd: int) -> None:
     os.truncate(memfd, GIB + 512)  # sparse: no memory is used
     with pytest.raises(LimitExceeded):
-        validate.image_source(memfd, Limits(disk_gib=1))
+        validate.image_source(FILES, memfd, Limits(disk_gib=1))
     os.truncate(memfd, GIB)
-    assert validate.image_source(memfd, Limits(disk_gib=1)).capacity == GIB
+    assert validate.image_source(FILES, memfd, Limits(disk_gib=1)).capacity == GIB

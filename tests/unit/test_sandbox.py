@@ -32,6 +32,7 @@ from kdlabd.core.jobs import JobManager
 from kdlabd.host import sandbox
 from kdlabd.host.builder import LocalBuilder
 from kdlabd.host.journal import FileJournal
+from kdlabd.host.local import LocalHost
 from kdlabd.host.sandbox import (
     BUILD_CAPABILITIES,
     TOKEN_ENV,
@@ -296,6 +297,7 @@ def test_start_up_kills_a_journalled_build_and_empties_scratch(
         jobs=JobManager(),
         users=lambda _name: (),
         builder=LocalBuilder(scratch_dir, tmp_path / "cache"),
+        files=LocalHost(),
         journal=journal,
     )
     assert asyncio.run(images.clean_builds()) == ["img"]

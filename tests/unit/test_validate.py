@@ -14,6 +14,7 @@ import pytest
 
 from kdlab.errors import InvalidArgument
 from kdlabd.core import validate
+from kdlabd.host.descriptors import CallerDescriptors
 from tests.support import debian
 from tests.support.prereq import require
 
@@ -143,6 +144,7 @@ def test_in_range_message_names_the_option() -> None:
 # Descriptors passed by clients.
 
 MAX = 1 << 20
+FILES = CallerDescriptors()
 
 
 @pytest.fixture
@@ -163,7 +165,7 @@ def open_fd(fds: list[int], path: Path | str, flags: int) -> int:
 
 def refused(fd: int, max_bytes: int = MAX) -> str:
     with pytest.raises(InvalidArgument) as err:
-        validate.readable_file(fd, "kernel", max_bytes)
+        validate.readable_file(FILES, fd, "kernel", max_bytes)
     message = str(err.value)
     assert message.startswith("kernel"), message
     return message
@@ -173,15 +175,22 @@ def test_regular_file_ok(tmp_path: Path, fds: list[int]) -> None:
     path = tmp_path / "bzImage"
     path.write_bytes(b"x" * 1000)
     assert (
-        validate.readable_file(open_fd(fds, path, os.O_RDONLY), "kernel", MAX) == 1000
+        validate.readable_file(FILES, open_fd(fds, path, os.O_RDONLY), "kernel", MAX)
+        == 1000
     )
-    assert validate.readable_file(open_fd(fds, path, os.O_RDWR), "kernel", MAX) == 1000
+    assert (
+        validate.readable_file(FILES, open_fd(fds, path, os.O_RDWR), "kernel", MAX)
+        == 1000
+    )
 
 
 def test_size_limit_is_inclusive(tmp_path: Path, fds: list[int]) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * 10)
-    assert validate.readable_file(open_fd(fds, path, os.O_RDONLY), "kernel", 10) == 10
+    assert (
+        validate.readable_file(FILES, open_fd(fds, path, os.O_RDONLY), "kernel", 10)
+        == 10
+    )
 
 
 def test_directory_refused(tmp_path: Path, fds: list[int]) -> None:

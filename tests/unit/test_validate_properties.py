@@ -32,6 +32,8 @@ from kdlabd.core import validate
 from kdlabd.core.limits import Limits
 from kdlabd.core.models import Accel, DebugSettings, Disk, ImageSource, VMSpec
 from kdlabd.core.vms import CreateRequest, Layout, VMService
+from kdlabd.host.descriptors import CallerDescriptors
+from kdlabd.host.local import LocalHost
 from kdlabd.virt.domain_xml import build_domain_xml, parse_domain_xml
 from tests.unit.fake_hypervisor import FakeHypervisor
 from tests.unit.test_domain_xml import (
@@ -177,12 +179,13 @@ def memfd(content: bytes) -> Iterator[int]:
 
 
 LIMITS = Limits()
+FILES = CallerDescriptors()
 
 
 def image_source(fd: int) -> ImageSource | None:
     """validate.image_source under the default limits; None if it refused."""
     try:
-        source: ImageSource | None = accepted(validate.image_source, fd, LIMITS)
+        source: ImageSource | None = accepted(validate.image_source, FILES, fd, LIMITS)
         return source
     except LimitExceeded:
         event("image_source: over the limit")
@@ -208,7 +211,7 @@ def test_image_source_raises_only_invalid_argument_or_limit(content: bytes) -> N
 @PROPERTIES
 def test_readable_file_raises_only_invalid_argument(fd: int) -> None:
     """Any value a descriptor can have (D-Bus brings kdlabd real ones)."""
-    accepted(validate.readable_file, fd, "kernel", validate.KERNEL_MAX_BYTES)
+    accepted(validate.readable_file, FILES, fd, "kernel", validate.KERNEL_MAX_BYTES)
 
 
 # --- what the validators accept builds valid, faithful domain XML ------------------
@@ -272,6 +275,7 @@ def test_effective_cmdline_of_any_accepted_vm_fits_the_kernel(value: str) -> Non
         FakeHypervisor(),
         Layout(Path("/nonexistent"), Path("/nonexistent")),
         Accel.TCG,
+        host=LocalHost(),
     )
     request = CreateRequest("vm1", 0, kernel_fd=None, cmdline=value, image="base")
     try:

@@ -35,6 +35,7 @@ from kdlabd.core.vms import (
     VMService,
     client_view,
 )
+from kdlabd.host.local import LocalHost
 from tests.unit.fake_hypervisor import POOL, FakeHypervisor
 from tests.unit.test_domain_xml import make_spec
 
@@ -149,7 +150,7 @@ def lab(tmp_path: Path) -> Lab:
     hv = FakeHypervisor()
     observer = Recorder()
     layout = Layout(tmp_path / "state", tmp_path / "run")
-    service = VMService(hv, layout, Accel.TCG)
+    service = VMService(hv, layout, Accel.TCG, host=LocalHost())
     service.subscribe(observer)
     hv.watch(service.domain_changed, service.hypervisor_reconnected)
     kernel = tmp_path / "bzImage"
@@ -274,7 +275,7 @@ def test_create_defaults(lab: Lab) -> None:
 
 
 def test_accel_is_the_services(lab: Lab) -> None:
-    service = VMService(lab.hv, lab.layout, Accel.KVM)
+    service = VMService(lab.hv, lab.layout, Accel.KVM, host=LocalHost())
     fd = os.open(lab.kernel, os.O_RDONLY)
     try:
         record = run(service.create(CreateRequest("kvm1", OWNER, fd)))
@@ -809,7 +810,7 @@ def test_load_from_scratch(lab: Lab) -> None:
         await lab.booted("a")
         await lab.create("b")
         observer = Recorder()
-        fresh = VMService(lab.hv, lab.layout, Accel.TCG)
+        fresh = VMService(lab.hv, lab.layout, Accel.TCG, host=LocalHost())
         fresh.subscribe(observer)
         await fresh.load()
         assert {r.name: r.state for r in fresh.list()} == {

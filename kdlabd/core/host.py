@@ -1,0 +1,104 @@
+"""The seam between kdlab's use cases and the machine kdlabd runs on.
+
+Core opens no socket, starts no process and reads no file: what it needs of
+its host goes through :class:`Host` (:mod:`kdlabd.host.local` implements it;
+image builds have their own port, :mod:`kdlabd.core.builder`). Methods marked
+"blocks" are called in worker threads within time limits
+(:mod:`kdlabd.core.blocking`): a caller's file, or a log file, may sit on a
+filesystem that does not answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What a caller's descriptor is, as known before a byte of it is read."""
+
+    regular: bool
+    """A regular file: not a directory, FIFO, socket or device."""
+    readable: bool
+    """Open for reading (not write-only, not an ``O_PATH`` descriptor)."""
+    size: int
+
+
+Address = str | tuple[str, int]
+"""A stream socket's address: a unix socket's path, or (host, TCP port)."""
+
+ViewerInput = Callable[[bytes], None]
+"""Receives, on the loop, what a console viewer typed; ``b""`` when it left."""
+
+
+class Viewer(Protocol):
+    """kdlabd's end of one console viewer's connection, used on the loop."""
+
+    def send(self, data: bytes) -> None:
+        """Copy console output to the viewer without blocking.
+
+        Raises BlockingIOError when the viewer is behind (it misses *data*)
+        and OSError when it is gone.
+        """
+
+    def reading(self, on: bool) -> None:
+        """Start or stop reading what the viewer types."""
+
+    def hung_up(self) -> bool:
+        """Whether the viewer hung up (seen even while it is not read)."""
+
+    def close(self) -> None:
+        """Stop reading and close kdlabd's end: the viewer sees the end."""
+
+
+class CallerFiles(Protocol):
+    """Looks at descriptors callers pass; kdlabd never opens a caller's path."""
+
+    def describe(self, fd: int) -> FileFacts:
+        """What *fd* is; OSError if it is not an open descriptor. Blocks."""
+
+    def read_header(self, fd: int, size: int) -> bytes:
+        """The first *size* bytes of *fd* (fewer if it is shorter). Blocks."""
+
+
+class Host(CallerFiles, Protocol):
+    """What kdlabd does on its host besides the hypervisor's and builds' work."""
+
+    def free_descriptors(self) -> int:
+        """How many more descriptors kdlabd may open."""
+
+    def console_viewer(self, typed: ViewerInput) -> tuple[Viewer, int]:
+        """A new viewer's connection: kdlabd's end, and the descriptor to hand
+        the viewer (the caller's to keep)."""
+
+    async def connect(self, address: Address, *, seconds: float, what: str) -> int:
+        """A stream socket connected to *address*, for the caller to keep.
+
+        Raises OSError, or :class:`~kdlabd.core.blocking.Unanswered` after
+        *seconds* (*what* names the attempt in the log).
+        """
+
+    def open_read_only(self, path: Path) -> int:
+        """A read-only descriptor of kdlabd's file *path*, for a caller. Blocks."""
+
+    def read_excerpt(self, path: Path, head: int, tail: int) -> str:
+        """The text of *path*, or only its first *head* and last *tail* bytes
+        (joined by a newline) when it is longer. Blocks."""
+
+    def exists(self, path: Path) -> bool:
+        """Whether kdlabd's file *path* exists."""
+
+    def rename(self, path: Path, new: Path) -> None:
+        """Rename *path* to *new* (FileNotFoundError if there is no *path*)."""
+
+    def make_private_dir(self, path: Path) -> None:
+        """Make the directory *path* (and its parents), only root's to enter."""
+
+    def names(self, path: Path) -> list[str]:
+        """The names in the directory *path*; none if it does not exist."""
+
+    def remove_tree(self, path: Path) -> None:
+        """Remove *path* and all below it, as far as possible."""

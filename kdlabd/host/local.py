@@ -1,0 +1,78 @@
+"""kdlabd's host: the :class:`kdlabd.core.host.Host` port on this machine.
+
+Sockets (a gdbstub's, console viewers'), kdlabd's own files (a VM's
+directory, its console logs) and the descriptors callers pass. Which paths,
+time limits and rules apply is core's: this module does what it is told.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from kdlabd.core import blocking
+from kdlabd.core.host import Address, ViewerInput
+from kdlabd.host import descriptors
+from kdlabd.host.descriptors import CallerDescriptors
+from kdlabd.host.viewers import SocketViewer
+
+
+class LocalHost(CallerDescriptors):
+    """The machine kdlabd runs on."""
+
+    def free_descriptors(self) -> int:
+        return descriptors.free()
+
+    def console_viewer(self, typed: ViewerInput) -> tuple[SocketViewer, int]:
+        return SocketViewer.pair(typed)
+
+    async def connect(self, address: Address, *, seconds: float, what: str) -> int:
+        family = socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(seconds)
+            # A unix socket whose listener does not accept blocks in connect().
+            await blocking.run(
+                lambda: sock.connect(address), seconds=seconds + 1, what=what
+            )
+            sock.setblocking(True)
+        except BaseException:
+            sock.close()
+            raise
+        return sock.detach()
+
+    def open_read_only(self, path: Path) -> int:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read_excerpt(self, path: Path, head: int, tail: int) -> str:
+        # A log can grow without bound (a guest printing in a loop).
+        with path.open("rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(0)
+            if size <= head + tail:
+                data = file.read()
+            else:
+                start = file.read(head)
+                file.seek(size - tail)
+                data = start + b"\n" + file.read()
+        return data.decode("utf-8", errors="replace")
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def rename(self, path: Path, new: Path) -> None:
+        path.rename(new)
+
+    def make_private_dir(self, path: Path) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def names(self, path: Path) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def remove_tree(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
