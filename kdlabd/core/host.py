@@ -88,10 +88,10 @@ class Host(CallerFiles, Protocol):
         """The text of *path*, or only its first *head* and last *tail* bytes
         (joined by a newline) when it is longer. Blocks."""
 
-    def exists(self, path: Path) -> bool:
+    def has_file(self, path: Path) -> bool:
         """Whether kdlabd's file *path* exists."""
 
-    def rename(self, path: Path, new: Path) -> None:
+    def move(self, path: Path, new: Path) -> None:
         """Rename *path* to *new* (FileNotFoundError if there is no *path*)."""
 
     def make_private_dir(self, path: Path) -> None:

@@ -818,12 +818,12 @@ class VMService:
         """Keep the previous boot's console log as ``console.log.1``."""
         current = self._layout.console_log(name)
         with contextlib.suppress(FileNotFoundError):
-            self._host.rename(current, current.with_name(current.name + ".1"))
+            self._host.move(current, current.with_name(current.name + ".1"))
 
     def _has_booted(self, name: str) -> bool:
         log_file = self._layout.console_log(name)
         previous = log_file.with_name(log_file.name + ".1")
-        return self._host.exists(log_file) or self._host.exists(previous)
+        return self._host.has_file(log_file) or self._host.has_file(previous)
 
     def _store(self, record: VMRecord) -> None:
         """Take what the hypervisor reports of a VM; publish what changed."""

@@ -59,10 +59,10 @@ class LocalHost(CallerDescriptors):
                 data = start + b"\n" + file.read()
         return data.decode("utf-8", errors="replace")
 
-    def exists(self, path: Path) -> bool:
+    def has_file(self, path: Path) -> bool:
         return path.exists()
 
-    def rename(self, path: Path, new: Path) -> None:
+    def move(self, path: Path, new: Path) -> None:
         path.rename(new)
 
     def make_private_dir(self, path: Path) -> None:

@@ -2,6 +2,13 @@
 
 Every ``import`` counts, wherever it is (module level, inside a function, under
 ``TYPE_CHECKING``): a lazy import of a forbidden module is still a dependency.
+
+kdlabd/core opens no socket, starts no process and reads no file: besides the
+modules it may not import, the calls that would do so on the host (``open``,
+``os.pread``, ``Path.read_text``, ``asyncio.create_subprocess_exec``...) are
+looked for too. That is by name: a core method may not be called ``exists`` or
+``mkdir`` either, which keeps a reader from wondering. ``Path.replace`` cannot
+be told from ``str.replace`` or a dataclass's ``replace`` that way.
 """
 
 from __future__ import annotations
@@ -69,10 +76,33 @@ def violations(paths: list[Path], forbidden: set[str]) -> list[str]:
     )
 
 
+# Modules whose use is host I/O: sockets, processes, descriptors, files.
+HOST_IO_MODULES = {
+    "ctypes",
+    "fcntl",
+    "glob",
+    "grp",
+    "mmap",
+    "multiprocessing",
+    "pty",
+    "pwd",
+    "resource",
+    "select",
+    "selectors",
+    "shutil",
+    "socket",
+    "socketserver",
+    "subprocess",
+    "tempfile",
+}
+
+
 @pytest.mark.parametrize(
     ("layer", "forbidden"),
     [
         ("kdlabd/core", {"libvirt", "libvirtaio", "dbus_next", "lxml"}),
+        ("kdlabd/core", HOST_IO_MODULES),
+        ("kdlabd/host", {"libvirt", "libvirtaio", "dbus_next", "lxml"}),
         ("kdlabd/virt", {"dbus_next"}),
         ("kdlabd/bus", {"libvirt", "libvirtaio"}),
         ("kdlabctl", {"libvirt", "libvirtaio", "lxml"}),
@@ -88,8 +118,103 @@ def test_core_does_not_import_outer_layers() -> None:
         f"{path.relative_to(REPO)} imports {module}"
         for path in sources("kdlabd/core")
         for module in imports_of(path)
-        if module.startswith(("kdlabd.virt", "kdlabd.bus", "kdlabd.daemon"))
+        if module.startswith(
+            ("kdlabd.virt", "kdlabd.bus", "kdlabd.host", "kdlabd.daemon")
+        )
     ]
+    assert found == []
+
+
+# What core may use of os: the environment and signals of the test hooks
+# (kdlabd.core.journal), error texts, and handing on descriptors it was given.
+OS_ALLOWED = {"environ", "getpid", "kill", "strerror", "dup", "close"}
+# Methods of pathlib.Path (and of open files) that touch the file system.
+PATH_IO = {
+    "chmod",
+    "exists",
+    "glob",
+    "hardlink_to",
+    "is_dir",
+    "is_file",
+    "is_symlink",
+    "iterdir",
+    "lchmod",
+    "lstat",
+    "mkdir",
+    "open",
+    "read_bytes",
+    "read_text",
+    "readlink",
+    "rename",
+    "resolve",
+    "rglob",
+    "rmdir",
+    "samefile",
+    "stat",
+    "symlink_to",
+    "touch",
+    "unlink",
+    "write_bytes",
+    "write_text",
+}
+# asyncio's ways to start a process or open a socket or pipe.
+ASYNCIO_IO = {
+    "add_reader",
+    "add_writer",
+    "connect_read_pipe",
+    "connect_write_pipe",
+    "create_connection",
+    "create_datagram_endpoint",
+    "create_server",
+    "create_subprocess_exec",
+    "create_subprocess_shell",
+    "create_unix_connection",
+    "create_unix_server",
+    "open_connection",
+    "open_unix_connection",
+    "sock_accept",
+    "sock_connect",
+    "sock_recv",
+    "sock_sendall",
+    "start_server",
+    "start_unix_server",
+    "subprocess_exec",
+    "subprocess_shell",
+}
+
+
+def host_io_of(path: Path) -> list[str]:
+    """The calls in *path* that would do I/O on the host, by what they are named."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id == "os":
+                if node.attr not in OS_ALLOWED:
+                    found.append((node.lineno, f"uses os.{node.attr}"))
+            elif node.attr in PATH_IO | ASYNCIO_IO:
+                found.append((node.lineno, f"calls .{node.attr}()"))
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            found += [
+                (node.lineno, f"imports os.{alias.name}")
+                for alias in node.names
+                if alias.name not in OS_ALLOWED
+            ]
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in {"open", "exec", "eval", "__import__"}
+        ):
+            found.append((node.lineno, f"calls {node.func.id}()"))
+    where = path.relative_to(REPO)
+    return [f"{where}:{line} {what}" for line, what in sorted(found)]
+
+
+def test_core_opens_no_socket_starts_no_process_reads_no_file() -> None:
+    """What core needs of its host goes through its ports (kdlabd.core.host,
+    kdlabd.core.builder, kdlabd.core.journal, kdlabd.core.hypervisor)."""
+    found = [line for path in sources("kdlabd/core") for line in host_io_of(path)]
     assert found == []
 
 
@@ -153,6 +278,38 @@ def test_checker_sees_every_import_form(
     assert {"kdlabd.virt.domain_xml", "kdlabd.bus"} <= sneaky
     assert "__future__" not in sneaky
     assert "kdlabd.core.sneaky" in imports_of(package / "__init__.py")
+
+
+def test_checker_sees_host_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tmp_path / "kdlabd" / "core" / "io.py"
+    module.parent.mkdir(parents=True)
+    module.write_text(
+        "import asyncio, os, socket, subprocess\n"
+        "from os import pread, environ\n"
+        "from pathlib import Path\n"
+        "def f(fd, log: Path):\n"
+        "    os.pread(fd, 10, 0)\n"
+        "    os.path.exists('/etc/shadow')\n"
+        "    os.environ.get('X'), os.close(fd)\n"
+        "    open('/etc/shadow')\n"
+        "    log.read_text(), log.with_name('x')\n"
+        "    asyncio.create_subprocess_exec('true')\n"
+        "    subprocess.run(['true'])\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert host_io_of(module) == [
+        "kdlabd/core/io.py:2 imports os.pread",
+        "kdlabd/core/io.py:5 uses os.pread",
+        "kdlabd/core/io.py:6 calls .exists()",
+        "kdlabd/core/io.py:6 uses os.path",
+        "kdlabd/core/io.py:8 calls open()",
+        "kdlabd/core/io.py:9 calls .read_text()",
+        "kdlabd/core/io.py:10 calls .create_subprocess_exec()",
+    ]
+    assert violations([module], HOST_IO_MODULES) == [
+        "kdlabd/core/io.py imports socket",
+        "kdlabd/core/io.py imports subprocess",
+    ]
 
 
 def test_kdlabctl_help_loads_no_heavy_module() -> None:
