@@ -58,7 +58,8 @@ from kdlabd.core.models import (
     VMRecord,
     VMSpec,
 )
-from kdlabd.virt import host, storage
+from kdlabd.host import facts
+from kdlabd.virt import storage
 from kdlabd.virt.domain_xml import (
     DOMAIN_PREFIX,
     NotKdlabDomain,
@@ -154,7 +155,7 @@ class LibvirtHypervisor:
         self._image_pool_name = image_pool
         self._image_pool_dir = image_pool_dir
         self._gdb_dir = gdb_dir
-        self._qemu_user = host.QemuUser.lookup(qemu_user)
+        self._qemu_user = facts.QemuUser.lookup(qemu_user)
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
         self._on_domain_changed: DomainChanged = lambda _name: None
@@ -267,7 +268,7 @@ class LibvirtHypervisor:
             return Accel.TCG
         usable, why = libvirt_has_kvm, "libvirt reports no KVM for x86_64 guests"
         if usable and self.local:
-            usable, why = host.kvm_usable(self._qemu_user)
+            usable, why = facts.kvm_usable(self._qemu_user)
         if accel is Accel.KVM and not libvirt_has_kvm:
             raise InvalidArgument(f"--accel kvm: {why}; use --accel tcg or auto")
         if accel is Accel.KVM:
@@ -343,8 +344,8 @@ class LibvirtHypervisor:
     async def start_vm(self, name: str, *, paused: bool) -> None:
         if self.local:
             try:
-                host.prepare_private_dir(self._gdb_dir, self._qemu_user)
-                host.require_reachable(self._vm_pool_dir, self._qemu_user)
+                facts.prepare_private_dir(self._gdb_dir, self._qemu_user)
+                facts.require_reachable(self._vm_pool_dir, self._qemu_user)
             except PermissionError as err:
                 raise HypervisorError(str(err)) from None
             except OSError as err:

@@ -1,4 +1,4 @@
-"""kdlabd.virt.host: KVM usability and permission checks, on temporary stand-ins.
+"""kdlabd.host.facts: KVM usability and permission checks, on temporary stand-ins.
 
 Temporary files stand for /dev/kvm and temporary directories for /sys/module;
 ownership is set with chown, so most tests need root.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlabd.virt.host import (
+from kdlabd.host.facts import (
     QemuUser,
     blocking_parent,
     can_open_rw,
