@@ -16,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from kdlab.errors import (
+    BuildFailed,
     HypervisorError,
     InvalidArgument,
     InvalidState,
@@ -23,6 +24,7 @@ from kdlab.errors import (
     NoSuchImage,
 )
 from kdlab.states import JobState
+from kdlabd.core.builder import Builder
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import Job, JobManager
 from kdlabd.core.limits import GIB, Limits
@@ -32,6 +34,7 @@ from kdlabd.core.vms import Layout, VMService
 from kdlabd.host.builder import LocalBuilder
 from kdlabd.host.journal import FileJournal
 from kdlabd.host.local import LocalHost
+from tests.unit.fake_builder import FakeBuilder
 from tests.unit.fake_hypervisor import HOST, FakeHypervisor
 from tests.unit.test_vms import OWNER, Lab, Recorder, bzimage, run, settle
 
@@ -77,7 +80,9 @@ class ImageLab(Lab):
         return self.images.get(name)
 
 
-def make_lab(tmp_path: Path, limits: Limits | None = None) -> ImageLab:
+def make_lab(
+    tmp_path: Path, limits: Limits | None = None, builder: Builder | None = None
+) -> ImageLab:
     hv = FakeHypervisor()
     layout = Layout(tmp_path / "state", tmp_path / "run")
     jobs = JobManager()
@@ -94,7 +99,7 @@ def make_lab(tmp_path: Path, limits: Limits | None = None) -> ImageLab:
         hv,
         jobs=jobs,
         users=vms.uses_image,
-        builder=LocalBuilder(layout.scratch_dir(), layout.cache_dir()),
+        builder=builder or LocalBuilder(layout.scratch_dir(), layout.cache_dir()),
         files=LocalHost(),
         journal=journal,
         limits=limits,
@@ -309,6 +314,73 @@ def test_reconcile_keeps_a_partial_image_a_vm_uses(lab: ImageLab) -> None:
         assert lab.journal.pending("image") == []
 
     run(scenario())
+
+
+# --- builds (the host's side is tests/unit/test_rootfs.py's) -----------------------
+
+
+def test_a_build_is_journalled_before_it_runs_and_its_image_uploaded(
+    tmp_path: Path,
+) -> None:
+    builder = FakeBuilder(tmp_path)
+    lab = make_lab(tmp_path, builder=builder)
+    seen: list[tuple[list[str], dict[str, str]]] = []
+    builder.during = lambda: seen.append(
+        (lab.journal.pending("build"), lab.journal.details("build", "deb"))
+    )
+
+    async def scenario() -> None:
+        job = lab.images.build_rootfs("deb", RootfsSpec("bookworm"), OTHER)
+        done = await lab.jobs.wait(job.id)
+        assert done.state is JobState.SUCCEEDED, done.message
+        assert done.message == "built deb (0 MiB)"
+
+    run(scenario())
+    assert seen == [(["deb"], {"token": "fake-deb"})]
+    (build,) = builder.builds
+    assert build.events == ["run", "remove"]
+    assert lab.images.get("deb").owner_uid == OTHER
+    assert lab.journal.pending("build") == []
+
+
+def test_a_failed_build_is_killed_removed_and_leaves_no_image(tmp_path: Path) -> None:
+    builder = FakeBuilder(tmp_path, failure=BuildFailed("debootstrap failed"))
+    lab = make_lab(tmp_path, builder=builder)
+
+    async def scenario() -> None:
+        job = lab.images.build_rootfs("deb", RootfsSpec("bookworm"), OWNER)
+        done = await lab.jobs.wait(job.id)
+        assert done.state is JobState.FAILED
+        assert "debootstrap failed" in done.message
+        builder.failure = None
+        again = await lab.jobs.wait(
+            lab.images.build_rootfs("deb", RootfsSpec("bookworm"), OWNER).id
+        )
+        assert again.state is JobState.SUCCEEDED, "the name was released"
+
+    run(scenario())
+    assert [build.events for build in builder.builds] == [
+        ["run", "kill", "remove"],
+        ["run", "remove"],
+    ]
+    assert lab.journal.pending("build") == []
+
+
+def test_start_up_keeps_the_scratch_of_a_build_that_would_not_die(
+    tmp_path: Path,
+) -> None:
+    builder = FakeBuilder(tmp_path, stuck={"t-stuck"})
+    lab = make_lab(tmp_path, builder=builder)
+    lab.journal.begin("build", "gone", {"token": "t-gone", "scratch": "/s/gone"})
+    lab.journal.begin("build", "stuck", {"token": "t-stuck", "scratch": "/s/stuck"})
+    with capture_logs() as logs:
+        assert run(lab.images.clean_builds()) == ["gone"]
+    assert builder.killed == ["t-gone"]
+    assert builder.kept == [{"token": "t-stuck", "scratch": "/s/stuck"}]
+    assert lab.journal.pending("build") == ["stuck"]
+    assert ("reconcile.build_not_killed", "stuck") in [
+        (entry["event"], entry.get("image")) for entry in logs
+    ]
 
 
 # --- limits -----------------------------------------------------------------------
