@@ -282,14 +282,21 @@ SSH_KEY_TYPES = (
 )
 
 
+def _matched(pattern: re.Pattern[str], value: object, refusal: str) -> str:
+    """*value*, if it is text that *pattern* matches whole; else InvalidArgument."""
+    if not (isinstance(value, str) and pattern.fullmatch(value)):
+        raise InvalidArgument(refusal)
+    return value
+
+
 def debian_suite(suite: object) -> str:
     """A Debian suite's codename, as debootstrap names its scripts."""
-    if not (isinstance(suite, str) and _SUITE.fullmatch(suite)):
-        raise InvalidArgument(
-            f"invalid Debian suite {suite!r}: use a codename such as 'bookworm' "
-            "(2-31 of a-z, 0-9 and '-', starting with a letter)"
-        )
-    return suite
+    return _matched(
+        _SUITE,
+        suite,
+        f"invalid Debian suite {suite!r}: use a codename such as 'bookworm' "
+        "(2-31 of a-z, 0-9 and '-', starting with a letter)",
+    )
 
 
 def rootfs_size(size: object) -> int:
@@ -313,11 +320,12 @@ def debian_packages(packages: object) -> tuple[str, ...]:
     if isinstance(packages, str) or not isinstance(packages, Sequence):
         raise InvalidArgument("packages must be a list of Debian package names")
     for package in packages:
-        if not (isinstance(package, str) and _PACKAGE.fullmatch(package)):
-            raise InvalidArgument(
-                f"invalid Debian package name {package!r}: use at least two of "
-                "a-z, 0-9, '+', '-' and '.', starting with a letter or digit"
-            )
+        _matched(
+            _PACKAGE,
+            package,
+            f"invalid Debian package name {package!r}: use at least two of "
+            "a-z, 0-9, '+', '-' and '.', starting with a letter or digit",
+        )
     unique = tuple(sorted(set(packages)))
     if len(unique) > MAX_PACKAGES:
         raise InvalidArgument(
@@ -366,21 +374,21 @@ def _blob_type(blob: str) -> str | None:
 
 
 def hostname(value: object) -> str:
-    """A guest's hostname: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'."""
-    if not (isinstance(value, str) and _HOSTNAME.fullmatch(value)):
-        raise InvalidArgument(
-            f"invalid hostname {value!r}: use 1-63 of a-z, 0-9 and '-', "
-            "not starting or ending with '-'"
-        )
-    return value
+    """A guest's hostname."""
+    return _matched(
+        _HOSTNAME,
+        value,
+        f"invalid hostname {value!r}: use 1-63 of a-z, 0-9 and '-', "
+        "not starting or ending with '-'",
+    )
 
 
 def debian_mirror(mirror: object) -> str:
     """An http(s) URL of a Debian mirror."""
     # http(s) only: a file:// mirror would have root's debootstrap read host paths.
-    if not (isinstance(mirror, str) and _MIRROR.fullmatch(mirror)):
-        raise InvalidArgument(
-            f"invalid Debian mirror {mirror!r}: give an http:// or https:// URL "
-            f"such as {DEBIAN_MIRROR}"
-        )
-    return mirror
+    return _matched(
+        _MIRROR,
+        mirror,
+        f"invalid Debian mirror {mirror!r}: give an http:// or https:// URL "
+        f"such as {DEBIAN_MIRROR}",
+    )
