@@ -195,12 +195,11 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
 async def cmd_list(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
-    vms = await client.list_vms()
-    if args.json:
-        output.print_json([output.as_json(vm) for vm in vms])
-        return EXIT_OK
-    rows = [
-        [
+    output.listing(
+        await client.list_vms(),
+        json_output=args.json,
+        headers=["NAME", "STATE", "MEMORY", "CPUS", "ACCEL", "GDB", "OWNER"],
+        row=lambda vm: [
             vm.name,
             vm.state,
             f"{vm.memory_mib}M",
@@ -208,11 +207,7 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
             vm.accel,
             vm.gdb_stub,
             output.user_name(vm.owner),
-        ]
-        for vm in vms
-    ]
-    print(
-        output.table(["NAME", "STATE", "MEMORY", "CPUS", "ACCEL", "GDB", "OWNER"], rows)
+        ],
     )
     return EXIT_OK
 

@@ -53,23 +53,19 @@ async def _finish_job(client: Client, path: str, quiet: bool) -> int:
 async def cmd_list(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
-    images = await client.list_images()
-    if args.json:
-        output.print_json([output.as_json(image) for image in images])
-        return EXIT_OK
-    rows = [
-        [
+    output.listing(
+        await client.list_images(),
+        json_output=args.json,
+        headers=["NAME", "FORMAT", "SIZE", "ALLOCATED", "OWNER", "USED BY"],
+        row=lambda i: [
             i.name,
             i.format,
             human(i.capacity),
             human(i.allocation),
             output.user_name(i.owner),
             ",".join(i.used_by) or "-",
-        ]
-        for i in images
-    ]
-    headers = ["NAME", "FORMAT", "SIZE", "ALLOCATED", "OWNER", "USED BY"]
-    print(output.table(headers, rows))
+        ],
+    )
     return EXIT_OK
 
 

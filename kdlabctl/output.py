@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import pwd
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 DIAGNOSIS_FIELDS = ("code", "severity", "cause", "fix")
+
+R = TypeVar("R", bound="DataclassInstance")
 
 
 def diagnosis(value: Sequence[str]) -> dict[str, str] | None:
@@ -58,3 +60,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
+
+
+def listing(
+    records: Sequence[R],
+    *,
+    json_output: bool,
+    headers: Sequence[str],
+    row: Callable[[R], Sequence[str]],
+) -> None:
+    """Print what ``list`` commands show: a table of *row* per record, or JSON."""
+    if json_output:
+        print_json([as_json(record) for record in records])
+    else:
+        print(table(headers, [row(record) for record in records]))
