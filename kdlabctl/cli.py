@@ -21,11 +21,14 @@ from kdlab.errors import (
     EXIT_TABLE,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    InvalidState,
+    KdlabError,
     exit_code_for,
 )
 from kdlab.kernel.findings import errors
 from kdlab.states import VMState
-from kdlabctl import images, kconfig, kernel
+from kdlabctl import completion, images, kconfig, kernel
+from kdlabctl.completion import IMAGE_NAME, VM_NAME
 
 if TYPE_CHECKING:
     from kdlabctl.client import VM, Client, Diagnosis, VMOptions, Watch
@@ -252,12 +255,18 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
 async def cmd_start(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
+    if not args.attach and (args.console or args.vmlinux):
+        raise UsageError("--console and --vmlinux go with --attach")
     await start_vm(client, args.name, paused=args.paused)
     found = output.diagnosis(await full_diagnosis(client, await client.vm(args.name)))
     if found:
         print(f"kdlabctl: {found['severity']}: {found['cause']}", file=sys.stderr)
         print(f"kdlabctl: fix: {found['fix']}", file=sys.stderr)
-    return EXIT_OK
+    if not args.attach:
+        return EXIT_OK
+    if args.console and args.paused:
+        _waits_for_gdb(args.name)
+    return await attach(client, args.name, args.console, args.vmlinux, args.gdb_args)
 
 
 async def full_diagnosis(client: Client, vm: VM) -> Diagnosis:
@@ -301,6 +310,42 @@ async def cmd_delete(client: Client, args: argparse.Namespace) -> int:
 
 async def cmd_gdb(client: Client, args: argparse.Namespace) -> int:
     return await gdb(client, args.name, args.vmlinux, args.gdb_args)
+
+
+async def cmd_attach(client: Client, args: argparse.Namespace) -> int:
+    vm = await client.vm(args.name)
+    if vm.state in OFF:
+        raise InvalidState(
+            f"VM {args.name} is {vm.state}: start it first (kdlabctl start "
+            f"{args.name}), or start it and attach in one step (kdlabctl start "
+            f"--attach {args.name}; with --paused gdb comes before the first "
+            "instruction)"
+        )
+    if args.console and vm.waiting_for_debugger:
+        _waits_for_gdb(args.name)
+    return await attach(client, args.name, args.console, args.vmlinux, args.gdb_args)
+
+
+async def attach(
+    client: Client,
+    name: str,
+    to_console: bool,
+    vmlinux: str | None,
+    gdb_args: list[str],
+) -> int:
+    """What attach, start --attach and up end with: gdb, or the console."""
+    if to_console:
+        return await console(client, name)
+    return await gdb(client, name, vmlinux, gdb_args)
+
+
+def _waits_for_gdb(name: str) -> None:
+    """On the console of a VM that waits for gdb, nothing comes until it boots."""
+    print(
+        f"kdlabctl: {name} waits for the debugger: 'continue' in gdb (kdlabctl "
+        f"attach {name}) boots it",
+        file=sys.stderr,
+    )
 
 
 async def gdb(
@@ -448,9 +493,7 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     await _reuse_or_create(client, name, tree, options)
     # Paused for gdb; with the console instead nothing would ever resume it.
     await start_vm(client, name, paused=not args.console)
-    if args.console:
-        return await console(client, name)
-    return await gdb(client, name, None, args.gdb_args)
+    return await attach(client, name, args.console, None, args.gdb_args)
 
 
 def up_name(tree: str) -> str:
@@ -492,7 +535,9 @@ def add_up_parser(
     )
     up.add_argument("path", metavar="PATH", help="a kernel source tree (or O= dir)")
     up.add_argument("--name", help="VM name (default: the tree's directory name)")
-    up.add_argument("--image", metavar="IMAGE", help="root disk image for a new VM")
+    up.add_argument(
+        "--image", metavar="IMAGE", type=IMAGE_NAME, help="root disk image for a new VM"
+    )
     up.add_argument("--build", action="store_true", help="make the kernel first")
     up.add_argument(
         "--console",
@@ -541,7 +586,10 @@ def add_create_parser(
         "--vmlinux", metavar="PATH", help="vmlinux with debug info, for kdlabctl gdb"
     )
     create.add_argument(
-        "--image", metavar="IMAGE", help="root disk: a qcow2 overlay of IMAGE (vda)"
+        "--image",
+        metavar="IMAGE",
+        type=IMAGE_NAME,
+        help="root disk: a qcow2 overlay of IMAGE (vda)",
     )
     create.add_argument(
         "--disk-size",
@@ -563,6 +611,21 @@ def add_create_parser(
         "loads virtio (found by itself next to a kernel unpacked from a package)",
     )
     create.add_argument("-q", "--quiet", action="store_true")
+
+
+def vm_argument(parser: argparse.ArgumentParser) -> None:
+    """The NAME of an existing VM (the shell completes it from kdlabd)."""
+    parser.add_argument("name", metavar="NAME", type=VM_NAME)
+
+
+def add_vmlinux_option(parser: argparse.ArgumentParser) -> None:
+    """``--vmlinux``: the symbols for gdb (kdlabctl.debug.find_vmlinux)."""
+    parser.add_argument(
+        "--vmlinux",
+        metavar="PATH",
+        help="symbols (default: on your own VMs the one given at create or the "
+        "kernel's build tree, else /usr/lib/debug/boot/vmlinux-RELEASE)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -590,21 +653,32 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     show = command("show", cmd_show, "show one VM's properties")
-    show.add_argument("name", metavar="NAME")
+    vm_argument(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
     start = command("start", cmd_start, "boot a VM")
-    start.add_argument("name", metavar="NAME")
+    vm_argument(start)
     start.add_argument(
         "--paused",
         action="store_true",
         help="CPUs wait before the first instruction (attach gdb, then continue)",
     )
+    start.add_argument(
+        "--attach",
+        action="store_true",
+        help="then attach gdb, as kdlabctl attach does; options after -- go to gdb",
+    )
+    start.add_argument(
+        "--console",
+        action="store_true",
+        help="with --attach: attach the serial console instead of gdb",
+    )
+    add_vmlinux_option(start)
 
     stop = command(
         "stop", cmd_stop, "power a VM off (ACPI, then force after a timeout)"
     )
-    stop.add_argument("name", metavar="NAME")
+    vm_argument(stop)
     stop.add_argument("--force", action="store_true", help="pull the plug at once")
     stop.add_argument(
         "--timeout",
@@ -614,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     delete = command("delete", cmd_delete, "remove a stopped VM and its files")
-    delete.add_argument("name", metavar="NAME")
+    vm_argument(delete)
     delete.add_argument("--force", action="store_true", help="stop it first if it runs")
 
     gdb = command(
@@ -623,33 +697,43 @@ def build_parser() -> argparse.ArgumentParser:
         "run gdb on the VM's gdbstub; unknown options go to gdb "
         "(e.g. --batch -ex 'hbreak start_kernel' -ex continue)",
     )
-    gdb.add_argument("name", metavar="NAME")
-    gdb.add_argument(
-        "--vmlinux",
-        metavar="PATH",
-        help="symbols (default: on your own VMs the one given at create or the "
-        "kernel's build tree, else /usr/lib/debug/boot/vmlinux-RELEASE)",
+    vm_argument(gdb)
+    add_vmlinux_option(gdb)
+
+    attaching = command(
+        "attach",
+        cmd_attach,
+        "attach to a running or paused VM: gdb (as kdlabctl gdb; options after "
+        "-- go to gdb), or the serial console with --console",
     )
+    vm_argument(attaching)
+    attaching.add_argument(
+        "--console",
+        action="store_true",
+        help="the serial console (as kdlabctl console) instead of gdb",
+    )
+    add_vmlinux_option(attaching)
     proxy = command(
         "gdb-proxy",
         cmd_gdb_proxy,
         "relay the VM's gdbstub on stdin/stdout (target remote | ...)",
     )
-    proxy.add_argument("name", metavar="NAME")
+    vm_argument(proxy)
 
     console = command(
         "console", cmd_console, "attach to the serial console; Ctrl-] detaches"
     )
-    console.add_argument("name", metavar="NAME")
+    vm_argument(console)
 
     images.add_parser(commands)
     kernel.add_parser(commands)
     add_up_parser(command)
+    completion.add_parser(commands)
 
     logs = command(
         "logs", cmd_logs, "print the serial console log of the current or last boot"
     )
-    logs.add_argument("name", metavar="NAME")
+    vm_argument(logs)
     logs.add_argument(
         "-f",
         "--follow",
@@ -661,11 +745,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [completion.HIDDEN]:
+        return completion.main(parser, argv[1:])
     args, extra = parser.parse_known_args(argv)
-    if args.func in (cmd_gdb, cmd_up):
-        args.gdb_args = extra
-    elif extra:
+    if extra and not _runs_gdb(args):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.gdb_args = extra
     from kdlabctl.client import Client, RemoteError, run
 
     async def invoke() -> int:
@@ -682,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"kdlabctl: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KdlabError as err:  # found by kdlabctl, before asking kdlabd
+        print(f"kdlabctl: {err}", file=sys.stderr)
+        return err.exit_code
     except RemoteError as err:
         print(f"kdlabctl: {err}", file=sys.stderr)
         code = exit_code_for(err.name)
@@ -695,3 +784,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_FAILURE
+
+
+def _runs_gdb(args: argparse.Namespace) -> bool:
+    """Whether the command ends in gdb, which takes the arguments kdlabctl does
+    not know (those after ``--``, or unknown options)."""
+    if getattr(args, "console", False):
+        return False
+    return args.func in (cmd_gdb, cmd_up, cmd_attach) or bool(
+        getattr(args, "attach", False)
+    )

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
-from dbus_next import Message, MessageType, Variant
+from dbus_next import Message, MessageFlag, MessageType, Variant
 from dbus_next.aio import MessageBus
 
 from kdlab.states import JobState, VMState
@@ -41,6 +41,7 @@ from kdlab.wire import (
     STOP_OPTIONS,
     VM_INTERFACE,
     bus_address,
+    unescape_path_label,
 )
 
 T = TypeVar("T")
@@ -168,6 +169,9 @@ class Job(Record):
 
 R = TypeVar("R", bound=Record)
 
+# What :meth:`Client.names` lists.
+Listing = typing.Literal["vms", "images"]
+
 
 # --- what callers send -------------------------------------------------------------
 
@@ -262,6 +266,7 @@ class Client:
         *,
         unix_fds: Sequence[int] = (),
         destination: str = BUS_NAME,
+        flags: MessageFlag = MessageFlag.NONE,
     ) -> Message:
         """Call a method; its reply (an error reply raises :class:`RemoteError`)."""
         reply = await self.bus.call(
@@ -273,6 +278,7 @@ class Client:
                 signature=signature,
                 body=list(body),
                 unix_fds=list(unix_fds),
+                flags=flags,
             )
         )
         assert reply is not None
@@ -307,6 +313,20 @@ class Client:
     async def _properties(self, path: str, interface: str) -> dict[str, Any]:
         reply = await self.reply(path, PROPERTIES, "GetAll", "s", [interface])
         return _unwrapped(reply.body[0])
+
+    async def names(self, listing: Listing) -> list[str]:
+        """The names of kdlabd's VMs or images, sorted, from the object paths of
+        ListVMs or ListImages alone (for shell completion: one short call).
+
+        A kdlabd that is not running is not started for it.
+        """
+        member = {"vms": "ListVMs", "images": "ListImages"}[listing]
+        reply = await self.reply(
+            MANAGER_PATH, MANAGER_INTERFACE, member, flags=MessageFlag.NO_AUTOSTART
+        )
+        return sorted(
+            unescape_path_label(path.rpartition("/")[2]) for path in reply.body[0]
+        )
 
     # VMs
 

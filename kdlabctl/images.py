@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from kdlab.errors import EXIT_FAILURE, EXIT_OK, exit_code_for
 from kdlab.states import JobState
+from kdlabctl.completion import IMAGE_NAME
 
 if TYPE_CHECKING:
     from kdlabctl.client import Client
@@ -149,8 +150,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     build.add_argument("-q", "--quiet", action="store_true")
 
     delete = verb("delete", cmd_delete, "delete an image no VM uses")
-    delete.add_argument("name", metavar="NAME")
+    delete.add_argument("name", metavar="NAME", type=IMAGE_NAME)
 
     resize = verb("resize", cmd_resize, "grow an image no VM uses")
-    resize.add_argument("name", metavar="NAME")
+    resize.add_argument("name", metavar="NAME", type=IMAGE_NAME)
     resize.add_argument("--size", type=size, required=True, metavar="SIZE")
