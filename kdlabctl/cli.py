@@ -743,15 +743,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """*argv* parsed; where gdb runs, what kdlabctl does not know (options it
+    does not have, and whatever follows ``--``) is ``gdb_args``."""
+    args, extra = parser.parse_known_args(argv)
+    if "--" in extra and extra.count("--") == argv.count("--"):
+        # argparse drops the "--" that ends kdlabctl's options only when no
+        # option came between it and the VM's name: it is not gdb's either.
+        extra.remove("--")
+    if extra and not _runs_gdb(args):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.gdb_args = extra
+    return args
+
+
+def _runs_gdb(args: argparse.Namespace) -> bool:
+    if getattr(args, "console", False):
+        return False
+    return args.func in (cmd_gdb, cmd_up, cmd_attach) or bool(
+        getattr(args, "attach", False)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [completion.HIDDEN]:
         return completion.main(parser, argv[1:])
-    args, extra = parser.parse_known_args(argv)
-    if extra and not _runs_gdb(args):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.gdb_args = extra
+    args = parse_args(parser, argv)
     from kdlabctl.client import Client, RemoteError, run
 
     async def invoke() -> int:
@@ -784,13 +803,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_FAILURE
-
-
-def _runs_gdb(args: argparse.Namespace) -> bool:
-    """Whether the command ends in gdb, which takes the arguments kdlabctl does
-    not know (those after ``--``, or unknown options)."""
-    if getattr(args, "console", False):
-        return False
-    return args.func in (cmd_gdb, cmd_up, cmd_attach) or bool(
-        getattr(args, "attach", False)
-    )

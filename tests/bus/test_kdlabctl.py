@@ -373,6 +373,10 @@ def unchanged(client: BusClient, kdlabd: Lab) -> Unchanged:
         (("delete", "busy"), InvalidState),
         (("stop", "idle"), InvalidState),
         (("logs", "idle"), InvalidState),  # never booted: no console log yet
+        (("attach", "nope"), NoSuchVM),
+        (("attach", "booted"), InvalidState),
+        (("attach", "idle", "--console"), InvalidState),
+        (("start", "--attach", "busy"), InvalidState),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, tuple) else None,
 )
@@ -381,6 +385,41 @@ def test_refused_operation_changes_nothing(
 ) -> None:
     with unchanged(args[1]):
         assert_fails(ctl(*args), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "state"), [("idle", "defined"), ("booted", "stopped")]
+)
+@pytest.mark.parametrize("console", [[], ["--console"]], ids=["gdb", "console"])
+@pytest.mark.usefixtures("kdlabd")
+def test_attach_to_a_vm_that_is_off_says_how_to_start_it(
+    ctl: Ctl, name: str, state: str, console: list[str]
+) -> None:
+    """kdlabctl refuses it before asking for a stream (no gdb starts), with
+    InvalidState's exit code and both ways to start the VM."""
+    stderr = assert_fails(ctl("attach", name, *console), InvalidState)
+    assert stderr == (
+        f"kdlabctl: VM {name} is {state}: start it first (kdlabctl start {name}), "
+        f"or start it and attach in one step (kdlabctl start --attach {name}; "
+        "with --paused gdb comes before the first instruction)\n"
+    )
+
+
+@pytest.mark.parametrize("option", [["--console"], ["--vmlinux", "/vmlinux"]])
+@pytest.mark.usefixtures("kdlabd")
+def test_start_options_of_attach_need_attach(ctl: Ctl, option: list[str]) -> None:
+    stderr = assert_fails(ctl("start", *option, "booted"), InvalidArgument)
+    assert "go with --attach" in stderr
+    assert state_of(ctl, "booted") == "stopped"
+
+
+@pytest.mark.usefixtures("kdlabd")
+def test_gdb_arguments_only_where_gdb_runs(ctl: Ctl) -> None:
+    for args in (["start", "booted"], ["attach", "busy", "--console"]):
+        result = ctl(*args, "--", "--batch")
+        assert result.returncode == InvalidArgument.exit_code, result.stderr
+        assert "unrecognized arguments: --batch" in result.stderr
+    assert state_of(ctl, "booted") == "stopped"
 
 
 @pytest.mark.parametrize(
