@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from kdlab.errors import InvalidState
 from kdlab.kernel.diagnosis import DEFAULT_PATIENCE
 from kdlabd.core.vms import DIAGNOSIS_INTERVAL
 from tests.support import debian
@@ -436,3 +437,94 @@ def test_one_debugger_at_a_time(lab: Lab, debug_vm: str) -> None:
     assert re.search(r"^rip ", again.stdout, re.MULTILINE)
     wait_for_console(lab, debug_vm, MARKER)
     assert state(lab, debug_vm) == "running"
+
+
+# --- kdlabctl attach and start --attach ---------------------------------------------
+
+RELEASE = "p init_uts_ns.name.release"
+TO_START_KERNEL = ("-ex", "hbreak start_kernel", "-ex", "continue", "-ex", RELEASE)
+
+
+def test_attach_runs_gdb_on_a_running_vm_and_the_console_with_console(
+    lab: Lab, debug_vm: str, consoles: list[Console]
+) -> None:
+    assert lab.ctl("start", debug_vm).returncode == 0
+    wait_for_console(lab, debug_vm, SHELL_PROMPT)
+    gdb = lab.ctl("attach", debug_vm, "--", "--batch", "-ex", RELEASE)
+    assert gdb.returncode == 0, gdb.stderr
+    assert f'"{lab.kernel.release}"' in gdb.stdout
+    assert state(lab, debug_vm) == "running", "gdb detached: the kernel runs on"
+
+    console = Console(
+        lab.daemon.address, debug_vm, command=["attach", "--console", debug_vm]
+    )
+    consoles.append(console)
+    console.expect(b"escape character is ^]")
+    console.type(b"echo attached-$((6*7))\r")
+    console.expect(b"attached-42")
+    assert console.detach() == 0
+    assert b"detached" in console.seen
+    assert state(lab, debug_vm) == "running"
+
+
+def test_attach_to_a_paused_vm_stops_where_gdb_is_told(lab: Lab, debug_vm: str) -> None:
+    assert lab.ctl("start", "--paused", debug_vm).returncode == 0
+    gdb = lab.ctl("attach", debug_vm, "--", "--batch", *TO_START_KERNEL)
+    assert gdb.returncode == 0, gdb.stderr
+    assert "waits for the debugger" in gdb.stderr
+    assert "start_kernel () at init/main.c" in gdb.stdout
+    assert f'"{lab.kernel.release}"' in gdb.stdout
+    wait_for_console(lab, debug_vm, MARKER)
+    assert state(lab, debug_vm) == "running"
+
+
+def test_start_attach_paused_has_gdb_before_the_first_instruction(
+    lab: Lab, debug_vm: str
+) -> None:
+    """One command: start paused, gdb attached, stopped at start_kernel (a
+    hardware breakpoint set before the kernel ran at all); gdb's detach lets it
+    boot."""
+    gdb = lab.ctl(
+        "start", "--attach", "--paused", debug_vm, "--", "--batch", *TO_START_KERNEL
+    )
+    assert gdb.returncode == 0, gdb.stderr
+    assert "start_kernel () at init/main.c" in gdb.stdout
+    assert f'"{lab.kernel.release}"' in gdb.stdout
+    wait_for_console(lab, debug_vm, MARKER)
+    assert show(lab, debug_vm)["waiting_for_debugger"] is False
+
+
+def test_start_attach_console_boots_on_the_console(
+    lab: Lab, debug_vm: str, consoles: list[Console]
+) -> None:
+    console = Console(
+        lab.daemon.address,
+        debug_vm,
+        command=["start", "--attach", "--console", debug_vm],
+    )
+    consoles.append(console)
+    console.expect(b"escape character is ^]")
+    console.expect(MARKER.encode(), timeout=90)
+    console.expect(SHELL_PROMPT.encode())
+    console.type(b"echo booted-$((6*7))\r")
+    console.expect(b"booted-42")
+    assert console.detach() == 0
+    assert state(lab, debug_vm) == "running"
+
+
+def test_attach_to_a_vm_that_is_off_is_refused_with_how_to_start_it(
+    lab: Lab, debug_vm: str
+) -> None:
+    """Defined (never booted), then stopped: InvalidState's exit code and the
+    hint, for gdb and the console; nothing is started."""
+    for expected in ("defined", "stopped"):
+        if expected == "stopped":
+            assert lab.ctl("start", debug_vm).returncode == 0
+            assert lab.ctl("stop", "--force", debug_vm).returncode == 0
+        for console in ([], ["--console"]):
+            refused = lab.ctl("attach", debug_vm, *console)
+            assert refused.returncode == InvalidState.exit_code, refused.stderr
+            assert f"VM {debug_vm} is {expected}: start it first" in refused.stderr
+            assert f"kdlabctl start --attach {debug_vm}" in refused.stderr
+            assert refused.stdout == "", "no gdb ran"
+        assert state(lab, debug_vm) == expected
