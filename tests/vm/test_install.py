@@ -6,8 +6,8 @@ in a 0700 home), and root's environment is the test's own (its first
 ``.ci/install`` installs it, as .ci/setup does into /opt/kdlab and /usr/local,
 but into a scratch prefix. Then ``kdlabt-alice`` (group kdlab) logs in with
 ``runuser -l`` and uses what was installed: ``kdlabctl list``, ``create`` of
-a VM from Debian's kernel, ``delete``, the man pages; and again once the clone
-is gone.
+a VM from Debian's kernel, ``delete``, the man pages, the bash completion;
+and again once the clone is gone.
 """
 
 from __future__ import annotations
@@ -39,13 +39,15 @@ class Installed:
     prefix: Path
     bindir: Path
     mandir: Path
+    datadir: Path  # what XDG_DATA_DIRS names: bash-completion/completions in it
 
     def install(self, clone: Path) -> None:
         """Run *clone*'s .ci/install into this installation, as .ci/setup does."""
         result = subprocess.run(
             [str(clone / ".ci" / "install"),
              "--prefix", str(self.prefix), "--bindir", str(self.bindir),
-             "--mandir", str(self.mandir)],
+             "--mandir", str(self.mandir),
+             "--completiondir", str(self.datadir / "bash-completion/completions")],
             cwd=clone, env=os.environ, capture_output=True, text=True,
             timeout=INSTALL_TIMEOUT, check=False,
         )  # fmt: skip
@@ -66,7 +68,9 @@ def installed() -> Iterator[Installed]:
     try:
         root.chmod(0o755)  # the installation is for everyone
         clone = hidden_clone(root, "home")
-        done = Installed(clone, root / "opt" / "kdlab", root / "bin", root / "man")
+        done = Installed(
+            clone, root / "opt" / "kdlab", root / "bin", root / "man", root / "share"
+        )
         done.install(clone)
         yield done
     finally:
@@ -76,11 +80,12 @@ def installed() -> Iterator[Installed]:
 def as_member(
     logins: Logins, user: LoginUser, where: Installed, bus: str, command: str
 ) -> subprocess.CompletedProcess[str]:
-    """*command* in a login shell of *user*, with the installation's bin and
-    man directories on its paths, as /usr/local's are after .ci/setup."""
+    """*command* in a login shell of *user*, with the installation's bin, man
+    and data directories on its paths, as /usr/local's are after .ci/setup."""
     environment = (
         f"export PATH={shlex.quote(str(where.bindir))}:$PATH "
-        f"MANPATH={shlex.quote(str(where.mandir))} KDLAB_BUS={shlex.quote(bus)}"
+        f"MANPATH={shlex.quote(str(where.mandir))} KDLAB_BUS={shlex.quote(bus)} "
+        f"XDG_DATA_DIRS={shlex.quote(str(where.datadir))}"
     )
     result = logins.run(user, f"{environment} && cd && {command}", timeout=120)
     assert "Traceback" not in result.stderr, result.stderr
@@ -153,6 +158,35 @@ def test_member_finds_the_man_pages(
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr
         assert expected in shown.stdout
+
+
+def test_member_bash_loads_the_installed_completion(
+    lab: Lab, logins: Logins, installed: Installed, vm_name: str
+) -> None:
+    """bash-completion finds the script where .ci/install put it, on first
+    use, and it completes a command and a VM name kdlabd has."""
+    created = lab.ctl(
+        "create", vm_name, "--kernel", str(lab.kernel.vmlinuz), "--memory", "256"
+    )
+    assert created.returncode == 0, created.stderr
+    loaded = "source /usr/share/bash-completion/bash_completion && " + (
+        "__load_completion kdlabctl && complete -p kdlabctl"
+    )
+    for words, expected in ((["at"], "attach"), (["start", ""], vm_name)):
+        line = shlex.join(["kdlabctl", *words])
+        completing = (
+            f"COMP_WORDS=({line}); COMP_CWORD={len(words)}; "
+            f"_kdlabctl kdlabctl {shlex.quote(words[-1])} x; "
+            'printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        done = as_member(
+            logins, logins.bob, installed, lab.daemon.address,
+            f"{loaded} && {completing}",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        first, *offered = done.stdout.splitlines()
+        assert first == "complete -F _kdlabctl kdlabctl"
+        assert expected in offered, done.stdout
 
 
 def test_install_again_updates_code_and_manual(installed: Installed) -> None:
