@@ -10,7 +10,6 @@ bus with the standard fleet (tests/support/testdriver.py).
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from kdlabctl.client import CONNECT_TIMEOUT
 from tests.support.bus import PrivateBus
 from tests.support.clients import client_env, run_tool
 from tests.support.testdriver import FLEET
-from tests.support.timeouts import TOOL_TIMEOUT
 
 pytestmark = pytest.mark.bus
 
@@ -42,18 +40,10 @@ def offered(address: str, *words: str) -> tuple[list[str], str]:
         "$function" kdlabctl {shlex.quote(words[-1])} {shlex.quote(previous)}
         printf '%s\\n' "${{COMPREPLY[@]}}"
     """
-    env = {
-        **client_env(),
-        "PATH": f"{PROGRAMS}:{client_env()['PATH']}",
-        "KDLAB_BUS": address,
-    }
-    result = subprocess.run(
+    path = f"{PROGRAMS}:{client_env()['PATH']}"
+    result = run_tool(
         ["bash", "--norc", "--noprofile", "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TOOL_TIMEOUT,
-        check=False,
+        env={"PATH": path, "KDLAB_BUS": address},
     )
     assert result.returncode == 0, result.stderr
     return [line for line in result.stdout.splitlines() if line], result.stderr

@@ -77,9 +77,11 @@ def run_tool(
     timeout: float = TOOL_TIMEOUT,
     cwd: Path | None = None,
     input_text: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a client program (as *user*, in *cwd*, fed *input_text* or nothing)
-    and capture its text output; never raises but on a timeout."""
+    """Run a client program (as *user*, in *cwd*, fed *input_text* or nothing,
+    with *env* added to :func:`client_env`) and capture its text output; never
+    raises but on a timeout."""
     prefix = user.setpriv() if user is not None else []
     return subprocess.run(
         [*prefix, *argv],
@@ -88,7 +90,7 @@ def run_tool(
         errors="replace",
         timeout=timeout,
         check=False,
-        env=client_env(),
+        env={**client_env(), **(env or {})},
         input=input_text,
         stdin=None if input_text is not None else subprocess.DEVNULL,
         cwd=cwd,
