@@ -728,7 +728,6 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_parser(commands)
     kernel.add_parser(commands)
     add_up_parser(command)
-    completion.add_parser(commands)
 
     logs = command(
         "logs", cmd_logs, "print the serial console log of the current or last boot"
@@ -740,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep printing new output until the VM stops",
     )
+    completion.add_parser(commands)
     return parser
 
 
