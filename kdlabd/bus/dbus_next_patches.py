@@ -33,14 +33,21 @@ the test that fails without it:
    every error reply (``_send_reply``, :class:`_ReplyThatHandles`; fixed in
    the dbus-fast fork, Bluetooth-Devices/dbus-fast PR 127).
    tests/bus/test_dbus_next_patches.py::test_an_error_reply_logs_no_traceback.
-6. GetManagedObjects is quadratic: after every interface dbus-next walks
-   every object again to see whether the reply is complete
-   (``_default_get_managed_objects_handler``, reading ``_path_exports`` and
-   ``ServiceInterface._get_properties``). A matter of speed, so measured, not
-   tested: bench ``scale:GetManagedObjects_p50`` (bench/README.md); that the
-   reply is still complete: tests/bus/test_contract.py::
+6. GetManagedObjects re-reads and re-marshals every property of every object
+   on each call, and dbus-next's own handler is quadratic besides: after
+   every interface it walks every object again to see whether the reply is
+   complete (``_default_get_managed_objects_handler``, reading
+   ``_path_exports`` and ``ServiceInterface._get_properties``). kdlabd keeps
+   each object's part of the reply marshalled (:class:`_ManagedObjects`) and
+   drops it when the object is exported or unexported or announces a change
+   (``PropertiesChanged``, seen in ``send``): a reply is the kept parts put
+   together. Every kdlab property changes only with its announcement
+   (:func:`kdlabd.bus.properties.announce_changes`), which clients rely on
+   as much. Measured: bench ``scale:GetManagedObjects_p50`` (bench/README.md);
+   that the reply is complete and current: tests/bus/test_contract.py::
    test_managed_objects_are_every_vm_with_every_property and
-   tests/bus/test_scale.py.
+   test_managed_objects_follow_every_change, tests/bus/test_scale.py,
+   tests/unit/test_marshalled.py.
 7. InterfacesAdded and InterfacesRemoved are sent from the object's own
    path; the D-Bus specification (and GDBusObjectManagerClient) wants them
    from the object manager's, as sd-bus does since systemd issue 2986
@@ -56,6 +63,11 @@ the test that fails without it:
    left kdlabd connected to nothing (``_writer``, :class:`_PatientWriter`
    replacing ``_MessageWriter``; upstream python-dbus-next issue 153, PR 154
    not merged). tests/bus/test_scale.py.
+10. A reply kept marshalled: dbus-next marshals every body it sends. A method
+   (or patch 6) may answer with a :class:`Marshalled` body, whose bytes are
+   sent as they are (``send``, :class:`_MarshalledReply`). ListVMs keeps its
+   answer so until a VM comes or goes (bench ``scale:ListVMs_p50``);
+   tests/unit/test_marshalled.py shows the bytes are dbus-next's own.
 """
 
 from __future__ import annotations
@@ -63,9 +75,14 @@ from __future__ import annotations
 import array
 import asyncio
 import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from dbus_next import Message, MessageType, Variant
+from dbus_next._private.constants import LITTLE_ENDIAN, PROTOCOL_VERSION, HeaderField
+from dbus_next._private.marshaller import Marshaller
 from dbus_next.aio import MessageBus
 from dbus_next.aio.message_bus import _MessageWriter
 from dbus_next.service import ServiceInterface
@@ -74,6 +91,8 @@ from kdlab.wire import MANAGER_PATH
 from kdlabd.bus.calls import CURRENT_CALL, Call, close_fds
 
 _OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+_PROPERTIES = "org.freedesktop.DBus.Properties"
+MANAGED_OBJECTS = "a{oa{sa{sv}}}"
 
 
 class KdlabBus(MessageBus):
@@ -89,6 +108,17 @@ class KdlabBus(MessageBus):
         self._writer = _PatientWriter(self)  # patch 9
         self.add_message_handler(self._record_call)
         self._dispatched: set[int] = set()
+        self._managed = _ManagedObjects()  # patch 6
+
+    def export(self, path: str, interface: ServiceInterface) -> None:
+        """Patch 6: the object's part of GetManagedObjects is made again."""
+        self._managed.forget(path)
+        super().export(path, interface)
+
+    def unexport(self, path: str, interface: Any = None) -> None:
+        """Patch 6: the object's part of GetManagedObjects goes or is made again."""
+        self._managed.forget(path)
+        super().unexport(path, interface)
 
     def _create_unmarshaller(self) -> Any:
         """Patch 2: read the socket through a receiver that notes MSG_CTRUNC."""
@@ -136,19 +166,14 @@ class KdlabBus(MessageBus):
     def _default_get_managed_objects_handler(
         self, msg: Message, send_reply: Any
     ) -> None:
-        """Patch 6: GetManagedObjects in one pass over the exported objects.
-
-        Building the reply for 1000 VMs took 219 ms, now 102 ms (bench/README.md).
-        kdlab's properties are plain attributes, so their values are all at
-        hand at once.
-        """
+        """Patch 6: GetManagedObjects put together from each object's kept part."""
         prefix = msg.path.rstrip("/") + "/"
-        objects = {
-            path: {iface.name: _property_variants(iface) for iface in interfaces}
+        body = self._managed.reply(
+            (path, interfaces)
             for path, interfaces in self._path_exports.items()
             if path.startswith(prefix)
-        }
-        send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [objects]))
+        )
+        send_reply(Message.new_method_return(msg, MANAGED_OBJECTS, [body]))
 
     def _send_reply(self, msg: Message) -> _ReplyThatHandles:
         """Patch 5."""
@@ -162,14 +187,129 @@ class KdlabBus(MessageBus):
 
     def send(self, msg: Message):  # type: ignore[no-untyped-def]
         """Patch 7: ObjectManager signals from the manager's path. Patch 4:
-        returned descriptors are closed once the reply is written."""
+        returned descriptors are closed once the reply is written. Patch 6:
+        an object that announces a change is marshalled again. Patch 10:
+        a reply's :class:`Marshalled` body goes out as it is."""
+        if msg.message_type is MessageType.SIGNAL and (msg.interface, msg.member) == (
+            _PROPERTIES,
+            "PropertiesChanged",
+        ):
+            self._managed.forget(msg.path)
         if msg.interface == _OBJECT_MANAGER and msg.path.startswith(MANAGER_PATH + "/"):
             msg.path = MANAGER_PATH
+        if len(msg.body) == 1 and isinstance(msg.body[0], Marshalled):
+            msg = _MarshalledReply(msg, msg.body[0])
         future = super().send(msg)
         if msg.unix_fds and msg.message_type is MessageType.METHOD_RETURN:
             fds = list(msg.unix_fds)
             future.add_done_callback(lambda _f: close_fds(fds))
         return future
+
+
+@dataclass(frozen=True)
+class Marshalled:
+    """Patch 10: a reply's body, marshalled already (little-endian, as its
+    message's body starts: at an offset aligned to 8)."""
+
+    signature: str
+    data: bytes
+
+
+def marshal(signature: str, body: list[Any]) -> Marshalled:
+    """*body* marshalled as dbus-next marshals a message's body of *signature*."""
+    marshaller = Marshaller(signature, body)
+    marshaller.marshall()
+    return Marshalled(signature, bytes(marshaller.buffer))
+
+
+class _MarshalledReply(Message):
+    """Patch 10: a method return whose body is sent as marshalled already.
+
+    Its header is dbus-next's for a method return (``Message._marshall``):
+    the reply serial, the destination, the signature.
+    """
+
+    def __init__(self, reply: Message, body: Marshalled) -> None:
+        if reply.message_type is not MessageType.METHOD_RETURN:
+            raise ValueError(f"a marshalled body in a {reply.message_type.name}")
+        if reply.signature != body.signature or reply.unix_fds:
+            raise ValueError(
+                f"a reply of signature {reply.signature!r} given a marshalled "
+                f"body of {body.signature!r}"
+            )
+        super().__init__(
+            message_type=MessageType.METHOD_RETURN,
+            flags=reply.flags,
+            reply_serial=reply.reply_serial,
+            destination=reply.destination,
+            signature=body.signature,
+            serial=reply.serial,
+        )
+        self._data = body.data
+
+    def _marshall(self, negotiate_unix_fd: bool = False) -> bytes:
+        fields = [[HeaderField.REPLY_SERIAL.value, Variant("u", self.reply_serial)]]
+        if self.destination:
+            fields.append(
+                [HeaderField.DESTINATION.value, Variant("s", self.destination)]
+            )
+        fields.append([HeaderField.SIGNATURE.value, Variant("g", self.signature)])
+        header = Marshaller(
+            "yyyyuua(yv)",
+            [
+                LITTLE_ENDIAN,
+                self.message_type.value,
+                self.flags.value,
+                PROTOCOL_VERSION,
+                len(self._data),
+                self.serial,
+                fields,
+            ],
+        )
+        header.marshall()
+        header.align(8)
+        return bytes(header.buffer) + self._data
+
+
+# Zero bytes that align a dict entry's end to 8, by its length modulo 8.
+_PADDING = [b"\0" * (-n % 8) for n in range(8)]
+
+
+class _ManagedObjects:
+    """Patch 6: each exported object's part of the GetManagedObjects reply, kept
+    marshalled until :meth:`forget` (a change, an export or unexport).
+
+    A part is one dict entry ``{o a{sa{sv}}}`` of the reply's array. Entries
+    are aligned to 8 and nothing in them to more, so an entry marshalled on
+    its own from offset 0 has the bytes it has anywhere in the reply.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, bytes] = {}
+
+    def forget(self, path: str) -> None:
+        self._entries.pop(path, None)
+
+    def reply(
+        self, objects: Iterable[tuple[str, list[ServiceInterface]]]
+    ) -> Marshalled:
+        """The reply's body for *objects* (path, interfaces), in their order."""
+        pieces = [b"", b"\0" * 4]  # the array's length, padding to its first entry
+        for path, interfaces in objects:
+            entry = self._entries.get(path)
+            if entry is None:
+                entry = self._entries[path] = _entry(path, interfaces)
+            pieces += (entry, _PADDING[len(entry) % 8])
+        if len(pieces) > 2:
+            pieces.pop()  # the array ends with its last entry, unpadded
+        pieces[0] = struct.pack("<I", sum(map(len, pieces)) - 4)
+        return Marshalled(MANAGED_OBJECTS, b"".join(pieces))
+
+
+def _entry(path: str, interfaces: list[ServiceInterface]) -> bytes:
+    """The marshalled ``{o a{sa{sv}}}`` of the object at *path*."""
+    values = {interface.name: _property_variants(interface) for interface in interfaces}
+    return marshal("(oa{sa{sv}})", [[path, values]]).data
 
 
 class _Receiver:
@@ -236,7 +376,12 @@ class _PatientWriter(_MessageWriter):
 
 
 def _property_variants(interface: ServiceInterface) -> dict[str, Variant]:
-    """Patch 6: the readable properties of *interface*, as GetAll returns them."""
+    """Patch 6: the readable properties of *interface*, as GetAll returns them.
+
+    Read when its part of the reply is made again: after the change it
+    announced has been made (an announcement is sent before its new values are
+    kept, but nothing reads them in between).
+    """
     return {
         prop.name: Variant(
             prop.signature, getattr(interface, prop.prop_getter.__name__)

@@ -51,7 +51,7 @@ class BusExporter:
         self._vm_objects[record.name] = interface
         path = vm_path(record.name)
         self._bus.export(path, interface)
-        self._manager.VMNew(record.name, path)
+        self._manager.vm_added(record.name, path)
         self._refresh_image_users()
 
     def vm_changed(self, record: VMRecord) -> None:
@@ -61,7 +61,7 @@ class BusExporter:
         path = vm_path(name)
         self._bus.unexport(path)
         del self._vm_objects[name]
-        self._manager.VMRemoved(name, path)
+        self._manager.vm_removed(name, path)
         self._refresh_image_users()
 
     def image_added(self, image: ImageRecord) -> None:

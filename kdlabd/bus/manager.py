@@ -18,6 +18,7 @@ from kdlab.wire import (
 from kdlabd import __version__
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
+from kdlabd.bus.dbus_next_patches import Marshalled, marshal
 from kdlabd.bus.options import take
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
@@ -41,6 +42,18 @@ class ManagerInterface(ServiceInterface):
         self.images = images
         self.jobs = jobs
         self.authorizer = authorizer
+        # ListVMs's answer, marshalled, until a VM comes or goes.
+        self._vm_paths: Marshalled | None = None
+
+    def vm_added(self, name: str, path: str) -> None:
+        """Announce the new VM *name* (exported at *path*)."""
+        self._vm_paths = None
+        self.VMNew(name, path)
+
+    def vm_removed(self, name: str, path: str) -> None:
+        """Announce that the VM *name* (at *path*) is gone."""
+        self._vm_paths = None
+        self.VMRemoved(name, path)
 
     def resource_owner(self) -> int | None:
         return None
@@ -75,7 +88,10 @@ class ManagerInterface(ServiceInterface):
     @exported(Action.INSPECT)
     async def ListVMs(self, caller: Caller) -> "ao":
         """Object paths of every VM, sorted by name."""
-        return [vm_path(record.name) for record in self.vms.list()]
+        if self._vm_paths is None:
+            paths = [vm_path(record.name) for record in self.vms.list()]
+            self._vm_paths = marshal("ao", [paths])
+        return self._vm_paths
 
     @exported(Action.INSPECT)
     async def GetVM(self, caller: Caller, name: "s") -> "o":

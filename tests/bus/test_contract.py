@@ -7,6 +7,9 @@ running kdlabd and its ObjectManager view.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 import kdlabd
@@ -22,6 +25,7 @@ from kdlab.wire import (
     VM_INTERFACE,
 )
 from tests.bus import contract
+from tests.bus.conftest import Ctl
 from tests.bus.contract import IMAGE, INTERFACES, JOB, MANAGER, VM
 from tests.support.bus import OBJECT_MANAGER, PROPERTIES, BusClient
 from tests.support.testdriver import FLEET
@@ -146,6 +150,58 @@ def test_managed_objects_are_every_vm_with_every_property(client: BusClient) -> 
         }
         assert set(interfaces[VM]) == documented
         assert interfaces[VM] == vm.properties()
+
+
+def current_objects(client: BusClient) -> dict[str, dict[str, dict[str, Any]]]:
+    """GetManagedObjects, which must say what each object's own GetAll says
+    and list the VMs ListVMs lists."""
+    objects = client.managed_objects()
+    for path, interfaces in objects.items():
+        for interface, values in interfaces.items():
+            (props,) = client.ok(path, PROPERTIES, "GetAll", "s", [interface])
+            own = {key: variant.value for key, variant in props.items()}
+            assert values == own, f"GetManagedObjects is stale on {path}"
+    vms = {props[VM]["Name"]: path for path, props in objects.items() if VM in props}
+    (listed,) = client.ok(MANAGER_PATH, MANAGER, "ListVMs")
+    assert listed == [vms[name] for name in sorted(vms)]
+    return objects
+
+
+def test_managed_objects_follow_every_change(
+    client: BusClient, ctl: Ctl, image_and_job: tuple[str, str]
+) -> None:
+    """kdlabd keeps the objects' part of GetManagedObjects (and ListVMs's
+    answer) marshalled: each change, removal and addition must show in them
+    as in the object's own properties."""
+    image, job = image_and_job
+    booted = VM_PATHS["booted"]
+    assert current_objects(client)[booted][VM]["State"] == "stopped"
+
+    def state_is(state: str) -> Callable[[], bool]:
+        def check() -> bool:
+            (value,) = client.ok(booted, PROPERTIES, "Get", "ss", [VM, "State"])
+            return bool(value.value == state)
+
+        return check
+
+    assert ctl("start", "booted").returncode == 0
+    client.wait_until(state_is("running"))
+    assert current_objects(client)[booted][VM]["State"] == "running"
+    assert ctl("stop", "--force", "booted").returncode == 0
+    client.wait_until(state_is("stopped"))
+    assert current_objects(client)[booted][VM]["State"] == "stopped"
+
+    assert ctl("delete", "idle").returncode == 0
+    assert VM_PATHS["idle"] not in current_objects(client)
+    assert ctl("image", "delete", "base").returncode == 0
+    assert image not in current_objects(client)
+    # The same name again, at the same path, is another object.
+    size = 1 << 20
+    assert client.ok(
+        MANAGER_PATH, MANAGER, "CreateImage", "sta{sv}", ["base", size, {}]
+    ) == [image]
+    assert current_objects(client)[image][IMAGE]["Capacity"] == size
+    assert current_objects(client)[job][JOB]["State"] == "failed"
 
 
 @pytest.mark.usefixtures("kdlabd")
