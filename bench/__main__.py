@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import boot, bus, debug, kernel, rootfs, storage
+from bench import boot, bus, debug, kernel, lab, rootfs, storage
 from bench.measure import Goal, Row, failed
 
 
@@ -43,6 +43,14 @@ def _first_line(command: list[str]) -> str:
     return (done.stdout.splitlines() or ["?"])[0]
 
 
+def _accel() -> str:
+    """How kdlabd accelerates VMs here, as a bench kdlabd reports it."""
+    try:
+        return lab.detect_accel()
+    except Exception as err:
+        return f"unknown (no bench kdlabd: {err})".splitlines()[0][:300]
+
+
 def _machine() -> dict[str, str]:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     models = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
@@ -56,7 +64,7 @@ def _machine() -> dict[str, str]:
         "qemu": _first_line(["qemu-system-x86_64", "--version"]),
         "libvirt": _first_line(["libvirtd", "--version"]),
         "python": platform.python_version(),
-        "accel": "tcg",
+        "accel": _accel(),
         "load_at_start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
     }
 
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         name for name, bench in BENCHMARKS.items() if bench.quick or not args.quick
     ]
     machine = _machine()
+    print(f"accel: {machine['accel']} (as kdlabd chose it)", file=sys.stderr)
     started = time.monotonic()
     rows: list[Row] = []
     completed = True

@@ -23,6 +23,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from bench.lab import (
+    accel,
     bench_daemon,
     bench_image,
     bench_vm,
@@ -95,11 +96,16 @@ def _virsh_boot(domain: str, log: Path, marker: str, laps: Laps) -> float:
     )
 
 
-def bare_qemu_command(kernel: Path, initrd: Path, cmdline: str) -> list[str]:
+def bare_qemu_command(
+    kernel: Path, initrd: Path, cmdline: str, accelerator: str
+) -> list[str]:
+    """QEMU by hand, accelerated as kdlab's domain (KVM: the host's CPU, as
+    kdlab's ``host-passthrough``)."""
     return [
         "qemu-system-x86_64",
         "-machine",
-        "pc,accel=tcg",
+        f"pc,accel={accelerator}",
+        *(["-cpu", "host"] if accelerator == "kvm" else []),
         "-m",
         str(MEMORY_MIB),
         "-smp",
@@ -168,7 +174,10 @@ def boot_to_userspace(quick: bool) -> list[Row]:
     initrd = debian.busybox_initramfs(MARKER)
     laps = Laps()
     with bench_daemon() as daemon, marker_vm(daemon, kernel, initrd) as name:
-        bare = bare_qemu_command(kernel.vmlinuz, initrd, _cmdline(daemon, name))
+        accelerator = accel(daemon)
+        bare = bare_qemu_command(
+            kernel.vmlinuz, initrd, _cmdline(daemon, name), accelerator
+        )
         log = layout(daemon).console_log(name)
         ours, theirs, libvirt = interleaved(
             5 if quick else 9,
@@ -177,7 +186,10 @@ def boot_to_userspace(quick: bool) -> list[Row]:
             lambda: _virsh_boot(f"kdlab-{name}", log, MARKER, laps),
             warmup=1,
         )
-    what = f"Debian {kernel.release} + busybox initramfs, TCG, {MEMORY_MIB} MiB"
+    what = (
+        f"Debian {kernel.release} + busybox initramfs, {accelerator.upper()}, "
+        f"{MEMORY_MIB} MiB"
+    )
     return [
         row(
             "boot_to_userspace",
@@ -211,11 +223,20 @@ def boot_to_userspace(quick: bool) -> list[Row]:
 
 
 def domain_xml(
-    name: str, *, kernel: Path, initrd: Path, cmdline: str, disk: Path, log: Path
+    name: str,
+    *,
+    kernel: Path,
+    initrd: Path,
+    cmdline: str,
+    disk: Path,
+    log: Path,
+    accelerator: str,
 ) -> str:
-    """A hand-written minimal domain: direct kernel boot, a virtio disk, a log."""
+    """A hand-written minimal domain: direct kernel boot, a virtio disk, a log;
+    accelerated as kdlab's (KVM: the host's CPU, as kdlab's)."""
+    kvm = accelerator == "kvm"
     return f"""\
-<domain type='qemu'>
+<domain type='{"kvm" if kvm else "qemu"}'>
   <name>{name}</name>
   <memory unit='MiB'>{DISK_MEMORY_MIB}</memory>
   <vcpu>1</vcpu>
@@ -225,7 +246,7 @@ def domain_xml(
     <initrd>{escape(str(initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>
-  <features><acpi/></features>
+  <features><acpi/></features>{"<cpu mode='host-passthrough'/>" if kvm else ""}
   <on_poweroff>destroy</on_poweroff>
   <devices>
     <disk type='file' device='disk'>
@@ -245,7 +266,7 @@ def domain_xml(
 
 
 def _define_by_hand(
-    work: Path, kernel: Path, cmdline: str, image: Path
+    work: Path, kernel: Path, cmdline: str, image: Path, accelerator: str
 ) -> tuple[str, Path]:
     """Define the hand-written domain on the same files; its name and log."""
     initrd = work / "initrd.img"
@@ -272,7 +293,13 @@ def _define_by_hand(
     xml = work / "domain.xml"
     xml.write_text(
         domain_xml(
-            name, kernel=kernel, initrd=initrd, cmdline=cmdline, disk=overlay, log=log
+            name,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            disk=overlay,
+            log=log,
+            accelerator=accelerator,
         )
     )
     run([*VIRSH, "define", str(xml)])
@@ -298,8 +325,13 @@ def disk_boot_to_login(quick: bool) -> list[Row]:
         scratch() as work,
     ):
         path = run([*VIRSH, "vol-path", "--pool", "kdlab-bench-images", image])
+        accelerator = accel(daemon)
         domain, log = _define_by_hand(
-            work, kernel.vmlinuz, _cmdline(daemon, name), Path(path.strip())
+            work,
+            kernel.vmlinuz,
+            _cmdline(daemon, name),
+            Path(path.strip()),
+            accelerator,
         )
         try:
             ours, theirs = interleaved(
@@ -318,7 +350,7 @@ def disk_boot_to_login(quick: bool) -> list[Row]:
             unit="s",
             goal=Goal("ratio <= 1.10", max_ratio=1.10),
             note=f"bookworm image, Debian {kernel.release}, kdlabctl's initramfs, "
-            f"TCG, {DISK_MEMORY_MIB} MiB; "
+            f"{accelerator.upper()}, {DISK_MEMORY_MIB} MiB; "
             + laps.note("kdlabctl start", "virsh start"),
         )
     ]

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from kdlab.wire import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH
 from kdlabd.core.vms import Layout
 from tests.support.clients import kdlabctl
 from tests.support.daemon import Kdlabd, processes_with
@@ -88,6 +89,8 @@ def scratch(prefix: str = "kdlab-bench-") -> Iterator[Path]:
 def bench_daemon(pool_prefix: str = BENCH_POOLS) -> Iterator[Kdlabd]:
     """kdlabd on the system libvirtd, on a private bus (system_kdlabd).
 
+    It accelerates its VMs as kdlabd does by default (``auto``: KVM where
+    libvirt and the host offer it, TCG otherwise; see :func:`accel`).
     system_kdlabd skips its own clean-up when kdlabd does not stop in time:
     the pools, the bus and the directories are then removed here. Domains and
     pools a killed run left behind are removed first.
@@ -96,7 +99,7 @@ def bench_daemon(pool_prefix: str = BENCH_POOLS) -> Iterator[Kdlabd]:
     remove_pools(pool_prefix)
     root: Path | None = None
     try:
-        with system_kdlabd(pool_prefix) as daemon:
+        with system_kdlabd(pool_prefix, accel="auto") as daemon:
             root = daemon.state_dir.parent
             yield daemon
     finally:
@@ -104,6 +107,32 @@ def bench_daemon(pool_prefix: str = BENCH_POOLS) -> Iterator[Kdlabd]:
         if root is not None:
             _kill_bus_of(root)
             shutil.rmtree(root, ignore_errors=True)
+
+
+def accel(daemon: Kdlabd) -> str:
+    """``kvm`` or ``tcg``: how *daemon* accelerates its VMs, as it chose it
+    (its Manager's Accel property)."""
+    reply = run(
+        [
+            "busctl",
+            f"--address={daemon.address}",
+            "get-property",
+            BUS_NAME,
+            MANAGER_PATH,
+            MANAGER_INTERFACE,
+            "Accel",
+        ]
+    )
+    kind, _, value = reply.strip().partition(" ")
+    if kind != "s":
+        raise BenchError(f"Manager.Accel is not a string: {reply!r}")
+    return str(json.loads(value))
+
+
+def detect_accel() -> str:
+    """How kdlabd accelerates VMs on this machine (a bench kdlabd is asked)."""
+    with bench_daemon("kdlab-bench-accel") as daemon:
+        return accel(daemon)
 
 
 def _remove_domains(prefixes: tuple[str, ...]) -> None:
