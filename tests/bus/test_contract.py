@@ -8,7 +8,6 @@ running kdlabd and its ObjectManager view.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -152,21 +151,6 @@ def test_managed_objects_are_every_vm_with_every_property(client: BusClient) -> 
         assert interfaces[VM] == vm.properties()
 
 
-def current_objects(client: BusClient) -> dict[str, dict[str, dict[str, Any]]]:
-    """GetManagedObjects, which must say what each object's own GetAll says
-    and list the VMs ListVMs lists."""
-    objects = client.managed_objects()
-    for path, interfaces in objects.items():
-        for interface, values in interfaces.items():
-            (props,) = client.ok(path, PROPERTIES, "GetAll", "s", [interface])
-            own = {key: variant.value for key, variant in props.items()}
-            assert values == own, f"GetManagedObjects is stale on {path}"
-    vms = {props[VM]["Name"]: path for path, props in objects.items() if VM in props}
-    (listed,) = client.ok(MANAGER_PATH, MANAGER, "ListVMs")
-    assert listed == [vms[name] for name in sorted(vms)]
-    return objects
-
-
 def test_managed_objects_follow_every_change(
     client: BusClient, ctl: Ctl, image_and_job: tuple[str, str]
 ) -> None:
@@ -175,7 +159,7 @@ def test_managed_objects_follow_every_change(
     as in the object's own properties."""
     image, job = image_and_job
     booted = VM_PATHS["booted"]
-    assert current_objects(client)[booted][VM]["State"] == "stopped"
+    assert client.current_objects()[booted][VM]["State"] == "stopped"
 
     def state_is(state: str) -> Callable[[], bool]:
         def check() -> bool:
@@ -186,22 +170,22 @@ def test_managed_objects_follow_every_change(
 
     assert ctl("start", "booted").returncode == 0
     client.wait_until(state_is("running"))
-    assert current_objects(client)[booted][VM]["State"] == "running"
+    assert client.current_objects()[booted][VM]["State"] == "running"
     assert ctl("stop", "--force", "booted").returncode == 0
     client.wait_until(state_is("stopped"))
-    assert current_objects(client)[booted][VM]["State"] == "stopped"
+    assert client.current_objects()[booted][VM]["State"] == "stopped"
 
     assert ctl("delete", "idle").returncode == 0
-    assert VM_PATHS["idle"] not in current_objects(client)
+    assert VM_PATHS["idle"] not in client.current_objects()
     assert ctl("image", "delete", "base").returncode == 0
-    assert image not in current_objects(client)
+    assert image not in client.current_objects()
     # The same name again, at the same path, is another object.
     size = 1 << 20
     assert client.ok(
         MANAGER_PATH, MANAGER, "CreateImage", "sta{sv}", ["base", size, {}]
     ) == [image]
-    assert current_objects(client)[image][IMAGE]["Capacity"] == size
-    assert current_objects(client)[job][JOB]["State"] == "failed"
+    assert client.current_objects()[image][IMAGE]["Capacity"] == size
+    assert client.current_objects()[job][JOB]["State"] == "failed"
 
 
 @pytest.mark.usefixtures("kdlabd")

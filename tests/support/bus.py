@@ -26,7 +26,7 @@ from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 from lxml import etree
 
-from kdlab.wire import BUS_NAME, MANAGER_PATH, VM_INTERFACE
+from kdlab.wire import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, VM_INTERFACE
 from tests.support import REPO
 from tests.support.timeouts import CALL_TIMEOUT, STARTUP_TIMEOUT
 
@@ -266,6 +266,25 @@ class BusClient:
             }
             for path, interfaces in objects.items()
         }
+
+    def current_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """:meth:`managed_objects`, which must say what each object's own
+        GetAll says and list the VMs ListVMs lists (kdlabd keeps both answers
+        marshalled: a stale one fails here)."""
+        objects = self.managed_objects()
+        for path, interfaces in objects.items():
+            for interface, values in interfaces.items():
+                (props,) = self.ok(path, PROPERTIES, "GetAll", "s", [interface])
+                own = {key: variant.value for key, variant in props.items()}
+                assert values == own, f"GetManagedObjects is stale on {path}"
+        vms = {
+            props[VM_INTERFACE]["Name"]: path
+            for path, props in objects.items()
+            if VM_INTERFACE in props
+        }
+        (listed,) = self.ok(MANAGER_PATH, MANAGER_INTERFACE, "ListVMs")
+        assert listed == [vms[name] for name in sorted(vms)], "ListVMs is stale"
+        return objects
 
     def vm_names(self) -> set[str]:
         """The names of the VMs kdlabd exports."""

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from kdlab.wire import VM_INTERFACE
+from tests.support.bus import BusClient
 from tests.support.clients import ctl_env, read_until
 from tests.vm.conftest import MARKER, TEST_POOL, Lab, virsh
 
@@ -86,8 +88,19 @@ def boot_volumes(name: str) -> list[str]:
 def test_debian_kernel_boots_to_userspace_and_is_removed_without_trace(
     lab: Lab, vm_name: str, tmp_path: Path
 ) -> None:
+    client = BusClient(lab.daemon.address)
+    try:
+        client.current_objects()  # kdlabd keeps these answers: one is made now
+        _boot_and_remove(lab, client, vm_name, tmp_path)
+    finally:
+        client.close()
+
+
+def _boot_and_remove(lab: Lab, client: BusClient, vm_name: str, tmp_path: Path) -> None:
     create(lab, vm_name, "--cmdline", "loglevel=6")
     assert state(lab, vm_name) == "defined"
+    path = client.vm_path(vm_name)
+    assert client.current_objects()[path][VM_INTERFACE]["State"] == "defined"
     assert sorted(boot_volumes(vm_name)) == [f"{vm_name}.initrd", f"{vm_name}.kernel"]
 
     dumped = tmp_path / "domain.xml"
@@ -122,8 +135,10 @@ def test_debian_kernel_boots_to_userspace_and_is_removed_without_trace(
         "the last boot's log stays readable"
     )
 
+    assert client.current_objects()[path][VM_INTERFACE]["State"] == "stopped"
     deleted = lab.ctl("delete", vm_name)
     assert deleted.returncode == 0, deleted.stderr
+    assert path not in client.current_objects()
     assert virsh("dominfo", f"kdlab-{vm_name}").returncode != 0
     assert boot_volumes(vm_name) == []
     assert not (lab.daemon.state_dir / "vms" / vm_name).exists()
