@@ -80,7 +80,7 @@ def _cp(base: Path) -> Callable[[Path], list[str]]:
 
 def overlay_create(quick: bool) -> list[Row]:
     """kdlabctl create with a disk vs qemu-img create, on a small and a large base."""
-    rounds, per_round = (1, 5) if quick else (5, 3)  # a copy a round
+    rounds, per_round = (1, 10) if quick else (5, 4)  # a copy a round
     boot = [
         *("--kernel", str(debian.cloud_kernel().vmlinuz)),
         *("--initrd", str(debian.busybox_initramfs(debian.DEFAULT_MARKER))),
