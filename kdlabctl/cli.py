@@ -169,6 +169,19 @@ async def create_vm(
             os.close(fd)
     if not quiet:
         print(f"created VM {name} ({path})")
+    await warm_index(client, name)
+
+
+async def warm_index(client: Client, name: str) -> None:
+    """Start indexing the vmlinux ``kdlabctl gdb NAME`` will load, in the
+    background: the first attach then finds it in gdb's index cache."""
+    from kdlabctl import debug, gdbcache
+
+    try:
+        vmlinux = debug.find_vmlinux(await client.vm(name), None, os.getuid())
+    except FileNotFoundError:
+        return
+    gdbcache.warm(vmlinux)
 
 
 async def cmd_create(client: Client, args: argparse.Namespace) -> int:
@@ -351,11 +364,16 @@ def _waits_for_gdb(name: str) -> None:
 async def gdb(
     client: Client, name: str, vmlinux: str | None, gdb_args: list[str]
 ) -> int:
-    """gdb on the VM's stub: kdlabd authorizes (OpenGdb) before gdb starts."""
+    """gdb on the VM's stub: kdlabd authorizes (OpenGdb) before gdb starts.
+
+    kdlabctl relays the stub's stream to gdb itself (:func:`debug.serve_gdb`)
+    and gdb reads the symbols through the caller's index cache
+    (:mod:`kdlabctl.gdbcache`).
+    """
     import signal
     import subprocess
 
-    from kdlabctl import debug
+    from kdlabctl import debug, gdbcache
 
     uid = os.getuid()
     vm = await client.vm(name)
@@ -366,30 +384,35 @@ async def gdb(
         except FileNotFoundError as err:
             raise UsageError(str(err)) from None
         script, refused = debug.gdb_script(symbols, uid)
-        command = debug.gdb_command(symbols, debug.relay_command(fd), gdb_args, script)
         if refused:
-            print(
-                f"kdlabctl: the lx-* helpers are not loaded: {refused}; if you "
-                f"trust them, type in gdb: source {symbols.parent / debug.GDB_SCRIPT}",
-                file=sys.stderr,
+            say(
+                f"the lx-* helpers are not loaded: {refused}; if you trust them, "
+                f"type in gdb: source {symbols.parent / debug.GDB_SCRIPT}"
             )
+        index = gdbcache.gdb_options(symbols, say)
         if vm.waiting_for_debugger:
-            print(
-                f"kdlabctl: {name} waits for the debugger: 'continue' boots it",
-                file=sys.stderr,
+            say(f"{name} waits for the debugger: 'continue' boots it")
+        with debug.gdb_listener() as (listener, target):
+            command = debug.gdb_command(
+                symbols, target, gdb_args, script, index_cache=index
             )
-        try:
-            process = subprocess.Popen(command, pass_fds=(fd,))
-        except FileNotFoundError:
-            raise UsageError("gdb is not installed (apt-get install gdb)") from None
+            try:
+                process = subprocess.Popen(command)
+            except FileNotFoundError:
+                raise UsageError("gdb is not installed (apt-get install gdb)") from None
+            # Ctrl-C interrupts the kernel in gdb; it must not end kdlabctl (or gdb).
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                return debug.serve_gdb(listener, fd, process)
+            finally:
+                signal.signal(signal.SIGINT, previous)
     finally:
-        os.close(fd)  # gdb holds the stream now
-    # Ctrl-C interrupts the kernel in gdb; it must not end kdlabctl (or gdb).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return process.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        os.close(fd)
+
+
+def say(line: str) -> None:
+    """A line for the user on stderr, from kdlabctl rather than the tool it runs."""
+    print(f"kdlabctl: {line}", file=sys.stderr)
 
 
 async def cmd_gdb_proxy(client: Client, args: argparse.Namespace) -> int:

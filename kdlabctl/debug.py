@@ -1,13 +1,17 @@
 """``kdlabctl gdb`` and ``gdb-proxy``: gdb on a VM's stub, brokered by kdlabd.
 
 kdlabd hands an authorized caller a connected stream (``VM.OpenGdb``).
-``kdlabctl gdb`` asks for it before gdb starts and lets gdb inherit it: gdb's
-``target remote | CMD`` runs this module as CMD, relaying the inherited
-descriptor to gdb on stdin/stdout. ``gdb-proxy`` relays a stream of its own,
-for a gdb the user starts. vmlinux is found the way virtme-ng finds it, but a
-VM's recorded paths are used only by the VM's owner: they name files the
-owner chose. gdb auto-loads the kernel's ``vmlinux-gdb.py`` only when nobody
-but the caller and root could have changed it (see :func:`untrusted`).
+``kdlabctl gdb`` asks for it before gdb starts, then relays it itself: gdb 13
+cannot take a connected descriptor (``target remote`` opens a path: a tty, a
+unix socket it connects to, or a ``| CMD`` pipe; ``/proc/self/fd/N`` of a
+socket is a path it cannot connect to), so gdb connects to a socket in a
+directory only the caller may enter and kdlabctl, which waits for gdb anyway,
+copies between the two (:func:`serve_gdb`): no second process. ``gdb-proxy``
+relays a stream of its own on stdin/stdout, for a gdb the user starts. vmlinux
+is found the way virtme-ng finds it, but a VM's recorded paths are used only
+by the VM's owner: they name files the owner chose. gdb auto-loads the
+kernel's ``vmlinux-gdb.py`` only when nobody but the caller and root could
+have changed it (see :func:`untrusted`).
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
-import shlex
+import shutil
 import socket
 import stat
+import struct
+import subprocess
 import sys
+import tempfile
 import termios
 import tty
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -154,15 +161,19 @@ def gdb_script(vmlinux: Path, uid: int) -> tuple[Path | None, str]:
 
 def gdb_command(
     vmlinux: Path,
-    target: list[str],
+    target: Path,
     gdb_args: list[str],
     script: Path | None,
+    *,
     gdb: str = "gdb",
+    index_cache: Sequence[str] = (),
 ) -> list[str]:
     """The gdb command line: symbols, the lx-* helpers if trusted, the target.
 
-    *script* is the one file gdb may auto-load (:func:`gdb_script`); without
-    it no script of vmlinux's auto-loads, whatever the user's gdbinit allows.
+    *target* is the socket :func:`gdb_listener` made. *script* is the one file
+    gdb may auto-load (:func:`gdb_script`); without it no script of vmlinux's
+    auto-loads, whatever the user's gdbinit allows. *index_cache* are the
+    options of the caller's index cache (:func:`kdlabctl.gdbcache.gdb_options`).
     """
     command = [gdb, "-q"]
     if script is not None:
@@ -175,46 +186,112 @@ def gdb_command(
             "-iex",
             "set auto-load gdb-scripts off",
         ]
-    command += ["-ex", f"target remote | {shlex.join(target)}", *gdb_args]
+    command += [*index_cache, "-ex", f"target remote {target}", *gdb_args]
     return [*command, str(vmlinux)]
 
 
-def relay_command(fd: int) -> list[str]:
-    """What gdb runs to reach the stream on its inherited descriptor *fd*.
-
-    Python runs isolated, with only kdlabctl's own directory added: never the
-    current directory, which may be anyone's.
-    """
-    home = str(Path(__file__).resolve().parents[1])
-    code = f"import sys; sys.path.insert(0, {home!r}); import kdlabctl.debug; "
-    return [sys.executable, "-I", "-c", code + "kdlabctl.debug.main()", str(fd)]
+# gdb reads `target remote HOST:PORT` as TCP, and a word ends at a blank.
+_NOT_IN_TARGET = frozenset(": \t\n")
+# struct ucred: pid, uid, gid.
+_UCRED = struct.Struct("3i")
 
 
-def main() -> None:
-    """Relay the descriptor named in argv to stdin/stdout, then hang it up.
-
-    gdb holds the same descriptor: shutting the connection down when gdb
-    closes the pipe (detach, disconnect) frees the stub for the next debugger.
-    """
-    with socket.socket(fileno=int(sys.argv[1])) as sock:
+@contextlib.contextmanager
+def gdb_listener() -> Iterator[tuple[socket.socket, Path]]:
+    """A unix socket gdb can ``target remote``, in a new directory only the
+    caller (and root) may enter; both are gone afterwards."""
+    for base in (None, "/tmp"):  # $TMPDIR first, unless gdb cannot use it
+        directory = Path(tempfile.mkdtemp(prefix="kdlab-gdb-", dir=base))
+        path = directory / "stub"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            relay(sock.fileno())
+            if not _NOT_IN_TARGET.isdisjoint(str(path)):
+                raise OSError(f"gdb cannot connect to {path}")
+            listener.bind(str(path))
+            listener.listen(1)
+        except OSError:
+            listener.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            if base is not None:
+                raise
+            continue
+        try:
+            yield listener, path
         finally:
-            with contextlib.suppress(OSError):  # the stub hung up first
-                sock.shutdown(socket.SHUT_RDWR)
+            listener.close()
+            shutil.rmtree(directory, ignore_errors=True)
+        return
+
+
+def serve_gdb(listener: socket.socket, stub: int, gdb: subprocess.Popen[bytes]) -> int:
+    """Relay between *gdb*'s connection to *listener* and the *stub* until one
+    hangs up; then *gdb*'s exit status, once it exits.
+
+    Only the gdb process itself may connect. When it hangs up (detach,
+    disconnect, exit), the stub's connection is shut down, which frees QEMU's
+    one debugger place; gdb may go on without a target.
+    """
+    connection = _accept_from(listener, gdb)
+    try:
+        if connection is not None:
+            with connection:
+                relay(stub, connection.fileno(), connection.fileno())
+    finally:
+        hang_up(stub)
+    return gdb.wait()
+
+
+def _accept_from(
+    listener: socket.socket, gdb: subprocess.Popen[bytes]
+) -> socket.socket | None:
+    """gdb's connection to *listener*, or None when gdb exits without one."""
+    exited = os.pidfd_open(gdb.pid)
+    selector = selectors.DefaultSelector()
+    try:
+        selector.register(exited, selectors.EVENT_READ)
+        selector.register(listener, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fd == exited:
+                    return None
+                connection, _ = listener.accept()
+                creds = connection.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size
+                )
+                if _UCRED.unpack(creds)[0] == gdb.pid:
+                    return connection
+                connection.close()  # not our gdb
+    finally:
+        selector.close()
+        os.close(exited)
+
+
+def hang_up(stream: int) -> None:
+    """Shut the connection on *stream* down for every holder of it (gdb too)."""
+    with (
+        socket.fromfd(stream, socket.AF_UNIX, socket.SOCK_STREAM) as sock,
+        contextlib.suppress(OSError),  # the other end hung up first
+    ):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def relay(sock_fd: int, stdin: int = 0, stdout: int = 1) -> None:
-    """Copy stdin to *sock_fd* and *sock_fd* to stdout until either side closes."""
+    """Copy stdin to *sock_fd* and *sock_fd* to stdout until either side closes
+    (or breaks the connection)."""
     selector = selectors.DefaultSelector()
     selector.register(stdin, selectors.EVENT_READ, sock_fd)
     selector.register(sock_fd, selectors.EVENT_READ, stdout)
-    while True:
-        for key, _ in selector.select():
-            data = os.read(key.fd, 65536)
-            if not data:
-                return
-            _write_all(key.data, data)
+    with selector:
+        while True:
+            for key, _ in selector.select():
+                try:
+                    data = os.read(key.fd, 65536)
+                    if data:
+                        _write_all(key.data, data)
+                except ConnectionError:  # reset, or a broken pipe
+                    return
+                if not data:
+                    return
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -615,9 +615,14 @@ async def build(path: str, out: str | None, jobs: int) -> int:
     minutes, seconds = divmod(int(time.monotonic() - started), 60)
     print(f"built in {minutes}:{seconds:02d}", file=sys.stderr)
     try:
-        print(_describe(tree_artifacts(dirs.build)))
+        built = tree_artifacts(dirs.build)
     except KernelError as err:
         return _fail(err)
+    print(_describe(built))
+    if built.vmlinux is not None:
+        from kdlabctl import gdbcache
+
+        gdbcache.warm(built.vmlinux)  # for the next `kdlabctl gdb` of this tree
     return EXIT_OK
 
 

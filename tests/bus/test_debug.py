@@ -163,6 +163,35 @@ def test_ctrl_c_in_gdb_ends_neither_gdb_nor_kdlabctl(
     assert remote.attached == [True], "gdb attached, then detached at its end"
 
 
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of each child process of *pid*."""
+    listed = subprocess.run(
+        ["ps", "-o", "pid=,comm=", "--ppid", str(pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [
+        (int(fields[0]), fields[1])
+        for fields in (line.split(None, 1) for line in listed.stdout.splitlines())
+    ]
+
+
+def test_kdlabctl_relays_the_stub_to_gdb_itself(
+    bus: PrivateBus, remote: RemoteStub, tmp_path: Path
+) -> None:
+    """kdlabctl waits for gdb anyway: it relays the stream, and gdb runs no
+    second kdlabctl (another Python start-up) as ``target remote | ...``."""
+    with gdb_waiting(bus, tmp_path) as kdlabctl:
+        (gdb,) = children(kdlabctl.pid)
+        assert gdb[1] == "gdb"
+        assert children(gdb[0]) == []
+        os.killpg(kdlabctl.pid, signal.SIGINT)
+        _, err = kdlabctl.communicate(timeout=30)
+    assert kdlabctl.returncode == 0, err
+    assert remote.attached == [True]
+
+
 def test_detach_frees_the_stub_while_gdb_runs_on(
     bus: PrivateBus, remote: RemoteStub, tmp_path: Path
 ) -> None:

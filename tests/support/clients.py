@@ -9,11 +9,15 @@ when its output holds a Python traceback. A kdlabctl the caller drives itself
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import re
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,19 +59,29 @@ def assert_no_traceback(text: str) -> None:
         assert marker not in text, f"Python traceback text {marker!r} leaked:\n{text}"
 
 
+@functools.cache
+def cache_home() -> Path:
+    """The clients' ``$XDG_CACHE_HOME`` (gdb's index cache goes there): the
+    tests' own, mode 0700, removed when they end; never the user's."""
+    path = Path(tempfile.mkdtemp(prefix="kdlab-tests-cache-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def client_env() -> dict[str, str]:
     """A minimal environment for client programs: nothing of the caller's leaks in."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": "C.UTF-8",
         "HOME": "/",
+        "XDG_CACHE_HOME": str(cache_home()),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
 
 
 def ctl_env(address: str) -> dict[str, str]:
     """The tests' own environment, for a kdlabctl they start themselves on *address*."""
-    return {**os.environ, "KDLAB_BUS": address}
+    return {**os.environ, "KDLAB_BUS": address, "XDG_CACHE_HOME": str(cache_home())}
 
 
 def run_tool(

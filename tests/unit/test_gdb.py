@@ -177,16 +177,16 @@ def test_directory_of_vmlinux_writable_by_others_refuses_the_script(
 def test_command_trusts_exactly_the_script(top: Path) -> None:
     vmlinux = kernel_tree(top / "linux")
     script = vmlinux.parent / "vmlinux-gdb.py"
-    command = debug.gdb_command(vmlinux, ["relay", "5"], ["--batch"], script)
+    command = debug.gdb_command(vmlinux, top / "stub", ["--batch"], script)
     assert command == [
         "gdb", "-q", "-iex", f"add-auto-load-safe-path {script}",
-        "-ex", "target remote | relay 5", "--batch", str(vmlinux),
+        "-ex", f"target remote {top / 'stub'}", "--batch", str(vmlinux),
     ]  # fmt: skip
 
 
 def test_command_without_a_trusted_script_turns_auto_load_off(top: Path) -> None:
     vmlinux = kernel_tree(top / "linux")
-    command = debug.gdb_command(vmlinux, ["relay", "5"], [], None)
+    command = debug.gdb_command(vmlinux, top / "stub", [], None)
     assert "add-auto-load-safe-path" not in " ".join(command)
     # After ~/.gdbinit (-iex runs later): a personal `safe-path /` cannot undo it.
     assert command[2:6] == [
@@ -195,10 +195,14 @@ def test_command_without_a_trusted_script_turns_auto_load_off(top: Path) -> None
     ]  # fmt: skip
 
 
-def test_relay_runs_isolated_from_the_current_directory() -> None:
-    command = debug.relay_command(7)
-    assert command[1] == "-I", "no current directory, no PYTHON* variables"
-    assert command[-1] == "7"
+def test_command_turns_the_index_cache_on_before_the_symbols_load(top: Path) -> None:
+    vmlinux = kernel_tree(top / "linux")
+    cache = ["-iex", "set index-cache directory /c"]
+    cache += ["-iex", "set index-cache enabled on"]
+    command = debug.gdb_command(vmlinux, top / "stub", [], None, index_cache=cache)
+    at = command.index("set index-cache enabled on")
+    assert command[at - 3 : at + 1] == cache
+    assert command[-1] == str(vmlinux)
 
 
 # --- vmlinux_candidates(): the VM's recorded paths are its owner's --------------------
