@@ -122,15 +122,17 @@ def kdlabctl(
     user: Identity | None = None,
     timeout: float = CTL_TIMEOUT,
     input_text: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run this checkout's kdlabctl on the bus at *address* (as *user*); its
-    output must hold no traceback."""
+    """Run this checkout's kdlabctl on the bus at *address* (as *user*, with
+    *env* added to :func:`client_env`); its output must hold no traceback."""
     result = run_tool(
         kdlabctl_argv(address, *args),
         user=user,
         timeout=timeout,
         cwd=REPO,
         input_text=input_text,
+        env=env,
     )
     assert_no_traceback(result.stdout + result.stderr)
     return result

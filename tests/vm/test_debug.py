@@ -6,9 +6,12 @@ import os
 import pty
 import re
 import select
+import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,10 +21,12 @@ from lxml import etree
 
 from kdlab.errors import InvalidState
 from kdlab.kernel.diagnosis import DEFAULT_PATIENCE
+from kdlabctl import gdbcache
 from kdlabd.core.vms import DIAGNOSIS_INTERVAL
 from tests.support import debian
-from tests.support.clients import NOBODY, ctl_env, kdlabctl, read_until
+from tests.support.clients import NOBODY, Identity, ctl_env, kdlabctl, read_until
 from tests.support.prereq import require, require_tool
+from tests.support.system import remove_vm
 from tests.vm.conftest import MARKER, Lab, virsh
 from tests.vm.test_lifecycle import (
     QEMU_NS,
@@ -528,3 +533,96 @@ def test_attach_to_a_vm_that_is_off_is_refused_with_how_to_start_it(
             assert f"kdlabctl start --attach {debug_vm}" in refused.stderr
             assert refused.stdout == "", "no gdb ran"
         assert state(lab, debug_vm) == expected
+
+
+# gdb's index cache: per user, warmed when a VM gets its vmlinux.
+INDEX_WARMUP_TIMEOUT = 300.0  # a niced gdb on a busy 2-core machine
+CACHE_STATS = ("-ex", "show index-cache stats")
+
+
+def wait_for_index(cache: Path, build: str) -> None:
+    """Until gdb's warmup has written *build*'s index under *cache* and ended."""
+    index = cache / "kdlab" / "gdb-index" / f"{build}{gdbcache.INDEX_SUFFIX}"
+    lock = index.with_name(f"{build}.lock")
+    deadline = time.monotonic() + INDEX_WARMUP_TIMEOUT
+    while not index.exists() or _locked(lock):
+        assert time.monotonic() < deadline, f"no index {index}"
+        time.sleep(0.2)
+
+
+def _locked(lock: Path) -> bool:
+    import fcntl
+
+    with open(lock) as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory every user may traverse (pytest's own is root's, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="kdlabt-cache-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_gdb_reads_the_index_from_the_users_own_cache_warmed_at_create(
+    lab: Lab, vm_name: str, vmlinux: Path, kdlab_user: Identity, shared_tmp: Path
+) -> None:
+    """create starts indexing the VM's vmlinux in the creator's cache; the
+    first ``kdlabctl gdb`` reads the index from there. A second user's VM of
+    the same kernel gets an index in that user's cache, and root's is not
+    touched: nothing is shared."""
+    build = gdbcache.read_build_id(vmlinux)
+    assert build, "Debian's vmlinux has a build ID"
+    roots, theirs = shared_tmp / "root-cache", shared_tmp / "user-cache"
+    roots.mkdir(mode=0o700)
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, kdlab_user.uid, kdlab_user.gid)
+    as_root = {"XDG_CACHE_HOME": str(roots)}
+    as_user = {"XDG_CACHE_HOME": str(theirs)}
+    address = lab.daemon.address
+
+    boot = ("--kernel", str(lab.kernel.vmlinuz), "--initrd", str(lab.initramfs))
+    created = kdlabctl(
+        address, "create", vm_name, *boot, "--vmlinux", str(vmlinux), env=as_root
+    )
+    assert created.returncode == 0, created.stderr
+    wait_for_index(roots, build)
+    assert lab.ctl("start", "--paused", vm_name).returncode == 0
+    gdb = kdlabctl(
+        address, "gdb", vm_name, "--batch", "-iex", "set debug index-cache on",
+        *CACHE_STATS, env=as_root,
+    )  # fmt: skip
+    assert gdb.returncode == 0, gdb.stderr
+    index = roots / "kdlab" / "gdb-index" / f"{build}.gdb-index"
+    assert f"[index-cache] trying to read {index}" in gdb.stdout + gdb.stderr
+    assert "Cache hits (this session): 1" in gdb.stdout
+    root_files = sorted(p.name for p in index.parent.iterdir())
+
+    other = f"{vm_name}-user"
+    try:
+        made = kdlabctl(
+            address, "create", other, *boot, "--vmlinux", str(vmlinux),
+            user=kdlab_user, env=as_user,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        wait_for_index(theirs, build)
+        cache = theirs / "kdlab" / "gdb-index"
+        info = cache.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (kdlab_user.uid, 0o700)
+        started = kdlabctl(address, "start", "--paused", other, user=kdlab_user)
+        assert started.returncode == 0, started.stderr
+        gdb = kdlabctl(
+            address, "gdb", other, "--batch", *CACHE_STATS,
+            user=kdlab_user, env=as_user,
+        )  # fmt: skip
+        assert gdb.returncode == 0, gdb.stderr
+        assert "Cache hits (this session): 1" in gdb.stdout
+    finally:
+        remove_vm(lab.daemon, other)
+    assert sorted(p.name for p in index.parent.iterdir()) == root_files
