@@ -21,6 +21,12 @@ class VMState(enum.StrEnum):
         """Whether a QEMU process exists for the VM."""
         return self in (VMState.RUNNING, VMState.PAUSED, VMState.STOPPING)
 
+    @property
+    def off(self) -> bool:
+        """No QEMU runs and none is being started: the boot's log is whole,
+        and there is nothing to attach to."""
+        return self in (VMState.DEFINED, VMState.STOPPED, VMState.CRASHED)
+
 
 class JobState(enum.StrEnum):
     """A job's state: running until it succeeds, fails or is cancelled."""

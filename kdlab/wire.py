@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import string
 
 BUS_NAME = "org.kdlab.Kdlab1"
 MANAGER_PATH = "/org/kdlab/Kdlab1"
@@ -46,7 +45,7 @@ BUILD_OPTIONS = {"suite": "s", "size": "t", "packages": "as", "ssh_key": "s"}
 START_OPTIONS = {"paused": "b", "kernel": "h"}
 STOP_OPTIONS = {"force": "b", "timeout": "u"}
 
-_ALNUM = frozenset(string.ascii_letters + string.digits)
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
 def escape_path_label(label: str) -> str:

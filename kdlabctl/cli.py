@@ -1,19 +1,21 @@
 """kdlabctl: create, run and inspect kdlab VMs through kdlabd on D-Bus.
 
-Only the stdlib and the shared stdlib-only ``kdlab`` package are imported up
-front, so ``kdlabctl --help`` is instant; dbus-next loads when a command runs
-(kdlabctl.client, the one module that speaks D-Bus).
+Up front, only what parsing the command line needs is imported: argparse and
+the stdlib-light ``kdlab.errors`` (no dataclasses, no typing). A command
+imports what it uses when it runs: dbus-next and asyncio through
+kdlabctl.client (the one module that speaks D-Bus), the ``kernel`` group when
+it is named (:class:`CommandParser`). So ``kdlabctl --help`` costs little more
+than Python's own start (bench: ``cli:kdlabctl_startup``), and
+tests/unit/test_layers.py keeps it so.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import re
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
 
 from kdlab.errors import (
     EXIT_FAILURE,
@@ -25,18 +27,18 @@ from kdlab.errors import (
     KdlabError,
     exit_code_for,
 )
-from kdlab.kernel.findings import errors
-from kdlab.states import VMState
-from kdlabctl import completion, images, kconfig, kernel
-from kdlabctl.completion import IMAGE_NAME, VM_NAME
+from kdlabctl import images
+from kdlabctl.names import HIDDEN, IMAGE_NAME, VM_NAME
 
+TYPE_CHECKING = False  # typing's import costs start-up; mypy takes this as True
 if TYPE_CHECKING:
+    from typing import Any
+
     from kdlabctl.client import VM, Client, Diagnosis, VMOptions, Watch
+    from kdlabctl.kernel import Artifacts, KernelFiles
 
 Command = Callable[["Client", argparse.Namespace], Awaitable[int]]
 
-# A VM in these states has no QEMU and none is being started: its log is whole.
-OFF = frozenset({VMState.DEFINED, VMState.STOPPED, VMState.CRASHED})
 # How long ``logs -f`` waits for news before it reads on in the log it holds.
 LOG_READ_SECONDS = 0.2
 
@@ -79,23 +81,14 @@ def open_for_daemon(path: str, what: str) -> int:
         raise UsageError(f"cannot open {what} {path}: {err.strerror}") from None
 
 
-def _tree_build(tree: str) -> kernel.Artifacts:
+def _tree_build(tree: str) -> Artifacts:
     """What `make` left in a kernel tree (or O= directory), or why there is none."""
+    from kdlabctl import kernel
+
     try:
         return kernel.tree_artifacts(tree)
-    except kconfig.KernelError as err:
+    except kernel.KernelError as err:
         raise UsageError(str(err)) from None
-
-
-@dataclass(frozen=True)
-class KernelFiles:
-    """What a new VM boots, as the user names the files (kdlabctl opens them)."""
-
-    kernel: str | None = None  # a bzImage
-    tree: str | None = None  # or a built kernel tree: its bzImage and vmlinux
-    vmlinux: str | None = None
-    initrd: str | None = None
-    modules: str | None = None  # /lib/modules/RELEASE, for kdlabctl's initramfs
 
 
 def _initrd(
@@ -186,6 +179,7 @@ async def warm_index(client: Client, name: str) -> None:
 
 async def cmd_create(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl.client import VMOptions
+    from kdlabctl.kernel import KernelFiles
 
     files = KernelFiles(
         kernel=args.kernel,
@@ -327,7 +321,7 @@ async def cmd_gdb(client: Client, args: argparse.Namespace) -> int:
 
 async def cmd_attach(client: Client, args: argparse.Namespace) -> int:
     vm = await client.vm(args.name)
-    if vm.state in OFF:
+    if vm.state.off:
         raise InvalidState(
             f"VM {args.name} is {vm.state}: start it first (kdlabctl start "
             f"{args.name}), or start it and attach in one step (kdlabctl start "
@@ -481,7 +475,7 @@ async def _follow_log(watch: Watch[VM], fd: int) -> None:
     while True:
         # The state first: whatever the boot wrote before it ended is in the
         # log when it is read to its end below. A VM that went away is off.
-        off = watch.ended or watch.current.state in OFF
+        off = watch.ended or watch.current.state.off
         copied = _copy(fd)
         if off:
             return
@@ -491,6 +485,8 @@ async def _follow_log(watch: Watch[VM], fd: int) -> None:
 
 async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     """The seed's whole recipe: check, build, (re)create, boot paused, debug."""
+    from kdlab.kernel.findings import errors
+    from kdlabctl import kconfig, kernel
     from kdlabctl.client import VMOptions
 
     tree = os.path.abspath(args.path)
@@ -521,6 +517,8 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
 
 def up_name(tree: str) -> str:
     """A VM name from a tree's directory name (linux-6.9-rc1 stays as it is)."""
+    import re
+
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(tree.rstrip("/")))
     return cleaned.strip("-._")[:63] or "kernel"
 
@@ -531,6 +529,7 @@ async def _reuse_or_create(
     """Keep (stopped) the VM of this tree if it exists; create it otherwise."""
     from kdlab.errors import NoSuchVM
     from kdlabctl.client import RemoteError
+    from kdlabctl.kernel import KernelFiles
 
     try:
         vm = await client.vm(name)
@@ -651,19 +650,107 @@ def add_vmlinux_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, with the terminal's width asked once: argparse makes a
+    formatter for every option it adds, and each would import shutil and ask
+    the terminal again."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width or _width())
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The same, keeping the description's and epilog's lines (the exit codes)."""
+
+
+@functools.cache
+def _width() -> int:
+    """argparse's width (shutil.get_terminal_size less 2): $COLUMNS, else the
+    terminal on stdout, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(1).columns
+        except OSError:
+            columns = 0
+    return (columns if columns > 0 else 80) - 2
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose options may be defined when it is first used.
+
+    The command groups (``image``, ``kernel``) and ``completion`` live in
+    modules of their own, some with heavy imports (kdlab's kconfig rules,
+    dataclasses): their options are defined when they are on the command
+    line (or the whole parser is asked for: the man page, completion), not
+    at every start of kdlabctl.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        define: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._define = define
+
+    def define_now(self) -> None:
+        """Define the options now, if they were left for later."""
+        if self._define is not None:
+            define, self._define = self._define, None
+            define(self)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        self.define_now()
+        return super().parse_known_args(args, namespace)
+
+
+def _define_kernel(parser: argparse.ArgumentParser) -> None:
+    from kdlabctl import kernel
+
+    kernel.define(parser)
+
+
+def _define_image(parser: argparse.ArgumentParser) -> None:
+    images.define(parser)
+
+
+def _define_completion(parser: argparse.ArgumentParser) -> None:
+    from kdlabctl import completion
+
+    completion.define(parser)
+
+
+def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
+    """kdlabctl's parser; *lazy* leaves the options of a command group in a
+    module of its own to when the group is used (:class:`CommandParser`)."""
+    parser = CommandParser(
         prog="kdlabctl",
         description="Kernel debug VMs served by kdlabd: create, start, watch, debug.",
         epilog=exit_codes_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--bus",
         default=os.environ.get("KDLAB_BUS", "system"),
         help="system (default, or $KDLAB_BUS), session, or a D-Bus address",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=CommandParser
+    )
 
     def command(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -748,8 +835,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vm_argument(console)
 
-    images.add_parser(commands)
-    kernel.add_parser(commands)
+    later = [
+        commands.add_parser("image", help="manage disk images", define=_define_image),
+        commands.add_parser(
+            "kernel",
+            help="configure, check and build a kernel tree for kdlab",
+            define=_define_kernel,
+        ),
+    ]
     add_up_parser(command)
 
     logs = command(
@@ -762,7 +855,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep printing new output until the VM stops",
     )
-    completion.add_parser(commands)
+    text = (
+        "print the completion script of SHELL; e.g. in ~/.bashrc: "
+        "source <(kdlabctl completion bash)"
+    )
+    later.append(
+        commands.add_parser(
+            "completion", help=text, description=text, define=_define_completion
+        )
+    )
+    if not lazy:
+        for parser_of_later in later:
+            parser_of_later.define_now()
     return parser
 
 
@@ -789,16 +893,35 @@ def _runs_gdb(args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [completion.HIDDEN]:
-        return completion.main(parser, argv[1:])
-    args = parse_args(parser, argv)
+    if argv[:1] == [HIDDEN]:
+        from kdlabctl import completion
+
+        return completion.main(build_parser(), argv[1:])
+    args = parse_args(build_parser(lazy=True), argv)
+    try:
+        return _run(args)
+    except UsageError as err:
+        print(f"kdlabctl: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KdlabError as err:  # found by kdlabctl, before asking kdlabd
+        print(f"kdlabctl: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILURE
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command *args* names; kdlabd's errors as exit codes."""
+    if not getattr(args, "needs_daemon", True):
+        import asyncio  # no bus: neither dbus-next nor the client
+
+        return int(asyncio.run(args.func(None, args)))
     from kdlabctl.client import Client, RemoteError, run
 
     async def invoke() -> int:
-        if not getattr(args, "needs_daemon", True):
-            return int(await args.func(None, args))
         client = await Client.connect(args.bus)
         try:
             return int(await args.func(client, args))
@@ -807,12 +930,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(invoke())
-    except UsageError as err:
-        print(f"kdlabctl: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KdlabError as err:  # found by kdlabctl, before asking kdlabd
-        print(f"kdlabctl: {err}", file=sys.stderr)
-        return err.exit_code
     except RemoteError as err:
         print(f"kdlabctl: {err}", file=sys.stderr)
         code = exit_code_for(err.name)
@@ -822,7 +939,3 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return EXIT_FAILURE

@@ -21,33 +21,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from kdlabctl.names import HIDDEN, IMAGE_NAME, VM_NAME, Names
+
 if TYPE_CHECKING:
     from kdlabctl.client import Listing
 
-HIDDEN = "__complete"
+__all__ = ["HIDDEN", "IMAGE_NAME", "VM_NAME", "Completion", "Names", "complete"]
+
 # How long a Tab may wait for kdlabd's names: a shell that stalls is worse
 # than one that offers nothing.
 NAMES_SECONDS = 1.0
 # Metavars whose value is a file (or a directory): the shell completes it.
 PATH_METAVARS = {"PATH": "files", "FILE": "files", "DIR": "dirs"}
-
-
-@dataclass(frozen=True)
-class Names:
-    """An argparse type: the name of a VM or an image that exists.
-
-    It keeps the text as it is (kdlabd judges names); completion asks kdlabd
-    for the names of *listing*.
-    """
-
-    listing: Listing
-
-    def __call__(self, text: str) -> str:
-        return text
-
-
-VM_NAME = Names("vms")
-IMAGE_NAME = Names("images")
 
 
 @dataclass(frozen=True)
@@ -266,12 +251,7 @@ async def cmd_completion(_client: object, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """``kdlabctl completion SHELL``."""
-    text = (
-        "print the completion script of SHELL; e.g. in ~/.bashrc: "
-        "source <(kdlabctl completion bash)"
-    )
-    parser = commands.add_parser("completion", help=text, description=text)
+def define(parser: argparse.ArgumentParser) -> None:
+    """The argument of ``kdlabctl completion SHELL`` (*parser*, its parser)."""
     parser.add_argument("shell", metavar="SHELL", choices=sorted(SCRIPTS))
     parser.set_defaults(func=cmd_completion, needs_daemon=False)

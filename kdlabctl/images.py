@@ -6,13 +6,13 @@ import argparse
 import os
 import re
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kdlab.errors import EXIT_FAILURE, EXIT_OK, exit_code_for
-from kdlab.states import JobState
-from kdlabctl.completion import IMAGE_NAME
+from kdlabctl.names import IMAGE_NAME
 
+# kdlabctl imports this module at every start (--size parses here): typing,
+# pathlib and the job states load only when a command uses them.
+TYPE_CHECKING = False  # mypy takes this as True
 if TYPE_CHECKING:
     from kdlabctl.client import Client
 
@@ -39,6 +39,7 @@ def human(n: int) -> str:
 
 
 async def _finish_job(client: Client, path: str, quiet: bool) -> int:
+    from kdlab.states import JobState
     from kdlabctl import jobs
 
     end = await jobs.follow(client, path)
@@ -87,6 +88,8 @@ async def cmd_import(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_build(client: Client, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from kdlabctl.client import ImageBuild
 
     key = Path(args.ssh_key).read_text().strip() if args.ssh_key else None
@@ -110,9 +113,9 @@ async def cmd_resize(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """``kdlabctl image`` and its subcommands."""
-    image = commands.add_parser("image", help="manage disk images", description=__doc__)
+def define(image: argparse.ArgumentParser) -> None:
+    """The subcommands of ``kdlabctl image`` (*image*, the group's parser)."""
+    image.description = __doc__
     verbs = image.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
 
     def verb(name: str, fn: object, help_text: str) -> argparse.ArgumentParser:

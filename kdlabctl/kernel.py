@@ -45,11 +45,12 @@ __all__ = [
     "MINIMAL_FRAGMENT",
     "Artifacts",
     "KernelError",
-    "add_parser",
+    "KernelFiles",
     "build",
     "cmd_build",
     "cmd_check",
     "cmd_configure",
+    "define",
     "tree_artifacts",
 ]
 
@@ -159,6 +160,17 @@ BUILD_HEADERS = {
     "gelf.h": "libelf-dev",  # objtool
     "openssl/opensslv.h": "libssl-dev",  # certs/extract-cert, sign-file
 }
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    """What a new VM boots, as the user names the files (kdlabctl opens them)."""
+
+    kernel: str | None = None  # a bzImage
+    tree: str | None = None  # or a built kernel tree: its bzImage and vmlinux
+    vmlinux: str | None = None
+    initrd: str | None = None
+    modules: str | None = None  # /lib/modules/RELEASE, for kdlabctl's initramfs
 
 
 @dataclass(frozen=True)
@@ -642,13 +654,9 @@ def _jobs(text: str) -> int:
     return value
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """``kdlabctl kernel`` and its subcommands."""
-    kernel = commands.add_parser(
-        "kernel",
-        help="configure, check and build a kernel tree for kdlab",
-        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
-    )
+def define(kernel: argparse.ArgumentParser) -> None:
+    """The subcommands of ``kdlabctl kernel`` (*kernel*, the group's parser)."""
+    kernel.description = __doc__.split("\n\n", 1)[0] if __doc__ else None
     verbs = kernel.add_subparsers(
         dest="kernel_command", metavar="COMMAND", required=True
     )
@@ -709,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import asyncio
 
     parser = argparse.ArgumentParser(prog="kdlabctl")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    define(parser.add_subparsers(dest="command", required=True).add_parser("kernel"))
     args = parser.parse_args(argv)
     try:
         return int(asyncio.run(args.func(None, args)))

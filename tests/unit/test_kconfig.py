@@ -482,7 +482,7 @@ def test_configure_keeping_a_missing_config_is_refused(
 
 def test_kernel_commands_need_no_daemon() -> None:
     parser = argparse.ArgumentParser()
-    kernel.add_parser(parser.add_subparsers())
+    kernel.define(parser.add_subparsers().add_parser("kernel"))
     for verb in ("check", "configure", "build"):
         args = parser.parse_args(["kernel", verb, "PATH"])
         assert args.needs_daemon is False

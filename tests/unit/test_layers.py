@@ -336,3 +336,65 @@ def test_kdlabctl_help_loads_no_heavy_module() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# What kdlabctl may not import before a command needs it: its start-up is
+# measured against Python's own (bench: cli:kdlabctl_startup).
+HEAVY_AT_START = {
+    "asyncio", "dbus_next", "libvirt", "lxml",  # the bus, and what is kdlabd's
+    "dataclasses", "inspect", "typing", "json", "shutil",  # milliseconds each
+    "kdlabctl.client", "kdlabctl.kernel", "kdlabctl.debug",  # a command's own
+    "kdlab.kernel", "kdlab.states",
+}  # fmt: skip
+
+
+def modules_loaded_by(*argv: str) -> set[str]:
+    """The modules ``python -m kdlabctl ARGV`` has loaded when it exits."""
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['kdlabctl', *{list(argv)!r}]\n"
+        "try:\n"
+        "    runpy.run_module('kdlabctl', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(sys.modules), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/", "KDLAB_BUS": "unix:path=/none"},
+    )
+    loaded = ast.literal_eval(done.stderr.splitlines()[-1])
+    assert isinstance(loaded, list), done.stderr
+    return {str(name) for name in loaded}
+
+
+def heavy(modules: set[str]) -> list[str]:
+    return sorted(
+        name
+        for name in modules
+        if name in HEAVY_AT_START or top(name) in HEAVY_AT_START
+    )
+
+
+def test_kdlabctl_help_imports_nothing_a_command_would() -> None:
+    """``kdlabctl --help`` parses and prints: no dbus-next, asyncio, dataclasses
+    or typing, no module of a command group (a group loads when named)."""
+    assert heavy(modules_loaded_by("--help")) == []
+
+
+def test_a_group_is_loaded_when_named() -> None:
+    loaded = modules_loaded_by("kernel", "--help")
+    assert "kdlabctl.kernel" in loaded
+    assert "dbus_next" not in loaded
+
+
+def test_a_command_without_the_bus_loads_no_client() -> None:
+    """``kdlabctl kernel check`` reads files: no dbus-next, no client."""
+    loaded = modules_loaded_by("kernel", "check", "/nonexistent")
+    assert "kdlabctl.kernel" in loaded
+    assert not {"dbus_next", "kdlabctl.client"} & loaded
