@@ -540,25 +540,13 @@ INDEX_WARMUP_TIMEOUT = 300.0  # a niced gdb on a busy 2-core machine
 CACHE_STATS = ("-ex", "show index-cache stats")
 
 
-def wait_for_index(cache: Path, build: str) -> None:
-    """Until gdb's warmup has written *build*'s index under *cache* and ended."""
-    index = cache / "kdlab" / "gdb-index" / f"{build}{gdbcache.INDEX_SUFFIX}"
-    lock = index.with_name(f"{build}.lock")
-    deadline = time.monotonic() + INDEX_WARMUP_TIMEOUT
-    while not index.exists() or _locked(lock):
-        assert time.monotonic() < deadline, f"no index {index}"
-        time.sleep(0.2)
-
-
-def _locked(lock: Path) -> bool:
-    import fcntl
-
-    with open(lock) as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-    return False
+def wait_for_index(cache_home: Path, build: str, uid: int = 0) -> Path:
+    """Until gdb's warmup has written *build*'s index in the cache under
+    *cache_home* (uid's) and ended; the index."""
+    cache = gdbcache.open_cache(uid, env={"XDG_CACHE_HOME": str(cache_home)})
+    assert cache.wait(build, INDEX_WARMUP_TIMEOUT), "the warmup ended"
+    assert cache.index(build).exists()
+    return cache.index(build)
 
 
 @pytest.fixture
@@ -592,14 +580,13 @@ def test_gdb_reads_the_index_from_the_users_own_cache_warmed_at_create(
         address, "create", vm_name, *boot, "--vmlinux", str(vmlinux), env=as_root
     )
     assert created.returncode == 0, created.stderr
-    wait_for_index(roots, build)
+    index = wait_for_index(roots, build)
     assert lab.ctl("start", "--paused", vm_name).returncode == 0
     gdb = kdlabctl(
         address, "gdb", vm_name, "--batch", "-iex", "set debug index-cache on",
         *CACHE_STATS, env=as_root,
     )  # fmt: skip
     assert gdb.returncode == 0, gdb.stderr
-    index = roots / "kdlab" / "gdb-index" / f"{build}.gdb-index"
     assert f"[index-cache] trying to read {index}" in gdb.stdout + gdb.stderr
     assert "Cache hits (this session): 1" in gdb.stdout
     root_files = sorted(p.name for p in index.parent.iterdir())
@@ -611,9 +598,7 @@ def test_gdb_reads_the_index_from_the_users_own_cache_warmed_at_create(
             user=kdlab_user, env=as_user,
         )  # fmt: skip
         assert made.returncode == 0, made.stderr
-        wait_for_index(theirs, build)
-        cache = theirs / "kdlab" / "gdb-index"
-        info = cache.stat()
+        info = wait_for_index(theirs, build, kdlab_user.uid).parent.stat()
         assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (kdlab_user.uid, 0o700)
         started = kdlabctl(address, "start", "--paused", other, user=kdlab_user)
         assert started.returncode == 0, started.stderr
