@@ -312,13 +312,35 @@ def test_gdb_waits_for_the_warmup_and_says_so(
     assert cache.warm(path, BUILD_A.hex(), gdb=str(program))
     until(log.exists)
     said: list[str] = []
-    # The warmup ends a moment after gdb has started to wait for it.
-    ender = subprocess.Popen(["sh", "-c", f"sleep 0.3; touch {go}"])
+    # The warmup writes the index and ends a moment after gdb waits for it.
+    index = cache.index(BUILD_A.hex())
+    ender = subprocess.Popen(["sh", "-c", f"sleep 0.3; touch {index} {go}"])
     options = gdbcache.gdb_options(path, said.append)
     ender.wait()
     assert len(log.read_text().splitlines()) == 2, "the warmup had ended"
     assert options == cache.gdb_options()
     assert said == [f"waiting for gdb's index of {path}, being made in the background"]
+
+
+def test_with_no_index_yet_gdb_loads_without_and_a_warmup_starts(
+    home: Path,
+    tmp_path: Path,
+    fake_gdb: tuple[Path, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gdb 13 writes a new index in the foreground, a second slower: the
+    user's gdb loads without the cache, a niced warmup makes it for next time."""
+    program, log, _ = fake_gdb
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    monkeypatch.setenv("PATH", f"{program.parent}:{os.environ['PATH']}")
+    path = tmp_path / "vmlinux"
+    path.write_bytes(elf(BUILD_A))
+    said: list[str] = []
+    assert gdbcache.gdb_options(path, said.append) == []
+    assert said == []
+    until(log.exists)
+    assert log.read_text().startswith("started -nx -batch")
+    assert gdbcache.open_cache().warming(BUILD_A.hex())
 
 
 def test_without_a_usable_cache_gdb_runs_without_one_and_says_why(
