@@ -13,12 +13,17 @@ gdb names an entry after the vmlinux's build ID (``<build-id>.gdb-index``,
 file is gone, or a rebuild gave it another build ID.
 
 When a VM gets a vmlinux (``create``, ``kernel build``), :func:`warm` starts a
-gdb in the background, at the lowest CPU priority, that writes the index, so
-the first attach is fast too; the command does not wait for it. That gdb holds
-an flock on ``<build-id>.lock`` while it runs (it inherits the locked
-descriptor): a second warmup of the same build ID starts nothing, and ``gdb``
-waits for the one underway instead of indexing the same DWARF beside it (two
-indexers share a 2-core machine's time and both end later).
+gdb in the background that writes the index, so that the first attach is
+fast too; the command does not wait for it. That gdb holds an flock on
+``<build-id>.lock`` while it runs (it inherits the locked descriptor): a
+second warmup of the same build ID starts nothing. It runs at the lowest CPU
+priority: on a 2-core machine the gdb a user waits for, QEMU and a kernel
+build keep the cores, and the warmup takes what they leave.
+
+The gdb a user waits for never writes an index, and never waits for one:
+gdb 13 writes it in the foreground (Debian's vmlinux then loads in ~2.5 s
+instead of ~1.5 s). Without an index yet it loads as gdb does without the
+cache, and a warmup (unless one runs) makes the index for the next time.
 """
 
 from __future__ import annotations
@@ -39,8 +44,6 @@ from kdlabctl.debug import untrusted
 INDEX_SUFFIX = ".gdb-index"  # gdb 13's name: <build-id>.gdb-index
 MAP = "vmlinux.json"  # build ID -> the vmlinux files that had it
 MAP_LOCK = "vmlinux.lock"
-WARM_WAIT = 60.0
-"""How long gdb waits for a warmup of its vmlinux before it indexes alone."""
 WARM_NICE = 19
 _POLL = 0.05
 
@@ -281,13 +284,9 @@ def warm(vmlinux: Path) -> bool:
 def gdb_options(vmlinux: Path, say: Callable[[str], None]) -> list[str]:
     """gdb's options to read *vmlinux*'s (resolved) index from the caller's cache.
 
-    A warmup of it underway is waited for (up to :data:`WARM_WAIT`): its index
-    is then read, not made again beside it. With no index yet, gdb loads
-    without the cache and a warmup starts beside it for the next time: gdb 13
-    writes an index in the foreground (Debian's vmlinux then loads in ~2.5 s
-    instead of ~1.5 s), while a niced warmup barely slows the gdb the user
-    waits for. Without a usable cache gdb runs without one, and *say* tells
-    the user why.
+    With no index yet: none (gdb loads without the cache), and a warmup
+    starts unless one runs. Without a usable cache gdb runs without one, and
+    *say* tells the user why.
     """
     build = read_build_id(vmlinux)
     if not build:
@@ -302,9 +301,6 @@ def gdb_options(vmlinux: Path, say: Callable[[str], None]) -> list[str]:
             "directory of yours"
         )
         return []
-    if cache.warming(build):
-        say(f"waiting for gdb's index of {vmlinux}, being made in the background")
-        cache.wait(build, WARM_WAIT)
     if cache.index(build).exists():
         return cache.gdb_options()
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
