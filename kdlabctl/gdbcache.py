@@ -151,17 +151,21 @@ class IndexCache:
                 return False  # another warmup holds it
             if self.index(build).exists():  # the last one ended just now
                 return False
-            # gdb holds the locked descriptor until it exits, long after us;
-            # setsid --fork leaves it nobody's child (kdlabctl gdb waits on
-            # for its own gdb, and would keep a finished warmup as a zombie).
+            # gdb holds the locked descriptor until it exits, long after us.
+            # sh's "&" leaves it nobody's child (kdlabctl gdb would keep a
+            # finished one as a zombie), in a process group of its own (the
+            # terminal's Ctrl-C is for the gdb the user runs) but in the
+            # caller's session: with the kernel's autogroups a new session
+            # (setsid) would get a CPU share of its own, whatever its nice.
             subprocess.run(
-                ["nice", "-n", str(WARM_NICE), "setsid", "--fork",
+                ["sh", "-c", '"$@" &', "sh", "nice", "-n", str(WARM_NICE),
                  gdb, "-nx", "-batch", "-iex", "set auto-load off",
                  *self.gdb_options(), str(vmlinux)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 pass_fds=(lock,),
+                process_group=0,
                 check=True,
             )  # fmt: skip
             return True
