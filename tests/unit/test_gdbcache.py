@@ -166,6 +166,14 @@ def test_a_cache_that_cannot_be_made_says_why(home: Path) -> None:
 
 
 @pytest.fixture
+def vmlinux_a(tmp_path: Path) -> Path:
+    """An ELF file with build ID A, where a kernel tree keeps vmlinux."""
+    path = tmp_path / "vmlinux"
+    path.write_bytes(elf(BUILD_A))
+    return path
+
+
+@pytest.fixture
 def cache(home: Path) -> gdbcache.IndexCache:
     return gdbcache.open_cache(env={"XDG_CACHE_HOME": str(home)})
 
@@ -201,10 +209,9 @@ def test_entries_of_vmlinux_files_that_are_gone_are_dropped(
 
 
 def test_a_rebuilt_vmlinux_drops_the_entry_of_its_old_build_id(
-    cache: gdbcache.IndexCache, tmp_path: Path
+    cache: gdbcache.IndexCache, vmlinux_a: Path
 ) -> None:
-    path = tmp_path / "vmlinux"
-    path.write_bytes(elf(BUILD_A))
+    path = vmlinux_a
     cache.remember(path, BUILD_A.hex())
     entries(cache, BUILD_A)
     path.write_bytes(elf(BUILD_C))  # make, again
@@ -227,10 +234,9 @@ def test_an_entry_lives_while_any_of_its_files_does(
 
 
 def test_files_of_build_ids_nobody_remembers_are_dropped(
-    cache: gdbcache.IndexCache, tmp_path: Path
+    cache: gdbcache.IndexCache, vmlinux_a: Path
 ) -> None:
-    path = tmp_path / "vmlinux"
-    path.write_bytes(elf(BUILD_A))
+    path = vmlinux_a
     entries(cache, BUILD_B)
     (cache.directory / gdbcache.MAP).write_text("not json")
     cache.remember(path, BUILD_A.hex())
@@ -264,11 +270,10 @@ def until(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 
 def test_one_warmup_at_a_time_and_its_end_can_be_awaited(
-    cache: gdbcache.IndexCache, tmp_path: Path, fake_gdb: tuple[Path, Path, Path]
+    cache: gdbcache.IndexCache, vmlinux_a: Path, fake_gdb: tuple[Path, Path, Path]
 ) -> None:
     program, log, go = fake_gdb
-    path = tmp_path / "vmlinux"
-    path.write_bytes(elf(BUILD_A))
+    path = vmlinux_a
     build = BUILD_A.hex()
     assert cache.warm(path, build, gdb=str(program)) is True
     until(log.exists)
@@ -287,22 +292,20 @@ def test_one_warmup_at_a_time_and_its_end_can_be_awaited(
 
 
 def test_no_warmup_when_the_index_is_there(
-    cache: gdbcache.IndexCache, tmp_path: Path, fake_gdb: tuple[Path, Path, Path]
+    cache: gdbcache.IndexCache, vmlinux_a: Path, fake_gdb: tuple[Path, Path, Path]
 ) -> None:
     program, log, _ = fake_gdb
-    path = tmp_path / "vmlinux"
-    path.write_bytes(elf(BUILD_A))
+    path = vmlinux_a
     cache.index(BUILD_A.hex()).write_bytes(b"index")
     assert cache.warm(path, BUILD_A.hex(), gdb=str(program)) is False
     assert not log.exists()
 
 
 def test_gdb_reads_an_index_that_is_there(
-    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    home: Path, vmlinux_a: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
-    path = tmp_path / "vmlinux"
-    path.write_bytes(elf(BUILD_A))
+    path = vmlinux_a
     cache = gdbcache.open_cache()
     cache.index(BUILD_A.hex()).write_bytes(b"index")
     said: list[str] = []
@@ -312,7 +315,7 @@ def test_gdb_reads_an_index_that_is_there(
 
 def test_with_no_index_yet_gdb_loads_without_and_a_warmup_starts(
     home: Path,
-    tmp_path: Path,
+    vmlinux_a: Path,
     fake_gdb: tuple[Path, Path, Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -322,8 +325,7 @@ def test_with_no_index_yet_gdb_loads_without_and_a_warmup_starts(
     program, log, _ = fake_gdb
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     monkeypatch.setenv("PATH", f"{program.parent}:{os.environ['PATH']}")
-    path = tmp_path / "vmlinux"
-    path.write_bytes(elf(BUILD_A))
+    path = vmlinux_a
     said: list[str] = []
     assert gdbcache.gdb_options(path, said.append) == []
     assert said == []
@@ -335,12 +337,11 @@ def test_with_no_index_yet_gdb_loads_without_and_a_warmup_starts(
 
 
 def test_without_a_usable_cache_gdb_runs_without_one_and_says_why(
-    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    home: Path, vmlinux_a: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     home.chmod(0o777)
-    path = tmp_path / "vmlinux"
-    path.write_bytes(elf(BUILD_A))
+    path = vmlinux_a
     said: list[str] = []
     assert gdbcache.gdb_options(path, said.append) == []
     assert said == [
