@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bench.lab import BenchError, run, scratch
 from bench.measure import (
+    INFO,
     NO_GOAL,
     Goal,
     Row,

@@ -19,13 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
-import shutil
 import socket
 import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import termios
 import tty
 from collections.abc import Iterator, Sequence
@@ -200,6 +198,9 @@ _UCRED = struct.Struct("3i")
 def gdb_listener() -> Iterator[tuple[socket.socket, Path]]:
     """A unix socket gdb can ``target remote``, in a new directory only the
     caller (and root) may enter; both are gone afterwards."""
+    import shutil  # here: create imports this module to find vmlinux
+    import tempfile
+
     for base in (None, "/tmp"):  # $TMPDIR first, unless gdb cannot use it
         directory = Path(tempfile.mkdtemp(prefix="kdlab-gdb-", dir=base))
         path = directory / "stub"
