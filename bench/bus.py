@@ -53,6 +53,8 @@ from tests.support.testdriver import Lab, defined_fleet
 from tests.support.timeouts import CALL_TIMEOUT
 
 FLEET = 100
+INSTALLED_PREFIX = Path("/opt/kdlab")  # .ci/install's prefix
+PYTHON_DIR = f"python{sys.version_info.major}.{sys.version_info.minor}"
 SCALES = (10, 100, 1000)
 # scale starts kdlabd on up to 1000 VMs: more than the tests' STARTUP_TIMEOUT allows.
 FLEET_STARTUP_TIMEOUT = 60.0
@@ -170,9 +172,31 @@ def _call_rows(served: Served, call: str, runs: int) -> list[Row]:
     ]
 
 
+def installed_kdlabctl() -> tuple[list[str], list[str]]:
+    """The kdlabctl users run (``.ci/install``'s, in /opt/kdlab) and its
+    interpreter; refused when it holds other code than this tree."""
+    tree = Path(__file__).resolve().parent.parent / "kdlabctl"
+    installed = INSTALLED_PREFIX / "lib" / PYTHON_DIR / "site-packages" / "kdlabctl"
+    stale = [
+        source.name
+        for source in sorted(tree.glob("*.py"))
+        if not (installed / source.name).is_file()
+        or (installed / source.name).read_bytes() != source.read_bytes()
+    ]
+    if stale:
+        raise BenchError(
+            f"{INSTALLED_PREFIX} holds other kdlabctl code than this tree "
+            f"({', '.join(stale)}): run .ci/install (or .ci/setup) first"
+        )
+    return [str(INSTALLED_PREFIX / "bin" / "kdlabctl")], [
+        str(INSTALLED_PREFIX / "bin" / "python3")
+    ]
+
+
 def _cli_rows(address: str, runs: int) -> list[Row]:
-    """What one command costs: kdlabctl (Python) against busctl (C), same call."""
-    kdlabctl = [sys.executable, "-m", "kdlabctl"]
+    """What one command costs: kdlabctl (Python) against busctl (C), same call;
+    the installed kdlabctl, as users start it."""
+    kdlabctl, python = installed_kdlabctl()
     busctl = [
         "busctl",
         f"--address={address}",
@@ -190,7 +214,7 @@ def _cli_rows(address: str, runs: int) -> list[Row]:
     helped, bare = interleaved(
         runs,
         lambda: seconds(lambda: run([*kdlabctl, "--help"])),
-        lambda: seconds(lambda: run([sys.executable, "-c", "pass"])),
+        lambda: seconds(lambda: run([*python, "-c", "pass"])),
     )
     return [
         row(
@@ -207,7 +231,7 @@ def _cli_rows(address: str, runs: int) -> list[Row]:
             "cli:kdlabctl_startup",
             helped,
             bare,
-            baseline="python -c pass (same interpreter)",
+            baseline="python -c pass (kdlabctl's interpreter)",
             unit="ms",
             goal=Goal("ratio <= 1.5", max_ratio=1.5),
             scale=1000.0,

@@ -34,8 +34,10 @@ TYPE_CHECKING = False  # typing's import costs start-up; mypy takes this as True
 if TYPE_CHECKING:
     from typing import Any
 
-    from kdlabctl.client import VM, Client, Diagnosis, VMOptions, Watch
+    from kdlabctl.asyncbus import Watch
+    from kdlabctl.client import VM, Client, Diagnosis
     from kdlabctl.kernel import Artifacts, KernelFiles
+    from kdlabctl.options import VMOptions
 
 Command = Callable[["Client", argparse.Namespace], Awaitable[int]]
 
@@ -132,7 +134,7 @@ async def create_vm(
     """Open the kernel (and an initrd) as the user and create VM *name*."""
     from dataclasses import replace
 
-    from kdlabctl.client import BootFiles
+    from kdlabctl.options import BootFiles
 
     kernel, vmlinux = files.kernel, files.vmlinux
     if files.tree:
@@ -178,8 +180,8 @@ async def warm_index(client: Client, name: str) -> None:
 
 
 async def cmd_create(client: Client, args: argparse.Namespace) -> int:
-    from kdlabctl.client import VMOptions
     from kdlabctl.kernel import KernelFiles
+    from kdlabctl.options import VMOptions
 
     files = KernelFiles(
         kernel=args.kernel,
@@ -223,12 +225,10 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_show(client: Client, args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from kdlabctl import output
 
     vm = await client.vm(args.name)
-    vm = replace(vm, diagnosis=await full_diagnosis(client, vm))
+    vm = vm.replace(diagnosis=await full_diagnosis(client, vm))
     if args.json:
         output.print_json(output.as_json(vm))
         return EXIT_OK
@@ -487,7 +487,7 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     """The seed's whole recipe: check, build, (re)create, boot paused, debug."""
     from kdlab.kernel.findings import errors
     from kdlabctl import kconfig, kernel
-    from kdlabctl.client import VMOptions
+    from kdlabctl.options import VMOptions
 
     tree = os.path.abspath(args.path)
     try:
@@ -752,17 +752,20 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
         dest="command", metavar="COMMAND", required=True, parser_class=CommandParser
     )
 
-    def command(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, fn: Command, help_text: str, *, plain: bool = False
+    ) -> argparse.ArgumentParser:
+        """A command; *plain* ones only call kdlabd (:meth:`Client.plain`)."""
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(func=fn)
+        sub.set_defaults(func=fn, plain=plain)
         return sub
 
     add_create_parser(command)
 
-    listing = command("list", cmd_list, "list VMs")
+    listing = command("list", cmd_list, "list VMs", plain=True)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
-    show = command("show", cmd_show, "show one VM's properties")
+    show = command("show", cmd_show, "show one VM's properties", plain=True)
     vm_argument(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -919,16 +922,24 @@ def _run(args: argparse.Namespace) -> int:
         import asyncio  # no bus: neither dbus-next nor the client
 
         return int(asyncio.run(args.func(None, args)))
-    from kdlabctl.client import Client, RemoteError, run
-
-    async def invoke() -> int:
-        client = await Client.connect(args.bus)
-        try:
-            return int(await args.func(client, args))
-        finally:
-            client.bus.disconnect()
+    from kdlabctl.client import Client, RemoteError, settle
 
     try:
+        if getattr(args, "plain", False):  # only calls: no dbus-next, no asyncio
+            client = Client.plain(args.bus)
+            try:
+                return int(settle(args.func(client, args)))
+            finally:
+                client.disconnect()
+        from kdlabctl.asyncbus import run
+
+        async def invoke() -> int:
+            client = await Client.connect(args.bus)
+            try:
+                return int(await args.func(client, args))
+            finally:
+                client.disconnect()
+
         return run(invoke())
     except RemoteError as err:
         print(f"kdlabctl: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""kdlabd's API as typed calls: the one module of kdlabctl that speaks D-Bus.
+"""kdlabd's API as typed calls: the one module of kdlabctl that speaks to kdlabd.
 
 Every member, signature and option type kdlabctl uses is written here once.
 Commands call methods such as :meth:`Client.create_vm` or :meth:`Client.stop`
@@ -6,29 +6,18 @@ and get records back (:class:`VM`, :class:`Image`, :class:`Job`) whose states
 are :mod:`kdlab.states`' enums. Calls name their signatures: no introspection
 round trip.
 
-Changes are followed by signals, never by asking again (the API promises that
-clients never poll): a :class:`Watch` adds match rules for an object's signals,
-then reads the object once; what kdlabd signalled before that read is dropped
-by its serial, so no change is missed and none is applied twice.
+A client runs on one of two connections. :func:`kdlabctl.asyncbus.connect`
+(dbus-next on asyncio) passes descriptors and follows signals: changes are
+followed by signals, never by asking again (the API promises that clients
+never poll; :class:`kdlabctl.asyncbus.Watch`). :meth:`Client.plain` (the
+standard library's :mod:`kdlabctl.quickbus`) only calls, and costs a fraction
+of dbus-next's start-up: ``list``, ``show`` and ``image list`` use it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
-import enum
-import re
-import typing
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
 
-from dbus_next import Message, MessageFlag, MessageType, Variant
-from dbus_next.aio import MessageBus
-
-from kdlab.states import JobState, VMState
 from kdlab.wire import (
     BUILD_OPTIONS,
     BUS_NAME,
@@ -40,221 +29,136 @@ from kdlab.wire import (
     START_OPTIONS,
     STOP_OPTIONS,
     VM_INTERFACE,
-    bus_address,
     unescape_path_label,
 )
+from kdlabctl.quickbus import (
+    DBUS_NAME,
+    DBUS_PATH,
+    Call,
+    QuickBus,
+    RemoteError,
+    Reply,
+)
+from kdlabctl.records import VM, Diagnosis, Image, Job, Record
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # importing typing costs more than a listing
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+    from typing import Any, Literal, Protocol, TypeVar
+
+    from dbus_next.aio import MessageBus
+
+    from kdlabctl.asyncbus import Watch
+    from kdlabctl.options import BootFiles, ImageBuild, VMOptions
+
+    T = TypeVar("T")
+    R = TypeVar("R", bound=Record)
+    # What :meth:`Client.names` lists.
+    Listing = Literal["vms", "images"]
+
+    class Connection(Protocol):
+        """What a :class:`Client` calls through (:mod:`kdlabctl.quickbus`, or
+        dbus-next in :mod:`kdlabctl.asyncbus`)."""
+
+        async def call(
+            self,
+            call: Call,
+            *,
+            unix_fds: Sequence[int] = (),
+            no_autostart: bool = False,
+        ) -> Reply:
+            """The reply; an error reply raises :class:`RemoteError`."""
+            ...
+
+        def disconnect(self) -> None: ...
+
+
+__all__ = ["VM", "Diagnosis", "Image", "Job", "RemoteError"]
 
 CONNECT_TIMEOUT = 25.0
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
-# What kdlabctl reports when kdlabd leaves the bus under a watch (exit 69).
-GONE = "org.freedesktop.DBus.Error.NameHasNoOwner"
 
 
-class RemoteError(Exception):
-    """An error reply from kdlabd (or the bus), by D-Bus error name."""
+def _variants(values: Mapping[str, Any], types: Mapping[str, str]) -> dict[str, Any]:
+    """:func:`kdlabctl.options.variants`, imported with dbus-next when a call
+    sends options."""
+    from kdlabctl import options
 
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.name = name
-
-
-# --- records --------------------------------------------------------------------------
-
-# A record's fields are its D-Bus properties in snake_case (``MemoryMiB`` is
-# ``memory_mib``): ``--json`` prints them under these names.
-# A word is a plural acronym (VCPUs), a capitalised word that may end in one
-# capital (MemoryMiB: Memory, MiB), or an acronym (UUID, APIRevision: API).
-_WORD = re.compile(
-    r"[A-Z]+s(?![a-z])|[A-Z]?[a-z0-9]+(?:[A-Z](?![a-z]))?|[A-Z]+(?![a-z])"
-)
+    return options.variants(values, types)
 
 
-def snake(name: str) -> str:
-    """``MemoryMiB`` -> ``memory_mib``: a D-Bus property name as a field name."""
-    return "_".join(_WORD.findall(name)).lower()
-
-
-class Record:
-    """Base of the records: made from an object's properties."""
-
-    @classmethod
-    def from_properties(cls, props: Mapping[str, Any]) -> Self:
-        """The record of *props* (values unwrapped): enums for states, tuples
-        for arrays and structs."""
-        values = {snake(key): value for key, value in props.items()}
-        return cls(**{name: kind(values[name]) for name, kind in _kinds(cls).items()})
-
-
-_KINDS: dict[type[Record], dict[str, Callable[[Any], Any]]] = {}
-
-
-def _kinds(record: type[Record]) -> dict[str, Callable[[Any], Any]]:
-    """How each field of *record* is made from its property's value."""
-    if record in _KINDS:
-        return _KINDS[record]
-    hints = typing.get_type_hints(record)
-    kinds: dict[str, Callable[[Any], Any]] = {}
-    for field in dataclasses.fields(record):  # type: ignore[arg-type]
-        hint = hints[field.name]
-        if isinstance(hint, enum.EnumType):
-            kinds[field.name] = hint
-        elif typing.get_origin(hint) is tuple:
-            kinds[field.name] = tuple
-        else:
-            kinds[field.name] = _same
-    _KINDS[record] = kinds
-    return kinds
-
-
-def _same(value: T) -> T:
-    return value
-
-
-# The Diagnosis property: (code, severity, cause, fix); four "" when nothing.
-Diagnosis = tuple[str, str, str, str]
-
-
-@dataclass(frozen=True)
-class VM(Record):
-    """An ``org.kdlab.Kdlab1.VM`` object's properties."""
-
-    name: str
-    state: VMState
-    uuid: str
-    owner: int
-    cmdline: str
-    memory_mib: int
-    vcpus: int
-    accel: str
-    created: int
-    gdb_stub: str
-    waiting_for_debugger: bool
-    kernel_release: str
-    vmlinux: str
-    kernel_path: str
-    tree: str
-    diagnosis: Diagnosis
-
-
-@dataclass(frozen=True)
-class Image(Record):
-    """An ``org.kdlab.Kdlab1.Image`` object's properties."""
-
-    name: str
-    format: str
-    capacity: int
-    allocation: int
-    owner: int
-    used_by: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Job(Record):
-    """An ``org.kdlab.Kdlab1.Job`` object's properties."""
-
-    id: int
-    kind: str
-    target: str
-    owner: int
-    progress: float
-    status: str
-    state: JobState
-    error: str  # the D-Bus error name of a failure, else ""
-
-
-R = TypeVar("R", bound=Record)
-
-# What :meth:`Client.names` lists.
-Listing = typing.Literal["vms", "images"]
-
-
-# --- what callers send -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VMOptions:
-    """CreateVM's options but the files; None (or empty) keeps kdlabd's default."""
-
-    cmdline: str | None = None
-    memory_mib: int | None = None
-    vcpus: int | None = None
-    gdb: bool | None = None
-    gdb_tcp_port: int | None = None
-    vmlinux: str | None = None
-    kernel_path: str | None = None
-    tree: str | None = None
-    image: str | None = None
-    disk_size: int | None = None
-    extra_disks: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class BootFiles:
-    """Descriptors of the files a new VM boots, opened by the caller as the user."""
-
-    kernel: int
-    initrd: int | None = None
-
-
-@dataclass(frozen=True)
-class ImageBuild:
-    """BuildImage's options; None (or empty) keeps kdlabd's default."""
-
-    suite: str
-    size: int | None = None
-    packages: tuple[str, ...] = ()
-    ssh_key: str | None = None
-
-
-def _options(values: Mapping[str, Any], types: Mapping[str, str]) -> dict[str, Variant]:
-    """``a{sv}`` options, each value with its key's D-Bus type; None and empty
-    arrays are left out (kdlabd's default)."""
-    return {
-        key: Variant(types[key], list(value) if isinstance(value, tuple) else value)
-        for key, value in values.items()
-        if value is not None and value != ()
-    }
-
-
-def _unwrapped(props: Mapping[str, Variant]) -> dict[str, Any]:
+def unwrapped(props: Mapping[str, Any]) -> dict[str, Any]:
+    """Properties' values out of their variants."""
     return {key: variant.value for key, variant in props.items()}
 
 
 # --- the client ----------------------------------------------------------------------
 
 
-class Client:
-    """A connection to kdlabd over the bus named by ``--bus``."""
+class _Plain:
+    """A :class:`QuickBus` as a :class:`Connection`: its calls never wait on
+    anything but the socket, so a command's coroutine runs to its end in one
+    step (:func:`settle`), with no event loop."""
 
-    def __init__(self, bus: MessageBus) -> None:
-        self.bus = bus
+    def __init__(self, bus: QuickBus) -> None:
+        self._bus = bus
+
+    async def call(
+        self,
+        call: Call,
+        *,
+        unix_fds: Sequence[int] = (),
+        no_autostart: bool = False,
+    ) -> Reply:
+        if unix_fds:
+            raise ValueError(f"{call.member} passes descriptors: use dbus-next")
+        return self._bus.call(call, no_autostart=no_autostart)
+
+    def disconnect(self) -> None:
+        self._bus.close()
+
+
+def settle(work: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never waits (a command on :meth:`Client.plain`)."""
+    try:
+        work.send(None)
+    except StopIteration as done:
+        value: T = done.value
+        return value
+    work.close()
+    raise RuntimeError("a command on a plain connection waited for a signal")
+
+
+class Client:
+    """kdlabd's API over one connection to the bus named by ``--bus``."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
         self._vm_paths: dict[str, str] = {}
 
     @classmethod
     async def connect(cls, bus: str) -> Client:
-        """Connect to *bus*; any way that fails is "not reachable" (exit 69).
+        """A client on dbus-next: descriptors and signals (exit 69 when the bus
+        cannot be reached)."""
+        from kdlabctl import asyncbus
 
-        A bus may refuse a client in many ways (no socket, authentication
-        rejected, the connection closed during the handshake, a full bus that
-        never answers): each is one sentence for the user, never a traceback.
-        """
-        try:
-            address = bus_address(bus)
-            connecting = MessageBus(bus_address=address, negotiate_unix_fd=True)
-            return cls(await asyncio.wait_for(connecting.connect(), CONNECT_TIMEOUT))
-        except TimeoutError:
-            reason = f"no answer within {CONNECT_TIMEOUT:g} s"
-        except Exception as err:  # any failure to connect means the same
-            reason = str(err) or type(err).__name__
-        raise RemoteError(
-            "org.freedesktop.DBus.Error.NoServer",
-            f"cannot connect to the {bus} bus: {reason}",
-        )
+        return cls(await asyncbus.connect(bus, CONNECT_TIMEOUT))
+
+    @classmethod
+    def plain(cls, bus: str, timeout: float = CONNECT_TIMEOUT) -> Client:
+        """A client that only calls, on the standard library (exit 69 when the
+        bus cannot be reached); each step waits *timeout* seconds at most."""
+        return cls(_Plain(QuickBus.connect(bus, timeout)))
+
+    @property
+    def bus(self) -> MessageBus:
+        """The dbus-next connection (for :class:`kdlabctl.asyncbus.Watch`)."""
+        bus: MessageBus = getattr(self.connection, "bus")  # noqa: B009
+        return bus
+
+    def disconnect(self) -> None:
+        self.connection.disconnect()
 
     async def reply(
         self,
@@ -266,26 +170,14 @@ class Client:
         *,
         unix_fds: Sequence[int] = (),
         destination: str = BUS_NAME,
-        flags: MessageFlag = MessageFlag.NONE,
-    ) -> Message:
+        no_autostart: bool = False,
+    ) -> Reply:
         """Call a method; its reply (an error reply raises :class:`RemoteError`)."""
-        reply = await self.bus.call(
-            Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=list(body),
-                unix_fds=list(unix_fds),
-                flags=flags,
-            )
+        return await self.connection.call(
+            Call(destination, path, interface, member, signature=signature, body=body),
+            unix_fds=unix_fds,
+            no_autostart=no_autostart,
         )
-        assert reply is not None
-        if reply.message_type is MessageType.ERROR:
-            text = reply.body[0] if reply.body else reply.error_name
-            raise RemoteError(reply.error_name or "", str(text))
-        return reply
 
     async def _manager(
         self,
@@ -304,7 +196,7 @@ class Client:
         """Every object with *interface*, in one round trip, sorted by name."""
         reply = await self.reply(MANAGER_PATH, OBJECT_MANAGER, "GetManagedObjects")
         found = [
-            record.from_properties(_unwrapped(interfaces[interface]))
+            record.from_properties(unwrapped(interfaces[interface]))
             for interfaces in reply.body[0].values()
             if interface in interfaces
         ]
@@ -312,7 +204,7 @@ class Client:
 
     async def _properties(self, path: str, interface: str) -> dict[str, Any]:
         reply = await self.reply(path, PROPERTIES, "GetAll", "s", [interface])
-        return _unwrapped(reply.body[0])
+        return unwrapped(reply.body[0])
 
     async def names(self, listing: Listing) -> list[str]:
         """The names of kdlabd's VMs or images, sorted, from the object paths of
@@ -322,7 +214,7 @@ class Client:
         """
         member = {"vms": "ListVMs", "images": "ListImages"}[listing]
         reply = await self.reply(
-            MANAGER_PATH, MANAGER_INTERFACE, member, flags=MessageFlag.NO_AUTOSTART
+            MANAGER_PATH, MANAGER_INTERFACE, member, no_autostart=True
         )
         return sorted(
             unescape_path_label(path.rpartition("/")[2]) for path in reply.body[0]
@@ -343,7 +235,7 @@ class Client:
         signature: str = "",
         body: Sequence[Any] = (),
         unix_fds: Sequence[int] = (),
-    ) -> Message:
+    ) -> Reply:
         path = await self.vm_path(name)
         return await self.reply(
             path, VM_INTERFACE, member, signature, body, unix_fds=unix_fds
@@ -354,11 +246,11 @@ class Client:
         # Descriptors travel out of band; the options hold their index in unix_fds.
         fds = [files.kernel] if files.initrd is None else [files.kernel, files.initrd]
         values = {
-            **dataclasses.asdict(options),
+            **options.fields(),
             "kernel": 0,
             "initrd": 1 if files.initrd is not None else None,
         }
-        body = [name, _options(values, CREATE_OPTIONS)]
+        body = [name, _variants(values, CREATE_OPTIONS)]
         return str(await self._manager("CreateVM", "sa{sv}", body, fds))
 
     async def list_vms(self) -> list[VM]:
@@ -374,12 +266,12 @@ class Client:
         """Boot *name*; *kernel* is a descriptor of a bzImage to boot from now on."""
         values = {"paused": paused or None, "kernel": 0 if kernel is not None else None}
         fds = [] if kernel is None else [kernel]
-        await self._vm(name, "Start", "a{sv}", [_options(values, START_OPTIONS)], fds)
+        await self._vm(name, "Start", "a{sv}", [_variants(values, START_OPTIONS)], fds)
 
     async def stop(
         self, name: str, *, force: bool = False, timeout: int | None = None
     ) -> None:
-        options = _options({"force": force or None, "timeout": timeout}, STOP_OPTIONS)
+        options = _variants({"force": force or None, "timeout": timeout}, STOP_OPTIONS)
         await self._vm(name, "Stop", "a{sv}", [options])
 
     async def delete(self, name: str) -> None:
@@ -409,6 +301,8 @@ class Client:
     @contextlib.asynccontextmanager
     async def watch_vm(self, name: str) -> AsyncIterator[Watch[VM]]:
         """VM *name*, followed by its signals (:class:`Watch`)."""
+        from kdlabctl.asyncbus import Watch
+
         async with Watch(self, await self.vm_path(name), VM_INTERFACE, VM) as watch:
             yield watch
 
@@ -433,7 +327,7 @@ class Client:
 
     async def build_image(self, name: str, build: ImageBuild) -> str:
         """Build a Debian image; returns the job's path."""
-        options = _options(dataclasses.asdict(build), BUILD_OPTIONS)
+        options = _variants(build.fields(), BUILD_OPTIONS)
         return str(await self._manager("BuildImage", "sa{sv}", [name, options]))
 
     async def delete_image(self, name: str) -> None:
@@ -447,6 +341,8 @@ class Client:
     @contextlib.asynccontextmanager
     async def watch_job(self, path: str) -> AsyncIterator[Watch[Job]]:
         """The job at *path*, followed by its signals until it ends (Completed)."""
+        from kdlabctl.asyncbus import Watch
+
         async with Watch(self, path, JOB_INTERFACE, Job, "Completed") as watch:
             yield watch
 
@@ -464,151 +360,3 @@ class Client:
         await self.reply(
             DBUS_PATH, DBUS_NAME, "RemoveMatch", "s", [rule], destination=DBUS_NAME
         )
-
-
-class Watch(Generic[R]):
-    """One object of kdlabd's, kept current by its signals.
-
-    ``async with watch:`` adds match rules for the object's signals, its
-    removal and kdlabd leaving the bus, then reads the object once;
-    :attr:`current` is then always its newest state and :meth:`changed` waits
-    for the next change. kdlabd numbers what it sends: signals up to the
-    read's reply are older than the read and dropped.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        path: str,
-        interface: str,
-        record: type[R],
-        ends_with: str = "",
-    ) -> None:
-        self.path = path
-        self.interface = interface
-        self.ended = False  # the object signalled *ends_with*, or went away
-        self._client = client
-        self._record = record
-        self._ends_with = ends_with
-        self._props: dict[str, Any] = {}
-        self._early: list[Message] | None = []  # signals before the read's reply
-        self._owner = ""  # kdlabd's unique name, as it answered the read
-        self._read_serial = 0
-        self._gone = ""  # why kdlabd cannot be heard any more
-        self._changed = asyncio.Event()
-        self._disconnect: asyncio.Future[None] | None = None
-        self._rules = (
-            f"type='signal',sender='{BUS_NAME}',path='{path}'",
-            f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}',"
-            f"interface='{OBJECT_MANAGER}',member='InterfacesRemoved'",
-            f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',"
-            f"interface='{DBUS_NAME}',member='NameOwnerChanged',arg0='{BUS_NAME}'",
-        )
-
-    @property
-    def current(self) -> R:
-        """The object as its last signal (or the read) left it."""
-        return self._record.from_properties(self._props)
-
-    async def __aenter__(self) -> Self:
-        bus = self._client.bus
-        bus.add_message_handler(self._receive)
-        try:
-            await asyncio.gather(*map(self._client.add_match, self._rules))
-            reply = await self._client.reply(
-                self.path, PROPERTIES, "GetAll", "s", [self.interface]
-            )
-        except BaseException:
-            await self._stop()
-            raise
-        self._props = _unwrapped(reply.body[0])
-        self._owner, self._read_serial = reply.sender or "", reply.serial
-        early, self._early = self._early or [], None
-        for msg in early:
-            self._apply(msg)
-        self._disconnect = asyncio.ensure_future(bus.wait_for_disconnect())
-        self._disconnect.add_done_callback(self._disconnected)
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        await self._stop()
-
-    async def _stop(self) -> None:
-        self._client.bus.remove_message_handler(self._receive)
-        if self._disconnect is not None:
-            self._disconnect.remove_done_callback(self._disconnected)
-            self._disconnect.cancel()
-        if self._gone:
-            return
-        with contextlib.suppress(Exception):  # the connection ends with kdlabctl anyway
-            await asyncio.gather(*map(self._client.remove_match, self._rules))
-
-    async def changed(self, timeout: float | None = None) -> None:
-        """Wait for the next change (at most *timeout* seconds).
-
-        Raises :class:`RemoteError` when kdlabd has left the bus or the bus
-        connection closed: nothing would change any more.
-        """
-        if not self._changed.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
-        self._changed.clear()
-        if self._gone:
-            raise RemoteError(GONE, self._gone)
-
-    def _receive(self, msg: Message) -> None:
-        """dbus-next's handler of every message: keeps this object's signals.
-
-        Returns None, so dbus-next and other handlers see every message too.
-        """
-        if msg.message_type is not MessageType.SIGNAL:
-            return
-        if self._early is not None:
-            self._early.append(msg)
-        else:
-            self._apply(msg)
-
-    def _apply(self, msg: Message) -> None:
-        if msg.sender == DBUS_NAME and msg.member == "NameOwnerChanged":
-            if msg.body[0] != BUS_NAME or msg.body[1] != self._owner:
-                return
-            self._gone = "kdlabd left the bus"
-        elif msg.sender != self._owner or msg.serial <= self._read_serial:
-            return  # someone else's, or older than the read
-        elif msg.path == self.path and msg.interface == PROPERTIES:
-            if msg.body[0] != self.interface:
-                return
-            self._props.update(_unwrapped(msg.body[1]))
-        elif msg.path == self.path and msg.interface == self.interface:
-            self.ended = self.ended or msg.member == self._ends_with
-        elif msg.member == "InterfacesRemoved" and msg.body[0] == self.path:
-            self.ended = True
-        else:
-            return
-        self._changed.set()
-
-    def _disconnected(self, done: asyncio.Future[None]) -> None:
-        if not done.cancelled():
-            done.exception()  # retrieved: the reason is the same sentence
-            self._gone = "the bus connection closed"
-            self._changed.set()
-
-
-def run(work: Coroutine[Any, Any, T]) -> T:
-    """Run one client coroutine to completion.
-
-    asyncio reports errors nobody awaited (dbus-next's reader, when a bus
-    closes the connection during the handshake) with a traceback on stderr;
-    kdlabctl has already said what went wrong in one sentence.
-    """
-
-    async def quietly() -> T:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, _ctx: None)
-        return await work
-
-    return asyncio.run(quietly())

@@ -167,19 +167,14 @@ def _matching(candidates: Sequence[str], current: str) -> Completion:
 def names(bus: str, listing: Listing) -> list[str]:
     """The names of kdlabd's VMs or images on *bus*; none when kdlabd (or the
     bus) is not there or does not answer within :data:`NAMES_SECONDS`."""
-    import asyncio
+    from kdlabctl.client import Client, settle
 
-    from kdlabctl.client import Client, run
-
-    async def ask() -> list[str]:
-        client = await Client.connect(bus)
+    try:  # each step of the connection and the call waits NAMES_SECONDS at most
+        client = Client.plain(bus, timeout=NAMES_SECONDS)
         try:
-            return await client.names(listing)
+            return settle(client.names(listing))
         finally:
-            client.bus.disconnect()
-
-    try:
-        return run(asyncio.wait_for(ask(), NAMES_SECONDS))
+            client.disconnect()
     except Exception:  # a Tab says nothing about why kdlabd is not there
         return []
 

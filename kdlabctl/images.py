@@ -90,7 +90,7 @@ async def cmd_import(client: Client, args: argparse.Namespace) -> int:
 async def cmd_build(client: Client, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kdlabctl.client import ImageBuild
+    from kdlabctl.options import ImageBuild
 
     key = Path(args.ssh_key).read_text().strip() if args.ssh_key else None
     build = ImageBuild(
@@ -118,14 +118,17 @@ def define(image: argparse.ArgumentParser) -> None:
     image.description = __doc__
     verbs = image.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
 
-    def verb(name: str, fn: object, help_text: str) -> argparse.ArgumentParser:
+    def verb(
+        name: str, fn: object, help_text: str, *, plain: bool = False
+    ) -> argparse.ArgumentParser:
+        """A verb; *plain* ones only call kdlabd (``Client.plain``)."""
         sub: argparse.ArgumentParser = verbs.add_parser(
             name, help=help_text, description=help_text
         )
-        sub.set_defaults(func=fn)
+        sub.set_defaults(func=fn, plain=plain)
         return sub
 
-    listing = verb("list", cmd_list, "list images and the VMs using them")
+    listing = verb("list", cmd_list, "list images and the VMs using them", plain=True)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     create = verb("create", cmd_create, "create a blank image")

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import pwd
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import fields
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
 
+TYPE_CHECKING = False  # importing typing costs more than a listing
 if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
+    from collections.abc import Callable, Sequence
+    from typing import Any, TypeVar
+
+    from kdlabctl.records import Record
+
+    R = TypeVar("R", bound=Record)
 
 DIAGNOSIS_FIELDS = ("code", "severity", "cause", "fix")
-
-R = TypeVar("R", bound="DataclassInstance")
 
 
 def diagnosis(value: Sequence[str]) -> dict[str, str] | None:
@@ -23,16 +22,18 @@ def diagnosis(value: Sequence[str]) -> dict[str, str] | None:
     return dict(zip(DIAGNOSIS_FIELDS, value, strict=True)) if value[0] else None
 
 
-def as_json(record: DataclassInstance) -> dict[str, Any]:
-    """A record of :mod:`kdlabctl.client` for ``--json``: its fields, which are the
-    D-Bus properties in snake_case."""
-    converted = {field.name: getattr(record, field.name) for field in fields(record)}
+def as_json(record: Record) -> dict[str, Any]:
+    """A record of :mod:`kdlabctl.records` for ``--json``: its fields, which are
+    the D-Bus properties in snake_case."""
+    converted = record.fields()
     if "diagnosis" in converted:
         converted["diagnosis"] = diagnosis(converted["diagnosis"])
     return converted
 
 
 def print_json(value: Any) -> None:
+    import json  # only for --json
+
     json.dump(value, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 
@@ -45,6 +46,8 @@ def user_name(uid: int) -> str:
 
 
 def timestamp(usec: int) -> str:
+    from datetime import UTC, datetime  # only for show
+
     if not usec:
         return "-"
     return datetime.fromtimestamp(usec / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -18,20 +18,18 @@ from dbus_next import Message, MessageType, Variant
 from kdlab.states import JobState, VMState
 from kdlab.wire import BUS_NAME, CREATE_OPTIONS, JOB_INTERFACE, MANAGER_PATH, job_path
 from kdlabctl import output
+from kdlabctl.asyncbus import GONE, Watch
 from kdlabctl.client import (
     DBUS_NAME,
-    GONE,
     OBJECT_MANAGER,
     PROPERTIES,
     VM,
     Image,
     Job,
     RemoteError,
-    VMOptions,
-    Watch,
-    _options,
-    snake,
 )
+from kdlabctl.options import VMOptions, variants
+from kdlabctl.records import snake
 
 # --- names and records -------------------------------------------------------------
 
@@ -131,7 +129,7 @@ def test_json_is_the_properties_in_snake_case() -> None:
 
 def test_options_leave_out_what_keeps_kdlabds_default() -> None:
     options = VMOptions(cmdline="", memory_mib=0, extra_disks=(1, 2), gdb=False)
-    sent = _options({**options.__dict__, "kernel": 0}, CREATE_OPTIONS)
+    sent = variants({**options.__dict__, "kernel": 0}, CREATE_OPTIONS)
     assert {key: (v.signature, v.value) for key, v in sent.items()} == {
         "cmdline": ("s", ""),
         "memory_mib": ("u", 0),

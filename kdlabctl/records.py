@@ -1,0 +1,146 @@
+"""What kdlabd's objects are to kdlabctl: read-only records of their properties.
+
+A record's fields are its object's D-Bus properties in snake_case
+(``MemoryMiB`` is ``memory_mib``): ``--json`` prints them under these names.
+States are :mod:`kdlab.states`' enums, arrays and structs are tuples.
+
+The records are plain classes, not dataclasses: ``kdlabctl list`` makes them
+on every run, and importing :mod:`dataclasses` (which imports :mod:`inspect`)
+costs more than the call to kdlabd does. :class:`Record` reads each field's
+kind from its annotation, once per class.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kdlab.states import JobState, VMState
+
+TYPE_CHECKING = False  # importing typing costs more than a listing
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, ClassVar, Self, dataclass_transform
+else:
+
+    def dataclass_transform(**_options: object) -> Callable[[type], type]:
+        """For type checkers only: records' constructors take their fields."""
+        return lambda cls: cls
+
+
+# A word is a plural acronym (VCPUs), a capitalised word that may end in one
+# capital (MemoryMiB: Memory, MiB), or an acronym (UUID, APIRevision: API).
+_WORD = re.compile(
+    r"[A-Z]+s(?![a-z])|[A-Z]?[a-z0-9]+(?:[A-Z](?![a-z]))?|[A-Z]+(?![a-z])"
+)
+_ENUMS = {"VMState": VMState, "JobState": JobState}
+
+
+def snake(name: str) -> str:
+    """``MemoryMiB`` -> ``memory_mib``: a D-Bus property name as a field name."""
+    return "_".join(_WORD.findall(name)).lower()
+
+
+def _same(value: object) -> object:
+    return value
+
+
+def _kind(annotation: str) -> Callable[[Any], Any]:
+    """How a field annotated *annotation* is made from its property's value."""
+    if annotation in _ENUMS:
+        return _ENUMS[annotation]
+    if annotation.startswith(("tuple[", "Diagnosis")):
+        return tuple
+    return _same
+
+
+@dataclass_transform(kw_only_default=True, frozen_default=True)
+class Record:
+    """A read-only record of one object's properties (its annotated fields)."""
+
+    _kinds: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+
+    def __init_subclass__(cls) -> None:
+        cls._kinds = {name: _kind(hint) for name, hint in cls.__annotations__.items()}
+
+    def __init__(self, **fields: Any) -> None:
+        if fields.keys() != self._kinds.keys():
+            wrong = sorted(fields.keys() ^ self._kinds.keys())
+            raise TypeError(f"{type(self).__name__}: wrong fields {wrong}")
+        self.__dict__.update(fields)
+
+    @classmethod
+    def from_properties(cls, props: Mapping[str, Any]) -> Self:
+        """The record of *props* (values unwrapped): enums for states, tuples
+        for arrays and structs."""
+        values = {snake(key): value for key, value in props.items()}
+        return cls(**{name: kind(values[name]) for name, kind in cls._kinds.items()})
+
+    def fields(self) -> dict[str, Any]:
+        """The fields by name, in their order."""
+        return {name: self.__dict__[name] for name in self._kinds}
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with *changes*."""
+        return type(self)(**(self.fields() | changes))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.fields().values()))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.fields().items())
+        return f"{type(self).__name__}({shown})"
+
+
+# The Diagnosis property: (code, severity, cause, fix); four "" when nothing.
+Diagnosis = tuple[str, str, str, str]
+
+
+class VM(Record):
+    """An ``org.kdlab.Kdlab1.VM`` object's properties."""
+
+    name: str
+    state: VMState
+    uuid: str
+    owner: int
+    cmdline: str
+    memory_mib: int
+    vcpus: int
+    accel: str
+    created: int
+    gdb_stub: str
+    waiting_for_debugger: bool
+    kernel_release: str
+    vmlinux: str
+    kernel_path: str
+    tree: str
+    diagnosis: Diagnosis
+
+
+class Image(Record):
+    """An ``org.kdlab.Kdlab1.Image`` object's properties."""
+
+    name: str
+    format: str
+    capacity: int
+    allocation: int
+    owner: int
+    used_by: tuple[str, ...]
+
+
+class Job(Record):
+    """An ``org.kdlab.Kdlab1.Job`` object's properties."""
+
+    id: int
+    kind: str
+    target: str
+    owner: int
+    progress: float
+    status: str
+    state: JobState
+    error: str  # the D-Bus error name of a failure, else ""
