@@ -71,6 +71,18 @@ def _unsigned(bits: int, low: int = 0) -> Callable[[str], int]:
     return parse
 
 
+def _ip_address(text: str) -> str:
+    """An argparse type: an IP address (``localhost`` is 127.0.0.1)."""
+    import ipaddress
+
+    if text == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
 class UsageError(Exception):
     """A problem with the command line or a local file, found before calling kdlabd."""
 
@@ -858,6 +870,27 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="keep printing new output until the VM stops",
     )
+    web = command(
+        "web",
+        cmd_web,
+        "serve kdlab's Cockpit page to your browser, without a Cockpit login: "
+        "prints the page's URL (with a secret token) first; Ctrl-C stops it",
+    )
+    web.add_argument(
+        "--address",
+        type=_ip_address,
+        default="127.0.0.1",
+        help="IP address to listen on (default 127.0.0.1; any other lets whoever "
+        "reaches it with the URL use your session)",
+    )
+    web.add_argument(
+        "--port",
+        type=_unsigned(16),
+        default=0,
+        metavar="PORT",
+        help="TCP port (default: a free one)",
+    )
+    web.set_defaults(needs_daemon=False)
     text = (
         "print the completion script of SHELL; e.g. in ~/.bashrc: "
         "source <(kdlabctl completion bash)"
@@ -871,6 +904,17 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
         for parser_of_later in later:
             parser_of_later.define_now()
     return parser
+
+
+async def cmd_web(_client: object, args: argparse.Namespace) -> int:
+    from kdlabctl import web
+
+    try:
+        await web.serve(args.address, args.port, args.bus)
+    except web.Unavailable as err:
+        print(f"kdlabctl: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return EXIT_OK
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
