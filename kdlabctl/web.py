@@ -55,6 +55,8 @@ COOKIE_PREFIX = "kdlab-web-"
 HEADER_LIMIT = 64 * 1024
 # A client that has not sent its request's header by then is dropped.
 HEADER_SECONDS = 30.0
+# How long a refused client may go on sending before its connection is closed.
+LINGER_SECONDS = 2.0
 # How long cockpit-ws and its bridge get to exit on SIGTERM before SIGKILL.
 STOP_SECONDS = 5.0
 # cockpit-ws takes the listening socket as descriptor 3 and LISTEN_PID must be
@@ -197,6 +199,8 @@ def response(status: str, text: str, extra: tuple[str, ...] = ()) -> bytes:
 FORBIDDEN = response(
     "403 Forbidden", "kdlab web: open the URL kdlabctl web printed (with its token)"
 )
+
+BAD_REQUEST = response("400 Bad Request", "kdlab web: bad request")
 
 
 def without_token(target: str) -> str:
@@ -386,17 +390,17 @@ class Front:
         ours = writer.get_extra_info("sockname")
         peer = writer.get_extra_info("peername")
         if not self._callers(ours, peer):
-            await _answer(writer, FORBIDDEN)
+            await _answer(reader, writer, FORBIDDEN)
             return
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEADER_SECONDS)
         try:
             request = Request(head[:-4])
             verdict = self._check(request, ours[0])
         except ValueError:
-            await _answer(writer, response("400 Bad Request", "kdlab web: bad request"))
+            await _answer(reader, writer, BAD_REQUEST)
             return
         if verdict is not None:
-            await _answer(writer, verdict)
+            await _answer(reader, writer, verdict)
             return
         await self.cockpit.ensure()
         upstream_reader, upstream = await asyncio.open_unix_connection(self.socket_path)
@@ -459,9 +463,20 @@ def _host(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
-async def _answer(writer: asyncio.StreamWriter, data: bytes) -> None:
+async def _answer(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
+) -> None:
+    """Send *data*, then read what the client still sends, for a while:
+    closing with unread data would reset the connection and could lose the
+    answer before the client reads it."""
     writer.write(data)
     await writer.drain()
+    writer.write_eof()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            for _ in range(HEADER_LIMIT // 4096):
+                if not await reader.read(4096):
+                    break
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
