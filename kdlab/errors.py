@@ -142,7 +142,9 @@ def out_of_descriptors(detail: str) -> LimitExceeded:
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: kdlabd or the bus is not reachable
+# sysexits EX_UNAVAILABLE: kdlabd or the bus is not reachable, or a program
+# kdlabctl runs (cockpit-ws for kdlabctl web) is not installed.
+EXIT_UNAVAILABLE = 69
 
 EXIT_CODES: dict[str, int] = {cls.dbus_name(): cls.exit_code for cls in ERRORS}
 
@@ -174,7 +176,11 @@ EXIT_TABLE: tuple[ExitCode, ...] = (
     ExitCode(HypervisorError.exit_code, "libvirt or QEMU failed"),
     ExitCode(BuildFailed.exit_code, "an image build failed"),
     ExitCode(LimitExceeded.exit_code, "over one of kdlabd's configured limits"),
-    ExitCode(EXIT_UNAVAILABLE, "kdlabd or the bus is not reachable"),
+    ExitCode(
+        EXIT_UNAVAILABLE,
+        "kdlabd or the bus is not reachable, or a program kdlabctl runs "
+        "is not installed",
+    ),
 )
 
 

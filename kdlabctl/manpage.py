@@ -26,6 +26,11 @@ def page() -> roff.Page:
         roff.fill("The bus kdlabd is on when --bus is not given (system, session "
                   "or a D-Bus address)."),
     )  # fmt: skip
+    manual.item(
+        roff.bold("KDLAB_COCKPIT_WS"),
+        roff.fill("The cockpit-ws program kdlabctl web runs (default "
+                  "/usr/lib/cockpit/cockpit-ws); cockpit-bridge is found in PATH."),
+    )  # fmt: skip
     manual.see_also(("kdlabd", 8), ("kdlab-dbus", 7), ("gdb", 1))
     return manual
 
