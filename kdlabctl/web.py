@@ -205,12 +205,12 @@ BAD_REQUEST = response("400 Bad Request", "kdlab web: bad request")
 
 def without_token(target: str) -> str:
     """*target* with the token taken out of its query: where the redirect goes."""
-    parts = urlsplit(target)
-    if not parts.path.startswith("/") or parts.path.startswith("//"):
-        return PAGE  # never a redirect off this server
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    rest = urlencode([(k, v) for k, v in query if k != TOKEN])
-    return parts.path + (f"?{rest}" if rest else "")
+    path, _, query_text = target.partition("?")
+    if not path.startswith("/") or path.startswith("//") or "\\" in path:
+        return PAGE  # never off this server (browsers read "/\\x" as "//x")
+    query = parse_qsl(query_text.partition("#")[0], keep_blank_values=True)
+    rest = urlencode([(key, value) for key, value in query if key != TOKEN])
+    return path + (f"?{rest}" if rest else "")
 
 
 # ---- cockpit-ws and its bridge ----------------------------------------------
