@@ -746,6 +746,33 @@ def _define_completion(parser: argparse.ArgumentParser) -> None:
     completion.define(parser)
 
 
+def add_web_parser(
+    command: Callable[[str, Command, str], argparse.ArgumentParser],
+) -> None:
+    """``kdlabctl web``'s options (the command runs no call on the bus itself)."""
+    web = command(
+        "web",
+        cmd_web,
+        "serve kdlab's Cockpit page to your browser, without a Cockpit login: "
+        "prints the page's URL (with a secret token) first; Ctrl-C stops it",
+    )
+    web.add_argument(
+        "--address",
+        type=_ip_address,
+        default="127.0.0.1",
+        help="IP address to listen on (default 127.0.0.1; any other lets whoever "
+        "reaches it with the URL use your session)",
+    )
+    web.add_argument(
+        "--port",
+        type=_unsigned(16),
+        default=0,
+        metavar="PORT",
+        help="TCP port (default: a free one)",
+    )
+    web.set_defaults(needs_daemon=False)
+
+
 def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     """kdlabctl's parser; *lazy* leaves the options of a command group in a
     module of its own to when the group is used (:class:`CommandParser`)."""
@@ -870,27 +897,7 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="keep printing new output until the VM stops",
     )
-    web = command(
-        "web",
-        cmd_web,
-        "serve kdlab's Cockpit page to your browser, without a Cockpit login: "
-        "prints the page's URL (with a secret token) first; Ctrl-C stops it",
-    )
-    web.add_argument(
-        "--address",
-        type=_ip_address,
-        default="127.0.0.1",
-        help="IP address to listen on (default 127.0.0.1; any other lets whoever "
-        "reaches it with the URL use your session)",
-    )
-    web.add_argument(
-        "--port",
-        type=_unsigned(16),
-        default=0,
-        metavar="PORT",
-        help="TCP port (default: a free one)",
-    )
-    web.set_defaults(needs_daemon=False)
+    add_web_parser(command)
     text = (
         "print the completion script of SHELL; e.g. in ~/.bashrc: "
         "source <(kdlabctl completion bash)"
