@@ -12,6 +12,7 @@ and again once the clone is gone.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -41,13 +42,19 @@ class Installed:
     mandir: Path
     datadir: Path  # what XDG_DATA_DIRS names: bash-completion/completions in it
 
+    @property
+    def cockpit_page(self) -> Path:
+        """Where Cockpit finds the page (XDG_DATA_DIRS/cockpit/kdlab)."""
+        return self.datadir / "cockpit" / "kdlab"
+
     def install(self, clone: Path) -> None:
         """Run *clone*'s .ci/install into this installation, as .ci/setup does."""
         result = subprocess.run(
             [str(clone / ".ci" / "install"),
              "--prefix", str(self.prefix), "--bindir", str(self.bindir),
              "--mandir", str(self.mandir),
-             "--completiondir", str(self.datadir / "bash-completion/completions")],
+             "--completiondir", str(self.datadir / "bash-completion/completions"),
+             "--cockpitdir", str(self.cockpit_page)],
             cwd=clone, env=os.environ, capture_output=True, text=True,
             timeout=INSTALL_TIMEOUT, check=False,
         )  # fmt: skip
@@ -206,3 +213,18 @@ def test_install_again_updates_code_and_manual(installed: Installed) -> None:
         cwd="/", capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert summary.startswith("updated: ")
+
+
+def test_install_puts_the_cockpit_page_in_place(installed: Installed) -> None:
+    """The page is the wheel's package data, byte for byte, with xterm.js from
+    npm ci; Cockpit's menu gets "Kernel lab"; no node_modules is left in the clone."""
+    sources = installed.clone / "kdlabctl" / "cockpit"
+    for name in ("manifest.json", "index.html", "kdlab.js", "kdlab.css"):
+        assert (installed.cockpit_page / name).read_bytes() == (
+            sources / name
+        ).read_bytes(), name
+    manifest = json.loads((installed.cockpit_page / "manifest.json").read_text())
+    assert manifest["menu"]["index"]["label"] == "Kernel lab"
+    assert "Terminal" in (installed.cockpit_page / "xterm.js").read_text()
+    assert (installed.cockpit_page / "xterm.css").stat().st_size > 0
+    assert not list(installed.clone.rglob("node_modules"))
