@@ -38,7 +38,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 PAGE_SOURCES = REPO / "kdlabctl" / "cockpit"
 INSTALL_PAGE = REPO / ".ci" / "cockpit-page"
 PAGE_PATH = "/cockpit/@localhost/kdlab/index.html"
-WINDOW = (1280, 900)
+WINDOW = (1280, 1000)
 WAIT_SECONDS = 30.0
 NPM_TIMEOUT = 300.0
 
@@ -269,7 +269,10 @@ class Browser:
             )
         )
 
-    def screenshot(self, name: str) -> Path:
+    def screenshot(self, name: str, *, top: bool = False) -> Path:
+        """Save the window as ``ARTIFACTS/NAME.png`` (scrolled to the *top*)."""
+        if top:
+            self.driver.execute_script("window.scrollTo(0, 0);")
         path = self.artifacts / f"{name}.png"
         self.driver.save_screenshot(str(path))
         return path

@@ -162,7 +162,7 @@ def test_page_creates_starts_and_shows_the_console(
         "#log", lambda text: "Linux version" in text and MARKER in text,
         "the boot log pane lacks the kernel's boot",
     )  # fmt: skip
-    web.screenshot("console")
+    web.screenshot("console", top=True)  # docs/cockpit.png
 
     web.click(button(vm_name, "force-stop"))
     wait_state(web, vm_name, "stopped")
