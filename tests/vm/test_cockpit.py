@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.wire import vm_path
 from tests.support import browser
 from tests.support.browser import Browser, PageServer
+from tests.support.bus import BusMonitor
 from tests.support.clients import TRACEBACK_MARKERS
 from tests.support.logins import Logins, LoginUser
 from tests.vm.conftest import MARKER, Lab
@@ -148,8 +150,11 @@ def test_page_creates_starts_and_shows_the_console(
     assert shown.returncode == 0, shown.stderr
     assert f'"owner": {logins.alice.uid}' in shown.stdout
 
-    web.click(button(vm_name, "start"))
-    wait_state(web, vm_name, "running", timeout=120)
+    # The page's calls reach the lab's kdlabd, on its private bus, as alice.
+    with BusMonitor(lab.daemon.address) as monitor:
+        web.click(button(vm_name, "start"))
+        wait_state(web, vm_name, "running", timeout=120)
+        assert monitor.calls("Start", path=vm_path(vm_name))
     web.click(button(vm_name, "console"))
     rows = "#console .xterm-rows"
     web.wait_for_text(
