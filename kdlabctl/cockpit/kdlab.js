@@ -380,11 +380,13 @@ images.addEventListener("removed", updateImageChoices);
 function renderJob(row, proxy) {
     row.dataset.job = String(proxy.Id);
     const [id, kind, target, state, progress, status, actions] = cells(row, 7);
+    for (const [cell, name] of [[target, "target"], [state, "state"], [progress, "progress"],
+                                [status, "status"]])
+        cell.dataset.field = name;
     id.textContent = String(proxy.Id);
     kind.textContent = proxy.Kind;
     target.textContent = proxy.Target;
     state.textContent = proxy.State;
-    state.dataset.field = "state";
     let bar = progress.querySelector("progress");
     if (!bar) {
         bar = element("progress", { max: "1" });

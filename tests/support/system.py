@@ -83,13 +83,18 @@ def forget_cached_base(suite: str, packages: tuple[str, ...]) -> None:
 
 @contextlib.contextmanager
 def system_kdlabd(
-    pool_prefix: str, accel: str = "tcg", config: str = "", nofile: int | None = None
+    pool_prefix: str,
+    accel: str = "tcg",
+    config: str = "",
+    nofile: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Kdlabd]:
     """kdlabd on the system libvirtd, on a private bus, with its own state and pool.
 
     Its VMs are real domains of the system libvirtd; a kdlabd the developer
     runs is not disturbed. *config* adds lines to its kdlabd.toml, *nofile*
-    sets its descriptor limit. On exit the daemon must stop cleanly (exit 0
+    sets its descriptor limit, *env* adds to its environment
+    (KDLAB_TEST_HOLD_AT, ...). On exit the daemon must stop cleanly (exit 0
     within STOP_SECONDS of SIGTERM, no traceback in its log) and must not have
     died on its own before; its pool and directories are removed.
     """
@@ -112,7 +117,7 @@ def system_kdlabd(
         nofile=nofile,
     )
     try:
-        daemon.start()
+        daemon.start(env=env)
         yield daemon
     finally:
         died = daemon.died_on_its_own()

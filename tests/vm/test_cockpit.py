@@ -14,49 +14,100 @@ directory (tests/support/browser.py: artifacts_dir).
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from kdlab.wire import vm_path
+from kdlabd.core.journal import HOLD_ENV
 from tests.support import browser
 from tests.support.browser import Browser, PageServer
 from tests.support.bus import BusMonitor
 from tests.support.clients import TRACEBACK_MARKERS
-from tests.support.logins import Logins, LoginUser
+from tests.support.daemon import Kdlabd
+from tests.support.logins import (
+    LOGIN_ENV,
+    Logins,
+    LoginUser,
+    kdlabctl_command,
+    kill,
+    login_argv,
+)
+from tests.support.system import remove_vm, system_kdlabd
 from tests.vm.conftest import MARKER, Lab
 
 pytestmark = pytest.mark.vm
 
+POOL_PREFIX = f"kdlab-vmweb{os.getpid()}"
 BOOT_SECONDS = 240.0  # a Debian kernel to userspace under TCG on a busy machine
 
 
+@dataclass(frozen=True)
+class Site:
+    """The page served as alice by this module's kdlabd, and a browser on it."""
+
+    lab: Lab  # the Debian kernel and initramfs
+    daemon: Kdlabd
+    logins: Logins
+    page: PageServer
+    web: Browser
+
+    def ctl(self, user: LoginUser, *args: str) -> subprocess.CompletedProcess[str]:
+        """kdlabctl run by *user* from a login shell, on this module's kdlabd."""
+        return self.logins.kdlabctl(user, self.daemon.address, *args)
+
+    def ctl_ok(self, user: LoginUser, *args: str) -> None:
+        done = self.ctl(user, *args)
+        assert done.returncode == 0, done.stderr
+
+    def create_args(self, name: str) -> tuple[str, ...]:
+        return ("create", name, "--kernel", str(self.lab.kernel.vmlinuz),
+                "--initrd", str(self.lab.initramfs), "--memory", "256")  # fmt: skip
+
+    def open(self) -> Browser:
+        """The page loaded afresh in the browser."""
+        self.web.open(self.page.url)
+        return self.web
+
+
 @pytest.fixture(scope="module")
-def page(lab: Lab, logins: Logins) -> Iterator[PageServer]:
-    """The page served as alice, on the lab's kdlabd."""
+def site(
+    lab: Lab, logins: Logins, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Site]:
+    """This module's kdlabd on the system libvirtd, as the lab's except that an
+    upload into its image pool waits there until its job is cancelled (an
+    import stays a running job for the page to cancel); the page served on
+    it as alice; one headless chromium, quit at the end."""
     browser.require_browser()
+    artifacts = browser.artifacts_dir(tmp_path_factory.getbasetemp())
     root = Path(tempfile.mkdtemp(prefix="kdlab-cockpit-", dir="/var/tmp"))
     root.chmod(0o755)  # alice's bridge reads the page and runs the wrapper there
+    hold = {HOLD_ENV: "image.upload-started"}
     try:
-        server = PageServer(logins.alice, lab.daemon.address, root)
-        try:
-            yield server
-        finally:
-            server.stop()
+        with system_kdlabd(POOL_PREFIX, env=hold) as daemon:
+            page = PageServer(logins.alice, daemon.address, root)
+            try:
+                with browser.browser(artifacts) as web:
+                    yield Site(lab, daemon, logins, page, web)
+            finally:
+                page.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
-    """One headless chromium for the module, quit at its end."""
-    with browser.browser(
-        browser.artifacts_dir(tmp_path_factory.getbasetemp())
-    ) as session:
-        yield session
+@pytest.fixture
+def vm_name(site: Site) -> Iterator[str]:
+    """A fresh VM name; whatever the test leaves of it is removed afterwards."""
+    name = f"web-{uuid.uuid4().hex[:8]}"
+    yield name
+    remove_vm(site.daemon, name)
 
 
 def row(name: str) -> str:
@@ -80,16 +131,6 @@ def wait_state(web: Browser, name: str, state: str, timeout: float = 60.0) -> No
     )
 
 
-def ctl_ok(logins: Logins, user: LoginUser, lab: Lab, *args: str) -> None:
-    done = logins.kdlabctl(user, lab.daemon.address, *args)
-    assert done.returncode == 0, done.stderr
-
-
-def create_args(lab: Lab, name: str) -> tuple[str, ...]:
-    return ("create", name, "--kernel", str(lab.kernel.vmlinuz),
-            "--initrd", str(lab.initramfs), "--memory", "256")  # fmt: skip
-
-
 def as_page_shows(stderr: str) -> str:
     """kdlabctl's error output as the page shows it: its sentences, unprefixed."""
     lines = stderr.strip().splitlines()
@@ -97,15 +138,16 @@ def as_page_shows(stderr: str) -> str:
 
 
 def test_page_lists_a_vm_created_with_kdlabctl_and_follows_its_state(
-    lab: Lab, logins: Logins, page: PageServer, web: Browser, vm_name: str
+    site: Site, vm_name: str
 ) -> None:
     """A VM created and started from a terminal shows up and changes state on
     the open page: no reload (the document is the one loaded), no poll."""
-    web.open(page.url)
+    web, logins = site.web, site.logins
+    site.open()
     web.mark()
     assert not web.exists(row(vm_name))
 
-    ctl_ok(logins, logins.alice, lab, *create_args(lab, vm_name))
+    site.ctl_ok(logins.alice, *site.create_args(vm_name))
     wait_state(web, vm_name, "defined")
     web.wait_for_text(
         cell(vm_name, "owner"), lambda text: text == logins.alice.name,
@@ -114,7 +156,7 @@ def test_page_lists_a_vm_created_with_kdlabctl_and_follows_its_state(
     assert web.find(button(vm_name, "start")).is_enabled()
     assert not web.find(button(vm_name, "stop")).is_enabled()
 
-    ctl_ok(logins, logins.alice, lab, "start", "--paused", vm_name)
+    site.ctl_ok(logins.alice, "start", "--paused", vm_name)
     wait_state(web, vm_name, "paused")
     web.wait_for_text(
         cell(vm_name, "debugger"), lambda text: "waiting" in text,
@@ -123,42 +165,41 @@ def test_page_lists_a_vm_created_with_kdlabctl_and_follows_its_state(
     assert web.find(button(vm_name, "force-stop")).is_enabled()
     web.screenshot("vm-paused-from-the-command-line")
 
-    ctl_ok(logins, logins.alice, lab, "stop", "--force", vm_name)
+    site.ctl_ok(logins.alice, "stop", "--force", vm_name)
     wait_state(web, vm_name, "stopped")
     assert web.same_document(), "the page reloaded"
 
 
-def test_page_creates_starts_and_shows_the_console(
-    lab: Lab, logins: Logins, page: PageServer, web: Browser, vm_name: str
-) -> None:
+def test_page_creates_starts_and_shows_the_console(site: Site, vm_name: str) -> None:
     """The form creates a VM from paths on the host (kdlabctl opens them as
     alice); Start boots it; the console pane shows the kernel's boot to the
     initramfs' shell and types into it; the boot log pane has the whole boot."""
-    web.open(page.url)
+    web, logins = site.web, site.logins
+    site.open()
     form = "#create-form"
     for field, value in (
         ("name", vm_name),
-        ("kernel", str(lab.kernel.vmlinuz)),
-        ("initrd", str(lab.initramfs)),
+        ("kernel", str(site.lab.kernel.vmlinuz)),
+        ("initrd", str(site.lab.initramfs)),
         ("memory", "256"),
     ):
         web.find(f'{form} [name="{field}"]').send_keys(value)
     web.click(f'{form} button[data-action="create"]')
     wait_state(web, vm_name, "defined", timeout=120)
     assert web.text("#error") == ""
-    shown = logins.kdlabctl(logins.alice, lab.daemon.address, "show", "--json", vm_name)
+    shown = site.ctl(logins.alice, "show", "--json", vm_name)
     assert shown.returncode == 0, shown.stderr
     assert f'"owner": {logins.alice.uid}' in shown.stdout
 
     # The page's calls reach the lab's kdlabd, on its private bus, as alice.
-    with BusMonitor(lab.daemon.address) as monitor:
+    with BusMonitor(site.daemon.address) as monitor:
         web.click(button(vm_name, "start"))
         wait_state(web, vm_name, "running", timeout=120)
         assert monitor.calls("Start", path=vm_path(vm_name))
     web.click(button(vm_name, "console"))
     rows = "#console .xterm-rows"
     web.wait_for_text(
-        rows, lambda text: MARKER in text and lab.kernel.release in text,
+        rows, lambda text: MARKER in text and site.lab.kernel.release in text,
         "the console never showed the boot reaching userspace", BOOT_SECONDS,
     )  # fmt: skip
     web.find("#console .xterm-helper-textarea").send_keys("echo kdlab-$((6*7))\n")
@@ -174,11 +215,10 @@ def test_page_creates_starts_and_shows_the_console(
     assert web.text("#error") == ""
 
 
-def test_delete_asks_first_then_removes_the_vm(
-    lab: Lab, logins: Logins, page: PageServer, web: Browser, vm_name: str
-) -> None:
-    ctl_ok(logins, logins.alice, lab, *create_args(lab, vm_name))
-    web.open(page.url)
+def test_delete_asks_first_then_removes_the_vm(site: Site, vm_name: str) -> None:
+    web, logins = site.web, site.logins
+    site.ctl_ok(logins.alice, *site.create_args(vm_name))
+    site.open()
     wait_state(web, vm_name, "defined")
 
     web.click(button(vm_name, "delete"))
@@ -187,29 +227,28 @@ def test_delete_asks_first_then_removes_the_vm(
     web.click('#confirm button[data-action="cancel"]')
     web.wait_until(lambda: not web.find("#confirm").is_displayed(), "dialog stays")
     assert web.exists(row(vm_name))
-    ctl_ok(logins, logins.alice, lab, "show", vm_name)
+    site.ctl_ok(logins.alice, "show", vm_name)
 
     web.click(button(vm_name, "delete"))
     web.click('#confirm button[data-action="confirm"]')
     web.wait_until(lambda: not web.exists(row(vm_name)), "the deleted VM stays listed")
-    listed = logins.kdlabctl(logins.alice, lab.daemon.address, "list")
+    listed = site.ctl(logins.alice, "list")
     assert vm_name not in listed.stdout
     assert web.text("#error") == ""
 
 
-def test_errors_are_shown_as_their_messages(
-    lab: Lab, logins: Logins, page: PageServer, web: Browser, vm_name: str
-) -> None:
+def test_errors_are_shown_as_their_messages(site: Site, vm_name: str) -> None:
     """Starting bob's VM (alice may not) shows kdlabd's NotAuthorized message;
     a create from a kernel path that does not exist shows kdlabctl's sentence;
     each is what the command line says, and no stack."""
-    ctl_ok(logins, logins.bob, lab, *create_args(lab, vm_name))
-    web.open(page.url)
+    web, logins = site.web, site.logins
+    site.ctl_ok(logins.bob, *site.create_args(vm_name))
+    site.open()
     wait_state(web, vm_name, "defined")
     web.wait_for_text(
         cell(vm_name, "owner"), lambda text: text == logins.bob.name, "bob not shown"
     )
-    refused = logins.kdlabctl(logins.alice, lab.daemon.address, "start", vm_name)
+    refused = site.ctl(logins.alice, "start", vm_name)
     assert refused.returncode != 0
     web.click(button(vm_name, "start"))
     shown = web.wait_for_text("#error", bool, "no error shown")
@@ -218,11 +257,9 @@ def test_errors_are_shown_as_their_messages(
     wait_state(web, vm_name, "defined")
 
     missing = "/nonexistent/bzImage"
-    bad = logins.kdlabctl(
-        logins.alice, lab.daemon.address, "create", f"{vm_name}-x", "--kernel", missing
-    )
+    bad = site.ctl(logins.alice, "create", f"{vm_name}-x", "--kernel", missing)
     assert bad.returncode != 0
-    web.open(page.url)
+    site.open()
     web.find('#create-form [name="name"]').send_keys(f"{vm_name}-x")
     web.find('#create-form [name="kernel"]').send_keys(missing)
     web.click('#create-form button[data-action="create"]')
@@ -234,38 +271,72 @@ def test_errors_are_shown_as_their_messages(
         assert marker not in web.text("body")
 
 
-def test_images_and_jobs_are_listed_live(
-    lab: Lab, logins: Logins, page: PageServer, web: Browser
-) -> None:
-    """An image imported from the command line appears with its owner, its
-    import job with its end and full progress; deleting it removes its row."""
-    name = f"cockpit-{page.port}"
-    web.open(page.url)
-    disk = Path(tempfile.mkdtemp(dir="/var/tmp")) / "disk.raw"
-    try:
-        disk.write_bytes(b"\0" * (1 << 20))
-        disk.parent.chmod(0o755)
-        disk.chmod(0o644)
-        ctl_ok(logins, logins.alice, lab, "image", "import", name, str(disk))
-    finally:
-        shutil.rmtree(disk.parent)
-    image = f'#image-list tr[data-image="{name}"]'
-    web.wait_until(lambda: web.exists(image), "the imported image is not listed")
-    web.wait_for_text(image, lambda text: logins.alice.name in text, "no owner")
-    job = "#job-list tr"
-    web.wait_until(
-        lambda: any(
-            name in item.text and "succeeded" in item.text
-            for item in web.driver.find_elements("css selector", job)
+def job_row(web: Browser, target: str) -> str:
+    """The selector of the row of the job on *target* (once there is one)."""
+    job = web.wait_until(
+        lambda: web.driver.execute_script(
+            "const row = [...document.querySelectorAll('#job-list tr[data-job]')]"
+            ".find(r => r.querySelector('[data-field=target]').textContent"
+            " === arguments[0]);"
+            " return row ? row.dataset.job : null;",
+            target,
         ),
-        "the import's job is not listed as succeeded",
+        f"no job on {target} is listed",
     )
-    assert web.driver.execute_script(
-        "return [...document.querySelectorAll('#job-list tr')]"
-        ".some(r => r.textContent.includes(arguments[0])"
-        " && r.querySelector('progress').value === 1"
-        " && r.querySelector('button[data-action=cancel]').disabled);",
-        name,
+    return f'#job-list tr[data-job="{job}"]'
+
+
+def test_images_listed_and_a_running_import_cancelled(site: Site) -> None:
+    """An image made from the command line appears with its owner and goes
+    when deleted; an import from the command line is a running job on the
+    page, whose Cancel ends it (the importing kdlabctl says so) and leaves no
+    image."""
+    web, logins, daemon = site.web, site.logins, site.daemon
+    blank, imported = f"web-blank-{site.page.port}", f"web-import-{site.page.port}"
+    site.open()
+    site.ctl_ok(logins.alice, "image", "create", blank, "--size", "16M")
+    image = f'#image-list tr[data-image="{blank}"]'
+    web.wait_for_text(image, lambda text: logins.alice.name in text, "no owner")
+
+    disk = Path(tempfile.mkdtemp(dir="/var/tmp")) / "disk.raw"
+    disk.write_bytes(b"\0" * (1 << 20))
+    disk.parent.chmod(0o755)
+    disk.chmod(0o644)
+    command = kdlabctl_command(daemon.address, "image", "import", imported, str(disk))
+    importer = subprocess.Popen(
+        login_argv(logins.alice, command),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=LOGIN_ENV,
+        cwd="/",
+        text=True,
     )
-    ctl_ok(logins, logins.alice, lab, "image", "delete", name)
+    try:
+        job = job_row(web, imported)
+        web.wait_for_text(
+            f'{job} [data-field="state"]', lambda text: text == "running", "not running"
+        )
+        web.wait_until(
+            lambda: web.exists(f"{job} progress"), "the job shows no progress bar"
+        )
+        web.screenshot("job-running")
+        web.click(f'{job} button[data-action="cancel"]')
+        web.wait_for_text(
+            f'{job} [data-field="state"]',
+            lambda text: text == "cancelled",
+            "the job was not cancelled",
+        )
+        assert not web.find(f'{job} button[data-action="cancel"]').is_enabled()
+        _, stderr = importer.communicate(timeout=60)
+        assert importer.returncode != 0
+        assert "cancel" in stderr.lower(), stderr
+    finally:
+        if importer.poll() is None:
+            kill(importer)
+        shutil.rmtree(disk.parent)
+    assert not web.exists(f'#image-list tr[data-image="{imported}"]')
+    assert web.text("#error") == ""
+
+    site.ctl_ok(logins.alice, "image", "delete", blank)
     web.wait_until(lambda: not web.exists(image), "the deleted image stays listed")
