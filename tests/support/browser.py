@@ -269,10 +269,15 @@ class Browser:
             )
         )
 
-    def screenshot(self, name: str, *, top: bool = False) -> Path:
-        """Save the window as ``ARTIFACTS/NAME.png`` (scrolled to the *top*)."""
+    def screenshot(self, name: str, *, top: bool = False, show: str = "") -> Path:
+        """Save the window as ``ARTIFACTS/NAME.png``, scrolled to the *top* or
+        to the element *show*."""
         if top:
             self.driver.execute_script("window.scrollTo(0, 0);")
+        if show:
+            self.driver.execute_script(
+                "document.querySelector(arguments[0]).scrollIntoView();", show
+            )
         path = self.artifacts / f"{name}.png"
         self.driver.save_screenshot(str(path))
         return path

@@ -320,7 +320,7 @@ def test_images_listed_and_a_running_import_cancelled(site: Site) -> None:
         web.wait_until(
             lambda: web.exists(f"{job} progress"), "the job shows no progress bar"
         )
-        web.screenshot("job-running")
+        web.screenshot("job-running", show="#image-list")
         web.click(f'{job} button[data-action="cancel"]')
         web.wait_for_text(
             f'{job} [data-field="state"]',
