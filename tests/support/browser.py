@@ -29,10 +29,11 @@ from typing import Any
 
 from tests.support import REPO, logins
 from tests.support.logins import LoginUser
-from tests.support.prereq import require_tool
+from tests.support.prereq import require, require_tool
 from tests.support.timeouts import STARTUP_TIMEOUT
 
 COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
+SHELL_MANIFEST = "/usr/share/cockpit/shell/manifest.json"  # Cockpit's menu
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 PAGE_SOURCES = REPO / "kdlabctl" / "cockpit"
@@ -45,6 +46,10 @@ NPM_TIMEOUT = 300.0
 
 def require_browser() -> None:
     """Skip (or in CI fail) without Cockpit, chromium and npm (.ci/setup)."""
+    require(
+        Path(SHELL_MANIFEST).exists(),
+        "Cockpit's shell (apt-get install cockpit-system)",
+    )
     for path, package in (
         (COCKPIT_WS, "cockpit-ws"),
         ("cockpit-bridge", "cockpit-bridge"),
@@ -148,6 +153,11 @@ class PageServer:
     def url(self) -> str:
         """The page's address."""
         return f"http://127.0.0.1:{self.port}{PAGE_PATH}"
+
+    @property
+    def shell_url(self) -> str:
+        """The address of Cockpit's shell, whose menu lists the page."""
+        return f"http://127.0.0.1:{self.port}/"
 
     def _wait_until_listening(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT

@@ -29,7 +29,7 @@ from kdlab.wire import vm_path
 from kdlabd.core.journal import HOLD_ENV
 from tests.support import browser
 from tests.support.browser import Browser, PageServer
-from tests.support.bus import BusMonitor
+from tests.support.bus import BusClient, BusMonitor
 from tests.support.clients import TRACEBACK_MARKERS
 from tests.support.daemon import Kdlabd
 from tests.support.logins import (
@@ -269,6 +269,57 @@ def test_errors_are_shown_as_their_messages(site: Site, vm_name: str) -> None:
     web.screenshot("error")
     for marker in TRACEBACK_MARKERS:
         assert marker not in web.text("body")
+
+
+def test_a_failed_boot_shows_its_diagnosis(site: Site, vm_name: str) -> None:
+    """A kernel without a root file system panics; the page shows the VM's
+    Diagnosis property (severity, cause and fix) as kdlabd announces it."""
+    web, logins = site.web, site.logins
+    kernel_only = ("--kernel", str(site.lab.kernel.vmlinuz), "--memory", "256")
+    site.ctl_ok(logins.alice, "create", vm_name, *kernel_only)
+    site.open()
+    wait_state(web, vm_name, "defined")
+    diagnosis = cell(vm_name, "diagnosis")
+    assert web.text(diagnosis) == ""
+    web.click(button(vm_name, "start"))
+    client = BusClient(site.daemon.address)
+    try:
+
+        def as_announced() -> bool:
+            _, severity, cause, fix = client.vm_properties(vm_name)["Diagnosis"]
+            shown = web.text(diagnosis)
+            return bool(cause) and shown == f"{severity}: {cause}Fix: {fix}"
+
+        web.wait_until(as_announced, "the diagnosis is not shown", BOOT_SECONDS)
+        _, severity, _, _ = client.vm_properties(vm_name)["Diagnosis"]
+    finally:
+        client.close()
+    assert severity == "error"
+    assert web.find(diagnosis).get_attribute("class") == "severity-error"
+    web.screenshot("diagnosis", top=True)
+    web.click(button(vm_name, "force-stop"))
+    wait_state(web, vm_name, "stopped")
+
+
+def test_cockpit_menu_lists_kernel_lab(site: Site) -> None:
+    """Cockpit's own shell finds the installed page: "Kernel lab" in its
+    menu opens the page, which lists the VMs."""
+    web = site.web
+    web.driver.get(site.page.shell_url)
+    entry = 'a[href="/kdlab"]'
+    web.wait_until(
+        lambda: "Kernel lab" in web.find(entry).text, "no Kernel lab in the menu"
+    )
+    web.find(entry).click()
+    frame = 'iframe[name="cockpit1:localhost/kdlab"]'
+    web.wait_until(lambda: web.find(frame).is_displayed(), "the page did not open")
+    web.screenshot("cockpit-menu")
+    web.driver.switch_to.frame(web.find(frame))
+    try:
+        web.wait_until(lambda: web.text("#status") == "", "the page never loaded")
+        assert web.exists("#vm-list")
+    finally:
+        web.driver.switch_to.default_content()
 
 
 def job_row(web: Browser, target: str) -> str:
