@@ -185,11 +185,23 @@ vms.addEventListener("removed", (event, proxy) => {
     $("#no-vms").hidden = vmRows.size > 0;
 });
 
-vms.wait(() => {
-    $("#status").textContent = "";
-}).catch(error => {
-    $("#status").textContent = "";
+const CONNECTING = $("#status").textContent;
+
+function connected() {
+    // The owner event may have said meanwhile that kdlabd is not running.
+    if ($("#status").textContent === CONNECTING)
+        $("#status").textContent = "";
+}
+
+vms.wait(connected).catch(error => {
+    connected();
     showError(error);
+});
+
+// kdlabd restarts (an update, systemctl restart): the bus name loses its
+// owner, then gets a new one, whose objects the bridge reads again.
+client.addEventListener("owner", (event, owner) => {
+    $("#status").textContent = owner ? "" : "kdlabd is not running: waiting for it to start";
 });
 
 client.addEventListener("close", (event, options) => {

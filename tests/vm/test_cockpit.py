@@ -301,6 +301,31 @@ def test_a_failed_boot_shows_its_diagnosis(site: Site, vm_name: str) -> None:
     wait_state(web, vm_name, "stopped")
 
 
+def test_page_follows_kdlabd_through_a_restart(site: Site, vm_name: str) -> None:
+    """kdlabd stopped and started again (as systemctl restart does): the open
+    page says it lost kdlabd, then lists the VM again and follows its state,
+    without a reload."""
+    web, logins = site.web, site.logins
+    site.ctl_ok(logins.alice, *site.create_args(vm_name))
+    site.open()
+    web.mark()
+    wait_state(web, vm_name, "defined")
+    site.daemon.stop()
+    try:
+        web.wait_until(
+            lambda: "kdlabd" in web.text("#status"), "the page did not notice"
+        )
+    finally:
+        site.daemon.start(env={HOLD_ENV: "image.upload-started"})
+    web.wait_until(lambda: web.text("#status") == "", "the page did not reconnect")
+    wait_state(web, vm_name, "defined")
+    site.ctl_ok(logins.alice, "start", "--paused", vm_name)
+    wait_state(web, vm_name, "paused")
+    site.ctl_ok(logins.alice, "stop", "--force", vm_name)
+    wait_state(web, vm_name, "stopped")
+    assert web.same_document(), "the page reloaded"
+
+
 def test_cockpit_menu_lists_kernel_lab(site: Site) -> None:
     """Cockpit's own shell finds the installed page: "Kernel lab" in its
     menu opens the page, which lists the VMs."""
