@@ -35,3 +35,27 @@ class JobState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class StopCause(enum.StrEnum):
+    """Why a VM's last boot ended, as the VM's ``LastStop`` property spells it."""
+
+    NONE = ""
+    """The VM runs, or kdlabd started no boot of it (see ``Booted``)."""
+    REQUESTED = "requested"
+    """A Stop call (kdlabctl stop) powered it off."""
+    GUEST = "guest"
+    """The guest powered itself off (poweroff, halt, ``init`` ending in a
+    poweroff)."""
+    CRASHED = "crashed"
+    """QEMU or the guest crashed (the hypervisor says so)."""
+    KILLED = "killed"
+    """Someone else pulled the plug (another libvirt client's destroy)."""
+    UNKNOWN = "unknown"
+    """It stopped without a Stop call and the hypervisor does not say how
+    (libvirtd restarted since, for example)."""
+
+    @property
+    def unexpected(self) -> bool:
+        """Whether the boot ended without anyone asking kdlab to stop it."""
+        return self not in (StopCause.NONE, StopCause.REQUESTED)

@@ -21,7 +21,7 @@ JOB_PATH_PREFIX = f"{MANAGER_PATH}/job"
 ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
 
 # Bumped on every additive change of the interfaces in xml/dbus/.
-API_REVISION = 4
+API_REVISION = 5
 
 # The ``a{sv}`` options of each method that takes them: every key and its D-Bus
 # type, as the contract (xml/dbus/) documents them. kdlabd refuses any other

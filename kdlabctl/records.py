@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from kdlab.states import JobState, VMState
+from kdlab.states import JobState, StopCause, VMState
 
 TYPE_CHECKING = False  # importing typing costs more than a listing
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ else:
 _WORD = re.compile(
     r"[A-Z]+s(?![a-z])|[A-Z]?[a-z0-9]+(?:[A-Z](?![a-z]))?|[A-Z]+(?![a-z])"
 )
-_ENUMS = {"VMState": VMState, "JobState": JobState}
+_ENUMS = {"VMState": VMState, "JobState": JobState, "StopCause": StopCause}
 
 
 def snake(name: str) -> str:
@@ -120,6 +120,8 @@ class VM(Record):
     kernel_path: str
     tree: str
     diagnosis: Diagnosis
+    booted: int  # the current or last boot's identity (µs); 0: none
+    last_stop: StopCause
 
 
 class Image(Record):

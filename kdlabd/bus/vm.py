@@ -57,6 +57,8 @@ def properties(record: VMRecord) -> dict[str, Any]:
         "Vmlinux": spec.vmlinux,
         "KernelPath": spec.kernel_path,
         "Tree": spec.tree,
+        "Booted": record.boot.started_usec,
+        "LastStop": record.last_stop.value,
     }
 
 
@@ -206,6 +208,18 @@ class VMInterface(ServiceInterface):
     def Tree(self) -> "s":
         """The kernel source tree given at creation; kdlabctl start boots its build."""
         return self._props["Tree"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Booted(self) -> "t":
+        """When kdlabd started the current or last boot (µs since the epoch): the
+        boot's identity, kept across kdlabd restarts; 0 when it started none."""
+        return self._props["Booted"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastStop(self) -> "s":
+        """How the last boot ended: ``requested`` (a Stop call), ``guest``,
+        ``crashed``, ``killed``, ``unknown``; "" while the VM runs."""
+        return self._props["LastStop"]
 
     @dbus_property(access=PropertyAccess.READ)
     def Diagnosis(self) -> "(ssss)":

@@ -9,6 +9,7 @@ from typing import Protocol
 from kdlabd.core.limits import HostResources
 from kdlabd.core.models import (
     Accel,
+    BootMark,
     ImageRecord,
     ImageSource,
     StoredImage,
@@ -80,6 +81,10 @@ class Hypervisor(Protocol):
 
     async def start_vm(self, name: str, *, paused: bool) -> None:
         """Boot the VM; with *paused*, its CPUs wait before the first instruction."""
+
+    async def mark_boot(self, name: str, mark: BootMark) -> None:
+        """Record *mark* with the VM's definition, where the next
+        :class:`VMRecord` of it (from this or a later kdlabd) reads it back."""
 
     async def shutdown_vm(self, name: str) -> None:
         """Ask the guest to power off (ACPI power button). Returns at once."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdlab.kernel.diagnosis import Diagnosis
-from kdlab.states import VMState
+from kdlab.states import StopCause, VMState
 from kdlabd.core import cmdline as kernel_cmdline
 
 
@@ -135,6 +135,18 @@ class VMSpec:
 
 
 @dataclass(frozen=True)
+class BootMark:
+    """What kdlabd records with a VM's domain about its current or last boot,
+    so that it outlives kdlabd: which boot it is, and whether a Stop asked for
+    its end. Clients key what they saw of a boot on *started_usec*."""
+
+    started_usec: int = 0
+    """When kdlabd started the boot, in microseconds since the epoch; 0: none."""
+    stop_requested: bool = False
+    """A Stop call was made during the boot."""
+
+
+@dataclass(frozen=True)
 class VMRecord:
     """A VM as the hypervisor knows it: its spec, identity and current state."""
 
@@ -143,7 +155,19 @@ class VMRecord:
     state: VMState
     waiting_for_debugger: bool = False
     diagnosis: Diagnosis | None = None
+    boot: BootMark = BootMark()
+    last_stop: StopCause = StopCause.NONE
+    """How the last boot ended (see :func:`stop_cause`)."""
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+def stop_cause(state: VMState, boot: BootMark, how: StopCause) -> StopCause:
+    """How the boot *boot* of a VM now in *state* ended, where *how* is what
+    the hypervisor tells of the end (it cannot tell a Stop call from any other
+    power-off: the mark can)."""
+    if not state.off or boot.started_usec == 0:
+        return StopCause.NONE
+    return StopCause.REQUESTED if boot.stop_requested else how

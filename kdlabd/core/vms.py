@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,7 +30,7 @@ from kdlab.errors import (
 )
 from kdlab.kernel import bzimage as kernel
 from kdlab.kernel.diagnosis import HEAD_SIZE, TAIL_SIZE, BootFacts, Diagnosis, diagnose
-from kdlab.states import VMState
+from kdlab.states import StopCause, VMState
 from kdlabd.core import blocking, descriptors, validate
 from kdlabd.core import cmdline as kernel_cmdline
 from kdlabd.core.consoles import ConsoleHub
@@ -40,6 +41,7 @@ from kdlabd.core.limits import Limits
 from kdlabd.core.models import (
     Accel,
     Backing,
+    BootMark,
     DebugSettings,
     Disk,
     ImageRecord,
@@ -245,6 +247,10 @@ def client_view(entry: VMEntry) -> VMRecord:
         state,
         waiting_for_debugger=waiting,
         diagnosis=None if boot is None else boot.diagnosis,
+        # Which boot it is; that a Stop was asked for shows in last_stop.
+        boot=BootMark(record.boot.started_usec),
+        # How the last boot ended, once the VM shows that it is off.
+        last_stop=record.last_stop if state.off else StopCause.NONE,
     )
 
 
@@ -578,11 +584,20 @@ class VMService:
             boot = entry.boot = Boot(
                 BootClock(started_paused=paused), waiting_for_debugger=paused
             )
+            # Marked first, and shown with "starting": every event of the boot
+            # carries its mark. A failed start leaves the mark of the last
+            # boot that did start.
+            assert entry.record is not None, "a VM the hypervisor never reported"
+            last = entry.record.boot
+            mark = BootMark(max(time.time_ns() // 1000, last.started_usec + 1))
+            await self._hv.mark_boot(name, mark)
+            entry.record = dataclasses.replace(entry.record, boot=mark)
             async with self._transition(entry, VMState.STARTING):
                 try:
                     await self._hv.start_vm(name, paused=paused)
                 except BaseException:
                     boot.waiting_for_debugger = False
+                    await _undo(lambda n: self._hv.mark_boot(n, last), name)
                     raise
             log.info("vm.started", vm=name, paused=paused)
             return self.get(name)
@@ -597,6 +612,10 @@ class VMService:
                 raise InvalidState(f"VM {name!r} is not running (it is {record.state})")
             force = force or timeout <= 0
             async with self._transition(entry, VMState.STOPPING):
+                # However the guest goes off now, it was asked to.
+                assert entry.record is not None, "a VM the hypervisor never reported"
+                stopping = dataclasses.replace(entry.record.boot, stop_requested=True)
+                await self._hv.mark_boot(name, stopping)
                 if not force:
                     await self._hv.shutdown_vm(name)
                     force = not await self._wait_inactive(entry, timeout)

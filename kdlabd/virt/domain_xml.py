@@ -14,6 +14,7 @@ from lxml import etree
 from kdlabd.core.models import (
     Accel,
     Backing,
+    BootMark,
     DebugSettings,
     Disk,
     ImageFormat,
@@ -28,6 +29,12 @@ GDB_CHARDEV_ID = "kdlab-gdb"
 KERNEL_PATH_ATTRIBUTE = "source"
 """The attribute of ``<kdlab:kernel>`` holding the spec's *kernel_path*; the name
 defined domains already store it under, so it stays."""
+
+BOOT_NS = "https://kdlab.org/xmlns/boot/1"
+"""The namespace of the boot mark: an element of its own in ``<metadata>``, so
+kdlabd sets it on a running domain (virDomainSetMetadata) without touching
+the spec's ``<kdlab:vm>``."""
+BOOT_PREFIX = "kdlab-boot"
 
 _Q = f"{{{QEMU_NS}}}"
 _K = f"{{{KDLAB_NS}}}"
@@ -171,6 +178,26 @@ def build_domain_xml(spec: VMSpec, uuid: str | None = None) -> str:
         for arg in args:
             _sub(commandline, _Q + "arg", value=arg)
     return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def boot_mark_xml(mark: BootMark) -> str:
+    """*mark* (see :class:`BootMark`) as virDomainSetMetadata takes it: an
+    element without its namespace, which libvirt puts in :data:`BOOT_NS`."""
+    attributes = {"started": str(mark.started_usec)}
+    if mark.stop_requested:
+        attributes["stop"] = "requested"
+    return etree.tostring(etree.Element("boot", attributes), encoding="unicode")
+
+
+def parse_boot_mark(xml: str) -> BootMark:
+    """The boot mark in a domain's XML; an empty mark when there is none."""
+    element = etree.fromstring(xml.encode()).find(f"metadata/{{{BOOT_NS}}}boot")
+    if element is None:
+        return BootMark()
+    return BootMark(
+        started_usec=int(element.get("started", "0")),
+        stop_requested=element.get("stop") == "requested",
+    )
 
 
 class NotKdlabDomain(ValueError):

@@ -38,7 +38,7 @@ from kdlab.errors import (
     VMExists,
     out_of_descriptors,
 )
-from kdlab.states import VMState
+from kdlab.states import StopCause, VMState
 from kdlabd.core import blocking
 from kdlabd.core.hypervisor import (
     ConsoleOutput,
@@ -51,20 +51,26 @@ from kdlabd.core.hypervisor import (
 from kdlabd.core.limits import HostResources
 from kdlabd.core.models import (
     Accel,
+    BootMark,
     ImageFormat,
     ImageRecord,
     ImageSource,
     StoredImage,
     VMRecord,
     VMSpec,
+    stop_cause,
 )
 from kdlabd.host import facts
 from kdlabd.virt import storage
 from kdlabd.virt.domain_xml import (
+    BOOT_NS,
+    BOOT_PREFIX,
     DOMAIN_PREFIX,
     NotKdlabDomain,
+    boot_mark_xml,
     build_domain_xml,
     domain_name,
+    parse_boot_mark,
     parse_domain_xml,
 )
 
@@ -120,6 +126,25 @@ def vm_state(state: int, reason: int) -> VMState:
     ):
         return VMState.CRASHED
     return _STATES.get(state, VMState.STOPPED)
+
+
+# How a domain went off, by libvirt's shut-off reason: libvirt cannot tell
+# kdlabd's own shutdown or destroy from anyone else's (the boot mark can).
+_STOP_CAUSES = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: StopCause.GUEST,
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: StopCause.KILLED,
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: StopCause.CRASHED,
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopCause.CRASHED,
+}
+
+
+def hypervisor_stop_cause(state: int, reason: int) -> StopCause:
+    """What libvirt's (state, reason) pair tells of how a domain went off."""
+    if state == libvirt.VIR_DOMAIN_CRASHED:
+        return StopCause.CRASHED
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        return _STOP_CAUSES.get(reason, StopCause.UNKNOWN)
+    return StopCause.NONE
 
 
 def _translate(err: libvirt.libvirtError) -> KdlabError:
@@ -355,6 +380,18 @@ class LibvirtHypervisor:
                 ) from None
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
         await self._change(name, lambda dom: dom.createWithFlags(flags), active=True)
+
+    async def mark_boot(self, name: str, mark: BootMark) -> None:
+        def record(conn: libvirt.virConnect) -> None:
+            self._domain(conn, name).setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                boot_mark_xml(mark),
+                BOOT_PREFIX,
+                BOOT_NS,
+                libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+            )
+
+        await self._call(record, again=record)
 
     async def shutdown_vm(self, name: str) -> None:
         await self._change(name, lambda dom: dom.shutdown(), active=False)
@@ -669,7 +706,8 @@ class LibvirtHypervisor:
         try:
             if not dom.name().startswith(DOMAIN_PREFIX):
                 return None
-            spec = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            spec = parse_domain_xml(xml)
             state, reason = dom.state()
         except NotKdlabDomain:
             return None
@@ -677,7 +715,14 @@ class LibvirtHypervisor:
             if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise
-        return VMRecord(spec=spec, uuid=dom.UUIDString(), state=vm_state(state, reason))
+        shown, mark = vm_state(state, reason), parse_boot_mark(xml)
+        return VMRecord(
+            spec=spec,
+            uuid=dom.UUIDString(),
+            state=shown,
+            boot=mark,
+            last_stop=stop_cause(shown, mark, hypervisor_stop_cause(state, reason)),
+        )
 
     def _ensure_pools(self, conn: libvirt.virConnect) -> None:
         """kdlab's pools exist and run; a pool that existed keeps its directory."""

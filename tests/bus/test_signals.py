@@ -6,6 +6,8 @@ the changes are made by kdlabctl in another process.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from dbus_next import Message
 
@@ -21,9 +23,9 @@ UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
 UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
 
 
-def announced_states(client: BusClient, path: str) -> list[str]:
-    """The State values announced with PropertiesChanged on *path* so far."""
-    states = []
+def announced_changes(client: BusClient, path: str) -> list[dict[str, Any]]:
+    """The VM properties announced with PropertiesChanged on *path* so far."""
+    announced = []
     for msg in client.signals:
         if (msg.path, msg.interface, msg.member) == (
             path,
@@ -32,9 +34,13 @@ def announced_states(client: BusClient, path: str) -> list[str]:
         ):
             interface, changed, invalidated = msg.body
             assert (interface, invalidated) == (VM_INTERFACE, [])
-            assert set(changed) == {"State"}, "only the state changes on start and stop"
-            states.append(changed["State"].value)
-    return states
+            announced.append({key: value.value for key, value in changed.items()})
+    return announced
+
+
+def announced_states(client: BusClient, path: str) -> list[str]:
+    """The State values announced with PropertiesChanged on *path* so far."""
+    return [changed["State"] for changed in announced_changes(client, path)]
 
 
 def test_start_and_stop_announce_each_state(client: BusClient, ctl: Ctl) -> None:
@@ -53,6 +59,13 @@ def test_start_and_stop_announce_each_state(client: BusClient, ctl: Ctl) -> None
         "stopping",
         "stopped",
     ]
+    # The new boot's mark comes with "starting", how it ended with "stopped";
+    # nothing else changes.
+    starting, running, stopping, stopped = announced_changes(client, path)
+    assert set(starting) == {"State", "Booted"}
+    assert starting["Booted"] > 0
+    assert set(running) == set(stopping) == {"State"}
+    assert stopped == {"State": "stopped", "LastStop": "requested"}
 
 
 def _removal_signals(client: BusClient, ctl: Ctl, name: str) -> tuple[Message, Message]:

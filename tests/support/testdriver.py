@@ -24,9 +24,9 @@ from unittest.mock import ANY
 
 from lxml import etree
 
-from kdlabd.core.models import Accel, DebugSettings, Disk, VMSpec
+from kdlabd.core.models import Accel, BootMark, DebugSettings, Disk, VMSpec
 from kdlabd.core.vms import Layout
-from kdlabd.virt.domain_xml import build_domain_xml
+from kdlabd.virt.domain_xml import BOOT_NS, boot_mark_xml, build_domain_xml
 from tests.support.bus import PrivateBus
 from tests.support.clients import NOBODY
 from tests.support.daemon import Kdlabd
@@ -43,6 +43,7 @@ class RunState(enum.IntEnum):
     RUNNING = 1
     PAUSED = 3
     SHUTOFF = 5
+    CRASHED = 6
 
 
 # The state kdlab shows for each libvirt state of a pre-populated domain.
@@ -52,6 +53,7 @@ RUNSTATES = {
     "stopped": RunState.SHUTOFF,
     "running": RunState.RUNNING,
     "paused": RunState.PAUSED,
+    "crashed": RunState.CRASHED,
 }
 
 
@@ -72,6 +74,7 @@ class FakeVM:
     vmlinux: str = ""  # the client's hints, kept in kdlab's metadata
     kernel_path: str = ""
     disk: bool = False  # a blank vda, for a console that diagnoses the root disk
+    booted_usec: int = 0  # the boot mark kdlabd's Start would have recorded
 
     @property
     def uuid(self) -> str:
@@ -111,6 +114,11 @@ class FakeVM:
         )
 
     @property
+    def last_stop(self) -> str:
+        """A crashed domain of the file went off by a crash (if kdlabd booted it)."""
+        return "crashed" if self.state == "crashed" and self.booted_usec else ""
+
+    @property
     def diagnosis(self) -> list[str]:
         """What kdlabd diagnoses from the cmdline alone: KASLR under a gdbstub."""
         if self.gdb_stub != "off" and "kaslr" in self.boots_with.split():
@@ -136,6 +144,8 @@ class FakeVM:
             "KernelPath": self.kernel_path,
             "Tree": "",
             "Diagnosis": self.diagnosis,
+            "Booted": self.booted_usec,
+            "LastStop": self.last_stop,
         }
         props.update(changes)
         return props
@@ -219,6 +229,12 @@ def driver_xml(vms: Iterable[FakeVM], layout: Layout) -> bytes:
         named = domain.find("name")
         assert named is not None, "kdlab's domain XML has a <name>"
         named.addnext(uuid)
+        if vm.booted_usec:
+            metadata = domain.find("metadata")
+            assert metadata is not None, "kdlab's domain XML has <metadata>"
+            # As libvirt stores what virDomainSetMetadata was given.
+            mark = etree.fromstring(boot_mark_xml(BootMark(vm.booted_usec)))
+            etree.SubElement(metadata, f"{{{BOOT_NS}}}boot", mark.attrib)
         etree.SubElement(domain, f"{{{TEST_NS}}}runstate").text = str(
             int(RUNSTATES[vm.state])
         )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdlab.errors import HypervisorError, InvalidState, NoSuchVM, VMExists
-from kdlab.states import VMState
+from kdlab.states import StopCause, VMState
 from kdlabd.core.hypervisor import (
     ConsoleOutput,
     ConsoleSent,
@@ -30,12 +30,14 @@ from kdlabd.core.hypervisor import (
 from kdlabd.core.limits import HostResources
 from kdlabd.core.models import (
     Accel,
+    BootMark,
     ImageFormat,
     ImageRecord,
     ImageSource,
     StoredImage,
     VMRecord,
     VMSpec,
+    stop_cause,
 )
 from kdlabd.core.validate import IMAGE_HEADER_BYTES
 
@@ -57,6 +59,9 @@ class Domain:
     spec: VMSpec
     uuid: str
     state: VMState = VMState.STOPPED
+    boot: BootMark = field(default_factory=BootMark)
+    stopped_by: StopCause = StopCause.NONE
+    """What libvirt would tell of how it went off (its shut-off reason)."""
 
 
 @dataclass
@@ -136,9 +141,13 @@ class FakeHypervisor:
         self.domains[spec.name] = domain
         return domain
 
-    def set_state(self, name: str, state: VMState) -> None:
-        """Change a domain's state, as a guest or libvirt would, and send the event."""
+    def set_state(
+        self, name: str, state: VMState, how: StopCause = StopCause.GUEST
+    ) -> None:
+        """Change a domain's state, as a guest or libvirt would, and send the
+        event; a domain that goes off does so *how*."""
         self.domains[name].state = state
+        self.domains[name].stopped_by = how
         self._announce(name)
 
     def reconnect(self) -> None:
@@ -198,6 +207,10 @@ class FakeHypervisor:
         domain.state = VMState.PAUSED if paused else VMState.RUNNING
         self._announce(name)
 
+    async def mark_boot(self, name: str, mark: BootMark) -> None:
+        await self._step("mark_boot", name)
+        self._domain(name).boot = mark
+
     async def shutdown_vm(self, name: str) -> None:
         await self._step("shutdown_vm", name)
         domain = self._domain(name)
@@ -217,6 +230,7 @@ class FakeHypervisor:
         if name in self._power_off:
             self._power_off.pop(name).cancel()
         domain.state = VMState.STOPPED
+        domain.stopped_by = StopCause.KILLED
         self._announce(name)
 
     async def open_console(
@@ -355,7 +369,10 @@ class FakeHypervisor:
 
     @staticmethod
     def _record(domain: Domain) -> VMRecord:
-        return VMRecord(domain.spec, domain.uuid, domain.state)
+        how = stop_cause(domain.state, domain.boot, domain.stopped_by)
+        return VMRecord(
+            domain.spec, domain.uuid, domain.state, boot=domain.boot, last_stop=how
+        )
 
     def _announce(self, name: str) -> None:
         if self._on_changed is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from dbus_next import Message, MessageType, Variant
 
-from kdlab.states import JobState, VMState
+from kdlab.states import JobState, StopCause, VMState
 from kdlab.wire import BUS_NAME, CREATE_OPTIONS, JOB_INTERFACE, MANAGER_PATH, job_path
 from kdlabctl import output
 from kdlabctl.asyncbus import GONE, Watch
@@ -74,6 +74,8 @@ VM_PROPERTIES: dict[str, Any] = {
     "KernelPath": "/src/arch/x86/boot/bzImage",
     "Tree": "",
     "Diagnosis": ["", "", "", ""],
+    "Booted": 1_700_000_000_500_000,
+    "LastStop": "",
 }
 
 
@@ -83,6 +85,7 @@ def test_a_vm_record_has_the_properties_typed() -> None:
     assert vm.memory_mib == 512
     assert vm.waiting_for_debugger is True
     assert vm.diagnosis == ("", "", "", "")
+    assert vm.last_stop is StopCause.NONE
 
 
 def test_a_job_and_an_image_record() -> None:

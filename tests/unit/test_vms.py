@@ -24,7 +24,7 @@ from kdlab.errors import (
     VMExists,
 )
 from kdlab.kernel.diagnosis import BootFacts, diagnose
-from kdlab.states import VMState
+from kdlab.states import StopCause, VMState
 from kdlabd.core.models import Accel, DebugSettings, VMRecord
 from kdlabd.core.vms import (
     Boot,
@@ -996,5 +996,45 @@ def test_a_stopped_boot_keeps_its_diagnosis_until_the_next_start(lab: Lab) -> No
         assert started.diagnosis is None
         await clock.advance(2)
         assert code(lab) is None
+
+    run(scenario())
+
+
+def test_each_start_marks_a_new_boot_and_a_stop_marks_it_requested(lab: Lab) -> None:
+    """Booted names the boot (kept by the hypervisor, so a restarted kdlabd
+    shows the same); LastStop tells a Stop call from the guest's own power-off."""
+
+    async def scenario() -> None:
+        first = await lab.booted()
+        assert first.boot.started_usec > 0
+        assert first.last_stop is StopCause.NONE
+        stopped = await lab.service.stop("vm1", timeout=5)
+        assert stopped.last_stop is StopCause.REQUESTED
+        assert stopped.boot == first.boot
+        second = await lab.service.start("vm1")
+        assert second.boot.started_usec > first.boot.started_usec
+        assert second.last_stop is StopCause.NONE
+        lab.hv.set_state("vm1", VMState.STOPPED, StopCause.GUEST)
+        await settle()
+        assert lab.service.get("vm1").last_stop is StopCause.GUEST
+        # A restarted kdlabd reads both back from the hypervisor.
+        again = VMService(lab.hv, lab.layout, Accel.TCG, host=LocalHost())
+        await again.load()
+        assert again.get("vm1").boot == second.boot
+        assert again.get("vm1").last_stop is StopCause.GUEST
+
+    run(scenario())
+
+
+def test_a_failed_start_keeps_the_last_boots_mark(lab: Lab) -> None:
+    async def scenario() -> None:
+        await lab.booted()
+        await lab.service.stop("vm1", timeout=5)
+        before = lab.service.get("vm1")
+        lab.hv.fail("start_vm", HypervisorError("no QEMU"))
+        with pytest.raises(HypervisorError):
+            await lab.service.start("vm1")
+        after = lab.service.get("vm1")
+        assert (after.boot, after.last_stop) == (before.boot, StopCause.REQUESTED)
 
     run(scenario())
