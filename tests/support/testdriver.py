@@ -234,7 +234,9 @@ def driver_xml(vms: Iterable[FakeVM], layout: Layout) -> bytes:
             assert metadata is not None, "kdlab's domain XML has <metadata>"
             # As libvirt stores what virDomainSetMetadata was given.
             mark = etree.fromstring(boot_mark_xml(BootMark(vm.booted_usec)))
-            etree.SubElement(metadata, f"{{{BOOT_NS}}}boot", mark.attrib)
+            etree.SubElement(
+                metadata, f"{{{BOOT_NS}}}boot", {k: str(v) for k, v in mark.items()}
+            )
         etree.SubElement(domain, f"{{{TEST_NS}}}runstate").text = str(
             int(RUNSTATES[vm.state])
         )
