@@ -234,9 +234,8 @@ def driver_xml(vms: Iterable[FakeVM], layout: Layout) -> bytes:
             assert metadata is not None, "kdlab's domain XML has <metadata>"
             # As libvirt stores what virDomainSetMetadata was given.
             mark = etree.fromstring(boot_mark_xml(BootMark(vm.booted_usec)))
-            etree.SubElement(
-                metadata, f"{{{BOOT_NS}}}boot", {k: str(v) for k, v in mark.items()}
-            )
+            mark.tag = f"{{{BOOT_NS}}}boot"
+            metadata.append(mark)
         etree.SubElement(domain, f"{{{TEST_NS}}}runstate").text = str(
             int(RUNSTATES[vm.state])
         )
