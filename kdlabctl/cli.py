@@ -495,6 +495,12 @@ async def _follow_log(watch: Watch[VM], fd: int) -> None:
             await watch.changed(LOG_READ_SECONDS)
 
 
+async def cmd_notify(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import notify
+
+    return await notify.serve(client, bus=args.bus, page_url=args.page_url)
+
+
 async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     """The seed's whole recipe: check, build, (re)create, boot paused, debug."""
     from kdlab.kernel.findings import errors
@@ -898,6 +904,19 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
         help="keep printing new output until the VM stops",
     )
     add_web_parser(command)
+    notify = command(
+        "notify",
+        cmd_notify,
+        "desktop notifications of your VMs and image jobs (panics, errors, "
+        "unexpected stops, builds that end), until SIGINT or SIGTERM",
+    )
+    notify.add_argument(
+        "--page-url",
+        default="http://localhost:9090/cockpit/@localhost/kdlab/index.html",
+        metavar="URL",
+        help="the kdlab page the 'page' action opens (default: Cockpit's on "
+        "this machine; kdlabctl web prints another)",
+    )
     text = (
         "print the completion script of SHELL; e.g. in ~/.bashrc: "
         "source <(kdlabctl completion bash)"
