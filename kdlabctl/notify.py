@@ -325,11 +325,14 @@ class Agent:
             f"interface='{DBUS_NAME}',member='NameOwnerChanged',arg0='{BUS_NAME}'",
         )
 
-    async def run(self) -> None:
-        """Follow kdlabd until cancelled (or the system bus connection ends)."""
+    async def start(self) -> None:
+        """Subscribe, then read what is there now: old news, only remembered."""
         self.client.bus.add_message_handler(self._receive)
         await asyncio.gather(*map(self.client.add_match, self._rules))
         await self._read(announce=False)
+
+    async def follow(self) -> None:
+        """Follow kdlabd until cancelled."""
         while True:
             msg = await self._signals.get()
             if msg.member == "NameOwnerChanged" and msg.sender == DBUS_NAME:
@@ -340,6 +343,11 @@ class Agent:
     def _receive(self, msg: Message) -> None:
         if msg.message_type is MessageType.SIGNAL:
             self._signals.put_nowait(msg)
+
+    @property
+    def running(self) -> bool:
+        """Whether kdlabd answered the last read."""
+        return bool(self._owner)
 
     async def _owner_changed(self, owner: str) -> None:
         if not owner:  # kdlabd left: what it said stays seen
@@ -429,7 +437,15 @@ async def serve(client: Client, *, bus: str, page_url: str) -> int:
             task.add_done_callback(children.discard)
 
     notifier = await Notifier.connect(act)
-    agent = loop.create_task(Agent(client, notifier, os.getuid()).run())
+    following = Agent(client, notifier, os.getuid())
+    await following.start()
+    print(
+        f"kdlabctl notify: following kdlabd for uid {following.uid}"
+        + ("" if following.running else " (not running now)"),
+        file=sys.stderr,
+        flush=True,
+    )
+    agent = loop.create_task(following.follow())
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)

@@ -5,6 +5,8 @@
   a method call unless a policy file allows it), plus kdlab's shipped
   ``systemd/org.kdlab.Kdlab1.conf``. So the shipped file alone must let root
   own ``org.kdlab.Kdlab1`` and let any uid call it.
+- :class:`SessionBus` is a ``dbus-daemon`` as a desktop session's bus
+  (``kdlabctl notify`` sends its notifications there).
 - :class:`BusClient` is a dbus-next connection driven synchronously, which
   records the signals it receives.
 - :class:`BusMonitor` is ``dbus-monitor``: the method calls clients make.
@@ -81,10 +83,14 @@ class PrivateBus:
         self.address = ""
         self._proc: subprocess.Popen[str] | None = None
 
+    def config(self) -> bytes:
+        """The bus configuration dbus-daemon runs with."""
+        return bus_config(self.directory / "socket", self.policy)
+
     def start(self) -> PrivateBus:
         self.directory.mkdir(mode=0o755, exist_ok=True)
         config = self.directory / "bus.conf"
-        config.write_bytes(bus_config(self.directory / "socket", self.policy))
+        config.write_bytes(self.config())
         stderr = (self.directory / "dbus-daemon.log").open("w")
         with stderr:
             self._proc = subprocess.Popen(
@@ -111,6 +117,26 @@ class PrivateBus:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+
+class SessionBus(PrivateBus):
+    """A dbus-daemon as a graphical session's bus would be: anything goes,
+    for any uid (the test runs as root, the programs on it as their users)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, policy=None)
+
+    def config(self) -> bytes:
+        config = etree.Element("busconfig")
+        etree.SubElement(config, "type").text = "session"
+        etree.SubElement(config, "listen").text = f"unix:path={self.directory}/socket"
+        etree.SubElement(config, "auth").text = "EXTERNAL"
+        policy = etree.SubElement(config, "policy", context="default")
+        etree.SubElement(policy, "allow", user="*")
+        etree.SubElement(policy, "allow", own="*")
+        etree.SubElement(policy, "allow", send_destination="*")
+        etree.SubElement(policy, "allow", receive_sender="*")
+        return etree.tostring(config)
 
 
 def name_has_owner(address: str, name: str) -> bool:
