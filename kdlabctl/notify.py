@@ -56,6 +56,9 @@ NORMAL, CRITICAL = 1, 2
 # Diagnosis codes of a crash of the kernel: critical, whatever their severity.
 CRASHES = frozenset({"kernel-panic", "kernel-oops"})
 NO_SERVER = "org.freedesktop.DBus.Error.NoServer"
+# One agent per session: the name it owns there (RequestName's flag and answer).
+AGENT_NAME = "org.kdlab.Notify"
+DO_NOT_QUEUE, PRIMARY_OWNER = 4, 1
 
 Key = tuple[str, ...]
 
@@ -241,6 +244,20 @@ class Notifier:
         )
         assert reply is not None
         return reply
+
+    async def claim(self) -> bool:
+        """Take the agent's name on the session bus: False if another agent
+        of this session (the user unit, or the autostart file) has it."""
+        reply = await self._call(
+            "RequestName",
+            "su",
+            [AGENT_NAME, DO_NOT_QUEUE],
+            destination=DBUS_NAME,
+            path=DBUS_PATH,
+        )
+        return reply.message_type is MessageType.METHOD_RETURN and reply.body == [
+            PRIMARY_OWNER
+        ]
 
     async def show(self, event: Event) -> None:
         actions = [part for a in event.actions for part in (a, ACTION_LABELS[a])]
@@ -437,6 +454,10 @@ async def serve(client: Client, *, bus: str, page_url: str) -> int:
             task.add_done_callback(children.discard)
 
     notifier = await Notifier.connect(act)
+    if not await notifier.claim():
+        notifier.bus.disconnect()
+        print("kdlabctl notify: already running in this session", file=sys.stderr)
+        return 0
     following = Agent(client, notifier, os.getuid())
     await following.start()
     print(

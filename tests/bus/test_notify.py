@@ -198,15 +198,24 @@ def test_a_panic_is_told_with_actions_that_open_console_gdb_and_page(
         launched = launchers.wait_for(3)
     finally:
         lab.stop_cleanly()
-    kdlabctl = [sys.executable, "-m", "kdlabctl", "--bus", bus.address]
+    ctl_argv = [sys.executable, "-m", "kdlabctl", "--bus", bus.address]
     assert sorted(launched) == sorted(
         [
-            [str(launchers.terminal), "-e", *kdlabctl, "console", "panicked"],
-            [str(launchers.terminal), "-e", *kdlabctl, "gdb", "panicked"],
+            [str(launchers.terminal), "-e", *ctl_argv, "console", "panicked"],
+            [str(launchers.terminal), "-e", *ctl_argv, "gdb", "panicked"],
             [str(launchers.directory / "xdg-open"), f"{PAGE}#/vm/panicked"],
         ]
     )
     assert len(server.received) == 1
+    # A second agent of the session (the unit and the autostart file) leaves.
+    second = kdlabctl(
+        bus.address,
+        "notify",
+        user=desktop.user,
+        env={"DBUS_SESSION_BUS_ADDRESS": server.address},
+    )
+    assert second.returncode == 0
+    assert "already running in this session" in second.stderr
 
 
 def test_without_a_session_bus_or_a_notification_server_it_says_so(

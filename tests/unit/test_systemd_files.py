@@ -612,3 +612,72 @@ def test_tmpfiles_rejects_broken_copy(tmp_path: Path) -> None:
     _, proc = tmpfiles_create(tmp_path, broken)
     assert proc.returncode != 0, "tmpfiles accepted a relative path"
     assert not _only_chown_refused(proc), proc.stderr
+
+
+# --- kdlab-notify: the user unit and the autostart file ------------------------------
+
+NOTIFY_UNIT = SYSTEMD_DIR / "user" / "kdlab-notify.service"
+AUTOSTART = REPO / "systemd" / "user" / "kdlab-notify.desktop"
+KDLABCTL_PATH = "/opt/kdlab/bin/kdlabctl"  # .ci/install's
+
+
+def verify_user_unit(base: Path, unit_text: str) -> subprocess.CompletedProcess[str]:
+    """`systemd-analyze --user verify` of *unit_text*, its kdlabctl a stub in *base*.
+
+    A user manager has no --root; it needs only a runtime directory and a home.
+    """
+    analyze = require_tool("systemd-analyze", "systemd")
+    stub = base / "kdlabctl"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    unit = base / NOTIFY_UNIT.name
+    unit.write_text(unit_text.replace(KDLABCTL_PATH, str(stub)))
+    runtime = base / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "HOME": str(base)}
+    return subprocess.run(
+        [analyze, "--user", "verify", "--man=no", "--generators=no", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_notify_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    assert verify_problems(verify_user_unit(tmp_path, NOTIFY_UNIT.read_text())) == ""
+
+
+def test_verify_rejects_a_broken_notify_unit(tmp_path: Path) -> None:
+    broken = NOTIFY_UNIT.read_text().replace("ExecStart=", "ExecStrat=")
+    assert verify_problems(verify_user_unit(tmp_path, broken)) != ""
+
+
+def test_notify_unit_runs_the_installed_kdlabctl_in_the_graphical_session() -> None:
+    unit = parse_ini(NOTIFY_UNIT.read_text())
+    assert single(unit, "Service", "ExecStart") == f"{KDLABCTL_PATH} notify"
+    assert single(unit, "Unit", "PartOf") == "graphical-session.target"
+    assert single(unit, "Install", "WantedBy") == "graphical-session.target"
+    install = (REPO / ".ci" / "install").read_text()
+    prefix = re.search(r"^prefix=(/\S+)$", install, re.MULTILINE)
+    assert prefix is not None
+    assert f"{prefix[1]}/bin/kdlabctl" == KDLABCTL_PATH
+
+
+def test_autostart_file_starts_the_agent_where_systemd_does_not() -> None:
+    entry = dict(parse_ini(AUTOSTART.read_text())["Desktop Entry"])
+    assert entry["Type"] == "Application"
+    assert entry["Exec"] == "kdlabctl notify"
+    # With systemd the user unit is the way: the generator must not start a
+    # second agent from this file.
+    assert entry["X-systemd-skip"] == "true"
+    assert entry["NoDisplay"] == "true"
+
+
+def test_ci_install_installs_the_unit_and_the_autostart_file() -> None:
+    install = (REPO / ".ci" / "install").read_text()
+    assert "systemd/user/kdlab-notify.service" in install
+    assert "systemd/user/kdlab-notify.desktop" in install
+    assert "/usr/lib/systemd/user" in install
+    assert "/etc/xdg/autostart" in install

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import REPO
 from tests.support.logins import Logins, LoginUser, copy_checkout_to
 from tests.vm.conftest import Lab
 
@@ -54,7 +55,9 @@ class Installed:
              "--prefix", str(self.prefix), "--bindir", str(self.bindir),
              "--mandir", str(self.mandir),
              "--completiondir", str(self.datadir / "bash-completion/completions"),
-             "--cockpitdir", str(self.cockpit_page)],
+             "--cockpitdir", str(self.cockpit_page),
+             "--userunitdir", str(self.datadir / "systemd/user"),
+             "--autostartdir", str(self.datadir / "xdg/autostart")],
             cwd=clone, env=os.environ, capture_output=True, text=True,
             timeout=INSTALL_TIMEOUT, check=False,
         )  # fmt: skip
@@ -228,3 +231,15 @@ def test_install_puts_the_cockpit_page_in_place(installed: Installed) -> None:
     assert "Terminal" in (installed.cockpit_page / "xterm.js").read_text()
     assert (installed.cockpit_page / "xterm.css").stat().st_size > 0
     assert not list(installed.clone.rglob("node_modules"))
+
+
+def test_the_notification_agents_unit_and_autostart_file_are_installed(
+    installed: Installed,
+) -> None:
+    """The user unit runs the kdlabctl of the installation's prefix; the
+    autostart file is the repository's."""
+    unit = (installed.datadir / "systemd/user/kdlab-notify.service").read_text()
+    assert f"ExecStart={installed.prefix}/bin/kdlabctl notify\n" in unit
+    autostart = installed.datadir / "xdg/autostart/kdlab-notify.desktop"
+    assert autostart.read_text() == (REPO / "systemd/user/kdlab-notify.desktop").read_text()
+    assert oct(autostart.stat().st_mode & 0o777) == "0o644"
