@@ -66,6 +66,8 @@ JSON_KEYS = {
     "KernelPath": "kernel_path",
     "Tree": "tree",
     "Diagnosis": "diagnosis",
+    "Booted": "booted",
+    "LastStop": "last_stop",
 }
 
 
