@@ -184,6 +184,7 @@ class Notifier:
         self, bus: MessageBus, on_action: Callable[[Event, str], None]
     ) -> None:
         self.bus = bus
+        self.session = Client(bus)
         self._on_action = on_action
         self._shown: dict[int, Event] = {}
         bus.add_message_handler(self._receive)
@@ -207,57 +208,44 @@ class Notifier:
             ) from None
         notifier = cls(bus, on_action)
         # Asked once: a server started by D-Bus activation starts now.
-        reply = await notifier._call("GetServerInformation")
-        if reply.message_type is MessageType.ERROR:
+        try:
+            await notifier._call("GetServerInformation")
+        except RemoteError as err:
             bus.disconnect()
             raise RemoteError(
                 NO_SERVER,
                 f"no notification server on the session bus ({NOTIFICATIONS}: "
-                f"{reply.error_name}): start the desktop's, or one such as "
-                "dunst or mako",
-            )
+                f"{err.name}): start the desktop's, or one such as dunst or mako",
+            ) from None
         rule = f"type='signal',interface='{NOTIFICATIONS}',path='{NOTIFICATIONS_PATH}'"
-        await notifier._call(
-            "AddMatch", "s", [rule], destination=DBUS_NAME, path=DBUS_PATH
-        )
+        await notifier.session.add_match(rule)
         return notifier
 
     async def _call(
-        self,
-        member: str,
-        signature: str = "",
-        body: Sequence[Any] = (),
-        *,
-        destination: str = NOTIFICATIONS,
-        path: str = NOTIFICATIONS_PATH,
+        self, member: str, signature: str = "", body: Sequence[Any] = ()
     ) -> Message:
-        interface = DBUS_NAME if destination == DBUS_NAME else NOTIFICATIONS
-        reply = await self.bus.call(
-            Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=list(body),
-            )
+        """Call the notification server (an error reply raises RemoteError)."""
+        return await self.session.reply(
+            NOTIFICATIONS_PATH,
+            NOTIFICATIONS,
+            member,
+            signature,
+            body,
+            destination=NOTIFICATIONS,
         )
-        assert reply is not None
-        return reply
 
     async def claim(self) -> bool:
         """Take the agent's name on the session bus: False if another agent
         of this session (the user unit, or the autostart file) has it."""
-        reply = await self._call(
+        reply = await self.session.reply(
+            DBUS_PATH,
+            DBUS_NAME,
             "RequestName",
             "su",
             [AGENT_NAME, DO_NOT_QUEUE],
             destination=DBUS_NAME,
-            path=DBUS_PATH,
         )
-        return reply.message_type is MessageType.METHOD_RETURN and reply.body == [
-            PRIMARY_OWNER
-        ]
+        return bool(reply.body == [PRIMARY_OWNER])
 
     async def show(self, event: Event) -> None:
         actions = [part for a in event.actions for part in (a, ACTION_LABELS[a])]
@@ -268,13 +256,23 @@ class Notifier:
             "urgency": Variant("y", event.urgency),
             "desktop-entry": Variant("s", "kdlab-notify"),
         }
-        reply = await self._call(
-            "Notify",
-            "susssasa{sv}i",
-            [APP_NAME, 0, "computer", event.summary, event.body, actions, hints, -1],
-        )
-        if reply.message_type is MessageType.ERROR:
-            print(f"kdlabctl notify: {reply.error_name}: {reply.body}", file=sys.stderr)
+        try:
+            reply = await self._call(
+                "Notify",
+                "susssasa{sv}i",
+                [
+                    APP_NAME,
+                    0,
+                    "computer",
+                    event.summary,
+                    event.body,
+                    actions,
+                    hints,
+                    -1,
+                ],
+            )
+        except RemoteError as err:  # told, and the agent goes on
+            print(f"kdlabctl notify: {err.name}: {err}", file=sys.stderr)
             return
         self._shown[int(reply.body[0])] = event
 
