@@ -30,23 +30,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dbus_next import BusType, Message, MessageFlag, MessageType, Variant
+from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
 from kdlab.errors import EXIT_UNAVAILABLE
 from kdlab.states import JobState
 from kdlab.wire import BUS_NAME, JOB_INTERFACE, MANAGER_PATH, VM_INTERFACE
-from kdlabctl.client import (
-    DBUS_NAME,
-    DBUS_PATH,
-    OBJECT_MANAGER,
-    PROPERTIES,
-    VM,
-    Client,
-    Job,
-    RemoteError,
-    _unwrapped,
-)
+from kdlabctl.asyncbus import Connection
+from kdlabctl.client import OBJECT_MANAGER, PROPERTIES, Client, unwrapped
+from kdlabctl.quickbus import DBUS_NAME, DBUS_PATH, RemoteError, Reply
+from kdlabctl.records import VM, Job
 
 NOTIFICATIONS = "org.freedesktop.Notifications"
 NOTIFICATIONS_PATH = "/org/freedesktop/Notifications"
@@ -184,7 +177,7 @@ class Notifier:
         self, bus: MessageBus, on_action: Callable[[Event, str], None]
     ) -> None:
         self.bus = bus
-        self.session = Client(bus)
+        self.session = Client(Connection(bus))
         self._on_action = on_action
         self._shown: dict[int, Event] = {}
         bus.add_message_handler(self._receive)
@@ -223,7 +216,7 @@ class Notifier:
 
     async def _call(
         self, member: str, signature: str = "", body: Sequence[Any] = ()
-    ) -> Message:
+    ) -> Reply:
         """Call the notification server (an error reply raises RemoteError)."""
         return await self.session.reply(
             NOTIFICATIONS_PATH,
@@ -378,7 +371,7 @@ class Agent:
                 MANAGER_PATH,
                 OBJECT_MANAGER,
                 "GetManagedObjects",
-                flags=MessageFlag.NO_AUTOSTART,
+                no_autostart=True,
             )
         except RemoteError:
             self._owner, self._vms, self._jobs = "", {}, {}
@@ -387,7 +380,7 @@ class Agent:
         self._vms, self._jobs = {}, {}
         for path, interfaces in reply.body[0].items():
             for interface, props in interfaces.items():
-                await self._take(path, interface, _unwrapped(props), announce)
+                await self._take(path, interface, unwrapped(props), announce)
 
     async def _take(
         self, path: str, interface: str, props: dict[str, Any], announce: bool
@@ -406,19 +399,19 @@ class Agent:
         if msg.member == "InterfacesAdded":
             path, interfaces = msg.body
             for interface, props in interfaces.items():
-                await self._take(path, interface, _unwrapped(props), True)
+                await self._take(path, interface, unwrapped(props), True)
         elif msg.member == "InterfacesRemoved":
             self._vms.pop(msg.body[0], None)
             self._jobs.pop(msg.body[0], None)
         elif msg.member == "PropertiesChanged" and msg.body[0] == VM_INTERFACE:
             props = self._vms.get(msg.path or "")
             if props is not None:
-                props.update(_unwrapped(msg.body[1]))
+                props.update(unwrapped(msg.body[1]))
                 await self._tell(vm_events(VM.from_properties(props)), True)
         elif msg.member == "PropertiesChanged" and msg.body[0] == JOB_INTERFACE:
             job = self._jobs.get(msg.path or "")
             if job is not None:
-                job.update(_unwrapped(msg.body[1]))
+                job.update(unwrapped(msg.body[1]))
         elif msg.member == "Completed":
             job = self._jobs.get(msg.path or "")
             if job is not None:

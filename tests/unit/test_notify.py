@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import pytest
 
 from kdlab.states import JobState, StopCause, VMState
-from kdlabctl.client import VM, Job
 from kdlabctl.notify import (
     CRITICAL,
     NORMAL,
@@ -18,6 +16,7 @@ from kdlabctl.notify import (
     job_event,
     vm_events,
 )
+from kdlabctl.records import VM, Job
 
 PANIC = ("kernel-panic", "error", "kernel panic", "its owner reads the report")
 VMLINUX = VM(
@@ -43,7 +42,7 @@ VMLINUX = VM(
 
 
 def vm(**changes: object) -> VM:
-    return dataclasses.replace(VMLINUX, **changes)  # type: ignore[arg-type]
+    return VMLINUX.replace(**changes)
 
 
 def test_a_healthy_vm_tells_nothing() -> None:
@@ -106,12 +105,12 @@ JOB = Job(
 
 
 def test_a_job_is_told_when_it_ends_keyed_by_the_kdlabd_that_ran_it() -> None:
-    assert job_event(dataclasses.replace(JOB, state=JobState.RUNNING), ":1.5") is None
+    assert job_event(JOB.replace(state=JobState.RUNNING), ":1.5") is None
     done = job_event(JOB, ":1.5")
     assert done is not None
     assert (done.summary, done.body) == ("image bookworm: build done", "built bookworm")
-    failed = dataclasses.replace(
-        JOB, state=JobState.FAILED, error="org.kdlab.Kdlab1.Error.HypervisorError"
+    failed = JOB.replace(
+        state=JobState.FAILED, error="org.kdlab.Kdlab1.Error.HypervisorError"
     )
     told = job_event(failed, ":1.5", "mke2fs failed")
     assert told is not None
