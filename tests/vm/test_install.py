@@ -241,5 +241,6 @@ def test_the_notification_agents_unit_and_autostart_file_are_installed(
     unit = (installed.datadir / "systemd/user/kdlab-notify.service").read_text()
     assert f"ExecStart={installed.prefix}/bin/kdlabctl notify\n" in unit
     autostart = installed.datadir / "xdg/autostart/kdlab-notify.desktop"
-    assert autostart.read_text() == (REPO / "systemd/user/kdlab-notify.desktop").read_text()
+    shipped = REPO / "systemd/user/kdlab-notify.desktop"
+    assert autostart.read_text() == shipped.read_text()
     assert oct(autostart.stat().st_mode & 0o777) == "0o644"
