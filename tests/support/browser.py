@@ -1,28 +1,37 @@
-"""kdlab's Cockpit page in a real browser, for the vm tier.
+"""kdlab's Cockpit page in a real browser, for the vm tier: as a user gets it.
+
+A user runs ``kdlabctl web`` and opens the URL it prints; so do the tests,
+and this module is the one place that says how the page is served and how
+the browser starts:
 
 - :func:`install_page` installs this checkout's page (``kdlabctl/cockpit``
   with xterm.js from ``npm ci``) with ``.ci/cockpit-page``, as ``.ci/install``
   does, into a directory of the test's.
-- :class:`PageServer` serves it to the browser as a real login user:
-  ``cockpit-ws --local-session=cockpit-bridge`` on loopback, so Cockpit's
-  bridge runs as that user, calls kdlabd as that user and spawns that user's
-  ``kdlabctl``. The bridge's "system" bus is the test's private bus
-  (``DBUS_SYSTEM_BUS_ADDRESS``, which GDBus in the bridge and kdlabctl both
-  read), and its ``kdlabctl`` is the user's copy of this checkout.
-  :func:`serving_command` is the one place that says how the page is served.
-- :class:`Browser` is Debian's headless ``chromium`` driven through its
-  ``chromedriver`` by selenium; one at a time (it is heavy), closed by its
-  context manager. Screenshots go to :func:`artifacts_dir`.
+- :class:`PageServer` is ``kdlabctl web`` run by a real login user (from the
+  user's copy of this checkout, tests.support.web.WebServer) on the test's
+  private bus: its cockpit-bridge runs as that user, calls kdlabd as that
+  user and spawns that user's ``kdlabctl``. The page it serves is this
+  checkout's (``XDG_DATA_HOME``), not the one in ``/usr/share/cockpit``.
+- :class:`Browser` is Debian's headless ``chromium`` run by a login user
+  (kdlabctl web admits only its own user's sockets), through a
+  ``chromedriver`` of that user's that selenium drives as a Remote WebDriver;
+  one at a time (it is heavy), closed by its context manager, which also
+  checks that no chromium or chromedriver of the user is left. Screenshots
+  go to :func:`artifacts_dir`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
+import shutil
+import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,14 +40,16 @@ from tests.support import REPO, logins
 from tests.support.logins import LoginUser
 from tests.support.prereq import require, require_tool
 from tests.support.timeouts import STARTUP_TIMEOUT
+from tests.support.web import WebServer, processes_of
 
 COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
 SHELL_MANIFEST = "/usr/share/cockpit/shell/manifest.json"  # Cockpit's menu
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+# What a browser leaves running as its user (process names).
+BROWSER_PROGRAMS = ("chromium", "chromedriver")
 PAGE_SOURCES = REPO / "kdlabctl" / "cockpit"
 INSTALL_PAGE = REPO / ".ci" / "cockpit-page"
-PAGE_PATH = "/cockpit/@localhost/kdlab/index.html"
 WINDOW = (1280, 1000)
 WAIT_SECONDS = 30.0
 NPM_TIMEOUT = 300.0
@@ -92,16 +103,6 @@ def free_port() -> int:
         return port
 
 
-def serving_command(port: int) -> str:
-    """The shell command that serves the page on 127.0.0.1:*port* for the user
-    running it, without a login. (When ``kdlabctl web`` serves it, this is
-    the place to switch.)"""
-    return shlex.join(
-        [COCKPIT_WS, "--no-tls", "--local-session=cockpit-bridge",
-         "--address", "127.0.0.1", "--port", str(port)]
-    )  # fmt: skip
-
-
 def kdlabctl_wrapper(directory: Path) -> Path:
     """A ``kdlabctl`` for *directory* (put first on PATH) that runs the
     calling user's copy of this checkout, as tests.support.logins does."""
@@ -116,93 +117,140 @@ def kdlabctl_wrapper(directory: Path) -> Path:
 
 
 class PageServer:
-    """The page served by Cockpit to the browser, as *user*, on the bus *bus*.
+    """The page served as a user does: ``kdlabctl web`` run by *user* (from
+    the user's copy of this checkout) on the bus *bus*; :attr:`url` is the
+    first line it printed, token included.
 
-    *root* must be a directory every user may enter (the page and the
-    kdlabctl wrapper go there).
+    The page is this checkout's (:func:`install_page` into ``XDG_DATA_HOME``,
+    which the bridge reads before ``/usr/share/cockpit``, where ``.ci/install``
+    put main's); the ``kdlabctl`` the page spawns is the user's copy too
+    (:func:`kdlabctl_wrapper`, first on PATH). Both reach the bridge through
+    kdlabctl web's environment. *root* must be a directory every user may
+    enter (the page and the wrapper go there).
     """
 
     def __init__(self, user: LoginUser, bus: str, root: Path) -> None:
         self.user = user
-        self.port = free_port()
         data_home = root / "share"
         install_page(data_home)
         bindir = kdlabctl_wrapper(root / "bin").parent
         environment = {
-            "DBUS_SYSTEM_BUS_ADDRESS": bus,
             "XDG_DATA_HOME": str(data_home),
             "PATH": f"{bindir}:{logins.LOGIN_ENV['PATH']}",
         }
         exports = " ".join(
             f"{key}={shlex.quote(value)}" for key, value in environment.items()
         )
-        command = f"export {exports} && exec {serving_command(self.port)}"
-        self.log = root / "cockpit-ws.log"
-        with self.log.open("wb") as log:
-            self._proc = subprocess.Popen(
-                logins.login_argv(user, command),
+        self.server = WebServer(user, bus, env=exports, log=root / "kdlabctl-web.log")
+        if not self.server.url.startswith("http://127.0.0.1:"):
+            self.stop()
+            raise AssertionError(
+                f"kdlabctl web printed no URL ({self.server.url!r}):\n{self.output()}"
+            )
+        self.port = self.server.port
+
+    @property
+    def url(self) -> str:
+        """The URL kdlabctl web printed: the page, with the token."""
+        return self.server.url
+
+    @property
+    def shell_url(self) -> str:
+        """The address of Cockpit's shell, whose menu lists the page (the
+        browser needs the cookie :attr:`url` gives first)."""
+        return f"http://127.0.0.1:{self.port}/"
+
+    def output(self) -> str:
+        """What kdlabctl web, cockpit-ws and the bridge wrote so far."""
+        return self.server.output()
+
+    def stop(self) -> None:
+        self.server.close()
+
+
+class Browser:
+    """Headless chromium run by *user*, driven by selenium through a
+    chromedriver of *user*'s (Remote WebDriver on a loopback port).
+
+    The browser must be the user's: kdlabctl web lets in only sockets of
+    the uid that runs it. The profile (``--user-data-dir``) is a directory
+    in the user's home, removed by :meth:`close`. Chromium keeps its sandbox
+    (unprivileged user namespaces suffice for a user that is not root).
+    """
+
+    def __init__(self, artifacts: Path, user: LoginUser) -> None:
+        from selenium import webdriver
+
+        self.artifacts = artifacts
+        self.user = user
+        port = free_port()
+        self.profile = user.home / f".kdlab-chromium-{port}"
+        self.log = artifacts / f"chromedriver-{user.name}.log"
+        with self.log.open("ab") as log:
+            self.service = subprocess.Popen(
+                logins.login_argv(user, f"exec {CHROMEDRIVER} --port={port}"),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=logins.LOGIN_ENV,
                 cwd="/",
             )
-        self._wait_until_listening()
+        try:
+            self._wait_for_driver(port)
+            options = webdriver.ChromeOptions()
+            options.binary_location = CHROMIUM
+            for argument in (
+                "--headless=new",
+                f"--user-data-dir={self.profile}",
+                "--disable-dev-shm-usage",
+                "--disable-gpu",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}",
+            ):
+                options.add_argument(argument)
+            self.driver = webdriver.Remote(
+                command_executor=f"http://127.0.0.1:{port}", options=options
+            )
+        except BaseException:
+            self._end_service()
+            raise
 
-    @property
-    def url(self) -> str:
-        """The page's address."""
-        return f"http://127.0.0.1:{self.port}{PAGE_PATH}"
-
-    @property
-    def shell_url(self) -> str:
-        """The address of Cockpit's shell, whose menu lists the page."""
-        return f"http://127.0.0.1:{self.port}/"
-
-    def _wait_until_listening(self) -> None:
+    def _wait_for_driver(self, port: int) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1),
-            ):
-                return
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"cockpit-ws did not listen:\n{self.output()}")
-            time.sleep(0.1)
+            with contextlib.suppress(OSError):
+                status = f"http://127.0.0.1:{port}/status"
+                with urllib.request.urlopen(status, timeout=2) as answer:
+                    if json.load(answer)["value"]["ready"]:
+                        return
+            if self.service.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"chromedriver of {self.user.name} did not start: "
+                    f"{self.log.read_text(errors='replace')}"
+                )
+            time.sleep(0.2)
 
-    def output(self) -> str:
-        """What cockpit-ws and the bridge wrote so far."""
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            logins.kill(self._proc)
-
-
-class Browser:
-    """Headless chromium on the page, driven by selenium through chromedriver."""
-
-    def __init__(self, artifacts: Path) -> None:
-        from selenium import webdriver
-
-        self.artifacts = artifacts
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for argument in (
-            "--headless=new",
-            "--no-sandbox",  # the tests run as root
-            "--disable-dev-shm-usage",
-            "--disable-gpu",
-            f"--window-size={WINDOW[0]},{WINDOW[1]}",
+    def _end_service(self) -> None:
+        """End chromedriver and what it left, and check that no chromium or
+        chromedriver of the user survives (they are heavy: one at a time)."""
+        if self.service.poll() is None:
+            logins.kill(self.service)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while (left := processes_of(self.user.uid, BROWSER_PROGRAMS)) and (
+            time.monotonic() < deadline
         ):
-            options.add_argument(argument)
-        service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
-        self.driver = webdriver.Chrome(options=options, service=service)
+            time.sleep(0.2)
+        shutil.rmtree(self.profile, ignore_errors=True)
+        if left:
+            for line in left:  # the test user's: started by this browser
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split()[0]), signal.SIGKILL)
+            raise AssertionError(f"browser processes outlived quit: {left}")
 
     def close(self) -> None:
-        self.driver.quit()
+        try:
+            self.driver.quit()
+        finally:
+            self._end_service()
 
     def __enter__(self) -> Browser:
         return self
@@ -303,9 +351,9 @@ class Browser:
 
 
 @contextlib.contextmanager
-def browser(artifacts: Path) -> Iterator[Browser]:
-    """A :class:`Browser`, quit at the end whatever happens."""
-    session = Browser(artifacts)
+def browser(artifacts: Path, user: LoginUser) -> Iterator[Browser]:
+    """A :class:`Browser` of *user*'s, quit at the end whatever happens."""
+    session = Browser(artifacts, user)
     try:
         yield session
     finally:

@@ -136,7 +136,7 @@ def login_argv(user: LoginUser, command: str) -> list[str]:
     return ["runuser", "--login", user.name, "--command", command]
 
 
-def kill(process: subprocess.Popen[bytes]) -> None:
+def kill(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
     """Kill a process started with :func:`login_argv` and everything it started.
 
     runuser runs the command in a session of its own, out of reach of the

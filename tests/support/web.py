@@ -166,21 +166,37 @@ def main(argv: list[str]) -> int:
 
 class WebServer:
     """``kdlabctl [--bus BUS] web ARGS`` run by *user*, with *env* (shell
-    assignments) before it; :attr:`url` is the first line it printed."""
+    assignments) before it; :attr:`url` is the first line it printed.
 
-    def __init__(self, user: LoginUser, bus: str, *args: str, env: str = "") -> None:
+    Its stderr (cockpit-ws's and the bridge's too) goes to the file *log*
+    when given (a server kept running for many tests: a pipe nobody reads
+    would fill and stall them), else to a pipe :meth:`stop` reads."""
+
+    def __init__(
+        self,
+        user: LoginUser,
+        bus: str,
+        *args: str,
+        env: str = "",
+        log: Path | None = None,
+    ) -> None:
         self.user = user
+        self.log = log
         command = kdlabctl_command(bus, "web", *args)
         if env:
             command = f"export {env} && {command}"
-        self.process = subprocess.Popen(
-            login_argv(user, command),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=LOGIN_ENV,
-            cwd="/",
-        )
+        with contextlib.ExitStack() as files:
+            stderr: Any = subprocess.PIPE
+            if log is not None:
+                stderr = files.enter_context(log.open("wb"))
+            self.process = subprocess.Popen(
+                login_argv(user, command),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=LOGIN_ENV,
+                cwd="/",
+            )
         self.url = self._first_line()
         parts = urlsplit(self.url)
         self.port = parts.port or 0
@@ -219,7 +235,12 @@ class WebServer:
         with contextlib.suppress(AssertionError, ProcessLookupError):
             os.kill(self.kdlabctl_pid(), number)
         _, stderr = self.process.communicate(timeout=STARTUP_TIMEOUT)
-        return self.process.returncode, stderr.decode()
+        said = self.output() if stderr is None else stderr.decode()
+        return self.process.returncode, said
+
+    def output(self) -> str:
+        """What it wrote to its *log* so far ("" without one)."""
+        return "" if self.log is None else self.log.read_text(errors="replace")
 
     def close(self) -> None:
         """Stop it if a test left it running."""

@@ -1,15 +1,19 @@
 """kdlab's Cockpit page in Debian's headless chromium, on real libvirt (issue 14).
 
-The page (kdlabctl/cockpit, installed with xterm.js by .ci/cockpit-page) is
-served by Cockpit's own cockpit-ws and cockpit-bridge as the member alice, a
-real login user (tests/support/browser.py), whose bridge talks to this tier's
-kdlabd on its private bus and runs alice's kdlabctl. What a user sees is
-checked in the browser's DOM: VMs created and started from the command line
-appear and change state without a reload; the page's buttons start, stop and
-delete (after a confirmation); its form creates a VM from paths on the host;
-the console pane shows the kernel's boot and takes typing; errors are the
-messages kdlabd and kdlabctl give. Screenshots are left in the artifacts
-directory (tests/support/browser.py: artifacts_dir).
+As a user does it: alice, a real login user, runs ``kdlabctl web`` (from her
+copy of this checkout, on this module's kdlabd and its private bus) and
+alice's own browser (chromium and chromedriver run as alice, driven by
+selenium) opens the URL it printed (tests/support/browser.py). The page is
+this checkout's (kdlabctl/cockpit, installed with xterm.js by
+.ci/cockpit-page into the bridge's XDG_DATA_HOME), not the copy .ci/install
+put in /usr/share/cockpit. alice's bridge talks to kdlabd as alice and runs
+alice's kdlabctl. What a user sees is checked in the browser's DOM: VMs
+created and started from the command line appear and change state without
+a reload; the page's buttons start, stop and delete (after a confirmation);
+its form creates a VM from paths on the host; the console pane shows the
+kernel's boot and takes typing; errors are the messages kdlabd and kdlabctl
+give; bob's browser at alice's URL gets nothing. Screenshots are left in the
+artifacts directory (tests/support/browser.py: artifacts_dir).
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from kdlab.wire import vm_path
+from kdlabctl.web import FORBIDDEN, PAGE, TOKEN
 from kdlabd.core.journal import HOLD_ENV
 from tests.support import browser
 from tests.support.browser import Browser, PageServer
@@ -50,14 +56,14 @@ BOOT_SECONDS = 240.0  # a Debian kernel to userspace under TCG on a busy machine
 
 
 @dataclass(frozen=True)
-class Site:
-    """The page served as alice by this module's kdlabd, and a browser on it."""
+class Served:
+    """The page served by ``kdlabctl web`` as alice on this module's kdlabd."""
 
     lab: Lab  # the Debian kernel and initramfs
     daemon: Kdlabd
     logins: Logins
     page: PageServer
-    web: Browser
+    artifacts: Path  # where screenshots go
 
     def ctl(self, user: LoginUser, *args: str) -> subprocess.CompletedProcess[str]:
         """kdlabctl run by *user* from a login shell, on this module's kdlabd."""
@@ -71,20 +77,27 @@ class Site:
         return ("create", name, "--kernel", str(self.lab.kernel.vmlinuz),
                 "--initrd", str(self.lab.initramfs), "--memory", "256")  # fmt: skip
 
+
+@dataclass(frozen=True)
+class Site(Served):
+    """The served page and alice's browser on it."""
+
+    web: Browser
+
     def open(self) -> Browser:
-        """The page loaded afresh in the browser."""
+        """The URL kdlabctl web printed, loaded afresh in alice's browser."""
         self.web.open(self.page.url)
         return self.web
 
 
 @pytest.fixture(scope="module")
-def site(
+def served(
     lab: Lab, logins: Logins, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Site]:
+) -> Iterator[Served]:
     """This module's kdlabd on the system libvirtd, as the lab's except that an
     upload into its image pool waits there until its job is cancelled (an
-    import stays a running job for the page to cancel); the page served on
-    it as alice; one headless chromium, quit at the end."""
+    import stays a running job for the page to cancel); ``kdlabctl web`` run
+    by alice on it, stopped at the end."""
     browser.require_browser()
     artifacts = browser.artifacts_dir(tmp_path_factory.getbasetemp())
     root = Path(tempfile.mkdtemp(prefix="kdlab-cockpit-", dir="/var/tmp"))
@@ -94,8 +107,7 @@ def site(
         with system_kdlabd(POOL_PREFIX, env=hold) as daemon:
             page = PageServer(logins.alice, daemon.address, root)
             try:
-                with browser.browser(artifacts) as web:
-                    yield Site(lab, daemon, logins, page, web)
+                yield Served(lab, daemon, logins, page, artifacts)
             finally:
                 page.stop()
     finally:
@@ -103,11 +115,19 @@ def site(
 
 
 @pytest.fixture
-def vm_name(site: Site) -> Iterator[str]:
+def site(served: Served) -> Iterator[Site]:
+    """The page and alice's headless chromium, quit after the test (one
+    browser at a time: another user's test starts its own)."""
+    with browser.browser(served.artifacts, served.logins.alice) as web:
+        yield Site(**vars(served), web=web)
+
+
+@pytest.fixture
+def vm_name(served: Served) -> Iterator[str]:
     """A fresh VM name; whatever the test leaves of it is removed afterwards."""
     name = f"web-{uuid.uuid4().hex[:8]}"
     yield name
-    remove_vm(site.daemon, name)
+    remove_vm(served.daemon, name)
 
 
 def row(name: str) -> str:
@@ -168,6 +188,68 @@ def test_page_lists_a_vm_created_with_kdlabctl_and_follows_its_state(
     site.ctl_ok(logins.alice, "stop", "--force", vm_name)
     wait_state(web, vm_name, "stopped")
     assert web.same_document(), "the page reloaded"
+
+
+def test_readme_alice_runs_kdlabctl_web_and_follows_her_vm_from_a_terminal(
+    site: Site, vm_name: str
+) -> None:
+    """README's scenario: alice has a VM; she runs ``kdlabctl web`` and opens
+    the URL of its first line in her browser, which shows her VM; she starts
+    and stops it with kdlabctl in a terminal, and the state cell follows
+    each time, in the document first loaded (no reload)."""
+    web, alice = site.web, site.logins.alice
+    site.ctl_ok(alice, *site.create_args(vm_name))
+    printed = urlsplit(site.page.url)
+    assert printed.netloc == f"127.0.0.1:{site.page.port}"
+    assert printed.path == PAGE
+    assert parse_qs(printed.query)[TOKEN]
+    site.open()
+    web.mark()
+    # The token was traded for the cookie: it left the address bar.
+    assert web.driver.current_url == printed._replace(query="").geturl()
+    wait_state(web, vm_name, "defined")
+    web.wait_for_text(
+        cell(vm_name, "owner"), lambda text: text == alice.name, "not alice's"
+    )
+
+    site.ctl_ok(alice, "start", vm_name)
+    wait_state(web, vm_name, "running")
+    web.screenshot("started-from-a-terminal")
+    site.ctl_ok(alice, "stop", "--timeout", "5", vm_name)
+    wait_state(web, vm_name, "stopped")
+    assert web.same_document(), "the page reloaded"
+    assert web.text("#error") == ""
+
+
+def test_another_users_browser_at_the_url_gets_nothing(
+    served: Served, vm_name: str
+) -> None:
+    """bob's own browser (his chromium, his chromedriver) opens the URL
+    alice's kdlabctl web printed, token and all: the page is refused (403,
+    the front's sentence), no cookie is set, Cockpit's shell and socket are
+    refused too, and nothing of alice's (her VM) reaches him."""
+    served.ctl_ok(served.logins.alice, *served.create_args(vm_name))
+    refusal = FORBIDDEN.partition(b"\r\n\r\n")[2].decode().strip()
+    with browser.browser(served.artifacts, served.logins.bob) as web:
+        for url in (served.page.url, served.page.shell_url):
+            web.driver.get(url)
+            status = web.driver.execute_script(
+                "return performance.getEntriesByType('navigation')[0].responseStatus;"
+            )
+            assert status == 403, url
+            assert web.text("body").strip() == refusal
+            assert vm_name not in web.driver.page_source
+            assert not web.exists("#vm-list")
+        assert web.driver.get_cookies() == []
+        opened = web.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            " const socket = new WebSocket("
+            "   `ws://${location.host}/cockpit/socket`, 'cockpit1');"
+            " socket.onopen = () => done('opened');"
+            " socket.onclose = () => done('refused');"
+        )
+        assert opened == "refused"
+        web.screenshot("another-users-browser-refused")
 
 
 def test_page_creates_starts_and_shows_the_console(site: Site, vm_name: str) -> None:
@@ -327,9 +409,10 @@ def test_page_follows_kdlabd_through_a_restart(site: Site, vm_name: str) -> None
 
 
 def test_cockpit_menu_lists_kernel_lab(site: Site) -> None:
-    """Cockpit's own shell finds the installed page: "Kernel lab" in its
-    menu opens the page, which lists the VMs."""
-    web = site.web
+    """Cockpit's own shell, behind the same kdlabctl web (the cookie the
+    printed URL gave lets the browser in), finds the page: "Kernel lab" in
+    its menu opens the page, which lists the VMs."""
+    web = site.open()
     web.driver.get(site.page.shell_url)
     entry = 'a[href="/kdlab"]'
     web.wait_until(
