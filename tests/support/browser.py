@@ -180,6 +180,7 @@ class Browser:
 
     def __init__(self, artifacts: Path, user: LoginUser) -> None:
         from selenium import webdriver
+        from selenium.webdriver.remote.file_detector import UselessFileDetector
 
         self.artifacts = artifacts
         self.user = user
@@ -210,6 +211,11 @@ class Browser:
             self.driver = webdriver.Remote(
                 command_executor=f"http://127.0.0.1:{port}", options=options
             )
+            # A path typed into a field is text for the page (which hands it
+            # to kdlabctl), not a file for Selenium to upload: a Remote driver
+            # would try to, by Selenium Grid's command, which chromedriver
+            # does not know.
+            self.driver.file_detector = UselessFileDetector()
         except BaseException:
             self._end_service()
             raise
