@@ -126,10 +126,11 @@ class PageServer:
     put main's); the ``kdlabctl`` the page spawns is the user's copy too
     (:func:`kdlabctl_wrapper`, first on PATH). Both reach the bridge through
     kdlabctl web's environment. *root* must be a directory every user may
-    enter (the page and the wrapper go there).
+    enter (the page and the wrapper go there). What kdlabctl web, cockpit-ws
+    and the bridge write goes to the file *log* (an artifact).
     """
 
-    def __init__(self, user: LoginUser, bus: str, root: Path) -> None:
+    def __init__(self, user: LoginUser, bus: str, root: Path, log: Path) -> None:
         self.user = user
         data_home = root / "share"
         install_page(data_home)
@@ -141,7 +142,7 @@ class PageServer:
         exports = " ".join(
             f"{key}={shlex.quote(value)}" for key, value in environment.items()
         )
-        self.server = WebServer(user, bus, env=exports, log=root / "kdlabctl-web.log")
+        self.server = WebServer(user, bus, env=exports, log=log)
         if not self.server.url.startswith("http://127.0.0.1:"):
             self.stop()
             raise AssertionError(

@@ -105,7 +105,8 @@ def served(
     hold = {HOLD_ENV: "image.upload-started"}
     try:
         with system_kdlabd(POOL_PREFIX, env=hold) as daemon:
-            page = PageServer(logins.alice, daemon.address, root)
+            log = artifacts / "kdlabctl-web.log"
+            page = PageServer(logins.alice, daemon.address, root, log)
             try:
                 yield Served(lab, daemon, logins, page, artifacts)
             finally:
@@ -421,13 +422,13 @@ def test_cockpit_menu_lists_kernel_lab(site: Site) -> None:
     web.find(entry).click()
     frame = 'iframe[name="cockpit1:localhost/kdlab"]'
     web.wait_until(lambda: web.find(frame).is_displayed(), "the page did not open")
-    web.screenshot("cockpit-menu")
     web.driver.switch_to.frame(web.find(frame))
     try:
         web.wait_until(lambda: web.text("#status") == "", "the page never loaded")
         assert web.exists("#vm-list")
     finally:
         web.driver.switch_to.default_content()
+    web.screenshot("cockpit-menu")  # the shell with the page loaded in its frame
 
 
 def job_row(web: Browser, target: str) -> str:
