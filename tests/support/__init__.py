@@ -22,8 +22,10 @@ another tier (``tests/unit/test_support.py`` checks it). By module:
 - :mod:`~tests.support.debian`, :mod:`~tests.support.kernel_tree`: Debian's
   kernels, a busybox initramfs, a kernel tree and kdlab's minimal kernel,
   cached.
-- :mod:`~tests.support.browser`: kdlab's Cockpit page served by cockpit-ws as
-  a login user, and headless chromium on it.
+- :mod:`~tests.support.browser`: kdlab's Cockpit page served by ``kdlabctl
+  web`` run by a login user, and that user's headless chromium on it.
+- :mod:`~tests.support.web`: ``kdlabctl web`` run by a login user, and
+  probes of it sent by login users.
 - :mod:`~tests.support.figures`: the figures table (a pytest plugin).
 """
 
