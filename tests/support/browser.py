@@ -46,8 +46,10 @@ COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
 SHELL_MANIFEST = "/usr/share/cockpit/shell/manifest.json"  # Cockpit's menu
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-# What a browser leaves running as its user (process names).
-BROWSER_PROGRAMS = ("chromium", "chromedriver")
+# What a browser runs as its user (process names, cut to 15 characters as
+# the kernel does): chromium's crash handlers leave its process tree (their
+# parent is init), so only their name finds them.
+BROWSER_PROGRAMS = ("chromium", "chromedriver", "chrome_crashpad")
 PAGE_SOURCES = REPO / "kdlabctl" / "cockpit"
 INSTALL_PAGE = REPO / ".ci" / "cockpit-page"
 WINDOW = (1280, 1000)
