@@ -53,14 +53,37 @@ def _kind(annotation: str) -> Callable[[Any], Any]:
     return _same
 
 
+# A kdlabd older than this kdlabctl (upgraded, not yet restarted) lacks the
+# newer properties: their fields read as "nothing" rather than failing. States
+# have no such value; every kdlabd has them.
+_NOTHING: dict[str, object] = {
+    "str": "",
+    "int": 0,
+    "float": 0.0,
+    "bool": False,
+    "Diagnosis": ("", "", "", ""),
+}
+
+
+def _nothing(annotation: str) -> object:
+    return () if annotation.startswith("tuple[") else _NOTHING.get(annotation)
+
+
 @dataclass_transform(kw_only_default=True, frozen_default=True)
 class Record:
     """A read-only record of one object's properties (its annotated fields)."""
 
     _kinds: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+    _missing: ClassVar[dict[str, object]] = {}
 
     def __init_subclass__(cls) -> None:
-        cls._kinds = {name: _kind(hint) for name, hint in cls.__annotations__.items()}
+        hints = cls.__annotations__
+        cls._kinds = {name: _kind(hint) for name, hint in hints.items()}
+        cls._missing = {
+            name: _nothing(hint)
+            for name, hint in hints.items()
+            if _nothing(hint) is not None
+        }
 
     def __init__(self, **fields: Any) -> None:
         if fields.keys() != self._kinds.keys():
@@ -71,8 +94,9 @@ class Record:
     @classmethod
     def from_properties(cls, props: Mapping[str, Any]) -> Self:
         """The record of *props* (values unwrapped): enums for states, tuples
-        for arrays and structs."""
-        values = {snake(key): value for key, value in props.items()}
+        for arrays and structs; a property the object lacks reads as nothing
+        (an older kdlabd)."""
+        values = cls._missing | {snake(key): value for key, value in props.items()}
         return cls(**{name: kind(values[name]) for name, kind in cls._kinds.items()})
 
     def fields(self) -> dict[str, Any]:

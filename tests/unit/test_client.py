@@ -115,10 +115,11 @@ def test_a_job_and_an_image_record() -> None:
     assert image.used_by == ("a", "b")
 
 
-def test_a_record_without_one_of_its_properties_is_refused() -> None:
+def test_a_record_without_its_state_is_refused() -> None:
+    """A state has no "nothing" value: every kdlabd has it."""
     incomplete = dict(VM_PROPERTIES)
-    del incomplete["Tree"]
-    with pytest.raises(KeyError, match="tree"):
+    del incomplete["State"]
+    with pytest.raises(KeyError, match="state"):
         VM.from_properties(incomplete)
 
 
@@ -327,3 +328,17 @@ def test_a_watch_says_when_kdlabd_cannot_be_heard(how: str) -> None:
             assert raised.value.name == GONE
 
     asyncio.run(test())
+
+
+def test_an_older_kdlabd_without_newer_properties_still_reads() -> None:
+    """kdlabctl upgraded before kdlabd restarted: the properties kdlabd does not
+    have yet read as nothing, not as a traceback."""
+    older = {key: value for key, value in VM_PROPERTIES.items() if key == "State"}
+    vm = VM.from_properties(older | {"Name": "old"})
+    assert (vm.name, vm.state, vm.owner, vm.diagnosis) == (
+        "old",
+        VMState.PAUSED,
+        0,
+        ("", "", "", ""),
+    )
+    assert vm.waiting_for_debugger is False
