@@ -54,14 +54,15 @@ def _kind(annotation: str) -> Callable[[Any], Any]:
 
 
 # A kdlabd older than this kdlabctl (upgraded, not yet restarted) lacks the
-# newer properties: their fields read as "nothing" rather than failing. States
-# have no such value; every kdlabd has them.
+# newer properties: their fields read as "nothing" rather than failing. VM and
+# job states have no such value; every kdlabd has them.
 _NOTHING: dict[str, object] = {
     "str": "",
     "int": 0,
     "float": 0.0,
     "bool": False,
     "Diagnosis": ("", "", "", ""),
+    "StopCause": StopCause.NONE,
 }
 
 
