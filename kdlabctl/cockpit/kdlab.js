@@ -164,6 +164,32 @@ function sortedInsert(tbody, row, key) {
 
 const vms = client.proxies(VM_IFACE, ROOT_PATH);
 
+/* "#/vm/NAME" in the address (what kdlabctl notify's "Show page" opens)
+ * marks that VM's row and scrolls to it, once it is listed. */
+
+function chosenVM() {
+    const match = /^#\/vm\/(.+)$/.exec(window.location.hash);
+    return match ? decodeURIComponent(match[1]) : null;
+}
+
+function markChosen() {
+    const chosen = chosenVM();
+    for (const row of vmRows.values()) {
+        const mark = row.dataset.vm === chosen;
+        row.classList.toggle("chosen", mark);
+        if (mark && !row.dataset.shown) {
+            row.dataset.shown = "yes";
+            row.scrollIntoView({ block: "center" });
+        }
+    }
+}
+
+window.addEventListener("hashchange", () => {
+    for (const row of vmRows.values())
+        delete row.dataset.shown;
+    markChosen();
+});
+
 vms.addEventListener("changed", (event, proxy) => {
     if (!proxy.valid || proxy.Name === undefined)
         return;
@@ -172,6 +198,7 @@ vms.addEventListener("changed", (event, proxy) => {
         row = newVMRow(proxy);
         vmRows.set(proxy.path, row);
         sortedInsert($("#vm-list tbody"), row, proxy.Name);
+        markChosen();
     }
     updateVMRow(row, proxy);
     $("#no-vms").hidden = true;

@@ -191,6 +191,23 @@ def test_page_lists_a_vm_created_with_kdlabctl_and_follows_its_state(
     assert web.same_document(), "the page reloaded"
 
 
+def test_the_address_can_name_a_vm_as_notifications_do(
+    site: Site, vm_name: str
+) -> None:
+    """kdlabctl notify's "Show page" opens the page at ``#/vm/NAME``: that
+    VM's row is marked, and only it."""
+    logins = site.logins
+    site.ctl_ok(logins.alice, *site.create_args(vm_name))
+    web = site.web
+    web.open(f"{site.page.url}#/vm/{vm_name}")
+    web.wait_until(
+        lambda: "chosen" in web.find(row(vm_name)).get_attribute("class"),
+        "the VM the address names is not marked",
+    )
+    assert len(web.driver.find_elements("css selector", "#vm-list tr.chosen")) == 1
+    web.screenshot("vm-named-in-the-address")
+
+
 def test_readme_alice_runs_kdlabctl_web_and_follows_her_vm_from_a_terminal(
     site: Site, vm_name: str
 ) -> None:
