@@ -95,7 +95,13 @@ async def run(fn: Callable[[], T], *, seconds: float, what: str) -> T:
     whenever the call returns, and its result is dropped.
     """
     task = asyncio.ensure_future(asyncio.to_thread(fn))
-    done, _ = await asyncio.wait({task}, timeout=seconds)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        # Our caller was cancelled (a VM stopped while its log was read): the
+        # thread goes on, and its outcome has nobody left to hear it either.
+        task.add_done_callback(_dropped)
+        raise
     if not done:
         task.cancel()
         # The thread's late result or error has nobody left to hear it.
