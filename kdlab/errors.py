@@ -76,6 +76,13 @@ class NoSuchJob(KdlabError):
     exit_code = 4
 
 
+class NoSuchDump(KdlabError):
+    """No dump has that id."""
+
+    reason = "NoSuchDump"
+    exit_code = 4
+
+
 class BuildFailed(KdlabError):
     """A tool of an image build failed; the message ends with its last output."""
 
@@ -122,6 +129,7 @@ ERRORS: tuple[type[KdlabError], ...] = (
     NoSuchImage,
     ImageExists,
     NoSuchJob,
+    NoSuchDump,
     BuildFailed,
     LimitExceeded,
     NotAuthorized,
@@ -170,7 +178,7 @@ EXIT_TABLE: tuple[ExitCode, ...] = (
     ExitCode(EXIT_FAILURE, "an unclassified failure, or a bug in kdlabd"),
     ExitCode(InvalidArgument.exit_code, "invalid argument or usage"),
     ExitCode(InvalidState.exit_code, "the VM is in the wrong state for the operation"),
-    ExitCode(NoSuchVM.exit_code, "no such VM, image or job"),
+    ExitCode(NoSuchVM.exit_code, "no such VM, image, dump or job"),
     ExitCode(VMExists.exit_code, "the VM or image already exists"),
     ExitCode(NotAuthorized.exit_code, "not authorized"),
     ExitCode(HypervisorError.exit_code, "libvirt or QEMU failed"),

@@ -18,6 +18,9 @@ IMAGE_INTERFACE = "org.kdlab.Kdlab1.Image"
 IMAGE_PATH_PREFIX = f"{MANAGER_PATH}/image"
 JOB_INTERFACE = "org.kdlab.Kdlab1.Job"
 JOB_PATH_PREFIX = f"{MANAGER_PATH}/job"
+DUMP_INTERFACE = "org.kdlab.Kdlab1.Dump"
+DUMP_PATH_PREFIX = f"{MANAGER_PATH}/dump"
+NO_DUMP_PATH = "/"  # a VM's LatestDump when it has none
 ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
 
 # Bumped on every additive change of the interfaces in xml/dbus/.
@@ -40,10 +43,28 @@ CREATE_OPTIONS = {
     "image": "s",
     "disk_size": "t",
     "extra_disks": "at",
+    "on_panic": "s",
 }
 BUILD_OPTIONS = {"suite": "s", "size": "t", "packages": "as", "ssh_key": "s"}
 START_OPTIONS = {"paused": "b", "kernel": "h"}
 STOP_OPTIONS = {"force": "b", "timeout": "u"}
+TAKE_DUMP_OPTIONS = {"compress": "b"}
+
+# A VM's OnPanic (CreateVM's on_panic): what kdlabd does when its kernel panics.
+ON_PANIC_DUMP_AND_STOP = "dump-and-stop"
+ON_PANIC_DUMP_AND_KEEP = "dump-and-keep"
+ON_PANIC_IGNORE = "ignore"
+ON_PANIC_VALUES = (ON_PANIC_DUMP_AND_STOP, ON_PANIC_DUMP_AND_KEEP, ON_PANIC_IGNORE)
+
+# A dump's Reason, Format and State properties.
+DUMP_REASON_PANIC = "panic"
+DUMP_REASON_OOPS = "oops"
+DUMP_REASON_REQUESTED = "requested"
+DUMP_FORMAT_ELF = "elf"
+DUMP_FORMAT_KDUMP_ZLIB = "kdump-zlib"
+DUMP_STATE_WRITING = "writing"
+DUMP_STATE_COMPLETE = "complete"
+JOB_KIND_DUMP = "dump"
 
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -90,6 +111,11 @@ def vm_path(name: str) -> str:
 def image_path(name: str) -> str:
     """Object path of the image called *name*."""
     return f"{IMAGE_PATH_PREFIX}/{escape_path_label(name)}"
+
+
+def dump_path(dump_id: str) -> str:
+    """Object path of the dump *dump_id*."""
+    return f"{DUMP_PATH_PREFIX}/{escape_path_label(dump_id)}"
 
 
 def job_path(job_id: int) -> str:
