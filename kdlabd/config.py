@@ -32,6 +32,7 @@ class Config:
     # name, from when the pool held only what a VM boots.
     boot_pool: str = "kdlab-boot"
     image_pool: str = "kdlab"
+    dump_pool: str = "kdlab-dumps"
     log_format: str = "auto"
     polkit_timeout: float = 25.0
     # Seconds a call that needs libvirt waits while kdlabd reconnects to it.
@@ -45,6 +46,8 @@ class Config:
     max_jobs_per_user: int = Limits.jobs_per_user
     max_console_viewers_per_vm: int = Limits.console_viewers_per_vm
     max_console_viewers_per_user: int = Limits.console_viewers_per_user
+    max_dumps_per_vm: int = Limits.dumps_per_vm
+    max_dump_gib_per_user: int = Limits.dump_gib_per_user
 
     def limits(self, host: HostResources) -> Limits:
         """The limits in force on *host*: memory and vCPUs never above its own."""
@@ -64,13 +67,18 @@ class Config:
     def image_pool_dir(self) -> Path:
         return self.state_dir / "images"
 
+    @property
+    def dump_pool_dir(self) -> Path:
+        return self.state_dir / "dumps"
+
 
 # What each key means: kdlabd(8) lists them (kdlabd.manpage), with the
 # defaults above; a unit test keeps this complete.
 KEY_HELP = {
     "bus": "The bus kdlabd serves on: system, session or a D-Bus address.",
     "libvirt_uri": "The libvirt connection URI.",
-    "state_dir": "kdlabd's state: the storage pools' directories (boot, images) "
+    "state_dir": "kdlabd's state: the storage pools' directories (boot, images, "
+    "dumps) "
     "and each VM's console logs.",
     "runtime_dir": "Where the VMs' gdb sockets live, in a directory only root and "
     "QEMU can enter.",
@@ -83,6 +91,8 @@ KEY_HELP = {
     "boot_pool": "The libvirt storage pool, in STATE_DIR/boot, of kernels, initrds "
     "and VM disks.",
     "image_pool": "The libvirt storage pool, in STATE_DIR/images, of disk images.",
+    "dump_pool": "The libvirt storage pool, in STATE_DIR/dumps, of post-mortem "
+    "dumps (each with its ID.json, written by kdlabd).",
     "log_format": "json (one object a line, with a syslog priority prefix), "
     "console, or auto: json under the journal or when stderr is not a terminal.",
     "polkit_timeout": "Seconds kdlabd waits for polkit's answer before it denies "
@@ -98,6 +108,10 @@ KEY_HELP = {
     "max_jobs_per_user": "Imports and builds one uid runs at once.",
     "max_console_viewers_per_vm": "Console viewers of one VM.",
     "max_console_viewers_per_user": "Console viewers one uid has open.",
+    "max_dumps_per_vm": "Automatic (panic) dumps kept per VM; a new one drops the "
+    "oldest. Requested dumps are never dropped.",
+    "max_dump_gib_per_user": "GiB all dumps of one uid may take; a dump that would "
+    "go over is refused before it starts.",
 }
 
 _LIMIT_MAX = 2**32 - 1

@@ -19,6 +19,7 @@ from kdlabd.bus.dbus_next_patches import KdlabBus
 from kdlabd.bus.exporter import BusExporter
 from kdlabd.config import Config, from_args
 from kdlabd.core import blocking
+from kdlabd.core.dumps import DumpService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
 from kdlabd.core.vms import Layout, VMService
@@ -67,6 +68,8 @@ async def serve(config: Config) -> None:
         vm_pool_dir=config.vm_pool_dir,
         image_pool=config.image_pool,
         image_pool_dir=config.image_pool_dir,
+        dump_pool=config.dump_pool,
+        dump_pool_dir=config.dump_pool_dir,
         gdb_dir=layout.gdb_dir(),
         qemu_user=config.qemu_user,
         reconnect_wait=config.reconnect_wait,
@@ -102,7 +105,17 @@ async def serve(config: Config) -> None:
             journal=FileJournal(layout.journal_dir()),
             limits=limits,
         )
-        BusExporter(bus, authorizer, vms, images, jobs)
+        dumps = DumpService(
+            hypervisor,
+            host=host,
+            jobs=jobs,
+            stop_vm=lambda name: vms.stop(name, force=True),
+            limits=limits,
+        )
+        BusExporter(bus, authorizer, vms, images, jobs, dumps=dumps)
+        # Dumps are loaded before VMs: a VM found panicked at start-up is
+        # dumped unless its boot's dump exists (see DumpService.panicked).
+        vms.subscribe(dumps)
 
         def reconnected() -> None:
             vms.hypervisor_reconnected()
@@ -110,6 +123,8 @@ async def serve(config: Config) -> None:
 
         hypervisor.watch(vms.domain_changed, reconnected)
         await images.load()
+        await dumps.load()
+        await dumps.reconcile()
         await vms.load()
         await vms.reconcile()
         await images.clean_builds()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dbus_next.aio import MessageBus
 
-from kdlab.wire import MANAGER_PATH, image_path, job_path, vm_path
+from kdlab.wire import MANAGER_PATH, dump_path, image_path, job_path, vm_path
 from kdlabd.bus.auth import Authorizer
+from kdlabd.bus.dump import DumpInterface
 from kdlabd.bus.image import ImageInterface
 from kdlabd.bus.job import JobInterface
 from kdlabd.bus.manager import ManagerInterface
 from kdlabd.bus.vm import VMInterface
+from kdlabd.core.dumps import DumpRecord, DumpService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import Job, JobManager
 from kdlabd.core.models import ImageRecord, VMRecord
@@ -31,23 +33,28 @@ class BusExporter:
         vms: VMService,
         images: ImageService,
         jobs: JobManager,
+        *,
+        dumps: DumpService,
     ) -> None:
         self._bus = bus
         self._authorizer = authorizer
         self._vms = vms
         self._images = images
         self._jobs = jobs
+        self._dumps = dumps
+        self._dump_objects: dict[str, DumpInterface] = {}
         self._vm_objects: dict[str, VMInterface] = {}
         self._image_objects: dict[str, ImageInterface] = {}
         self._job_objects: dict[int, JobInterface] = {}
-        self._manager = ManagerInterface(vms, images, jobs, authorizer)
+        self._manager = ManagerInterface(vms, images, jobs, authorizer, dumps)
         bus.export(MANAGER_PATH, self._manager)
         vms.subscribe(self)
         images.subscribe(self)
         jobs.subscribe(self)
+        dumps.subscribe(self)
 
     def vm_added(self, record: VMRecord) -> None:
-        interface = VMInterface(record, self._vms, self._authorizer)
+        interface = VMInterface(record, self._vms, self._dumps, self._authorizer)
         self._vm_objects[record.name] = interface
         path = vm_path(record.name)
         self._bus.export(path, interface)
@@ -89,6 +96,27 @@ class BusExporter:
     def job_removed(self, job: Job) -> None:
         self._bus.unexport(job_path(job.id))
         del self._job_objects[job.id]
+
+    def dump_added(self, dump: DumpRecord) -> None:
+        interface = DumpInterface(dump, self._dumps, self._authorizer)
+        self._dump_objects[dump.id] = interface
+        self._bus.export(dump_path(dump.id), interface)
+        self._manager.dump_added(dump.id)
+        self._refresh_latest_dump(dump)
+
+    def dump_changed(self, dump: DumpRecord) -> None:
+        self._dump_objects[dump.id].update(dump)
+
+    def dump_removed(self, dump: DumpRecord) -> None:
+        self._bus.unexport(dump_path(dump.id))
+        del self._dump_objects[dump.id]
+        self._manager.dump_removed(dump.id)
+        self._refresh_latest_dump(dump)
+
+    def _refresh_latest_dump(self, dump: DumpRecord) -> None:
+        vm = self._vm_objects.get(dump.vm)
+        if vm is not None:
+            vm.dumps_changed()
 
     def _refresh_image_users(self) -> None:
         for name, interface in self._image_objects.items():

@@ -11,6 +11,8 @@ from kdlab.wire import (
     BUILD_OPTIONS,
     CREATE_OPTIONS,
     MANAGER_INTERFACE,
+    ON_PANIC_DUMP_AND_STOP,
+    dump_path,
     image_path,
     job_path,
     vm_path,
@@ -20,6 +22,7 @@ from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.dbus_next_patches import Marshalled, marshal
 from kdlabd.bus.options import take
+from kdlabd.core.dumps import DumpService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
 from kdlabd.core.models import DebugSettings
@@ -36,10 +39,12 @@ class ManagerInterface(ServiceInterface):
         images: ImageService,
         jobs: JobManager,
         authorizer: Authorizer,
+        dumps: DumpService,
     ) -> None:
         super().__init__(MANAGER_INTERFACE)
         self.vms = vms
         self.images = images
+        self.dumps = dumps
         self.jobs = jobs
         self.authorizer = authorizer
         # ListVMs's answer, marshalled, until a VM comes or goes.
@@ -54,6 +59,14 @@ class ManagerInterface(ServiceInterface):
         """Announce that the VM *name* (at *path*) is gone."""
         self._vm_paths = None
         self.VMRemoved(name, path)
+
+    def dump_added(self, dump_id: str) -> None:
+        """Announce the new dump *dump_id*."""
+        self.DumpNew(dump_id, dump_path(dump_id))
+
+    def dump_removed(self, dump_id: str) -> None:
+        """Announce that the dump *dump_id* is gone."""
+        self.DumpRemoved(dump_id, dump_path(dump_id))
 
     def resource_owner(self) -> int | None:
         return None
@@ -81,6 +94,7 @@ class ManagerInterface(ServiceInterface):
                 image=opts.get("image", ""),
                 disk_size=opts.get("disk_size", 0),
                 extra_disks=tuple(opts.get("extra_disks", ())),
+                on_panic=opts.get("on_panic", ON_PANIC_DUMP_AND_STOP),
             )
         )
         return vm_path(record.name)
@@ -138,6 +152,16 @@ class ManagerInterface(ServiceInterface):
         return image_path(self.images.get(name).name)
 
     @exported(Action.INSPECT)
+    async def ListDumps(self, caller: Caller) -> "ao":
+        """Object paths of every dump, oldest first."""
+        return [dump_path(dump.id) for dump in self.dumps.list()]
+
+    @exported(Action.INSPECT)
+    async def GetDump(self, caller: Caller, id: "s") -> "o":
+        """The object path of the dump *id* (error NoSuchDump if none)."""
+        return dump_path(self.dumps.get(id).id)
+
+    @exported(Action.INSPECT)
     async def ListJobs(self, caller: Caller) -> "ao":
         """Object paths of running and recently finished jobs."""
         return [job_path(job.id) for job in self.jobs.list()]
@@ -163,3 +187,11 @@ class ManagerInterface(ServiceInterface):
     @signal()
     def VMRemoved(self, name: str, path: str) -> "so":
         return [name, path]
+
+    @signal()
+    def DumpNew(self, dump_id: str, path: str) -> "so":
+        return [dump_id, path]
+
+    @signal()
+    def DumpRemoved(self, dump_id: str, path: str) -> "so":
+        return [dump_id, path]

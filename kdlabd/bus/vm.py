@@ -8,11 +8,20 @@ from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property
 
 from kdlab.kernel.diagnosis import public_fix, summary
-from kdlab.wire import START_OPTIONS, STOP_OPTIONS, VM_INTERFACE
+from kdlab.wire import (
+    NO_DUMP_PATH,
+    START_OPTIONS,
+    STOP_OPTIONS,
+    TAKE_DUMP_OPTIONS,
+    VM_INTERFACE,
+    dump_path,
+    job_path,
+)
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.options import take
 from kdlabd.bus.properties import announce_changes
+from kdlabd.core.dumps import DumpService
 from kdlabd.core.models import VMRecord
 from kdlabd.core.vms import DEFAULT_STOP_TIMEOUT, VMService
 
@@ -31,7 +40,7 @@ def _diagnosis(record: VMRecord) -> list[str]:
     ]
 
 
-def properties(record: VMRecord) -> dict[str, Any]:
+def properties(record: VMRecord, latest_dump: str = NO_DUMP_PATH) -> dict[str, Any]:
     """The D-Bus property values of *record*, by property name."""
     spec = record.spec
     if not spec.debug.gdb:
@@ -59,6 +68,8 @@ def properties(record: VMRecord) -> dict[str, Any]:
         "Tree": spec.tree,
         "Booted": record.boot.started_usec,
         "LastStop": record.last_stop.value,
+        "OnPanic": spec.on_panic,
+        "LatestDump": latest_dump,
     }
 
 
@@ -66,13 +77,22 @@ class VMInterface(ServiceInterface):
     """A kdlab VM. Every property change is announced with PropertiesChanged."""
 
     def __init__(
-        self, record: VMRecord, vms: VMService, authorizer: Authorizer
+        self,
+        record: VMRecord,
+        vms: VMService,
+        dumps: DumpService,
+        authorizer: Authorizer,
     ) -> None:
         super().__init__(VM_INTERFACE)
         self._record = record
-        self._props = properties(record)
         self.vms = vms
+        self.dumps = dumps
         self.authorizer = authorizer
+        self._props = properties(record, self._latest_dump(record))
+
+    def _latest_dump(self, record: VMRecord) -> str:
+        latest = self.dumps.latest(record)
+        return NO_DUMP_PATH if latest is None else dump_path(latest.id)
 
     def resource_owner(self) -> int | None:
         return self._record.spec.owner_uid
@@ -80,7 +100,13 @@ class VMInterface(ServiceInterface):
     def update(self, record: VMRecord) -> None:
         """Take the VM's new state and announce the properties that changed."""
         self._record = record
-        self._props = announce_changes(self, self._props, properties(record))
+        self._props = announce_changes(
+            self, self._props, properties(record, self._latest_dump(record))
+        )
+
+    def dumps_changed(self) -> None:
+        """A dump came or went: LatestDump may have changed."""
+        self.update(self._record)
 
     @exported(Action.MANAGE_VMS)
     async def Start(self, caller: Caller, options: "a{sv}") -> None:
@@ -116,6 +142,15 @@ class VMInterface(ServiceInterface):
     async def OpenConsole(self, caller: Caller) -> "h":
         """A stream on the serial console, shared with other viewers."""
         return await self.vms.open_console(self._record.name, caller.uid)
+
+    @exported(Action.DEBUG_VMS)
+    async def TakeDump(self, caller: Caller, options: "a{sv}") -> "oo":
+        """Write a memory dump of the running or paused VM, as a job."""
+        opts = take(options, TAKE_DUMP_OPTIONS)
+        dump, job = await self.dumps.take(
+            self.vms.get(self._record.name), compress=opts.get("compress", False)
+        )
+        return [dump_path(dump.id), job_path(job.id)]
 
     @exported(Action.DEBUG_VMS)
     async def GetDiagnosis(self, caller: Caller) -> "(ssssas)":
@@ -227,3 +262,13 @@ class VMInterface(ServiceInterface):
         (e.g. ``root-device-missing``), ``error``/``warning``/``note``, a one-line
         cause and the fix. Empty strings when nothing was found."""
         return self._props["Diagnosis"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def OnPanic(self) -> "s":
+        """dump-and-stop, dump-and-keep or ignore."""
+        return self._props["OnPanic"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LatestDump(self) -> "o":
+        """The VM's newest dump, "/" when it has none."""
+        return self._props["LatestDump"]

@@ -88,6 +88,19 @@ class Host(CallerFiles, Protocol):
         """The text of *path*, or only its first *head* and last *tail* bytes
         (joined by a newline) when it is longer. Blocks."""
 
+    def read_range(self, path: Path, offset: int, size: int) -> bytes:
+        """At most *size* bytes of kdlabd's file *path* from *offset*. Blocks."""
+
+    def file_size(self, path: Path) -> int:
+        """The size of kdlabd's file *path*. Blocks."""
+
+    def write_atomically(self, path: Path, data: bytes) -> None:
+        """Make *path* hold *data*, whole or not at all, even across a crash
+        (a temporary file, synced, renamed). Blocks."""
+
+    def remove_file(self, path: Path) -> None:
+        """Remove kdlabd's file *path* (FileNotFoundError if there is none)."""
+
     def has_file(self, path: Path) -> bool:
         """Whether kdlabd's file *path* exists."""
 

@@ -26,6 +26,9 @@ Reconnected = Callable[[], None]
 UploadProgress = Callable[[int], None]
 """Told the bytes uploaded so far, from a worker thread; may raise to abort."""
 
+DumpProgress = Callable[[int, int], None]
+"""Told, on the loop, the bytes of guest memory dumped so far and their total."""
+
 ConsoleOutput = Callable[[bytes], None]
 """Receives what a VM writes to its serial console; ``b""`` when it closed."""
 
@@ -91,6 +94,41 @@ class Hypervisor(Protocol):
 
     async def destroy_vm(self, name: str) -> None:
         """Pull the plug."""
+
+    async def suspend_vm(self, name: str) -> None:
+        """Stop the VM's CPUs where they are (QEMU keeps running)."""
+
+    async def panic_handled(self, name: str) -> bool:
+        """Whether kdlabd marked the VM's current boot's panic as handled."""
+
+    async def mark_panic_handled(self, name: str) -> None:
+        """Mark the panic of the VM's current boot as handled (forgotten when
+        QEMU stops, so the next boot's panic is new)."""
+
+    async def dump_vm(
+        self,
+        name: str,
+        volume: str,
+        *,
+        compressed: bool,
+        memory_mib: int,
+        progress: DumpProgress,
+    ) -> Path:
+        """Write a memory-only dump of the VM into the dumps pool as *volume*
+        (an ELF core, or kdump-compressed with zlib); its path. The VM is
+        paused meanwhile and resumed if it ran. Nothing is left on failure."""
+
+    async def list_dump_volumes(self) -> dict[str, tuple[Path, int]]:
+        """The dumps pool's volumes: name -> (path, size in bytes)."""
+
+    async def dump_volume_path(self, volume: str) -> Path:
+        """Where the dumps pool keeps *volume* (which need not exist)."""
+
+    async def delete_dump_volume(self, volume: str) -> None:
+        """Delete the volume *volume* of the dumps pool if it exists."""
+
+    async def dump_pool_free(self) -> int:
+        """Bytes free where the dumps pool is."""
 
     async def open_console(
         self, name: str, on_output: ConsoleOutput, on_sent: ConsoleSent

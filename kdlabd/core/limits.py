@@ -44,6 +44,10 @@ class Limits:
     jobs_per_user: int = 4
     console_viewers_per_vm: int = 16
     console_viewers_per_user: int = 64
+    dumps_per_vm: int = 3
+    """Automatic (panic) dumps kept per VM: a new one drops the oldest."""
+    dump_gib_per_user: int = 64
+    """What one uid's dumps may take, in GiB, the one being written included."""
 
     @property
     def disk_bytes(self) -> int:

@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdlab import wire
 from kdlab.kernel.diagnosis import Diagnosis
 from kdlab.states import StopCause, VMState
 from kdlabd.core import cmdline as kernel_cmdline
@@ -120,6 +121,8 @@ class VMSpec:
     kernel_path: str = ""
     tree: str = ""
     disks: tuple[Disk, ...] = ()
+    on_panic: str = wire.ON_PANIC_DUMP_AND_STOP
+    """What kdlabd does when the kernel panics (one of wire.ON_PANIC_VALUES)."""
     """*release* is read from the bzImage; *vmlinux*, *kernel_path* and
     *tree* (a kernel source tree) are the client's paths, kept as hints for
     kdlabctl (gdb, start) and never opened by kdlabd."""
@@ -158,6 +161,8 @@ class VMRecord:
     boot: BootMark = BootMark()
     last_stop: StopCause = StopCause.NONE
     """How the last boot ended (see :func:`stop_cause`)."""
+    panicked: bool = False
+    """The hypervisor saw the guest panic (pvpanic) and keeps it stopped."""
 
     @property
     def name(self) -> str:

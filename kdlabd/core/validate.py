@@ -13,6 +13,7 @@ import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from kdlab import wire
 from kdlab.errors import InvalidArgument
 from kdlab.wire import RELEASE_MAX, is_safe_release
 from kdlabd.core.models import ImageFormat, ImageSource, StoredImage
@@ -71,6 +72,15 @@ def hint_path(value: str, what: str) -> str:
         )
     if any(not " " <= char <= "~" for char in value):
         raise InvalidArgument(f"{what} must be printable ASCII")
+    return value
+
+
+def on_panic(value: str) -> str:
+    """A VM's on_panic: one of :data:`kdlab.wire.ON_PANIC_VALUES`."""
+    if value not in wire.ON_PANIC_VALUES:
+        raise InvalidArgument(
+            f"on_panic must be one of {', '.join(wire.ON_PANIC_VALUES)}, not {value!r}"
+        )
     return value
 
 

@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 import structlog
 
+from kdlab import wire
 from kdlab.errors import (
     HypervisorError,
     InvalidArgument,
@@ -132,6 +133,7 @@ class CreateRequest:
     image: str = ""
     disk_size: int = 0
     extra_disks: tuple[int, ...] = ()
+    on_panic: str = wire.ON_PANIC_DUMP_AND_STOP
 
 
 @dataclass(frozen=True)
@@ -432,6 +434,7 @@ class VMService:
         disks = self._check_disks(request)
         validate.hint_path(request.kernel_path, "kernel path")
         validate.hint_path(request.tree, "kernel tree path")
+        validate.on_panic(request.on_panic)
         # kdlab's additions (root=, console=, nokaslr) count against the limit.
         validate.cmdline(
             kernel_cmdline.effective(request.cmdline, disks, gdb=debug.gdb)
@@ -507,6 +510,7 @@ class VMService:
             kernel_path=request.kernel_path,
             tree=request.tree,
             disks=made,
+            on_panic=request.on_panic,
         )
 
     def _image_for(self, request: CreateRequest) -> ImageRecord | None:
@@ -610,7 +614,12 @@ class VMService:
             record = _shown(entry)
             if not record.state.active:
                 raise InvalidState(f"VM {name!r} is not running (it is {record.state})")
-            force = force or timeout <= 0
+            # A panicked guest answers no power button: pull the plug.
+            force = (
+                force
+                or timeout <= 0
+                or (entry.record is not None and entry.record.panicked)
+            )
             async with self._transition(entry, VMState.STOPPING):
                 # However the guest goes off now, it was asked to.
                 assert entry.record is not None, "a VM the hypervisor never reported"

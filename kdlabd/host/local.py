@@ -59,6 +59,36 @@ class LocalHost(CallerDescriptors):
                 data = start + b"\n" + file.read()
         return data.decode("utf-8", errors="replace")
 
+    def read_range(self, path: Path, offset: int, size: int) -> bytes:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    def file_size(self, path: Path) -> int:
+        return path.stat().st_size
+
+    def write_atomically(self, path: Path, data: bytes) -> None:
+        temporary = path.with_name(f".{path.name}.tmp")
+        fd = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        temporary.rename(path)
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def remove_file(self, path: Path) -> None:
+        path.unlink()
+
     def has_file(self, path: Path) -> bool:
         return path.exists()
 

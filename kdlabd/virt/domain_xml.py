@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from kdlab.wire import ON_PANIC_DUMP_AND_STOP
 from kdlabd.core.models import (
     Accel,
     Backing,
@@ -107,6 +108,7 @@ def _metadata(parent: etree._Element, spec: VMSpec) -> None:
         kernel.set("vmlinux", spec.vmlinux)
     if spec.tree:
         kernel.set("tree", spec.tree)
+    _sub(vm, _K + "on-panic", spec.on_panic)
 
 
 def _os(parent: etree._Element, spec: VMSpec) -> None:
@@ -145,6 +147,9 @@ def _devices(parent: etree._Element, spec: VMSpec) -> None:
     # Without these libvirt adds a USB controller and a balloon: slower boots, no use.
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
+    # ISA pvpanic (ACPI QEMU0001, driven by Linux's pvpanic-mmio): the kernel
+    # reports its panic to QEMU, which libvirt turns into a crashed event.
+    _sub(devices, "panic", model="isa")
 
 
 def build_domain_xml(spec: VMSpec, uuid: str | None = None) -> str:
@@ -165,12 +170,17 @@ def build_domain_xml(spec: VMSpec, uuid: str | None = None) -> str:
     _os(root, spec)
     features = _sub(root, "features")
     _sub(features, "acpi")  # graceful shutdown is an ACPI power-button press
+    # The guest tells QEMU where its VMCOREINFO is (qemu_fw_cfg), so a dump
+    # carries it and drgn/crash find the kernel's layout (and KASLR offset).
+    _sub(features, "vmcoreinfo", state="on")
     if spec.accel is Accel.KVM:
         _sub(root, "cpu", mode="host-passthrough")
     _sub(root, "clock", offset="utc")
     _sub(root, "on_poweroff", "destroy")
     _sub(root, "on_reboot", "restart")
-    _sub(root, "on_crash", "destroy")
+    # A panic (pvpanic) leaves QEMU running with the CPUs stopped, for kdlabd
+    # to write a dump and then stop or keep the VM as its OnPanic says.
+    _sub(root, "on_crash", "preserve")
     _devices(root, spec)
     args = gdbstub_args(spec)
     if args:
@@ -261,6 +271,7 @@ def parse_domain_xml(xml: str) -> VMSpec:
         kernel_path=hints.get(KERNEL_PATH_ATTRIBUTE, ""),
         tree=hints.get("tree", ""),
         disks=_disks(root, meta),
+        on_panic=_text(meta, _K + "on-panic") or ON_PANIC_DUMP_AND_STOP,
     )
 
 

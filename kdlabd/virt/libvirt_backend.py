@@ -45,6 +45,7 @@ from kdlabd.core.hypervisor import (
     ConsoleSent,
     ConsoleStream,
     DomainChanged,
+    DumpProgress,
     Reconnected,
     UploadProgress,
 )
@@ -95,6 +96,17 @@ _CLOSE_SECONDS = 3.0
 # Opening a console: a connection of its own, the domain, the stream.
 _CONSOLE_OPEN_SECONDS = 15.0
 _KEEPALIVE = (5, 3)
+# A dump's progress is read this often while libvirt writes it.
+_DUMP_POLL_SECONDS = 0.5
+PANIC_NS = "https://kdlab.org/xmlns/panic/1"
+"""Live metadata of a running domain whose panic kdlabd has handled."""
+
+
+def dump_seconds(memory_mib: int, compressed: bool) -> float:
+    """The time limit of a dump of *memory_mib*: generous (TCG, a busy host,
+    zlib at a few tens of MiB/s), so only a stuck libvirt or QEMU hits it."""
+    return 120.0 + memory_mib * (0.5 if compressed else 0.1)
+
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: VMState.STOPPED,
@@ -118,8 +130,19 @@ def register_event_loop() -> None:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
+def panicked(state: int, reason: int) -> bool:
+    """Whether libvirt keeps the domain after a guest panic (on_crash preserve):
+    QEMU runs, the CPUs are stopped."""
+    return bool(
+        state == libvirt.VIR_DOMAIN_CRASHED
+        and reason == libvirt.VIR_DOMAIN_CRASHED_PANICKED
+    )
+
+
 def vm_state(state: int, reason: int) -> VMState:
     """kdlab's state for libvirt's (state, reason) pair."""
+    if panicked(state, reason):
+        return VMState.PAUSED  # QEMU is alive: gdb can attach, Stop kills it
     if (
         state == libvirt.VIR_DOMAIN_SHUTOFF
         and reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED
@@ -171,6 +194,8 @@ class LibvirtHypervisor:
         image_pool: str,
         image_pool_dir: Path,
         gdb_dir: Path,
+        dump_pool: str = "kdlab-dumps",
+        dump_pool_dir: Path | None = None,
         qemu_user: str,
         reconnect_wait: float = DEFAULT_RECONNECT_WAIT,
     ) -> None:
@@ -179,6 +204,8 @@ class LibvirtHypervisor:
         self._vm_pool_dir = vm_pool_dir
         self._image_pool_name = image_pool
         self._image_pool_dir = image_pool_dir
+        self._dump_pool_name = dump_pool
+        self._dump_pool_dir = dump_pool_dir or image_pool_dir.parent / "dumps"
         self._gdb_dir = gdb_dir
         self._qemu_user = facts.QemuUser.lookup(qemu_user)
         self._conn: libvirt.virConnect | None = None
@@ -398,6 +425,150 @@ class LibvirtHypervisor:
 
     async def destroy_vm(self, name: str) -> None:
         await self._change(name, lambda dom: dom.destroy(), active=False)
+
+    async def suspend_vm(self, name: str) -> None:
+        def suspend(conn: libvirt.virConnect) -> None:
+            dom = self._domain(conn, name)
+            if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                dom.suspend()
+
+        await self._call(suspend, again=suspend)
+
+    async def panic_handled(self, name: str) -> bool:
+        def handled(conn: libvirt.virConnect) -> bool:
+            dom = self._domain(conn, name)
+            if not dom.isActive():
+                return False
+            try:
+                dom.metadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                    PANIC_NS,
+                    libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                )
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    return False
+                raise
+            return True
+
+        return await self._call(handled, again=handled)
+
+    async def mark_panic_handled(self, name: str) -> None:
+        # Live metadata lives as long as the QEMU process: the next boot's
+        # panic is a new one, and a restarted kdlabd sees this one was dumped.
+        def mark(conn: libvirt.virConnect) -> None:
+            self._domain(conn, name).setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                "<handled/>",
+                "kdlab-panic",
+                PANIC_NS,
+                libvirt.VIR_DOMAIN_AFFECT_LIVE,
+            )
+
+        await self._call(mark, again=mark)
+
+    async def dump_vm(
+        self,
+        name: str,
+        volume: str,
+        *,
+        compressed: bool,
+        memory_mib: int,
+        progress: DumpProgress,
+    ) -> Path:
+        path = self._dump_pool_dir / volume
+        fmt = (
+            libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_KDUMP_ZLIB
+            if compressed
+            else libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW  # ELF, for memory-only
+        )
+        dom = await self._call(lambda conn: self._domain(conn, name))
+        seconds = dump_seconds(memory_mib, compressed)
+        dumping = asyncio.ensure_future(
+            blocking.run(
+                lambda: dom.coreDumpWithFormat(
+                    str(path), fmt, libvirt.VIR_DUMP_MEMORY_ONLY
+                ),
+                seconds=seconds,
+                what=f"dumping the memory of {name}",
+            )
+        )
+        try:
+            await self._follow_dump(dom, dumping, progress)
+            await dumping
+        except BaseException as err:
+            with contextlib.suppress(libvirt.libvirtError, blocking.Unanswered):
+                await blocking.run(dom.abortJob, seconds=10, what="aborting a dump")
+            with contextlib.suppress(KdlabError):
+                await self.delete_dump_volume(volume)
+            if isinstance(err, libvirt.libvirtError):
+                raise _translate(err) from None
+            if isinstance(err, blocking.Unanswered):
+                raise HypervisorError(
+                    f"the dump of VM {name!r} did not end within {seconds:g} s; "
+                    "it was aborted"
+                ) from None
+            raise
+
+        def listed(conn: libvirt.virConnect) -> None:
+            storage.refresh(self._dump_pool(conn))
+
+        await self._call(listed, again=listed)
+        return path
+
+    @staticmethod
+    async def _follow_dump(
+        dom: libvirt.virDomain,
+        dumping: asyncio.Future[object],
+        progress: DumpProgress,
+    ) -> None:
+        """Report the dump's progress (libvirt's job statistics) until it ends."""
+        while not dumping.done():
+            await asyncio.wait({dumping}, timeout=_DUMP_POLL_SECONDS)
+            if dumping.done():
+                return
+            try:
+                stats = await blocking.run(
+                    dom.jobStats, seconds=5, what="reading a dump's progress"
+                )
+            except (libvirt.libvirtError, blocking.Unanswered):
+                continue
+            progress(
+                int(stats.get("memory_processed", 0)),
+                int(stats.get("memory_total", 0)),
+            )
+
+    async def list_dump_volumes(self) -> dict[str, tuple[Path, int]]:
+        def volumes(conn: libvirt.virConnect) -> dict[str, tuple[Path, int]]:
+            pool = self._dump_pool(conn)
+            storage.refresh(pool)
+            found = {}
+            for volume in pool.listAllVolumes(0):
+                _type, capacity, _allocation = volume.info()
+                found[volume.name()] = (Path(volume.path()), int(capacity))
+            return found
+
+        return await self._call(volumes, again=volumes)
+
+    async def dump_volume_path(self, volume: str) -> Path:
+        return self._dump_pool_dir / volume
+
+    async def delete_dump_volume(self, volume: str) -> None:
+        def delete(conn: libvirt.virConnect) -> None:
+            pool = self._dump_pool(conn)
+            storage.refresh(pool)
+            storage.delete_volume(pool, volume)
+
+        await self._call(delete, again=delete)
+
+    async def dump_pool_free(self) -> int:
+        def free(conn: libvirt.virConnect) -> int:
+            pool = self._dump_pool(conn)
+            storage.refresh(pool)
+            # virStoragePoolInfo: [state, capacity, allocation, available]
+            return int(pool.info()[3])
+
+        return await self._call(free, again=free)
 
     async def _change(
         self, name: str, act: Callable[[libvirt.virDomain], object], *, active: bool
@@ -669,6 +840,9 @@ class LibvirtHypervisor:
     def _image_pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool:
         return conn.storagePoolLookupByName(self._image_pool_name)
 
+    def _dump_pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool:
+        return conn.storagePoolLookupByName(self._dump_pool_name)
+
     @staticmethod
     def _owner(pool: libvirt.virStoragePool, name: str) -> int:
         """The uid recorded as image *name*'s owner (root if none)."""
@@ -722,6 +896,7 @@ class LibvirtHypervisor:
             state=shown,
             boot=mark,
             last_stop=stop_cause(shown, mark, hypervisor_stop_cause(state, reason)),
+            panicked=panicked(state, reason),
         )
 
     def _ensure_pools(self, conn: libvirt.virConnect) -> None:
@@ -731,6 +906,9 @@ class LibvirtHypervisor:
         )
         self._image_pool_dir = _ensure_pool(
             conn, self._image_pool_name, self._image_pool_dir, "image_pool"
+        )
+        self._dump_pool_dir = _ensure_pool(
+            conn, self._dump_pool_name, self._dump_pool_dir, "dump_pool"
         )
 
     def _lifecycle_event(

@@ -1,0 +1,137 @@
+"""What a guest memory dump says about its kernel: the VMCOREINFO note.
+
+QEMU's memory-only dumps (``dump-guest-memory``, libvirt's
+``virDomainCoreDumpWithFormat``) carry the guest kernel's VMCOREINFO when the
+guest told QEMU where it is (the ``vmcoreinfo`` device, written by Linux's
+``qemu_fw_cfg`` driver, CONFIG_FW_CFG_SYSFS). Its lines (``OSRELEASE=``,
+``BUILD-ID=`` since Linux 5.9, ``SYMBOL(...)=``) are what drgn and crash need
+to read the dump without guessing. Two formats are read:
+
+- ELF cores: the note of name ``VMCOREINFO`` in a ``PT_NOTE`` segment;
+- makedumpfile's kdump-compressed format (QEMU's ``kdump-zlib``): the sub
+  header's ``offset_vmcoreinfo``/``size_vmcoreinfo`` (QEMU's
+  ``DiskDumpHeader64``/``KdumpSubHeader64``, little-endian on x86).
+
+Stdlib-only and pure: the caller gives a function that reads bytes of the
+file, so both kdlabd (its own volume) and kdlabctl can use it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+Read = Callable[[int, int], bytes]
+"""Reads *size* bytes at *offset* (fewer at the end of the file)."""
+
+ELF_MAGIC = b"\x7fELF"
+KDUMP_SIGNATURE = b"KDUMP   "
+_PT_NOTE = 4
+_MAX_NOTES = 16 << 20  # a note segment larger than this is no dump kdlab wrote
+_MAX_VMCOREINFO = 1 << 20
+
+
+def vmcoreinfo(read: Read) -> str | None:
+    """The VMCOREINFO text of the dump *read* reads; None when it has none."""
+    head = read(0, 4096)
+    if head.startswith(ELF_MAGIC):
+        return _elf_vmcoreinfo(read, head)
+    if head.startswith(KDUMP_SIGNATURE):
+        return _kdump_vmcoreinfo(read, head)
+    return None
+
+
+def dump_format(head: bytes) -> str:
+    """``elf``, ``kdump`` or ``""`` for the first bytes of a dump."""
+    if head.startswith(ELF_MAGIC):
+        return "elf"
+    if head.startswith(KDUMP_SIGNATURE):
+        return "kdump"
+    return ""
+
+
+def fields(info: str) -> dict[str, str]:
+    """VMCOREINFO's ``KEY=value`` lines as a mapping (the first of each key)."""
+    found: dict[str, str] = {}
+    for line in info.splitlines():
+        key, eq, value = line.partition("=")
+        if eq and key not in found:
+            found[key] = value
+    return found
+
+
+def build_id(info: str) -> str:
+    """The kernel's GNU build ID (lowercase hex) from VMCOREINFO, or ""."""
+    value = fields(info).get("BUILD-ID", "").strip().lower()
+    return value if value and all(c in "0123456789abcdef" for c in value) else ""
+
+
+def release(info: str) -> str:
+    """The kernel release (``uname -r``) from VMCOREINFO, or ""."""
+    return fields(info).get("OSRELEASE", "").strip()
+
+
+def _elf_vmcoreinfo(read: Read, head: bytes) -> str | None:
+    if len(head) < 64 or head[4] != 2 or head[5] != 1:  # ELFCLASS64, little-endian
+        return None
+    (phoff,) = struct.unpack_from("<Q", head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    if phentsize < 56 or phnum == 0:
+        return None
+    # PN_XNUM (0xffff) dumps have the real count elsewhere; the notes come
+    # first in QEMU's dumps, so the first entries are enough.
+    table = read(phoff, phentsize * min(phnum, 64))
+    for index in range(len(table) // phentsize):
+        (p_type,) = struct.unpack_from("<I", table, index * phentsize)
+        if p_type != _PT_NOTE:
+            continue
+        (offset,) = struct.unpack_from("<Q", table, index * phentsize + 8)
+        (size,) = struct.unpack_from("<Q", table, index * phentsize + 32)
+        found = _note(read(offset, min(size, _MAX_NOTES)), b"VMCOREINFO")
+        if found is not None:
+            return found
+    return None
+
+
+def _note(notes: bytes, wanted: bytes) -> str | None:
+    """The text of the first note called *wanted* in an ELF note segment."""
+    at = 0
+    while at + 12 <= len(notes):
+        namesz, descsz, _type = struct.unpack_from("<III", notes, at)
+        name_at = at + 12
+        desc_at = name_at + _align4(namesz)
+        end = desc_at + _align4(descsz)
+        if end > len(notes):
+            return None
+        if notes[name_at : name_at + namesz].rstrip(b"\0") == wanted:
+            return _text(notes[desc_at : desc_at + descsz])
+        at = end
+    return None
+
+
+def _kdump_vmcoreinfo(read: Read, head: bytes) -> str | None:
+    # DiskDumpHeader64: signature[8], header_version u32, new_utsname (6 x 65),
+    # pad1[4], timestamp (2 x u64), status u32, block_size u32, ...
+    if len(head) < 430:
+        return None
+    (block_size,) = struct.unpack_from("<I", head, 426)
+    if not 512 <= block_size <= 1 << 20:
+        return None
+    # KdumpSubHeader64, one block in: phys_base u64, dump_level u32, split u32,
+    # start_pfn u64, end_pfn u64, offset_vmcoreinfo u64, size_vmcoreinfo u64.
+    sub = read(block_size, 48)
+    if len(sub) < 48:
+        return None
+    offset, size = struct.unpack_from("<QQ", sub, 32)
+    if offset == 0 or size == 0 or size > _MAX_VMCOREINFO:
+        return None
+    return _text(read(offset, size))
+
+
+def _text(data: bytes) -> str | None:
+    text = data.split(b"\0", 1)[0].decode("ascii", errors="replace")
+    return text if "OSRELEASE=" in text else None
+
+
+def _align4(size: int) -> int:
+    return (size + 3) & ~3
