@@ -54,7 +54,7 @@ class BusExporter:
         dumps.subscribe(self)
 
     def vm_added(self, record: VMRecord) -> None:
-        interface = VMInterface(record, self._vms, self._dumps, self._authorizer)
+        interface = VMInterface(record, self._vms, self._authorizer, self._dumps)
         self._vm_objects[record.name] = interface
         path = vm_path(record.name)
         self._bus.export(path, interface)

@@ -7,6 +7,7 @@ from typing import Any
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property
 
+from kdlab.errors import InvalidArgument
 from kdlab.kernel.diagnosis import public_fix, summary
 from kdlab.wire import (
     NO_DUMP_PATH,
@@ -80,8 +81,8 @@ class VMInterface(ServiceInterface):
         self,
         record: VMRecord,
         vms: VMService,
-        dumps: DumpService,
         authorizer: Authorizer,
+        dumps: DumpService | None = None,
     ) -> None:
         super().__init__(VM_INTERFACE)
         self._record = record
@@ -91,7 +92,7 @@ class VMInterface(ServiceInterface):
         self._props = properties(record, self._latest_dump(record))
 
     def _latest_dump(self, record: VMRecord) -> str:
-        latest = self.dumps.latest(record)
+        latest = None if self.dumps is None else self.dumps.latest(record)
         return NO_DUMP_PATH if latest is None else dump_path(latest.id)
 
     def resource_owner(self) -> int | None:
@@ -147,6 +148,8 @@ class VMInterface(ServiceInterface):
     async def TakeDump(self, caller: Caller, options: "a{sv}") -> "oo":
         """Write a memory dump of the running or paused VM, as a job."""
         opts = take(options, TAKE_DUMP_OPTIONS)
+        if self.dumps is None:
+            raise InvalidArgument("this kdlabd keeps no dumps")
         dump, job = await self.dumps.take(
             self.vms.get(self._record.name), compress=opts.get("compress", False)
         )

@@ -24,6 +24,7 @@ from kdlabd.core.hypervisor import (
     ConsoleOutput,
     ConsoleSent,
     DomainChanged,
+    DumpProgress,
     Reconnected,
     UploadProgress,
 )
@@ -62,6 +63,8 @@ class Domain:
     boot: BootMark = field(default_factory=BootMark)
     stopped_by: StopCause = StopCause.NONE
     """What libvirt would tell of how it went off (its shut-off reason)."""
+    panicked: bool = False  # pvpanic seen, QEMU keeps the guest (on_crash preserve)
+    panic_handled: bool = False  # live metadata: gone when QEMU stops
 
 
 @dataclass
@@ -115,6 +118,11 @@ class FakeHypervisor:
     guest_powers_off: bool = True
     shutdown_delay: float = 0.01
     kvm_available: bool = False
+    # The dumps pool: a real directory (DumpService reads and writes files in
+    # it through the real LocalHost); what a dump of any VM holds.
+    dump_dir: Path = Path("/nonexistent-dumps")
+    dump_content: bytes = b"\x7fELF-not-really"
+    dump_free: int = 1 << 40
     _on_changed: DomainChanged | None = None
     _on_reconnected: Reconnected | None = None
     _power_off: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
@@ -148,6 +156,12 @@ class FakeHypervisor:
         event; a domain that goes off does so *how*."""
         self.domains[name].state = state
         self.domains[name].stopped_by = how
+        self._announce(name)
+
+    def panic(self, name: str) -> None:
+        """The guest panics and its pvpanic device tells QEMU (libvirt's event)."""
+        domain = self.domains[name]
+        domain.state, domain.panicked = VMState.PAUSED, True
         self._announce(name)
 
     def reconnect(self) -> None:
@@ -231,7 +245,66 @@ class FakeHypervisor:
             self._power_off.pop(name).cancel()
         domain.state = VMState.STOPPED
         domain.stopped_by = StopCause.KILLED
+        domain.panicked = domain.panic_handled = False
         self._announce(name)
+
+    async def suspend_vm(self, name: str) -> None:
+        await self._step("suspend_vm", name)
+        domain = self._domain(name)
+        if domain.state is VMState.RUNNING:
+            domain.state = VMState.PAUSED
+            self._announce(name)
+
+    async def panic_handled(self, name: str) -> bool:
+        return self._domain(name).panic_handled
+
+    async def mark_panic_handled(self, name: str) -> None:
+        await self._step("mark_panic_handled", name)
+        self._domain(name).panic_handled = True
+
+    async def dump_vm(
+        self,
+        name: str,
+        volume: str,
+        *,
+        compressed: bool,
+        memory_mib: int,
+        progress: DumpProgress,
+    ) -> Path:
+        path = self.dump_dir / volume
+        path.write_bytes(b"")  # libvirt creates the file first
+
+        def half_written() -> None:
+            progress(memory_mib << 19, memory_mib << 20)
+
+        try:
+            await self._step("dump_vm", name, while_held=half_written)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if not self._domain(name).state.active:
+            path.unlink()
+            raise InvalidState("domain is not running")
+        path.write_bytes(self.dump_content)
+        return path
+
+    async def list_dump_volumes(self) -> dict[str, tuple[Path, int]]:
+        await self._step("list_dump_volumes", "")
+        return {
+            p.name: (p, p.stat().st_size)
+            for p in sorted(self.dump_dir.iterdir())
+            if not p.name.startswith(".")
+        }
+
+    async def dump_volume_path(self, volume: str) -> Path:
+        return self.dump_dir / volume
+
+    async def delete_dump_volume(self, volume: str) -> None:
+        await self._step("delete_dump_volume", volume)
+        (self.dump_dir / volume).unlink(missing_ok=True)
+
+    async def dump_pool_free(self) -> int:
+        return self.dump_free
 
     async def open_console(
         self, name: str, on_output: ConsoleOutput, on_sent: ConsoleSent
@@ -372,6 +445,8 @@ class FakeHypervisor:
         how = stop_cause(domain.state, domain.boot, domain.stopped_by)
         return VMRecord(
             domain.spec, domain.uuid, domain.state, boot=domain.boot, last_stop=how
+        return VMRecord(
+            domain.spec, domain.uuid, domain.state, panicked=domain.panicked
         )
 
     def _announce(self, name: str) -> None:

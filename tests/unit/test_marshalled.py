@@ -29,6 +29,7 @@ from kdlabd.bus.dbus_next_patches import (
 from kdlabd.bus.job import JobInterface
 from kdlabd.bus.manager import ManagerInterface
 from kdlabd.bus.vm import VMInterface
+from kdlabd.core.dumps import DumpService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import Job, JobManager
 from kdlabd.core.models import VMRecord
@@ -137,6 +138,7 @@ def test_list_vms_is_kept_until_a_vm_comes_or_goes() -> None:
         cast(ImageService, None),
         cast(JobManager, None),
         cast(Authorizer, None),
+        cast(DumpService, None),
     )
     list_vms = inspect.unwrap(ManagerInterface.ListVMs.__dict__["__DBUS_METHOD"].fn)
     caller = Caller(":1.1", 0, frozenset())
