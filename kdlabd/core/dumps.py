@@ -205,6 +205,9 @@ class DumpService:
         self._observers: Observers[DumpObserver] = Observers()
         self._writing: set[str] = set()  # VM names with a dump under way
         self._handled: set[str] = set()  # VM names whose boot's panic is handled
+        # Every id this kdlabd gave or found: never reused, even once deleted
+        # (ids of one second get -2, -3...; a restart takes over a second).
+        self._issued: set[str] = set()
         self._background = Background("dumps.panic_failed")
 
     def subscribe(self, observer: DumpObserver) -> Callable[[], None]:
@@ -453,9 +456,10 @@ class DumpService:
         now = time.time_ns() // 1000
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now / 1e6))
         dump_id, n = f"{vm.name}-{stamp}", 1
-        while dump_id in self._dumps:
+        while dump_id in self._dumps or dump_id in self._issued:
             n += 1
             dump_id = f"{vm.name}-{stamp}-{n}"
+        self._issued.add(dump_id)
         fmt = wire.DUMP_FORMAT_KDUMP_ZLIB if compress else wire.DUMP_FORMAT_ELF
         spec = vm.spec
         return DumpRecord(
@@ -550,6 +554,7 @@ class DumpService:
         if old == record:
             return
         self._dumps[record.id] = record
+        self._issued.add(record.id)
         for observer in self._observers:
             if old is None:
                 observer.dump_added(record)

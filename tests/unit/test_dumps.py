@@ -1,0 +1,309 @@
+"""Post-mortem dumps: one per panic, limits, leftovers of a crash, VMCOREINFO.
+
+Core logic on the fake hypervisor (a real directory as the dumps pool, the
+real LocalHost); the vm tier (tests/vm/test_dumps.py) is the evidence that
+libvirt and QEMU write them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from kdlab import wire
+from kdlab.errors import InvalidState, LimitExceeded
+from kdlab.kernel import vmcore
+from kdlab.kernel.diagnosis import BootFacts, diagnose
+from kdlab.states import VMState
+from kdlabd.core.dumps import DumpRecord, DumpService, panic_reason
+from kdlabd.core.jobs import JobManager
+from kdlabd.core.limits import Limits
+from kdlabd.core.models import VMRecord
+from kdlabd.host.local import LocalHost
+from tests.unit.fake_hypervisor import FakeHypervisor
+from tests.unit.test_domain_xml import make_spec
+
+T = TypeVar("T")
+
+INFO = "OSRELEASE=6.1.0-kdlab\nBUILD-ID=0123abcd\nPAGESIZE=4096\n"
+PANIC_LOG = (
+    "Linux version 6.1.0\n"
+    "Run /init as init process\n"
+    "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n"
+)
+
+
+def elf_core(info: str | None) -> bytes:
+    """A minimal ELF64 core: a PT_NOTE segment with a VMCOREINFO note."""
+    notes = b""
+    if info is not None:
+        name, desc = b"VMCOREINFO\0", info.encode()
+        pad = lambda b: b + b"\0" * (-len(b) % 4)  # noqa: E731
+        notes = struct.pack("<III", len(name), len(desc), 0) + pad(name) + pad(desc)
+    header = bytearray(64)
+    header[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", header, 0x20, 64)  # e_phoff
+    struct.pack_into("<HH", header, 0x36, 56, 1)  # e_phentsize, e_phnum
+    phdr = bytearray(56)
+    struct.pack_into("<I", phdr, 0, 4)  # PT_NOTE
+    struct.pack_into("<Q", phdr, 8, 64 + 56)  # p_offset
+    struct.pack_into("<Q", phdr, 32, len(notes))  # p_filesz
+    return bytes(header) + bytes(phdr) + notes + b"\0" * 4096
+
+
+def kdump_core(info: str) -> bytes:
+    """makedumpfile's header as QEMU writes it, VMCOREINFO after the sub header."""
+    block = 4096
+    header = bytearray(block)
+    header[:8] = wire.DUMP_FORMAT_KDUMP_ZLIB and vmcore.KDUMP_SIGNATURE
+    struct.pack_into("<I", header, 426, block)
+    sub = bytearray(block)
+    struct.pack_into("<QQ", sub, 32, 2 * block, len(info))
+    return bytes(header) + bytes(sub) + info.encode() + b"\0"
+
+
+def reader(data: bytes) -> vmcore.Read:
+    return lambda offset, size: data[offset : offset + size]
+
+
+def test_vmcoreinfo_of_an_elf_core() -> None:
+    info = vmcore.vmcoreinfo(reader(elf_core(INFO)))
+    assert info is not None
+    assert vmcore.build_id(info) == "0123abcd"
+    assert vmcore.release(info) == "6.1.0-kdlab"
+
+
+def test_vmcoreinfo_of_a_kdump_core() -> None:
+    info = vmcore.vmcoreinfo(reader(kdump_core(INFO)))
+    assert info is not None and vmcore.build_id(info) == "0123abcd"
+
+
+def test_a_core_without_vmcoreinfo_says_so() -> None:
+    assert vmcore.vmcoreinfo(reader(elf_core(None))) is None
+    assert vmcore.vmcoreinfo(reader(b"garbage" * 100)) is None
+
+
+class Lab:
+    def __init__(self, tmp_path: Path, limits: Limits | None = None) -> None:
+        self.hv = FakeHypervisor(dump_dir=tmp_path / "dumps")
+        self.hv.dump_dir.mkdir()
+        self.hv.dump_content = elf_core(INFO)
+        self.jobs = JobManager()
+        self.stopped: list[str] = []
+        self.limits = limits or Limits()
+        self.dumps = self.service()
+
+    def service(self) -> DumpService:
+        async def stop(name: str) -> None:
+            self.stopped.append(name)
+            await self.hv.destroy_vm(name)
+
+        return DumpService(
+            self.hv, host=LocalHost(), jobs=self.jobs, stop_vm=stop, limits=self.limits
+        )
+
+    def vm(self, name: str = "vm1", **changes: object) -> VMRecord:
+        if name not in self.hv.domains:
+            self.hv.add_domain(make_spec(name, **changes), VMState.RUNNING)
+        domain = self.hv.domains[name]
+        return VMRecord(
+            domain.spec, domain.uuid, domain.state, panicked=domain.panicked
+        )
+
+    async def settle(self) -> None:
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if all(j.state.value != "running" for j in self.jobs.list()):
+                return
+
+
+def run(make: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(make())  # type: ignore[arg-type]
+
+
+def panicked_record(lab: Lab, *, console: bool, pvpanic: bool) -> VMRecord:
+    vm = lab.vm()
+    if pvpanic:
+        lab.hv.panic(vm.name)
+        vm = lab.vm()
+    diagnosis = None
+    if console:
+        facts = BootFacts(
+            cmdline="",
+            disks=(),
+            has_initrd=False,
+            gdbstub=True,
+            seconds_since_start=5.0,
+            running=True,
+            paused=False,
+            name=vm.name,
+        )
+        diagnosis = diagnose(PANIC_LOG, facts)
+    return VMRecord(
+        vm.spec, vm.uuid, vm.state, diagnosis=diagnosis, panicked=vm.panicked
+    )
+
+
+def test_a_panic_seen_twice_is_one_dump(tmp_path: Path) -> None:
+    """pvpanic and the console both report the panic: exactly one dump, owned
+    by the VM's owner, complete, with VMCOREINFO; then the VM is stopped."""
+    lab = Lab(tmp_path)
+
+    async def scenario() -> list[DumpRecord]:
+        seen_on_console = panicked_record(lab, console=True, pvpanic=False)
+        lab.dumps.vm_changed(seen_on_console)
+        lab.dumps.vm_changed(panicked_record(lab, console=True, pvpanic=True))
+        lab.dumps.vm_changed(seen_on_console)
+        await asyncio.sleep(0.05)
+        await lab.settle()
+        await asyncio.sleep(0.05)
+        return lab.dumps.list()
+
+    dumps = run(scenario)
+    assert len(dumps) == 1
+    dump = dumps[0]
+    assert (dump.owner_uid, dump.reason, dump.state) == (1000, "panic", "complete")
+    assert dump.vmcoreinfo and dump.build_id == "0123abcd" and not dump.problem
+    assert dump.headline.startswith("Kernel panic - not syncing: Attempted to kill")
+    assert "Attempted" not in dump.public_headline
+    assert lab.hv.called("dump_vm") == ["vm1"]
+    assert lab.stopped == ["vm1"]
+    sidecar = json.loads((lab.hv.dump_dir / f"{dump.id}.json").read_text())
+    assert sidecar["vm"] == "vm1" and sidecar["owner_uid"] == 1000
+
+
+def test_dump_and_keep_leaves_the_vm_and_a_restart_does_not_dump_again(
+    tmp_path: Path,
+) -> None:
+    lab = Lab(tmp_path)
+    lab.vm(on_panic=wire.ON_PANIC_DUMP_AND_KEEP)
+
+    async def scenario() -> int:
+        lab.dumps.vm_changed(panicked_record(lab, console=False, pvpanic=True))
+        await asyncio.sleep(0.05)
+        await lab.settle()
+        await asyncio.sleep(0.05)
+        restarted = lab.service()  # kdlabd restarted: the VM is still panicked
+        await restarted.load()
+        restarted.vm_added(lab.vm())
+        await asyncio.sleep(0.05)
+        return len(restarted.list())
+
+    assert run(scenario) == 1
+    assert lab.stopped == []
+    assert lab.hv.called("dump_vm") == ["vm1"]
+
+
+def test_an_oops_the_kernel_survives_is_not_dumped(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    facts = BootFacts(
+        cmdline="",
+        disks=(),
+        has_initrd=False,
+        gdbstub=True,
+        seconds_since_start=5.0,
+        running=True,
+        paused=False,
+        name="vm1",
+    )
+    oops = diagnose(
+        "BUG: kernel NULL pointer dereference, address: 0000000000000000\n"
+        "Oops: 0002 [#1] PREEMPT SMP NOPTI\n",
+        facts,
+    )
+    vm = lab.vm()
+    assert panic_reason(VMRecord(vm.spec, vm.uuid, vm.state, diagnosis=oops)) is None
+
+
+def test_automatic_dumps_beyond_the_limit_drop_the_oldest(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, Limits(dumps_per_vm=2))
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        ids = []
+        for reason in ("panic", "requested", "panic", "panic"):
+            record, job = await lab.dumps.take(lab.vm(), reason=reason)
+            await lab.jobs.wait(job.id)
+            ids.append(record.id)
+        return ids, [d.id for d in lab.dumps.list()]
+
+    made, kept = run(scenario)
+    assert len(set(made)) == 4, "ids are unique"
+    assert kept == made[1:], "the oldest automatic dump went; the requested stays"
+    assert sorted(p.name for p in lab.hv.dump_dir.iterdir()) == sorted(
+        [f"{i}.core" for i in kept] + [f"{i}.json" for i in kept]
+    )
+
+
+def test_a_dump_that_does_not_fit_is_refused_before_it_starts(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.hv.dump_free = 100 << 20  # the VM has 512 MiB
+
+    async def scenario() -> None:
+        await lab.dumps.take(lab.vm())
+
+    with pytest.raises(LimitExceeded, match="dumps pool has 100 MiB free"):
+        run(scenario)
+    assert lab.hv.called("dump_vm") == []
+    assert list(lab.hv.dump_dir.iterdir()) == []
+
+
+def test_a_users_dumps_are_limited(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, Limits(dump_gib_per_user=1))
+
+    async def scenario() -> None:
+        lab.hv.dump_content = elf_core(INFO) + bytes(700 << 20)
+        _record, job = await lab.dumps.take(lab.vm())
+        await lab.jobs.wait(job.id)
+        # The first dump took 700 MiB (as the pool reports it after a restart).
+        assert lab.dumps.get(_record.id).size > 700 << 20
+        await lab.dumps.take(lab.vm())
+
+    with pytest.raises(LimitExceeded, match="max_dump_gib_per_user"):
+        run(scenario)
+
+
+def test_a_stopped_vm_cannot_be_dumped(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.vm()
+    lab.hv.domains["vm1"].state = VMState.STOPPED
+
+    async def scenario() -> None:
+        await lab.dumps.take(lab.vm())
+
+    with pytest.raises(InvalidState, match="running or paused"):
+        run(scenario)
+
+
+def test_a_dump_cut_short_leaves_nothing_after_a_restart(tmp_path: Path) -> None:
+    """kdlabd killed while libvirt writes: the file has no sidecar, and the
+    next start-up removes it (and a sidecar whose dump is gone)."""
+    lab = Lab(tmp_path)
+    (lab.hv.dump_dir / "vm1-20250101-000000.core").write_bytes(b"\x7fELF partial")
+    (lab.hv.dump_dir / "gone-20250101-000000.json").write_text("{}")
+
+    async def scenario() -> tuple[list[str], list[DumpRecord]]:
+        service = lab.service()
+        await service.load()
+        return await service.reconcile(), service.list()
+
+    removed, listed = run(scenario)
+    assert sorted(removed) == ["gone-20250101-000000.json", "vm1-20250101-000000.core"]
+    assert listed == [] and list(lab.hv.dump_dir.iterdir()) == []
+
+
+def test_a_failed_dump_leaves_no_volume(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.hv.fail("dump_vm")
+
+    async def scenario() -> str:
+        _record, job = await lab.dumps.take(lab.vm())
+        return (await lab.jobs.wait(job.id)).state.value
+
+    assert run(scenario) == "failed"
+    assert lab.dumps.list() == [] and list(lab.hv.dump_dir.iterdir()) == []
