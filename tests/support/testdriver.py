@@ -146,6 +146,8 @@ class FakeVM:
             "Diagnosis": self.diagnosis,
             "Booted": self.booted_usec,
             "LastStop": self.last_stop,
+            "OnPanic": "dump-and-stop",
+            "LatestDump": "/",
         }
         props.update(changes)
         return props

@@ -267,7 +267,7 @@ class FakeHypervisor:
         name: str,
         volume: str,
         *,
-        compressed: bool,
+        compressed: bool,  # noqa: ARG002 (the fake writes one format)
         memory_mib: int,
         progress: DumpProgress,
     ) -> Path:
@@ -444,9 +444,12 @@ class FakeHypervisor:
     def _record(domain: Domain) -> VMRecord:
         how = stop_cause(domain.state, domain.boot, domain.stopped_by)
         return VMRecord(
-            domain.spec, domain.uuid, domain.state, boot=domain.boot, last_stop=how
-        return VMRecord(
-            domain.spec, domain.uuid, domain.state, panicked=domain.panicked
+            domain.spec,
+            domain.uuid,
+            domain.state,
+            boot=domain.boot,
+            last_stop=how,
+            panicked=domain.panicked,
         )
 
     def _announce(self, name: str) -> None:

@@ -81,7 +81,8 @@ def test_vmcoreinfo_of_an_elf_core() -> None:
 
 def test_vmcoreinfo_of_a_kdump_core() -> None:
     info = vmcore.vmcoreinfo(reader(kdump_core(INFO)))
-    assert info is not None and vmcore.build_id(info) == "0123abcd"
+    assert info is not None
+    assert vmcore.build_id(info) == "0123abcd"
 
 
 def test_a_core_without_vmcoreinfo_says_so() -> None:
@@ -169,13 +170,16 @@ def test_a_panic_seen_twice_is_one_dump(tmp_path: Path) -> None:
     assert len(dumps) == 1
     dump = dumps[0]
     assert (dump.owner_uid, dump.reason, dump.state) == (1000, "panic", "complete")
-    assert dump.vmcoreinfo and dump.build_id == "0123abcd" and not dump.problem
+    assert dump.vmcoreinfo
+    assert dump.build_id == "0123abcd"
+    assert not dump.problem
     assert dump.headline.startswith("Kernel panic - not syncing: Attempted to kill")
     assert "Attempted" not in dump.public_headline
     assert lab.hv.called("dump_vm") == ["vm1"]
     assert lab.stopped == ["vm1"]
     sidecar = json.loads((lab.hv.dump_dir / f"{dump.id}.json").read_text())
-    assert sidecar["vm"] == "vm1" and sidecar["owner_uid"] == 1000
+    assert sidecar["vm"] == "vm1"
+    assert sidecar["owner_uid"] == 1000
 
 
 def test_dump_and_keep_leaves_the_vm_and_a_restart_does_not_dump_again(
@@ -294,7 +298,8 @@ def test_a_dump_cut_short_leaves_nothing_after_a_restart(tmp_path: Path) -> None
 
     removed, listed = run(scenario)
     assert sorted(removed) == ["gone-20250101-000000.json", "vm1-20250101-000000.core"]
-    assert listed == [] and list(lab.hv.dump_dir.iterdir()) == []
+    assert listed == []
+    assert list(lab.hv.dump_dir.iterdir()) == []
 
 
 def test_a_failed_dump_leaves_no_volume(tmp_path: Path) -> None:
@@ -306,4 +311,5 @@ def test_a_failed_dump_leaves_no_volume(tmp_path: Path) -> None:
         return (await lab.jobs.wait(job.id)).state.value
 
     assert run(scenario) == "failed"
-    assert lab.dumps.list() == [] and list(lab.hv.dump_dir.iterdir()) == []
+    assert lab.dumps.list() == []
+    assert list(lab.hv.dump_dir.iterdir()) == []
