@@ -147,6 +147,8 @@ class VM(Record):
     diagnosis: Diagnosis
     booted: int  # the current or last boot's identity (µs); 0: none
     last_stop: StopCause
+    on_panic: str
+    latest_dump: str
 
 
 class Image(Record):

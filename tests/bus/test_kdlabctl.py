@@ -68,6 +68,8 @@ JSON_KEYS = {
     "Diagnosis": "diagnosis",
     "Booted": "booted",
     "LastStop": "last_stop",
+    "OnPanic": "on_panic",
+    "LatestDump": "latest_dump",
 }
 
 
