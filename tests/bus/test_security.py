@@ -726,7 +726,15 @@ def test_figure_bad_inputs(security: SecurityLab) -> None:
 # --- authorization: every method, as callers who may not ------------------------------
 
 # Anyone may call these; everything else needs more than org.kdlab.Kdlab1.inspect.
-INSPECT_METHODS = {"ListVMs", "GetVM", "ListImages", "GetImage", "ListJobs"}
+INSPECT_METHODS = {
+    "ListVMs",
+    "GetVM",
+    "ListImages",
+    "GetImage",
+    "ListJobs",
+    "ListDumps",
+    "GetDump",
+}
 _BASIC: dict[str, Any] = {
     "s": "walk-target",  # a valid name: a leaked call would really act
     "t": 64 * MiB,

@@ -76,6 +76,8 @@ VM_PROPERTIES: dict[str, Any] = {
     "Diagnosis": ["", "", "", ""],
     "Booted": 1_700_000_000_500_000,
     "LastStop": "",
+    "OnPanic": "dump-and-stop",
+    "LatestDump": "/",
 }
 
 
