@@ -27,6 +27,16 @@ Read = Callable[[int, int], bytes]
 ELF_MAGIC = b"\x7fELF"
 KDUMP_SIGNATURE = b"KDUMP   "
 _PT_NOTE = 4
+# QEMU's DiskDumpHeader64 (packed): signature[8], header_version u32,
+# utsname (6 x 65 bytes), timestamp[22], status u32, block_size u32, ...
+# (makedumpfile's has a struct timeval there; QEMU writes 22 bytes of zeros).
+KDUMP_BLOCK_SIZE_AT = 8 + 4 + 6 * 65 + 22 + 4
+"""Where a kdump-compressed dump's header holds its block size (428)."""
+# KdumpSubHeader64, one block in: phys_base u64, dump_level u32, split u32,
+# start_pfn u64, end_pfn u64, offset_vmcoreinfo u64, size_vmcoreinfo u64;
+# the offset is the VMCOREINFO note's text (its descriptor).
+KDUMP_VMCOREINFO_AT = 8 + 4 + 4 + 8 + 8
+"""Where the sub header holds VMCOREINFO's offset and size (32)."""
 _MAX_NOTES = 16 << 20  # a note segment larger than this is no dump kdlab wrote
 _MAX_VMCOREINFO = 1 << 20
 
@@ -110,19 +120,15 @@ def _note(notes: bytes, wanted: bytes) -> str | None:
 
 
 def _kdump_vmcoreinfo(read: Read, head: bytes) -> str | None:
-    # DiskDumpHeader64: signature[8], header_version u32, new_utsname (6 x 65),
-    # pad1[4], timestamp (2 x u64), status u32, block_size u32, ...
-    if len(head) < 430:
+    if len(head) < KDUMP_BLOCK_SIZE_AT + 4:
         return None
-    (block_size,) = struct.unpack_from("<I", head, 426)
+    (block_size,) = struct.unpack_from("<I", head, KDUMP_BLOCK_SIZE_AT)
     if not 512 <= block_size <= 1 << 20:
         return None
-    # KdumpSubHeader64, one block in: phys_base u64, dump_level u32, split u32,
-    # start_pfn u64, end_pfn u64, offset_vmcoreinfo u64, size_vmcoreinfo u64.
-    sub = read(block_size, 48)
-    if len(sub) < 48:
+    sub = read(block_size, KDUMP_VMCOREINFO_AT + 16)
+    if len(sub) < KDUMP_VMCOREINFO_AT + 16:
         return None
-    offset, size = struct.unpack_from("<QQ", sub, 32)
+    offset, size = struct.unpack_from("<QQ", sub, KDUMP_VMCOREINFO_AT)
     if offset == 0 or size == 0 or size > _MAX_VMCOREINFO:
         return None
     return _text(read(offset, size))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -26,6 +25,7 @@ from kdlabd.core.jobs import JobManager
 from kdlabd.core.limits import Limits
 from kdlabd.core.models import VMRecord
 from kdlabd.host.local import LocalHost
+from tests.support.vmcores import elf_core, kdump_core
 from tests.unit.fake_hypervisor import FakeHypervisor
 from tests.unit.test_domain_xml import make_spec
 
@@ -37,35 +37,6 @@ PANIC_LOG = (
     "Run /init as init process\n"
     "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n"
 )
-
-
-def elf_core(info: str | None) -> bytes:
-    """A minimal ELF64 core: a PT_NOTE segment with a VMCOREINFO note."""
-    notes = b""
-    if info is not None:
-        name, desc = b"VMCOREINFO\0", info.encode()
-        pad = lambda b: b + b"\0" * (-len(b) % 4)  # noqa: E731
-        notes = struct.pack("<III", len(name), len(desc), 0) + pad(name) + pad(desc)
-    header = bytearray(64)
-    header[:6] = b"\x7fELF\x02\x01"
-    struct.pack_into("<Q", header, 0x20, 64)  # e_phoff
-    struct.pack_into("<HH", header, 0x36, 56, 1)  # e_phentsize, e_phnum
-    phdr = bytearray(56)
-    struct.pack_into("<I", phdr, 0, 4)  # PT_NOTE
-    struct.pack_into("<Q", phdr, 8, 64 + 56)  # p_offset
-    struct.pack_into("<Q", phdr, 32, len(notes))  # p_filesz
-    return bytes(header) + bytes(phdr) + notes + b"\0" * 4096
-
-
-def kdump_core(info: str) -> bytes:
-    """makedumpfile's header as QEMU writes it, VMCOREINFO after the sub header."""
-    block = 4096
-    header = bytearray(block)
-    header[:8] = wire.DUMP_FORMAT_KDUMP_ZLIB and vmcore.KDUMP_SIGNATURE
-    struct.pack_into("<I", header, 426, block)
-    sub = bytearray(block)
-    struct.pack_into("<QQ", sub, 32, 2 * block, len(info))
-    return bytes(header) + bytes(sub) + info.encode() + b"\0"
 
 
 def reader(data: bytes) -> vmcore.Read:
