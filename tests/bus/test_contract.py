@@ -25,9 +25,9 @@ from kdlab.wire import (
 )
 from tests.bus import contract
 from tests.bus.conftest import Ctl
-from tests.bus.contract import IMAGE, INTERFACES, JOB, MANAGER, VM
+from tests.bus.contract import DUMP, IMAGE, INTERFACES, JOB, MANAGER, VM
 from tests.support.bus import OBJECT_MANAGER, PROPERTIES, BusClient
-from tests.support.testdriver import FLEET
+from tests.support.testdriver import DUMPS, FLEET
 
 pytestmark = pytest.mark.bus
 
@@ -43,6 +43,12 @@ VM_PATHS = {
     "frozen": "/org/kdlab/Kdlab1/vm/frozen",
     "idle": "/org/kdlab/Kdlab1/vm/idle",
     "linux-6.9-rc1": "/org/kdlab/Kdlab1/vm/linux_2d6_2e9_2drc1",
+}
+DUMP_PATHS = {
+    "busy-20231114-224820": "/org/kdlab/Kdlab1/dump/busy_2d20231114_2d224820",
+    "linux-6.9-rc1-20231114-224820": (
+        "/org/kdlab/Kdlab1/dump/linux_2d6_2e9_2drc1_2d20231114_2d224820"
+    ),
 }
 
 
@@ -114,9 +120,13 @@ def test_live_introspection_matches_contract(
     client: BusClient, image_and_job: tuple[str, str], interface: str
 ) -> None:
     image, job = image_and_job
-    path = {MANAGER: MANAGER_PATH, VM: VM_PATHS["idle"], IMAGE: image, JOB: job}[
-        interface
-    ]
+    path = {
+        MANAGER: MANAGER_PATH,
+        VM: VM_PATHS["idle"],
+        IMAGE: image,
+        JOB: job,
+        DUMP: DUMP_PATHS["busy-20231114-224820"],
+    }[interface]
     live = contract.interface_element(
         contract.parse(client.introspect(path)), interface
     )
@@ -134,21 +144,27 @@ def test_manager_is_an_object_manager(client: BusClient) -> None:
         "InterfacesAdded": ("o", "a{sa{sv}}"),
         "InterfacesRemoved": ("o", "as"),
     }
-    assert [node.get("name") for node in tree.getroot().findall("node")] == ["vm"]
+    children = {node.get("name") for node in tree.getroot().findall("node")}
+    assert children == {"vm", "dump"}
 
 
 @pytest.mark.usefixtures("kdlabd")
-def test_managed_objects_are_every_vm_with_every_property(client: BusClient) -> None:
-    documented = set(contract.shape(contract.contract(VM)).properties)
+def test_managed_objects_are_every_vm_and_dump_with_every_property(
+    client: BusClient,
+) -> None:
     objects = client.managed_objects()
-    assert set(objects) == set(VM_PATHS.values())  # foreign domains are not VMs
-    for vm in FLEET:
-        interfaces = objects[VM_PATHS[vm.name]]
+    # Foreign domains are not VMs; the dumps are those found in the pool.
+    assert set(objects) == set(VM_PATHS.values()) | set(DUMP_PATHS.values())
+    expected = [(VM_PATHS[vm.name], VM, vm.properties()) for vm in FLEET]
+    expected += [(DUMP_PATHS[d.id], DUMP, d.properties()) for d in DUMPS]
+    for path, interface, properties in expected:
+        interfaces = objects[path]
         assert {i for i in interfaces if not i.startswith("org.freedesktop.DBus.")} == {
-            VM
+            interface
         }
-        assert set(interfaces[VM]) == documented
-        assert interfaces[VM] == vm.properties()
+        documented = set(contract.shape(contract.contract(interface)).properties)
+        assert set(interfaces[interface]) == documented
+        assert interfaces[interface] == properties
 
 
 def test_managed_objects_follow_every_change(

@@ -28,9 +28,9 @@ from dbus_next.aio import MessageBus
 from lxml import etree
 
 from kdlab.errors import HypervisorError, NotAuthorized
-from kdlab.wire import MANAGER_PATH, image_path, vm_path
+from kdlab.wire import MANAGER_PATH, dump_path, image_path, vm_path
 from kdlabd.bus.auth import Action
-from tests.bus.contract import IMAGE, JOB, MANAGER, VM
+from tests.bus.contract import DUMP, IMAGE, JOB, MANAGER, VM
 from tests.bus.test_security import INSPECT_METHODS, Walk, calls_as, method_walks
 from tests.support import figures
 from tests.support.bus import (
@@ -42,7 +42,7 @@ from tests.support.bus import (
     PrivateBus,
 )
 from tests.support.clients import NOBODY
-from tests.support.testdriver import VMS, Lab
+from tests.support.testdriver import DUMPS, VMS, Lab
 
 pytestmark = pytest.mark.bus
 
@@ -266,7 +266,15 @@ def call(client: BusClient, walk: Walk) -> str:
     return REPLIES.outcome(reply)
 
 
-DEBUG_METHODS = {"OpenGdb", "OpenConsole", "OpenConsoleLog", "GetDiagnosis"}
+DEBUG_METHODS = {
+    "OpenGdb",
+    "OpenConsole",
+    "OpenConsoleLog",
+    "GetDiagnosis",
+    "TakeDump",  # reads the guest's memory
+    "Open",  # a dump: the guest's memory
+    "GetHeadline",  # a dump's: the console's line
+}
 
 
 def expected_action(member: str) -> Action:
@@ -282,7 +290,8 @@ def expected_action(member: str) -> Action:
 def targets(pk: PolkitLab, kernels: dict[str, Path]) -> dict[str, list[str]]:
     """An object of every interface (made while polkit says yes); requests cleared.
 
-    The VM is root's own ("linux-6.9-rc1"): only each method's action is asked.
+    The VM and the dump are root's own ("linux-6.9-rc1"'s): only each
+    method's action is asked.
     """
     root = pk.root
     image = root.ok(MANAGER_PATH, MANAGER, "CreateImage", "sta{sv}",
@@ -300,6 +309,7 @@ def targets(pk: PolkitLab, kernels: dict[str, Path]) -> dict[str, list[str]]:
         VM: [vm_path("linux-6.9-rc1")],
         IMAGE: [str(image)],
         JOB: [str(job)],
+        DUMP: [dump_path(d.id) for d in DUMPS if d.vm.owner == 0],
     }
 
 

@@ -47,12 +47,12 @@ from dbus_next.signature import SignatureTree, SignatureType
 
 import kdlabd.bus
 from kdlab.errors import Internal, InvalidArgument, LimitExceeded, NotAuthorized
-from kdlab.wire import MANAGER_PATH
+from kdlab.wire import MANAGER_PATH, dump_path
 from kdlabd.bus.auth import Action
 from kdlabd.core import validate
 from kdlabd.core.limits import GIB, Limits
 from tests.bus import contract, test_policy
-from tests.bus.contract import IMAGE, INTERFACES, JOB, MANAGER, VM
+from tests.bus.contract import DUMP, IMAGE, INTERFACES, JOB, MANAGER, VM
 from tests.support import REPO, figures
 from tests.support.bus import DBUS_NAME, DBUS_PATH, PROPERTIES, BusClient, PrivateBus
 from tests.support.clients import NOBODY, Identity, run_tool
@@ -877,7 +877,8 @@ def state_of(lab: Lab, client: BusClient) -> tuple[Any, ...]:
 
 @pytest.fixture
 def walk_objects(security: SecurityLab) -> dict[str, list[str]]:
-    """An object of every kind to walk: the manager, every VM, an image, a job.
+    """An object of every kind to walk: the manager, every VM, an image, a job,
+    every dump.
 
     The job is root's import, which fails at once on the test driver (it cannot
     upload) but stays listed.
@@ -900,6 +901,7 @@ def walk_objects(security: SecurityLab) -> dict[str, list[str]]:
         VM: [client.vm_path(vm.name) for vm in security.lab.vms],
         IMAGE: [IMAGE_PATH],
         JOB: [job],
+        DUMP: [dump_path(d.id) for d in security.lab.dumps],
     }
 
 
@@ -924,7 +926,7 @@ def test_figure_methods_that_leaked(
     security: SecurityLab, walk_objects: dict[str, list[str]], kdlab_member: Identity
 ) -> None:
     """As nobody (not in group kdlab): only inspecting is allowed, and nothing
-    changes. As a member of kdlab: nothing on VMs, images and jobs of
+    changes. As a member of kdlab: nothing on VMs, images, jobs and dumps of
     other uids."""
     lab, client = security.lab, security.client
     kernel, scratch = security.inputs.dir / "bzImage", security.inputs.dir
@@ -940,6 +942,9 @@ def test_figure_methods_that_leaked(
         VM: [client.vm_path(vm.name) for vm in lab.vms if vm.owner != kdlab_member.uid],
         IMAGE: walk_objects[IMAGE],  # root's image
         JOB: walk_objects[JOB],  # root's job
+        DUMP: [
+            dump_path(d.id) for d in lab.dumps if d.vm.owner != kdlab_member.uid
+        ],
     }
     member = method_walks(others, kernel)
     leaked += leaks(
@@ -954,7 +959,7 @@ def test_figure_methods_that_leaked(
         len({line.split(" on ")[0] for line in leaked}),
         "== 0",
         detail=f"{len(outsider) + len(member)} calls over {len(methods)} methods "
-        "as nobody and as a kdlab member on others' VMs, images and jobs; "
+        "as nobody and as a kdlab member on others' VMs, images, jobs and dumps; "
         + "; ".join(leaked),
     )
     assert figure.met

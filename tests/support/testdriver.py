@@ -4,7 +4,10 @@
 ``test:///<file>``, a ``<node>`` pre-populated with kdlab domains built by
 kdlabd's own :func:`~kdlabd.virt.domain_xml.build_domain_xml`. The test driver
 cannot upload volumes nor start a domain paused, so a successful CreateVM is
-the vm tier's job; every other call runs here for real.
+the vm tier's job; every other call runs here for real. Nor can it dump a
+domain: the dumps pool is pre-populated with complete dumps
+(:data:`DUMPS`: volume, file and kdlabd's sidecar), as kdlabd finds them at
+start-up, so every method of a Dump object runs here too.
 
 Everything lives below one world-traversable directory (the caller's): an
 unprivileged client must reach the bus socket, and kdlabd checks that the QEMU
@@ -24,6 +27,9 @@ from unittest.mock import ANY
 
 from lxml import etree
 
+from kdlab import wire
+from kdlabd.config import Config
+from kdlabd.core.dumps import DumpRecord, sidecar
 from kdlabd.core.models import Accel, BootMark, DebugSettings, Disk, VMSpec
 from kdlabd.core.vms import Layout
 from kdlabd.virt.domain_xml import BOOT_NS, boot_mark_xml, build_domain_xml
@@ -31,6 +37,7 @@ from tests.support.bus import PrivateBus
 from tests.support.clients import NOBODY
 from tests.support.daemon import Kdlabd
 from tests.support.timeouts import STARTUP_TIMEOUT
+from tests.support.vmcores import elf_core
 
 # --- libvirt's test driver, pre-populated with kdlab domains -------------------
 
@@ -147,7 +154,7 @@ class FakeVM:
             "Booted": self.booted_usec,
             "LastStop": self.last_stop,
             "OnPanic": "dump-and-stop",
-            "LatestDump": "/",
+            "LatestDump": latest_dump(self),
         }
         props.update(changes)
         return props
@@ -189,6 +196,77 @@ FLEET = (
 VMS = {vm.name: vm for vm in FLEET}
 
 
+@dataclass(frozen=True)
+class FakeDump:
+    """A complete dump in the test driver's dumps pool (the test driver cannot
+    dump a domain): a volume of the pool, its file and kdlabd's sidecar."""
+
+    vm: FakeVM
+    created_usec: int = 1_700_000_100_000_000
+
+    @property
+    def id(self) -> str:
+        return f"{self.vm.name}-20231114-224820"
+
+    @property
+    def volume(self) -> str:
+        return f"{self.id}.core"
+
+    @property
+    def content(self) -> bytes:
+        return elf_core(f"OSRELEASE={self.vm.release}\nBUILD-ID=00c0ffee\n")
+
+    def record(self) -> DumpRecord:
+        return DumpRecord(
+            id=self.id,
+            vm=self.vm.name,
+            vm_uuid=self.vm.uuid,
+            owner_uid=self.vm.owner,
+            kernel_release=self.vm.release,
+            vmlinux_hint=self.vm.vmlinux,
+            reason=wire.DUMP_REASON_PANIC,
+            headline="Kernel panic - not syncing: Attempted to kill init!",
+            created_usec=self.created_usec,
+            format=wire.DUMP_FORMAT_ELF,
+            volume=self.volume,
+            build_id="00c0ffee",
+            vmcoreinfo=True,
+            size=len(self.content),
+            state=wire.DUMP_STATE_COMPLETE,
+        )
+
+
+    def properties(self) -> dict[str, Any]:
+        """The org.kdlab.Kdlab1.Dump properties kdlabd must export."""
+        return {
+            "Id": self.id,
+            "VM": self.vm.name,
+            "VMUUID": self.vm.uuid,
+            "Owner": self.vm.owner,
+            "KernelRelease": self.vm.release,
+            "BuildId": "00c0ffee",
+            "VmlinuxHint": self.vm.vmlinux,
+            "Reason": "panic",
+            "Headline": "The kernel panicked.",  # not the console's line
+            "Created": self.created_usec,
+            "Size": len(self.content),
+            "Format": "elf",
+            "Vmcoreinfo": True,
+            "Problem": "",
+            "State": "complete",
+        }
+
+
+# The dumps every bus test starts with: one of root's VM, one of uid 1000's.
+DUMPS = (FakeDump(VMS["linux-6.9-rc1"]), FakeDump(VMS["busy"]))
+
+
+def latest_dump(vm: FakeVM) -> str:
+    """The LatestDump of *vm* with the standard :data:`DUMPS`."""
+    paths = [wire.dump_path(d.id) for d in DUMPS if d.vm == vm]
+    return paths[-1] if paths else wire.NO_DUMP_PATH
+
+
 def defined_fleet(count: int, prefix: str = "vm") -> list[FakeVM]:
     """*count* defined VMs of root's, for tests and benchmarks of scale."""
     return [
@@ -215,8 +293,33 @@ def _foreign_domain(name: str) -> etree._Element:
     return domain
 
 
-def driver_xml(vms: Iterable[FakeVM], layout: Layout) -> bytes:
-    """A test driver ``<node>`` file holding *vms* plus :data:`FOREIGN_DOMAINS`.
+def _dump_pool(dumps: Iterable[FakeDump], layout: Layout) -> etree._Element:
+    """kdlabd's dumps pool with a volume per dump: the test driver lists
+    volumes from the file, never from the directory."""
+    pool = etree.Element("pool", type="dir")
+    etree.SubElement(pool, "name").text = Config.dump_pool
+    etree.SubElement(etree.SubElement(pool, "target"), "path").text = str(
+        dump_pool_dir(layout)
+    )
+    for dump in dumps:
+        volume = etree.SubElement(pool, "volume")
+        etree.SubElement(volume, "name").text = dump.volume
+        etree.SubElement(volume, "capacity", unit="bytes").text = str(
+            len(dump.content)
+        )
+    return pool
+
+
+def dump_pool_dir(layout: Layout) -> Path:
+    """Where kdlabd's dumps pool is (kdlabd's default: STATE_DIR/dumps)."""
+    return Config(state_dir=layout.state_dir).dump_pool_dir
+
+
+def driver_xml(
+    vms: Iterable[FakeVM], layout: Layout, dumps: Iterable[FakeDump] = ()
+) -> bytes:
+    """A test driver ``<node>`` file holding *vms* plus :data:`FOREIGN_DOMAINS`,
+    and kdlabd's dumps pool with *dumps*.
 
     The domains keep kdlab's XML as built (type ``qemu``: libvirt 9's test
     driver accepts it, keeps ``<metadata>`` and drops ``<qemu:commandline>``),
@@ -244,6 +347,7 @@ def driver_xml(vms: Iterable[FakeVM], layout: Layout) -> bytes:
         node.append(domain)
     for name in FOREIGN_DOMAINS:
         node.append(_foreign_domain(name))
+    node.append(_dump_pool(dumps, layout))
     return etree.tostring(
         node, pretty_print=True, xml_declaration=True, encoding="UTF-8"
     )
@@ -256,9 +360,17 @@ class Lab:
     """kdlabd on *bus*, serving *vms* from a test driver file in *workdir*."""
 
     def __init__(
-        self, bus: PrivateBus, workdir: Path, vms: Iterable[FakeVM] = FLEET
+        self,
+        bus: PrivateBus,
+        workdir: Path,
+        vms: Iterable[FakeVM] = FLEET,
+        dumps: Iterable[FakeDump] | None = None,
     ) -> None:
         self.vms = tuple(vms)
+        # The standard dumps go with the standard VMs they are of.
+        self.dumps = tuple(
+            (d for d in DUMPS if d.vm in self.vms) if dumps is None else dumps
+        )
         self.layout = Layout(workdir / "state", workdir / "run")
         self.driver = workdir / "testdriver.xml"
         self.daemon = Kdlabd(
@@ -271,10 +383,15 @@ class Lab:
 
     def populate(self) -> None:
         """Write the driver file and the host files a real libvirt would have left."""
-        self.driver.write_bytes(driver_xml(self.vms, self.layout))
+        self.driver.write_bytes(driver_xml(self.vms, self.layout, self.dumps))
         # libvirtd creates a directory pool's directory when it builds the pool;
         # the test driver keeps pools in memory and creates nothing.
         (self.layout.state_dir / "boot").mkdir(mode=0o711, parents=True, exist_ok=True)
+        dumps = dump_pool_dir(self.layout)
+        dumps.mkdir(mode=0o711, exist_ok=True)
+        for dump in self.dumps:
+            (dumps / dump.volume).write_bytes(dump.content)
+            (dumps / f"{dump.id}.json").write_bytes(sidecar(dump.record()))
         for vm in self.vms:
             if vm.booted:
                 log = self.layout.console_log(vm.name)
