@@ -942,9 +942,7 @@ def test_figure_methods_that_leaked(
         VM: [client.vm_path(vm.name) for vm in lab.vms if vm.owner != kdlab_member.uid],
         IMAGE: walk_objects[IMAGE],  # root's image
         JOB: walk_objects[JOB],  # root's job
-        DUMP: [
-            dump_path(d.id) for d in lab.dumps if d.vm.owner != kdlab_member.uid
-        ],
+        DUMP: [dump_path(d.id) for d in lab.dumps if d.vm.owner != kdlab_member.uid],
     }
     member = method_walks(others, kernel)
     leaked += leaks(

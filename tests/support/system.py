@@ -52,7 +52,7 @@ def remove_vm(daemon: Kdlabd, name: str) -> None:
 
 def remove_pools(pool_prefix: str) -> None:
     """Destroy and undefine the pools of a :func:`system_kdlabd`, if they exist."""
-    for pool in (f"{pool_prefix}-boot", f"{pool_prefix}-images"):
+    for pool in (f"{pool_prefix}-{kind}" for kind in ("boot", "images", "dumps")):
         virsh("pool-destroy", pool)
         virsh("pool-undefine", pool)
 
@@ -112,6 +112,7 @@ def system_kdlabd(
         # Builds keep their debootstrap cache across runs, as a developer's do.
         config_text=(
             f'boot_pool = "{pool_prefix}-boot"\nimage_pool = "{pool_prefix}-images"\n'
+            f'dump_pool = "{pool_prefix}-dumps"\n'
             f'cache_dir = "{build_cache()}"\n{config}'
         ),
         nofile=nofile,

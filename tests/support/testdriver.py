@@ -235,7 +235,6 @@ class FakeDump:
             state=wire.DUMP_STATE_COMPLETE,
         )
 
-
     def properties(self) -> dict[str, Any]:
         """The org.kdlab.Kdlab1.Dump properties kdlabd must export."""
         return {
@@ -304,9 +303,7 @@ def _dump_pool(dumps: Iterable[FakeDump], layout: Layout) -> etree._Element:
     for dump in dumps:
         volume = etree.SubElement(pool, "volume")
         etree.SubElement(volume, "name").text = dump.volume
-        etree.SubElement(volume, "capacity", unit="bytes").text = str(
-            len(dump.content)
-        )
+        etree.SubElement(volume, "capacity", unit="bytes").text = str(len(dump.content))
     return pool
 
 
