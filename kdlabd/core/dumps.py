@@ -66,6 +66,8 @@ _PUBLIC_HEADLINES = {
     wire.DUMP_REASON_PANIC: "The kernel panicked.",
     wire.DUMP_REASON_OOPS: "The kernel oopsed, then panicked.",
 }
+PANIC_LINE = "Kernel panic - not syncing"
+"""How the kernel's panic line starts on the console."""
 THEN_PANICKED = "the kernel then panicked"
 """What an Oops's diagnosis says when a panic followed it (see crashes.py)."""
 NO_VMCOREINFO = (
@@ -162,7 +164,12 @@ StopVM = Callable[[str], Awaitable[object]]
 def panic_reason(record: VMRecord) -> str | None:
     """ "panic" or "oops" when the VM's kernel has panicked; None otherwise."""
     diagnosis = record.diagnosis
-    from_console = diagnosis is not None and diagnosis.code is Code.KERNEL_PANIC
+    # A panic the diagnosis explains further (init died, no root) is a panic
+    # too: its evidence holds the kernel's panic line.
+    from_console = diagnosis is not None and (
+        diagnosis.code is Code.KERNEL_PANIC
+        or any(PANIC_LINE in line for line in diagnosis.evidence)
+    )
     oopsed = diagnosis is not None and diagnosis.code in (
         Code.KERNEL_OOPS,
         Code.KERNEL_BUG,
@@ -179,8 +186,8 @@ def full_headline(diagnosis: Diagnosis | None) -> str:
     if diagnosis is None:
         return ""
     for line in diagnosis.evidence:
-        if line.startswith("Kernel panic - not syncing"):
-            return line
+        if PANIC_LINE in line:  # after printk's timestamp, if any
+            return line[line.index(PANIC_LINE) :]
     return diagnosis.evidence[0] if diagnosis.evidence else diagnosis.problem
 
 

@@ -253,6 +253,8 @@ def client_view(entry: VMEntry) -> VMRecord:
         boot=BootMark(record.boot.started_usec),
         # How the last boot ended, once the VM shows that it is off.
         last_stop=record.last_stop if state.off else StopCause.NONE,
+        # Observers act on a panic pvpanic reported (DumpService).
+        panicked=record.panicked,
     )
 
 

@@ -18,12 +18,13 @@ import pytest
 from kdlab import wire
 from kdlab.errors import InvalidState, LimitExceeded
 from kdlab.kernel import vmcore
-from kdlab.kernel.diagnosis import BootFacts, diagnose
+from kdlab.kernel.diagnosis import BootFacts, Code, diagnose
 from kdlab.states import VMState
 from kdlabd.core.dumps import DumpRecord, DumpService, panic_reason
 from kdlabd.core.jobs import JobManager
 from kdlabd.core.limits import Limits
 from kdlabd.core.models import VMRecord
+from kdlabd.core.vms import VMEntry, client_view
 from kdlabd.host.local import LocalHost
 from tests.support.vmcores import elf_core, kdump_core
 from tests.unit.fake_hypervisor import FakeHypervisor
@@ -32,10 +33,12 @@ from tests.unit.test_domain_xml import make_spec
 T = TypeVar("T")
 
 INFO = "OSRELEASE=6.1.0-kdlab\nBUILD-ID=0123abcd\nPAGESIZE=4096\n"
+# As the serial console shows it: with printk's timestamps.
 PANIC_LOG = (
-    "Linux version 6.1.0\n"
-    "Run /init as init process\n"
-    "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n"
+    "[    0.000000] Linux version 6.1.0\n"
+    "[    3.933308] Run /init as init process\n"
+    "[    4.054550] Kernel panic - not syncing: Attempted to kill init! "
+    "exitcode=0x00000100\n"
 )
 
 
@@ -284,3 +287,22 @@ def test_a_failed_dump_leaves_no_volume(tmp_path: Path) -> None:
     assert run(scenario) == "failed"
     assert lab.dumps.list() == []
     assert list(lab.hv.dump_dir.iterdir()) == []
+
+
+def test_a_panic_seen_only_on_the_console_is_a_panic(tmp_path: Path) -> None:
+    """Without pvpanic, init's end is seen on the console alone (diagnosed
+    init-died, not kernel-panic): the kernel panicked all the same."""
+    record = panicked_record(Lab(tmp_path), console=True, pvpanic=False)
+    assert record.diagnosis is not None
+    assert record.diagnosis.code is not Code.KERNEL_PANIC
+    assert panic_reason(record) == wire.DUMP_REASON_PANIC
+
+
+def test_what_clients_see_of_a_vm_says_it_panicked(tmp_path: Path) -> None:
+    """DumpService hears of pvpanic through VMService's view of the VM."""
+    lab = Lab(tmp_path)
+    vm = lab.vm()
+    lab.hv.panic(vm.name)
+    shown = client_view(VMEntry(vm.name, record=lab.vm()))
+    assert shown.panicked
+    assert panic_reason(shown) == wire.DUMP_REASON_PANIC
