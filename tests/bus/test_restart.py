@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from kdlab.errors import EXIT_UNAVAILABLE
-from kdlab.wire import VM_INTERFACE
+from kdlab.wire import DUMP_INTERFACE, VM_INTERFACE
 from tests.bus.conftest import Ctl
 from tests.bus.contract import MANAGER
 from tests.support.bus import OBJECT_MANAGER, BusClient
@@ -34,18 +34,20 @@ def test_restart_exports_every_vm_again(
 
     assert client.managed_objects() == before
 
-    def vms_added() -> dict[str, dict[str, object]]:
+    def added(interface: str) -> dict[str, dict[str, object]]:
         return {
-            msg.body[0]: {
-                key: var.value for key, var in msg.body[1][VM_INTERFACE].items()
-            }
+            msg.body[0]: {key: var.value for key, var in msg.body[1][interface].items()}
             for msg in client.signals
-            if msg.member == "InterfacesAdded" and VM_INTERFACE in msg.body[1]
+            if msg.member == "InterfacesAdded" and interface in msg.body[1]
         }
 
-    client.wait_until(lambda: len(vms_added()) == len(before))
-    assert vms_added() == {
-        path: interfaces[VM_INTERFACE] for path, interfaces in before.items()
-    }
+    def exported(interface: str) -> dict[str, dict[str, object]]:
+        return {path: i[interface] for path, i in before.items() if interface in i}
+
+    vms, dumps = exported(VM_INTERFACE), exported(DUMP_INTERFACE)
+    assert dumps, "the test driver's dumps pool holds dumps"
+    client.wait_until(lambda: len(added(VM_INTERFACE)) == len(vms))
+    assert added(VM_INTERFACE) == vms
+    assert added(DUMP_INTERFACE) == dumps
     announced = {tuple(msg.body) for msg in client.signals if msg.member == "VMNew"}
-    assert announced == {(i[VM_INTERFACE]["Name"], path) for path, i in before.items()}
+    assert announced == {(vm["Name"], path) for path, vm in vms.items()}
