@@ -23,6 +23,7 @@ interrupt context) is dumped with reason "oops".
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -59,6 +60,8 @@ log = structlog.get_logger(__name__)
 MIB = 1 << 20
 FILE_SECONDS = 10.0
 """Time limit of reading or writing kdlabd's own files in the dumps pool."""
+HEADLINE_SECONDS = 10.0
+"""How long a panic's dump waits for the console's diagnosis to name the panic."""
 SIDECAR_SUFFIX = ".json"
 _SUFFIXES = {wire.DUMP_FORMAT_ELF: ".core", wire.DUMP_FORMAT_KDUMP_ZLIB: ".kdump"}
 _AUTOMATIC = (wire.DUMP_REASON_PANIC, wire.DUMP_REASON_OOPS)
@@ -202,8 +205,10 @@ class DumpService:
         jobs: JobManager,
         stop_vm: StopVM,
         limits: Limits | None = None,
+        headline_seconds: float = HEADLINE_SECONDS,
     ) -> None:
         self._hv = hypervisor
+        self._headline_seconds = headline_seconds
         self._host = host
         self._jobs = jobs
         self._stop_vm = stop_vm
@@ -212,6 +217,9 @@ class DumpService:
         self._observers: Observers[DumpObserver] = Observers()
         self._writing: set[str] = set()  # VM names with a dump under way
         self._handled: set[str] = set()  # VM names whose boot's panic is handled
+        # The console's panic line of each VM's boot, once its diagnosis has it
+        # (pvpanic may tell of the panic before the console is diagnosed).
+        self._headlines: dict[str, str] = {}
         # Every id this kdlabd gave or found: never reused, even once deleted
         # (ids of one second get -2, -3...; a restart takes over a second).
         self._issued: set[str] = set()
@@ -389,6 +397,7 @@ class DumpService:
         )
         done = replace(
             record,
+            headline=record.headline or await self._panic_headline(record),
             size=size,
             vmcoreinfo=info is not None,
             build_id=vmcore.build_id(info or ""),
@@ -415,7 +424,11 @@ class DumpService:
         this boot is handled once."""
         if not record.state.active or record.state is VMState.STARTING:
             self._handled.discard(record.name)
+            self._headlines.pop(record.name, None)
             return
+        headline = full_headline(record.diagnosis)
+        if headline:
+            self._headlines[record.name] = headline
         reason = panic_reason(record)
         if reason is None or record.name in self._handled:
             return
@@ -424,6 +437,7 @@ class DumpService:
 
     def vm_removed(self, name: str) -> None:
         self._handled.discard(name)
+        self._headlines.pop(name, None)
 
     async def panicked(self, vm: VMRecord, reason: str) -> None:
         """Act on the panic of *vm*'s kernel as its OnPanic says."""
@@ -447,6 +461,16 @@ class DumpService:
                 await self._stop_vm(name)
 
     # --- helpers ---------------------------------------------------------------
+
+    async def _panic_headline(self, record: DumpRecord) -> str:
+        """The panic line of an automatic dump's VM, which pvpanic may have
+        reported before the console's diagnosis found it: waited for a while."""
+        if not record.automatic:
+            return ""
+        deadline = time.monotonic() + self._headline_seconds
+        while record.vm not in self._headlines and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return self._headlines.get(record.vm, "")
 
     def _complete(self, dump_id: str, what: str) -> DumpRecord:
         record = self.get(dump_id)

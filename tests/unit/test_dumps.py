@@ -80,7 +80,12 @@ class Lab:
             await self.hv.destroy_vm(name)
 
         return DumpService(
-            self.hv, host=LocalHost(), jobs=self.jobs, stop_vm=stop, limits=self.limits
+            self.hv,
+            host=LocalHost(),
+            jobs=self.jobs,
+            stop_vm=stop,
+            limits=self.limits,
+            headline_seconds=0.2,
         )
 
     def vm(self, name: str = "vm1", **changes: object) -> VMRecord:
@@ -306,3 +311,20 @@ def test_what_clients_see_of_a_vm_says_it_panicked(tmp_path: Path) -> None:
     shown = client_view(VMEntry(vm.name, record=lab.vm()))
     assert shown.panicked
     assert panic_reason(shown) == wire.DUMP_REASON_PANIC
+
+
+def test_a_panic_pvpanic_told_first_gets_the_consoles_line(tmp_path: Path) -> None:
+    """pvpanic reports the panic before the console's diagnosis names it: the
+    dump still gets the console's panic line as its headline."""
+    lab = Lab(tmp_path)
+
+    async def scenario() -> list[DumpRecord]:
+        lab.dumps.vm_changed(panicked_record(lab, console=False, pvpanic=True))
+        await asyncio.sleep(0)
+        lab.dumps.vm_changed(panicked_record(lab, console=True, pvpanic=True))
+        await asyncio.sleep(0.05)
+        await lab.settle()
+        return lab.dumps.list()
+
+    (dump,) = run(scenario)
+    assert dump.headline.startswith("Kernel panic - not syncing: Attempted to kill")
