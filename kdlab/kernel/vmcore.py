@@ -10,7 +10,10 @@ to read the dump without guessing. Two formats are read:
 - ELF cores: the note of name ``VMCOREINFO`` in a ``PT_NOTE`` segment;
 - makedumpfile's kdump-compressed format (QEMU's ``kdump-zlib``): the sub
   header's ``offset_vmcoreinfo``/``size_vmcoreinfo`` (QEMU's
-  ``DiskDumpHeader64``/``KdumpSubHeader64``, little-endian on x86).
+  ``DiskDumpHeader64``/``KdumpSubHeader64``, little-endian on x86). QEMU
+  before 8.2 writes it *flattened* (as ``makedumpfile -F`` does, for a
+  pipe): a header, then records of (offset, size, bytes) that place the
+  bytes in the real file; it is read through :func:`flat_records`.
 
 Stdlib-only and pure: the caller gives a function that reads bytes of the
 file, so both kdlabd (its own volume) and kdlabctl can use it.
@@ -18,14 +21,22 @@ file, so both kdlabd (its own volume) and kdlabctl can use it.
 
 from __future__ import annotations
 
+import contextlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 Read = Callable[[int, int], bytes]
 """Reads *size* bytes at *offset* (fewer at the end of the file)."""
 
 ELF_MAGIC = b"\x7fELF"
 KDUMP_SIGNATURE = b"KDUMP   "
+FLAT_SIGNATURE = b"makedumpfile\0"
+"""How a flattened dump starts (its header is FLAT_HEADER_SIZE bytes)."""
+FLAT_HEADER_SIZE = 4096
+FLAT_RECORD = struct.Struct(">qq")
+"""A flattened dump's record header: the offset in the real file and the size
+of the bytes that follow, big-endian; an offset of -1 ends the dump."""
+_FLAT_RECORDS_READ = 1024  # VMCOREINFO is in the first few records
 _PT_NOTE = 4
 # QEMU's DiskDumpHeader64 (packed): signature[8], header_version u32,
 # utsname (6 x 65 bytes), timestamp[22], status u32, block_size u32, ...
@@ -44,6 +55,9 @@ _MAX_VMCOREINFO = 1 << 20
 def vmcoreinfo(read: Read) -> str | None:
     """The VMCOREINFO text of the dump *read* reads; None when it has none."""
     head = read(0, 4096)
+    if head.startswith(FLAT_SIGNATURE):
+        read = _unflattened(read)
+        head = read(0, 4096)
     if head.startswith(ELF_MAGIC):
         return _elf_vmcoreinfo(read, head)
     if head.startswith(KDUMP_SIGNATURE):
@@ -51,11 +65,59 @@ def vmcoreinfo(read: Read) -> str | None:
     return None
 
 
+def flat_records(
+    read: Read, limit: int | None = None
+) -> Iterator[tuple[int, int, int]]:
+    """The records of a flattened dump, in order: (offset in the real file,
+    size, where the bytes are in the flattened one); at most *limit*. Raises
+    ValueError on a record that cannot be (the dump is cut short or no
+    flattened dump)."""
+    at, count = FLAT_HEADER_SIZE, 0
+    while limit is None or count < limit:
+        record = read(at, FLAT_RECORD.size)
+        if len(record) < FLAT_RECORD.size:
+            raise ValueError(f"the flattened dump ends before its end, at {at}")
+        offset, size = FLAT_RECORD.unpack(record)
+        if offset == -1:
+            return
+        if offset < 0 or size < 0:
+            raise ValueError(f"the flattened dump has a bad record at {at}")
+        at += FLAT_RECORD.size
+        yield offset, size, at
+        at += size
+        count += 1
+
+
+def _unflattened(read: Read) -> Read:
+    """A reader of the real file a flattened dump describes, from its first
+    records (where the headers and VMCOREINFO are); what they do not cover
+    reads as missing."""
+    records = []
+    with contextlib.suppress(ValueError):
+        records = list(flat_records(read, _FLAT_RECORDS_READ))
+
+    def unflattened(offset: int, size: int) -> bytes:
+        data = bytearray()
+        while size > 0:
+            found = [(o, n, at) for o, n, at in records if o <= offset < o + n]
+            if not found:
+                break
+            start, length, at = found[-1]  # a later record wins, as on disk
+            part = read(at + offset - start, min(size, start + length - offset))
+            if not part:
+                break
+            data += part
+            offset, size = offset + len(part), size - len(part)
+        return bytes(data)
+
+    return unflattened
+
+
 def dump_format(head: bytes) -> str:
     """``elf``, ``kdump`` or ``""`` for the first bytes of a dump."""
     if head.startswith(ELF_MAGIC):
         return "elf"
-    if head.startswith(KDUMP_SIGNATURE):
+    if head.startswith((KDUMP_SIGNATURE, FLAT_SIGNATURE)):
         return "kdump"
     return ""
 

@@ -56,5 +56,18 @@ def kdump_core(info: str, release: str = "6.1.0-kdlab") -> bytes:
     )
 
 
+def flattened(data: bytes, chunk: int = 1000) -> bytes:
+    """*data* as makedumpfile's flattened format, the way QEMU 7.2 writes a
+    kdump-compressed dump to libvirt's descriptor: written out here, not with
+    vmcore.py's constants. Records of *chunk* bytes, in reverse order (a
+    reader must follow the offsets), then the end record."""
+    header = b"makedumpfile\0".ljust(16, b"\0") + struct.pack(">qq", 1, 1)
+    pieces = [(at, data[at : at + chunk]) for at in range(0, len(data), chunk)]
+    records = b"".join(
+        struct.pack(">qq", at, len(piece)) + piece for at, piece in reversed(pieces)
+    )
+    return header.ljust(4096, b"\0") + records + struct.pack(">qq", -1, 0)
+
+
 def _pad(data: bytes) -> bytes:
     return data + b"\0" * (-len(data) % 4)

@@ -26,7 +26,7 @@ from kdlabd.core.limits import Limits
 from kdlabd.core.models import VMRecord
 from kdlabd.core.vms import VMEntry, client_view
 from kdlabd.host.local import LocalHost
-from tests.support.vmcores import elf_core, kdump_core
+from tests.support.vmcores import elf_core, flattened, kdump_core
 from tests.unit.fake_hypervisor import FakeHypervisor
 from tests.unit.test_domain_xml import make_spec
 
@@ -57,6 +57,17 @@ def test_vmcoreinfo_of_a_kdump_core() -> None:
     info = vmcore.vmcoreinfo(reader(kdump_core(INFO)))
     assert info is not None
     assert vmcore.build_id(info) == "0123abcd"
+
+
+def test_vmcoreinfo_of_a_flattened_kdump_core() -> None:
+    """QEMU 7.2 writes kdump-zlib dumps flattened (libvirt gives it a pipe's
+    way of writing: records of offset and size)."""
+    data = flattened(kdump_core(INFO))
+    assert vmcore.dump_format(data[:4096]) == "kdump"
+    info = vmcore.vmcoreinfo(reader(data))
+    assert info is not None
+    assert vmcore.release(info) == "6.1.0-kdlab"
+    assert vmcore.vmcoreinfo(reader(data[:6000])) is None  # cut short
 
 
 def test_a_core_without_vmcoreinfo_says_so() -> None:

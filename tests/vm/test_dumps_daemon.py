@@ -245,7 +245,9 @@ def test_dumps_of_a_running_vm_in_both_formats_and_a_kill_while_one_is_written(
     wait_for_console(lab, vm_name, MARKER, timeout=BOOT_SECONDS)
     for compress, fmt, magic in (
         (False, wire.DUMP_FORMAT_ELF, vmcore.ELF_MAGIC),
-        (True, wire.DUMP_FORMAT_KDUMP_ZLIB, vmcore.KDUMP_SIGNATURE),
+        # QEMU 7.2 writes kdump-compressed dumps flattened; vmcore.py reads
+        # the real kdump headers (offsets of QEMU's structs) through it.
+        (True, wire.DUMP_FORMAT_KDUMP_ZLIB, vmcore.FLAT_SIGNATURE),
     ):
         path = take_dump(client, vm_name, compress)
         dump = dumps_of(client, vm_name)[path]
