@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import boot, bus, debug, kernel, lab, rootfs, storage
+from bench import boot, bus, debug, dumps, kernel, lab, rootfs, storage
 from bench.measure import Goal, Row, failed
 
 
@@ -34,6 +34,7 @@ BENCHMARKS = {
     "rootfs_build": Benchmark(rootfs.rootfs_build),
     "dbus_call_latency": Benchmark(bus.dbus_call_latency),
     "scale": Benchmark(bus.scale),
+    "dump_take": Benchmark(dumps.dump_take),
     "kernel_build": Benchmark(kernel.kernel_build, quick=False),
 }
 
