@@ -267,7 +267,9 @@ def test_dumps_of_a_running_vm_in_both_formats_and_a_kill_while_one_is_written(
     while volume not in pool_files(lab):
         assert time.monotonic() < deadline, "libvirt never created the dump's file"
         time.sleep(0.01)
+    written = (lab.daemon.state_dir / "dumps" / volume).stat().st_size
     lab.daemon.kill()
+    assert written < 1024 << 20, "the dump was complete before kdlabd was killed"
     assert f"{volume.removesuffix('.core')}.json" not in pool_files(lab)
     lab.daemon.start()
     assert pool_files(lab) == complete
