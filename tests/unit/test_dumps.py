@@ -118,24 +118,26 @@ def run(make: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(make())  # type: ignore[arg-type]
 
 
+def running_boot(name: str) -> BootFacts:
+    """A VM running for 5 s, as the diagnosis sees it."""
+    return BootFacts(
+        cmdline="",
+        disks=(),
+        has_initrd=False,
+        gdbstub=True,
+        seconds_since_start=5.0,
+        running=True,
+        paused=False,
+        name=name,
+    )
+
+
 def panicked_record(lab: Lab, *, console: bool, pvpanic: bool) -> VMRecord:
     vm = lab.vm()
     if pvpanic:
         lab.hv.panic(vm.name)
         vm = lab.vm()
-    diagnosis = None
-    if console:
-        facts = BootFacts(
-            cmdline="",
-            disks=(),
-            has_initrd=False,
-            gdbstub=True,
-            seconds_since_start=5.0,
-            running=True,
-            paused=False,
-            name=vm.name,
-        )
-        diagnosis = diagnose(PANIC_LOG, facts)
+    diagnosis = diagnose(PANIC_LOG, running_boot(vm.name)) if console else None
     return VMRecord(
         vm.spec, vm.uuid, vm.state, diagnosis=diagnosis, panicked=vm.panicked
     )
@@ -196,16 +198,7 @@ def test_dump_and_keep_leaves_the_vm_and_a_restart_does_not_dump_again(
 
 def test_an_oops_the_kernel_survives_is_not_dumped(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
-    facts = BootFacts(
-        cmdline="",
-        disks=(),
-        has_initrd=False,
-        gdbstub=True,
-        seconds_since_start=5.0,
-        running=True,
-        paused=False,
-        name="vm1",
-    )
+    facts = running_boot("vm1")
     oops = diagnose(
         "BUG: kernel NULL pointer dereference, address: 0000000000000000\n"
         "Oops: 0002 [#1] PREEMPT SMP NOPTI\n",

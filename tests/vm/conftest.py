@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import debian
+from tests.support.bus import BusClient
 from tests.support.clients import Identity, kdlabctl
 from tests.support.daemon import Kdlabd
 from tests.support.prereq import require, require_root, require_tool
@@ -67,6 +68,14 @@ def lab() -> Iterator[Lab]:
         raise
     with system_kdlabd(POOL_PREFIX) as daemon:
         yield Lab(daemon, kernel, initramfs)
+
+
+@pytest.fixture
+def client(lab: Lab) -> Iterator[BusClient]:
+    """A root dbus-next connection to the lab's kdlabd."""
+    connection = BusClient(lab.daemon.address)
+    yield connection
+    connection.close()
 
 
 @pytest.fixture

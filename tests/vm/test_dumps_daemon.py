@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +55,6 @@ def initramfs(lab: Lab) -> Path:
     except debian.FixtureError as err:
         require(False, f"the dump modules of Debian's kernel: {err}")
         raise
-
-
-@pytest.fixture
-def client(lab: Lab) -> Iterator[BusClient]:
-    connection = BusClient(lab.daemon.address)
-    yield connection
-    connection.close()
 
 
 def create(

@@ -24,7 +24,6 @@ import os
 import pwd
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,13 +81,6 @@ def evil_qcow2(path: Path, backing: Path) -> bytes:
         "1M",
     )
     return path.read_bytes()
-
-
-@pytest.fixture
-def client(lab: Lab) -> Iterator[BusClient]:
-    bus = BusClient(lab.daemon.address)
-    yield bus
-    bus.close()
 
 
 def import_then_rewrite(
