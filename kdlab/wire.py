@@ -24,7 +24,7 @@ NO_DUMP_PATH = "/"  # a VM's LatestDump when it has none
 ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
 
 # Bumped on every additive change of the interfaces in xml/dbus/.
-API_REVISION = 5
+API_REVISION = 6
 
 # The ``a{sv}`` options of each method that takes them: every key and its D-Bus
 # type, as the contract (xml/dbus/) documents them. kdlabd refuses any other
