@@ -38,6 +38,8 @@ VMLINUX = VM(
     diagnosis=("", "", "", ""),
     booted=1_700_000_000_000_000,
     last_stop=StopCause.NONE,
+    on_panic="dump-and-stop",
+    latest_dump="/",
 )
 
 
