@@ -76,6 +76,7 @@ async def serve(config: Config) -> None:
     )
     await hypervisor.connect()
     vms: VMService | None = None
+    dumps: DumpService | None = None
     bus = await KdlabBus(
         bus_address=bus_address(config.bus), negotiate_unix_fd=True
     ).connect()
@@ -145,6 +146,8 @@ async def serve(config: Config) -> None:
     finally:
         if vms is not None:
             await vms.close()
+        if dumps is not None:
+            await dumps.close()
         bus.disconnect()
         await hypervisor.close()
     # Daemon threads: whatever still waits for libvirtd ends with the process.

@@ -450,15 +450,26 @@ class DumpService:
         if not vm.panicked:  # seen on the console: stop the CPUs where they are
             with contextlib.suppress(KdlabError):
                 await self._hv.suspend_vm(name)
+        stop = on_panic == wire.ON_PANIC_DUMP_AND_STOP
         try:
             _record, job = await self.take(
                 vm, reason=reason, headline=full_headline(vm.diagnosis)
             )
             await self._jobs.wait(job.id)
             await self._hv.mark_panic_handled(name)
+        except asyncio.CancelledError:
+            # kdlabd stops: the VM stays as the panic left it, and the next
+            # kdlabd finds the panic not handled and dumps it.
+            stop = False
+            raise
         finally:
-            if on_panic == wire.ON_PANIC_DUMP_AND_STOP:
+            if stop:
                 await self._stop_vm(name)
+
+    async def close(self) -> None:
+        """kdlabd stops: panics being handled are left to the next start
+        (before the hypervisor's connection closes under them)."""
+        await self._background.close()
 
     # --- helpers ---------------------------------------------------------------
 

@@ -30,6 +30,13 @@ class Background:
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
+    async def close(self) -> None:
+        """Cancel what still runs and wait for it to end (kdlabd stops)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:

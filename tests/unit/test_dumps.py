@@ -332,3 +332,22 @@ def test_a_panic_pvpanic_told_first_gets_the_consoles_line(tmp_path: Path) -> No
 
     (dump,) = run(scenario)
     assert dump.headline.startswith("Kernel panic - not syncing: Attempted to kill")
+
+
+def test_a_panic_handled_while_kdlabd_stops_is_left_for_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """kdlabd stops while a panic's dump is written: the handling ends at
+    once, without stopping the VM or marking the panic handled."""
+    lab = Lab(tmp_path)
+
+    async def scenario() -> None:
+        lab.hv.hold("dump_vm")
+        lab.dumps.vm_changed(panicked_record(lab, console=False, pvpanic=True))
+        while not lab.hv.called("dump_vm"):
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(lab.dumps.close(), 1)
+
+    run(scenario)
+    assert lab.stopped == []
+    assert not lab.hv.domains["vm1"].panic_handled
