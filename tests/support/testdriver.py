@@ -81,6 +81,7 @@ class FakeVM:
     vmlinux: str = ""  # the client's hints, kept in kdlab's metadata
     kernel_path: str = ""
     disk: bool = False  # a blank vda, for a console that diagnoses the root disk
+    on_panic: str = "dump-and-stop"
     booted_usec: int = 0  # the boot mark kdlabd's Start would have recorded
 
     @property
@@ -111,6 +112,7 @@ class FakeVM:
             debug=DebugSettings(gdb=self.gdb_stub != "off", gdb_tcp_port=port),
             created_usec=self.created_usec,
             release=self.release,
+            on_panic=self.on_panic,
             vmlinux=self.vmlinux,
             kernel_path=self.kernel_path,
             disks=(
@@ -153,7 +155,7 @@ class FakeVM:
             "Diagnosis": self.diagnosis,
             "Booted": self.booted_usec,
             "LastStop": self.last_stop,
-            "OnPanic": "dump-and-stop",
+            "OnPanic": self.on_panic,
             "LatestDump": latest_dump(self),
         }
         props.update(changes)
