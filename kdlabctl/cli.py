@@ -27,6 +27,7 @@ from kdlab.errors import (
     KdlabError,
     exit_code_for,
 )
+from kdlab.wire import ON_PANIC_VALUES
 from kdlabctl import images
 from kdlabctl.names import HIDDEN, IMAGE_NAME, VM_NAME
 
@@ -211,6 +212,7 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
         image=args.image or None,
         disk_size=args.disk_size or None,
         extra_disks=tuple(args.extra_disk or ()),
+        on_panic=args.on_panic,
     )
     await create_vm(client, args.name, files, options, quiet=args.quiet)
     return EXIT_OK
@@ -643,6 +645,12 @@ def add_create_parser(
         action="append",
         metavar="SIZE",
         help="a blank disk (vdb, vdc, ...); repeatable",
+    )
+    create.add_argument(
+        "--on-panic",
+        choices=ON_PANIC_VALUES,
+        help="when the kernel panics: write a dump and power off (default), "
+        "write one and keep the VM paused for gdb, or do nothing",
     )
     create.add_argument(
         "--modules",

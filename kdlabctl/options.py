@@ -28,6 +28,7 @@ class VMOptions:
     image: str | None = None
     disk_size: int | None = None
     extra_disks: tuple[int, ...] = ()
+    on_panic: str | None = None
 
     def fields(self) -> dict[str, Any]:
         return asdict(self)

@@ -134,9 +134,12 @@ def test_json_is_the_properties_in_snake_case() -> None:
 
 
 def test_options_leave_out_what_keeps_kdlabds_default() -> None:
-    options = VMOptions(cmdline="", memory_mib=0, extra_disks=(1, 2), gdb=False)
+    options = VMOptions(
+        cmdline="", memory_mib=0, extra_disks=(1, 2), gdb=False, on_panic="ignore"
+    )
     sent = variants({**options.__dict__, "kernel": 0}, CREATE_OPTIONS)
     assert {key: (v.signature, v.value) for key, v in sent.items()} == {
+        "on_panic": ("s", "ignore"),
         "cmdline": ("s", ""),
         "memory_mib": ("u", 0),
         "extra_disks": ("at", [1, 2]),

@@ -58,30 +58,14 @@ def initramfs(lab: Lab) -> Path:
 
 
 def create(
-    client: BusClient,
-    name: str,
-    *,
-    kernel: Path,
-    initrd: Path,
-    cmdline: str,
-    memory_mib: int = 256,
-    on_panic: str = wire.ON_PANIC_DUMP_AND_STOP,
+    lab: Lab, name: str, initrd: Path, *args: str, memory_mib: int = 256
 ) -> None:
-    """CreateVM as root, with an OnPanic (kdlabctl create has no option for it)."""
-    files = [os.open(kernel, os.O_RDONLY), os.open(initrd, os.O_RDONLY)]
-    options = {
-        "kernel": Variant("h", 0),
-        "initrd": Variant("h", 1),
-        "cmdline": Variant("s", cmdline),
-        "memory_mib": Variant("u", memory_mib),
-        "on_panic": Variant("s", on_panic),
-    }
-    try:
-        client.ok(wire.MANAGER_PATH, wire.MANAGER_INTERFACE, "CreateVM", "sa{sv}",
-                  [name, options], unix_fds=files)  # fmt: skip
-    finally:
-        for fd in files:
-            os.close(fd)
+    """``kdlabctl create`` of Debian's kernel with *initrd*, and *args*."""
+    created = lab.ctl(
+        "create", name, "--kernel", str(lab.kernel.vmlinuz), "--initrd", str(initrd),
+        "--memory", str(memory_mib), *args,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
 
 
 def vm_call(client: BusClient, name: str, member: str, *body: Any) -> list[Any]:
@@ -197,8 +181,8 @@ def test_a_panic_gives_one_dump_of_the_owners_which_others_cannot_open_or_delete
 def test_dump_and_keep_leaves_the_vm_paused(
     lab: Lab, initramfs: Path, client: BusClient, vm_name: str
 ) -> None:
-    create(client, vm_name, kernel=lab.kernel.vmlinuz, initrd=initramfs,
-           cmdline=INIT_EXITS, on_panic=wire.ON_PANIC_DUMP_AND_KEEP)  # fmt: skip
+    create(lab, vm_name, initramfs, "--cmdline", INIT_EXITS,
+           "--on-panic", "dump-and-keep")  # fmt: skip
     assert client.vm_properties(vm_name)["OnPanic"] == wire.ON_PANIC_DUMP_AND_KEEP
     vm_call(client, vm_name, "Start", {})
     path, dump = wait_for_panic_dump(lab, client, vm_name)
@@ -231,8 +215,7 @@ def test_dumps_of_a_running_vm_in_both_formats_and_a_kill_while_one_is_written(
     """A running 1 GiB guest: TakeDump (ELF, then kdump-zlib) leaves it
     running, both carry its VMCOREINFO; then kdlabd is killed (SIGKILL) while
     a third dump is written: after its restart nothing of it is left."""
-    create(client, vm_name, kernel=lab.kernel.vmlinuz, initrd=initramfs,
-           cmdline="", memory_mib=1024)  # fmt: skip
+    create(lab, vm_name, initramfs, memory_mib=1024)
     vm_call(client, vm_name, "Start", {})
     wait_for_console(lab, vm_name, MARKER, timeout=BOOT_SECONDS)
     for compress, fmt, magic in (

@@ -67,6 +67,8 @@ def test_a_panic_is_told_once_to_its_owner_across_a_kdlabd_restart(
             created = kdlabctl(
                 address, "create", name, "--kernel", str(kernel),
                 "--initrd", str(initrd), "--memory", "256", "--cmdline", PANICS,
+                # Left as the panic left it: the same boot after the restart.
+                "--on-panic", "ignore",
                 user=user,
             )  # fmt: skip
             assert created.returncode == 0, created.stderr
