@@ -1,7 +1,8 @@
 """``dump_take``: a memory dump of a running 512 MiB guest, kdlab against virsh.
 
 kdlab's way: the VM's ``TakeDump`` (what ``kdlabctl dump take`` calls), timed
-from the call until the Dump object says ``complete``: libvirt's
+from the call until kdlabd announces the Dump ``complete`` (its
+PropertiesChanged signal): libvirt's
 memory-only dump into kdlabd's dumps pool, then kdlabd reading its
 VMCOREINFO and writing its sidecar. The baseline, by hand: ``virsh dump
 --memory-only`` of the same domain, in the same state (running, the
@@ -38,23 +39,27 @@ DUMP_MODULES = ("qemu_fw_cfg",)
 DUMP_TIMEOUT = 600.0
 
 
+def _completed(client: BusClient, dump: str) -> bool:
+    """Whether kdlabd announced *dump* complete (PropertiesChanged)."""
+    return any(
+        msg.path == dump
+        and msg.member == "PropertiesChanged"
+        and msg.body[1].get("State", Variant("s", "")).value == wire.DUMP_STATE_COMPLETE
+        for msg in client.signals
+    )
+
+
 def _kdlab_dump(client: BusClient, vm: str) -> float:
-    """TakeDump until the dump is complete; the dump is deleted afterwards."""
+    """TakeDump until kdlabd announces the dump complete (a signal: polling
+    would load kdlabd while it dumps); the dump is deleted afterwards."""
     options = {"compress": Variant("b", False)}
+    client.signals.clear()
     started = time.perf_counter()
     dump, _job = client.ok(vm, wire.VM_INTERFACE, "TakeDump", "a{sv}", [options])
-    while True:
-        reply = client.call(
-            dump, "org.freedesktop.DBus.Properties", "Get", "ss",
-            [wire.DUMP_INTERFACE, "State"],
-        )  # fmt: skip
-        if reply.error_name is not None:
-            raise BenchError(f"the dump {dump} went away: {reply.body}")
-        if reply.body[0].value == wire.DUMP_STATE_COMPLETE:
-            break
-        if time.perf_counter() - started > DUMP_TIMEOUT:
-            raise BenchError(f"the dump {dump} took over {DUMP_TIMEOUT:g} s")
-        time.sleep(0.005)
+    try:
+        client.wait_until(lambda: _completed(client, dump), timeout=DUMP_TIMEOUT)
+    except AssertionError as err:
+        raise BenchError(f"the dump {dump} did not complete: {err}") from None
     elapsed = time.perf_counter() - started
     client.ok(dump, wire.DUMP_INTERFACE, "Delete")
     return elapsed
@@ -82,10 +87,16 @@ def dump_take(quick: bool) -> list[Row]:
         ctl(daemon, "start", name)
         wait_in_file(layout(daemon).console_log(name), MARKER.encode())
         client = BusClient(daemon.address)
+        client.add_match(
+            type="signal",
+            interface="org.freedesktop.DBus.Properties",
+            member="PropertiesChanged",
+            path_namespace=f"{wire.MANAGER_PATH}/dump",
+        )
         try:
             vm = client.vm_path(name)
             ours, theirs = interleaved(
-                3 if quick else 5,
+                3 if quick else 9,
                 lambda: _kdlab_dump(client, vm),
                 lambda: _virsh_dump(f"kdlab-{name}", directory),
                 warmup=1,

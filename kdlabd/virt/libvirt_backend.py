@@ -509,11 +509,8 @@ class LibvirtHypervisor:
                     "it was aborted"
                 ) from None
             raise
-
-        def listed(conn: libvirt.virConnect) -> None:
-            storage.refresh(self._dump_pool(conn))
-
-        await self._call(listed, again=listed)
+        # No refresh of the pool here: listing and deleting its volumes
+        # refresh it first.
         return path
 
     @staticmethod
