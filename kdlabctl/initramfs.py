@@ -31,7 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from kdlab.kernel.guest import POWER_BUTTON_DRIVERS, ROOT_DISK_DRIVERS, ROOT_FS
+from kdlab.kernel.guest import (
+    DUMP_DRIVERS,
+    POWER_BUTTON_DRIVERS,
+    ROOT_DISK_DRIVERS,
+    ROOT_FS,
+)
 from kdlab.kernel.initramfs import DIRECTORIES, init_script, module_path
 
 BUSYBOX = Path("/bin/busybox")
@@ -42,6 +47,12 @@ ROOT_FS_MODULES = (ROOT_FS,)
 POWER_BUTTON_MODULES = tuple(POWER_BUTTON_DRIVERS.values())
 """Loaded when they are modules: systemd-logind powers off on the ACPI button
 (a graceful ``kdlabctl stop``) only through them."""
+DUMP_MODULES = tuple(DUMP_DRIVERS.values())
+"""Loaded when they are modules: a dump has VMCOREINFO, and kdlabd hears of a
+panic from pvpanic, only through them."""
+
+OPTIONAL_MODULES = (*ROOT_FS_MODULES, *POWER_BUTTON_MODULES, *DUMP_MODULES)
+"""What :func:`build` loads besides the wanted modules, when they are modules."""
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
@@ -112,9 +123,7 @@ def build(
     ``kdlab-initramfs:`` line, followed by an emergency shell.
     """
     binary = static_busybox(busybox)
-    modules = resolve(
-        modules_dir, wanted, optional=(*ROOT_FS_MODULES, *POWER_BUTTON_MODULES)
-    )
+    modules = resolve(modules_dir, wanted, optional=OPTIONAL_MODULES)
     return pack(
         [
             *(CpioEntry.directory(name) for name in DIRECTORIES),

@@ -135,6 +135,17 @@ CONFIG_INPUT=y
 CONFIG_ACPI_BUTTON=y
 CONFIG_INPUT_EVDEV=y
 
+# Dumps (kdlabctl drgn, crash): the kernel's VMCOREINFO (CRASH_CORE, which
+# PROC_KCORE selects) handed to QEMU through fw_cfg, pvpanic to tell kdlabd of
+# a panic at once (QEMU's ISA device binds through ACPI), echo c >
+# /proc/sysrq-trigger to crash on purpose.
+CONFIG_PROC_KCORE=y
+CONFIG_CRASH_CORE=y
+CONFIG_FW_CFG_SYSFS=y
+CONFIG_PVPANIC=y
+CONFIG_PVPANIC_MMIO=y
+CONFIG_MAGIC_SYSRQ=y
+
 # gdb: full DWARF, the lx-* helpers, the kernel where vmlinux says it is.
 CONFIG_DEBUG_KERNEL=y
 CONFIG_DEBUG_INFO=y

@@ -1,10 +1,11 @@
 """What a kdlab VM gives the kernel it boots, and what the kernel needs for it.
 
 A VM boots from a whole-disk ext4 image on a virtio disk behind virtio-pci
-(``root=/dev/vda``), prints on its first serial port, and powers off when the
-ACPI power button is pressed. The config check asks for these drivers, kdlab's
-initramfs loads them when they are modules, and the boot diagnosis names them
-when a boot lacked them: one table serves all three.
+(``root=/dev/vda``), prints on its first serial port, powers off when the
+ACPI power button is pressed, and tells kdlabd of a panic (pvpanic) with the
+VMCOREINFO a dump needs (QEMU's fw_cfg). The config check asks for these
+drivers, kdlab's initramfs loads them when they are modules, and the boot
+diagnosis names them when a boot lacked them: one table serves all three.
 """
 
 from __future__ import annotations
@@ -22,3 +23,12 @@ ROOT_DISK_DRIVERS = {"VIRTIO_PCI": "virtio_pci", "VIRTIO_BLK": "virtio_blk"}
 POWER_BUTTON_DRIVERS = {"ACPI_BUTTON": "button", "INPUT_EVDEV": "evdev"}
 """What ``kdlabctl stop`` needs: systemd-logind reads the ACPI power button as
 an input event from ``/dev/input``."""
+DUMP_DRIVERS = {"FW_CFG_SYSFS": "qemu_fw_cfg", "PVPANIC_MMIO": "pvpanic_mmio"}
+"""What a usable dump needs of the guest: ``qemu_fw_cfg`` hands QEMU's
+``vmcoreinfo`` device the kernel's VMCOREINFO (where drgn and crash find the
+kernel's layout and KASLR offset), and ``pvpanic_mmio`` binds QEMU's ISA
+pvpanic device (ACPI ``QEMU0001``, an I/O port despite the name) to tell
+kdlabd of a panic at once."""
+DUMP_CORE = ("CRASH_CORE", "VMCORE_INFO")
+"""The kernel's VMCOREINFO itself: ``CRASH_CORE``, ``VMCORE_INFO`` since Linux
+6.9; neither has a prompt, ``PROC_KCORE`` (or ``KEXEC``) selects it."""

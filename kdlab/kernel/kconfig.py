@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kdlab.kernel.findings import Finding, Severity
-from kdlab.kernel.guest import ROOT_DISK_DRIVERS, ROOT_FS
+from kdlab.kernel.guest import DUMP_CORE, DUMP_DRIVERS, ROOT_DISK_DRIVERS, ROOT_FS
 
 Config = Mapping[str, str]
 """A parsed ``.config``: ``{"CONFIG_VIRTIO_BLK": "m", ...}``; unset options absent."""
@@ -85,6 +85,22 @@ POWER_BUTTON = {
     "INPUT_EVDEV": "systemd-logind cannot read the power button from /dev/input",
 }
 
+# A dump kdlabd writes on a panic: what each option gives it (FW_CFG_SYSFS and
+# PVPANIC_MMIO are :data:`~kdlab.kernel.guest.DUMP_DRIVERS`).
+DUMPS = {
+    "FW_CFG_SYSFS": "dumps carry no VMCOREINFO (the guest gives QEMU none): "
+    "drgn and crash cannot read them",
+    "PVPANIC": "kdlabd learns of a panic only from the console, later, and "
+    "misses a panic that prints nothing",
+    "PVPANIC_MMIO": "QEMU's pvpanic device has no driver: kdlabd learns of a "
+    "panic only from the console",
+    "MAGIC_SYSRQ": "no /proc/sysrq-trigger: echo c there cannot crash the "
+    "kernel for a dump",
+}
+# The option that selects DUMP_CORE (neither has a prompt): /proc/kcore, cheap.
+# wanted_options asks for both: the selector makes the other stick.
+DUMP_CORE_SELECTOR = "PROC_KCORE"
+
 DEVTMPFS_FIX = "set CONFIG_DEVTMPFS=y and CONFIG_DEVTMPFS_MOUNT=y"
 """Without devtmpfs no device node appears in ``/dev``: neither systemd nor
 kdlab's initramfs (which mounts it itself) finds a disk or a console."""
@@ -139,6 +155,7 @@ def check(
         *_systemd(config),
         *_fstab_filesystems(config),
         *_power_button(config),
+        *_dumps(config),
         *_kaslr(config),
     ]
     order = list(Severity)
@@ -169,6 +186,9 @@ def wanted_options() -> dict[str, bool]:
             *SYSTEMD_NEEDS,
             *FSTAB_FILESYSTEMS,
             *POWER_BUTTON,
+            *DUMPS,
+            DUMP_CORE_SELECTOR,
+            DUMP_CORE[0],
         ],
         True,
     )
@@ -373,6 +393,44 @@ def _power_button(config: Config) -> Iterator[ConfigFinding]:
             "timeout, then pulls the plug",
             f"set CONFIG_{option}=y",
         )
+
+
+def _dumps(config: Config) -> Iterator[ConfigFinding]:
+    """What a dump needs (the VM still boots and debugs without it: warnings).
+
+    A driver of :data:`~kdlab.kernel.guest.DUMP_DRIVERS` as a module works
+    when kdlab's initramfs loads it (``create --modules``): a note.
+    """
+    if not any(_on(config, option) for option in DUMP_CORE):
+        yield _finding(
+            "dump-needs",
+            Severity.WARNING,
+            DUMP_CORE[0],
+            "the kernel keeps no VMCOREINFO: dumps cannot say where its "
+            "symbols are (drgn and crash cannot read them)",
+            f"set CONFIG_{DUMP_CORE_SELECTOR}=y (it selects CONFIG_CRASH_CORE, "
+            "CONFIG_VMCORE_INFO since Linux 6.9)",
+        )
+    for option, why in DUMPS.items():
+        module = DUMP_DRIVERS.get(option)
+        if module and config.get(f"CONFIG_{option}") == "m":
+            yield _finding(
+                "dump-module",
+                Severity.NOTE,
+                option,
+                f"a module ({module}): {why} unless it is loaded; kdlab's "
+                "initramfs loads it",
+                "boot with kdlab's initramfs (kdlabctl create --modules DIR) "
+                f"or set CONFIG_{option}=y",
+            )
+        elif not _on(config, option):
+            yield _finding(
+                "dump-needs",
+                Severity.WARNING,
+                option,
+                f"{_state(config, option)}: {why}",
+                f"set CONFIG_{option}=y",
+            )
 
 
 def _kaslr(config: Config) -> Iterator[ConfigFinding]:

@@ -399,8 +399,11 @@ def test_archive_readable_by_cpio_with_busybox_and_modules(
     assert listing[: len(dirs) + 2] == [*dirs, "dev/console", "bin/busybox"]
     assert listing[-1] == "init"
     loaded = [Path(name).stem for name in listing if name.startswith("lib/modules/")]
-    # Debian's button and evdev are modules: loaded for the ACPI power button.
-    assert set(loaded) == VIRTIO_CLOSURE | {"button", "evdev"}
+    # Debian's button and evdev are modules: loaded for the ACPI power button;
+    # qemu_fw_cfg and pvpanic_mmio (with pvpanic, its dependency) for dumps.
+    dumps = {"qemu_fw_cfg", "pvpanic", "pvpanic_mmio"}
+    assert set(loaded) == VIRTIO_CLOSURE | {"button", "evdev"} | dumps
+    assert loaded.index("pvpanic") < loaded.index("pvpanic_mmio")
 
 
 def test_archive_members_owned_by_root_dated_1970(debian_initramfs: bytes) -> None:
@@ -437,7 +440,7 @@ def test_init_loads_modules_in_order_and_passes_sh_n(
     order = resolve(
         cloud_kernel.modules_dir,
         initramfs.DEFAULT_MODULES,
-        optional=(*initramfs.ROOT_FS_MODULES, *initramfs.POWER_BUTTON_MODULES),
+        optional=initramfs.OPTIONAL_MODULES,
     )
     assert f"for module in {' '.join(names(order))}; do" in init
     assert_shell_syntax(busybox, tmp_path / "init")

@@ -97,6 +97,9 @@ def test_debian_cloud_config(debian_config: Path) -> None:
         ("CONFIG_CONFIGFS_FS", Severity.WARNING, "fstab-filesystem"),
         ("CONFIG_ACPI_BUTTON", Severity.WARNING, "no-power-button"),
         ("CONFIG_INPUT_EVDEV", Severity.WARNING, "no-power-button"),
+        # Dumps: both drivers are modules, which kdlab's initramfs loads.
+        ("CONFIG_FW_CFG_SYSFS", Severity.NOTE, "dump-module"),
+        ("CONFIG_PVPANIC_MMIO", Severity.NOTE, "dump-module"),
         ("CONFIG_RANDOMIZE_BASE", Severity.NOTE, "kaslr"),
     }
     assert found == expected
@@ -240,6 +243,44 @@ def test_unbuilt_gdb_scripts_without_gdb_scripts_is_only_the_missing_option(
     config = without("GDB_SCRIPTS")
     (finding,) = kconfig.check(config, unbuilt_gdb_scripts=tmp_path / "x.py")
     assert finding.code == "no-gdb-scripts"
+
+
+@pytest.mark.parametrize(
+    "option", ["FW_CFG_SYSFS", "PVPANIC", "PVPANIC_MMIO", "MAGIC_SYSRQ"]
+)
+def test_what_a_dump_needs_warns_when_off(option: str) -> None:
+    findings = by_option(kconfig.check(without(option)))
+    finding = findings.pop(f"CONFIG_{option}")
+    assert (finding.severity, finding.code) == (Severity.WARNING, "dump-needs")
+    assert finding.fix == f"set CONFIG_{option}=y"
+    assert findings == {}
+
+
+@pytest.mark.parametrize(
+    ("option", "module"),
+    [("FW_CFG_SYSFS", "qemu_fw_cfg"), ("PVPANIC_MMIO", "pvpanic_mmio")],
+)
+def test_dump_driver_as_module_is_a_note_naming_kdlabs_initramfs(
+    option: str, module: str
+) -> None:
+    (finding,) = kconfig.check(without(option, "m"))
+    assert (finding.severity, finding.code) == (Severity.NOTE, "dump-module")
+    assert module in finding.problem
+    assert "--modules" in finding.fix
+
+
+def test_no_vmcoreinfo_in_the_kernel_names_what_selects_it() -> None:
+    (finding,) = kconfig.check(without("CRASH_CORE"))
+    assert finding.option == "CONFIG_CRASH_CORE"
+    assert finding.severity is Severity.WARNING
+    assert "CONFIG_PROC_KCORE=y" in finding.fix
+    # Linux 6.9 renamed it: VMCORE_INFO does as well.
+    assert kconfig.check({**without("CRASH_CORE"), "CONFIG_VMCORE_INFO": "y"}) == []
+
+
+def test_dump_modules_are_options_the_check_wants() -> None:
+    assert set(guest.DUMP_DRIVERS) <= set(kconfig.wanted_options())
+    assert guest.DUMP_CORE[0] in kconfig.wanted_options()
 
 
 def test_power_button_modules_are_options_the_check_wants() -> None:
@@ -442,7 +483,7 @@ def test_check_command_table(
     assert lines[0].split() == ["SEVERITY", "OPTION", "PROBLEM"]
     assert lines[1].split()[:2] == ["error", "CONFIG_GDB_SCRIPTS"]
     assert lines[2].strip().startswith("fix: set CONFIG_GDB_SCRIPTS=y")
-    assert lines[-1].endswith("1 error, 5 warnings, 1 note: fails kdlab's check")
+    assert lines[-1].endswith("1 error, 5 warnings, 3 notes: fails kdlab's check")
 
 
 def test_check_command_passes(
