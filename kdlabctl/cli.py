@@ -754,6 +754,51 @@ def _define_image(parser: argparse.ArgumentParser) -> None:
     images.define(parser)
 
 
+def _define_dump(parser: argparse.ArgumentParser) -> None:
+    from kdlabctl import dumps
+
+    dumps.define(parser)
+
+
+async def cmd_drgn(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import dumps
+
+    return await dumps.cmd_drgn(client, args)
+
+
+async def cmd_crash(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import dumps
+
+    return await dumps.cmd_crash(client, args)
+
+
+def add_postmortem_parsers(
+    command: Callable[[str, Command, str], argparse.ArgumentParser],
+) -> None:
+    """``drgn`` and ``crash`` on a dump; what kdlabctl does not know goes to them."""
+    for name, fn, text in (
+        (
+            "drgn",
+            cmd_drgn,
+            "drgn on a dump with its vmlinux; unknown options and arguments go to "
+            "drgn (-e CODE, or a script and its arguments)",
+        ),
+        (
+            "crash",
+            cmd_crash,
+            "crash on a dump with its vmlinux; unknown options go to crash",
+        ),
+    ):
+        tool = command(name, fn, text)
+        tool.add_argument(
+            "dump",
+            metavar="ID|NAME",
+            type=VM_NAME,
+            help="a dump's id, or a VM's name for its latest dump",
+        )
+        add_vmlinux_option(tool)
+
+
 def _define_completion(parser: argparse.ArgumentParser) -> None:
     from kdlabctl import completion
 
@@ -898,7 +943,13 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
             help="configure, check and build a kernel tree for kdlab",
             define=_define_kernel,
         ),
+        commands.add_parser(
+            "dump",
+            help="post-mortem dumps of VMs: take, list, get, delete",
+            define=_define_dump,
+        ),
     ]
+    add_postmortem_parsers(command)
     add_up_parser(command)
 
     logs = command(
@@ -968,7 +1019,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 def _runs_gdb(args: argparse.Namespace) -> bool:
     if getattr(args, "console", False):
         return False
-    return args.func in (cmd_gdb, cmd_up, cmd_attach) or bool(
+    return args.func in (cmd_gdb, cmd_up, cmd_attach, cmd_drgn, cmd_crash) or bool(
         getattr(args, "attach", False)
     )
 

@@ -22,12 +22,14 @@ from kdlab.wire import (
     BUILD_OPTIONS,
     BUS_NAME,
     CREATE_OPTIONS,
+    DUMP_INTERFACE,
     IMAGE_INTERFACE,
     JOB_INTERFACE,
     MANAGER_INTERFACE,
     MANAGER_PATH,
     START_OPTIONS,
     STOP_OPTIONS,
+    TAKE_DUMP_OPTIONS,
     VM_INTERFACE,
     unescape_path_label,
 )
@@ -39,7 +41,7 @@ from kdlabctl.quickbus import (
     RemoteError,
     Reply,
 )
-from kdlabctl.records import VM, Diagnosis, Image, Job, Record
+from kdlabctl.records import VM, Diagnosis, Dump, Image, Job, Record
 
 TYPE_CHECKING = False  # importing typing costs more than a listing
 if TYPE_CHECKING:
@@ -73,7 +75,7 @@ if TYPE_CHECKING:
         def disconnect(self) -> None: ...
 
 
-__all__ = ["VM", "Diagnosis", "Image", "Job", "RemoteError"]
+__all__ = ["VM", "Diagnosis", "Dump", "Image", "Job", "RemoteError"]
 
 CONNECT_TIMEOUT = 25.0
 PROPERTIES = "org.freedesktop.DBus.Properties"
@@ -305,6 +307,33 @@ class Client:
 
         async with Watch(self, await self.vm_path(name), VM_INTERFACE, VM) as watch:
             yield watch
+
+    # dumps
+
+    async def take_dump(self, name: str, *, compress: bool = False) -> tuple[str, str]:
+        """Dump VM *name*'s memory; the dump's and the job's object paths."""
+        options = _variants({"compress": compress or None}, TAKE_DUMP_OPTIONS)
+        reply = await self._vm(name, "TakeDump", "a{sv}", [options])
+        return str(reply.body[0]), str(reply.body[1])
+
+    async def dump_path(self, dump_id: str) -> str:
+        """The object path of dump *dump_id* (NoSuchDump if there is none)."""
+        return str(await self._manager("GetDump", "s", [dump_id]))
+
+    async def dump_at(self, path: str) -> Dump:
+        return Dump.from_properties(await self._properties(path, DUMP_INTERFACE))
+
+    async def list_dumps(self) -> list[Dump]:
+        """Every dump, oldest first."""
+        dumps = await self._objects(DUMP_INTERFACE, Dump)
+        return sorted(dumps, key=lambda dump: (dump.created, dump.id))
+
+    async def open_dump(self, path: str) -> int:
+        """A read-only, seekable descriptor of the dump at *path*."""
+        return int((await self.reply(path, DUMP_INTERFACE, "Open")).unix_fds[0])
+
+    async def delete_dump(self, dump_id: str) -> None:
+        await self.reply(await self.dump_path(dump_id), DUMP_INTERFACE, "Delete")
 
     # images
 

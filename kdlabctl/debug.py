@@ -88,13 +88,35 @@ def _recorded_candidates(vm: Recorded) -> Iterator[Path]:
         yield kernel.parent / "vmlinux"
 
 
-def find_vmlinux(vm: Recorded, explicit: str | None, uid: int) -> Path:
-    """The first vmlinux of :func:`vmlinux_candidates` that is a file, resolved."""
-    tried = []
+class VmlinuxMismatch(Exception):
+    """Every vmlinux found has another build ID than the kernel that ran."""
+
+
+def find_vmlinux(
+    vm: Recorded, explicit: str | None, uid: int, build_id: str = ""
+) -> Path:
+    """The first vmlinux of :func:`vmlinux_candidates` that is a file, resolved.
+
+    With *build_id* (a dump's: the kernel that ran), a file of another build
+    ID is passed over, and when only such files are found,
+    :class:`VmlinuxMismatch` names them with their build IDs.
+    """
+    from kdlabctl.gdbcache import read_build_id  # it imports this module
+
+    tried, mismatched = [], []
     for candidate in vmlinux_candidates(vm, explicit, uid):
-        if candidate.is_file():
+        if not candidate.is_file():
+            tried.append(str(candidate))
+            continue
+        found = read_build_id(candidate) if build_id else build_id
+        if found == build_id:
             return candidate.resolve()
-        tried.append(str(candidate))
+        mismatched.append(f"{candidate} (build ID {found or 'none'})")
+    if mismatched:
+        raise VmlinuxMismatch(
+            f"no vmlinux has the dump's build ID {build_id}: found "
+            f"{', '.join(mismatched)}; pass --vmlinux PATH of the kernel that ran"
+        )
     looked = ", ".join(tried) if tried else "nowhere"
     if not explicit and vm.owner != uid:
         looked += (

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 
-from kdlab.errors import EXIT_FAILURE, EXIT_OK, exit_code_for
+from kdlab.errors import EXIT_OK
 from kdlabctl.names import IMAGE_NAME
 
 # kdlabctl imports this module at every start (--size parses here): typing,
@@ -38,20 +37,6 @@ def human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-async def _finish_job(client: Client, path: str, quiet: bool) -> int:
-    from kdlab.states import JobState
-    from kdlabctl import jobs
-
-    end = await jobs.follow(client, path)
-    if end.state is not JobState.SUCCEEDED:
-        what = f"{end.kind} of {end.target} {end.state}"
-        print(f"kdlabctl: {what}: {end.status}", file=sys.stderr)
-        return exit_code_for(end.error) if end.error else EXIT_FAILURE
-    if not quiet:
-        print(end.status)
-    return EXIT_OK
-
-
 async def cmd_list(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
@@ -77,6 +62,7 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_import(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import jobs
     from kdlabctl.cli import open_for_daemon
 
     fd = open_for_daemon(args.file, "image")
@@ -84,12 +70,13 @@ async def cmd_import(client: Client, args: argparse.Namespace) -> int:
         path = await client.import_image(args.name, fd)
     finally:
         os.close(fd)
-    return await _finish_job(client, path, args.quiet)
+    return await jobs.finish(client, path, quiet=args.quiet)
 
 
 async def cmd_build(client: Client, args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from kdlabctl import jobs
     from kdlabctl.options import ImageBuild
 
     key = Path(args.ssh_key).read_text().strip() if args.ssh_key else None
@@ -100,7 +87,7 @@ async def cmd_build(client: Client, args: argparse.Namespace) -> int:
         ssh_key=key or None,
     )
     path = await client.build_image(args.name, build)
-    return await _finish_job(client, path, args.quiet)
+    return await jobs.finish(client, path, quiet=args.quiet)
 
 
 async def cmd_delete(client: Client, args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING
 
+from kdlab.errors import EXIT_FAILURE, EXIT_OK, exit_code_for
 from kdlab.states import JobState
 
 if TYPE_CHECKING:
@@ -47,3 +48,16 @@ async def follow(client: Client, path: str) -> Job:
         print("\nkdlabctl: cancelling the job", file=sys.stderr)
         await client.cancel_job(path)
         raise
+
+
+async def finish(client: Client, path: str, *, quiet: bool = False) -> int:
+    """Follow the job at *path* to its end (:func:`follow`): its exit code, with
+    its last status on stdout unless *quiet*, or why it failed on stderr."""
+    end = await follow(client, path)
+    if end.state is not JobState.SUCCEEDED:
+        what = f"{end.kind} of {end.target} {end.state}"
+        print(f"kdlabctl: {what}: {end.status}", file=sys.stderr)
+        return exit_code_for(end.error) if end.error else EXIT_FAILURE
+    if not quiet:
+        print(end.status)
+    return EXIT_OK

@@ -173,3 +173,23 @@ class Job(Record):
     status: str
     state: JobState
     error: str  # the D-Bus error name of a failure, else ""
+
+
+class Dump(Record):
+    """An ``org.kdlab.Kdlab1.Dump`` object's properties."""
+
+    id: str
+    vm: str
+    vmuuid: str
+    owner: int
+    kernel_release: str
+    build_id: str
+    vmlinux_hint: str
+    reason: str
+    headline: str
+    problem: str
+    created: int
+    size: int
+    format: str
+    vmcoreinfo: bool
+    state: str
