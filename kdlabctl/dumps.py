@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import signal
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,6 +35,12 @@ if TYPE_CHECKING:
     from kdlabctl.client import Client, Dump
 
 POSTMORTEM_EXTRA = "kdlab[postmortem]"
+# QEMU 7.2 writes a kdump-compressed dump in makedumpfile's flattened form
+# (for pipes): a header, then records "offset, size (big-endian), data" that
+# an offset of -1 ends. drgn's libkdumpfile reads only the reassembled file.
+FLATTENED = b"makedumpfile\0"
+FLAT_HEADER_SIZE = 4096
+_FLAT_RECORD = struct.Struct(">qq")
 CRASH_PACKAGE = "crash"
 _CHUNK = 1 << 20
 
@@ -162,16 +169,53 @@ def save(source: int, path: str, *, force: bool) -> None:
         os.close(target)
 
 
+def flattened(source: int) -> bool:
+    """Whether the dump on *source* is in makedumpfile's flattened form."""
+    return os.pread(source, len(FLATTENED), 0) == FLATTENED
+
+
+def unflatten(source: int, target: int) -> None:
+    """Reassemble the flattened dump on *source* into *target*, as
+    ``makedumpfile -R`` does."""
+    offset = FLAT_HEADER_SIZE
+    while True:
+        record = os.pread(source, _FLAT_RECORD.size, offset)
+        if len(record) < _FLAT_RECORD.size:
+            raise ValueError("the flattened dump ends before its end record")
+        at, size = _FLAT_RECORD.unpack(record)
+        offset += _FLAT_RECORD.size
+        if at == -1:
+            return
+        if at < 0 or size < 0:
+            raise ValueError(f"the flattened dump has a bad record at {offset}")
+        while size:
+            chunk = os.pread(source, min(size, _CHUNK), offset)
+            if not chunk:
+                raise ValueError("the flattened dump is truncated")
+            os.pwrite(target, chunk, at)
+            offset, at, size = offset + len(chunk), at + len(chunk), size - len(chunk)
+
+
 @contextlib.contextmanager
 def private_copy(source: int) -> Iterator[Path]:
-    """The dump as a file of the caller's in a new 0700 directory, removed after."""
+    """The dump as a file of the caller's in a new 0700 directory, removed
+    after; a flattened dump reassembled."""
     import shutil
     import tempfile
 
     directory = Path(tempfile.mkdtemp(prefix="kdlab-dump-"))
     try:
         path = directory / "vmcore"
-        save(source, str(path), force=False)
+        if flattened(source):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                unflatten(source, target)
+            except ValueError as err:
+                raise _usage(f"cannot read the dump: {err}") from None
+            finally:
+                os.close(target)
+        else:
+            save(source, str(path), force=False)
         yield path
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -216,8 +260,13 @@ async def cmd_drgn(client: Client, args: argparse.Namespace) -> int:
     unchecked(dump)
     fd = await client.open_dump(await client.dump_path(dump.id))
     try:
-        command = [sys.executable, "-m", "kdlabctl.dumps", str(fd), str(vmlinux)]
-        return _without_sigint([*command, "--", *args.gdb_args], (fd,))
+        with contextlib.ExitStack() as stack:
+            if flattened(fd):  # drgn reads a copy, reassembled
+                path = stack.enter_context(private_copy(fd))
+                os.close(fd)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            command = [sys.executable, "-m", "kdlabctl.dumps", str(fd), str(vmlinux)]
+            return _without_sigint([*command, "--", *args.gdb_args], (fd,))
     finally:
         os.close(fd)
 
@@ -369,11 +418,13 @@ def run_drgn(fd: int, vmlinux: str, argv: list[str]) -> None:
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    prog = drgn.Program()
+    # kdlab's guests are x86-64; libkdumpfile cannot tell the architecture of
+    # QEMU's kdump-compressed dumps by itself (libkdumpfile issue 36).
+    prog = drgn.Program(drgn.Platform(drgn.Architecture.X86_64))
     try:
         prog.set_core_dump(fd)
         prog.load_debug_info([vmlinux])
-    except (OSError, ValueError, drgn.MissingDebugInfoError) as err:
+    except Exception as err:  # drgn's errors: a plain Exception from libkdumpfile
         sys.exit(f"kdlabctl: drgn cannot read the dump with {vmlinux}: {err}")
     if args.exec is None and not args.args and sys.stdin.isatty():
         cli.run_interactive(prog, quiet=args.quiet)
