@@ -224,15 +224,16 @@ def private_copy(source: int) -> Iterator[Path]:
 # Running the tools
 
 
-def _without_sigint(command: list[str], fds: tuple[int, ...] = ()) -> int:
-    """Run *command* in the foreground; Ctrl-C is its own (drgn's and crash's
-    prompts take it), not kdlabctl's."""
+def run_tool(command: list[str], fds: tuple[int, ...] = ()) -> int:
+    """Run *command* (crash, or drgn in a Python of its own) in the
+    foreground; Ctrl-C is its own (drgn's and crash's prompts take it), not
+    kdlabctl's."""
     try:
         process = subprocess.Popen(command, pass_fds=fds)
-    except FileNotFoundError as err:
+    except FileNotFoundError:
         raise _usage(
             f"{command[0]} is not installed (apt-get install {CRASH_PACKAGE})"
-        ) from err
+        ) from None
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return process.wait()
@@ -266,7 +267,7 @@ async def cmd_drgn(client: Client, args: argparse.Namespace) -> int:
                 os.close(fd)
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             command = [sys.executable, "-m", "kdlabctl.dumps", str(fd), str(vmlinux)]
-            return _without_sigint([*command, "--", *args.gdb_args], (fd,))
+            return run_tool([*command, "--", *args.gdb_args], (fd,))
     finally:
         os.close(fd)
 
@@ -282,7 +283,7 @@ async def cmd_crash(client: Client, args: argparse.Namespace) -> int:
         with private_copy(fd) as vmcore:
             os.close(fd)
             fd = -1
-            code = _without_sigint(["crash", *args.gdb_args, str(vmlinux), str(vmcore)])
+            code = run_tool(["crash", *args.gdb_args, str(vmlinux), str(vmcore)])
     finally:
         if fd >= 0:
             os.close(fd)
