@@ -144,10 +144,9 @@ def drgn_on(lab: Lab, target: str, script: Path) -> dict[str, str]:
     """``kdlabctl drgn TARGET SCRIPT``: what the script printed, by its first word."""
     result = lab.ctl("drgn", target, str(script), timeout=CTL_TIMEOUT * 4)
     assert result.returncode == 0, result.stdout + result.stderr
-    printed = dict(
+    return dict(
         line.split(" ", 1) for line in result.stdout.splitlines() if " " in line
     )
-    return printed
 
 
 def start(lab: Lab, name: str) -> None:
@@ -258,9 +257,7 @@ def test_cloud_kernel_through_the_module_initramfs_crashed_by_sysrq(
     assert "sysrq_handle_crash" in crashed.stdout
 
 
-def test_a_dump_is_its_owners_to_get_and_nobody_elses(
-    lab: Lab, logins: Logins, tmp_path: Path
-) -> None:
+def test_a_dump_is_its_owners_to_get_and_nobody_elses(lab: Lab, logins: Logins) -> None:
     """alice's VM panics (Debian's kernel without its modules: no qemu_fw_cfg,
     so no VMCOREINFO); alice gets the dump as herself, bob cannot."""
     alice, bob = logins.alice, logins.bob
@@ -304,7 +301,8 @@ def test_a_dump_is_its_owners_to_get_and_nobody_elses(
         again = logins.kdlabctl(
             alice, address, "dump", "get", dump["id"], "-o", str(copy)
         )
-        assert again.returncode == 2 and "--force" in again.stderr
+        assert again.returncode == 2
+        assert "--force" in again.stderr
 
         mine = logins.kdlabctl(alice, address, "dump", "delete", dump["id"])
         assert mine.returncode == 0, mine.stderr
