@@ -64,7 +64,7 @@ async def resolve(client: Client, target: str) -> Dump:
         if err.name != NoSuchDump.dbus_name():
             raise
     try:
-        latest = await client.latest_dump(target)
+        latest = (await client.vm(target)).latest_dump
     except RemoteError as err:
         if err.name != NoSuchVM.dbus_name():
             raise
