@@ -138,7 +138,9 @@ CONFIG_INPUT_EVDEV=y
 # Dumps (kdlabctl drgn, crash): the kernel's VMCOREINFO (CRASH_CORE, which
 # PROC_KCORE selects) handed to QEMU through fw_cfg, pvpanic to tell kdlabd of
 # a panic at once (QEMU's ISA device binds through ACPI), echo c >
-# /proc/sysrq-trigger to crash on purpose.
+# /proc/sysrq-trigger to crash on purpose, SLUB (not tinyconfig's SLOB) for
+# crash.
+CONFIG_SLUB=y
 CONFIG_PROC_KCORE=y
 CONFIG_CRASH_CORE=y
 CONFIG_FW_CFG_SYSFS=y

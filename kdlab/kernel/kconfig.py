@@ -97,6 +97,10 @@ DUMPS = {
     "MAGIC_SYSRQ": "no /proc/sysrq-trigger: echo c there cannot crash the "
     "kernel for a dump",
 }
+# crash reads a dump through the slab allocator's structures: SLAB or SLUB.
+# SLOB (tinyconfig's choice until Linux 6.4) stops it at kmem_cache_init().
+CRASH_ALLOCATOR = "SLUB"
+
 # The option that selects DUMP_CORE (neither has a prompt): /proc/kcore, cheap.
 # wanted_options asks for both: the selector makes the other stick.
 DUMP_CORE_SELECTOR = "PROC_KCORE"
@@ -189,6 +193,7 @@ def wanted_options() -> dict[str, bool]:
             *DUMPS,
             DUMP_CORE_SELECTOR,
             DUMP_CORE[0],
+            CRASH_ALLOCATOR,
         ],
         True,
     )
@@ -410,6 +415,15 @@ def _dumps(config: Config) -> Iterator[ConfigFinding]:
             "symbols are (drgn and crash cannot read them)",
             f"set CONFIG_{DUMP_CORE_SELECTOR}=y (it selects CONFIG_CRASH_CORE, "
             "CONFIG_VMCORE_INFO since Linux 6.9)",
+        )
+    if _on(config, "SLOB"):
+        yield _finding(
+            "dump-needs",
+            Severity.NOTE,
+            "SLOB",
+            "crash cannot read this kernel's dumps (it knows the SLAB and SLUB "
+            "allocators only); drgn can",
+            f"set CONFIG_{CRASH_ALLOCATOR}=y",
         )
     for option, why in DUMPS.items():
         module = DUMP_DRIVERS.get(option)

@@ -278,6 +278,13 @@ def test_no_vmcoreinfo_in_the_kernel_names_what_selects_it() -> None:
     assert kconfig.check({**without("CRASH_CORE"), "CONFIG_VMCORE_INFO": "y"}) == []
 
 
+def test_slob_is_a_note_for_crash() -> None:
+    (finding,) = kconfig.check({**passing(), "CONFIG_SLOB": "y"})
+    assert (finding.option, finding.severity) == ("CONFIG_SLOB", Severity.NOTE)
+    assert "crash" in finding.problem
+    assert finding.fix == "set CONFIG_SLUB=y"
+
+
 def test_dump_modules_are_options_the_check_wants() -> None:
     assert set(guest.DUMP_DRIVERS) <= set(kconfig.wanted_options())
     assert guest.DUMP_CORE[0] in kconfig.wanted_options()

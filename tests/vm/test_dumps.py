@@ -38,15 +38,16 @@ from tests.support import debian, kernel_tree
 from tests.support.logins import Logins
 from tests.support.prereq import require, require_tool
 from tests.support.timeouts import CTL_TIMEOUT
-from tests.vm.conftest import MARKER, Lab
+from tests.vm.conftest import Lab
+from tests.vm.test_debug import SHELL_PROMPT, Console
 from tests.vm.test_lifecycle import wait_for_console
 
 pytestmark = pytest.mark.vm
 
 PANIC_SECONDS = 60  # the issue's promise: a dump within 60 s of the panic
 BOOT_SECONDS = 120  # TCG on a shared machine
-SYSRQ = "echo c > /proc/sysrq-trigger\n"
-SHELL_READY = "KDLAB-DUMP-SHELL"
+SYSRQ = b"echo c > /proc/sysrq-trigger\r"
+SYSRQ_PANIC = "sysrq: Trigger a crash"
 DRGN_SCRIPT = """\
 thread = prog.crashed_thread()
 print("RELEASE", prog["init_uts_ns"].name.release.string_().decode())
@@ -59,7 +60,6 @@ DISK_SCRIPTS = {
         "#!/bin/busybox sh\n"
         "/bin/busybox mount -t proc proc /proc\n"
         "/bin/busybox --install -s /bin\n"
-        f"echo {SHELL_READY}\n"
         "setsid cttyhack sh\n"
         "poweroff -f\n"
     ),
@@ -154,9 +154,22 @@ def start(lab: Lab, name: str) -> None:
     assert started.returncode == 0, started.stderr
 
 
-def type_on_console(lab: Lab, name: str, text: str) -> None:
-    typed = lab.ctl("console", name, input_text=text)
-    assert typed.returncode == 0, typed.stderr
+def crash_by_sysrq(lab: Lab, name: str) -> None:
+    """Type ``echo c > /proc/sysrq-trigger`` into the VM's shell, as a person
+    would on ``kdlabctl console``, and see the kernel take it."""
+    # The prompt, not just the marker: busybox's line editing discards what
+    # was typed before it set the terminal up.
+    wait_for_console(lab, name, SHELL_PROMPT, timeout=BOOT_SECONDS)
+    console = Console(lab.daemon.address, name)
+    try:
+        console.expect(b"escape character is ^]")
+        console.type(SYSRQ)
+        console.expect(SYSRQ_PANIC.encode(), timeout=BOOT_SECONDS)
+    finally:
+        if console.proc.poll() is None:
+            console.proc.kill()
+        console.proc.wait()
+        os.close(console.master)
 
 
 def create_minimal(lab: Lab, name: str, minimal: Path, cmdline: str) -> None:
@@ -210,9 +223,8 @@ def test_minimal_kernel_crashed_by_sysrq(
 ) -> None:
     create_minimal(lab, vm_name, minimal, "")
     start(lab, vm_name)
-    wait_for_console(lab, vm_name, MARKER, timeout=BOOT_SECONDS)
-    type_on_console(lab, vm_name, SYSRQ)
-    dump = wait_for_dump(lab, vm_name, "sysrq: Trigger a crash")
+    crash_by_sysrq(lab, vm_name)
+    dump = wait_for_dump(lab, vm_name, SYSRQ_PANIC)
     printed = drgn_on(lab, dump["id"], drgn_script)
     assert "sysrq_handle_crash" in printed["STACK"].split()
 
@@ -235,7 +247,7 @@ def test_cloud_kernel_through_the_module_initramfs_crashed_by_sysrq(
     require_tool("crash", "crash")
     create_cloud(lab, vm_name, disk_image, cloud_vmlinux, "sbin/shell")
     start(lab, vm_name)
-    wait_for_console(lab, vm_name, SHELL_READY, timeout=BOOT_SECONDS)
+    wait_for_console(lab, vm_name, SHELL_PROMPT, timeout=BOOT_SECONDS)
     # A dump on request leaves the VM running, and is no automatic one.
     taken = lab.ctl("dump", "take", vm_name, timeout=CTL_TIMEOUT * 4)
     assert taken.returncode == 0, taken.stderr
@@ -244,8 +256,8 @@ def test_cloud_kernel_through_the_module_initramfs_crashed_by_sysrq(
     assert (listed["id"], listed["reason"]) == (requested, "requested")
     assert json.loads(lab.ctl("show", vm_name, "--json").stdout)["state"] == "running"
 
-    type_on_console(lab, vm_name, SYSRQ)
-    dump = wait_for_dump(lab, vm_name, "sysrq: Trigger a crash")
+    crash_by_sysrq(lab, vm_name)
+    dump = wait_for_dump(lab, vm_name, SYSRQ_PANIC)
     assert_panic_dump(dump, lab.kernel.release)
     # NAME is the VM's latest dump: the panic's, not the requested one.
     printed = drgn_on(lab, vm_name, drgn_script)
