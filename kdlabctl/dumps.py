@@ -289,10 +289,11 @@ async def cmd_crash(client: Client, args: argparse.Namespace) -> int:
             os.close(fd)
     if code:
         say(
-            f"crash could not read dump {dump.id} of Linux "
-            f"{dump.kernel_release or '(release unknown)'}: {crash_version()} "
-            "reads kernels up to its own release's; kdlabctl drgn "
-            f"{dump.id} reads it"
+            f"{crash_version()} could not read dump {dump.id} of Linux "
+            f"{dump.kernel_release or '(release unknown)'}: crash reads kernels "
+            "no newer than itself, with the SLAB or SLUB allocator (kdlabctl "
+            f"kernel check says what a kernel lacks); kdlabctl drgn {dump.id} "
+            "reads it"
         )
     return code
 
