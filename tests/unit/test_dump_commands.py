@@ -301,3 +301,86 @@ def test_without_crash_the_error_names_the_package(
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UsageError, match="apt-get install crash"):
         dumps.run_tool(["crash", "--version"])
+
+
+class FakeClient:
+    """kdlabd's answers for one dump whose VM is gone (a client of the typed
+    methods :mod:`kdlabctl.dumps` calls)."""
+
+    def __init__(self, found: Dump, data: Path) -> None:
+        self.found = found
+        self.data = data
+
+    async def dump_path(self, dump_id: str) -> str:
+        from kdlabctl.client import RemoteError
+
+        if dump_id != self.found.id:
+            raise RemoteError("org.kdlab.Kdlab1.Error.NoSuchDump", "no dump")
+        return f"/org/kdlab/Kdlab1/dump/{dump_id}"
+
+    async def dump_at(self, _path: str) -> Dump:
+        return self.found
+
+    async def vm(self, name: str) -> object:
+        return await DeletedVM().vm(name)
+
+    async def open_dump(self, _path: str) -> int:
+        return os.open(self.data, os.O_RDONLY)
+
+
+def fake_crash(tmp_path: Path, status: int) -> Path:
+    """A ``crash`` on $PATH that records its arguments and what it read."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "crash"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'[ "$1" = --version ] && {{ echo "crash 8.0.2"; exit 0; }}\n'
+        f'echo "$@" > {tmp_path}/args\n'
+        f'eval last=\\${{$#}}; cat "$last" > {tmp_path}/read\n'
+        f"exit {status}\n"
+    )
+    script.chmod(0o755)
+    return bin_dir
+
+
+def crash_args(dump_id: str, *extra: str) -> object:
+    return parse_args(build_parser(), ["crash", dump_id, *extra])
+
+
+@pytest.mark.parametrize("status", [0, 1])
+def test_crash_reads_a_private_copy_with_the_checked_vmlinux(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    status: int,
+) -> None:
+    (tmp_path / "vmlinux").write_bytes(elf(BUILD_A))
+    (tmp_path / "dump").write_bytes(b"\x7fELF dump")
+    monkeypatch.setenv("PATH", f"{fake_crash(tmp_path, status)}:{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    found = dump(vmlinux_hint=str(tmp_path / "vmlinux"))
+    client = FakeClient(found, tmp_path / "dump")
+    code = asyncio.run(
+        dumps.cmd_crash(client, crash_args(found.id, "-s"))  # type: ignore[arg-type]
+    )
+    assert code == status
+    words = (tmp_path / "args").read_text().split()
+    assert words[:2] == ["-s", str((tmp_path / "vmlinux").resolve())]
+    assert (tmp_path / "read").read_bytes() == b"\x7fELF dump"
+    assert not Path(words[2]).exists(), "the private copy is removed"
+    said = capsys.readouterr().err
+    if status:
+        assert f"crash 8.0.2 could not read dump {found.id} of Linux 6.1.0" in said
+        assert f"kdlabctl drgn {found.id} reads it" in said
+    else:
+        assert "could not read" not in said
+
+
+def test_drgn_refuses_a_dump_without_vmcoreinfo_with_its_fix(tmp_path: Path) -> None:
+    (tmp_path / "dump").write_bytes(b"\x7fELF dump")
+    problem = "the dump carries no VMCOREINFO: build it with CONFIG_FW_CFG_SYSFS=y"
+    found = dump(vmcoreinfo=False, build_id="", problem=problem)
+    args = parse_args(build_parser(), ["drgn", found.id])
+    with pytest.raises(UsageError, match="CONFIG_FW_CFG_SYSFS=y"):
+        asyncio.run(dumps.cmd_drgn(FakeClient(found, tmp_path / "dump"), args))  # type: ignore[arg-type]
