@@ -378,11 +378,14 @@ def define(dump: argparse.ArgumentParser) -> None:
     )
     verbs = dump.add_subparsers(dest="dump_command", metavar="COMMAND", required=True)
 
-    def verb(name: str, fn: object, help_text: str) -> argparse.ArgumentParser:
+    def verb(
+        name: str, fn: object, help_text: str, *, plain: bool = False
+    ) -> argparse.ArgumentParser:
+        """A verb; *plain* ones only call kdlabd (``Client.plain``)."""
         sub: argparse.ArgumentParser = verbs.add_parser(
             name, help=help_text, description=help_text
         )
-        sub.set_defaults(func=fn)
+        sub.set_defaults(func=fn, plain=plain)
         return sub
 
     take = verb("take", cmd_take, "dump a running or paused VM's memory now")
@@ -393,7 +396,7 @@ def define(dump: argparse.ArgumentParser) -> None:
         help="kdump format, zlib-compressed (smaller, slower) instead of ELF",
     )
 
-    listing = verb("list", cmd_list, "list dumps (of VM NAME)")
+    listing = verb("list", cmd_list, "list dumps (of VM NAME)", plain=True)
     listing.add_argument("name", metavar="NAME", nargs="?", type=VM_NAME)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
