@@ -376,17 +376,9 @@ def define(dump: argparse.ArgumentParser) -> None:
         "post-mortem dumps: kdlabd writes one when a VM's kernel panics; "
         "kdlabctl drgn and crash open them"
     )
-    verbs = dump.add_subparsers(dest="dump_command", metavar="COMMAND", required=True)
+    from kdlabctl.images import verbs_of
 
-    def verb(
-        name: str, fn: object, help_text: str, *, plain: bool = False
-    ) -> argparse.ArgumentParser:
-        """A verb; *plain* ones only call kdlabd (``Client.plain``)."""
-        sub: argparse.ArgumentParser = verbs.add_parser(
-            name, help=help_text, description=help_text
-        )
-        sub.set_defaults(func=fn, plain=plain)
-        return sub
+    verb = verbs_of(dump, "dump_command")
 
     take = verb("take", cmd_take, "dump a running or paused VM's memory now")
     take.add_argument("name", metavar="NAME", type=VM_NAME)

@@ -13,6 +13,8 @@ from kdlabctl.names import IMAGE_NAME
 # pathlib and the job states load only when a command uses them.
 TYPE_CHECKING = False  # mypy takes this as True
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kdlabctl.client import Client
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
@@ -100,20 +102,30 @@ async def cmd_resize(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def define(image: argparse.ArgumentParser) -> None:
-    """The subcommands of ``kdlabctl image`` (*image*, the group's parser)."""
-    image.description = __doc__
-    verbs = image.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
+def verbs_of(
+    group: argparse.ArgumentParser, dest: str
+) -> Callable[..., argparse.ArgumentParser]:
+    """``verb(NAME, FN, HELP, plain=False)``: adds a subcommand to the command
+    group *group* (``image``, ``dump``); *plain* ones only call kdlabd
+    (``Client.plain``)."""
+    verbs = group.add_subparsers(dest=dest, metavar="COMMAND", required=True)
 
     def verb(
         name: str, fn: object, help_text: str, *, plain: bool = False
     ) -> argparse.ArgumentParser:
-        """A verb; *plain* ones only call kdlabd (``Client.plain``)."""
         sub: argparse.ArgumentParser = verbs.add_parser(
             name, help=help_text, description=help_text
         )
         sub.set_defaults(func=fn, plain=plain)
         return sub
+
+    return verb
+
+
+def define(image: argparse.ArgumentParser) -> None:
+    """The subcommands of ``kdlabctl image`` (*image*, the group's parser)."""
+    image.description = __doc__
+    verb = verbs_of(image, "image_command")
 
     listing = verb("list", cmd_list, "list images and the VMs using them", plain=True)
     listing.add_argument("--json", action="store_true", help="machine-readable output")

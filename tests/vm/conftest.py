@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import debian
+from tests.support import debian, kernel_tree
 from tests.support.bus import BusClient
 from tests.support.clients import Identity, kdlabctl
 from tests.support.daemon import Kdlabd
@@ -110,3 +110,26 @@ def kdlab_user() -> Identity:
         subprocess.run(["usermod", "-aG", "kdlab", TEST_USER], check=True)
         groups.append(kdlab.gr_gid)
     return Identity(user.pw_uid, user.pw_gid, tuple(groups))
+
+
+@pytest.fixture(scope="session")
+def vmlinux(lab: Lab) -> Path:
+    """Debian's debug vmlinux of the cloud kernel the lab boots."""
+    require_tool("gdb", "gdb")
+    try:
+        return debian.cloud_kernel_vmlinux(lab.kernel)
+    except debian.FixtureError as err:
+        require(False, f"Debian's debug vmlinux: {err}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def minimal_build() -> Path:
+    """kdlab's minimal kernel, configured and built once (cached between runs)."""
+    require_tool("gdb", "gdb")
+    require_tool("make", "make")
+    try:
+        return kernel_tree.built_minimal_kernel()
+    except debian.FixtureError as err:
+        require(False, f"the minimal kernel build: {err}")
+        raise

@@ -25,7 +25,7 @@ from kdlabctl import gdbcache
 from kdlabd.core.vms import DIAGNOSIS_INTERVAL
 from tests.support import debian
 from tests.support.clients import NOBODY, Identity, ctl_env, kdlabctl, read_until
-from tests.support.prereq import require, require_tool
+from tests.support.prereq import require_tool
 from tests.support.system import remove_vm
 from tests.vm.conftest import MARKER, Lab, virsh
 from tests.vm.test_lifecycle import (
@@ -38,16 +38,6 @@ from tests.vm.test_lifecycle import (
 pytestmark = pytest.mark.vm
 
 SHELL_PROMPT = "/ # "
-
-
-@pytest.fixture(scope="session")
-def vmlinux(lab: Lab) -> Path:
-    require_tool("gdb", "gdb")
-    try:
-        return debian.cloud_kernel_vmlinux(lab.kernel)
-    except debian.FixtureError as err:
-        require(False, f"Debian's debug vmlinux: {err}")
-        raise
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,13 +32,12 @@ from typing import Any
 import pytest
 
 from kdlab.errors import NotAuthorized
-from kdlabctl import initramfs
-from tests.support import debian, kernel_tree
 from tests.support.logins import Logins
-from tests.support.prereq import require, require_tool
+from tests.support.prereq import require_tool
 from tests.support.timeouts import CTL_TIMEOUT
 from tests.vm.conftest import Lab
 from tests.vm.test_debug import SHELL_PROMPT, Console
+from tests.vm.test_images import ext4_image
 from tests.vm.test_lifecycle import wait_for_console
 
 pytestmark = pytest.mark.vm
@@ -53,17 +51,6 @@ thread = prog.crashed_thread()
 print("RELEASE", prog["init_uts_ns"].name.release.string_().decode())
 print("STACK", " ".join(frame.name or "?" for frame in thread.stack_trace()))
 """
-# The cloud kernel's disk: init= picks one of these.
-DISK_SCRIPTS = {
-    "sbin/exits": "#!/bin/busybox sh\nexit 0\n",
-    "sbin/shell": (
-        "#!/bin/busybox sh\n"
-        "/bin/busybox mount -t proc proc /proc\n"
-        "/bin/busybox --install -s /bin\n"
-        "setsid cttyhack sh\n"
-        "poweroff -f\n"
-    ),
-}
 
 
 @pytest.fixture(scope="module")
@@ -74,43 +61,14 @@ def drgn_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def minimal() -> Path:
-    require_tool("gcc", "gcc")
-    try:
-        return kernel_tree.built_minimal_kernel()
-    except debian.FixtureError as err:
-        require(False, f"kdlab's minimal kernel: {err}")
-        raise
-
-
-@pytest.fixture(scope="module")
-def cloud_vmlinux(lab: Lab) -> Path:
-    try:
-        return debian.cloud_kernel_vmlinux(lab.kernel)
-    except debian.FixtureError as err:
-        require(False, f"Debian's debug vmlinux: {err}")
-        raise
-
-
-@pytest.fixture(scope="module")
 def disk_image(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An image of a 32 MiB ext4 disk: busybox and the scripts of DISK_SCRIPTS."""
-    mke2fs = require_tool("mke2fs", "e2fsprogs")
+    """An image of tests.vm.test_images' ext4 disk, whose /sbin/init runs a
+    shell, with an init that exits: /sbin/exits."""
     work = tmp_path_factory.mktemp("disk")
-    tree = work / "root"
-    for directory in ("bin", "sbin", "dev", "proc", "sys"):
-        (tree / directory).mkdir(parents=True)
-    (tree / "bin/busybox").write_bytes(initramfs.static_busybox())
-    (tree / "bin/busybox").chmod(0o755)
-    for name, text in DISK_SCRIPTS.items():
-        (tree / name).write_text(text)
-        (tree / name).chmod(0o755)
-    raw = work / "root.img"
-    subprocess.run(
-        [mke2fs, "-q", "-F", "-t", "ext4", "-d", str(tree), str(raw), "32M"],
-        check=True,
-        capture_output=True,
-    )
+    (work / "root/sbin").mkdir(parents=True)
+    (work / "root/sbin/exits").write_text("#!/bin/busybox sh\nexit 0\n")
+    (work / "root/sbin/exits").chmod(0o755)
+    raw = ext4_image(work / "root.img", work / "root")
     name = f"vmt-dumps-{uuid.uuid4().hex[:8]}"
     imported = lab.ctl("image", "import", name, str(raw), "-q")
     assert imported.returncode == 0, imported.stderr
@@ -206,12 +164,12 @@ def assert_panic_dump(dump: dict[str, Any], release: str) -> None:
 
 
 def test_minimal_kernel_whose_init_exits(
-    lab: Lab, vm_name: str, minimal: Path, drgn_script: Path
+    lab: Lab, vm_name: str, minimal_build: Path, drgn_script: Path
 ) -> None:
-    create_minimal(lab, vm_name, minimal, "rdinit=/bin/busybox")
+    create_minimal(lab, vm_name, minimal_build, "rdinit=/bin/busybox")
     start(lab, vm_name)
     dump = wait_for_dump(lab, vm_name, "Attempted to kill init")
-    release = (minimal / "include/config/kernel.release").read_text().strip()
+    release = (minimal_build / "include/config/kernel.release").read_text().strip()
     assert_panic_dump(dump, release)
     printed = drgn_on(lab, vm_name, drgn_script)
     assert printed["RELEASE"] == release
@@ -219,9 +177,9 @@ def test_minimal_kernel_whose_init_exits(
 
 
 def test_minimal_kernel_crashed_by_sysrq(
-    lab: Lab, vm_name: str, minimal: Path, drgn_script: Path
+    lab: Lab, vm_name: str, minimal_build: Path, drgn_script: Path
 ) -> None:
-    create_minimal(lab, vm_name, minimal, "")
+    create_minimal(lab, vm_name, minimal_build, "")
     start(lab, vm_name)
     crash_by_sysrq(lab, vm_name)
     dump = wait_for_dump(lab, vm_name, SYSRQ_PANIC)
@@ -230,9 +188,9 @@ def test_minimal_kernel_crashed_by_sysrq(
 
 
 def test_cloud_kernel_through_the_module_initramfs_whose_init_exits(
-    lab: Lab, vm_name: str, disk_image: str, cloud_vmlinux: Path, drgn_script: Path
+    lab: Lab, vm_name: str, disk_image: str, vmlinux: Path, drgn_script: Path
 ) -> None:
-    create_cloud(lab, vm_name, disk_image, cloud_vmlinux, "sbin/exits")
+    create_cloud(lab, vm_name, disk_image, vmlinux, "sbin/exits")
     start(lab, vm_name)
     dump = wait_for_dump(lab, vm_name, "Attempted to kill init")
     assert_panic_dump(dump, lab.kernel.release)
@@ -242,10 +200,10 @@ def test_cloud_kernel_through_the_module_initramfs_whose_init_exits(
 
 
 def test_cloud_kernel_through_the_module_initramfs_crashed_by_sysrq(
-    lab: Lab, vm_name: str, disk_image: str, cloud_vmlinux: Path, drgn_script: Path
+    lab: Lab, vm_name: str, disk_image: str, vmlinux: Path, drgn_script: Path
 ) -> None:
     require_tool("crash", "crash")
-    create_cloud(lab, vm_name, disk_image, cloud_vmlinux, "sbin/shell")
+    create_cloud(lab, vm_name, disk_image, vmlinux, "sbin/init")
     start(lab, vm_name)
     wait_for_console(lab, vm_name, SHELL_PROMPT, timeout=BOOT_SECONDS)
     # A dump on request leaves the VM running, and is no automatic one.

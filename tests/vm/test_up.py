@@ -11,26 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import debian, kernel_tree
-from tests.support.prereq import require, require_tool
 from tests.vm.conftest import TEST_POOL, Lab, virsh
 from tests.vm.test_debug import Console, show
 from tests.vm.test_images import ROOT_MARKER, ext4_image
 from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
 
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="session")
-def minimal_build() -> Path:
-    """kdlab's minimal kernel, configured and built once (cached between runs)."""
-    require_tool("gdb", "gdb")
-    require_tool("make", "make")
-    try:
-        return kernel_tree.built_minimal_kernel()
-    except debian.FixtureError as err:
-        require(False, f"the minimal kernel build: {err}")
-        raise
 
 
 @pytest.fixture
