@@ -774,8 +774,10 @@ async def cmd_crash(client: Client, args: argparse.Namespace) -> int:
 
 def add_postmortem_parsers(
     command: Callable[[str, Command, str], argparse.ArgumentParser],
-) -> None:
-    """``drgn`` and ``crash`` on a dump; what kdlabctl does not know goes to them."""
+    commands: Any,
+) -> CommandParser:
+    """``drgn`` and ``crash`` on a dump (what kdlabctl does not know goes to
+    them), and the ``dump`` group (returned: its options are defined later)."""
     for name, fn, text in (
         (
             "drgn",
@@ -797,6 +799,12 @@ def add_postmortem_parsers(
             help="a dump's id, or a VM's name for its latest dump",
         )
         add_vmlinux_option(tool)
+    group: CommandParser = commands.add_parser(
+        "dump",
+        help="post-mortem dumps of VMs: take, list, get, delete",
+        define=_define_dump,
+    )
+    return group
 
 
 def _define_completion(parser: argparse.ArgumentParser) -> None:
@@ -943,13 +951,8 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
             help="configure, check and build a kernel tree for kdlab",
             define=_define_kernel,
         ),
-        commands.add_parser(
-            "dump",
-            help="post-mortem dumps of VMs: take, list, get, delete",
-            define=_define_dump,
-        ),
+        add_postmortem_parsers(command, commands),
     ]
-    add_postmortem_parsers(command)
     add_up_parser(command)
 
     logs = command(
