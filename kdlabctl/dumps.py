@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import os
 import signal
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdlab.errors import EXIT_OK, InvalidArgument, NoSuchDump, NoSuchVM
+from kdlab.kernel import vmcore
 from kdlab.wire import NO_DUMP_PATH
 from kdlabctl.names import VM_NAME
 
@@ -36,11 +36,8 @@ if TYPE_CHECKING:
 
 POSTMORTEM_EXTRA = "kdlab[postmortem]"
 # QEMU 7.2 writes a kdump-compressed dump in makedumpfile's flattened form
-# (for pipes): a header, then records "offset, size (big-endian), data" that
-# an offset of -1 ends. drgn's libkdumpfile reads only the reassembled file.
-FLATTENED = b"makedumpfile\0"
-FLAT_HEADER_SIZE = 4096
-_FLAT_RECORD = struct.Struct(">qq")
+# (kdlab.kernel.vmcore reads it); drgn's libkdumpfile reads only the
+# reassembled file.
 CRASH_PACKAGE = "crash"
 _CHUNK = 1 << 20
 
@@ -171,29 +168,25 @@ def save(source: int, path: str, *, force: bool) -> None:
 
 def flattened(source: int) -> bool:
     """Whether the dump on *source* is in makedumpfile's flattened form."""
-    return os.pread(source, len(FLATTENED), 0) == FLATTENED
+    signature = vmcore.FLAT_SIGNATURE
+    return os.pread(source, len(signature), 0) == signature
 
 
 def unflatten(source: int, target: int) -> None:
     """Reassemble the flattened dump on *source* into *target*, as
     ``makedumpfile -R`` does."""
-    offset = FLAT_HEADER_SIZE
-    while True:
-        record = os.pread(source, _FLAT_RECORD.size, offset)
-        if len(record) < _FLAT_RECORD.size:
-            raise ValueError("the flattened dump ends before its end record")
-        at, size = _FLAT_RECORD.unpack(record)
-        offset += _FLAT_RECORD.size
-        if at == -1:
-            return
-        if at < 0 or size < 0:
-            raise ValueError(f"the flattened dump has a bad record at {offset}")
-        while size:
-            chunk = os.pread(source, min(size, _CHUNK), offset)
+
+    def read(offset: int, size: int) -> bytes:
+        return os.pread(source, size, offset)
+
+    for offset, size, at in vmcore.flat_records(read):
+        done = 0
+        while done < size:
+            chunk = os.pread(source, min(size - done, _CHUNK), at + done)
             if not chunk:
                 raise ValueError("the flattened dump is truncated")
-            os.pwrite(target, chunk, at)
-            offset, at, size = offset + len(chunk), at + len(chunk), size - len(chunk)
+            os.pwrite(target, chunk, offset + done)
+            done += len(chunk)
 
 
 @contextlib.contextmanager

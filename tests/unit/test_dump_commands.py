@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kdlab.errors import InvalidArgument
+from kdlab.kernel import vmcore
 from kdlabctl import debug, dumps
 from kdlabctl.cli import UsageError, build_parser, cmd_crash, cmd_drgn, parse_args
 from kdlabctl.client import Dump
@@ -242,8 +243,8 @@ def test_a_failed_copy_leaves_no_file(
 
 
 def flattened(records: list[tuple[int, bytes]]) -> bytes:
-    header = dumps.FLATTENED.ljust(16, b"\0") + struct.pack(">qq", 1, 1)
-    data = header.ljust(dumps.FLAT_HEADER_SIZE, b"\0")
+    header = vmcore.FLAT_SIGNATURE.ljust(16, b"\0") + struct.pack(">qq", 1, 1)
+    data = header.ljust(vmcore.FLAT_HEADER_SIZE, b"\0")
     for offset, chunk in records:
         data += struct.pack(">qq", offset, len(chunk)) + chunk
     return data + struct.pack(">qq", -1, -1)
