@@ -7,6 +7,7 @@ The harness itself (processes, clients, prerequisites) is the package
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,14 @@ from tests.support.prereq import require
 
 if TYPE_CHECKING:
     from tests.support.logins import Logins
+
+
+def pytest_configure() -> None:
+    """Tests press Ctrl-C on the clients they start (SIGINT). A run started in
+    the background of a non-interactive shell (``.ci/run &``) has SIGINT
+    ignored, and every client would inherit that: give it back."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
