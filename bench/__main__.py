@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import boot, bus, debug, dumps, kernel, lab, rootfs, storage
+from bench import boot, bus, checkpoint, debug, dumps, kernel, lab, rootfs, storage
 from bench.measure import Goal, Row, failed
 
 
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "boot_to_userspace": Benchmark(boot.boot_to_userspace),
     "time_to_breakpoint": Benchmark(debug.time_to_breakpoint),
     "disk_boot_to_login": Benchmark(boot.disk_boot_to_login),
+    "checkpoint_restore": Benchmark(checkpoint.checkpoint_restore),
     "overlay_create": Benchmark(storage.overlay_create),
     "rootfs_build": Benchmark(rootfs.rootfs_build),
     "dbus_call_latency": Benchmark(bus.dbus_call_latency),

@@ -114,6 +114,30 @@ class HypervisorError(KdlabError):
     exit_code = 7
 
 
+class NoSuchCheckpoint(KdlabError):
+    """The VM has no checkpoint with that tag."""
+
+    reason = "NoSuchCheckpoint"
+    exit_code = 4
+
+
+class CheckpointMismatch(KdlabError):
+    """The VM's kernel, command line or devices changed since the checkpoint.
+
+    The message names what changed.
+    """
+
+    reason = "CheckpointMismatch"
+    exit_code = 10
+
+
+class UnsupportedDisk(KdlabError):
+    """A disk of the VM cannot hold a checkpoint (it is not qcow2)."""
+
+    reason = "UnsupportedDisk"
+    exit_code = 11
+
+
 class Internal(KdlabError):
     """A bug in kdlabd. Details are in the daemon's log, never on the wire."""
 
@@ -134,6 +158,9 @@ ERRORS: tuple[type[KdlabError], ...] = (
     LimitExceeded,
     NotAuthorized,
     HypervisorError,
+    NoSuchCheckpoint,
+    CheckpointMismatch,
+    UnsupportedDisk,
     Internal,
 )
 
@@ -178,12 +205,14 @@ EXIT_TABLE: tuple[ExitCode, ...] = (
     ExitCode(EXIT_FAILURE, "an unclassified failure, or a bug in kdlabd"),
     ExitCode(InvalidArgument.exit_code, "invalid argument or usage"),
     ExitCode(InvalidState.exit_code, "the VM is in the wrong state for the operation"),
-    ExitCode(NoSuchVM.exit_code, "no such VM, image, dump or job"),
+    ExitCode(NoSuchVM.exit_code, "no such VM, image, dump, job or checkpoint"),
     ExitCode(VMExists.exit_code, "the VM or image already exists"),
     ExitCode(NotAuthorized.exit_code, "not authorized"),
     ExitCode(HypervisorError.exit_code, "libvirt or QEMU failed"),
     ExitCode(BuildFailed.exit_code, "an image build failed"),
     ExitCode(LimitExceeded.exit_code, "over one of kdlabd's configured limits"),
+    ExitCode(CheckpointMismatch.exit_code, "the VM changed since the checkpoint"),
+    ExitCode(UnsupportedDisk.exit_code, "a disk of the VM cannot hold a checkpoint"),
     ExitCode(
         EXIT_UNAVAILABLE,
         "kdlabd or the bus is not reachable, or a program kdlabctl runs "

@@ -24,7 +24,7 @@ NO_DUMP_PATH = "/"  # a VM's LatestDump when it has none
 ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
 
 # Bumped on every additive change of the interfaces in xml/dbus/.
-API_REVISION = 6
+API_REVISION = 7
 
 # The ``a{sv}`` options of each method that takes them: every key and its D-Bus
 # type, as the contract (xml/dbus/) documents them. kdlabd refuses any other
@@ -46,7 +46,9 @@ CREATE_OPTIONS = {
     "on_panic": "s",
 }
 BUILD_OPTIONS = {"suite": "s", "size": "t", "packages": "as", "ssh_key": "s"}
-START_OPTIONS = {"paused": "b", "kernel": "h"}
+START_OPTIONS = {"paused": "b", "kernel": "h", "checkpoint": "s"}
+SAVE_CHECKPOINT_OPTIONS: dict[str, str] = {}
+RESTORE_CHECKPOINT_OPTIONS = {"paused": "b"}
 STOP_OPTIONS = {"force": "b", "timeout": "u"}
 TAKE_DUMP_OPTIONS = {"compress": "b"}
 

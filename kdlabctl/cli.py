@@ -260,6 +260,7 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ("Kernel", f"{vm.kernel_path or '-'} ({vm.kernel_release or '?'})"),
         ("vmlinux", vm.vmlinux or "-"),
         ("Created", output.timestamp(vm.created)),
+        ("Checkpoints", ", ".join(str(c[0]) for c in vm.checkpoints) or "-"),
     ]
     found = output.diagnosis(vm.diagnosis)
     if found:
@@ -278,7 +279,7 @@ async def cmd_start(client: Client, args: argparse.Namespace) -> int:
 
     if not args.attach and (args.console or args.vmlinux):
         raise UsageError("--console and --vmlinux go with --attach")
-    await start_vm(client, args.name, paused=args.paused)
+    await start_vm(client, args.name, paused=args.paused, checkpoint=args.checkpoint)
     found = output.diagnosis(await full_diagnosis(client, await client.vm(args.name)))
     if found:
         print(f"kdlabctl: {found['severity']}: {found['cause']}", file=sys.stderr)
@@ -306,12 +307,15 @@ async def full_diagnosis(client: Client, vm: VM) -> Diagnosis:
         return vm.diagnosis
 
 
-async def start_vm(client: Client, name: str, *, paused: bool) -> None:
-    """Start *name*; a VM made from a kernel tree boots the tree's newest build."""
+async def start_vm(
+    client: Client, name: str, *, paused: bool, checkpoint: str = ""
+) -> None:
+    """Start *name*; a VM made from a kernel tree boots the tree's newest build
+    (into *checkpoint*, if that was taken with the same kernel)."""
     tree = (await client.vm(name)).tree
     fd = open_for_daemon(str(_tree_build(tree).bzimage), "kernel") if tree else None
     try:
-        await client.start(name, paused=paused, kernel=fd)
+        await client.start(name, paused=paused, kernel=fd, checkpoint=checkpoint)
     finally:
         if fd is not None:
             os.close(fd)
@@ -529,10 +533,51 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     options = VMOptions(
         cmdline=args.cmdline, memory_mib=args.memory, image=args.image or None
     )
-    await _reuse_or_create(client, name, tree, options)
     # Paused for gdb; with the console instead nothing would ever resume it.
-    await start_vm(client, name, paused=not args.console)
+    paused = not args.console
+    if not (args.checkpoint and await _up_from_checkpoint(client, name, tree, args)):
+        await _reuse_or_create(client, name, tree, options)
+        await start_vm(client, name, paused=paused)
     return await attach(client, name, args.console, None, args.gdb_args)
+
+
+async def _up_from_checkpoint(
+    client: Client, name: str, tree: str, args: argparse.Namespace
+) -> bool:
+    """Restore (or start into) checkpoint ``--checkpoint`` when the tree's
+    kernel is the one it was taken with; False (and why) when it must boot."""
+    import hashlib
+
+    from kdlab.errors import CheckpointMismatch, NoSuchVM
+    from kdlabctl import jobs
+    from kdlabctl.client import RemoteError
+
+    tag = args.checkpoint
+    try:
+        vm = await client.vm(name)
+    except RemoteError as err:
+        if err.name != NoSuchVM.dbus_name():
+            raise
+        return False
+    found = [c for c in vm.checkpoints if c[0] == tag]
+    with open(_tree_build(tree).bzimage, "rb") as kernel:
+        digest = hashlib.file_digest(kernel, "sha256").hexdigest()
+    if vm.tree != tree or not found or found[0][4] != digest:
+        why = "has no checkpoint" if not found else "was not taken with this kernel:"
+        say(f"VM {name} {why} {tag}; booting")
+        return False
+    paused = not args.console
+    try:
+        if vm.state.active:
+            path = await client.restore_checkpoint(name, tag, paused=paused)
+            return await jobs.finish(client, path, quiet=True) == EXIT_OK
+        await start_vm(client, name, paused=paused, checkpoint=tag)
+    except RemoteError as err:
+        if err.name != CheckpointMismatch.dbus_name():
+            raise
+        say(f"{err.message}; booting")
+        return False
+    return True
 
 
 def up_name(tree: str) -> str:
@@ -566,6 +611,37 @@ async def _reuse_or_create(
         await client.stop(name, force=True)
 
 
+def add_start_parser(
+    command: Callable[[str, Command, str], argparse.ArgumentParser],
+) -> None:
+    """``kdlabctl start``'s options."""
+    start = command("start", cmd_start, "boot a VM")
+    vm_argument(start)
+    start.add_argument(
+        "--paused",
+        action="store_true",
+        help="CPUs wait before the first instruction (attach gdb, then continue)",
+    )
+    start.add_argument(
+        "--attach",
+        action="store_true",
+        help="then attach gdb, as kdlabctl attach does; options after -- go to gdb",
+    )
+    start.add_argument(
+        "--console",
+        action="store_true",
+        help="with --attach: attach the serial console instead of gdb",
+    )
+    start.add_argument(
+        "--from",
+        dest="checkpoint",
+        default="",
+        metavar="TAG",
+        help="start in the state of checkpoint TAG instead of booting",
+    )
+    add_vmlinux_option(start)
+
+
 def add_up_parser(
     command: Callable[[str, Command, str], argparse.ArgumentParser],
 ) -> None:
@@ -588,6 +664,12 @@ def add_up_parser(
     )
     up.add_argument("--memory", type=_unsigned(32), metavar="MIB")
     up.add_argument("--cmdline", metavar="STR", help="kernel command line (new VM)")
+    up.add_argument(
+        "--checkpoint",
+        metavar="TAG",
+        help="return to this checkpoint instead of booting, when it was taken "
+        "with the tree's kernel",
+    )
 
 
 def add_create_parser(
@@ -750,6 +832,12 @@ def _define_kernel(parser: argparse.ArgumentParser) -> None:
     kernel.define(parser)
 
 
+def _define_checkpoint(parser: argparse.ArgumentParser) -> None:
+    from kdlabctl import checkpoints
+
+    checkpoints.define(parser)
+
+
 def _define_image(parser: argparse.ArgumentParser) -> None:
     images.define(parser)
 
@@ -875,24 +963,7 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     vm_argument(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
-    start = command("start", cmd_start, "boot a VM")
-    vm_argument(start)
-    start.add_argument(
-        "--paused",
-        action="store_true",
-        help="CPUs wait before the first instruction (attach gdb, then continue)",
-    )
-    start.add_argument(
-        "--attach",
-        action="store_true",
-        help="then attach gdb, as kdlabctl attach does; options after -- go to gdb",
-    )
-    start.add_argument(
-        "--console",
-        action="store_true",
-        help="with --attach: attach the serial console instead of gdb",
-    )
-    add_vmlinux_option(start)
+    add_start_parser(command)
 
     stop = command(
         "stop", cmd_stop, "power a VM off (ACPI, then force after a timeout)"
@@ -952,6 +1023,11 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
             define=_define_kernel,
         ),
         add_postmortem_parsers(command, commands),
+        commands.add_parser(
+            "checkpoint",
+            help="save a running VM's state and return to it",
+            define=_define_checkpoint,
+        ),
     ]
     add_up_parser(command)
 

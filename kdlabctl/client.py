@@ -27,6 +27,7 @@ from kdlab.wire import (
     JOB_INTERFACE,
     MANAGER_INTERFACE,
     MANAGER_PATH,
+    RESTORE_CHECKPOINT_OPTIONS,
     START_OPTIONS,
     STOP_OPTIONS,
     TAKE_DUMP_OPTIONS,
@@ -263,10 +264,20 @@ class Client:
         return VM.from_properties(await self._properties(path, VM_INTERFACE))
 
     async def start(
-        self, name: str, *, paused: bool = False, kernel: int | None = None
+        self,
+        name: str,
+        *,
+        paused: bool = False,
+        kernel: int | None = None,
+        checkpoint: str = "",
     ) -> None:
-        """Boot *name*; *kernel* is a descriptor of a bzImage to boot from now on."""
-        values = {"paused": paused or None, "kernel": 0 if kernel is not None else None}
+        """Boot *name*; *kernel* is a descriptor of a bzImage to boot from now on;
+        *checkpoint*: start in that checkpoint's state."""
+        values = {
+            "paused": paused or None,
+            "kernel": 0 if kernel is not None else None,
+            "checkpoint": checkpoint or None,
+        }
         fds = [] if kernel is None else [kernel]
         await self._vm(name, "Start", "a{sv}", [_variants(values, START_OPTIONS)], fds)
 
@@ -278,6 +289,21 @@ class Client:
 
     async def delete(self, name: str) -> None:
         await self._vm(name, "Delete")
+
+    async def save_checkpoint(self, name: str, tag: str) -> str:
+        """Save VM *name*'s state as *tag*; returns the job's path."""
+        return str(
+            (await self._vm(name, "SaveCheckpoint", "sa{sv}", [tag, {}])).body[0]
+        )
+
+    async def restore_checkpoint(self, name: str, tag: str, *, paused: bool) -> str:
+        """Return VM *name* to checkpoint *tag*; returns the job's path."""
+        options = _variants({"paused": paused or None}, RESTORE_CHECKPOINT_OPTIONS)
+        reply = await self._vm(name, "RestoreCheckpoint", "sa{sv}", [tag, options])
+        return str(reply.body[0])
+
+    async def delete_checkpoint(self, name: str, tag: str) -> None:
+        await self._vm(name, "DeleteCheckpoint", "s", [tag])
 
     async def diagnosis(self, name: str) -> Diagnosis:
         """The VM's diagnosis in the console's words (GetDiagnosis, debug-vms)."""

@@ -124,6 +124,9 @@ class Record:
 
 # The Diagnosis property: (code, severity, cause, fix); four "" when nothing.
 Diagnosis = tuple[str, str, str, str]
+# One of the Checkpoints: (tag, created usec, memory bytes, boot (Booted),
+# kernel SHA-256).
+Checkpoint = tuple[str, int, int, int, str]
 
 
 class VM(Record):
@@ -149,6 +152,7 @@ class VM(Record):
     last_stop: StopCause
     on_panic: str
     latest_dump: str
+    checkpoints: tuple[Checkpoint, ...]
 
 
 class Image(Record):

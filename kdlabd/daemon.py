@@ -19,6 +19,7 @@ from kdlabd.bus.dbus_next_patches import KdlabBus
 from kdlabd.bus.exporter import BusExporter
 from kdlabd.config import Config, from_args
 from kdlabd.core import blocking
+from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
@@ -113,7 +114,10 @@ async def serve(config: Config) -> None:
             stop_vm=lambda name: vms.stop(name, force=True),
             limits=limits,
         )
-        BusExporter(bus, authorizer, vms, images, jobs, dumps=dumps)
+        checkpoints = CheckpointService(vms, hypervisor, host, jobs, limits)
+        BusExporter(
+            bus, authorizer, vms, images, jobs, dumps=dumps, checkpoints=checkpoints
+        )
         # Dumps are loaded before VMs: a VM found panicked at start-up is
         # dumped unless its boot's dump exists (see DumpService.panicked).
         vms.subscribe(dumps)

@@ -11,6 +11,7 @@ from kdlabd.bus.image import ImageInterface
 from kdlabd.bus.job import JobInterface
 from kdlabd.bus.manager import ManagerInterface
 from kdlabd.bus.vm import VMInterface
+from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpRecord, DumpService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import Job, JobManager
@@ -35,6 +36,7 @@ class BusExporter:
         jobs: JobManager,
         *,
         dumps: DumpService,
+        checkpoints: CheckpointService,
     ) -> None:
         self._bus = bus
         self._authorizer = authorizer
@@ -43,6 +45,7 @@ class BusExporter:
         self._jobs = jobs
         self._dumps = dumps
         self._dump_objects: dict[str, DumpInterface] = {}
+        self._checkpoints = checkpoints
         self._vm_objects: dict[str, VMInterface] = {}
         self._image_objects: dict[str, ImageInterface] = {}
         self._job_objects: dict[int, JobInterface] = {}
@@ -54,7 +57,13 @@ class BusExporter:
         dumps.subscribe(self)
 
     def vm_added(self, record: VMRecord) -> None:
-        interface = VMInterface(record, self._vms, self._authorizer, self._dumps)
+        interface = VMInterface(
+            record,
+            self._vms,
+            self._authorizer,
+            dumps=self._dumps,
+            checkpoints=self._checkpoints,
+        )
         self._vm_objects[record.name] = interface
         path = vm_path(record.name)
         self._bus.export(path, interface)

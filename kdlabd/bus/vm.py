@@ -11,6 +11,8 @@ from kdlab.errors import InvalidArgument
 from kdlab.kernel.diagnosis import public_fix, summary
 from kdlab.wire import (
     NO_DUMP_PATH,
+    RESTORE_CHECKPOINT_OPTIONS,
+    SAVE_CHECKPOINT_OPTIONS,
     START_OPTIONS,
     STOP_OPTIONS,
     TAKE_DUMP_OPTIONS,
@@ -22,6 +24,7 @@ from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
 from kdlabd.bus.options import take
 from kdlabd.bus.properties import announce_changes
+from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpService
 from kdlabd.core.models import VMRecord
 from kdlabd.core.vms import DEFAULT_STOP_TIMEOUT, VMService
@@ -71,6 +74,16 @@ def properties(record: VMRecord, latest_dump: str = NO_DUMP_PATH) -> dict[str, A
         "LastStop": record.last_stop.value,
         "OnPanic": spec.on_panic,
         "LatestDump": latest_dump,
+        "Checkpoints": [
+            [
+                c.tag,
+                c.created_usec,
+                c.memory_bytes,
+                c.boot,
+                dict(c.fingerprint).get("kernel", ""),
+            ]
+            for c in record.checkpoints
+        ],
     }
 
 
@@ -83,12 +96,14 @@ class VMInterface(ServiceInterface):
         vms: VMService,
         authorizer: Authorizer,
         dumps: DumpService | None = None,
+        checkpoints: CheckpointService | None = None,
     ) -> None:
         super().__init__(VM_INTERFACE)
         self._record = record
         self.vms = vms
         self.dumps = dumps
         self.authorizer = authorizer
+        self.checkpoints = checkpoints
         self._props = properties(record, self._latest_dump(record))
 
     def _latest_dump(self, record: VMRecord) -> str:
@@ -113,10 +128,13 @@ class VMInterface(ServiceInterface):
     async def Start(self, caller: Caller, options: "a{sv}") -> None:
         """Boot the VM. ``paused`` (b): the CPUs wait for a debugger."""
         opts = take(options, START_OPTIONS)
+        tag = opts.get("checkpoint", "")
         await self.vms.start(
             self._record.name,
             paused=opts.get("paused", False),
             kernel_fd=opts.get("kernel"),
+            checkpoint=tag,
+            check=self._checkpoints().starter(tag) if tag else None,
         )
 
     @exported(Action.MANAGE_VMS)
@@ -133,6 +151,33 @@ class VMInterface(ServiceInterface):
     async def Delete(self, caller: Caller) -> None:
         """Remove the stopped VM, its staged kernel and initrd, and its logs."""
         await self.vms.delete(self._record.name)
+
+    @exported(Action.MANAGE_VMS)
+    async def SaveCheckpoint(self, caller: Caller, tag: "s", options: "a{sv}") -> "o":
+        """Save the running or paused VM's whole state as @tag, as a job."""
+        take(options, SAVE_CHECKPOINT_OPTIONS)
+        job = await self._checkpoints().save(self._record.name, tag, caller.uid)
+        return job_path(job.id)
+
+    @exported(Action.MANAGE_VMS)
+    async def RestoreCheckpoint(
+        self, caller: Caller, tag: "s", options: "a{sv}"
+    ) -> "o":
+        """Return the running or paused VM to checkpoint @tag, as a job."""
+        opts = take(options, RESTORE_CHECKPOINT_OPTIONS)
+        job = await self._checkpoints().restore(
+            self._record.name, tag, caller.uid, paused=opts.get("paused", False)
+        )
+        return job_path(job.id)
+
+    @exported(Action.MANAGE_VMS)
+    async def DeleteCheckpoint(self, caller: Caller, tag: "s") -> None:
+        """Delete the VM's checkpoint @tag."""
+        await self._checkpoints().delete(self._record.name, tag)
+
+    def _checkpoints(self) -> CheckpointService:
+        assert self.checkpoints is not None, "exported without a CheckpointService"
+        return self.checkpoints
 
     @exported(Action.DEBUG_VMS)
     async def OpenGdb(self, caller: Caller) -> "h":
@@ -258,6 +303,14 @@ class VMInterface(ServiceInterface):
         """How the last boot ended: ``requested`` (a Stop call), ``guest``,
         ``crashed``, ``killed``, ``unknown``; "" while the VM runs."""
         return self._props["LastStop"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Checkpoints(self) -> "a(sttts)":
+        """The VM's checkpoints, oldest first: tag, creation time (microseconds
+        since the epoch), memory size in bytes, the boot it was taken in (its
+        Booted), and
+        the SHA-256 of the kernel it was taken with."""
+        return self._props["Checkpoints"]
 
     @dbus_property(access=PropertyAccess.READ)
     def Diagnosis(self) -> "(ssss)":

@@ -101,6 +101,9 @@ class Host(CallerFiles, Protocol):
     def remove_file(self, path: Path) -> None:
         """Remove kdlabd's file *path* (FileNotFoundError if there is none)."""
 
+    def digest(self, path: Path) -> str:
+        """The SHA-256 of kdlabd's own file *path* (a staged kernel), in hex."""
+
     def has_file(self, path: Path) -> bool:
         """Whether kdlabd's file *path* exists."""
 

@@ -10,6 +10,7 @@ from kdlabd.core.limits import HostResources
 from kdlabd.core.models import (
     Accel,
     BootMark,
+    Disk,
     ImageRecord,
     ImageSource,
     StoredImage,
@@ -82,8 +83,11 @@ class Hypervisor(Protocol):
     async def undefine_vm(self, name: str) -> None:
         """Remove the VM's (inactive) domain definition."""
 
-    async def start_vm(self, name: str, *, paused: bool) -> None:
-        """Boot the VM; with *paused*, its CPUs wait before the first instruction."""
+    async def start_vm(self, name: str, *, paused: bool, checkpoint: str = "") -> None:
+        """Boot the VM; with *paused*, its CPUs wait before the first instruction.
+
+        With *checkpoint*, the VM starts in that checkpoint's state instead.
+        """
 
     async def mark_boot(self, name: str, mark: BootMark) -> None:
         """Record *mark* with the VM's definition, where the next
@@ -138,6 +142,25 @@ class Hypervisor(Protocol):
         A console has a hypervisor connection of its own: one that stalls
         (a guest that takes no input) cannot starve other calls.
         """
+
+    async def attach_disk(self, name: str, disk: Disk) -> None:
+        """Plug the blank *disk* into the running VM, now and in its definition."""
+
+    async def save_checkpoint(self, name: str, tag: str, description: str) -> None:
+        """Save the running or paused VM's whole state as *tag*, in one step.
+
+        UnsupportedDisk if a disk is not qcow2 (nothing is made then).
+        """
+
+    async def restore_checkpoint(self, name: str, tag: str, *, paused: bool) -> None:
+        """Load *tag* into the running or paused VM, in the same QEMU process.
+
+        Attached debuggers and consoles stay attached. With *paused* the CPUs
+        stay stopped afterwards; otherwise they run.
+        """
+
+    async def delete_checkpoint(self, name: str, tag: str) -> None:
+        """Delete the checkpoint *tag* (its metadata and its state in the disks)."""
 
     async def list_images(self) -> list[ImageRecord]:
         """Every image of kdlab's image pool, with its owner."""

@@ -106,6 +106,17 @@ class Limits:
             hint="wait for one to end, or cancel it",
         )
 
+    def room_for_checkpoint(self, uid: int, used: int, adding: int) -> None:
+        """Refuse uid's new checkpoint of *adding* bytes when its checkpoints
+        hold *used* bytes: together they count against ``max_disk_gib``."""
+        if used + adding > self.disk_bytes:
+            raise LimitExceeded(
+                f"uid {uid}'s checkpoints hold {_gib(used)}; one more of "
+                f"{_gib(adding)} is over the limit of {self.disk_gib} GiB "
+                "(configuration key max_disk_gib): delete one first "
+                "(kdlabctl checkpoint delete NAME TAG)"
+            )
+
     def room_for_viewer(self, vm: str, on_vm: int, uid: int, mine: int) -> None:
         """Refuse a console viewer of *vm*, which has *on_vm*, for uid with *mine*."""
         if on_vm >= self.console_viewers_per_vm:

@@ -150,6 +150,24 @@ class BootMark:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A saved running state of a VM (memory, CPUs, devices, disks), by tag.
+
+    Kept by the hypervisor (libvirt's snapshot metadata, the state in the
+    VM's qcow2 disks); kdlab's own facts travel in its description (see
+    :mod:`kdlabd.core.checkpoints`).
+    """
+
+    tag: str
+    created_usec: int
+    memory_bytes: int
+    boot: int
+    """The boot it was taken in (its :attr:`BootMark.started_usec`)."""
+    fingerprint: tuple[tuple[str, str], ...] = ()
+    """What the VM was when it was taken: kernel, command line, devices."""
+
+
+@dataclass(frozen=True)
 class VMRecord:
     """A VM as the hypervisor knows it: its spec, identity and current state."""
 
@@ -163,6 +181,7 @@ class VMRecord:
     """How the last boot ended (see :func:`stop_cause`)."""
     panicked: bool = False
     """The hypervisor saw the guest panic (pvpanic) and keeps it stopped."""
+    checkpoints: tuple[Checkpoint, ...] = ()
 
     @property
     def name(self) -> str:

@@ -255,6 +255,7 @@ def client_view(entry: VMEntry) -> VMRecord:
         last_stop=record.last_stop if state.off else StopCause.NONE,
         # Observers act on a panic pvpanic reported (DumpService).
         panicked=record.panicked,
+        checkpoints=record.checkpoints,
     )
 
 
@@ -356,7 +357,7 @@ class VMService:
         removed = []
         for volume in await self._hv.list_vm_volumes():
             vm = vm_of_volume(volume)
-            if vm is not None and vm not in self._vms:
+            if vm is not None and (vm not in self._vms or self._orphan_disk(volume)):
                 await self._hv.delete_vm_volume(volume)
                 removed.append(volume)
         vms_dir = self._layout.state_dir / "vms"
@@ -367,6 +368,14 @@ class VMService:
         if removed:
             log.warning("reconcile.removed_orphans", removed=removed)
         return removed
+
+    def _orphan_disk(self, volume: str) -> bool:
+        """Whether *volume* is a disk its existing VM does not have: a state
+        disk a checkpoint's save made, and died before plugging in."""
+        entry = self._vms.get(vm_of_volume(volume) or "")
+        if entry is None or entry.record is None or not volume.endswith(".qcow2"):
+            return False
+        return all(disk.path.name != volume for disk in entry.record.spec.disks)
 
     def list(self) -> list[VMRecord]:
         shown = (entry.shown for entry in self._vms.values())
@@ -574,15 +583,27 @@ class VMService:
         ) + tuple(creating)
 
     async def start(
-        self, name: str, *, paused: bool = False, kernel_fd: int | None = None
+        self,
+        name: str,
+        *,
+        paused: bool = False,
+        kernel_fd: int | None = None,
+        checkpoint: str = "",
+        check: Callable[[VMRecord], Awaitable[None]] | None = None,
     ) -> VMRecord:
-        """Boot the VM; *kernel_fd* replaces its kernel first (a fresh build)."""
+        """Boot the VM; *kernel_fd* replaces its kernel first (a fresh build).
+
+        With *checkpoint* it starts in that checkpoint's state, once *check*
+        (see :meth:`CheckpointService.starter`) passed on the staged kernel.
+        """
         async with self._locked(name) as entry:
             record = _shown(entry)
             if record.state.active:
                 raise InvalidState(f"VM {name!r} is already {record.state}")
             if kernel_fd is not None:
                 await self._replace_kernel(record, kernel_fd)
+            if check is not None:
+                await check(self.get(name))
             # A new boot: nothing of the last one (its watcher, its diagnosis,
             # its running time) may carry over into this one's diagnosis.
             _end_watching(entry)
@@ -600,12 +621,16 @@ class VMService:
             entry.record = dataclasses.replace(entry.record, boot=mark)
             async with self._transition(entry, VMState.STARTING):
                 try:
-                    await self._hv.start_vm(name, paused=paused)
+                    await self._hv.start_vm(name, paused=paused, checkpoint=checkpoint)
+                    if checkpoint:
+                        # libvirt's revert brought back the definition as the
+                        # checkpoint had it, with that boot's mark.
+                        await self._hv.mark_boot(name, mark)
                 except BaseException:
                     boot.waiting_for_debugger = False
                     await _undo(lambda n: self._hv.mark_boot(n, last), name)
                     raise
-            log.info("vm.started", vm=name, paused=paused)
+            log.info("vm.started", vm=name, paused=paused, checkpoint=checkpoint)
             return self.get(name)
 
     async def stop(
@@ -753,6 +778,10 @@ class VMService:
         async with self._entry(name).lock:
             # Looked up again: the VM may have gone while the lock was held.
             yield self._entry(name)
+
+    def operation(self, name: str) -> contextlib.AbstractAsyncContextManager[VMEntry]:
+        """Hold the VM *name* while no other operation runs on it (checkpoints)."""
+        return self._locked(name)
 
     @contextlib.asynccontextmanager
     async def _transition(self, entry: VMEntry, state: VMState) -> AsyncIterator[None]:

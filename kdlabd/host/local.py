@@ -7,6 +7,7 @@ time limits and rules apply is core's: this module does what it is told.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -88,6 +89,10 @@ class LocalHost(CallerDescriptors):
 
     def remove_file(self, path: Path) -> None:
         path.unlink()
+
+    def digest(self, path: Path) -> str:
+        with path.open("rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
 
     def has_file(self, path: Path) -> bool:
         return path.exists()

@@ -120,24 +120,35 @@ def _os(parent: etree._Element, spec: VMSpec) -> None:
     _sub(os_el, "cmdline", spec.effective_cmdline)
 
 
+def _disk(devices: etree._Element, disk: Disk) -> None:
+    element = _sub(devices, "disk", type="file", device="disk")
+    _sub(element, "driver", name="qemu", type="qcow2", discard="unmap")
+    _sub(element, "source", file=str(disk.path))
+    # The whole chain is written out, each format stated and the end
+    # marked, so nothing is probed from a header: a base whose bytes
+    # changed could otherwise add a link to any file on the host.
+    # (A disk defined before kdlab wrote chains keeps libvirt's default.)
+    if disk.base is not None:
+        chain = _sub(element, "backingStore", type="file")
+        _sub(chain, "format", type=disk.base.format.value)
+        _sub(chain, "source", file=str(disk.base.path))
+        _sub(chain, "backingStore")
+    elif not disk.base_image:
+        _sub(element, "backingStore")
+    _sub(element, "target", dev=disk.target, bus="virtio")
+
+
+def disk_xml(disk: Disk) -> str:
+    """The ``<disk>`` element of *disk* alone (to plug it into a running VM)."""
+    devices = etree.Element("devices")
+    _disk(devices, disk)
+    return etree.tostring(devices[0], encoding="unicode")
+
+
 def _devices(parent: etree._Element, spec: VMSpec) -> None:
     devices = _sub(parent, "devices")
     for disk in spec.disks:
-        element = _sub(devices, "disk", type="file", device="disk")
-        _sub(element, "driver", name="qemu", type="qcow2", discard="unmap")
-        _sub(element, "source", file=str(disk.path))
-        # The whole chain is written out, each format stated and the end
-        # marked, so nothing is probed from a header: a base whose bytes
-        # changed could otherwise add a link to any file on the host.
-        # (A disk defined before kdlab wrote chains keeps libvirt's default.)
-        if disk.base is not None:
-            chain = _sub(element, "backingStore", type="file")
-            _sub(chain, "format", type=disk.base.format.value)
-            _sub(chain, "source", file=str(disk.base.path))
-            _sub(chain, "backingStore")
-        elif not disk.base_image:
-            _sub(element, "backingStore")
-        _sub(element, "target", dev=disk.target, bus="virtio")
+        _disk(devices, disk)
     serial = _sub(devices, "serial", type="pty")
     # append='off': the file holds exactly one boot; kdlabd rotates it before start.
     _sub(serial, "log", file=str(spec.console_log), append="off")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu
 import libvirtaio
 import structlog
 from lxml import etree
@@ -34,7 +35,9 @@ from kdlab.errors import (
     InvalidArgument,
     InvalidState,
     KdlabError,
+    NoSuchCheckpoint,
     NoSuchVM,
+    UnsupportedDisk,
     VMExists,
     out_of_descriptors,
 )
@@ -53,6 +56,8 @@ from kdlabd.core.limits import HostResources
 from kdlabd.core.models import (
     Accel,
     BootMark,
+    Checkpoint,
+    Disk,
     ImageFormat,
     ImageRecord,
     ImageSource,
@@ -62,7 +67,7 @@ from kdlabd.core.models import (
     stop_cause,
 )
 from kdlabd.host import facts
-from kdlabd.virt import storage
+from kdlabd.virt import snapshots, storage
 from kdlabd.virt.domain_xml import (
     BOOT_NS,
     BOOT_PREFIX,
@@ -70,6 +75,7 @@ from kdlabd.virt.domain_xml import (
     NotKdlabDomain,
     boot_mark_xml,
     build_domain_xml,
+    disk_xml,
     domain_name,
     parse_boot_mark,
     parse_domain_xml,
@@ -385,7 +391,11 @@ class LibvirtHypervisor:
 
     async def undefine_vm(self, name: str) -> None:
         def undefine(conn: libvirt.virConnect) -> None:
-            self._domain(conn, name).undefine()
+            # libvirt refuses to undefine a domain with snapshot metadata; the
+            # snapshots' state goes with the VM's disks.
+            self._domain(conn, name).undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            )
 
         def undefine_again(conn: libvirt.virConnect) -> None:
             if self._lookup(conn, name) is not None:
@@ -393,7 +403,7 @@ class LibvirtHypervisor:
 
         await self._call(undefine, again=undefine_again)
 
-    async def start_vm(self, name: str, *, paused: bool) -> None:
+    async def start_vm(self, name: str, *, paused: bool, checkpoint: str = "") -> None:
         if self.local:
             try:
                 facts.prepare_private_dir(self._gdb_dir, self._qemu_user)
@@ -405,6 +415,20 @@ class LibvirtHypervisor:
                     f"{err.filename}: {err.strerror}; kdlabd's directories are gone "
                     "(restart kdlabd to recreate its pools)"
                 ) from None
+        if checkpoint:
+            # libvirt starts QEMU with -loadvm: the new process begins in the
+            # checkpoint's state.
+            revert = (
+                libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
+                if paused
+                else libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
+            )
+            await self._change(
+                name,
+                lambda dom: dom.revertToSnapshot(_snapshot(dom, checkpoint), revert),
+                active=True,
+            )
+            return
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
         await self._change(name, lambda dom: dom.createWithFlags(flags), active=True)
 
@@ -419,6 +443,78 @@ class LibvirtHypervisor:
             )
 
         await self._call(record, again=record)
+
+    async def attach_disk(self, name: str, disk: Disk) -> None:
+        xml = disk_xml(disk)
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+        def attach(conn: libvirt.virConnect) -> None:
+            self._domain(conn, name).attachDeviceFlags(xml, flags)
+
+        await self._call(attach)
+
+    async def save_checkpoint(self, name: str, tag: str, description: str) -> None:
+        xml = snapshots.snapshot_xml(tag, description)
+
+        def save(conn: libvirt.virConnect) -> None:
+            dom = self._domain(conn, name)
+            raw = snapshots.disks_not_qcow2(dom.XMLDesc(0))
+            if raw:
+                raise UnsupportedDisk(
+                    f"VM {name!r} has disks that are not qcow2 ({', '.join(raw)}): "
+                    "a checkpoint is kept inside qcow2 disks. Recreate the VM with "
+                    "kdlab (kdlabctl create ... --image), whose disks are qcow2"
+                )
+            log.debug("checkpoint.snapshot_xml", vm=name, xml=xml)
+            dom.snapshotCreateXML(xml, 0)
+
+        def save_again(conn: libvirt.virConnect) -> None:
+            # One call in libvirtd: it either made the whole snapshot or none.
+            if tag not in self._domain(conn, name).snapshotListNames(0):
+                save(conn)
+
+        await self._call(save, again=save_again)
+
+    async def restore_checkpoint(self, name: str, tag: str, *, paused: bool) -> None:
+        def restore(conn: libvirt.virConnect) -> None:
+            dom = self._domain(conn, name)
+            _snapshot(dom, tag)
+            if paused and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                dom.suspend()
+            try:
+                # loadvm in the running QEMU: libvirt's own revert (9.0)
+                # starts a new QEMU process, which would drop gdb and consoles.
+                answer = libvirt_qemu.qemuMonitorCommand(
+                    dom,
+                    f"loadvm {tag}",
+                    libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+                )
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
+                # A driver without QEMU's monitor (libvirt's test driver).
+                flag = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED if paused else 0
+                dom.revertToSnapshot(_snapshot(dom, tag), flag)
+                answer = ""
+            if answer.strip():
+                raise HypervisorError(
+                    f"QEMU could not load checkpoint {tag!r} of VM {name!r}: "
+                    f"{answer.strip()}"
+                )
+            if not paused and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+
+        await self._call(restore)
+
+    async def delete_checkpoint(self, name: str, tag: str) -> None:
+        def delete(conn: libvirt.virConnect) -> None:
+            _snapshot(self._domain(conn, name), tag).delete(0)
+
+        def delete_again(conn: libvirt.virConnect) -> None:
+            if tag in self._domain(conn, name).snapshotListNames(0):
+                delete(conn)
+
+        await self._call(delete, again=delete_again)
 
     async def shutdown_vm(self, name: str) -> None:
         await self._change(name, lambda dom: dom.shutdown(), active=False)
@@ -880,6 +976,7 @@ class LibvirtHypervisor:
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
             spec = parse_domain_xml(xml)
             state, reason = dom.state()
+            checkpoints = _checkpoints(dom)
         except NotKdlabDomain:
             return None
         except libvirt.libvirtError as err:
@@ -894,6 +991,7 @@ class LibvirtHypervisor:
             boot=mark,
             last_stop=stop_cause(shown, mark, hypervisor_stop_cause(state, reason)),
             panicked=panicked(state, reason),
+            checkpoints=checkpoints,
         )
 
     def _ensure_pools(self, conn: libvirt.virConnect) -> None:
@@ -960,6 +1058,27 @@ class LibvirtHypervisor:
         if self.local:
             return _LOCAL_RECONNECT_INTERVAL
         return _REMOTE_RECONNECT_DELAYS[min(attempt, len(_REMOTE_RECONNECT_DELAYS) - 1)]
+
+
+def _snapshot(dom: libvirt.virDomain, tag: str) -> libvirt.virDomainSnapshot:
+    try:
+        return dom.snapshotLookupByName(tag, 0)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            raise NoSuchCheckpoint(
+                f"VM {dom.name().removeprefix(DOMAIN_PREFIX)!r} has no checkpoint "
+                f"{tag!r} (kdlabctl checkpoint list)"
+            ) from None
+        raise
+
+
+def _checkpoints(dom: libvirt.virDomain) -> tuple[Checkpoint, ...]:
+    """The VM's checkpoints, oldest first."""
+    found = [
+        snapshots.parse_snapshot_xml(snap.getXMLDesc(0))
+        for snap in dom.listAllSnapshots(0)
+    ]
+    return tuple(sorted(found, key=lambda c: (c.created_usec, c.tag)))
 
 
 def _alive(conn: libvirt.virConnect) -> bool:

@@ -19,6 +19,8 @@ from kdlab.wire import (
     CREATE_OPTIONS,
     MANAGER_INTERFACE,
     MANAGER_PATH,
+    RESTORE_CHECKPOINT_OPTIONS,
+    SAVE_CHECKPOINT_OPTIONS,
     START_OPTIONS,
     STOP_OPTIONS,
     VM_INTERFACE,
@@ -99,6 +101,8 @@ def test_every_member_and_argument_is_documented(interface: str) -> None:
         (MANAGER, "ImportImage", {}),
         (VM, "Start", START_OPTIONS),
         (VM, "Stop", STOP_OPTIONS),
+        (VM, "SaveCheckpoint", SAVE_CHECKPOINT_OPTIONS),
+        (VM, "RestoreCheckpoint", RESTORE_CHECKPOINT_OPTIONS),
         (IMAGE, "Resize", {}),
     ],
 )

@@ -70,6 +70,7 @@ JSON_KEYS = {
     "LastStop": "last_stop",
     "OnPanic": "on_panic",
     "LatestDump": "latest_dump",
+    "Checkpoints": "checkpoints",
 }
 
 
@@ -172,6 +173,7 @@ def test_show_prints_every_property(ctl: Ctl, name: str) -> None:
         "Kernel": f"{vm.kernel_path or '-'} ({vm.release or '?'})",
         "vmlinux": vm.vmlinux or "-",
         "Created": created.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "Checkpoints": "-",
     }
 
 

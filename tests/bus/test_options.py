@@ -32,6 +32,8 @@ TARGETS: dict[str, tuple[str, str, str, list[Any]]] = {
     "BuildImage": (MANAGER, "manager", "sa{sv}", ["opts"]),
     "Start": (VM, "idle", "a{sv}", []),
     "Stop": (VM, "busy", "a{sv}", []),
+    "SaveCheckpoint": (VM, "busy", "sa{sv}", ["ready"]),
+    "RestoreCheckpoint": (VM, "busy", "sa{sv}", ["ready"]),
     "Resize": (IMAGE, "image", "ta{sv}", [128 << 20]),
 }
 # A valid value of each D-Bus type for any documented key (h: index in unix_fds;

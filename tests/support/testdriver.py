@@ -157,6 +157,7 @@ class FakeVM:
             "LastStop": self.last_stop,
             "OnPanic": self.on_panic,
             "LatestDump": latest_dump(self),
+            "Checkpoints": [],
         }
         props.update(changes)
         return props

@@ -18,8 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdlab.errors import HypervisorError, InvalidState, NoSuchVM, VMExists
+from kdlab.errors import (
+    HypervisorError,
+    InvalidState,
+    NoSuchCheckpoint,
+    NoSuchVM,
+    UnsupportedDisk,
+    VMExists,
+)
 from kdlab.states import StopCause, VMState
+from kdlabd.core import checkpoints
 from kdlabd.core.hypervisor import (
     ConsoleOutput,
     ConsoleSent,
@@ -32,6 +40,8 @@ from kdlabd.core.limits import HostResources
 from kdlabd.core.models import (
     Accel,
     BootMark,
+    Checkpoint,
+    Disk,
     ImageFormat,
     ImageRecord,
     ImageSource,
@@ -65,6 +75,14 @@ class Domain:
     """What libvirt would tell of how it went off (its shut-off reason)."""
     panicked: bool = False  # pvpanic seen, QEMU keeps the guest (on_crash preserve)
     panic_handled: bool = False  # live metadata: gone when QEMU stops
+    # Checkpoints by tag, with their descriptions (libvirt's snapshot metadata).
+    checkpoints: dict[str, tuple[Checkpoint, str]] = field(default_factory=dict)
+    # The definition's boot mark when each was taken: a revert brings it back.
+    marks: dict[str, BootMark] = field(default_factory=dict)
+    raw_disk: bool = False
+    """A disk that is not qcow2 (made with virsh): no checkpoint fits in it."""
+    loaded: list[str] = field(default_factory=list)
+    """The checkpoints restored into the running process, in order."""
 
 
 @dataclass
@@ -208,11 +226,15 @@ class FakeHypervisor:
         del self.domains[name]
         self._announce(name)
 
-    async def start_vm(self, name: str, *, paused: bool) -> None:
+    async def start_vm(self, name: str, *, paused: bool, checkpoint: str = "") -> None:
         await self._step("start_vm", name)
         domain = self._domain(name)
         if domain.state.active:
             raise InvalidState("domain is already running")
+        if checkpoint:
+            self._checkpoint(domain, checkpoint)
+            domain.loaded.append(checkpoint)
+            domain.boot = domain.marks[checkpoint]
         # virtlogd truncates or creates the log (append='off') when QEMU starts;
         # a guest whose CPUs wait has printed nothing yet.
         domain.spec.console_log.write_bytes(
@@ -224,6 +246,45 @@ class FakeHypervisor:
     async def mark_boot(self, name: str, mark: BootMark) -> None:
         await self._step("mark_boot", name)
         self._domain(name).boot = mark
+
+    async def attach_disk(self, name: str, disk: Disk) -> None:
+        await self._step("attach_disk", name)
+        domain = self._domain(name)
+        domain.spec = domain.spec.replace(disks=(*domain.spec.disks, disk))
+        self._announce(name)
+
+    async def save_checkpoint(self, name: str, tag: str, description: str) -> None:
+        await self._step("save_checkpoint", name)
+        domain = self._domain(name)
+        if domain.raw_disk:
+            raise UnsupportedDisk(f"VM {name!r} has disks that are not qcow2 (vda)")
+        if not domain.state.active:
+            raise InvalidState("fake: no memory to save")
+        checkpoint = checkpoints.parse(tag, description, 0)
+        domain.checkpoints[tag] = (checkpoint, description)
+        domain.marks[tag] = domain.boot
+        self._announce(name)
+
+    async def restore_checkpoint(self, name: str, tag: str, *, paused: bool) -> None:
+        await self._step("restore_checkpoint", name)
+        domain = self._domain(name)
+        self._checkpoint(domain, tag)
+        domain.loaded.append(tag)
+        domain.state = VMState.PAUSED if paused else VMState.RUNNING
+        self._announce(name)
+
+    async def delete_checkpoint(self, name: str, tag: str) -> None:
+        await self._step("delete_checkpoint", name)
+        domain = self._domain(name)
+        self._checkpoint(domain, tag)
+        del domain.checkpoints[tag]
+        self._announce(name)
+
+    @staticmethod
+    def _checkpoint(domain: Domain, tag: str) -> Checkpoint:
+        if tag not in domain.checkpoints:
+            raise NoSuchCheckpoint(f"fake: no checkpoint {tag!r}")
+        return domain.checkpoints[tag][0]
 
     async def shutdown_vm(self, name: str) -> None:
         await self._step("shutdown_vm", name)
@@ -443,6 +504,9 @@ class FakeHypervisor:
     @staticmethod
     def _record(domain: Domain) -> VMRecord:
         how = stop_cause(domain.state, domain.boot, domain.stopped_by)
+        found = sorted(
+            (c for c, _ in domain.checkpoints.values()), key=lambda c: c.created_usec
+        )
         return VMRecord(
             domain.spec,
             domain.uuid,
@@ -450,6 +514,7 @@ class FakeHypervisor:
             boot=domain.boot,
             last_stop=how,
             panicked=domain.panicked,
+            checkpoints=tuple(found),
         )
 
     def _announce(self, name: str) -> None:

@@ -78,6 +78,7 @@ VM_PROPERTIES: dict[str, Any] = {
     "LastStop": "",
     "OnPanic": "dump-and-stop",
     "LatestDump": "/",
+    "Checkpoints": [["ready", 1, 1 << 28, 7, "ab"]],
 }
 
 
@@ -88,6 +89,7 @@ def test_a_vm_record_has_the_properties_typed() -> None:
     assert vm.waiting_for_debugger is True
     assert vm.diagnosis == ("", "", "", "")
     assert vm.last_stop is StopCause.NONE
+    assert vm.checkpoints == (["ready", 1, 1 << 28, 7, "ab"],)
 
 
 def test_a_job_and_an_image_record() -> None:

@@ -40,6 +40,7 @@ VMLINUX = VM(
     last_stop=StopCause.NONE,
     on_panic="dump-and-stop",
     latest_dump="/",
+    checkpoints=(),
 )
 
 

@@ -25,6 +25,7 @@ from kdlab.errors import (
 )
 from kdlab.kernel.diagnosis import BootFacts, diagnose
 from kdlab.states import StopCause, VMState
+from kdlabd.core.limits import Limits
 from kdlabd.core.models import Accel, DebugSettings, VMRecord
 from kdlabd.core.vms import (
     Boot,
@@ -147,10 +148,16 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Lab:
-    hv = FakeHypervisor()
+    return new_lab(tmp_path, FakeHypervisor(), LocalHost())
+
+
+def new_lab(
+    tmp_path: Path, hv: FakeHypervisor, host: LocalHost, limits: Limits | None = None
+) -> Lab:
+    """A VMService on *hv* and *host*, observed, with a kernel and an initrd."""
     observer = Recorder()
     layout = Layout(tmp_path / "state", tmp_path / "run")
-    service = VMService(hv, layout, Accel.TCG, host=LocalHost())
+    service = VMService(hv, layout, Accel.TCG, host=host, limits=limits)
     service.subscribe(observer)
     hv.watch(service.domain_changed, service.hypervisor_reconnected)
     kernel = tmp_path / "bzImage"

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -381,19 +381,36 @@ def test_gdb_finds_vmlinux_in_the_documented_order(
     assert symbols() == str(distro_vmlinux)
 
 
+def gdb_session(
+    lab: Lab, name: str
+) -> tuple[subprocess.Popen[bytes], Callable[[bytes, str], str]]:
+    """``kdlabctl gdb NAME`` reading commands from a pipe, and a function that
+    sends it commands and reads its output until a text comes."""
+    gdb = subprocess.Popen(
+        [sys.executable, "-m", "kdlabctl", "gdb", name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=ctl_env(lab.daemon.address),
+    )
+
+    def send(commands: bytes, until: str) -> str:
+        assert gdb.stdin is not None
+        assert gdb.stdout is not None
+        gdb.stdin.write(commands)
+        gdb.stdin.flush()
+        return read_until(gdb.stdout.fileno(), until, timeout=300)
+
+    return gdb, send
+
+
 def test_one_debugger_at_a_time(lab: Lab, debug_vm: str) -> None:
     """QEMU serves one gdb connection; kdlabd connects a second caller anyway,
     into QEMU's queue. That gdb gets no answer and gives up; QEMU takes the
     queued connection when the first debugger detaches, and taking a debugger
     stops the VM: it stays paused until a debugger attaches and detaches again."""
     assert lab.ctl("start", "--paused", debug_vm).returncode == 0
-    first = subprocess.Popen(
-        [sys.executable, "-m", "kdlabctl", "gdb", debug_vm],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=ctl_env(lab.daemon.address),
-    )
+    first, _ = gdb_session(lab, debug_vm)
     assert first.stdin is not None
     assert first.stdout is not None
     try:
