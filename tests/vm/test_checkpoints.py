@@ -26,16 +26,14 @@ from tests.support.clients import ctl_env, kdlabctl, read_until
 from tests.support.prereq import require_tool
 from tests.support.system import remove_vm, system_kdlabd
 from tests.vm.conftest import POOL_PREFIX, Lab, virsh
-from tests.vm.test_debug import (  # noqa: F401 (vmlinux, consoles: fixtures)
+from tests.vm.test_debug import (  # noqa: F401 (consoles: a fixture)
     SHELL_PROMPT,
     Console,
     consoles,
     gdb_session,
-    vmlinux,
 )
 from tests.vm.test_images import DISK_MARKER, ext4_image, image_name  # noqa: F401
 from tests.vm.test_lifecycle import wait_for_console
-from tests.vm.test_up import minimal_build  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.vm
 
@@ -79,7 +77,7 @@ def test_restore_brings_the_state_back_with_console_and_gdb_attached(
     lab: Lab,
     vm_name: str,
     consoles: list[Console],  # noqa: F811 (the fixture)
-    vmlinux: Path,  # noqa: F811 (the fixture)
+    vmlinux: Path,
 ) -> None:
     result = lab.ctl(
         "create", vm_name, "--kernel", str(lab.kernel.vmlinuz),
@@ -284,7 +282,7 @@ def test_kdlabd_killed_during_a_save_leaves_no_half_checkpoint(lab: Lab) -> None
 def test_up_restores_the_checkpoint_of_an_unchanged_kernel_else_boots(
     lab: Lab,
     vm_name: str,
-    minimal_build: Path,  # noqa: F811 (the fixture)
+    minimal_build: Path,
 ) -> None:
     tree = str(minimal_build)
     first = lab.ctl("up", tree, "--name", vm_name, "--batch", timeout=300)
