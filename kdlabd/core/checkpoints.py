@@ -204,7 +204,6 @@ class CheckpointService:
                     await fingerprint(self._host, record.spec),
                 )
                 await self._save(name, tag, describe(checkpoint))
-                crash_point("checkpoint.saved")
                 await self._vms.refresh(name)
             log.info("checkpoint.saved", vm=name, tag=tag)
             job.report(1.0, f"saved checkpoint {tag}")

@@ -49,7 +49,7 @@ from kdlabd.core import blocking, descriptors
 from kdlabd.core.host import Host
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
-from kdlabd.core.journal import crash_point, hold_point
+from kdlabd.core.journal import hold_point
 from kdlabd.core.limits import GIB, Limits
 from kdlabd.core.models import VMRecord
 from kdlabd.core.observers import Observers
@@ -369,7 +369,6 @@ class DumpService:
 
         def progress(done: int, of: int) -> None:
             # Called on the loop once libvirt's dump is under way.
-            crash_point("dump.writing")
             of = of or total
             job.report(0.95 * done / of, f"writing: {done >> 20} of {of >> 20} MiB")
 

@@ -529,8 +529,16 @@ def crash_points() -> list[str]:
     return sorted(found)
 
 
+# Crash points whose scenario lives with its feature's tests, and where.
+ELSEWHERE = {
+    "checkpoint.state-disk-made": REPO / "tests" / "vm" / "test_checkpoints.py",
+}
+
+
 def test_every_crash_point_has_a_scenario() -> None:
-    assert crash_points() == sorted({**CRASHES, **BUILD_CRASHES})
+    assert crash_points() == sorted({**CRASHES, **BUILD_CRASHES, **ELSEWHERE})
+    for point, module in ELSEWHERE.items():
+        assert f'"{point}"' in module.read_text(), f"{module.name} lost {point}"
 
 
 def died(
@@ -754,6 +762,7 @@ def pools_of(daemon: Kdlabd, prefix: str) -> dict[str, Path]:
     return {
         f"{prefix}-boot": daemon.state_dir / "boot",
         f"{prefix}-images": daemon.state_dir / "images",
+        f"{prefix}-dumps": daemon.state_dir / "dumps",
     }
 
 
