@@ -81,6 +81,9 @@ class ImageService:
         self._observers: Observers[ImageObserver] = Observers()
         self._limits = limits or Limits()
         self._images: dict[str, ImageRecord] = {}
+        # Names stored or forgotten while a load() waits for the pool's list:
+        # that list is older than what happened to them meanwhile.
+        self._loading: list[set[str]] = []
         self._busy: set[str] = set()
         self._background = Background("images.reload_failed")
 
@@ -90,10 +93,18 @@ class ImageService:
         return self._observers.subscribe(observer)
 
     async def load(self) -> None:
-        """Rebuild the view from the pool."""
-        found = {image.name: image for image in await self._hv.list_images()}
+        """Rebuild the view from the pool; an image created or deleted while
+        the pool was listed (a reload after libvirtd came back) keeps what
+        kdlabd did to it, not what the older list says."""
+        touched: set[str] = set()
+        self._loading.append(touched)
+        try:
+            listed = await self._hv.list_images()
+        finally:
+            self._loading.remove(touched)
+        found = {image.name: image for image in listed if image.name not in touched}
         for name in list(self._images):
-            if name not in found:
+            if name not in found and name not in touched:
                 self._forget(name)
         for image in found.values():
             self._store(image)
@@ -389,6 +400,8 @@ class ImageService:
             self._release(name)
 
     def _store(self, image: ImageRecord) -> None:
+        for touched in self._loading:
+            touched.add(image.name)
         old = self._images.get(image.name)
         if old == image:
             return
@@ -400,6 +413,8 @@ class ImageService:
                 observer.image_changed(image)
 
     def _forget(self, name: str) -> None:
+        for touched in self._loading:
+            touched.add(name)
         if self._images.pop(name, None) is not None:
             for observer in self._observers:
                 observer.image_removed(name)

@@ -141,6 +141,37 @@ def test_a_created_image_is_its_creators(lab: ImageLab) -> None:
     run(scenario())
 
 
+def test_a_reload_keeps_what_happened_while_the_pool_was_listed(
+    lab: ImageLab,
+) -> None:
+    """libvirtd came back and kdlabd reloads the pool while calls go on: an
+    image created or deleted after the pool was listed keeps what kdlabd did
+    (the list is older). Before, a new image was dropped from the bus just as
+    its creator called Delete on it (UnknownMethod, seen in CI)."""
+
+    async def scenario() -> None:
+        await lab.images.create("old", 64 * MIB, OWNER)
+        listed, go = asyncio.Event(), asyncio.Event()
+        real = lab.hv.list_images
+
+        async def stale_list() -> list[ImageRecord]:
+            images = await real()  # the pool as it is now...
+            listed.set()
+            await go.wait()  # ...answered later
+            return images
+
+        lab.hv.list_images = stale_list  # type: ignore[method-assign]
+        loading = asyncio.ensure_future(lab.images.load())
+        await listed.wait()
+        await lab.images.create("new", 64 * MIB, OWNER)
+        await lab.images.delete("old")
+        go.set()
+        await loading
+        assert [image.name for image in lab.images.list()] == ["new"]
+
+    run(scenario())
+
+
 def test_a_failed_create_leaves_no_owner(lab: ImageLab) -> None:
     lab.hv.fail("create_image")
 
