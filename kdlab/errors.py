@@ -138,6 +138,27 @@ class UnsupportedDisk(KdlabError):
     exit_code = 11
 
 
+class NoSuchRecording(KdlabError):
+    """No recording has that id, or it is another VM's."""
+
+    reason = "NoSuchRecording"
+    exit_code = 4
+
+
+class RecordingMismatch(KdlabError):
+    """The VM or the QEMU build changed since the recording; the message says what."""
+
+    reason = "RecordingMismatch"
+    exit_code = 10
+
+
+class NotRecordable(KdlabError):
+    """QEMU cannot record the VM as it is (KVM, several vCPUs, a disk not qcow2)."""
+
+    reason = "NotRecordable"
+    exit_code = 12
+
+
 class Internal(KdlabError):
     """A bug in kdlabd. Details are in the daemon's log, never on the wire."""
 
@@ -161,6 +182,9 @@ ERRORS: tuple[type[KdlabError], ...] = (
     NoSuchCheckpoint,
     CheckpointMismatch,
     UnsupportedDisk,
+    NoSuchRecording,
+    RecordingMismatch,
+    NotRecordable,
     Internal,
 )
 
@@ -205,14 +229,18 @@ EXIT_TABLE: tuple[ExitCode, ...] = (
     ExitCode(EXIT_FAILURE, "an unclassified failure, or a bug in kdlabd"),
     ExitCode(InvalidArgument.exit_code, "invalid argument or usage"),
     ExitCode(InvalidState.exit_code, "the VM is in the wrong state for the operation"),
-    ExitCode(NoSuchVM.exit_code, "no such VM, image, dump, job or checkpoint"),
+    ExitCode(NoSuchVM.exit_code, "no such VM, image, dump, job, checkpoint or recording"),
     ExitCode(VMExists.exit_code, "the VM or image already exists"),
     ExitCode(NotAuthorized.exit_code, "not authorized"),
     ExitCode(HypervisorError.exit_code, "libvirt or QEMU failed"),
     ExitCode(BuildFailed.exit_code, "an image build failed"),
     ExitCode(LimitExceeded.exit_code, "over one of kdlabd's configured limits"),
-    ExitCode(CheckpointMismatch.exit_code, "the VM changed since the checkpoint"),
+    ExitCode(
+        CheckpointMismatch.exit_code,
+        "the VM changed since the checkpoint or recording",
+    ),
     ExitCode(UnsupportedDisk.exit_code, "a disk of the VM cannot hold a checkpoint"),
+    ExitCode(NotRecordable.exit_code, "QEMU cannot record the VM as it is"),
     ExitCode(
         EXIT_UNAVAILABLE,
         "kdlabd or the bus is not reachable, or a program kdlabctl runs "

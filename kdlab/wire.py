@@ -21,10 +21,13 @@ JOB_PATH_PREFIX = f"{MANAGER_PATH}/job"
 DUMP_INTERFACE = "org.kdlab.Kdlab1.Dump"
 DUMP_PATH_PREFIX = f"{MANAGER_PATH}/dump"
 NO_DUMP_PATH = "/"  # a VM's LatestDump when it has none
+RECORDING_INTERFACE = "org.kdlab.Kdlab1.Recording"
+RECORDING_PATH_PREFIX = f"{MANAGER_PATH}/recording"
+NO_RECORDING_PATH = "/"  # a VM's RunRecording when it runs no recording
 ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
 
 # Bumped on every additive change of the interfaces in xml/dbus/.
-API_REVISION = 7
+API_REVISION = 8
 
 # The ``a{sv}`` options of each method that takes them: every key and its D-Bus
 # type, as the contract (xml/dbus/) documents them. kdlabd refuses any other
@@ -51,6 +54,8 @@ SAVE_CHECKPOINT_OPTIONS: dict[str, str] = {}
 RESTORE_CHECKPOINT_OPTIONS = {"paused": "b"}
 STOP_OPTIONS = {"force": "b", "timeout": "u"}
 TAKE_DUMP_OPTIONS = {"compress": "b"}
+RECORD_OPTIONS = {"name": "s", "paused": "b", "single_cpu": "b"}
+REPLAY_OPTIONS = {"snapshot_interval": "d"}
 
 # A VM's OnPanic (CreateVM's on_panic): what kdlabd does when its kernel panics.
 ON_PANIC_DUMP_AND_STOP = "dump-and-stop"
@@ -67,6 +72,16 @@ DUMP_FORMAT_KDUMP_ZLIB = "kdump-zlib"
 DUMP_STATE_WRITING = "writing"
 DUMP_STATE_COMPLETE = "complete"
 JOB_KIND_DUMP = "dump"
+
+# A VM's Run, and a recording's State and Ended properties.
+RUN_RECORD = "record"
+RUN_REPLAY = "replay"
+RECORDING_STATE_RECORDING = "recording"
+RECORDING_STATE_COMPLETE = "complete"
+RECORDING_ENDED_STOP = "stop"
+RECORDING_ENDED_PANIC = "panic"
+RECORDING_ENDED_LIMIT = "limit"
+RECORDING_ENDED_CRASHED = "crashed"
 
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -118,6 +133,11 @@ def image_path(name: str) -> str:
 def dump_path(dump_id: str) -> str:
     """Object path of the dump *dump_id*."""
     return f"{DUMP_PATH_PREFIX}/{escape_path_label(dump_id)}"
+
+
+def recording_path(recording_id: str) -> str:
+    """The object path of the recording *recording_id*."""
+    return f"{RECORDING_PATH_PREFIX}/{escape_path_label(recording_id)}"
 
 
 def job_path(job_id: int) -> str:

@@ -65,11 +65,14 @@ def test_dbus_names_unique_and_well_formed() -> None:
 
 
 def _category(reason: str) -> str:
-    """Reasons that share an exit code: every NoSuch*, every *Exists."""
+    """Reasons that share an exit code: every NoSuch*, every *Exists, every
+    *Mismatch (the VM changed since a checkpoint or a recording)."""
     if reason.startswith("NoSuch"):
         return "NoSuch"
     if reason.endswith("Exists"):
         return "Exists"
+    if reason.endswith("Mismatch"):
+        return "Mismatch"
     return reason
 
 
