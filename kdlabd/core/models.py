@@ -138,6 +138,32 @@ class VMSpec:
 
 
 @dataclass(frozen=True)
+class Run:
+    """A boot that records or replays: QEMU's record/replay (icount) of the VM.
+
+    The run's own pieces (the icount options, the log, the state drive) are
+    added to the VM's definition for that boot only: libvirt starts the
+    domain from a live definition and keeps the persistent one as it is.
+    """
+
+    mode: str
+    """:data:`kdlab.wire.RUN_RECORD` or :data:`kdlab.wire.RUN_REPLAY`."""
+    recording: str
+    """The recording's id."""
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where QEMU keeps a run's recording: paths kdlabd chose in its pool."""
+
+    log: Path
+    """QEMU's record/replay log (``rrfile``)."""
+    state: Path
+    """A qcow2 no device sees: QEMU's snapshot of the run's start, and the
+    snapshots kdlabd takes during a replay (``rrsnapshot``)."""
+
+
+@dataclass(frozen=True)
 class BootMark:
     """What kdlabd records with a VM's domain about its current or last boot,
     so that it outlives kdlabd: which boot it is, and whether a Stop asked for
@@ -147,6 +173,8 @@ class BootMark:
     """When kdlabd started the boot, in microseconds since the epoch; 0: none."""
     stop_requested: bool = False
     """A Stop call was made during the boot."""
+    run: Run | None = None
+    """The recording the boot records or replays; None for a plain boot."""
 
 
 @dataclass(frozen=True)

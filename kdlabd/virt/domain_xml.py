@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from kdlab.wire import ON_PANIC_DUMP_AND_STOP
+from kdlab.wire import ON_PANIC_DUMP_AND_STOP, RUN_RECORD
 from kdlabd.core.models import (
     Accel,
     Backing,
@@ -19,6 +19,8 @@ from kdlabd.core.models import (
     DebugSettings,
     Disk,
     ImageFormat,
+    Run,
+    RunFiles,
     VMSpec,
 )
 
@@ -27,6 +29,12 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 KDLAB_NS = "https://kdlab.org/xmlns/domain/1"
 KDLAB_PREFIX = "kdlab"
 GDB_CHARDEV_ID = "kdlab-gdb"
+RR_STATE_DRIVE_ID = "kdlab-rr-state"
+RR_START_SNAPSHOT = "kdlab-start"
+"""The snapshot QEMU takes as a recording begins and loads as a replay begins."""
+SERIAL_ALIAS = "serial0"
+SERIAL_CHARDEV = "charserial0"
+"""libvirt's id of the first serial port's chardev (``-chardev pty,id=...``)."""
 KERNEL_PATH_ATTRIBUTE = "source"
 """The attribute of ``<kdlab:kernel>`` holding the spec's *kernel_path*; the name
 defined domains already store it under, so it stays."""
@@ -75,6 +83,47 @@ def gdbstub_args(spec: VMSpec) -> list[str]:
         "-gdb",
         f"chardev:{GDB_CHARDEV_ID}",
     ]
+
+
+def run_args(run: Run, files: RunFiles) -> list[str]:
+    """QEMU arguments of a recording or replaying boot (libvirt has no
+    element for QEMU's record/replay, so they go into ``<qemu:commandline>``).
+
+    ``-serial chardev:`` registers libvirt's serial chardev with QEMU's
+    record/replay: QEMU 7.2 records only chardevs reached through the
+    legacy option, and console input must be in the log. The snapshot of
+    the run's start goes to a qcow2 no device sees (the state drive).
+    """
+    rr = "record" if run.mode == RUN_RECORD else "replay"
+    log = qemu_option_value(str(files.log))
+    state = qemu_option_value(str(files.state))
+    return [
+        "-serial",
+        f"chardev:{SERIAL_CHARDEV}",
+        "-chardev",
+        "null,id=kdlab-serial-unused",
+        "-icount",
+        f"shift=auto,rr={rr},rrfile={log},rrsnapshot={RR_START_SNAPSHOT}",
+        "-drive",
+        f"file={state},if=none,id={RR_STATE_DRIVE_ID},format=qcow2",
+    ]
+
+
+def _run_override(root: etree._Element) -> None:
+    """Move libvirt's own serial device off its chardev (to COM2, on a null
+    chardev): ``-serial chardev:`` (see :func:`run_args`) makes COM1 on it,
+    so libvirt's console and log keep working."""
+    override = _sub(root, _Q + "override")
+    device = _sub(override, _Q + "device", alias=SERIAL_ALIAS)
+    frontend = _sub(device, _Q + "frontend")
+    _sub(
+        frontend,
+        _Q + "property",
+        name="chardev",
+        type="string",
+        value="kdlab-serial-unused",
+    )
+    _sub(frontend, _Q + "property", name="index", type="unsigned", value="1")
 
 
 def _sub(
@@ -163,11 +212,19 @@ def _devices(parent: etree._Element, spec: VMSpec) -> None:
     _sub(devices, "panic", model="isa")
 
 
-def build_domain_xml(spec: VMSpec, uuid: str | None = None) -> str:
+def build_domain_xml(
+    spec: VMSpec,
+    uuid: str | None = None,
+    *,
+    run: tuple[Run, RunFiles] | None = None,
+    mark: BootMark | None = None,
+) -> str:
     """The libvirt domain XML of *spec*: direct kernel boot, serial console, gdbstub.
 
     *uuid* is the domain's own when it is redefined: libvirt refuses a
-    definition that would give an existing name another UUID.
+    definition that would give an existing name another UUID. With *run*
+    it is the live definition of one recording or replaying boot (marked
+    with *mark*), never defined.
     """
     domain_type = "kvm" if spec.accel is Accel.KVM else "qemu"
     root = etree.Element("domain", type=domain_type, nsmap={"qemu": QEMU_NS})
@@ -194,10 +251,21 @@ def build_domain_xml(spec: VMSpec, uuid: str | None = None) -> str:
     _sub(root, "on_crash", "preserve")
     _devices(root, spec)
     args = gdbstub_args(spec)
+    if run is not None:
+        args += run_args(*run)
     if args:
         commandline = _sub(root, _Q + "commandline")
         for arg in args:
             _sub(commandline, _Q + "arg", value=arg)
+    if run is not None:
+        _run_override(root)
+    if mark is not None:
+        meta = root.find("metadata")
+        assert meta is not None
+        attributes = dict(etree.fromstring(boot_mark_xml(mark)).attrib)
+        etree.SubElement(
+            meta, f"{{{BOOT_NS}}}boot", attributes, nsmap={BOOT_PREFIX: BOOT_NS}
+        )
     return etree.tostring(root, pretty_print=True, encoding="unicode")
 
 
@@ -207,6 +275,9 @@ def boot_mark_xml(mark: BootMark) -> str:
     attributes = {"started": str(mark.started_usec)}
     if mark.stop_requested:
         attributes["stop"] = "requested"
+    if mark.run is not None:
+        attributes["run"] = mark.run.mode
+        attributes["recording"] = mark.run.recording
     return etree.tostring(etree.Element("boot", attributes), encoding="unicode")
 
 
@@ -215,9 +286,11 @@ def parse_boot_mark(xml: str) -> BootMark:
     element = etree.fromstring(xml.encode()).find(f"metadata/{{{BOOT_NS}}}boot")
     if element is None:
         return BootMark()
+    mode, recording = element.get("run"), element.get("recording")
     return BootMark(
         started_usec=int(element.get("started", "0")),
         stop_requested=element.get("stop") == "requested",
+        run=Run(mode, recording) if mode and recording else None,
     )
 
 
