@@ -229,7 +229,9 @@ EXIT_TABLE: tuple[ExitCode, ...] = (
     ExitCode(EXIT_FAILURE, "an unclassified failure, or a bug in kdlabd"),
     ExitCode(InvalidArgument.exit_code, "invalid argument or usage"),
     ExitCode(InvalidState.exit_code, "the VM is in the wrong state for the operation"),
-    ExitCode(NoSuchVM.exit_code, "no such VM, image, dump, job, checkpoint or recording"),
+    ExitCode(
+        NoSuchVM.exit_code, "no such VM, image, dump, job, checkpoint or recording"
+    ),
     ExitCode(VMExists.exit_code, "the VM or image already exists"),
     ExitCode(NotAuthorized.exit_code, "not authorized"),
     ExitCode(HypervisorError.exit_code, "libvirt or QEMU failed"),

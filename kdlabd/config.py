@@ -33,6 +33,7 @@ class Config:
     boot_pool: str = "kdlab-boot"
     image_pool: str = "kdlab"
     dump_pool: str = "kdlab-dumps"
+    recording_pool: str = "kdlab-recordings"
     log_format: str = "auto"
     polkit_timeout: float = 25.0
     # Seconds a call that needs libvirt waits while kdlabd reconnects to it.
@@ -71,6 +72,10 @@ class Config:
     def dump_pool_dir(self) -> Path:
         return self.state_dir / "dumps"
 
+    @property
+    def recording_pool_dir(self) -> Path:
+        return self.state_dir / "recordings"
+
 
 # What each key means: kdlabd(8) lists them (kdlabd.manpage), with the
 # defaults above; a unit test keeps this complete.
@@ -93,6 +98,8 @@ KEY_HELP = {
     "image_pool": "The libvirt storage pool, in STATE_DIR/images, of disk images.",
     "dump_pool": "The libvirt storage pool, in STATE_DIR/dumps, of post-mortem "
     "dumps (each with its ID.json, written by kdlabd).",
+    "recording_pool": "The libvirt storage pool, in STATE_DIR/recordings, of "
+    "recordings (QEMU's record/replay log, its start state, and kdlabd's ID.json).",
     "log_format": "json (one object a line, with a syslog priority prefix), "
     "console, or auto: json under the journal or when stderr is not a terminal.",
     "polkit_timeout": "Seconds kdlabd waits for polkit's answer before it denies "

@@ -71,6 +71,8 @@ async def serve(config: Config) -> None:
         image_pool_dir=config.image_pool_dir,
         dump_pool=config.dump_pool,
         dump_pool_dir=config.dump_pool_dir,
+        recording_pool=config.recording_pool,
+        recording_pool_dir=config.recording_pool_dir,
         gdb_dir=layout.gdb_dir(),
         qemu_user=config.qemu_user,
         reconnect_wait=config.reconnect_wait,

@@ -13,6 +13,8 @@ from kdlabd.core.models import (
     Disk,
     ImageRecord,
     ImageSource,
+    RunFiles,
+    RunStart,
     StoredImage,
     VMRecord,
     VMSpec,
@@ -83,11 +85,42 @@ class Hypervisor(Protocol):
     async def undefine_vm(self, name: str) -> None:
         """Remove the VM's (inactive) domain definition."""
 
-    async def start_vm(self, name: str, *, paused: bool, checkpoint: str = "") -> None:
+    async def start_vm(
+        self,
+        name: str,
+        *,
+        paused: bool,
+        checkpoint: str = "",
+        run: RunStart | None = None,
+    ) -> None:
         """Boot the VM; with *paused*, its CPUs wait before the first instruction.
 
         With *checkpoint*, the VM starts in that checkpoint's state instead.
+        With *run*, this boot records or replays (the definition stays as
+        it is; the run's pieces are added to this boot only).
         """
+
+    async def run_position(self, name: str) -> int:
+        """The instructions a recording or replaying VM has executed (icount)."""
+
+    async def monitor(self, name: str, command: str) -> str:
+        """Run a command of QEMU's human monitor in the VM's QEMU; its answer."""
+
+    async def create_recording_files(self, recording: str) -> RunFiles:
+        """Make the recording's files in kdlab's recordings pool, writable by
+        QEMU: an empty log and a blank qcow2 for its state."""
+
+    async def recording_files(self, recording: str) -> RunFiles:
+        """Where the recording's files are (they may not exist)."""
+
+    async def list_recording_volumes(self) -> dict[str, tuple[Path, int]]:
+        """The recordings pool's volumes: name to (path, size in bytes)."""
+
+    async def delete_recording_volume(self, volume: str) -> None:
+        """Delete one volume of the recordings pool (gone already is fine)."""
+
+    async def recording_pool_free(self) -> int:
+        """Bytes free on the recordings pool's filesystem."""
 
     async def mark_boot(self, name: str, mark: BootMark) -> None:
         """Record *mark* with the VM's definition, where the next

@@ -164,6 +164,16 @@ class RunFiles:
 
 
 @dataclass(frozen=True)
+class RunStart:
+    """What a recording or replaying boot needs from the hypervisor."""
+
+    run: Run
+    files: RunFiles
+    vcpus: int = 1
+    """QEMU's record/replay runs one vCPU (Record's single_cpu lowers it)."""
+
+
+@dataclass(frozen=True)
 class BootMark:
     """What kdlabd records with a VM's domain about its current or last boot,
     so that it outlives kdlabd: which boot it is, and whether a Stop asked for

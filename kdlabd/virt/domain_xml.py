@@ -262,7 +262,9 @@ def build_domain_xml(
     if mark is not None:
         meta = root.find("metadata")
         assert meta is not None
-        attributes = dict(etree.fromstring(boot_mark_xml(mark)).attrib)
+        attributes = {
+            str(k): str(v) for k, v in etree.fromstring(boot_mark_xml(mark)).items()
+        }
         etree.SubElement(
             meta, f"{{{BOOT_NS}}}boot", attributes, nsmap={BOOT_PREFIX: BOOT_NS}
         )

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import json
 import os
 import queue
 import threading
@@ -61,6 +62,8 @@ from kdlabd.core.models import (
     ImageFormat,
     ImageRecord,
     ImageSource,
+    RunFiles,
+    RunStart,
     StoredImage,
     VMRecord,
     VMSpec,
@@ -83,6 +86,7 @@ from kdlabd.virt.domain_xml import (
 
 log = structlog.get_logger(__name__)
 
+_MIB = 1 << 20
 T = TypeVar("T")
 
 # A local libvirtd is polled at a short interval: a failed attempt costs a
@@ -202,6 +206,8 @@ class LibvirtHypervisor:
         gdb_dir: Path,
         dump_pool: str = "kdlab-dumps",
         dump_pool_dir: Path | None = None,
+        recording_pool: str = "kdlab-recordings",
+        recording_pool_dir: Path | None = None,
         qemu_user: str,
         reconnect_wait: float = DEFAULT_RECONNECT_WAIT,
     ) -> None:
@@ -212,6 +218,10 @@ class LibvirtHypervisor:
         self._image_pool_dir = image_pool_dir
         self._dump_pool_name = dump_pool
         self._dump_pool_dir = dump_pool_dir or image_pool_dir.parent / "dumps"
+        self._recording_pool_name = recording_pool
+        self._recording_pool_dir = (
+            recording_pool_dir or image_pool_dir.parent / "recordings"
+        )
         self._gdb_dir = gdb_dir
         self._qemu_user = facts.QemuUser.lookup(qemu_user)
         self._conn: libvirt.virConnect | None = None
@@ -403,7 +413,14 @@ class LibvirtHypervisor:
 
         await self._call(undefine, again=undefine_again)
 
-    async def start_vm(self, name: str, *, paused: bool, checkpoint: str = "") -> None:
+    async def start_vm(
+        self,
+        name: str,
+        *,
+        paused: bool,
+        checkpoint: str = "",
+        run: RunStart | None = None,
+    ) -> None:
         if self.local:
             try:
                 facts.prepare_private_dir(self._gdb_dir, self._qemu_user)
@@ -430,7 +447,94 @@ class LibvirtHypervisor:
             )
             return
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        if run is not None:
+            await self._start_run(name, run, flags)
+            return
         await self._change(name, lambda dom: dom.createWithFlags(flags), active=True)
+
+    async def _start_run(self, name: str, run: RunStart, flags: int) -> None:
+        """Boot the inactive persistent domain from a live definition of its
+        own with the run's pieces: libvirt keeps the persistent one as it is
+        and brings it back when QEMU stops."""
+
+        def create(conn: libvirt.virConnect) -> None:
+            dom = self._domain(conn, name)
+            inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            spec = parse_domain_xml(inactive).replace(vcpus=run.vcpus)
+            xml = build_domain_xml(
+                spec,
+                dom.UUIDString(),
+                run=(run.run, run.files),
+                mark=parse_boot_mark(inactive),
+            )
+            log.debug("run.domain_xml", vm=name, xml=xml)
+            conn.createXML(xml, flags)
+
+        def again(conn: libvirt.virConnect) -> None:
+            if not self._domain(conn, name).isActive():
+                create(conn)
+
+        await self._call(create, again=again)
+
+    async def run_position(self, name: str) -> int:
+        answer = await self._qmp(name, '{"execute": "query-replay"}')
+        try:
+            return int(json.loads(answer)["return"]["icount"])
+        except (ValueError, KeyError, TypeError):
+            raise HypervisorError(
+                f"QEMU's answer about VM {name!r}'s record/replay: {answer[:200]}"
+            ) from None
+
+    async def monitor(self, name: str, command: str) -> str:
+        return await self._qmp(name, command, hmp=True)
+
+    async def _qmp(self, name: str, command: str, *, hmp: bool = False) -> str:
+        flags = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP if hmp else 0
+
+        def ask(conn: libvirt.virConnect) -> str:
+            dom = self._domain(conn, name)
+            return str(libvirt_qemu.qemuMonitorCommand(dom, command, flags))
+
+        return await self._call(ask)
+
+    async def create_recording_files(self, recording: str) -> RunFiles:
+        files = await self.recording_files(recording)
+        owner = self._qemu_user.uid if self._qemu_user is not None else None
+
+        def create(conn: libvirt.virConnect) -> RunFiles:
+            pool = self._recording_pool(conn)
+            for path, fmt, size in (
+                (files.log, ImageFormat.RAW, 0),
+                (files.state, ImageFormat.QCOW2, _MIB),
+            ):
+                storage.delete_volume(pool, path.name)
+                storage.create_volume(pool, path.name, size, fmt, owner=owner)
+            return files
+
+        return await self._call(create, again=create)
+
+    async def recording_files(self, recording: str) -> RunFiles:
+        return recording_files(self._recording_pool_dir, recording)
+
+    async def list_recording_volumes(self) -> dict[str, tuple[Path, int]]:
+        return await self._call(
+            lambda conn: _volumes(self._recording_pool(conn)),
+            again=lambda conn: _volumes(self._recording_pool(conn)),
+        )
+
+    async def delete_recording_volume(self, volume: str) -> None:
+        def delete(conn: libvirt.virConnect) -> None:
+            pool = self._recording_pool(conn)
+            storage.refresh(pool)
+            storage.delete_volume(pool, volume)
+
+        await self._call(delete, again=delete)
+
+    async def recording_pool_free(self) -> int:
+        def free(conn: libvirt.virConnect) -> int:
+            return _free(self._recording_pool(conn))
+
+        return await self._call(free, again=free)
 
     async def mark_boot(self, name: str, mark: BootMark) -> None:
         def record(conn: libvirt.virConnect) -> None:
@@ -633,13 +737,7 @@ class LibvirtHypervisor:
 
     async def list_dump_volumes(self) -> dict[str, tuple[Path, int]]:
         def volumes(conn: libvirt.virConnect) -> dict[str, tuple[Path, int]]:
-            pool = self._dump_pool(conn)
-            storage.refresh(pool)
-            found = {}
-            for volume in pool.listAllVolumes(0):
-                _type, capacity, _allocation = volume.info()
-                found[volume.name()] = (Path(volume.path()), int(capacity))
-            return found
+            return _volumes(self._dump_pool(conn))
 
         return await self._call(volumes, again=volumes)
 
@@ -656,10 +754,7 @@ class LibvirtHypervisor:
 
     async def dump_pool_free(self) -> int:
         def free(conn: libvirt.virConnect) -> int:
-            pool = self._dump_pool(conn)
-            storage.refresh(pool)
-            # virStoragePoolInfo: [state, capacity, allocation, available]
-            return int(pool.info()[3])
+            return _free(self._dump_pool(conn))
 
         return await self._call(free, again=free)
 
@@ -936,6 +1031,9 @@ class LibvirtHypervisor:
     def _dump_pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool:
         return conn.storagePoolLookupByName(self._dump_pool_name)
 
+    def _recording_pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool:
+        return conn.storagePoolLookupByName(self._recording_pool_name)
+
     @staticmethod
     def _owner(pool: libvirt.virStoragePool, name: str) -> int:
         """The uid recorded as image *name*'s owner (root if none)."""
@@ -1004,6 +1102,9 @@ class LibvirtHypervisor:
         )
         self._dump_pool_dir = _ensure_pool(
             conn, self._dump_pool_name, self._dump_pool_dir, "dump_pool"
+        )
+        self._recording_pool_dir = _ensure_pool(
+            conn, self._recording_pool_name, self._recording_pool_dir, "recording_pool"
         )
 
     def _lifecycle_event(
@@ -1087,6 +1188,28 @@ def _alive(conn: libvirt.virConnect) -> bool:
         return bool(conn.isAlive())
     except libvirt.libvirtError:
         return False
+
+
+def _volumes(pool: libvirt.virStoragePool) -> dict[str, tuple[Path, int]]:
+    """A pool's volumes, fresh from its directory: name to (path, size)."""
+    storage.refresh(pool)
+    found = {}
+    for volume in pool.listAllVolumes(0):
+        _type, capacity, _allocation = volume.info()
+        found[volume.name()] = (Path(volume.path()), int(capacity))
+    return found
+
+
+def _free(pool: libvirt.virStoragePool) -> int:
+    """Bytes free on a pool's filesystem."""
+    storage.refresh(pool)
+    # virStoragePoolInfo: [state, capacity, allocation, available]
+    return int(pool.info()[3])
+
+
+def recording_files(pool_dir: Path, recording: str) -> RunFiles:
+    """The files of *recording* in the recordings pool at *pool_dir*."""
+    return RunFiles(pool_dir / f"{recording}.rr", pool_dir / f"{recording}.state")
 
 
 def _ensure_pool(conn: libvirt.virConnect, name: str, expected: Path, key: str) -> Path:

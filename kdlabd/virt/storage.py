@@ -49,6 +49,8 @@ def volume_xml(
     capacity: int,
     fmt: ImageFormat,
     backing: ImageRecord | None = None,
+    *,
+    owner: int | None = None,
 ) -> str:
     volume = etree.Element("volume")
     etree.SubElement(volume, "name").text = name
@@ -60,6 +62,8 @@ def volume_xml(
     etree.SubElement(target, "format", type=fmt.value)
     perms = etree.SubElement(target, "permissions")
     etree.SubElement(perms, "mode").text = "0600"
+    if owner is not None:  # a file QEMU itself writes (a recording's)
+        etree.SubElement(perms, "owner").text = str(owner)
     if backing is not None:
         store = etree.SubElement(volume, "backingStore")
         etree.SubElement(store, "path").text = str(backing.path)
@@ -240,9 +244,11 @@ def create_volume(
     capacity: int,
     fmt: ImageFormat,
     backing: ImageRecord | None = None,
+    *,
+    owner: int | None = None,
 ) -> libvirt.virStorageVol:
     """A new volume; a qcow2 with *backing* is an overlay (created in O(1))."""
-    return pool.createXML(volume_xml(name, capacity, fmt, backing), 0)
+    return pool.createXML(volume_xml(name, capacity, fmt, backing, owner=owner), 0)
 
 
 def upload(
