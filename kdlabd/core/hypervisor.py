@@ -100,6 +100,9 @@ class Hypervisor(Protocol):
         it is; the run's pieces are added to this boot only).
         """
 
+    async def emulator(self) -> tuple[str, Path]:
+        """The QEMU VMs run on: its version and its binary's path."""
+
     async def run_position(self, name: str) -> int:
         """The instructions a recording or replaying VM has executed (icount)."""
 

@@ -46,6 +46,7 @@ from kdlabd.core.models import (
     DebugSettings,
     Disk,
     ImageRecord,
+    RunStart,
     VMRecord,
     VMSpec,
 )
@@ -250,7 +251,10 @@ def client_view(entry: VMEntry) -> VMRecord:
         waiting_for_debugger=waiting,
         diagnosis=None if boot is None else boot.diagnosis,
         # Which boot it is; that a Stop was asked for shows in last_stop.
-        boot=BootMark(record.boot.started_usec),
+        boot=BootMark(
+            record.boot.started_usec,
+            run=record.boot.run if state.active else None,
+        ),
         # How the last boot ended, once the VM shows that it is off.
         last_stop=record.last_stop if state.off else StopCause.NONE,
         # Observers act on a panic pvpanic reported (DumpService).
@@ -590,6 +594,7 @@ class VMService:
         kernel_fd: int | None = None,
         checkpoint: str = "",
         check: Callable[[VMRecord], Awaitable[None]] | None = None,
+        run: RunStart | None = None,
     ) -> VMRecord:
         """Boot the VM; *kernel_fd* replaces its kernel first (a fresh build).
 
@@ -616,12 +621,17 @@ class VMService:
             # boot that did start.
             assert entry.record is not None, "a VM the hypervisor never reported"
             last = entry.record.boot
-            mark = BootMark(max(time.time_ns() // 1000, last.started_usec + 1))
+            mark = BootMark(
+                max(time.time_ns() // 1000, last.started_usec + 1),
+                run=None if run is None else run.run,
+            )
             await self._hv.mark_boot(name, mark)
             entry.record = dataclasses.replace(entry.record, boot=mark)
             async with self._transition(entry, VMState.STARTING):
                 try:
-                    await self._hv.start_vm(name, paused=paused, checkpoint=checkpoint)
+                    await self._hv.start_vm(
+                        name, paused=paused, checkpoint=checkpoint, run=run
+                    )
                     if checkpoint:
                         # libvirt's revert brought back the definition as the
                         # checkpoint had it, with that boot's mark.

@@ -476,6 +476,16 @@ class LibvirtHypervisor:
 
         await self._call(create, again=again)
 
+    async def emulator(self) -> tuple[str, Path]:
+        def identify(conn: libvirt.virConnect) -> tuple[str, Path]:
+            version = conn.getVersion()  # major * 1_000_000 + minor * 1000 + micro
+            caps = etree.fromstring(conn.getCapabilities().encode())
+            path = caps.findtext("guest[arch/@name='x86_64']/arch/emulator") or ""
+            dotted = f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
+            return f"QEMU {dotted}", Path(path)
+
+        return await self._call(identify, again=identify)
+
     async def run_position(self, name: str) -> int:
         answer = await self._qmp(name, '{"execute": "query-replay"}')
         try:

@@ -45,6 +45,7 @@ from kdlabd.core.models import (
     ImageFormat,
     ImageRecord,
     ImageSource,
+    RunStart,
     StoredImage,
     VMRecord,
     VMSpec,
@@ -128,6 +129,7 @@ class FakeHypervisor:
     host: HostResources = HOST
     calls: list[Call] = field(default_factory=list)
     consoles: list[FakeConsole] = field(default_factory=list)
+    last_run: RunStart | None = None  # the run of the last start_vm
     # "method" or "method:arg" -> the exception that call raises (after recording it).
     failures: dict[str, BaseException] = field(default_factory=dict)
     # "method" or "method:arg" -> an event the call waits for before doing anything.
@@ -226,8 +228,16 @@ class FakeHypervisor:
         del self.domains[name]
         self._announce(name)
 
-    async def start_vm(self, name: str, *, paused: bool, checkpoint: str = "") -> None:
+    async def start_vm(
+        self,
+        name: str,
+        *,
+        paused: bool,
+        checkpoint: str = "",
+        run: RunStart | None = None,
+    ) -> None:
         await self._step("start_vm", name)
+        self.last_run = run
         domain = self._domain(name)
         if domain.state.active:
             raise InvalidState("domain is already running")
