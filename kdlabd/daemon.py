@@ -23,6 +23,7 @@ from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
+from kdlabd.core.recordings import RecordingService
 from kdlabd.core.vms import Layout, VMService
 from kdlabd.host.builder import LocalBuilder
 from kdlabd.host.journal import FileJournal
@@ -55,6 +56,23 @@ def raise_descriptor_limit() -> int:
     return soft
 
 
+async def _load(
+    images: ImageService,
+    dumps: DumpService,
+    vms: VMService,
+    recordings: RecordingService,
+) -> None:
+    """Rebuild every service's view from libvirt, in the order they need."""
+    await images.load()
+    await dumps.load()
+    await dumps.reconcile()
+    await vms.load()
+    await vms.reconcile()
+    await recordings.load()  # after VMs: it follows the runs that record
+    await images.clean_builds()
+    await images.reconcile()
+
+
 async def serve(config: Config) -> None:
     """Run until SIGTERM/SIGINT or until the bus goes away."""
     # A call stuck in libvirt must not keep a stopped kdlabd alive.
@@ -80,6 +98,7 @@ async def serve(config: Config) -> None:
     await hypervisor.connect()
     vms: VMService | None = None
     dumps: DumpService | None = None
+    recordings: RecordingService | None = None
     bus = await KdlabBus(
         bus_address=bus_address(config.bus), negotiate_unix_fd=True
     ).connect()
@@ -117,8 +136,16 @@ async def serve(config: Config) -> None:
             limits=limits,
         )
         checkpoints = CheckpointService(vms, hypervisor, host, jobs, limits)
+        recordings = RecordingService(hypervisor, host=host, vms=vms, limits=limits)
         BusExporter(
-            bus, authorizer, vms, images, jobs, dumps=dumps, checkpoints=checkpoints
+            bus,
+            authorizer,
+            vms,
+            images,
+            jobs,
+            dumps=dumps,
+            checkpoints=checkpoints,
+            recordings=recordings,
         )
         # Dumps are loaded before VMs: a VM found panicked at start-up is
         # dumped unless its boot's dump exists (see DumpService.panicked).
@@ -129,13 +156,7 @@ async def serve(config: Config) -> None:
             images.hypervisor_reconnected()
 
         hypervisor.watch(vms.domain_changed, reconnected)
-        await images.load()
-        await dumps.load()
-        await dumps.reconcile()
-        await vms.load()
-        await vms.reconcile()
-        await images.clean_builds()
-        await images.reconcile()
+        await _load(images, dumps, vms, recordings)
         # Objects are exported before the name is taken: owning the name means ready.
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply is not RequestNameReply.PRIMARY_OWNER:
@@ -154,6 +175,8 @@ async def serve(config: Config) -> None:
             await vms.close()
         if dumps is not None:
             await dumps.close()
+        if recordings is not None:
+            await recordings.close()
         bus.disconnect()
         await hypervisor.close()
     # Daemon threads: whatever still waits for libvirtd ends with the process.

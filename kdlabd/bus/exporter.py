@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from dbus_next.aio import MessageBus
 
-from kdlab.wire import MANAGER_PATH, dump_path, image_path, job_path, vm_path
+from kdlab.wire import (
+    MANAGER_PATH,
+    dump_path,
+    image_path,
+    job_path,
+    recording_path,
+    vm_path,
+)
 from kdlabd.bus.auth import Authorizer
 from kdlabd.bus.dump import DumpInterface
 from kdlabd.bus.image import ImageInterface
 from kdlabd.bus.job import JobInterface
 from kdlabd.bus.manager import ManagerInterface
+from kdlabd.bus.recording import RecordingInterface
 from kdlabd.bus.vm import VMInterface
 from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpRecord, DumpService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import Job, JobManager
 from kdlabd.core.models import ImageRecord, VMRecord
+from kdlabd.core.recordings import RecordingRecord, RecordingService
 from kdlabd.core.vms import VMService
 
 
@@ -37,6 +46,7 @@ class BusExporter:
         *,
         dumps: DumpService,
         checkpoints: CheckpointService,
+        recordings: RecordingService | None = None,
     ) -> None:
         self._bus = bus
         self._authorizer = authorizer
@@ -46,6 +56,8 @@ class BusExporter:
         self._dumps = dumps
         self._dump_objects: dict[str, DumpInterface] = {}
         self._checkpoints = checkpoints
+        self._recordings = recordings
+        self._recording_objects: dict[str, RecordingInterface] = {}
         self._vm_objects: dict[str, VMInterface] = {}
         self._image_objects: dict[str, ImageInterface] = {}
         self._job_objects: dict[int, JobInterface] = {}
@@ -55,6 +67,8 @@ class BusExporter:
         images.subscribe(self)
         jobs.subscribe(self)
         dumps.subscribe(self)
+        if recordings is not None:
+            recordings.subscribe(self)
 
     def vm_added(self, record: VMRecord) -> None:
         interface = VMInterface(
@@ -63,6 +77,7 @@ class BusExporter:
             self._authorizer,
             dumps=self._dumps,
             checkpoints=self._checkpoints,
+            recordings=self._recordings,
         )
         self._vm_objects[record.name] = interface
         path = vm_path(record.name)
@@ -121,6 +136,19 @@ class BusExporter:
         del self._dump_objects[dump.id]
         self._manager.dump_removed(dump.id)
         self._refresh_latest_dump(dump)
+
+    def recording_added(self, recording: RecordingRecord) -> None:
+        assert self._recordings is not None
+        interface = RecordingInterface(recording, self._recordings, self._authorizer)
+        self._recording_objects[recording.id] = interface
+        self._bus.export(recording_path(recording.id), interface)
+
+    def recording_changed(self, recording: RecordingRecord) -> None:
+        self._recording_objects[recording.id].update(recording)
+
+    def recording_removed(self, recording: RecordingRecord) -> None:
+        self._bus.unexport(recording_path(recording.id))
+        del self._recording_objects[recording.id]
 
     def _refresh_latest_dump(self, dump: DumpRecord) -> None:
         vm = self._vm_objects.get(dump.vm)

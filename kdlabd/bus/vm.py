@@ -11,6 +11,9 @@ from kdlab.errors import InvalidArgument
 from kdlab.kernel.diagnosis import public_fix, summary
 from kdlab.wire import (
     NO_DUMP_PATH,
+    NO_RECORDING_PATH,
+    RECORD_OPTIONS,
+    REPLAY_OPTIONS,
     RESTORE_CHECKPOINT_OPTIONS,
     SAVE_CHECKPOINT_OPTIONS,
     START_OPTIONS,
@@ -19,6 +22,8 @@ from kdlab.wire import (
     VM_INTERFACE,
     dump_path,
     job_path,
+    recording_path,
+    unescape_path_label,
 )
 from kdlabd.bus.auth import Action, Authorizer, Caller
 from kdlabd.bus.boundary import exported
@@ -27,6 +32,7 @@ from kdlabd.bus.properties import announce_changes
 from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpService
 from kdlabd.core.models import VMRecord
+from kdlabd.core.recordings import RecordingService
 from kdlabd.core.vms import DEFAULT_STOP_TIMEOUT, VMService
 
 
@@ -74,6 +80,10 @@ def properties(record: VMRecord, latest_dump: str = NO_DUMP_PATH) -> dict[str, A
         "LastStop": record.last_stop.value,
         "OnPanic": spec.on_panic,
         "LatestDump": latest_dump,
+        "Run": "" if record.boot.run is None else record.boot.run.mode,
+        "RunRecording": NO_RECORDING_PATH
+        if record.boot.run is None
+        else recording_path(record.boot.run.recording),
         "Checkpoints": [
             [
                 c.tag,
@@ -95,8 +105,10 @@ class VMInterface(ServiceInterface):
         record: VMRecord,
         vms: VMService,
         authorizer: Authorizer,
+        *,
         dumps: DumpService | None = None,
         checkpoints: CheckpointService | None = None,
+        recordings: RecordingService | None = None,
     ) -> None:
         super().__init__(VM_INTERFACE)
         self._record = record
@@ -104,6 +116,7 @@ class VMInterface(ServiceInterface):
         self.dumps = dumps
         self.authorizer = authorizer
         self.checkpoints = checkpoints
+        self.recordings = recordings
         self._props = properties(record, self._latest_dump(record))
 
     def _latest_dump(self, record: VMRecord) -> str:
@@ -199,6 +212,37 @@ class VMInterface(ServiceInterface):
             self.vms.get(self._record.name), compress=opts.get("compress", False)
         )
         return [dump_path(dump.id), job_path(job.id)]
+
+    @exported(Action.MANAGE_VMS)
+    async def Record(self, caller: Caller, options: "a{sv}") -> "o":
+        """Start the stopped VM recording; the recording ends when it stops."""
+        opts = take(options, RECORD_OPTIONS)
+        recording = await self._recordings().record(
+            self._record.name,
+            recording=opts.get("name", ""),
+            paused=opts.get("paused", False),
+            single_cpu=opts.get("single_cpu", False),
+        )
+        return recording_path(recording.id)
+
+    @exported(Action.DEBUG_VMS)
+    async def Replay(self, caller: Caller, recording: "o", options: "a{sv}") -> "o":
+        """Start the stopped VM replaying @recording, paused for gdb."""
+        opts = take(options, REPLAY_OPTIONS)
+        prefix = recording_path("")
+        if not recording.startswith(prefix) or recording == prefix:
+            raise InvalidArgument(f"{recording!r} is not a recording's object path")
+        found = await self._recordings().replay(
+            self._record.name,
+            unescape_path_label(recording.removeprefix(prefix)),
+            snapshot_interval=opts.get("snapshot_interval", 1.0),
+        )
+        return recording_path(found.id)
+
+    def _recordings(self) -> RecordingService:
+        if self.recordings is None:
+            raise InvalidArgument("this kdlabd keeps no recordings")
+        return self.recordings
 
     @exported(Action.DEBUG_VMS)
     async def GetDiagnosis(self, caller: Caller) -> "(ssssas)":
@@ -323,6 +367,16 @@ class VMInterface(ServiceInterface):
     def OnPanic(self) -> "s":
         """dump-and-stop, dump-and-keep or ignore."""
         return self._props["OnPanic"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Run(self) -> "s":
+        """ "record", "replay", or "" for a plain boot."""
+        return self._props["Run"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RunRecording(self) -> "o":
+        """The recording being recorded or replayed; "/" when none."""
+        return self._props["RunRecording"]
 
     @dbus_property(access=PropertyAccess.READ)
     def LatestDump(self) -> "o":

@@ -94,6 +94,7 @@ _SIDECAR_FIELDS = (
     "seconds",
     "ended",
     "truncated",
+    "state",
 )
 
 
@@ -116,7 +117,7 @@ def from_sidecar(text: bytes, size: int) -> RecordingRecord | None:
         return None
     if not isinstance(record.owner_uid, int) or not _NAME.fullmatch(record.id):
         return None
-    return replace(record, size=size, state=wire.RECORDING_STATE_COMPLETE)
+    return replace(record, size=size)
 
 
 class RecordingObserver(Protocol):
@@ -209,11 +210,20 @@ class RecordingService:
             recording_id = volume.removesuffix(".rr")
             size = sum(s for v, (_p, s) in volumes.items() if v.startswith(volume[:-2]))
             record = await self._read_sidecar(path.with_suffix(SIDECAR_SUFFIX), size)
-            if record is not None:
-                self._store(record)
-            elif recording_id not in recording_now:
+            if record is None:
                 log.warning("recording.partial_removed", recording=recording_id)
                 await self._remove_files(recording_id)
+                continue
+            self._store(record)
+            if record.state == wire.RECORDING_STATE_RECORDING:
+                # kdlabd restarted while it recorded: follow the run on, or
+                # finish the recording of a run that ended meanwhile.
+                files = await self._hv.recording_files(recording_id)
+                vm = recording_now.get(recording_id)
+                self._follow(
+                    record.vm if vm is None else vm.name,
+                    self._recording(record.vm, record, files),
+                )
         log.info("recordings.loaded", count=len(self._recordings))
 
     # --- recording -------------------------------------------------------------
@@ -258,6 +268,9 @@ class RecordingService:
         )
         self._store(record)
         run = RunStart(Run(wire.RUN_RECORD, recording_id), files)
+        # The sidecar names the recording from its start: a kdlabd that
+        # restarts meanwhile follows the run on (load).
+        await self._write_sidecar(files, record)
         try:
             await self._vms.start(name, paused=paused, run=run)
         except BaseException:
@@ -299,7 +312,7 @@ class RecordingService:
             wire.RECORDING_ENDED_LIMIT
             if truncated
             else wire.RECORDING_ENDED_PANIC
-            if vm.panicked or _panicked(vm)
+            if vm is not None and (vm.panicked or _panicked(vm))
             else wire.RECORDING_ENDED_STOP
         )
         done = replace(
@@ -308,13 +321,7 @@ class RecordingService:
             truncated=truncated,
             state=wire.RECORDING_STATE_COMPLETE,
         )
-        await blocking.run(
-            lambda: self._host.write_atomically(
-                files.log.with_suffix(SIDECAR_SUFFIX), sidecar(done)
-            ),
-            seconds=FILE_SECONDS,
-            what="writing a recording's sidecar",
-        )
+        await self._write_sidecar(files, done)
         self._store(done)
         log.info("recording.complete", recording=done.id, ended=ended, size=size)
 
@@ -408,6 +415,15 @@ class RecordingService:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- helpers ---------------------------------------------------------------
+
+    async def _write_sidecar(self, files: RunFiles, record: RecordingRecord) -> None:
+        await blocking.run(
+            lambda: self._host.write_atomically(
+                files.log.with_suffix(SIDECAR_SUFFIX), sidecar(record)
+            ),
+            seconds=FILE_SECONDS,
+            what="writing a recording's sidecar",
+        )
 
     async def _qemu_build(self) -> str:
         """The QEMU build (version, binary's SHA-256): a recording replays on

@@ -157,6 +157,8 @@ class FakeVM:
             "LastStop": self.last_stop,
             "OnPanic": self.on_panic,
             "LatestDump": latest_dump(self),
+            "Run": "",
+            "RunRecording": "/",
             "Checkpoints": [],
         }
         props.update(changes)
