@@ -280,9 +280,7 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
             ("Problem", f"{found['severity']} {found['code']}: {found['cause']}"),
             ("Fix", found["fix"]),
         ]
-    width = max(len(label) for label, _ in fields)
-    for label, value in fields:
-        print(f"{label + ':':<{width + 1}} {value}")
+    output.print_fields(fields)
     return EXIT_OK
 
 

@@ -165,10 +165,7 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         output.print_json(output.as_json(recording))
         return EXIT_OK
-    fields = details(recording)
-    width = max(len(label) for label, _ in fields)
-    for label, value in fields:
-        print(f"{label + ':':<{width + 1}} {value}")
+    output.print_fields(details(recording))
     return EXIT_OK
 
 
