@@ -29,7 +29,7 @@ from kdlab.errors import (
 )
 from kdlab.wire import ON_PANIC_VALUES
 from kdlabctl import images
-from kdlabctl.names import HIDDEN, IMAGE_NAME, VM_NAME
+from kdlabctl.names import HIDDEN, IMAGE_NAME, RECORDING_ID, VM_NAME
 
 TYPE_CHECKING = False  # typing's import costs start-up; mypy takes this as True
 if TYPE_CHECKING:
@@ -70,6 +70,17 @@ def _unsigned(bits: int, low: int = 0) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more (D-Bus d)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not 0 or more seconds")
+    return value
 
 
 def _ip_address(text: str) -> str:
@@ -261,6 +272,7 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ("vmlinux", vm.vmlinux or "-"),
         ("Created", output.timestamp(vm.created)),
         ("Checkpoints", ", ".join(str(c[0]) for c in vm.checkpoints) or "-"),
+        *run_fields(vm),
     ]
     found = output.diagnosis(vm.diagnosis)
     if found:
@@ -268,10 +280,17 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
             ("Problem", f"{found['severity']} {found['code']}: {found['cause']}"),
             ("Fix", found["fix"]),
         ]
-    width = max(len(label) for label, _ in fields)
-    for label, value in fields:
-        print(f"{label + ':':<{width + 1}} {value}")
+    output.print_fields(fields)
     return EXIT_OK
+
+
+def run_fields(vm: VM) -> list[tuple[str, str]]:
+    """``show``'s lines for a run that records or replays (none for a boot)."""
+    from kdlabctl.recordings import recording_id
+
+    if not vm.run:
+        return []
+    return [("Run", vm.run), ("Recording", recording_id(vm.run_recording))]
 
 
 async def cmd_start(client: Client, args: argparse.Namespace) -> int:
@@ -895,6 +914,84 @@ def add_postmortem_parsers(
     return group
 
 
+async def cmd_record(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import recordings
+
+    return await recordings.cmd_record(client, args)
+
+
+async def cmd_replay(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import recordings
+
+    return await recordings.cmd_replay(client, args)
+
+
+def _define_recording(parser: argparse.ArgumentParser) -> None:
+    from kdlabctl import recordings
+
+    recordings.define(parser)
+
+
+def add_record_parsers(
+    command: Callable[[str, Command, str], argparse.ArgumentParser],
+    commands: Any,
+) -> CommandParser:
+    """``record`` and ``replay``, and the ``recording`` group (returned: its
+    options are defined later)."""
+    record = command(
+        "record",
+        cmd_record,
+        "boot a stopped VM recording its run (QEMU TCG record/replay) until it "
+        "stops; prints the recording's id",
+    )
+    vm_argument(record)
+    record.add_argument(
+        "--as",
+        dest="recording",
+        metavar="REC",
+        help="the recording's id (default: the VM's name and the time)",
+    )
+    record.add_argument(
+        "--paused",
+        action="store_true",
+        help="CPUs wait before the first instruction (attach gdb, then continue)",
+    )
+    record.add_argument(
+        "--single-cpu",
+        action="store_true",
+        help="record a VM of several vCPUs with one (else it is refused)",
+    )
+    replay = command(
+        "replay",
+        cmd_replay,
+        "boot a stopped VM replaying recording REC, paused before its first "
+        "instruction for gdb (reverse-stepi and reverse-continue work)",
+    )
+    vm_argument(replay)
+    replay.add_argument("recording", metavar="REC", type=RECORDING_ID)
+    replay.add_argument(
+        "--snapshot-interval",
+        type=_seconds,
+        metavar="SECONDS",
+        help="seconds of replay between kdlabd's snapshots, from which gdb goes "
+        "backwards (default 1; 0: none, back from the start)",
+    )
+    for sub in (record, replay):
+        sub.add_argument(
+            "--attach",
+            action="store_true",
+            help="then attach gdb, as kdlabctl gdb does; options after -- go to gdb",
+        )
+        add_vmlinux_option(sub)
+        sub.add_argument("-q", "--quiet", action="store_true")
+    group: CommandParser = commands.add_parser(
+        "recording",
+        help="recordings of VMs' runs: list, show, delete",
+        define=_define_recording,
+    )
+    return group
+
+
 def _define_completion(parser: argparse.ArgumentParser) -> None:
     from kdlabctl import completion
 
@@ -1028,6 +1125,7 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
             help="save a running VM's state and return to it",
             define=_define_checkpoint,
         ),
+        add_record_parsers(command, commands),
     ]
     add_up_parser(command)
 

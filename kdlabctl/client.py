@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 
+from kdlab.errors import NoSuchRecording
 from kdlab.wire import (
     BUILD_OPTIONS,
     BUS_NAME,
@@ -27,11 +28,15 @@ from kdlab.wire import (
     JOB_INTERFACE,
     MANAGER_INTERFACE,
     MANAGER_PATH,
+    RECORD_OPTIONS,
+    RECORDING_INTERFACE,
+    REPLAY_OPTIONS,
     RESTORE_CHECKPOINT_OPTIONS,
     START_OPTIONS,
     STOP_OPTIONS,
     TAKE_DUMP_OPTIONS,
     VM_INTERFACE,
+    recording_path,
     unescape_path_label,
 )
 from kdlabctl.quickbus import (
@@ -42,7 +47,7 @@ from kdlabctl.quickbus import (
     RemoteError,
     Reply,
 )
-from kdlabctl.records import VM, Diagnosis, Dump, Image, Job, Record
+from kdlabctl.records import VM, Diagnosis, Dump, Image, Job, Record, Recording
 
 TYPE_CHECKING = False  # importing typing costs more than a listing
 if TYPE_CHECKING:
@@ -57,7 +62,7 @@ if TYPE_CHECKING:
     T = TypeVar("T")
     R = TypeVar("R", bound=Record)
     # What :meth:`Client.names` lists.
-    Listing = Literal["vms", "images"]
+    Listing = Literal["vms", "images", "recordings"]
 
     class Connection(Protocol):
         """What a :class:`Client` calls through (:mod:`kdlabctl.quickbus`, or
@@ -76,11 +81,17 @@ if TYPE_CHECKING:
         def disconnect(self) -> None: ...
 
 
-__all__ = ["VM", "Diagnosis", "Dump", "Image", "Job", "RemoteError"]
+__all__ = ["VM", "Diagnosis", "Dump", "Image", "Job", "Recording", "RemoteError"]
 
 CONNECT_TIMEOUT = 25.0
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
+# What dbus-next answers for a path kdlabd exports nothing at: a method call
+# is an UnknownMethod, a GetAll an UnknownObject.
+NO_OBJECT = (UNKNOWN_METHOD, "org.freedesktop.DBus.Error.UnknownObject")
+# The APIRevision that brought recordings (VM.Record, VM.Replay).
+RECORDINGS_REVISION = 8
 
 
 def _variants(values: Mapping[str, Any], types: Mapping[str, str]) -> dict[str, Any]:
@@ -210,18 +221,33 @@ class Client:
         return unwrapped(reply.body[0])
 
     async def names(self, listing: Listing) -> list[str]:
-        """The names of kdlabd's VMs or images, sorted, from the object paths of
-        ListVMs or ListImages alone (for shell completion: one short call).
+        """The names of kdlabd's VMs, images or recordings, sorted, from object
+        paths alone: ListVMs' or ListImages', the recordings' of
+        GetManagedObjects (there is no ListRecordings). For shell completion:
+        one short call.
 
         A kdlabd that is not running is not started for it.
         """
-        member = {"vms": "ListVMs", "images": "ListImages"}[listing]
+        if listing == "recordings":
+            reply = await self.reply(
+                MANAGER_PATH, OBJECT_MANAGER, "GetManagedObjects", no_autostart=True
+            )
+            objects = reply.body[0]
+            paths = [path for path in objects if RECORDING_INTERFACE in objects[path]]
+        else:
+            member = {"vms": "ListVMs", "images": "ListImages"}[listing]
+            reply = await self.reply(
+                MANAGER_PATH, MANAGER_INTERFACE, member, no_autostart=True
+            )
+            paths = reply.body[0]
+        return sorted(unescape_path_label(path.rpartition("/")[2]) for path in paths)
+
+    async def api_revision(self) -> int:
+        """kdlabd's APIRevision (the Manager's property)."""
         reply = await self.reply(
-            MANAGER_PATH, MANAGER_INTERFACE, member, no_autostart=True
+            MANAGER_PATH, PROPERTIES, "Get", "ss", [MANAGER_INTERFACE, "APIRevision"]
         )
-        return sorted(
-            unescape_path_label(path.rpartition("/")[2]) for path in reply.body[0]
-        )
+        return int(reply.body[0].value)
 
     # VMs
 
@@ -360,6 +386,96 @@ class Client:
 
     async def delete_dump(self, dump_id: str) -> None:
         await self.reply(await self.dump_path(dump_id), DUMP_INTERFACE, "Delete")
+
+    # recordings
+
+    async def _vm_since(
+        self, revision: int, name: str, member: str, signature: str, body: list[Any]
+    ) -> Reply:
+        """Call VM method *member*, which came with APIRevision *revision*: a
+        kdlabd older than that (upgraded, not yet restarted) is told as such
+        rather than as dbus-next's UnknownMethod."""
+        try:
+            return await self._vm(name, member, signature, body)
+        except RemoteError as err:
+            if err.name != UNKNOWN_METHOD:
+                raise
+            running = await self.api_revision()
+            if running >= revision:
+                raise
+            raise RemoteError(
+                err.name,
+                f"kdlabd has no VM.{member}: it runs APIRevision {running}, older "
+                f"than this kdlabctl ({member} came with {revision}); restart "
+                "kdlabd (systemctl restart kdlabd) to run the installed kdlab",
+            ) from None
+
+    async def record(
+        self,
+        name: str,
+        *,
+        recording_name: str = "",
+        paused: bool = False,
+        single_cpu: bool = False,
+    ) -> str:
+        """Start VM *name* recording; returns the recording's path."""
+        values = {
+            "name": recording_name or None,
+            "paused": paused or None,
+            "single_cpu": single_cpu or None,
+        }
+        body = [_variants(values, RECORD_OPTIONS)]
+        reply = await self._vm_since(RECORDINGS_REVISION, name, "Record", "a{sv}", body)
+        return str(reply.body[0])
+
+    async def replay(
+        self, name: str, recording_id: str, *, snapshot_interval: float | None = None
+    ) -> str:
+        """Start VM *name* replaying *recording_id*, paused before its first
+        instruction; returns the recording's path."""
+        values = {"snapshot_interval": snapshot_interval}
+        body = [recording_path(recording_id), _variants(values, REPLAY_OPTIONS)]
+        reply = await self._vm_since(
+            RECORDINGS_REVISION, name, "Replay", "oa{sv}", body
+        )
+        return str(reply.body[0])
+
+    async def _recording(
+        self,
+        recording_id: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+    ) -> Reply:
+        """Call *member* on recording *recording_id*: there is no GetRecording,
+        so a recording that does not exist is the bus library's answer for an
+        object that does not, told as NoSuchRecording."""
+        path = recording_path(recording_id)
+        try:
+            return await self.reply(path, interface, member, signature, body)
+        except RemoteError as err:
+            if err.name not in NO_OBJECT:
+                raise
+            raise RemoteError(
+                NoSuchRecording.dbus_name(),
+                f"no recording is named {recording_id}: kdlabctl recording list "
+                "shows them",
+            ) from None
+
+    async def recording(self, recording_id: str) -> Recording:
+        reply = await self._recording(
+            recording_id, PROPERTIES, "GetAll", "s", [RECORDING_INTERFACE]
+        )
+        return Recording.from_properties(unwrapped(reply.body[0]))
+
+    async def list_recordings(self) -> list[Recording]:
+        """Every recording, oldest first."""
+        found = await self._objects(RECORDING_INTERFACE, Recording)
+        return sorted(found, key=lambda recording: (recording.created, recording.id))
+
+    async def delete_recording(self, recording_id: str) -> None:
+        await self._recording(recording_id, RECORDING_INTERFACE, "Delete")
 
     # images
 

@@ -6,8 +6,8 @@ cobra's programs (kubectl, gh) do. :func:`complete` walks kdlabctl's own
 argparse parser over those words, so commands, options and their values come
 from the parser kdlabctl runs: nothing is kept by hand, in any shell.
 
-An argument names what it takes: ``choices``, a :class:`Names` type (a VM or
-an image that exists: kdlabd is asked for the names, within
+An argument names what it takes: ``choices``, a :class:`Names` type (a VM, an
+image or a recording that exists: kdlabd is asked for the names, within
 :data:`NAMES_SECONDS`, without being started, and silently nothing when it is
 not there), or a metavar of :data:`PATH_METAVARS` (the shell completes file
 names).
@@ -21,12 +21,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from kdlabctl.names import HIDDEN, IMAGE_NAME, VM_NAME, Names
+from kdlabctl.names import HIDDEN, IMAGE_NAME, RECORDING_ID, VM_NAME, Names
 
 if TYPE_CHECKING:
     from kdlabctl.client import Listing
 
-__all__ = ["HIDDEN", "IMAGE_NAME", "VM_NAME", "Completion", "Names", "complete"]
+__all__ = [
+    "HIDDEN",
+    "IMAGE_NAME",
+    "RECORDING_ID",
+    "VM_NAME",
+    "Completion",
+    "Names",
+    "complete",
+]
 
 # How long a Tab may wait for kdlabd's names: a shell that stalls is worse
 # than one that offers nothing.
@@ -165,8 +173,9 @@ def _matching(candidates: Sequence[str], current: str) -> Completion:
 
 
 def names(bus: str, listing: Listing) -> list[str]:
-    """The names of kdlabd's VMs or images on *bus*; none when kdlabd (or the
-    bus) is not there or does not answer within :data:`NAMES_SECONDS`."""
+    """The names of kdlabd's VMs, images or recordings on *bus*; none when
+    kdlabd (or the bus) is not there or does not answer within
+    :data:`NAMES_SECONDS`."""
     from kdlabctl.client import Client, settle
 
     try:  # each step of the connection and the call waits NAMES_SECONDS at most

@@ -1,8 +1,9 @@
 """The names an argument takes, for the shell's completion (stdlib only).
 
 kdlabctl's parser is built at every start; its arguments say what they take
-(:data:`VM_NAME`, :data:`IMAGE_NAME`), and :mod:`kdlabctl.completion`, loaded
-only on a Tab, asks kdlabd for those names. Nothing here may cost start-up.
+(:data:`VM_NAME`, :data:`IMAGE_NAME`, :data:`RECORDING_ID`), and
+:mod:`kdlabctl.completion`, loaded only on a Tab, asks kdlabd for those names.
+Nothing here may cost start-up.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ HIDDEN = "__complete"  # the command the completion scripts run: kdlabctl.comple
 
 
 class Names:
-    """An argparse type: the name of a VM or an image that exists.
+    """An argparse type: the name of a VM, an image or a recording that exists.
 
     It keeps the text as it is (kdlabd judges names); completion asks kdlabd
     for the names of *listing*.
@@ -32,3 +33,4 @@ class Names:
 
 VM_NAME = Names("vms")
 IMAGE_NAME = Names("images")
+RECORDING_ID = Names("recordings")

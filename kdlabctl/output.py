@@ -65,6 +65,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
+def print_fields(fields: Sequence[tuple[str, str]]) -> None:
+    """What ``show`` commands print: one ``Label: value`` a line, aligned."""
+    width = max(len(label) for label, _ in fields)
+    for label, value in fields:
+        print(f"{label + ':':<{width + 1}} {value}")
+
+
 def listing(
     records: Sequence[R],
     *,

@@ -153,6 +153,8 @@ class VM(Record):
     on_panic: str
     latest_dump: str
     checkpoints: tuple[Checkpoint, ...]
+    run: str  # "", "record" or "replay" (kdlab.wire.RUN_*)
+    run_recording: str  # its recording's path; "/" (or "" before kdlabd 8): none
 
 
 class Image(Record):
@@ -197,3 +199,22 @@ class Dump(Record):
     format: str
     vmcoreinfo: bool
     state: str
+
+
+class Recording(Record):
+    """An ``org.kdlab.Kdlab1.Recording`` object's properties."""
+
+    id: str
+    vm: str
+    vmuuid: str
+    owner: int
+    kernel_release: str
+    cmdline: str
+    qemu: str
+    instructions: int
+    seconds: float
+    ended: str  # "" while recording, else kdlab.wire.RECORDING_ENDED_*
+    truncated: bool
+    created: int
+    size: int
+    state: str  # kdlab.wire.RECORDING_STATE_*

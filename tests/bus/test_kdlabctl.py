@@ -71,6 +71,8 @@ JSON_KEYS = {
     "OnPanic": "on_panic",
     "LatestDump": "latest_dump",
     "Checkpoints": "checkpoints",
+    "Run": "run",
+    "RunRecording": "run_recording",
 }
 
 

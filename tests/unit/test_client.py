@@ -79,6 +79,8 @@ VM_PROPERTIES: dict[str, Any] = {
     "OnPanic": "dump-and-stop",
     "LatestDump": "/",
     "Checkpoints": [["ready", 1, 1 << 28, 7, "ab"]],
+    "Run": "replay",
+    "RunRecording": "/org/kdlab/Kdlab1/recording/linux_2d6_2e9_2drace",
 }
 
 

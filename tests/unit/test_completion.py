@@ -57,6 +57,9 @@ def test_the_hidden_command_is_in_no_listing() -> None:
         (("image", "resize", ""), completion.IMAGE_NAME),
         (("create", "new", "--image", ""), completion.IMAGE_NAME),
         (("--bus", "system", "logs", "-f", ""), completion.VM_NAME),
+        (("replay", "vm", ""), completion.RECORDING_ID),
+        (("recording", "delete", "a", ""), completion.RECORDING_ID),
+        (("recording", "list", ""), completion.VM_NAME),
     ],
 )
 def test_names_are_asked_where_the_parser_takes_them(

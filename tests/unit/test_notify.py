@@ -41,6 +41,8 @@ VMLINUX = VM(
     on_panic="dump-and-stop",
     latest_dump="/",
     checkpoints=(),
+    run="",
+    run_recording="/",
 )
 
 
