@@ -425,6 +425,9 @@ class DumpService:
             self._handled.discard(record.name)
             self._headlines.pop(record.name, None)
             return
+        run = record.boot.run
+        if run is not None and run.mode == wire.RUN_REPLAY:
+            return  # the recording's panic again: its dump exists (or was not)
         headline = full_headline(record.diagnosis)
         if headline:
             self._headlines[record.name] = headline

@@ -41,6 +41,7 @@ from kdlab.errors import (
 )
 from kdlab.states import VMState
 from kdlabd.core import blocking, checkpoints
+from kdlabd.core.dumps import panic_reason
 from kdlabd.core.host import Host
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.limits import GIB, Limits
@@ -287,10 +288,17 @@ class RecordingService:
         """Follow a recording run: its length and size, the owner's limit;
         finish the recording when the VM stops."""
         started = time.monotonic()
-        truncated = False
+        truncated = panicked = False
+        vm: VMRecord | None = None
         while True:
-            vm = self._vms.get(name)
-            running = vm.state.active and vm.boot.run == Run(wire.RUN_RECORD, record.id)
+            with contextlib.suppress(KdlabError):  # a VM deleted meanwhile
+                vm = self._vms.get(name)
+            running = (
+                vm is not None
+                and vm.state.active
+                and vm.boot.run == Run(wire.RUN_RECORD, record.id)
+            )
+            panicked = panicked or (vm is not None and panic_reason(vm) is not None)
             size = await self._size(files)
             if running:
                 with contextlib.suppress(KdlabError):
@@ -312,7 +320,7 @@ class RecordingService:
             wire.RECORDING_ENDED_LIMIT
             if truncated
             else wire.RECORDING_ENDED_PANIC
-            if vm is not None and (vm.panicked or _panicked(vm))
+            if panicked
             else wire.RECORDING_ENDED_STOP
         )
         done = replace(
@@ -520,12 +528,6 @@ class RecordingService:
         if record is not None:
             for observer in self._observers:
                 observer.recording_removed(record)
-
-
-def _panicked(vm: VMRecord) -> bool:
-    """Whether the boot's diagnosis found a panic on the console."""
-    diagnosis = vm.diagnosis
-    return diagnosis is not None and "panic" in str(diagnosis.code)
 
 
 def _log_failure(name: str, task: asyncio.Task[None]) -> None:

@@ -1,0 +1,132 @@
+"""Record and replay on real libvirt and QEMU (TCG), with Debian's kernel.
+
+The issue's demonstration: a boot whose init exits (the kernel panics) is
+recorded; two replays show the same console; in a replay gdb stops at
+``panic`` going forwards, goes back to an earlier breakpoint with
+reverse-continue, and ten reverse-stepi then ten stepi come back to the same
+``$pc`` sequence. Refusals: a VM of two vCPUs without --single-cpu, a replay
+after the kernel changed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.prereq import require_tool
+from tests.vm.conftest import Lab, virsh
+from tests.vm.test_debug import gdb_session
+from tests.vm.test_lifecycle import wait_for_console
+
+pytestmark = pytest.mark.vm
+
+PANIC = "Attempted to kill init"
+RECORD_SECONDS = 240
+
+
+def recordings(lab: Lab, name: str) -> list[dict[str, Any]]:
+    listed = lab.ctl("recording", "list", name, "--json")
+    assert listed.returncode == 0, listed.stderr
+    return list(json.loads(listed.stdout))
+
+
+def wait_complete(lab: Lab, name: str, recording: str) -> dict[str, Any]:
+    deadline = time.monotonic() + RECORD_SECONDS
+    while time.monotonic() < deadline:
+        found = [r for r in recordings(lab, name) if r["id"] == recording]
+        if found and found[0]["state"] == "complete":
+            return found[0]
+        time.sleep(1)
+    raise AssertionError(f"recording {recording} did not complete: {found}")
+
+
+def console_log(lab: Lab, name: str) -> str:
+    result = lab.ctl("logs", name)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def replayed_log(lab: Lab, name: str, recording: str, until: str) -> str:
+    """Replay *recording* to its end (the guest runs on by itself): its log."""
+    replay = lab.ctl("replay", name, recording, "--snapshot-interval", "0")
+    assert replay.returncode == 0, replay.stderr
+    assert virsh("resume", f"kdlab-{name}").returncode == 0  # no gdb: run on
+    wait_for_console(lab, name, until, timeout=RECORD_SECONDS)
+    time.sleep(3)  # what the recording printed after the panic line
+    log = console_log(lab, name)
+    assert lab.ctl("stop", name, "--force").returncode == 0
+    return log
+
+
+def panic_vm(lab: Lab, name: str, vmlinux: Path, *extra: str) -> None:
+    created = lab.ctl(
+        "create", name, "--kernel", str(lab.kernel.vmlinuz),
+        "--initrd", str(lab.initramfs), "--memory", "256", "--vmlinux", str(vmlinux),
+        "--cmdline", "rdinit=/bin/false panic=0", "--on-panic", "dump-and-stop",
+        *extra,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+
+
+def test_a_recorded_panic_replays_the_same_console_twice(
+    lab: Lab, vm_name: str, vmlinux: Path
+) -> None:
+    panic_vm(lab, vm_name, vmlinux)
+    started = lab.ctl("record", vm_name, "--as", f"{vm_name}-boot")
+    assert started.returncode == 0, started.stderr
+    recording = started.stdout.strip()
+    assert recording == f"{vm_name}-boot"
+    wait_for_console(lab, vm_name, PANIC, timeout=RECORD_SECONDS)
+    done = wait_complete(lab, vm_name, recording)
+    assert done["ended"] == "panic", done
+    assert done["instructions"] > 100_000_000, done
+    recorded = console_log(lab, vm_name)
+    assert PANIC in recorded
+
+    first = replayed_log(lab, vm_name, recording, PANIC)
+    second = replayed_log(lab, vm_name, recording, PANIC)
+    cut = recorded.index(PANIC)
+    assert first[:cut] == recorded[:cut]
+    assert second[:cut] == recorded[:cut]
+
+
+def test_reverse_debugging_in_a_replay(lab: Lab, vm_name: str, vmlinux: Path) -> None:
+    require_tool("gdb", "gdb")
+    panic_vm(lab, vm_name, vmlinux)
+    recording = lab.ctl("record", vm_name).stdout.strip()
+    wait_for_console(lab, vm_name, PANIC, timeout=RECORD_SECONDS)
+    wait_complete(lab, vm_name, recording)
+
+    replay = lab.ctl("replay", vm_name, recording)
+    assert replay.returncode == 0, replay.stderr
+    gdb, send = gdb_session(lab, vm_name)
+    send(b"hbreak do_exit\n", "Hardware assisted breakpoint 1")
+    send(b"hbreak panic\n", "Hardware assisted breakpoint 2")
+    send(b"continue\n", "Breakpoint 1, do_exit")
+    send(b"continue\n", "Breakpoint 2, panic")
+    send(b"reverse-continue\n", "Breakpoint 1, do_exit")
+    send(b"continue\n", "Breakpoint 2, panic")
+
+    def pc(step: bytes) -> str:
+        answer = send(step + b"p/x $pc\necho PC-END\\n\n", "PC-END")
+        return re.findall(r"= (0x[0-9a-f]+)", answer)[-1]
+
+    at_panic = pc(b"")
+    backwards = [pc(b"reverse-stepi\n") for _ in range(10)]
+    forwards = [pc(b"stepi\n") for _ in range(10)]
+    assert forwards[:-1] == list(reversed(backwards))[1:], (backwards, forwards)
+    assert forwards[-1] == at_panic
+    assert len(set(backwards)) > 1, backwards  # it moved
+    gdb.kill()
+
+
+def test_refusals(lab: Lab, vm_name: str, vmlinux: Path) -> None:
+    panic_vm(lab, vm_name, vmlinux, "--cpus", "2")
+    refused = lab.ctl("record", vm_name)
+    assert refused.returncode == 12, refused.stderr
+    assert "--single-cpu" in refused.stderr
