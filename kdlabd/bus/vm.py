@@ -13,6 +13,7 @@ from kdlab.wire import (
     NO_DUMP_PATH,
     NO_RECORDING_PATH,
     RECORD_OPTIONS,
+    RECORDING_PATH_PREFIX,
     REPLAY_OPTIONS,
     RESTORE_CHECKPOINT_OPTIONS,
     SAVE_CHECKPOINT_OPTIONS,
@@ -229,7 +230,7 @@ class VMInterface(ServiceInterface):
     async def Replay(self, caller: Caller, recording: "o", options: "a{sv}") -> "o":
         """Start the stopped VM replaying @recording, paused for gdb."""
         opts = take(options, REPLAY_OPTIONS)
-        prefix = recording_path("")
+        prefix = RECORDING_PATH_PREFIX + "/"
         if not recording.startswith(prefix) or recording == prefix:
             raise InvalidArgument(f"{recording!r} is not a recording's object path")
         found = await self._recordings().replay(

@@ -480,7 +480,7 @@ class LibvirtHypervisor:
         def identify(conn: libvirt.virConnect) -> tuple[str, Path]:
             version = conn.getVersion()  # major * 1_000_000 + minor * 1000 + micro
             caps = etree.fromstring(conn.getCapabilities().encode())
-            path = caps.findtext("guest[arch/@name='x86_64']/arch/emulator") or ""
+            path = str(caps.xpath("string(guest[arch/@name='x86_64']/arch/emulator)"))
             dotted = f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
             return f"QEMU {dotted}", Path(path)
 

@@ -52,7 +52,8 @@ def remove_vm(daemon: Kdlabd, name: str) -> None:
 
 def remove_pools(pool_prefix: str) -> None:
     """Destroy and undefine the pools of a :func:`system_kdlabd`, if they exist."""
-    for pool in (f"{pool_prefix}-{kind}" for kind in ("boot", "images", "dumps")):
+    kinds = ("boot", "images", "dumps", "recordings")
+    for pool in (f"{pool_prefix}-{kind}" for kind in kinds):
         virsh("pool-destroy", pool)
         virsh("pool-undefine", pool)
 
@@ -113,6 +114,7 @@ def system_kdlabd(
         config_text=(
             f'boot_pool = "{pool_prefix}-boot"\nimage_pool = "{pool_prefix}-images"\n'
             f'dump_pool = "{pool_prefix}-dumps"\n'
+            f'recording_pool = "{pool_prefix}-recordings"\n'
             f'cache_dir = "{build_cache()}"\n{config}'
         ),
         nofile=nofile,

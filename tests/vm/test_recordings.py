@@ -25,7 +25,7 @@ from tests.vm.test_lifecycle import wait_for_console
 
 pytestmark = pytest.mark.vm
 
-PANIC = "Attempted to kill init"
+PANIC = "Attempted to kill init"  # busybox as init prints its help, exits
 RECORD_SECONDS = 240
 
 
@@ -67,7 +67,7 @@ def panic_vm(lab: Lab, name: str, vmlinux: Path, *extra: str) -> None:
     created = lab.ctl(
         "create", name, "--kernel", str(lab.kernel.vmlinuz),
         "--initrd", str(lab.initramfs), "--memory", "256", "--vmlinux", str(vmlinux),
-        "--cmdline", "rdinit=/bin/false panic=0", "--on-panic", "dump-and-stop",
+        "--cmdline", "rdinit=/bin/busybox panic=0", "--on-panic", "dump-and-stop",
         *extra,
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
