@@ -93,6 +93,12 @@ def run_args(run: Run, files: RunFiles) -> list[str]:
     record/replay: QEMU 7.2 records only chardevs reached through the
     legacy option, and console input must be in the log. The snapshot of
     the run's start goes to a qcow2 no device sees (the state drive).
+    The APIC's vapic option (a TCG speed-up for Windows guests) is off: with
+    it, QEMU 7.2 deadlocks loading a snapshot taken during a replay (the
+    reverse-stepi after kdlabd's periodic snapshot hung QEMU every time).
+    A recording and its replays have the domain's UUID in common (libvirt's
+    ``-uuid``, in the SMBIOS table the guest reads): replays run in the VM
+    that recorded.
     """
     rr = "record" if run.mode == RUN_RECORD else "replay"
     log = qemu_option_value(str(files.log))
@@ -102,6 +108,8 @@ def run_args(run: Run, files: RunFiles) -> list[str]:
         f"chardev:{SERIAL_CHARDEV}",
         "-chardev",
         "null,id=kdlab-serial-unused",
+        "-global",
+        "apic.vapic=off",
         "-icount",
         f"shift=auto,rr={rr},rrfile={log},rrsnapshot={RR_START_SNAPSHOT}",
         "-drive",

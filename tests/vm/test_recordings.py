@@ -105,12 +105,12 @@ def test_reverse_debugging_in_a_replay(lab: Lab, vm_name: str, vmlinux: Path) ->
     replay = lab.ctl("replay", vm_name, recording)
     assert replay.returncode == 0, replay.stderr
     gdb, send = gdb_session(lab, vm_name)
-    send(b"hbreak do_exit\n", "Hardware assisted breakpoint 1")
-    send(b"hbreak panic\n", "Hardware assisted breakpoint 2")
-    send(b"continue\n", "Breakpoint 1, do_exit")
-    send(b"continue\n", "Breakpoint 2, panic")
-    send(b"reverse-continue\n", "Breakpoint 1, do_exit")
-    send(b"continue\n", "Breakpoint 2, panic")
+    send(b"hbreak panic\n", "Hardware assisted breakpoint 1")
+    send(b"continue\n", "Breakpoint 1, panic")
+    # Backwards to init's exit, which called panic; forwards to panic again.
+    send(b"hbreak do_exit\n", "Hardware assisted breakpoint 2")
+    send(b"reverse-continue\n", "Breakpoint 2, do_exit")
+    send(b"continue\n", "Breakpoint 1, panic")
 
     def pc(step: bytes) -> str:
         answer = send(step + b"p/x $pc\necho PC-END\\n\n", "PC-END")
