@@ -11,6 +11,7 @@ after the kernel changed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from kdlab.wire import VM_INTERFACE, vm_path
+from tests.support.bus import BusClient
 from tests.support.prereq import require_tool
 from tests.vm.conftest import Lab, virsh
 from tests.vm.test_debug import gdb_session
@@ -130,3 +133,38 @@ def test_refusals(lab: Lab, vm_name: str, vmlinux: Path) -> None:
     refused = lab.ctl("record", vm_name)
     assert refused.returncode == 12, refused.stderr
     assert "--single-cpu" in refused.stderr
+    assert not recordings(lab, vm_name)
+
+
+def test_single_cpu_records_two_vcpus_with_one(
+    lab: Lab, vm_name: str, vmlinux: Path
+) -> None:
+    panic_vm(lab, vm_name, vmlinux, "--cpus", "2")
+    started = lab.ctl("record", vm_name, "--single-cpu")
+    assert started.returncode == 0, started.stderr
+    wait_for_console(lab, vm_name, PANIC, timeout=RECORD_SECONDS)
+    assert wait_complete(lab, vm_name, started.stdout.strip())["ended"] == "panic"
+    shown = json.loads(lab.ctl("show", vm_name, "--json").stdout)
+    assert shown["vcpus"] == 2, "the VM's own definition is unchanged"
+
+
+def test_a_replay_after_the_kernel_changed_is_refused(
+    lab: Lab, vm_name: str, vmlinux: Path, client: BusClient, tmp_path: Path
+) -> None:
+    panic_vm(lab, vm_name, vmlinux)
+    recording = lab.ctl("record", vm_name).stdout.strip()
+    wait_for_console(lab, vm_name, PANIC, timeout=RECORD_SECONDS)
+    wait_complete(lab, vm_name, recording)
+    # A rebuilt kernel: other bytes (one more at the end still boots).
+    rebuilt = tmp_path / "bzImage"
+    rebuilt.write_bytes(lab.kernel.vmlinuz.read_bytes() + b"\0")
+    fd = os.open(rebuilt, os.O_RDONLY)
+    try:
+        client.ok(vm_path(vm_name), VM_INTERFACE, "Start", "a{sv}",
+                  [{"kernel": ("h", 0)}], unix_fds=[fd])  # fmt: skip
+    finally:
+        os.close(fd)
+    assert lab.ctl("stop", vm_name, "--force").returncode == 0
+    refused = lab.ctl("replay", vm_name, recording)
+    assert refused.returncode == 10, refused.stderr
+    assert "the kernel was rebuilt or replaced" in refused.stderr

@@ -1,0 +1,100 @@
+"""The rules of recordings that need no QEMU: refusals, sidecars, the live XML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from kdlab import wire
+from kdlab.errors import NotRecordable
+from kdlab.states import VMState
+from kdlabd.core.models import (
+    Accel,
+    BootMark,
+    Disk,
+    Run,
+    RunFiles,
+    VMRecord,
+    VMSpec,
+)
+from kdlabd.core.recordings import (
+    RecordingRecord,
+    auto_snapshots,
+    check_recordable,
+    from_sidecar,
+    sidecar,
+)
+from kdlabd.virt.domain_xml import build_domain_xml, parse_boot_mark, parse_domain_xml
+
+SPEC = VMSpec(
+    name="rr",
+    owner_uid=1000,
+    kernel=Path("/boot/rr.kernel"),
+    initrd=None,
+    cmdline="",
+    memory_mib=256,
+    vcpus=1,
+    accel=Accel.TCG,
+    console_log=Path("/vms/rr/console.log"),
+    gdb_socket=Path("/run/gdb/rr.sock"),
+)
+
+
+def vm(**changes: object) -> VMRecord:
+    return VMRecord(SPEC.replace(**changes), "u-u-i-d", VMState.STOPPED)
+
+
+def test_what_qemu_cannot_record_is_refused_by_name() -> None:
+    check_recordable(vm(), single_cpu=False)
+    with pytest.raises(NotRecordable, match="KVM"):
+        check_recordable(vm(accel=Accel.KVM), single_cpu=False)
+    with pytest.raises(NotRecordable, match="--single-cpu"):
+        check_recordable(vm(vcpus=2), single_cpu=False)
+    check_recordable(vm(vcpus=2), single_cpu=True)
+    disk = Disk(Path("/vms/rr/vda.qcow2"), "vda")
+    with pytest.raises(NotRecordable, match="block-replay"):
+        check_recordable(vm(disks=(disk,)), single_cpu=False)
+
+
+def test_a_sidecar_reads_back_and_a_torn_one_is_nothing() -> None:
+    record = RecordingRecord(
+        id="rr-1", vm="rr", vm_uuid="u", owner_uid=1000, kernel_release="6.1",
+        cmdline="console=ttyS0", qemu="QEMU 7.2.0", fingerprint=(("kernel", "ab"),),
+        created_usec=5, instructions=9, seconds=1.5, ended=wire.RECORDING_ENDED_PANIC,
+        state=wire.RECORDING_STATE_COMPLETE,
+    )  # fmt: skip
+    text = sidecar(record)
+    assert from_sidecar(text, 77) == RecordingRecord(**{**record.__dict__, "size": 77})
+    assert from_sidecar(text[:-3], 77) is None
+    assert from_sidecar(text.replace(b'"rr-1"', b'"../x"'), 1) is None
+
+
+def test_only_kdlabs_own_snapshots_are_dropped_before_a_replay() -> None:
+    info = """List of snapshots present on all disks:
+ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT
+--        kdlab-start       884 KiB 2026-12-06 11:52:32 00:00:00.000          0
+--        kdlab-auto-1      1.2 MiB 2026-12-06 11:52:33 00:00:01.000   10000000
+--        kdlab-auto-12     1.2 MiB 2026-12-06 11:52:34 00:00:02.000   20000000
+--        mine              1.2 MiB 2026-12-06 11:52:34 00:00:02.000   20000000
+"""
+    assert auto_snapshots(info) == ["kdlab-auto-1", "kdlab-auto-12"]
+
+
+def test_the_live_definition_of_a_recording_boot() -> None:
+    run = Run(wire.RUN_RECORD, "rr-1")
+    files = RunFiles(Path("/rec/rr-1.rr"), Path("/rec/rr-1.state"))
+    xml = build_domain_xml(SPEC, "u-u-i-d", run=(run, files), mark=BootMark(7, run=run))
+    root = etree.fromstring(xml.encode())
+    args = [a.get("value") for a in root.iter("{*}arg")]
+    assert "shift=auto,rr=record,rrfile=/rec/rr-1.rr,rrsnapshot=kdlab-start" in args
+    assert "file=/rec/rr-1.state,if=none,id=kdlab-rr-state,format=qcow2" in args
+    assert args[args.index("-serial") + 1] == "chardev:charserial0"
+    assert "apic.vapic=off" in args
+    assert root.findtext("uuid") == "u-u-i-d"
+    assert parse_boot_mark(xml) == BootMark(7, run=run)
+    assert parse_domain_xml(xml) == SPEC
+    plain = build_domain_xml(SPEC, "u-u-i-d")
+    assert "-icount" not in plain
+    assert "override" not in plain
