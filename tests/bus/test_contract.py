@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 import kdlabd
+from kdlab import wire
 from kdlab.errors import ERRORS
 from kdlab.wire import (
     API_REVISION,
@@ -27,9 +28,9 @@ from kdlab.wire import (
 )
 from tests.bus import contract
 from tests.bus.conftest import Ctl
-from tests.bus.contract import DUMP, IMAGE, INTERFACES, JOB, MANAGER, VM
+from tests.bus.contract import DUMP, IMAGE, INTERFACES, JOB, MANAGER, RECORDING, VM
 from tests.support.bus import OBJECT_MANAGER, PROPERTIES, BusClient
-from tests.support.testdriver import DUMPS, FLEET
+from tests.support.testdriver import DUMPS, FLEET, RECORDINGS
 
 pytestmark = pytest.mark.bus
 
@@ -103,6 +104,8 @@ def test_every_member_and_argument_is_documented(interface: str) -> None:
         (VM, "Stop", STOP_OPTIONS),
         (VM, "SaveCheckpoint", SAVE_CHECKPOINT_OPTIONS),
         (VM, "RestoreCheckpoint", RESTORE_CHECKPOINT_OPTIONS),
+        (VM, "Record", wire.RECORD_OPTIONS),
+        (VM, "Replay", wire.REPLAY_OPTIONS),
         (IMAGE, "Resize", {}),
     ],
 )
@@ -130,6 +133,7 @@ def test_live_introspection_matches_contract(
         IMAGE: image,
         JOB: job,
         DUMP: DUMP_PATHS["busy-20231114-224820"],
+        RECORDING: wire.recording_path(RECORDINGS[0].id),
     }[interface]
     live = contract.interface_element(
         contract.parse(client.introspect(path)), interface
@@ -149,7 +153,7 @@ def test_manager_is_an_object_manager(client: BusClient) -> None:
         "InterfacesRemoved": ("o", "as"),
     }
     children = {node.get("name") for node in tree.getroot().findall("node")}
-    assert children == {"vm", "dump"}
+    assert children == {"vm", "dump", "recording"}
 
 
 @pytest.mark.usefixtures("kdlabd")
@@ -158,9 +162,13 @@ def test_managed_objects_are_every_vm_and_dump_with_every_property(
 ) -> None:
     objects = client.managed_objects()
     # Foreign domains are not VMs; the dumps are those found in the pool.
-    assert set(objects) == set(VM_PATHS.values()) | set(DUMP_PATHS.values())
+    recordings = {wire.recording_path(r.id): r for r in RECORDINGS}
+    assert set(objects) == set(VM_PATHS.values()) | set(DUMP_PATHS.values()) | set(
+        recordings
+    )
     expected = [(VM_PATHS[vm.name], VM, vm.properties()) for vm in FLEET]
     expected += [(DUMP_PATHS[d.id], DUMP, d.properties()) for d in DUMPS]
+    expected += [(p, RECORDING, r.properties()) for p, r in recordings.items()]
     for path, interface, properties in expected:
         interfaces = objects[path]
         assert {i for i in interfaces if not i.startswith("org.freedesktop.DBus.")} == {

@@ -28,9 +28,9 @@ from dbus_next.aio import MessageBus
 from lxml import etree
 
 from kdlab.errors import HypervisorError, NotAuthorized
-from kdlab.wire import MANAGER_PATH, dump_path, image_path, vm_path
+from kdlab.wire import MANAGER_PATH, dump_path, image_path, recording_path, vm_path
 from kdlabd.bus.auth import Action
-from tests.bus.contract import DUMP, IMAGE, JOB, MANAGER, VM
+from tests.bus.contract import DUMP, IMAGE, JOB, MANAGER, RECORDING, VM
 from tests.bus.test_security import INSPECT_METHODS, Walk, calls_as, method_walks
 from tests.support import figures
 from tests.support.bus import (
@@ -42,7 +42,7 @@ from tests.support.bus import (
     PrivateBus,
 )
 from tests.support.clients import NOBODY
-from tests.support.testdriver import DUMPS, VMS, Lab
+from tests.support.testdriver import DUMPS, RECORDINGS, VMS, Lab
 
 pytestmark = pytest.mark.bus
 
@@ -274,6 +274,7 @@ DEBUG_METHODS = {
     "TakeDump",  # reads the guest's memory
     "Open",  # a dump: the guest's memory
     "GetHeadline",  # a dump's: the console's line
+    "Replay",  # runs the recording again, for gdb
 }
 
 
@@ -310,6 +311,7 @@ def targets(pk: PolkitLab, kernels: dict[str, Path]) -> dict[str, list[str]]:
         IMAGE: [str(image)],
         JOB: [str(job)],
         DUMP: [dump_path(d.id) for d in DUMPS if d.vm.owner == 0],
+        RECORDING: [recording_path(r.id) for r in RECORDINGS if r.vm.owner == 0],
     }
 
 

@@ -47,12 +47,12 @@ from dbus_next.signature import SignatureTree, SignatureType
 
 import kdlabd.bus
 from kdlab.errors import Internal, InvalidArgument, LimitExceeded, NotAuthorized
-from kdlab.wire import MANAGER_PATH, dump_path
+from kdlab.wire import MANAGER_PATH, dump_path, recording_path
 from kdlabd.bus.auth import Action
 from kdlabd.core import validate
 from kdlabd.core.limits import GIB, Limits
 from tests.bus import contract, test_policy
-from tests.bus.contract import DUMP, IMAGE, INTERFACES, JOB, MANAGER, VM
+from tests.bus.contract import DUMP, IMAGE, INTERFACES, JOB, MANAGER, RECORDING, VM
 from tests.support import REPO, figures
 from tests.support.bus import DBUS_NAME, DBUS_PATH, PROPERTIES, BusClient, PrivateBus
 from tests.support.clients import NOBODY, Identity, run_tool
@@ -902,6 +902,7 @@ def walk_objects(security: SecurityLab) -> dict[str, list[str]]:
         IMAGE: [IMAGE_PATH],
         JOB: [job],
         DUMP: [dump_path(d.id) for d in security.lab.dumps],
+        RECORDING: [recording_path(r.id) for r in security.lab.recordings],
     }
 
 
@@ -943,6 +944,11 @@ def test_figure_methods_that_leaked(
         IMAGE: walk_objects[IMAGE],  # root's image
         JOB: walk_objects[JOB],  # root's job
         DUMP: [dump_path(d.id) for d in lab.dumps if d.vm.owner != kdlab_member.uid],
+        RECORDING: [
+            recording_path(r.id)
+            for r in lab.recordings
+            if r.vm.owner != kdlab_member.uid
+        ],
     }
     member = method_walks(others, kernel)
     leaked += leaks(

@@ -29,6 +29,7 @@ from lxml import etree
 
 from kdlab import wire
 from kdlabd.config import Config
+from kdlabd.core import recordings as recording_files
 from kdlabd.core.dumps import DumpRecord, sidecar
 from kdlabd.core.models import Accel, BootMark, DebugSettings, Disk, VMSpec
 from kdlabd.core.vms import Layout
@@ -265,6 +266,65 @@ class FakeDump:
 DUMPS = (FakeDump(VMS["linux-6.9-rc1"]), FakeDump(VMS["busy"]))
 
 
+@dataclass(frozen=True)
+class FakeRecording:
+    """A complete recording in the test driver's recordings pool (the test
+    driver cannot record): its log, its state file and kdlabd's sidecar."""
+
+    vm: FakeVM
+    created_usec: int = 1_700_000_200_000_000
+    log: bytes = b"\x00\xe0\x20\x0c" + bytes(60)
+
+    @property
+    def id(self) -> str:
+        return f"{self.vm.name}-rec"
+
+    @property
+    def volumes(self) -> dict[str, bytes]:
+        return {f"{self.id}.rr": self.log, f"{self.id}.state": b"QFI\xfb"}
+
+    def record(self) -> recording_files.RecordingRecord:
+        return recording_files.RecordingRecord(
+            id=self.id,
+            vm=self.vm.name,
+            vm_uuid=self.vm.uuid,
+            owner_uid=self.vm.owner,
+            kernel_release=self.vm.release,
+            cmdline=self.vm.boots_with,
+            qemu="QEMU 7.2.0 (/usr/bin/qemu-system-x86_64 sha256:00c0ffee)",
+            fingerprint=(("kernel", "00c0ffee"),),
+            created_usec=self.created_usec,
+            instructions=1_000_000,
+            seconds=2.5,
+            ended=wire.RECORDING_ENDED_PANIC,
+            state=wire.RECORDING_STATE_COMPLETE,
+        )
+
+    def properties(self) -> dict[str, Any]:
+        """The org.kdlab.Kdlab1.Recording properties kdlabd must export."""
+        record = self.record()
+        return {
+            "Id": self.id,
+            "VM": self.vm.name,
+            "VMUUID": self.vm.uuid,
+            "Owner": self.vm.owner,
+            "KernelRelease": self.vm.release,
+            "Cmdline": self.vm.boots_with,
+            "Qemu": record.qemu,
+            "Instructions": 1_000_000,
+            "Seconds": 2.5,
+            "Ended": "panic",
+            "Truncated": False,
+            "Created": self.created_usec,
+            "Size": sum(len(v) for v in self.volumes.values()),
+            "State": "complete",
+        }
+
+
+# The recordings every bus test starts with: one of root's VM, one of uid 1000's.
+RECORDINGS = (FakeRecording(VMS["linux-6.9-rc1"]), FakeRecording(VMS["busy"]))
+
+
 def latest_dump(vm: FakeVM) -> str:
     """The LatestDump of *vm* with the standard :data:`DUMPS`."""
     paths = [wire.dump_path(d.id) for d in DUMPS if d.vm == vm]
@@ -312,13 +372,37 @@ def _dump_pool(dumps: Iterable[FakeDump], layout: Layout) -> etree._Element:
     return pool
 
 
+def _recording_pool(
+    recordings: Iterable[FakeRecording], layout: Layout
+) -> etree._Element:
+    """kdlabd's recordings pool with the volumes of *recordings*."""
+    pool = etree.Element("pool", type="dir")
+    etree.SubElement(pool, "name").text = Config.recording_pool
+    etree.SubElement(etree.SubElement(pool, "target"), "path").text = str(
+        recording_pool_dir(layout)
+    )
+    for recording in recordings:
+        for name, content in recording.volumes.items():
+            volume = etree.SubElement(pool, "volume")
+            etree.SubElement(volume, "name").text = name
+            etree.SubElement(volume, "capacity", unit="bytes").text = str(len(content))
+    return pool
+
+
+def recording_pool_dir(layout: Layout) -> Path:
+    return Config(state_dir=layout.state_dir).recording_pool_dir
+
+
 def dump_pool_dir(layout: Layout) -> Path:
     """Where kdlabd's dumps pool is (kdlabd's default: STATE_DIR/dumps)."""
     return Config(state_dir=layout.state_dir).dump_pool_dir
 
 
 def driver_xml(
-    vms: Iterable[FakeVM], layout: Layout, dumps: Iterable[FakeDump] = ()
+    vms: Iterable[FakeVM],
+    layout: Layout,
+    dumps: Iterable[FakeDump] = (),
+    recordings: Iterable[FakeRecording] = (),
 ) -> bytes:
     """A test driver ``<node>`` file holding *vms* plus :data:`FOREIGN_DOMAINS`,
     and kdlabd's dumps pool with *dumps*.
@@ -350,6 +434,7 @@ def driver_xml(
     for name in FOREIGN_DOMAINS:
         node.append(_foreign_domain(name))
     node.append(_dump_pool(dumps, layout))
+    node.append(_recording_pool(recordings, layout))
     return etree.tostring(
         node, pretty_print=True, xml_declaration=True, encoding="UTF-8"
     )
@@ -373,6 +458,7 @@ class Lab:
         self.dumps = tuple(
             (d for d in DUMPS if d.vm in self.vms) if dumps is None else dumps
         )
+        self.recordings = tuple(r for r in RECORDINGS if r.vm in self.vms)
         self.layout = Layout(workdir / "state", workdir / "run")
         self.driver = workdir / "testdriver.xml"
         self.daemon = Kdlabd(
@@ -385,7 +471,9 @@ class Lab:
 
     def populate(self) -> None:
         """Write the driver file and the host files a real libvirt would have left."""
-        self.driver.write_bytes(driver_xml(self.vms, self.layout, self.dumps))
+        self.driver.write_bytes(
+            driver_xml(self.vms, self.layout, self.dumps, self.recordings)
+        )
         # libvirtd creates a directory pool's directory when it builds the pool;
         # the test driver keeps pools in memory and creates nothing.
         (self.layout.state_dir / "boot").mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -394,6 +482,14 @@ class Lab:
         for dump in self.dumps:
             (dumps / dump.volume).write_bytes(dump.content)
             (dumps / f"{dump.id}.json").write_bytes(sidecar(dump.record()))
+        kept = recording_pool_dir(self.layout)
+        kept.mkdir(mode=0o711, exist_ok=True)
+        for recording in self.recordings:
+            for name, content in recording.volumes.items():
+                (kept / name).write_bytes(content)
+            (kept / f"{recording.id}.json").write_bytes(
+                recording_files.sidecar(recording.record())
+            )
         for vm in self.vms:
             if vm.booted:
                 log = self.layout.console_log(vm.name)
