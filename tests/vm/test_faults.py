@@ -763,6 +763,7 @@ def pools_of(daemon: Kdlabd, prefix: str) -> dict[str, Path]:
         f"{prefix}-boot": daemon.state_dir / "boot",
         f"{prefix}-images": daemon.state_dir / "images",
         f"{prefix}-dumps": daemon.state_dir / "dumps",
+        f"{prefix}-recordings": daemon.state_dir / "recordings",
     }
 
 
