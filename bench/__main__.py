@@ -16,7 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import boot, bus, checkpoint, debug, dumps, kernel, lab, rootfs, storage
+from bench import (
+    boot,
+    bus,
+    checkpoint,
+    debug,
+    dumps,
+    kernel,
+    lab,
+    recording,
+    rootfs,
+    storage,
+)
 from bench.measure import Goal, Row, failed
 
 
@@ -36,6 +47,8 @@ BENCHMARKS = {
     "dbus_call_latency": Benchmark(bus.dbus_call_latency),
     "scale": Benchmark(bus.scale),
     "dump_take": Benchmark(dumps.dump_take),
+    "record_overhead": Benchmark(recording.record_overhead),
+    "reverse_step_latency": Benchmark(recording.reverse_step_latency),
     "kernel_build": Benchmark(kernel.kernel_build, quick=False),
 }
 

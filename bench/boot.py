@@ -49,7 +49,7 @@ PROMPT = "root@kdlab:~#"
 VIRSH = ("virsh", "-c", SYSTEM_LIBVIRT)
 
 
-def _timed_boot(
+def timed_boot(
     start: Callable[[], object],
     stop: Callable[[], object],
     *,
@@ -73,9 +73,9 @@ def _timed_boot(
     return took
 
 
-def _kdlab_boot(daemon: Kdlabd, name: str, marker: str, laps: Laps) -> float:
+def kdlab_boot(daemon: Kdlabd, name: str, marker: str, laps: Laps) -> float:
     wait_inactive(daemon, name)
-    return _timed_boot(
+    return timed_boot(
         lambda: ctl(daemon, "start", name),
         lambda: stop_vm(daemon, name),
         log=layout(daemon).console_log(name),
@@ -86,7 +86,7 @@ def _kdlab_boot(daemon: Kdlabd, name: str, marker: str, laps: Laps) -> float:
 
 
 def _virsh_boot(domain: str, log: Path, marker: str, laps: Laps) -> float:
-    return _timed_boot(
+    return timed_boot(
         lambda: run([*VIRSH, "start", domain]),
         lambda: virsh("destroy", domain),
         log=log,
@@ -181,7 +181,7 @@ def boot_to_userspace(quick: bool) -> list[Row]:
         log = layout(daemon).console_log(name)
         ours, theirs, libvirt = interleaved(
             5 if quick else 9,
-            lambda: _kdlab_boot(daemon, name, MARKER, laps),
+            lambda: kdlab_boot(daemon, name, MARKER, laps),
             lambda: _bare_qemu_boot(bare),
             lambda: _virsh_boot(f"kdlab-{name}", log, MARKER, laps),
             warmup=1,
@@ -336,7 +336,7 @@ def disk_boot_to_login(quick: bool) -> list[Row]:
         try:
             ours, theirs = interleaved(
                 3 if quick else 7,
-                lambda: _kdlab_boot(daemon, name, PROMPT, laps),
+                lambda: kdlab_boot(daemon, name, PROMPT, laps),
                 lambda: _virsh_boot(domain, log, PROMPT, laps),
             )
         finally:

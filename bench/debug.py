@@ -145,7 +145,7 @@ def _plain(domain: str, socket: Path, vmlinux: Path, release: str, laps: Laps) -
     return took
 
 
-def _warmed(vmlinux: Path) -> None:
+def wait_warmed(vmlinux: Path) -> None:
     """Wait for the warmup ``kdlabctl create`` started (in the clients' cache)."""
     build = gdbcache.read_build_id(vmlinux)
     cache = gdbcache.open_cache(env={"XDG_CACHE_HOME": str(cache_home())})
@@ -165,7 +165,7 @@ def time_to_breakpoint(quick: bool) -> list[Row]:
         bench_daemon() as daemon,
         marker_vm(daemon, kernel, initrd, "--vmlinux", str(vmlinux)) as name,
     ):
-        _warmed(vmlinux)
+        wait_warmed(vmlinux)
         socket = layout(daemon).gdb_socket(name)
         # The first round (kdlab first: kdlabd makes the socket's directory)
         # reads the vmlinux into the page cache; it is not counted.

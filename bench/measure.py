@@ -155,6 +155,9 @@ class Laps:
     def add(self, name: str, value: float) -> None:
         self._laps.setdefault(name, []).append(value)
 
+    def values(self, name: str) -> list[float]:
+        return list(self._laps[name])
+
     def median(self, name: str) -> float:
         return statistics.median(self._laps[name])
 
