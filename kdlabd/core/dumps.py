@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -45,7 +44,7 @@ from kdlab.errors import (
 from kdlab.kernel import vmcore
 from kdlab.kernel.diagnosis import Code, Diagnosis
 from kdlab.states import VMState
-from kdlabd.core import blocking, descriptors
+from kdlabd.core import blocking, descriptors, sidecars
 from kdlabd.core.host import Host
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.jobs import Job, JobManager, finish_on_cancel
@@ -62,7 +61,7 @@ FILE_SECONDS = 10.0
 """Time limit of reading or writing kdlabd's own files in the dumps pool."""
 HEADLINE_SECONDS = 10.0
 """How long a panic's dump waits for the console's diagnosis to name the panic."""
-SIDECAR_SUFFIX = ".json"
+SIDECAR_SUFFIX = sidecars.SUFFIX
 _SUFFIXES = {wire.DUMP_FORMAT_ELF: ".core", wire.DUMP_FORMAT_KDUMP_ZLIB: ".kdump"}
 _AUTOMATIC = (wire.DUMP_REASON_PANIC, wire.DUMP_REASON_OOPS)
 _PUBLIC_HEADLINES = {
@@ -134,16 +133,17 @@ _SIDECAR_FIELDS = (
 
 def sidecar(record: DumpRecord) -> bytes:
     """The JSON kdlabd keeps next to a complete dump."""
-    data = asdict(record)
-    return json.dumps({k: data[k] for k in _SIDECAR_FIELDS}, sort_keys=True).encode()
+    return sidecars.encode(record, _SIDECAR_FIELDS)
 
 
 def from_sidecar(text: bytes, size: int) -> DumpRecord | None:
     """The complete dump a sidecar describes; None when it is torn or not kdlab's."""
+    fields = sidecars.decode(text, _SIDECAR_FIELDS)
     try:
-        data = json.loads(text)
-        record = DumpRecord(**{k: data[k] for k in _SIDECAR_FIELDS})
-    except (ValueError, KeyError, TypeError):
+        record = None if fields is None else DumpRecord(**fields)
+    except TypeError:
+        return None
+    if record is None:
         return None
     if not isinstance(record.owner_uid, int) or not isinstance(record.id, str):
         return None
@@ -404,11 +404,7 @@ class DumpService:
             state=wire.DUMP_STATE_COMPLETE,
         )
         # The sidecar marks the dump complete: written last, atomically.
-        await blocking.run(
-            lambda: self._host.write_atomically(_sidecar_path(path), sidecar(done)),
-            seconds=FILE_SECONDS,
-            what=f"writing {_sidecar_path(path)}",
-        )
+        await sidecars.write(self._host, _sidecar_path(path), sidecar(done))
         self._store(done)
         job.report(1.0, f"dump {done.id} written ({size >> 20} MiB)")
         log.info("dump.complete", dump=done.id, size=size, vmcoreinfo=done.vmcoreinfo)
@@ -583,15 +579,8 @@ class DumpService:
             )
 
     async def _read_sidecar(self, dump: Path, size: int) -> DumpRecord | None:
-        try:
-            text = await blocking.run(
-                lambda: self._host.read_range(_sidecar_path(dump), 0, 1 << 20),
-                seconds=FILE_SECONDS,
-                what=f"reading {_sidecar_path(dump)}",
-            )
-        except (OSError, blocking.Unanswered):
-            return None
-        return from_sidecar(text, size)
+        text = await sidecars.read(self._host, _sidecar_path(dump))
+        return None if text is None else from_sidecar(text, size)
 
     def _store(self, record: DumpRecord) -> None:
         old = self._dumps.get(record.id)

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +39,7 @@ from kdlab.errors import (
     RecordingMismatch,
 )
 from kdlab.states import VMState
-from kdlabd.core import blocking, checkpoints
+from kdlabd.core import blocking, checkpoints, sidecars
 from kdlabd.core.dumps import panic_reason
 from kdlabd.core.host import Host
 from kdlabd.core.hypervisor import Hypervisor
@@ -56,7 +55,7 @@ POLL_SECONDS = 1.0
 """How often a recording's length and size are read while it records."""
 DEFAULT_SNAPSHOT_INTERVAL = 1.0
 AUTO_SNAPSHOT_PREFIX = "kdlab-auto-"
-SIDECAR_SUFFIX = ".json"
+SIDECAR_SUFFIX = sidecars.SUFFIX
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
@@ -100,21 +99,22 @@ _SIDECAR_FIELDS = (
 
 
 def sidecar(record: RecordingRecord) -> bytes:
-    """The JSON kdlabd keeps next to a complete recording."""
-    data = asdict(record)
-    return json.dumps({k: data[k] for k in _SIDECAR_FIELDS}, sort_keys=True).encode()
+    """The JSON kdlabd keeps next to a recording (its state says whether
+    the run still records)."""
+    return sidecars.encode(record, _SIDECAR_FIELDS)
 
 
 def from_sidecar(text: bytes, size: int) -> RecordingRecord | None:
-    """The complete recording a sidecar describes; None when torn or foreign."""
+    """The recording a sidecar describes; None when torn or foreign."""
+    fields = sidecars.decode(text, _SIDECAR_FIELDS)
     try:
-        data = json.loads(text)
-        fields = {k: data[k] for k in _SIDECAR_FIELDS}
+        if fields is None:
+            return None
         fields["fingerprint"] = tuple(
             (str(k), str(v)) for k, v in fields["fingerprint"]
         )
         record = RecordingRecord(**fields)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, TypeError):
         return None
     if not isinstance(record.owner_uid, int) or not _NAME.fullmatch(record.id):
         return None
@@ -425,13 +425,8 @@ class RecordingService:
     # --- helpers ---------------------------------------------------------------
 
     async def _write_sidecar(self, files: RunFiles, record: RecordingRecord) -> None:
-        await blocking.run(
-            lambda: self._host.write_atomically(
-                files.log.with_suffix(SIDECAR_SUFFIX), sidecar(record)
-            ),
-            seconds=FILE_SECONDS,
-            what="writing a recording's sidecar",
-        )
+        path = files.log.with_suffix(SIDECAR_SUFFIX)
+        await sidecars.write(self._host, path, sidecar(record))
 
     async def _qemu_build(self) -> str:
         """The QEMU build (version, binary's SHA-256): a recording replays on
@@ -497,15 +492,8 @@ class RecordingService:
             return 0
 
     async def _read_sidecar(self, path: Path, size: int) -> RecordingRecord | None:
-        try:
-            text = await blocking.run(
-                lambda: self._host.read_range(path, 0, 1 << 20),
-                seconds=FILE_SECONDS,
-                what=f"reading {path}",
-            )
-        except (OSError, blocking.Unanswered):
-            return None
-        return from_sidecar(text, size)
+        text = await sidecars.read(self._host, path)
+        return None if text is None else from_sidecar(text, size)
 
     async def _remove_files(self, recording_id: str) -> None:
         files = await self._hv.recording_files(recording_id)
