@@ -26,6 +26,7 @@ from pathlib import Path
 
 import structlog
 
+from kdlab import wire
 from kdlab.errors import (
     CheckpointMismatch,
     HypervisorError,
@@ -275,6 +276,7 @@ class CheckpointService:
 
     def _check_save(self, record: VMRecord, tag: str) -> VMRecord:
         validate.name(tag, "checkpoint tag")
+        _not_recording(record)
         if record.state not in (VMState.RUNNING, VMState.PAUSED):
             raise InvalidState(
                 f"VM {record.name!r} is {record.state}: only a running or paused VM "
@@ -299,6 +301,7 @@ class CheckpointService:
     @staticmethod
     def _check_restore(record: VMRecord, tag: str) -> Checkpoint:
         checkpoint = find(record, tag)
+        _not_recording(record)
         if record.state not in (VMState.RUNNING, VMState.PAUSED):
             raise InvalidState(
                 f"VM {record.name!r} is {record.state}: start it into the "
@@ -336,3 +339,15 @@ class CheckpointService:
         await self._vms.refresh(name)
         log.info("checkpoint.state_disk_added", vm=name, volume=volume)
         return self._vms.get(name)
+
+
+def _not_recording(record: VMRecord) -> None:
+    """A recorded or replayed run has QEMU's own snapshots: a checkpoint saved
+    or loaded into it would break the recording or the replay."""
+    run = record.boot.run
+    if run is not None and record.state.active:
+        verb = "records" if run.mode == wire.RUN_RECORD else "replays"
+        raise InvalidState(
+            f"VM {record.name!r} {verb} recording {run.recording!r}: checkpoints "
+            f"are for plain boots (stop it, then kdlabctl start {record.name})"
+        )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kdlab import wire
 from kdlab.errors import (
     CheckpointMismatch,
     InvalidArgument,
@@ -24,7 +25,7 @@ from kdlabd.core import checkpoints
 from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.jobs import Job, JobManager
 from kdlabd.core.limits import Limits
-from kdlabd.core.models import Accel, Checkpoint
+from kdlabd.core.models import Accel, Checkpoint, Run, RunFiles, RunStart
 from kdlabd.core.vms import VMService
 from kdlabd.host.local import LocalHost
 from tests.unit.fake_hypervisor import FakeHypervisor
@@ -193,6 +194,30 @@ def test_wrong_states_and_unknown_tags_are_refused_before_a_job(
         with pytest.raises(NoSuchCheckpoint):
             await lab.checkpoints.delete("vm1", "nope")
         assert lab.jobs.list() == [lab.jobs.list()[0]]  # only the one save
+
+    run(scenario())
+
+
+def test_a_recorded_or_replayed_run_takes_no_checkpoint(lab: CheckpointLab) -> None:
+    """QEMU's record/replay keeps snapshots of its own: a checkpoint saved or
+    loaded into such a run would break it."""
+
+    async def scenario() -> None:
+        await lab.create()
+        await lab.service.start("vm1")
+        await lab.save()
+        await lab.service.stop("vm1", force=True)
+        for mode, verb in ((wire.RUN_RECORD, "records"), (wire.RUN_REPLAY, "replays")):
+            files = RunFiles(lab.tmp / "r.rr", lab.tmp / "r.state")
+            run_start = RunStart(Run(mode, "r"), files)
+            await lab.service.start("vm1", run=run_start)
+            with pytest.raises(InvalidState, match=f"{verb} recording 'r'"):
+                await lab.checkpoints.save("vm1", "other", OWNER)
+            with pytest.raises(InvalidState, match=f"{verb} recording 'r'"):
+                await lab.checkpoints.restore("vm1", "ready", OWNER, paused=False)
+            await lab.service.stop("vm1", force=True)
+        await lab.service.start("vm1")
+        await lab.save("plain-again")
 
     run(scenario())
 

@@ -92,11 +92,17 @@ def test_a_recorded_panic_replays_the_same_console_twice(
     assert done["instructions"] > 100_000_000, done
     recorded = console_log(lab, vm_name)
     assert PANIC in recorded
+    # The panic was dumped too (OnPanic dump-and-stop), and only once: the
+    # replays' panics are the recording's.
+    dumps = json.loads(lab.ctl("dump", "list", vm_name, "--json").stdout)
+    assert [d["reason"] for d in dumps] == ["panic"], dumps
 
     first = replayed_log(lab, vm_name, recording)
     second = replayed_log(lab, vm_name, recording)
     assert first == recorded
     assert second == recorded
+    after = json.loads(lab.ctl("dump", "list", vm_name, "--json").stdout)
+    assert after == dumps
 
 
 def test_reverse_debugging_in_a_replay(lab: Lab, vm_name: str, vmlinux: Path) -> None:
