@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -109,12 +109,18 @@ class Hypervisor(Protocol):
     async def monitor(self, name: str, command: str) -> str:
         """Run a command of QEMU's human monitor in the VM's QEMU; its answer."""
 
-    async def create_recording_files(self, recording: str) -> RunFiles:
+    async def create_recording_files(
+        self, recording: str, disks: tuple[Disk, ...]
+    ) -> RunFiles:
         """Make the recording's files in kdlab's recordings pool, writable by
-        QEMU: an empty log and a blank qcow2 for its state."""
+        QEMU: an empty log, a blank qcow2 for its state, and a blank qcow2
+        as large as each of *disks* for the run's writes."""
 
-    async def recording_files(self, recording: str) -> RunFiles:
-        """Where the recording's files are (they may not exist)."""
+    async def recording_files(
+        self, recording: str, targets: Sequence[str] = ()
+    ) -> RunFiles:
+        """Where the recording's files are (they may not exist), with its
+        overlays of the disks *targets*."""
 
     async def list_recording_volumes(self) -> dict[str, tuple[Path, int]]:
         """The recordings pool's volumes: name to (path, size in bytes)."""

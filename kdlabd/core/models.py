@@ -161,6 +161,9 @@ class RunFiles:
     state: Path
     """A qcow2 no device sees: QEMU's snapshot of the run's start, and the
     snapshots kdlabd takes during a replay (``rrsnapshot``)."""
+    disks: tuple[tuple[str, Path], ...] = ()
+    """Per disk target, the recording's own qcow2 over the VM's disk: the
+    run's writes go there, never into the VM's disk."""
 
 
 @dataclass(frozen=True)

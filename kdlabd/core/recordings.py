@@ -30,6 +30,7 @@ import structlog
 
 from kdlab import wire
 from kdlab.errors import (
+    HypervisorError,
     InvalidArgument,
     InvalidState,
     KdlabError,
@@ -121,6 +122,20 @@ def from_sidecar(text: bytes, size: int) -> RecordingRecord | None:
     return replace(record, size=size)
 
 
+DISK_KEY = "disk-contents:"
+DISK_DIGEST_SECONDS = 120.0
+"""Time limit of hashing a VM's disk overlay (its data only, not the image
+under it) when a recording begins and when it is replayed."""
+
+
+def _disk_digests(fingerprint: checkpoints.Fingerprint) -> dict[str, str]:
+    return {
+        key.removeprefix(DISK_KEY): value
+        for key, value in fingerprint
+        if key.startswith(DISK_KEY)
+    }
+
+
 class RecordingObserver(Protocol):
     """Told about every recording added, changed or removed (the bus exports)."""
 
@@ -144,11 +159,12 @@ def check_recordable(vm: VMRecord, *, single_cpu: bool) -> None:
             f"VM {name!r} has {spec.vcpus} vCPUs: QEMU records one. Record it "
             "with one (kdlabctl record --single-cpu) or create it with --vcpus 1"
         )
-    if spec.disks:
+    old = [d.target for d in spec.disks if d.base is None and d.base_image]
+    if old:
         raise NotRecordable(
-            f"VM {name!r} has disks: a recording reads disks through QEMU's "
-            "block-replay driver, which kdlab does not add yet. Record a VM "
-            "that boots an initramfs"
+            f"VM {name!r} has disks defined before kdlab wrote their chain "
+            f"({', '.join(old)}): recreate the VM (kdlabctl delete, create) to "
+            "record it"
         )
 
 
@@ -255,7 +271,7 @@ class RecordingService:
             )
         await self._room_for(vm.spec.owner_uid)
         spec = vm.spec
-        files = await self._hv.create_recording_files(recording_id)
+        files = await self._hv.create_recording_files(recording_id, spec.disks)
         record = RecordingRecord(
             id=recording_id,
             vm=name,
@@ -264,7 +280,7 @@ class RecordingService:
             kernel_release=spec.release,
             cmdline=spec.effective_cmdline,
             qemu=await self._qemu_build(),
-            fingerprint=await checkpoints.fingerprint(self._host, spec),
+            fingerprint=await self._fingerprint(vm),
             created_usec=time.time_ns() // 1000,
         )
         self._store(record)
@@ -360,7 +376,8 @@ class RecordingService:
         if vm.state.active:
             raise InvalidState(f"VM {name!r} is {vm.state}: stop it, then replay")
         await self._check_unchanged(vm, record)
-        files = await self._hv.recording_files(recording_id)
+        targets = [d.target for d in vm.spec.disks]
+        files = await self._hv.recording_files(recording_id, targets)
         run = RunStart(Run(wire.RUN_REPLAY, recording_id), files)
         await self._vms.start(name, paused=True, run=run)
         self._follow(name, self._replaying(name, run.run, snapshot_interval))
@@ -368,8 +385,14 @@ class RecordingService:
         return record
 
     async def _check_unchanged(self, vm: VMRecord, record: RecordingRecord) -> None:
-        now = await checkpoints.fingerprint(self._host, vm.spec)
+        now = await self._fingerprint(vm)
         changed = checkpoints.changes(record.fingerprint, now)
+        then_disks, now_disks = _disk_digests(record.fingerprint), _disk_digests(now)
+        changed += [
+            f"the disk {target} was written since (a boot that did not record)"
+            for target in sorted(then_disks)
+            if then_disks[target] != now_disks.get(target)
+        ]
         qemu = await self._qemu_build()
         if qemu != record.qemu:
             changed.append(f"QEMU (recorded by {record.qemu}, now {qemu})")
@@ -428,6 +451,25 @@ class RecordingService:
         path = files.log.with_suffix(SIDECAR_SUFFIX)
         await sidecars.write(self._host, path, sidecar(record))
 
+    async def _fingerprint(self, vm: VMRecord) -> checkpoints.Fingerprint:
+        """The VM's fingerprint (as a checkpoint's) and its disks' contents:
+        a replay reads the disks as they were when the recording began."""
+        facts = await checkpoints.fingerprint(self._host, vm.spec)
+        for disk in vm.spec.disks:
+            path = disk.path
+            try:
+                digest = await blocking.run(
+                    lambda: self._host.digest(path),  # noqa: B023 (awaited here)
+                    seconds=DISK_DIGEST_SECONDS,
+                    what=f"reading {disk.path}",
+                )
+            except (OSError, blocking.Unanswered) as err:
+                raise HypervisorError(
+                    f"cannot read VM {vm.name!r}'s disk {disk.target}: {err}"
+                ) from None
+            facts += ((f"{DISK_KEY}{disk.target}", digest),)
+        return facts
+
     async def _qemu_build(self) -> str:
         """The QEMU build (version, binary's SHA-256): a recording replays on
         the one that recorded it only."""
@@ -479,7 +521,7 @@ class RecordingService:
     async def _size(self, files: RunFiles) -> int:
         def sizes() -> int:
             total = 0
-            for path in (files.log, files.state):
+            for path in (files.log, files.state, *(p for _t, p in files.disks)):
                 with contextlib.suppress(OSError):
                     total += self._host.file_size(path)
             return total
@@ -496,9 +538,15 @@ class RecordingService:
         return None if text is None else from_sidecar(text, size)
 
     async def _remove_files(self, recording_id: str) -> None:
-        files = await self._hv.recording_files(recording_id)
-        for path in (files.log.with_suffix(SIDECAR_SUFFIX), files.log, files.state):
-            await self._hv.delete_recording_volume(path.name)
+        """Delete the recording's volumes: its sidecar first (then it is no
+        longer a recording), then the log, the state and the disk overlays."""
+        volumes = await self._hv.list_recording_volumes()
+        mine = sorted(
+            (v for v in volumes if v.startswith(f"{recording_id}.")),
+            key=lambda v: not v.endswith(SIDECAR_SUFFIX),
+        )
+        for volume in mine:
+            await self._hv.delete_recording_volume(volume)
 
     def _store(self, record: RecordingRecord) -> None:
         old = self._recordings.get(record.id)

@@ -7,6 +7,7 @@ reads a spec back from a defined domain, so libvirt stays kdlab's only database.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lxml import etree
@@ -85,7 +86,44 @@ def gdbstub_args(spec: VMSpec) -> list[str]:
     ]
 
 
-def run_args(run: Run, files: RunFiles) -> list[str]:
+def _node_indexes(disks: tuple[Disk, ...]) -> list[int]:
+    """libvirt's index of each disk's top node (``libvirt-N-format``): it
+    numbers the images of the disks' chains in order, top first."""
+    indexes, n = [], 1
+    for disk in disks:
+        indexes.append(n)
+        n += 2 if disk.base is not None else 1
+    return indexes
+
+
+def disk_alias(index: int) -> str:
+    """libvirt's alias of the guest device of the *index*-th virtio disk."""
+    return f"virtio-disk{index}"
+
+
+def _disk_args(disks: tuple[Disk, ...], files: RunFiles) -> list[str]:
+    """A recorded disk: QEMU's blkreplay driver (which libvirt cannot
+    express) on the recording's own qcow2, whose backing is libvirt's node
+    of the VM's disk: libvirt still opens and labels the VM's files, the
+    guest device reads through blkreplay (override in :func:`_run_override`)
+    and the run's writes go to the recording, never to the VM's disk."""
+    overlays = dict(files.disks)
+    args = []
+    for disk, index in zip(disks, _node_indexes(disks), strict=True):
+        node = f"kdlab-rr-{disk.target}"
+        nodes = [
+            {"driver": "file", "node-name": f"{node}-file",
+             "filename": str(overlays[disk.target])},
+            {"driver": "qcow2", "node-name": f"{node}-top", "file": f"{node}-file",
+             "backing": f"libvirt-{index}-format"},
+            {"driver": "blkreplay", "node-name": node, "image": f"{node}-top"},
+        ]  # fmt: skip
+        for blockdev in nodes:
+            args += ["-blockdev", json.dumps(blockdev, separators=(",", ":"))]
+    return args
+
+
+def run_args(run: Run, files: RunFiles, disks: tuple[Disk, ...] = ()) -> list[str]:
     """QEMU arguments of a recording or replaying boot (libvirt has no
     element for QEMU's record/replay, so they go into ``<qemu:commandline>``).
 
@@ -114,10 +152,11 @@ def run_args(run: Run, files: RunFiles) -> list[str]:
         f"shift=auto,rr={rr},rrfile={log},rrsnapshot={RR_START_SNAPSHOT}",
         "-drive",
         f"file={state},if=none,id={RR_STATE_DRIVE_ID},format=qcow2",
+        *_disk_args(disks, files),
     ]
 
 
-def _run_override(root: etree._Element) -> None:
+def _run_override(root: etree._Element, disks: tuple[Disk, ...] = ()) -> None:
     """Move libvirt's own serial device off its chardev (to COM2, on a null
     chardev): ``-serial chardev:`` (see :func:`run_args`) makes COM1 on it,
     so libvirt's console and log keep working."""
@@ -132,6 +171,11 @@ def _run_override(root: etree._Element) -> None:
         value="kdlab-serial-unused",
     )
     _sub(frontend, _Q + "property", name="index", type="unsigned", value="1")
+    for index, disk in enumerate(disks):
+        device = _sub(override, _Q + "device", alias=disk_alias(index))
+        frontend = _sub(device, _Q + "frontend")
+        value = f"kdlab-rr-{disk.target}"
+        _sub(frontend, _Q + "property", name="drive", type="string", value=value)
 
 
 def _sub(
@@ -260,13 +304,13 @@ def build_domain_xml(
     _devices(root, spec)
     args = gdbstub_args(spec)
     if run is not None:
-        args += run_args(*run)
+        args += run_args(*run, spec.disks)
     if args:
         commandline = _sub(root, _Q + "commandline")
         for arg in args:
             _sub(commandline, _Q + "arg", value=arg)
     if run is not None:
-        _run_override(root)
+        _run_override(root, spec.disks)
     if mark is not None:
         meta = root.find("metadata")
         assert meta is not None

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -507,24 +507,34 @@ class LibvirtHypervisor:
 
         return await self._call(ask)
 
-    async def create_recording_files(self, recording: str) -> RunFiles:
-        files = await self.recording_files(recording)
+    async def create_recording_files(
+        self, recording: str, disks: tuple[Disk, ...]
+    ) -> RunFiles:
+        files = await self.recording_files(recording, [d.target for d in disks])
         owner = self._qemu_user.uid if self._qemu_user is not None else None
+        overlays = dict(files.disks)
 
         def create(conn: libvirt.virConnect) -> RunFiles:
             pool = self._recording_pool(conn)
-            for path, fmt, size in (
+            made = [
                 (files.log, ImageFormat.RAW, 0),
                 (files.state, ImageFormat.QCOW2, _MIB),
-            ):
+            ]
+            for disk in disks:
+                # As large as the VM's disk: the guest sees the top's size.
+                size = int(conn.storageVolLookupByPath(str(disk.path)).info()[1])
+                made.append((overlays[disk.target], ImageFormat.QCOW2, size))
+            for path, fmt, size in made:
                 storage.delete_volume(pool, path.name)
                 storage.create_volume(pool, path.name, size, fmt, owner=owner)
             return files
 
         return await self._call(create, again=create)
 
-    async def recording_files(self, recording: str) -> RunFiles:
-        return recording_files(self._recording_pool_dir, recording)
+    async def recording_files(
+        self, recording: str, targets: Sequence[str] = ()
+    ) -> RunFiles:
+        return recording_files(self._recording_pool_dir, recording, targets)
 
     async def list_recording_volumes(self) -> dict[str, tuple[Path, int]]:
         return await self._call(
@@ -1217,9 +1227,16 @@ def _free(pool: libvirt.virStoragePool) -> int:
     return int(pool.info()[3])
 
 
-def recording_files(pool_dir: Path, recording: str) -> RunFiles:
-    """The files of *recording* in the recordings pool at *pool_dir*."""
-    return RunFiles(pool_dir / f"{recording}.rr", pool_dir / f"{recording}.state")
+def recording_files(
+    pool_dir: Path, recording: str, targets: Sequence[str] = ()
+) -> RunFiles:
+    """The files of *recording* in the recordings pool at *pool_dir*, with
+    its overlays of the disks *targets*."""
+    return RunFiles(
+        pool_dir / f"{recording}.rr",
+        pool_dir / f"{recording}.state",
+        tuple((t, pool_dir / f"{recording}.{t}.qcow2") for t in targets),
+    )
 
 
 def _ensure_pool(conn: libvirt.virConnect, name: str, expected: Path, key: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from kdlab.errors import NotRecordable
 from kdlab.states import VMState
 from kdlabd.core.models import (
     Accel,
+    Backing,
     BootMark,
     Disk,
+    ImageFormat,
     Run,
     RunFiles,
     VMRecord,
@@ -54,8 +57,10 @@ def test_what_qemu_cannot_record_is_refused_by_name() -> None:
         check_recordable(vm(vcpus=2), single_cpu=False)
     check_recordable(vm(vcpus=2), single_cpu=True)
     disk = Disk(Path("/vms/rr/vda.qcow2"), "vda")
-    with pytest.raises(NotRecordable, match="block-replay"):
-        check_recordable(vm(disks=(disk,)), single_cpu=False)
+    check_recordable(vm(disks=(disk,)), single_cpu=False)
+    legacy = Disk(Path("/vms/rr/vda.qcow2"), "vda", base_image="debian")
+    with pytest.raises(NotRecordable, match="recreate the VM"):
+        check_recordable(vm(disks=(legacy,)), single_cpu=False)
 
 
 def test_a_sidecar_reads_back_and_a_torn_one_is_nothing() -> None:
@@ -95,6 +100,40 @@ def test_the_live_definition_of_a_recording_boot() -> None:
     assert root.findtext("uuid") == "u-u-i-d"
     assert parse_boot_mark(xml) == BootMark(7, run=run)
     assert parse_domain_xml(xml) == SPEC
+    # A disk: blkreplay on the recording's overlay of libvirt's node, the
+    # guest device moved onto it.
+    base = Backing(Path("/images/debian"), ImageFormat.RAW)
+    disks = (
+        Disk(Path("/vms/rr.vda.qcow2"), "vda", "debian", base),
+        Disk(Path("/vms/rr.vdb.qcow2"), "vdb"),
+    )
+    overlays = (
+        ("vda", Path("/rec/rr-1.vda.qcow2")),
+        ("vdb", Path("/rec/rr-1.vdb.qcow2")),
+    )
+    with_disks = build_domain_xml(
+        SPEC.replace(disks=disks),
+        "u",
+        run=(run, RunFiles(files.log, files.state, overlays)),
+    )
+    root = etree.fromstring(with_disks.encode())
+    args = [a.get("value") or "" for a in root.iter("{*}arg")]
+    blockdevs = [
+        json.loads(args[i + 1]) for i, a in enumerate(args) if a == "-blockdev"
+    ]
+    tops = {
+        b["node-name"]: b.get("backing") for b in blockdevs if b["driver"] == "qcow2"
+    }
+    assert tops == {
+        "kdlab-rr-vda-top": "libvirt-1-format",
+        "kdlab-rr-vdb-top": "libvirt-3-format",
+    }
+    drives = {
+        d.get("alias"): d.find("{*}frontend/{*}property[@name='drive']").get("value")
+        for d in root.iter("{*}device")
+        if d.get("alias", "").startswith("virtio-disk")
+    }
+    assert drives == {"virtio-disk0": "kdlab-rr-vda", "virtio-disk1": "kdlab-rr-vdb"}
     plain = build_domain_xml(SPEC, "u-u-i-d")
     assert "-icount" not in plain
     assert "override" not in plain

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -175,3 +177,74 @@ def test_a_replay_after_the_kernel_changed_is_refused(
     refused = lab.ctl("replay", vm_name, recording)
     assert refused.returncode == 10, refused.stderr
     assert "the kernel was rebuilt or replaced" in refused.stderr
+
+
+DISK_DONE = "KDLAB-RR-DISK-DONE"
+
+
+def writing_image(lab: Lab, name: str, tmp_path: Path) -> None:
+    """An image whose init writes a file to its root, reads it back, prints
+    DISK_DONE and stays in a shell."""
+    require_tool("mke2fs", "e2fsprogs")
+    tree = tmp_path / "tree"
+    for directory in ("bin", "sbin", "proc", "sys", "dev"):
+        (tree / directory).mkdir(parents=True, exist_ok=True)
+    shutil.copy("/bin/busybox", tree / "bin" / "busybox")
+    init = tree / "sbin" / "init"
+    init.write_text(
+        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
+        "/bin/busybox mount -o remount,rw /\n"
+        "/bin/busybox cat /written 2>/dev/null && echo WAS-THERE\n"
+        "echo written-$$ > /written; /bin/busybox sync\n"
+        f'echo "$(/bin/busybox cat /written) {DISK_DONE}"\n'
+        "exec /bin/busybox sh\n"
+    )
+    init.chmod(0o755)
+    raw = tmp_path / "root.img"
+    subprocess.run(
+        ["mke2fs", "-q", "-t", "ext4", "-F", "-d", str(tree), str(raw), "64M"],
+        check=True,
+    )
+    imported = lab.ctl("image", "import", name, str(raw))
+    assert imported.returncode == 0, imported.stderr
+
+
+def test_a_recording_of_a_vm_with_a_disk_replays_the_same_console(
+    lab: Lab, vm_name: str, vmlinux: Path, tmp_path: Path
+) -> None:
+    """The run writes its disk; each replay reads the disk as it was when the
+    recording began; the VM's own disk never sees the run's writes."""
+    image = f"{vm_name}-img"
+    writing_image(lab, image, tmp_path)
+    try:
+        created = lab.ctl(
+            "create", vm_name, "--kernel", str(lab.kernel.vmlinuz), "--image", image,
+            "--memory", "256", "--vmlinux", str(vmlinux),
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        started = lab.ctl("record", vm_name)
+        assert started.returncode == 0, started.stderr
+        recording = started.stdout.strip()
+        wait_for_console(lab, vm_name, DISK_DONE, timeout=RECORD_SECONDS)
+        time.sleep(2)
+        assert lab.ctl("stop", vm_name, "--force").returncode == 0
+        assert wait_complete(lab, vm_name, recording)["ended"] == "stop"
+        recorded = console_log(lab, vm_name)
+        assert "WAS-THERE" not in recorded
+        first = replayed_log(lab, vm_name, recording)
+        second = replayed_log(lab, vm_name, recording)
+        assert first == recorded
+        assert second == recorded
+        # The VM's own disk: as before the recording (no file written).
+        assert lab.ctl("start", vm_name).returncode == 0
+        wait_for_console(lab, vm_name, DISK_DONE, timeout=RECORD_SECONDS)
+        assert "WAS-THERE" not in console_log(lab, vm_name)
+        lab.ctl("stop", vm_name, "--force")
+        # A boot that did not record wrote the disk: a replay is refused.
+        refused = lab.ctl("replay", vm_name, recording)
+        assert refused.returncode == 10, refused.stderr
+        assert "the disk vda was written" in refused.stderr
+    finally:
+        lab.ctl("delete", "--force", vm_name)
+        lab.ctl("recording", "delete", recording)
+        lab.ctl("image", "delete", image)
