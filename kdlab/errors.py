@@ -153,7 +153,7 @@ class RecordingMismatch(KdlabError):
 
 
 class NotRecordable(KdlabError):
-    """QEMU cannot record the VM as it is (KVM, several vCPUs, disks)."""
+    """QEMU cannot record the VM as it is (KVM, several vCPUs)."""
 
     reason = "NotRecordable"
     exit_code = 12
