@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from kdlabd.core.models import (
     ImageFormat,
     ImageRecord,
     ImageSource,
+    RunFiles,
     RunStart,
     StoredImage,
     VMRecord,
@@ -143,6 +144,8 @@ class FakeHypervisor:
     dump_dir: Path = Path("/nonexistent-dumps")
     dump_content: bytes = b"\x7fELF-not-really"
     dump_free: int = 1 << 40
+    recording_dir: Path = Path("/nonexistent-recordings")
+    icount: int = 0  # what run_position answers
     _on_changed: DomainChanged | None = None
     _on_reconnected: Reconnected | None = None
     _power_off: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
@@ -358,6 +361,46 @@ class FakeHypervisor:
             raise InvalidState("domain is not running")
         path.write_bytes(self.dump_content)
         return path
+
+    async def emulator(self) -> tuple[str, Path]:
+        return "QEMU 7.2.0", Path("/bin/true")
+
+    async def run_position(self, name: str) -> int:
+        await self._step("run_position", name)
+        return self.icount
+
+    async def monitor(self, name: str, command: str) -> str:
+        await self._step("monitor", f"{name}: {command}")
+        return ""
+
+    async def create_recording_files(
+        self, recording: str, disks: tuple[Disk, ...]
+    ) -> RunFiles:
+        files = await self.recording_files(recording, [d.target for d in disks])
+        for path in (files.log, files.state, *(p for _t, p in files.disks)):
+            path.write_bytes(b"")
+        return files
+
+    async def recording_files(
+        self, recording: str, targets: Sequence[str] = ()
+    ) -> RunFiles:
+        folder = self.recording_dir
+        return RunFiles(
+            folder / f"{recording}.rr",
+            folder / f"{recording}.state",
+            tuple((t, folder / f"{recording}.{t}.qcow2") for t in targets),
+        )
+
+    async def list_recording_volumes(self) -> dict[str, tuple[Path, int]]:
+        return {
+            p.name: (p, p.stat().st_size) for p in sorted(self.recording_dir.iterdir())
+        }
+
+    async def delete_recording_volume(self, volume: str) -> None:
+        (self.recording_dir / volume).unlink(missing_ok=True)
+
+    async def recording_pool_free(self) -> int:
+        return 1 << 40
 
     async def list_dump_volumes(self) -> dict[str, tuple[Path, int]]:
         await self._step("list_dump_volumes", "")

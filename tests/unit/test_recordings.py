@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from lxml import etree
 from kdlab import wire
 from kdlab.errors import NotRecordable
 from kdlab.states import VMState
+from kdlabd.core.limits import GIB, Limits
 from kdlabd.core.models import (
     Accel,
     Backing,
@@ -24,12 +26,16 @@ from kdlabd.core.models import (
 )
 from kdlabd.core.recordings import (
     RecordingRecord,
+    RecordingService,
     auto_snapshots,
     check_recordable,
     from_sidecar,
     sidecar,
 )
 from kdlabd.virt.domain_xml import build_domain_xml, parse_boot_mark, parse_domain_xml
+from tests.unit.fake_hypervisor import FakeHypervisor
+from tests.unit.test_checkpoints import FakePoolHost
+from tests.unit.test_vms import new_lab
 
 SPEC = VMSpec(
     name="rr",
@@ -137,3 +143,47 @@ def test_the_live_definition_of_a_recording_boot() -> None:
     plain = build_domain_xml(SPEC, "u-u-i-d")
     assert "-icount" not in plain
     assert "override" not in plain
+
+
+def test_a_recording_that_fills_the_owners_limit_stops_and_is_truncated(
+    tmp_path: Path,
+) -> None:
+    """The run is followed: past max_disk_gib the VM is stopped, and the
+    recording ends "limit", truncated, complete (it replays up to there)."""
+    hv = FakeHypervisor(recording_dir=tmp_path / "recordings")
+    hv.recording_dir.mkdir()
+    host = FakePoolHost(hv)
+    lab = new_lab(tmp_path, hv, host, Limits(disk_gib=1))
+    recordings = RecordingService(
+        hv, host=host, vms=lab.service, limits=Limits(disk_gib=1), poll_seconds=0.01
+    )
+
+    async def scenario() -> None:
+        await lab.create(name="vm1")
+        record = await recordings.record("vm1", recording="big")
+        assert recordings.get("big").state == wire.RECORDING_STATE_RECORDING
+        assert lab.service.get("vm1").boot.run == Run(wire.RUN_RECORD, "big")
+        hv.icount = 12345
+        # QEMU's log grows past the owner's GiB (a sparse file: no space used).
+        with (hv.recording_dir / "big.rr").open("r+b") as log:
+            log.truncate(GIB + 1)
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if recordings.get("big").state == wire.RECORDING_STATE_COMPLETE:
+                break
+        done = recordings.get("big")
+        assert (done.ended, done.truncated, done.state) == (
+            wire.RECORDING_ENDED_LIMIT,
+            True,
+            wire.RECORDING_STATE_COMPLETE,
+        )
+        assert done.instructions == 12345
+        assert not lab.service.get("vm1").state.active
+        assert record.id == "big"
+        # The sidecar says so too: a restarted kdlabd finds it complete.
+        again = RecordingService(hv, host=host, vms=lab.service)
+        await again.load()
+        assert again.get("big").truncated
+        await recordings.close()
+
+    asyncio.run(scenario())
