@@ -37,20 +37,24 @@ DISK_MARKER = "KDLAB-ROOT-DISK"
 MIB = 1024 * 1024
 
 
-def ext4_image(path: Path, tree: Path) -> Path:
-    """A small whole-disk ext4 whose /sbin/init prints a marker: a root to boot."""
+DEFAULT_INIT = (
+    "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
+    "/bin/busybox mount -t sysfs sysfs /sys\n"
+    f'echo "{ROOT_MARKER} $(/bin/busybox cat /proc/cmdline)"\n'
+    f'echo "{DISK_MARKER} $(/bin/busybox cat /sys/block/vda/size) sectors"\n'
+    "exec /bin/busybox sh\n"
+)
+
+
+def ext4_image(path: Path, tree: Path, init_script: str = DEFAULT_INIT) -> Path:
+    """A small whole-disk ext4 whose /sbin/init (by default) prints a marker:
+    a root to boot."""
     require_tool("mke2fs", "e2fsprogs")
     for directory in ("bin", "sbin", "proc", "sys", "dev"):
         (tree / directory).mkdir(parents=True, exist_ok=True)
     shutil.copy("/bin/busybox", tree / "bin" / "busybox")
     init = tree / "sbin" / "init"
-    init.write_text(
-        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
-        "/bin/busybox mount -t sysfs sysfs /sys\n"
-        f'echo "{ROOT_MARKER} $(/bin/busybox cat /proc/cmdline)"\n'
-        f'echo "{DISK_MARKER} $(/bin/busybox cat /sys/block/vda/size) sectors"\n'
-        "exec /bin/busybox sh\n"
-    )
+    init.write_text(init_script)
     init.chmod(0o755)
     subprocess.run(
         ["mke2fs", "-q", "-t", "ext4", "-F", "-d", str(tree), str(path), "64M"],

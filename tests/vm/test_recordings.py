@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from tests.support.bus import BusClient
 from tests.support.prereq import require_tool
 from tests.vm.conftest import Lab, virsh
 from tests.vm.test_debug import gdb_session
+from tests.vm.test_images import ext4_image
 from tests.vm.test_lifecycle import wait_for_console
 
 pytestmark = pytest.mark.vm
@@ -185,25 +184,15 @@ DISK_DONE = "KDLAB-RR-DISK-DONE"
 def writing_image(lab: Lab, name: str, tmp_path: Path) -> None:
     """An image whose init writes a file to its root, reads it back, prints
     DISK_DONE and stays in a shell."""
-    require_tool("mke2fs", "e2fsprogs")
-    tree = tmp_path / "tree"
-    for directory in ("bin", "sbin", "proc", "sys", "dev"):
-        (tree / directory).mkdir(parents=True, exist_ok=True)
-    shutil.copy("/bin/busybox", tree / "bin" / "busybox")
-    init = tree / "sbin" / "init"
-    init.write_text(
+    raw = ext4_image(
+        tmp_path / "root.img",
+        tmp_path / "tree",
         "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
         "/bin/busybox mount -o remount,rw /\n"
         "/bin/busybox cat /written 2>/dev/null && echo WAS-THERE\n"
         "echo written-$$ > /written; /bin/busybox sync\n"
         f'echo "$(/bin/busybox cat /written) {DISK_DONE}"\n'
-        "exec /bin/busybox sh\n"
-    )
-    init.chmod(0o755)
-    raw = tmp_path / "root.img"
-    subprocess.run(
-        ["mke2fs", "-q", "-t", "ext4", "-F", "-d", str(tree), str(raw), "64M"],
-        check=True,
+        "exec /bin/busybox sh\n",
     )
     imported = lab.ctl("image", "import", name, str(raw))
     assert imported.returncode == 0, imported.stderr
