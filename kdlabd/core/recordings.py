@@ -54,6 +54,8 @@ log = structlog.get_logger(__name__)
 FILE_SECONDS = 10.0
 POLL_SECONDS = 1.0
 """How often a recording's length and size are read while it records."""
+POOL_RESERVE = 256 << 20
+"""A recording ends (truncated) when its pool's filesystem has less free."""
 DEFAULT_SNAPSHOT_INTERVAL = 1.0
 AUTO_SNAPSHOT_PREFIX = "kdlab-auto-"
 SIDECAR_SUFFIX = sidecars.SUFFIX
@@ -193,6 +195,7 @@ class RecordingService:
         self._recordings: dict[str, RecordingRecord] = {}
         self._observers: Observers[RecordingObserver] = Observers()
         self._runs: dict[str, asyncio.Task[None]] = {}  # VM name: its run's task
+        self._reserved: set[str] = set()  # ids of recordings being made
 
     def subscribe(self, observer: RecordingObserver) -> Callable[[], None]:
         return self._observers.subscribe(observer)
@@ -264,36 +267,42 @@ class RecordingService:
                 f"bad recording name {recording_id!r}: 1-63 of A-Z a-z 0-9 . _ -, "
                 "starting with a letter or digit"
             )
-        if recording_id in self._recordings:
+        if recording_id in self._recordings or recording_id in self._reserved:
             raise InvalidArgument(
                 f"a recording {recording_id!r} exists: name another (--as) or "
                 f"delete it (kdlabctl recording delete {recording_id})"
             )
         await self._room_for(vm.spec.owner_uid)
         spec = vm.spec
-        files = await self._hv.create_recording_files(recording_id, spec.disks)
-        record = RecordingRecord(
-            id=recording_id,
-            vm=name,
-            vm_uuid=vm.uuid,
-            owner_uid=spec.owner_uid,
-            kernel_release=spec.release,
-            cmdline=spec.effective_cmdline,
-            qemu=await self._qemu_build(),
-            fingerprint=await self._fingerprint(vm),
-            created_usec=time.time_ns() // 1000,
-        )
-        self._store(record)
-        run = RunStart(Run(wire.RUN_RECORD, recording_id), files)
-        # The sidecar names the recording from its start: a kdlabd that
-        # restarts meanwhile follows the run on (load).
-        await self._write_sidecar(files, record)
+        # The id is taken from here: a second Record of the same name while
+        # this one awaits must not make (or delete) the same files.
+        self._reserved.add(recording_id)
         try:
+            files = await self._hv.create_recording_files(recording_id, spec.disks)
+            record = RecordingRecord(
+                id=recording_id,
+                vm=name,
+                vm_uuid=vm.uuid,
+                owner_uid=spec.owner_uid,
+                kernel_release=spec.release,
+                cmdline=spec.effective_cmdline,
+                qemu=await self._qemu_build(),
+                fingerprint=await self._fingerprint(vm),
+                created_usec=time.time_ns() // 1000,
+            )
+            self._store(record)
+            run = RunStart(Run(wire.RUN_RECORD, recording_id), files)
+            # The sidecar names the recording from its start: a kdlabd that
+            # restarts meanwhile follows the run on (load).
+            await self._write_sidecar(files, record)
             await self._vms.start(name, paused=paused, run=run)
         except BaseException:
+            # Nothing of a recording that did not start stays.
             self._forget(recording_id)
             await self._remove_files(recording_id)
             raise
+        finally:
+            self._reserved.discard(recording_id)
         self._follow(name, self._recording(name, record, files))
         log.info("recording.started", vm=name, recording=recording_id)
         return record
@@ -326,7 +335,7 @@ class RecordingService:
             self._store(record)
             if not running:
                 break
-            if not truncated and size > self._room_left(record):
+            if not truncated and await self._out_of_room(record, size):
                 log.warning("recording.limit", vm=name, recording=record.id)
                 truncated = True
                 with contextlib.suppress(KdlabError):
@@ -501,13 +510,19 @@ class RecordingService:
             recording_id = f"{name}-{stamp}-{n}"
         return recording_id
 
-    def _room_left(self, record: RecordingRecord) -> int:
+    async def _out_of_room(self, record: RecordingRecord, size: int) -> bool:
+        """Whether the run must end: the owner's recordings reached
+        max_disk_gib, or the pool's filesystem is nearly full."""
         used = sum(
             r.size
             for r in self._recordings.values()
             if r.owner_uid == record.owner_uid and r.id != record.id
         )
-        return self._limits.disk_gib * GIB - used
+        if size > self._limits.disk_gib * GIB - used:
+            return True
+        with contextlib.suppress(KdlabError):
+            return await self._hv.recording_pool_free() < POOL_RESERVE
+        return False
 
     async def _room_for(self, uid: int) -> None:
         used = sum(r.size for r in self._recordings.values() if r.owner_uid == uid)

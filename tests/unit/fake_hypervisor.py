@@ -146,6 +146,7 @@ class FakeHypervisor:
     dump_free: int = 1 << 40
     recording_dir: Path = Path("/nonexistent-recordings")
     icount: int = 0  # what run_position answers
+    recording_free: int = 1 << 40
     _on_changed: DomainChanged | None = None
     _on_reconnected: Reconnected | None = None
     _power_off: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
@@ -363,6 +364,7 @@ class FakeHypervisor:
         return path
 
     async def emulator(self) -> tuple[str, Path]:
+        await self._step("emulator", "")
         return "QEMU 7.2.0", Path("/bin/true")
 
     async def run_position(self, name: str) -> int:
@@ -400,7 +402,7 @@ class FakeHypervisor:
         (self.recording_dir / volume).unlink(missing_ok=True)
 
     async def recording_pool_free(self) -> int:
-        return 1 << 40
+        return self.recording_free
 
     async def list_dump_volumes(self) -> dict[str, tuple[Path, int]]:
         await self._step("list_dump_volumes", "")

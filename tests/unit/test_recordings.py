@@ -10,7 +10,7 @@ import pytest
 from lxml import etree
 
 from kdlab import wire
-from kdlab.errors import NotRecordable
+from kdlab.errors import HypervisorError, NotRecordable
 from kdlab.states import VMState
 from kdlabd.core.limits import GIB, Limits
 from kdlabd.core.models import (
@@ -145,8 +145,9 @@ def test_the_live_definition_of_a_recording_boot() -> None:
     assert "override" not in plain
 
 
+@pytest.mark.parametrize("full", ["owner", "pool"])
 def test_a_recording_that_fills_the_owners_limit_stops_and_is_truncated(
-    tmp_path: Path,
+    tmp_path: Path, full: str
 ) -> None:
     """The run is followed: past max_disk_gib the VM is stopped, and the
     recording ends "limit", truncated, complete (it replays up to there)."""
@@ -164,9 +165,12 @@ def test_a_recording_that_fills_the_owners_limit_stops_and_is_truncated(
         assert recordings.get("big").state == wire.RECORDING_STATE_RECORDING
         assert lab.service.get("vm1").boot.run == Run(wire.RUN_RECORD, "big")
         hv.icount = 12345
-        # QEMU's log grows past the owner's GiB (a sparse file: no space used).
-        with (hv.recording_dir / "big.rr").open("r+b") as log:
-            log.truncate(GIB + 1)
+        if full == "owner":
+            # QEMU's log grows past the owner's GiB (a sparse file: no space used).
+            with (hv.recording_dir / "big.rr").open("r+b") as log:
+                log.truncate(GIB + 1)
+        else:  # the pool's filesystem fills (other files, other users)
+            hv.recording_free = 1 << 20
         for _ in range(500):
             await asyncio.sleep(0.01)
             if recordings.get("big").state == wire.RECORDING_STATE_COMPLETE:
@@ -184,6 +188,30 @@ def test_a_recording_that_fills_the_owners_limit_stops_and_is_truncated(
         again = RecordingService(hv, host=host, vms=lab.service)
         await again.load()
         assert again.get("big").truncated
+        await recordings.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_recording_that_does_not_start_leaves_nothing(tmp_path: Path) -> None:
+    hv = FakeHypervisor(recording_dir=tmp_path / "recordings")
+    hv.recording_dir.mkdir()
+    host = FakePoolHost(hv)
+    lab = new_lab(tmp_path, hv, host)
+    recordings = RecordingService(hv, host=host, vms=lab.service)
+
+    async def scenario() -> None:
+        await lab.create(name="vm1")
+        # Failing after its files were made: before and when QEMU starts.
+        for step in ("emulator", "start_vm"):
+            hv.failures[step] = HypervisorError(f"{step} failed")
+            with pytest.raises(HypervisorError):
+                await recordings.record("vm1", recording="failed")
+            assert list(hv.recording_dir.iterdir()) == []
+            assert recordings.list() == []
+            del hv.failures[step]
+        # The name is free again.
+        assert (await recordings.record("vm1", recording="failed")).id == "failed"
         await recordings.close()
 
     asyncio.run(scenario())
