@@ -159,6 +159,20 @@ class NotRecordable(KdlabError):
     exit_code = 12
 
 
+class NoAgent(KdlabError):
+    """No kdlab agent answers in the VM's guest: it cannot run commands."""
+
+    reason = "NoAgent"
+    exit_code = 13
+
+
+class ExecFailed(KdlabError):
+    """The guest could not run a command (not found, not executable)."""
+
+    reason = "ExecFailed"
+    exit_code = 127  # what a shell exits with for a command it cannot run
+
+
 class Internal(KdlabError):
     """A bug in kdlabd. Details are in the daemon's log, never on the wire."""
 
@@ -185,6 +199,8 @@ ERRORS: tuple[type[KdlabError], ...] = (
     NoSuchRecording,
     RecordingMismatch,
     NotRecordable,
+    NoAgent,
+    ExecFailed,
     Internal,
 )
 
@@ -204,6 +220,12 @@ EXIT_USAGE = 2
 # sysexits EX_UNAVAILABLE: kdlabd or the bus is not reachable, or a program
 # kdlabctl runs (cockpit-ws for kdlabctl web) is not installed.
 EXIT_UNAVAILABLE = 69
+# kdlabctl exec exits with the command's status (128 + N when signal N ended
+# it, as shells report it); these two are its own, as timeout(1) and ssh(1)
+# use them: the command ran past --timeout and was killed, or the VM stopped
+# (or its agent went away) before the command ended.
+EXIT_TIMEOUT = 124
+EXIT_LOST = 255
 
 EXIT_CODES: dict[str, int] = {cls.dbus_name(): cls.exit_code for cls in ERRORS}
 
@@ -243,11 +265,19 @@ EXIT_TABLE: tuple[ExitCode, ...] = (
     ),
     ExitCode(UnsupportedDisk.exit_code, "a disk of the VM cannot hold a checkpoint"),
     ExitCode(NotRecordable.exit_code, "QEMU cannot record the VM as it is"),
+    ExitCode(NoAgent.exit_code, "no kdlab agent answers in the VM's guest"),
+    ExitCode(
+        EXIT_TIMEOUT, "exec: the command ran past --timeout and was killed"
+    ),
+    ExitCode(
+        ExecFailed.exit_code, "exec: the guest could not run the command"
+    ),
     ExitCode(
         EXIT_UNAVAILABLE,
         "kdlabd or the bus is not reachable, or a program kdlabctl runs "
         "is not installed",
     ),
+    ExitCode(EXIT_LOST, "exec: the VM stopped before the command ended"),
 )
 
 

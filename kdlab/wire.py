@@ -24,10 +24,12 @@ NO_DUMP_PATH = "/"  # a VM's LatestDump when it has none
 RECORDING_INTERFACE = "org.kdlab.Kdlab1.Recording"
 RECORDING_PATH_PREFIX = f"{MANAGER_PATH}/recording"
 NO_RECORDING_PATH = "/"  # a VM's RunRecording when it runs no recording
+PROCESS_INTERFACE = "org.kdlab.Kdlab1.Process"
+PROCESS_PATH_PREFIX = f"{MANAGER_PATH}/process"
 ERROR_PREFIX = "org.kdlab.Kdlab1.Error."
 
 # Bumped on every additive change of the interfaces in xml/dbus/.
-API_REVISION = 8
+API_REVISION = 9
 
 # The ``a{sv}`` options of each method that takes them: every key and its D-Bus
 # type, as the contract (xml/dbus/) documents them. kdlabd refuses any other
@@ -47,15 +49,25 @@ CREATE_OPTIONS = {
     "disk_size": "t",
     "extra_disks": "at",
     "on_panic": "s",
+    "shares": "a{ss}",
 }
 BUILD_OPTIONS = {"suite": "s", "size": "t", "packages": "as", "ssh_key": "s"}
-START_OPTIONS = {"paused": "b", "kernel": "h", "checkpoint": "s"}
+START_OPTIONS = {"paused": "b", "kernel": "h", "checkpoint": "s", "initrd": "h"}
 SAVE_CHECKPOINT_OPTIONS: dict[str, str] = {}
 RESTORE_CHECKPOINT_OPTIONS = {"paused": "b"}
 STOP_OPTIONS = {"force": "b", "timeout": "u"}
 TAKE_DUMP_OPTIONS = {"compress": "b"}
 RECORD_OPTIONS = {"name": "s", "paused": "b", "single_cpu": "b"}
 REPLAY_OPTIONS = {"snapshot_interval": "d"}
+EXEC_OPTIONS = {
+    "stdin": "h",
+    "env": "as",
+    "cwd": "s",
+    "tty": "b",
+    "rows": "q",
+    "cols": "q",
+    "timeout": "d",
+}
 
 # A VM's OnPanic (CreateVM's on_panic): what kdlabd does when its kernel panics.
 ON_PANIC_DUMP_AND_STOP = "dump-and-stop"
@@ -82,6 +94,17 @@ RECORDING_ENDED_STOP = "stop"
 RECORDING_ENDED_PANIC = "panic"
 RECORDING_ENDED_LIMIT = "limit"
 RECORDING_ENDED_CRASHED = "crashed"
+# A process's State, and how it ended (its How and Exited's how).
+PROCESS_STATE_RUNNING = "running"
+PROCESS_STATE_EXITED = "exited"
+PROCESS_EXITED = "exited"
+PROCESS_SIGNALED = "signaled"
+PROCESS_TIMEOUT = "timeout"
+PROCESS_KILLED = "killed"
+PROCESS_LOST = "lost"
+# A share's tag (virtiofs allows 36 bytes), and how many a VM may have.
+SHARE_TAG = re.compile(r"[A-Za-z0-9_.-]{1,36}")
+SHARES_MAX = 8
 
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -138,6 +161,11 @@ def dump_path(dump_id: str) -> str:
 def recording_path(recording_id: str) -> str:
     """The object path of the recording *recording_id*."""
     return f"{RECORDING_PATH_PREFIX}/{escape_path_label(recording_id)}"
+
+
+def process_path(process_id: int) -> str:
+    """Object path of the command *process_id* run in a guest."""
+    return f"{PROCESS_PATH_PREFIX}/{process_id}"
 
 
 def job_path(job_id: int) -> str:
