@@ -457,6 +457,22 @@ async def cmd_gdb_proxy(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_exec(client: Client, args: argparse.Namespace) -> int:
+    from kdlabctl import execs
+
+    if not args.gdb_args:
+        raise UsageError("no command: kdlabctl exec NAME [OPTIONS] -- CMD [ARGS...]")
+    command = execs.Command(
+        argv=tuple(args.gdb_args),
+        env=tuple(args.env),
+        cwd=args.cwd or "",
+        tty=args.tty,
+        timeout=args.timeout,
+        wait=args.wait,
+    )
+    return await execs.run(client, args.name, command)
+
+
 async def cmd_console(client: Client, args: argparse.Namespace) -> int:
     return await console(client, args.name)
 
@@ -932,6 +948,51 @@ def _define_recording(parser: argparse.ArgumentParser) -> None:
     recordings.define(parser)
 
 
+def add_exec_parser(
+    command: Callable[[str, Command, str], argparse.ArgumentParser],
+) -> None:
+    """``exec NAME [OPTIONS] -- CMD [ARGS...]``: the words after the options
+    are the command's (parse_args keeps them)."""
+    run = command(
+        "exec",
+        cmd_exec,
+        "run a command in a running VM's guest: its output, and its exit "
+        "status as kdlabctl's (kdlabctl exec NAME -- CMD [ARGS...])",
+    )
+    vm_argument(run)
+    run.set_defaults(takes_command=True)
+    run.add_argument(
+        "-t",
+        "--tty",
+        action="store_true",
+        help="run it on a terminal in the guest (like ssh -t): for a shell, "
+        "top, or anything that wants one",
+    )
+    run.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a variable in its environment (repeatable)",
+    )
+    run.add_argument("--cwd", metavar="DIR", help="the guest directory to run it in")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="kill it after this long (exit 124)",
+    )
+    run.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for the guest's agent to come up (a VM that was "
+        "just started); default: fail at once (exit 13)",
+    )
+
+
 def add_record_parsers(
     command: Callable[[str, Command, str], argparse.ArgumentParser],
     commands: Any,
@@ -1112,6 +1173,8 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     )
     vm_argument(console)
 
+    add_exec_parser(command)
+
     later = [
         commands.add_parser("image", help="manage disk images", define=_define_image),
         commands.add_parser(
@@ -1181,13 +1244,14 @@ async def cmd_web(_client: object, args: argparse.Namespace) -> int:
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """*argv* parsed; where gdb runs, what kdlabctl does not know (options it
-    does not have, and whatever follows ``--``) is ``gdb_args``."""
+    does not have, and whatever follows ``--``) is ``gdb_args`` (and the
+    command ``exec`` runs)."""
     args, extra = parser.parse_known_args(argv)
     if "--" in extra and extra.count("--") == argv.count("--"):
         # argparse drops the "--" that ends kdlabctl's options only when no
         # option came between it and the VM's name: it is not gdb's either.
         extra.remove("--")
-    if extra and not _runs_gdb(args):
+    if extra and not (_runs_gdb(args) or getattr(args, "takes_command", False)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.gdb_args = extra
     return args

@@ -24,10 +24,12 @@ from kdlab.wire import (
     BUS_NAME,
     CREATE_OPTIONS,
     DUMP_INTERFACE,
+    EXEC_OPTIONS,
     IMAGE_INTERFACE,
     JOB_INTERFACE,
     MANAGER_INTERFACE,
     MANAGER_PATH,
+    PROCESS_INTERFACE,
     RECORD_OPTIONS,
     RECORDING_INTERFACE,
     REPLAY_OPTIONS,
@@ -359,6 +361,34 @@ class Client:
 
         async with Watch(self, await self.vm_path(name), VM_INTERFACE, VM) as watch:
             yield watch
+
+    # commands in guests
+
+    async def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        options: Mapping[str, Any],
+        stdin: int | None = None,
+    ) -> tuple[int, int, str]:
+        """Run *argv* in VM *name*'s guest: the read ends of its stdout and
+        stderr, and its object's path. *stdin* is a pipe or socket to feed it."""
+        values = {**options, "stdin": None if stdin is None else 0}
+        body = [list(argv), _variants(values, EXEC_OPTIONS)]
+        fds = [] if stdin is None else [stdin]
+        reply = await self._vm(name, "Exec", "asa{sv}", body, fds)
+        stdout, stderr, path = reply.body
+        return reply.unix_fds[stdout], reply.unix_fds[stderr], str(path)
+
+    async def signal_process(self, path: str, signo: int) -> None:
+        await self.reply(path, PROCESS_INTERFACE, "Signal", "i", [signo])
+
+    async def resize_process(self, path: str, rows: int, cols: int) -> None:
+        await self.reply(path, PROCESS_INTERFACE, "Resize", "qq", [rows, cols])
+
+    async def process(self, path: str) -> dict[str, Any]:
+        """The properties of the command at *path*."""
+        return await self._properties(path, PROCESS_INTERFACE)
 
     # dumps
 

@@ -47,6 +47,7 @@ class Config:
     max_jobs_per_user: int = Limits.jobs_per_user
     max_console_viewers_per_vm: int = Limits.console_viewers_per_vm
     max_console_viewers_per_user: int = Limits.console_viewers_per_user
+    max_execs_per_vm: int = Limits.execs_per_vm
     max_dumps_per_vm: int = Limits.dumps_per_vm
     max_dump_gib_per_user: int = Limits.dump_gib_per_user
 
@@ -114,6 +115,7 @@ KEY_HELP = {
     "max_vms_per_user": "VMs one uid owns (or is creating).",
     "max_jobs_per_user": "Imports and builds one uid runs at once.",
     "max_console_viewers_per_vm": "Console viewers of one VM.",
+    "max_execs_per_vm": "Commands running at once in one VM (kdlabctl exec).",
     "max_console_viewers_per_user": "Console viewers one uid has open.",
     "max_dumps_per_vm": "Automatic (panic) dumps kept per VM; a new one drops the "
     "oldest. Requested dumps are never dropped.",

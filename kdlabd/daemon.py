@@ -23,6 +23,7 @@ from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
+from kdlabd.core.execs import ExecService
 from kdlabd.core.recordings import RecordingService
 from kdlabd.core.vms import Layout, VMService
 from kdlabd.host.builder import LocalBuilder
@@ -99,6 +100,7 @@ async def serve(config: Config) -> None:
     vms: VMService | None = None
     dumps: DumpService | None = None
     recordings: RecordingService | None = None
+    execs: ExecService | None = None
     bus = await KdlabBus(
         bus_address=bus_address(config.bus), negotiate_unix_fd=True
     ).connect()
@@ -137,6 +139,7 @@ async def serve(config: Config) -> None:
         )
         checkpoints = CheckpointService(vms, hypervisor, host, jobs, limits)
         recordings = RecordingService(hypervisor, host=host, vms=vms, limits=limits)
+        execs = ExecService(vms, host, limits)
         BusExporter(
             bus,
             authorizer,
@@ -146,6 +149,7 @@ async def serve(config: Config) -> None:
             dumps=dumps,
             checkpoints=checkpoints,
             recordings=recordings,
+            execs=execs,
         )
         # Dumps are loaded before VMs: a VM found panicked at start-up is
         # dumped unless its boot's dump exists (see DumpService.panicked).
@@ -171,6 +175,8 @@ async def serve(config: Config) -> None:
         )
         await _until_stopped(bus)
     finally:
+        if execs is not None:
+            await execs.close_all()
         if vms is not None:
             await vms.close()
         if dumps is not None:

@@ -9,6 +9,7 @@ from kdlab.wire import (
     dump_path,
     image_path,
     job_path,
+    process_path,
     recording_path,
     vm_path,
 )
@@ -17,10 +18,12 @@ from kdlabd.bus.dump import DumpInterface
 from kdlabd.bus.image import ImageInterface
 from kdlabd.bus.job import JobInterface
 from kdlabd.bus.manager import ManagerInterface
+from kdlabd.bus.process import ProcessInterface
 from kdlabd.bus.recording import RecordingInterface
 from kdlabd.bus.vm import VMInterface
 from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpRecord, DumpService
+from kdlabd.core.execs import ExecService, ProcessRecord
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import Job, JobManager
 from kdlabd.core.models import ImageRecord, VMRecord
@@ -47,6 +50,7 @@ class BusExporter:
         dumps: DumpService,
         checkpoints: CheckpointService,
         recordings: RecordingService | None = None,
+        execs: ExecService | None = None,
     ) -> None:
         self._bus = bus
         self._authorizer = authorizer
@@ -58,6 +62,8 @@ class BusExporter:
         self._checkpoints = checkpoints
         self._recordings = recordings
         self._recording_objects: dict[str, RecordingInterface] = {}
+        self._execs = execs
+        self._process_objects: dict[int, ProcessInterface] = {}
         self._vm_objects: dict[str, VMInterface] = {}
         self._image_objects: dict[str, ImageInterface] = {}
         self._job_objects: dict[int, JobInterface] = {}
@@ -69,6 +75,8 @@ class BusExporter:
         dumps.subscribe(self)
         if recordings is not None:
             recordings.subscribe(self)
+        if execs is not None:
+            execs.subscribe(self)
 
     def vm_added(self, record: VMRecord) -> None:
         interface = VMInterface(
@@ -78,6 +86,7 @@ class BusExporter:
             dumps=self._dumps,
             checkpoints=self._checkpoints,
             recordings=self._recordings,
+            execs=self._execs,
         )
         self._vm_objects[record.name] = interface
         path = vm_path(record.name)
@@ -149,6 +158,19 @@ class BusExporter:
     def recording_removed(self, recording: RecordingRecord) -> None:
         self._bus.unexport(recording_path(recording.id))
         del self._recording_objects[recording.id]
+
+    def process_added(self, process: ProcessRecord) -> None:
+        assert self._execs is not None
+        interface = ProcessInterface(process, self._execs, self._authorizer)
+        self._process_objects[process.id] = interface
+        self._bus.export(process_path(process.id), interface)
+
+    def process_exited(self, process: ProcessRecord) -> None:
+        self._process_objects[process.id].exited(process)
+
+    def process_removed(self, process: ProcessRecord) -> None:
+        self._bus.unexport(process_path(process.id))
+        del self._process_objects[process.id]
 
     def _refresh_latest_dump(self, dump: DumpRecord) -> None:
         vm = self._vm_objects.get(dump.vm)

@@ -10,6 +10,7 @@ from dbus_next.service import ServiceInterface, dbus_property
 from kdlab.errors import InvalidArgument
 from kdlab.kernel.diagnosis import public_fix, summary
 from kdlab.wire import (
+    EXEC_OPTIONS,
     NO_DUMP_PATH,
     NO_RECORDING_PATH,
     RECORD_OPTIONS,
@@ -23,6 +24,7 @@ from kdlab.wire import (
     VM_INTERFACE,
     dump_path,
     job_path,
+    process_path,
     recording_path,
     unescape_path_label,
 )
@@ -32,6 +34,7 @@ from kdlabd.bus.options import take
 from kdlabd.bus.properties import announce_changes
 from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpService
+from kdlabd.core.execs import DEFAULT_COLS, DEFAULT_ROWS, ExecRequest, ExecService
 from kdlabd.core.models import VMRecord
 from kdlabd.core.recordings import RecordingService
 from kdlabd.core.vms import DEFAULT_STOP_TIMEOUT, VMService
@@ -110,6 +113,7 @@ class VMInterface(ServiceInterface):
         dumps: DumpService | None = None,
         checkpoints: CheckpointService | None = None,
         recordings: RecordingService | None = None,
+        execs: ExecService | None = None,
     ) -> None:
         super().__init__(VM_INTERFACE)
         self._record = record
@@ -118,6 +122,7 @@ class VMInterface(ServiceInterface):
         self.authorizer = authorizer
         self.checkpoints = checkpoints
         self.recordings = recordings
+        self.execs = execs
         self._props = properties(record, self._latest_dump(record))
 
     def _latest_dump(self, record: VMRecord) -> str:
@@ -244,6 +249,27 @@ class VMInterface(ServiceInterface):
         if self.recordings is None:
             raise InvalidArgument("this kdlabd keeps no recordings")
         return self.recordings
+
+    @exported(Action.DEBUG_VMS)
+    async def Exec(self, caller: Caller, argv: "as", options: "a{sv}") -> "hho":
+        """Run @argv in the guest: pipes of its output, and its object."""
+        opts = take(options, EXEC_OPTIONS)
+        if self.execs is None:
+            raise InvalidArgument("this kdlabd runs no commands in guests")
+        request = ExecRequest(
+            argv=tuple(argv),
+            stdin_fd=opts.get("stdin"),
+            env=tuple(opts.get("env", ())),
+            cwd=opts.get("cwd", ""),
+            tty=opts.get("tty", False),
+            rows=opts.get("rows", DEFAULT_ROWS),
+            cols=opts.get("cols", DEFAULT_COLS),
+            timeout=opts.get("timeout", 0.0),
+        )
+        stdout, stderr, process = await self.execs.exec(
+            self._record.name, caller.uid, request
+        )
+        return [stdout, stderr, process_path(process.id)]
 
     @exported(Action.DEBUG_VMS)
     async def GetDiagnosis(self, caller: Caller) -> "(ssssas)":

@@ -10,6 +10,7 @@ filesystem that does not answer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,30 @@ class Viewer(Protocol):
         """Stop reading and close kdlabd's end: the viewer sees the end."""
 
 
+class OutputPipe(Protocol):
+    """kdlabd's end of a pipe a caller reads (a command's output), on the loop."""
+
+    async def write(self, data: bytes) -> bool:
+        """Write all of *data*, waiting while the pipe is full; False (and
+        *data* dropped) once the reader is gone or the pipe was closed."""
+
+    def hung_up(self) -> bool:
+        """Whether the reader is gone (seen without writing)."""
+
+    def close(self) -> None:
+        """Close kdlabd's end: the reader sees the end; a writer wakes."""
+
+
+class InputStream(Protocol):
+    """A pipe or socket a caller passed to be read (a command's input)."""
+
+    async def read(self, size: int) -> bytes:
+        """At most *size* bytes, waiting for some; ``b""`` at the end."""
+
+    def close(self) -> None:
+        """Close kdlabd's copy; a reader wakes with ``b""``."""
+
+
 class CallerFiles(Protocol):
     """Looks at descriptors callers pass; kdlabd never opens a caller's path."""
 
@@ -80,6 +105,18 @@ class Host(CallerFiles, Protocol):
         Raises OSError, or :class:`~kdlabd.core.blocking.Unanswered` after
         *seconds* (*what* names the attempt in the log).
         """
+
+    async def open_stream(
+        self, address: Address, *, seconds: float, what: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """An asyncio stream on a connection to *address* (see :meth:`connect`)."""
+
+    def output_pipe(self) -> tuple[OutputPipe, int]:
+        """A new pipe: kdlabd's end, and the read end to hand a caller."""
+
+    def input_stream(self, fd: int) -> InputStream:
+        """kdlabd's own copy of the caller's *fd* to read from; InvalidArgument
+        unless it is a readable pipe or stream socket."""
 
     def open_read_only(self, path: Path) -> int:
         """A read-only descriptor of kdlabd's file *path*, for a caller. Blocks."""

@@ -44,6 +44,8 @@ class Limits:
     jobs_per_user: int = 4
     console_viewers_per_vm: int = 16
     console_viewers_per_user: int = 64
+    execs_per_vm: int = 32
+    """Commands running at once in one VM's guest (kdlabctl exec)."""
     dumps_per_vm: int = 3
     """Automatic (panic) dumps kept per VM: a new one drops the oldest."""
     dump_gib_per_user: int = 64
@@ -133,6 +135,15 @@ class Limits:
             key="console_viewers_per_user",
             hint="detach one first",
         )
+
+    def room_for_exec(self, vm: str, running: int) -> None:
+        """Refuse another command in *vm*, which runs *running* already."""
+        if running >= self.execs_per_vm:
+            raise LimitExceeded(
+                f"VM {vm!r} runs {running} commands from kdlabctl exec; the "
+                f"limit is {self.execs_per_vm} (configuration key "
+                "max_execs_per_vm): wait for one to end"
+            )
 
 
 def _at_most(asked: int, limit: int, *, what: str, key: str, unit: str = "") -> int:

@@ -115,6 +115,9 @@ class VMSpec:
     console_log: Path
     gdb_socket: Path
     debug: DebugSettings = DebugSettings()
+    agent_socket: Path | None = None
+    """The host side of the exec channel; None for a VM defined before kdlab
+    had one (it runs no commands)."""
     created_usec: int = 0
     release: str = ""
     vmlinux: str = ""

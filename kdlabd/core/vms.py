@@ -112,6 +112,12 @@ class Layout:
     def gdb_socket(self, name: str) -> Path:
         return self.gdb_dir() / f"{name}.sock"
 
+    def agent_socket(self, name: str) -> Path:
+        """VM *name*'s exec channel (the host side of its virtio-serial port),
+        next to its gdbstub where only root and QEMU reach (never a gdb
+        socket's name: those end in .sock)."""
+        return self.gdb_dir() / f"{name}.agent"
+
 
 @dataclass(frozen=True)
 class CreateRequest:
@@ -518,6 +524,7 @@ class VMService:
             accel=self._accel,
             console_log=self._layout.console_log(name),
             gdb_socket=self._layout.gdb_socket(name),
+            agent_socket=self._layout.agent_socket(name),
             debug=request.debug,
             created_usec=time.time_ns() // 1000,
             release=files.release,

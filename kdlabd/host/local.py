@@ -7,6 +7,7 @@ time limits and rules apply is core's: this module does what it is told.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -17,6 +18,7 @@ from kdlabd.core import blocking
 from kdlabd.core.host import Address, ViewerInput
 from kdlabd.host import descriptors
 from kdlabd.host.descriptors import CallerDescriptors
+from kdlabd.host.pipes import InputStream, OutputPipe
 from kdlabd.host.viewers import SocketViewer
 
 
@@ -43,6 +45,24 @@ class LocalHost(CallerDescriptors):
             sock.close()
             raise
         return sock.detach()
+
+    async def open_stream(
+        self, address: Address, *, seconds: float, what: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        fd = await self.connect(address, seconds=seconds, what=what)
+        family = socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX
+        sock = socket.socket(family, socket.SOCK_STREAM, fileno=fd)
+        try:
+            return await asyncio.open_connection(sock=sock, limit=1 << 20)
+        except BaseException:
+            sock.close()
+            raise
+
+    def output_pipe(self) -> tuple[OutputPipe, int]:
+        return OutputPipe.make()
+
+    def input_stream(self, fd: int) -> InputStream:
+        return InputStream.of(fd)
 
     def open_read_only(self, path: Path) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from kdlab.agent import PORT_NAME as AGENT_PORT
 from kdlab.wire import ON_PANIC_DUMP_AND_STOP, RUN_RECORD
 from kdlabd.core.models import (
     Accel,
@@ -200,6 +201,8 @@ def _metadata(parent: etree._Element, spec: VMSpec) -> None:
     if spec.debug.gdb_tcp_port is not None:
         debug.set("tcp-port", str(spec.debug.gdb_tcp_port))
     _sub(vm, _K + "gdb-socket", str(spec.gdb_socket))
+    if spec.agent_socket is not None:
+        _sub(vm, _K + "agent-socket", str(spec.agent_socket))
     for disk in spec.disks:
         _sub(vm, _K + "disk", target=disk.target, image=disk.base_image)
     kernel = _sub(vm, _K + "kernel", release=spec.release)
@@ -259,6 +262,13 @@ def _devices(parent: etree._Element, spec: VMSpec) -> None:
     # Without these libvirt adds a USB controller and a balloon: slower boots, no use.
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
+    if spec.agent_socket is not None:
+        # kdlab's exec channel: a virtio-serial port the guest's agent opens
+        # as /dev/virtio-ports/org.kdlab.agent.0; QEMU listens on the host
+        # side, where kdlabd alone connects (kdlabd.core.execs).
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "source", mode="bind", path=str(spec.agent_socket))
+        _sub(channel, "target", type="virtio", name=AGENT_PORT)
     # ISA pvpanic (ACPI QEMU0001, driven by Linux's pvpanic-mmio): the kernel
     # reports its panic to QEMU, which libvirt turns into a crashed event.
     _sub(devices, "panic", model="isa")
@@ -399,6 +409,7 @@ def parse_domain_xml(xml: str) -> VMSpec:
         accel=Accel(_text(meta, _K + "accel") or Accel.TCG),
         console_log=Path(log.get("file", "")) if log is not None else Path(),
         gdb_socket=Path(_text(meta, _K + "gdb-socket") or ""),
+        agent_socket=Path(agent) if (agent := _text(meta, _K + "agent-socket")) else None,
         debug=DebugSettings(
             gdb=debug is None or debug.get("gdb") == "yes",
             gdb_tcp_port=int(port) if port else None,

@@ -110,6 +110,7 @@ class FakeVM:
             accel=Accel.TCG,
             console_log=layout.console_log(self.name),
             gdb_socket=layout.gdb_socket(self.name),
+            agent_socket=layout.agent_socket(self.name),
             debug=DebugSettings(gdb=self.gdb_stub != "off", gdb_tcp_port=port),
             created_usec=self.created_usec,
             release=self.release,

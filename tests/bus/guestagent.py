@@ -1,0 +1,81 @@
+"""kdlab's real guest agent where the bus tier's VMs have no guest.
+
+The test driver runs no QEMU. QEMU's side of a VM's exec channel is a unix
+socket it listens on (the virtio-serial port's chardev); here a thread
+listens there instead and hands each connection kdlabd makes to the real
+agent binary (``kdlab-agent --fd``), run as nobody, as the guest side would
+be. So every byte of VM.Exec (kdlabd, the protocol, the agent) is real but
+the virtio-serial transport, which the vm tier covers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+from kdlab.agent import build
+from tests.support.clients import NOBODY
+
+
+def agent_binary(cache: Path) -> Path:
+    """The agent, built once per cache directory; readable and runnable by
+    nobody (the tests' caches are 0700)."""
+    binary = build(cache)
+    public = Path("/tmp") / f"kdlab-test-{binary.name}"
+    if not public.exists():
+        staging = public.with_suffix(f".{os.getpid()}")
+        staging.write_bytes(binary.read_bytes())
+        staging.chmod(0o755)
+        staging.replace(public)
+    return public
+
+
+class GuestAgent:
+    """The guest side of one VM's exec channel at *path*, while it is open."""
+
+    def __init__(self, path: Path, binary: Path) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.connections = 0
+        self._binary = binary
+        self._agents: list[subprocess.Popen[bytes]] = []
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(path))
+        self._server.listen(1)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            with conn:
+                # QEMU serves one client at a time: the next waits its turn.
+                fd = conn.fileno()
+                agent = subprocess.Popen(
+                    [*NOBODY.setpriv(), str(self._binary), "--fd", str(fd)],
+                    pass_fds=(fd,),
+                    stdin=subprocess.DEVNULL,
+                    cwd="/",
+                )
+                self._agents.append(agent)
+            agent.wait()
+
+    @property
+    def pids(self) -> list[int]:
+        """The agents running now."""
+        return [a.pid for a in self._agents if a.poll() is None]
+
+    def close(self) -> None:
+        self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+        for agent in self._agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(timeout=10)
+
