@@ -39,10 +39,22 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def agent_on_socket(
     binary: Path,
 ) -> Iterator[tuple[socket.socket, subprocess.Popen[bytes]]]:
-    """The agent on one end of a socket pair; the other end for the test."""
+    """The agent on one end of a socket pair; the other end for the test.
+
+    It starts with SIGINT ignored, as a shell leaves a command it starts in
+    the background (``kdlab-agent &`` in an init script).
+    """
     ours, theirs = socket.socketpair()
     process = subprocess.Popen(
-        [str(binary), "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()]
+        [
+            "sh",
+            "-c",
+            'trap "" INT; exec "$0" "$@"',
+            binary,
+            "--fd",
+            str(theirs.fileno()),
+        ],
+        pass_fds=[theirs.fileno()],
     )
     theirs.close()
     try:
@@ -515,3 +527,69 @@ def test_build_says_what_to_install(
         agent.build(tmp_path / "cache")
     assert "missing" in str(error.value)  # cc's own message
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+class Failing(Collect):
+    async def write(self, stream: int, data: bytes) -> None:
+        raise BrokenPipeError(f"{len(data)} bytes of stream {stream} refused")
+
+
+def test_a_sink_that_fails_kills_its_command(binary: Path) -> None:
+    async def scenario(link: AgentLink) -> None:
+        script = "echo $$; exec sleep 100"
+        session = await link.spawn(["sh", "-c", script], output=Failing())
+        with pytest.raises(AgentError, match="output could not be written"):
+            await session.wait()
+        await until_gone(session.pid)
+        assert (await run(link, ["true"]))[0] == ExitStatus(0, 0)
+
+    with_link(binary, scenario)
+
+
+def test_a_guest_cannot_make_kdlabd_hold_more_than_the_window() -> None:
+    """A fake guest that ignores flow control: kdlabd keeps at most WINDOW
+    bytes of a session in a bounded number of pieces, then drops the link."""
+    more = asyncio.Event()
+
+    async def guest(sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        header = await reader.readexactly(protocol.HEADER_SIZE)
+        length, token, kind = protocol.parse_header(header)
+        assert kind == FrameType.HELLO
+        await reader.readexactly(length)
+        writer.write(protocol.hello(token))
+        length, session, kind = protocol.parse_header(
+            await reader.readexactly(protocol.HEADER_SIZE)
+        )
+        assert kind == FrameType.SPAWN
+        await reader.readexactly(length)
+        writer.write(protocol.frame(FrameType.STARTED, session, protocol.u32(99)))
+        # Tiny frames of both streams in turn: each one a piece of its own?
+        for n in range(20000):
+            kind = FrameType.STDOUT if n % 2 else FrameType.STDERR
+            writer.write(protocol.frame(kind, session, b"x"))
+        await writer.drain()
+        await more.wait()
+        for _ in range(5):
+            writer.write(protocol.frame(FrameType.STDOUT, session, bytes(1 << 16)))
+        await writer.drain()
+        await reader.read()  # until kdlabd hangs up
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            async with asyncio.timeout(SECONDS):
+                guest_task = asyncio.create_task(guest(theirs))
+                link = AgentLink(*await asyncio.open_connection(sock=ours))
+                await link.handshake(timeout=5)
+                session = await link.spawn(["cat"], output=Blocked())
+                while session.held < 20000:
+                    await asyncio.sleep(0.01)
+                assert len(session._items) <= 70
+                more.set()
+                with pytest.raises(AgentError, match="the guest agent went away"):
+                    await session.wait()
+                assert link.closed
+                await guest_task
+
+    asyncio.run(main())
