@@ -113,11 +113,13 @@ async def run(client: Client, name: str, command: Command) -> int:
     await client.add_match(EXITED_RULE)
     with _stdin(command.tty) as (stdin, raw):
         stdout, stderr, path = await _start(client, name, command, stdin)
-        copies = [
-            _copy_in_thread(stdout, sys.stdout.fileno()),
-            _copy_in_thread(stderr, sys.stderr.fileno()),
-        ]
         with _forwarding(client, path, raw):
+            # Copied only once signals go to the command: what it printed
+            # (a prompt: "press Ctrl-C") is seen when Ctrl-C reaches it.
+            copies = [
+                _copy_in_thread(stdout, sys.stdout.fileno()),
+                _copy_in_thread(stderr, sys.stderr.fileno()),
+            ]
             done = asyncio.gather(*(asyncio.to_thread(copy.join) for copy in copies))
             await done
             with contextlib.suppress(TimeoutError):

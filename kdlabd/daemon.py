@@ -21,9 +21,9 @@ from kdlabd.config import Config, from_args
 from kdlabd.core import blocking
 from kdlabd.core.checkpoints import CheckpointService
 from kdlabd.core.dumps import DumpService
+from kdlabd.core.execs import ExecService
 from kdlabd.core.images import ImageService
 from kdlabd.core.jobs import JobManager
-from kdlabd.core.execs import ExecService
 from kdlabd.core.recordings import RecordingService
 from kdlabd.core.vms import Layout, VMService
 from kdlabd.host.builder import LocalBuilder
@@ -175,14 +175,9 @@ async def serve(config: Config) -> None:
         )
         await _until_stopped(bus)
     finally:
-        if execs is not None:
-            await execs.close_all()
-        if vms is not None:
-            await vms.close()
-        if dumps is not None:
-            await dumps.close()
-        if recordings is not None:
-            await recordings.close()
+        for service in (execs, vms, dumps, recordings):
+            if service is not None:
+                await service.close()
         bus.disconnect()
         await hypervisor.close()
     # Daemon threads: whatever still waits for libvirtd ends with the process.

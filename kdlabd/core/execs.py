@@ -60,7 +60,9 @@ SPAWN_SECONDS = 15.0
 HANGUP_CHECK_SECONDS = 1.0
 """How often kdlabd looks whether a command's caller closed its pipes."""
 ARGV_MAX_WORDS = 4096
-ARGV_MAX_BYTES = 256 * 1024
+SPAWN_MAX_BYTES = 60 * 1024
+"""What the command, its environment and cwd may take together: the agent
+gets them in one frame."""
 PATH_MAX = 4096
 STDIN_READ_SIZE = 64 * 1024
 SIGNAL_MAX = 64
@@ -115,21 +117,21 @@ def check(request: ExecRequest) -> None:
     argv = request.argv
     if not argv or not argv[0]:
         raise InvalidArgument("no command: give the command to run after --")
-    if len(argv) > ARGV_MAX_WORDS or sum(len(w.encode()) + 1 for w in argv) > (
-        ARGV_MAX_BYTES
-    ):
-        raise InvalidArgument(
-            f"the command is too long (at most {ARGV_MAX_WORDS} words and "
-            f"{ARGV_MAX_BYTES // 1024} KiB): pass data on stdin instead"
-        )
     if any(map(_has_nul, argv)):
         raise InvalidArgument("a word of the command has a NUL byte")
     for word in request.env:
         key, equals, _value = word.partition("=")
         if not key or not equals or _has_nul(word):
             raise InvalidArgument(f"env {word!r} is not KEY=VALUE")
-    if sum(len(w.encode()) + 1 for w in request.env) > ARGV_MAX_BYTES:
-        raise InvalidArgument("the environment is over 256 KiB")
+    words = (*argv, *request.env, request.cwd)
+    if len(words) > ARGV_MAX_WORDS or sum(len(w.encode()) + 5 for w in words) > (
+        SPAWN_MAX_BYTES
+    ):
+        raise InvalidArgument(
+            f"the command and its environment are too long (at most "
+            f"{ARGV_MAX_WORDS} words and {SPAWN_MAX_BYTES // 1024} KiB): pass "
+            "data on stdin instead"
+        )
     if _has_nul(request.cwd) or len(request.cwd.encode()) >= PATH_MAX:
         raise InvalidArgument("cwd is not a usable guest path")
     if not (0 < request.rows <= 0xFFFF and 0 < request.cols <= 0xFFFF):
@@ -144,28 +146,23 @@ class _Outputs:
 
     def __init__(self, stdout: OutputPipe, stderr: OutputPipe) -> None:
         self._pipes = {1: stdout, 2: stderr}
-        self._ended = {1: asyncio.Event(), 2: asyncio.Event()}
+        self.reader_gone = asyncio.Event()
+        """A stream's reader left while the command wrote to it."""
 
     async def write(self, stream: int, data: bytes) -> None:
-        await self._pipes[stream].write(data)
+        if not await self._pipes[stream].write(data):
+            self.reader_gone.set()
 
     async def eof(self, stream: int) -> None:
         self._pipes[stream].close()
-        self._ended[stream].set()
-
-    async def ended(self) -> None:
-        """Wait until both streams ended (everything was written on)."""
-        for event in self._ended.values():
-            await event.wait()
 
     def hung_up(self) -> bool:
         """Whether the caller closed both pipes: it went away."""
         return all(pipe.hung_up() for pipe in self._pipes.values())
 
     def close(self) -> None:
-        for stream, pipe in self._pipes.items():
+        for pipe in self._pipes.values():
             pipe.close()
-            self._ended[stream].set()
 
 
 @dataclass
@@ -237,9 +234,7 @@ class ExecService:
             session = await self._spawn(name, link, request, outputs, stdin)
             undo.pop_all()
         process = _Process(
-            ProcessRecord(
-                next(self._ids), name, uid, request.argv, pid=session.pid
-            ),
+            ProcessRecord(next(self._ids), name, uid, request.argv, pid=session.pid),
             session,
             outputs,
             stdin,
@@ -269,8 +264,7 @@ class ExecService:
             )
         if record.state is not VMState.RUNNING:
             raise InvalidState(
-                f"VM {name!r} is {record.state}: start it first (kdlabctl start "
-                f"{name})"
+                f"VM {name!r} is {record.state}: start it first (kdlabctl start {name})"
             )
         if record.boot.run is not None:
             raise InvalidState(
@@ -341,6 +335,8 @@ class ExecService:
                 f"the kdlab agent of VM {name!r} did not start the command "
                 f"within {SPAWN_SECONDS:g} s"
             ) from None
+        except ValueError as err:  # what one frame cannot carry
+            raise InvalidArgument(str(err)) from None
         except AgentError as err:
             if link.closed:
                 raise NoAgent(
@@ -357,12 +353,12 @@ class ExecService:
         if process.stdin is not None:
             process.helpers.append(loop.create_task(self._feed(process)))
         process.helpers.append(loop.create_task(self._watch_caller(process)))
+        process.helpers.append(loop.create_task(self._broken_pipe(process)))
         code, signo, how = -1, 0, wire.PROCESS_LOST
         try:
             async with asyncio.timeout(timeout or None):
+                # Once everything it wrote was written on.
                 status = await session.wait()
-                # Everything it wrote is written on before it counts as ended.
-                await process.outputs.ended()
             code, signo = status.code, status.signal
             how = wire.PROCESS_SIGNALED if signo else wire.PROCESS_EXITED
         except TimeoutError:
@@ -412,6 +408,13 @@ class ExecService:
             await process.session.close_stdin()
         except AgentError:
             pass  # the command ended, or the link went: _follow tells
+
+    async def _broken_pipe(self, process: _Process) -> None:
+        """The command wrote to a stream nobody reads any more: SIGPIPE, as a
+        local pipe would give it (``kdlabctl exec VM -- yes | head -1``)."""
+        await process.outputs.reader_gone.wait()
+        with contextlib.suppress(AgentError):
+            await process.session.signal(signal.SIGPIPE)
 
     async def _watch_caller(self, process: _Process) -> None:
         """Kill the command once its caller closed both pipes (it is gone:
@@ -485,7 +488,7 @@ class ExecService:
             del self._links[name]
         await link.close()
 
-    async def close_all(self) -> None:
+    async def close(self) -> None:
         """Shutting down: kill every command, close every connection."""
         for process in list(self._processes.values()):
             if process.record.state == wire.PROCESS_STATE_RUNNING:

@@ -36,7 +36,12 @@ class _Descriptor:
             if write
             else (loop.add_reader, loop.remove_reader)
         )
-        add(fd, lambda: ready.done() or ready.set_result(None))
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        add(fd, wake)
         try:
             await ready
         finally:

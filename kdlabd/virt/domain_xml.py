@@ -409,7 +409,9 @@ def parse_domain_xml(xml: str) -> VMSpec:
         accel=Accel(_text(meta, _K + "accel") or Accel.TCG),
         console_log=Path(log.get("file", "")) if log is not None else Path(),
         gdb_socket=Path(_text(meta, _K + "gdb-socket") or ""),
-        agent_socket=Path(agent) if (agent := _text(meta, _K + "agent-socket")) else None,
+        agent_socket=Path(agent)
+        if (agent := _text(meta, _K + "agent-socket"))
+        else None,
         debug=DebugSettings(
             gdb=debug is None or debug.get("gdb") == "yes",
             gdb_tcp_port=int(port) if port else None,

@@ -78,4 +78,3 @@ class GuestAgent:
             if agent.poll() is None:
                 agent.kill()
                 agent.wait(timeout=10)
-
