@@ -170,7 +170,7 @@ class ExecFailed(KdlabError):
     """The guest could not run a command (not found, not executable)."""
 
     reason = "ExecFailed"
-    exit_code = 127  # what a shell exits with for a command it cannot run
+    exit_code = 14
 
 
 class Internal(KdlabError):
@@ -266,13 +266,13 @@ EXIT_TABLE: tuple[ExitCode, ...] = (
     ExitCode(UnsupportedDisk.exit_code, "a disk of the VM cannot hold a checkpoint"),
     ExitCode(NotRecordable.exit_code, "QEMU cannot record the VM as it is"),
     ExitCode(NoAgent.exit_code, "no kdlab agent answers in the VM's guest"),
-    ExitCode(EXIT_TIMEOUT, "exec: the command ran past --timeout and was killed"),
     ExitCode(ExecFailed.exit_code, "exec: the guest could not run the command"),
     ExitCode(
         EXIT_UNAVAILABLE,
         "kdlabd or the bus is not reachable, or a program kdlabctl runs "
         "is not installed",
     ),
+    ExitCode(EXIT_TIMEOUT, "exec: the command ran past --timeout and was killed"),
     ExitCode(EXIT_LOST, "exec: the VM stopped before the command ended"),
 )
 

@@ -384,7 +384,7 @@ class Client:
         await self.reply(path, PROCESS_INTERFACE, "Signal", "i", [signo])
 
     async def resize_process(self, path: str, rows: int, cols: int) -> None:
-        await self.reply(path, PROCESS_INTERFACE, "Resize", "qq", [rows, cols])
+        await self.reply(path, PROCESS_INTERFACE, "SetTerminalSize", "qq", [rows, cols])
 
     async def process(self, path: str) -> dict[str, Any]:
         """The properties of the command at *path*."""

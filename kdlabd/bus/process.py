@@ -56,7 +56,7 @@ class ProcessInterface(ServiceInterface):
         await self.execs.signal(self._id, signal)
 
     @exported(Action.DEBUG_VMS)
-    async def Resize(self, caller: Caller, rows: "q", cols: "q") -> None:
+    async def SetTerminalSize(self, caller: Caller, rows: "q", cols: "q") -> None:
         """Set the size of the command's terminal."""
         await self.execs.resize(self._id, rows, cols)
 

@@ -152,6 +152,7 @@ class VMInterface(ServiceInterface):
             self._record.name,
             paused=opts.get("paused", False),
             kernel_fd=opts.get("kernel"),
+            initrd_fd=opts.get("initrd"),
             checkpoint=tag,
             check=self._checkpoints().starter(tag) if tag else None,
         )

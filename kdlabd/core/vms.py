@@ -580,6 +580,13 @@ class VMService:
             )
         log.info("vm.kernel_replaced", vm=record.name, release=release)
 
+    async def _replace_initrd(self, record: VMRecord, fd: int, size: int) -> None:
+        """Stage a new snapshot of the initrd (a VM without one gets one)."""
+        path = await self._hv.upload_boot_file(initrd_volume(record.name), fd, size)
+        if record.spec.initrd != path:
+            self._store(await self._hv.redefine_vm(record.spec.replace(initrd=path)))
+        log.info("vm.initrd_replaced", vm=record.name)
+
     def uses_image(self, image: str) -> tuple[str, ...]:
         """Names of the VMs whose disks are based on *image*, or being created on it."""
         creating = sorted(
@@ -599,11 +606,13 @@ class VMService:
         *,
         paused: bool = False,
         kernel_fd: int | None = None,
+        initrd_fd: int | None = None,
         checkpoint: str = "",
         check: Callable[[VMRecord], Awaitable[None]] | None = None,
         run: RunStart | None = None,
     ) -> VMRecord:
-        """Boot the VM; *kernel_fd* replaces its kernel first (a fresh build).
+        """Boot the VM; *kernel_fd* replaces its kernel first (a fresh build),
+        and *initrd_fd* its initrd.
 
         With *checkpoint* it starts in that checkpoint's state, once *check*
         (see :meth:`CheckpointService.starter`) passed on the staged kernel.
@@ -612,8 +621,14 @@ class VMService:
             record = _shown(entry)
             if record.state.active:
                 raise InvalidState(f"VM {name!r} is already {record.state}")
+            # Both files are checked before either replaces the VM's.
+            initrd_size = (
+                None if initrd_fd is None else await _read_initrd(self._host, initrd_fd)
+            )
             if kernel_fd is not None:
                 await self._replace_kernel(record, kernel_fd)
+            if initrd_fd is not None and initrd_size is not None:
+                await self._replace_initrd(self.get(name), initrd_fd, initrd_size)
             if check is not None:
                 await check(self.get(name))
             # A new boot: nothing of the last one (its watcher, its diagnosis,
@@ -986,6 +1001,14 @@ async def _read_kernel(files: CallerFiles, fd: int) -> tuple[int, str]:
     return size, validate.release(kernel.bzimage_release(header))
 
 
+async def _read_initrd(files: CallerFiles, fd: int) -> int:
+    """The size of the initrd the caller passed, once checked."""
+    return await blocking.from_caller(
+        lambda: validate.readable_file(files, fd, "initrd", validate.INITRD_MAX_BYTES),
+        "initrd",
+    )
+
+
 async def _read_boot_files(files: CallerFiles, request: CreateRequest) -> BootFiles:
     """Check the kernel and initrd the caller passed; what they hold."""
     if request.kernel_fd is None:
@@ -994,13 +1017,8 @@ async def _read_boot_files(files: CallerFiles, request: CreateRequest) -> BootFi
         )
     kernel_size, release = await _read_kernel(files, request.kernel_fd)
     initrd_size = 0
-    if (initrd_fd := request.initrd_fd) is not None:
-        initrd_size = await blocking.from_caller(
-            lambda: validate.readable_file(
-                files, initrd_fd, "initrd", validate.INITRD_MAX_BYTES
-            ),
-            "initrd",
-        )
+    if request.initrd_fd is not None:
+        initrd_size = await _read_initrd(files, request.initrd_fd)
     return BootFiles(
         request.kernel_fd, kernel_size, release, request.initrd_fd, initrd_size
     )

@@ -17,7 +17,10 @@ import threading
 from pathlib import Path
 
 from kdlab.agent import build
-from tests.support.clients import NOBODY
+from kdlab.wire import VM_INTERFACE
+from tests.support.bus import BusClient
+from tests.support.clients import NOBODY, cache_home
+from tests.support.testdriver import Lab
 
 
 def agent_binary(cache: Path) -> Path:
@@ -78,3 +81,21 @@ class GuestAgent:
             if agent.poll() is None:
                 agent.kill()
                 agent.wait(timeout=10)
+
+
+def running_command(
+    client: BusClient, lab: Lab, vm: str = "busy"
+) -> tuple[str, GuestAgent]:
+    """A command of the caller's (``sleep 600``) running in the running VM
+    *vm*, served by the real agent: its object path, and the agent (the
+    caller closes it)."""
+    agent = GuestAgent(
+        lab.layout.agent_socket(vm), agent_binary(cache_home() / "agent")
+    )
+    reply = client.call(
+        client.vm_path(vm), VM_INTERFACE, "Exec", "asa{sv}", [["sleep", "600"], {}]
+    )
+    assert reply.error_name is None, reply.body
+    for fd in reply.unix_fds:
+        os.close(fd)
+    return str(reply.body[2]), agent

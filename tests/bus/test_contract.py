@@ -28,9 +28,19 @@ from kdlab.wire import (
 )
 from tests.bus import contract
 from tests.bus.conftest import Ctl
-from tests.bus.contract import DUMP, IMAGE, INTERFACES, JOB, MANAGER, RECORDING, VM
+from tests.bus.contract import (
+    DUMP,
+    IMAGE,
+    INTERFACES,
+    JOB,
+    MANAGER,
+    PROCESS,
+    RECORDING,
+    VM,
+)
+from tests.bus.guestagent import running_command
 from tests.support.bus import OBJECT_MANAGER, PROPERTIES, BusClient
-from tests.support.testdriver import DUMPS, FLEET, RECORDINGS
+from tests.support.testdriver import DUMPS, FLEET, RECORDINGS, Lab
 
 pytestmark = pytest.mark.bus
 
@@ -124,9 +134,12 @@ def _assert_same_shape(live: contract.Shape, documented: contract.Shape) -> None
 
 @pytest.mark.parametrize("interface", INTERFACES)
 def test_live_introspection_matches_contract(
-    client: BusClient, image_and_job: tuple[str, str], interface: str
+    client: BusClient, kdlabd: Lab, image_and_job: tuple[str, str], interface: str
 ) -> None:
     image, job = image_and_job
+    command, agent = (
+        running_command(client, kdlabd) if interface == PROCESS else ("", None)
+    )
     path = {
         MANAGER: MANAGER_PATH,
         VM: VM_PATHS["idle"],
@@ -134,10 +147,13 @@ def test_live_introspection_matches_contract(
         JOB: job,
         DUMP: DUMP_PATHS["busy-20231114-224820"],
         RECORDING: wire.recording_path(RECORDINGS[0].id),
+        PROCESS: command,
     }[interface]
     live = contract.interface_element(
         contract.parse(client.introspect(path)), interface
     )
+    if agent is not None:
+        agent.close()
     _assert_same_shape(
         contract.shape(live), contract.shape(contract.contract(interface))
     )

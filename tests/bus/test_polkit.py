@@ -30,7 +30,8 @@ from lxml import etree
 from kdlab.errors import HypervisorError, NotAuthorized
 from kdlab.wire import MANAGER_PATH, dump_path, image_path, recording_path, vm_path
 from kdlabd.bus.auth import Action
-from tests.bus.contract import DUMP, IMAGE, JOB, MANAGER, RECORDING, VM
+from tests.bus.contract import DUMP, IMAGE, JOB, MANAGER, PROCESS, RECORDING, VM
+from tests.bus.guestagent import running_command
 from tests.bus.test_security import INSPECT_METHODS, Walk, calls_as, method_walks
 from tests.support import figures
 from tests.support.bus import (
@@ -275,6 +276,10 @@ DEBUG_METHODS = {
     "Open",  # a dump: the guest's memory
     "GetHeadline",  # a dump's: the console's line
     "Replay",  # runs the recording again, for gdb
+    "Exec",  # a command in the guest: debugging, as gdb and consoles are
+    "Signal",  # a command's: debug-vms, as Exec
+    "SetTerminalSize",
+    "Kill",
 }
 
 
@@ -288,13 +293,15 @@ def expected_action(member: str) -> Action:
 
 
 @pytest.fixture
-def targets(pk: PolkitLab, kernels: dict[str, Path]) -> dict[str, list[str]]:
+def targets(pk: PolkitLab, kernels: dict[str, Path]) -> Iterator[dict[str, list[str]]]:
     """An object of every interface (made while polkit says yes); requests cleared.
 
-    The VM and the dump are root's own ("linux-6.9-rc1"'s): only each
-    method's action is asked.
+    The VM, the dump and the command are root's own (the command runs in
+    "busy", uid 1000's, through the real agent): only each method's action
+    is asked.
     """
     root = pk.root
+    command, agent = running_command(root, pk.lab)
     image = root.ok(MANAGER_PATH, MANAGER, "CreateImage", "sta{sv}",
                     ["base", 64 << 20, {}])[0]  # fmt: skip
     fd = os.open(kernels["text"], os.O_RDONLY)  # any file is a raw image
@@ -305,14 +312,16 @@ def targets(pk: PolkitLab, kernels: dict[str, Path]) -> dict[str, list[str]]:
         os.close(fd)
     root.wait_until(lambda: root.managed_objects()[job][JOB]["State"] != "running")
     pk.polkit.requests.clear()
-    return {
+    yield {
         MANAGER: [MANAGER_PATH],
         VM: [vm_path("linux-6.9-rc1")],
         IMAGE: [str(image)],
         JOB: [str(job)],
         DUMP: [dump_path(d.id) for d in DUMPS if d.vm.owner == 0],
         RECORDING: [recording_path(r.id) for r in RECORDINGS if r.vm.owner == 0],
+        PROCESS: [command],
     }
+    agent.close()
 
 
 # --- the tests ------------------------------------------------------------------------

@@ -14,8 +14,10 @@ from kdlab.errors import (
     ERRORS,
     EXIT_CODES,
     EXIT_FAILURE,
+    EXIT_LOST,
     EXIT_OK,
     EXIT_TABLE,
+    EXIT_TIMEOUT,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     Internal,
@@ -94,7 +96,8 @@ def test_exit_codes_one_per_kind_of_reason() -> None:
 def all_exit_codes() -> set[int]:
     """Every exit code kdlabctl may return: its errors' and its own."""
     codes = {cls.exit_code for cls in ERRORS}
-    return codes | {EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE}
+    own = {EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT, EXIT_LOST}
+    return codes | own
 
 
 def test_exit_codes_table() -> None:
