@@ -568,12 +568,28 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     options = VMOptions(
         cmdline=args.cmdline, memory_mib=args.memory, image=args.image or None
     )
-    # Paused for gdb; with the console instead nothing would ever resume it.
-    paused = not args.console
+    # Paused for gdb; with the console (or a command) instead nothing would
+    # ever resume it.
+    paused = not (args.console or args.run)
     if not (args.checkpoint and await _up_from_checkpoint(client, name, tree, args)):
         await _reuse_or_create(client, name, tree, options)
         await start_vm(client, name, paused=paused)
+    if args.run:
+        return await run_once(client, name, args.run)
     return await attach(client, name, args.console, None, args.gdb_args)
+
+
+async def run_once(client: Client, name: str, command: str) -> int:
+    """``up --run``: the shell command *command* in the booting VM (once its
+    agent answers), its output and status, then the VM stopped."""
+    from kdlabctl import execs
+
+    try:
+        return await execs.run(
+            client, name, execs.Command(("sh", "-c", command), wait=UP_RUN_WAIT)
+        )
+    finally:
+        await client.stop(name, force=True)
 
 
 async def _up_from_checkpoint(
@@ -613,6 +629,10 @@ async def _up_from_checkpoint(
         say(f"{err.message}; booting")
         return False
     return True
+
+
+UP_RUN_WAIT = 300.0
+"""How long ``up --run`` waits for a booting guest's agent (TCG boots are slow)."""
 
 
 def up_name(tree: str) -> str:
@@ -704,6 +724,12 @@ def add_up_parser(
         metavar="TAG",
         help="return to this checkpoint instead of booting, when it was taken "
         "with the tree's kernel",
+    )
+    up.add_argument(
+        "--run",
+        metavar="CMD",
+        help="boot without gdb, run the shell command CMD in the guest, print "
+        "its output, stop the VM and exit with CMD's status (a one-shot test)",
     )
 
 
@@ -871,6 +897,12 @@ def _define_checkpoint(parser: argparse.ArgumentParser) -> None:
     from kdlabctl import checkpoints
 
     checkpoints.define(parser)
+
+
+def _define_modules(parser: argparse.ArgumentParser) -> None:
+    from kdlabctl import modules
+
+    modules.define(parser)
 
 
 def _define_image(parser: argparse.ArgumentParser) -> None:
@@ -1189,6 +1221,11 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
             define=_define_checkpoint,
         ),
         add_record_parsers(command, commands),
+        commands.add_parser(
+            "modules",
+            help="load modules you built into a running VM",
+            define=_define_modules,
+        ),
     ]
     add_up_parser(command)
 

@@ -27,7 +27,8 @@ import tty
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from kdlab.errors import EXIT_LOST, EXIT_TIMEOUT, NoAgent
+from kdlab.errors import EXIT_LOST, EXIT_TIMEOUT, InvalidState, NoAgent
+from kdlab.states import VMState
 from kdlab.wire import (
     BUS_NAME,
     PROCESS_EXITED,
@@ -106,12 +107,16 @@ def ending(argv: Sequence[str], how: str, timeout: float) -> str | None:
     return None
 
 
-async def run(client: Client, name: str, command: Command) -> int:
-    """Run *command* in VM *name* with kdlabctl's stdio; its exit status."""
+async def run(
+    client: Client, name: str, command: Command, source: int | None = 0
+) -> int:
+    """Run *command* in VM *name* with kdlabctl's stdout and stderr, and
+    *source* as its input (kdlabctl's stdin by default; None: none); its
+    exit status."""
     ends = _Ends()
     client.bus.add_message_handler(ends.receive)
     await client.add_match(EXITED_RULE)
-    with _stdin(command.tty) as (stdin, raw):
+    with _stdin(source, command.tty) as (stdin, raw):
         stdout, stderr, path = await _start(client, name, command, stdin)
         with _forwarding(client, path, raw):
             # Copied only once signals go to the command: what it printed
@@ -162,14 +167,22 @@ async def _start(
         except RemoteError as err:
             if err.name != NoAgent.dbus_name() or loop.time() >= deadline:
                 raise
+            if (state := (await client.vm(name)).state) is not VMState.RUNNING:
+                raise RemoteError(
+                    InvalidState.dbus_name(),
+                    f"VM {name} is {state}: it stopped before its agent answered "
+                    f"(kdlabctl logs {name} shows its boot)",
+                ) from None
         await asyncio.sleep(AGENT_RETRY_SECONDS)
 
 
 @contextlib.contextmanager
-def _stdin(with_tty: bool) -> Iterator[tuple[int | None, bool]]:
-    """The descriptor the command reads (None: nothing), and whether the
-    terminal was made raw for it (``-t`` on a terminal)."""
-    fd = sys.stdin.fileno()
+def _stdin(fd: int | None, with_tty: bool) -> Iterator[tuple[int | None, bool]]:
+    """The descriptor the command reads for *fd* (None: nothing), and whether
+    the terminal was made raw for it (``-t`` on a terminal)."""
+    if fd is None:
+        yield None, False
+        return
     if os.isatty(fd):
         if not with_tty:
             yield None, False  # like ssh -T: a terminal's input is not read

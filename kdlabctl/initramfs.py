@@ -109,6 +109,29 @@ def resolve(
     return tree.order
 
 
+def resolve_built(
+    directory: Path, wanted: Iterable[str]
+) -> tuple[list[Module], list[str]]:
+    """The modules built in *directory* (a kernel tree, or an out-of-tree
+    module's) to load for *wanted* (every one there when none is named),
+    dependencies first; and the dependencies not built there, which the
+    running kernel must have (built in, or loaded)."""
+    files = _index(directory)
+    if not files:
+        raise InitramfsError(
+            f"no modules (*.ko) in {directory}: build them first "
+            "(make modules, or make -C KERNEL M=DIR modules)"
+        )
+    names = [_normalised(name) for name in wanted] or sorted(files)
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise InitramfsError(f"no module {', '.join(missing)} is built in {directory}")
+    tree = _ModuleTree(directory, files, frozenset(), _needs_from_modinfo, [], set())
+    for name in names:
+        tree.add(name)
+    return tree.order, sorted(tree.outside or ())
+
+
 def build(
     modules_dir: Path,
     wanted: Iterable[str] = DEFAULT_MODULES,
@@ -241,6 +264,9 @@ class _ModuleTree:
     builtin: frozenset[str]
     needs: Callable[[Module], _Needs]
     order: list[Module]
+    outside: set[str] | None = None
+    """Dependencies not here, which the running kernel must have (built in
+    or loaded); None: such a dependency is an error."""
 
     @classmethod
     def load(cls, root: Path) -> _ModuleTree:
@@ -257,6 +283,9 @@ class _ModuleTree:
         """Raise unless *name* is a module here or built in."""
         if name in self.files or name in self.builtin:
             return
+        if wanted_by and self.outside is not None:
+            self.outside.add(name)
+            return
         if wanted_by:
             raise InitramfsError(
                 f"module {wanted_by} depends on {name}, which is not in {self.root}:"
@@ -270,7 +299,9 @@ class _ModuleTree:
 
     def add(self, name: str, chain: tuple[str, ...] = ()) -> None:
         """Append *name* to the order after what it needs, unless it is there."""
-        if name in self.builtin or any(m.name == name for m in self.order):
+        if name in self.builtin or name in (self.outside or ()):
+            return
+        if any(m.name == name for m in self.order):
             return
         if name in chain:
             cycle = " -> ".join([*chain[chain.index(name) :], name])
