@@ -46,8 +46,8 @@ def _run_cc(args: list[str]) -> subprocess.CompletedProcess[bytes]:
 def build(cache_dir: Path) -> Path:
     """The agent binary, compiled into *cache_dir* unless it is there already.
 
-    Its name holds a digest of the source and the compiler's version, so a
-    new source or compiler builds a new binary; the binary appears only
+    Its name holds a digest of the source, the compiler's version and flags,
+    so a new source or compiler builds a new binary; the binary appears only
     complete (written under a temporary name, then renamed).
     """
     source = SOURCE.read_bytes()
@@ -56,7 +56,8 @@ def build(cache_dir: Path) -> Path:
         raise AgentBuildError(
             f"{CC} --version failed ({_INSTALL}): {version.stderr.decode().strip()}"
         )
-    digest = hashlib.sha256(source + version.stdout).hexdigest()[:16]
+    recipe = source + version.stdout + " ".join(CC_FLAGS).encode()
+    digest = hashlib.sha256(recipe).hexdigest()[:16]
     target = cache_dir / f"kdlab-agent-{digest}"
     if target.exists():
         return target

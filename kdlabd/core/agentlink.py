@@ -61,7 +61,8 @@ class OutputSink(Protocol):
     """Where a session's output goes (stream 1 stdout, 2 stderr).
 
     An exception from either method kills the command; its session's
-    :meth:`AgentSession.wait` raises :class:`AgentError` then.
+    :meth:`AgentSession.wait` raises :class:`AgentError` then. A call is
+    cancelled when its session ends first (killed, or the link went away).
     """
 
     async def write(self, stream: int, data: bytes) -> None:
@@ -344,8 +345,10 @@ class AgentLink:
         protocol cannot carry (a NUL byte, over MAX_PAYLOAD bytes).
         """
         payload = protocol.spawn(argv, env or {}, cwd, tty, stdin)
-        if self.closed or self._reading is None:
+        if self.closed:
             raise AgentError(GONE)
+        if self._reading is None:
+            raise RuntimeError("spawn before the handshake")
         session = AgentSession(self, self._new_id(), output, stdin)
         self._sessions[session.id] = session
         try:

@@ -11,11 +11,15 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import os
+import pty
 import random
+import select
 import signal
 import socket
 import subprocess
 import time
+import tty
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -403,19 +407,23 @@ def test_no_answer_is_an_error() -> None:
     asyncio.run(main())
 
 
-def read_frames(sock: socket.socket) -> Iterator[tuple[int, int, bytes]]:
-    """Frames from *sock* as (type, session, payload), blocking."""
+def read_frames(fd: int) -> Iterator[tuple[int, int, bytes]]:
+    """Frames read from descriptor *fd* as (type, session, payload)."""
     buffer = b""
+
+    def more() -> bytes:
+        ready, _, _ = select.select([fd], [], [], SECONDS)
+        assert ready, "the agent does not answer"
+        chunk = os.read(fd, 1 << 16)
+        assert chunk, "the agent hung up"
+        return chunk
+
     while True:
         while len(buffer) < protocol.HEADER_SIZE:
-            chunk = sock.recv(1 << 16)
-            assert chunk, "the agent hung up"
-            buffer += chunk
+            buffer += more()
         length, session, kind = protocol.parse_header(buffer[: protocol.HEADER_SIZE])
         while len(buffer) < protocol.HEADER_SIZE + length:
-            chunk = sock.recv(1 << 16)
-            assert chunk, "the agent hung up"
-            buffer += chunk
+            buffer += more()
         end = protocol.HEADER_SIZE + length
         yield kind, session, buffer[protocol.HEADER_SIZE : end]
         buffer = buffer[end:]
@@ -429,8 +437,7 @@ def spawn_frame(session: int, argv: list[str]) -> bytes:
 
 def test_a_new_hello_kills_the_sessions_of_the_last_host(binary: Path) -> None:
     with agent_on_socket(binary) as (sock, _):
-        sock.settimeout(SECONDS)
-        frames = read_frames(sock)
+        frames = read_frames(sock.fileno())
         sock.sendall(protocol.hello(11) + spawn_frame(5, ["sleep", "100"]))
         assert next(frames) == (FrameType.HELLO, 11, protocol.u32(1))
         kind, session, payload = next(frames)
@@ -593,3 +600,48 @@ def test_a_guest_cannot_make_kdlabd_hold_more_than_the_window() -> None:
                 await guest_task
 
     asyncio.run(main())
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_port_is_awaited_and_its_hang_up_survived(
+    binary: Path, tmp_path: Path
+) -> None:
+    """--port, on a raw pseudo-terminal standing in for the virtio port: the
+    agent waits for the port to appear; when the host hangs up it kills the
+    commands, neither exits nor spins, and looks again every 100 ms."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    port = tmp_path / "port"
+    process = subprocess.Popen(
+        [binary, "--port", str(port)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        ready, _, _ = select.select([process.stderr], [], [], SECONDS)
+        assert ready, "the agent does not say it waits for its port"
+        assert f"waiting for {port}" in process.stderr.readline()
+        port.symlink_to(os.ttyname(slave))
+        frames = read_frames(master)
+        os.write(master, protocol.hello(7) + spawn_frame(1, ["sleep", "100"]))
+        assert next(frames) == (FrameType.HELLO, 7, protocol.u32(1))
+        kind, _, payload = next(frames)
+        assert kind == FrameType.STARTED
+        pid = protocol.parse_u32(payload)
+
+        os.close(master)
+        deadline = time.monotonic() + SECONDS
+        while not gone(pid):
+            assert time.monotonic() < deadline, "the command outlived its host"
+            time.sleep(0.01)
+        before = cpu_seconds(process.pid)
+        time.sleep(1)
+        assert process.poll() is None
+        assert cpu_seconds(process.pid) - before < 0.3  # a spinning loop: ~1
+    finally:
+        os.close(slave)
+        process.kill()
+        process.wait()
