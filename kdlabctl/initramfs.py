@@ -88,6 +88,7 @@ shell comes up without any, and the console says what is missing). virtio_blk
 and ext4 are for a VM's extra disks."""
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
+MODULES_ORDER = "modules.order"
 
 
 class InitramfsError(Exception):
@@ -121,6 +122,13 @@ def find_modules_dir(kernel: Path, release: str | None) -> Path | None:
             if version and (modules / version).is_dir():
                 return modules / version
     return None
+
+
+def tree_modules_dir(build: Path) -> Path | None:
+    """The modules of a kernel built in *build* (a tree or ``O=`` directory):
+    *build* itself once ``make modules`` wrote ``modules.order``, else None
+    (the kernel has none, or they are not built)."""
+    return build if (build / MODULES_ORDER).is_file() else None
 
 
 def resolve(
@@ -380,6 +388,10 @@ class _ModuleTree:
         builtin = frozenset(_names_in_list(root / "modules.builtin"))
         if (root / "modules.dep").is_file():
             files, needs = _from_modules_dep(root)
+        elif (root / MODULES_ORDER).is_file() and not (root / "kernel").is_dir():
+            # A kernel tree (or O= directory) after make modules: the modules
+            # lie among the sources, modules.order lists them.
+            files, needs = _index_build(root), _needs_from_modinfo
         else:
             files, needs = _index(root), _needs_from_modinfo
         return cls(root, files, builtin, needs, [])
@@ -450,6 +462,17 @@ def _index(root: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for _, relative in sorted(found):
         files.setdefault(_module_name(relative), root / relative)
+    return files
+
+
+def _index_build(root: Path) -> dict[str, Path]:
+    """The modules of a kernel tree by name, as its ``modules.order`` lists them
+    (``drivers/char/virtio_console.o`` since Linux 6.4, ``.ko`` before)."""
+    files: dict[str, Path] = {}
+    for line in _read(root / MODULES_ORDER).decode().split():
+        module = root / (line.removesuffix(".o").removesuffix(".ko") + ".ko")
+        if module.is_file():
+            files.setdefault(_module_name(line), module)
     return files
 
 
