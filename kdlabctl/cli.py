@@ -193,14 +193,30 @@ def _modules_of(files: KernelFiles, kernel: Path) -> Path | None:
 def userspace_initramfs(modules: Path | None) -> bytes:
     """kdlab's userspace initramfs with *modules*, its agent built (once) into
     the caller's cache; a missing compiler is :class:`Unavailable`."""
+    import tempfile
+    from pathlib import Path
+
+    from kdlabctl import initramfs
+
+    with tempfile.TemporaryDirectory(prefix="kdlab-agent-") as scratch:
+        binary = _built_agent(Path(scratch))
+        return initramfs.build_userspace(modules, binary, cache=_initramfs_cache())
+
+
+def _built_agent(scratch: Path) -> Path:
+    """kdlab's agent from the caller's cache, compiled there if it is not yet;
+    a caller without a cache (a system user without a home) compiles it into
+    *scratch*."""
     from kdlab import agent
-    from kdlabctl import gdbcache, initramfs
+    from kdlabctl import gdbcache
 
     try:
-        binary = agent.build(gdbcache.cache_home() / "agent")
+        try:
+            return agent.build(gdbcache.cache_home() / "agent")
+        except OSError:
+            return agent.build(scratch)
     except agent.AgentBuildError as err:
         raise Unavailable(str(err)) from None
-    return initramfs.build_userspace(modules, binary, cache=_initramfs_cache())
 
 
 def _initramfs_cache() -> Path:

@@ -85,6 +85,20 @@ def test_a_bzimage_alone_gets_kdlabs_userspace_without_modules(tmp_path: Path) -
 
 
 @pytest.mark.usefixtures("cache")
+def test_a_caller_without_a_cache_still_gets_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A system user without a home: nothing can be cached, the agent is
+    compiled in a scratch directory all the same."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    kernel = str(tmp_path / "bzImage")
+    names = list(members(cli._initrd(KernelFiles(kernel=kernel), kernel, None, True)))
+    assert AGENT in names
+
+
+@pytest.mark.usefixtures("cache")
 def test_a_tree_after_make_modules_gives_its_modules(
     cloud_kernel: debian.CloudKernel, tmp_path: Path
 ) -> None:
