@@ -463,7 +463,10 @@ if [ "$$" != 1 ]; then
         power-button)
             # acpid's output goes to its log: this line is for the console.
             say @POWER_BUTTON@ >/dev/console
-            exec poweroff
+            # At once: busybox init's poweroff waits 2 s for processes to end,
+            # and the agent's commands end with the VM anyway.
+            sync
+            exec poweroff -f
             ;;
         *)
             echo "usage: /init agent|shell|power-button (busybox init's services)" >&2
