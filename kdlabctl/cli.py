@@ -161,10 +161,7 @@ def _initrd(
     except (initramfs.InitramfsError, OSError) as err:
         raise UsageError(f"cannot build an initramfs: {err}") from None
     if not quiet:
-        print(
-            f"built {built}" + (f" with modules from {modules}" if modules else ""),
-            file=sys.stderr,
-        )
+        say(f"built {built}" + (f" with modules from {modules}" if modules else ""))
     return _memfd(archive)
 
 

@@ -67,7 +67,7 @@ def test_without_an_image_a_packaged_kernel_gets_kdlabs_userspace_with_its_modul
     assert {AGENT, "bin/busybox", "etc/inittab", "init"} <= names
     assert "lib/modules/virtio_console.ko" in names
     assert capsys.readouterr().err == (
-        f"built kdlab's userspace initramfs with modules from "
+        f"kdlabctl: built kdlab's userspace initramfs with modules from "
         f"{cloud_kernel.modules_dir}\n"
     )
     # Built into the caller's cache: the agent, and the archive.
