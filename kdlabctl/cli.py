@@ -341,6 +341,7 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ("Waiting", "for a debugger" if vm.waiting_for_debugger else "no"),
         ("Kernel", f"{vm.kernel_path or '-'} ({vm.kernel_release or '?'})"),
         ("vmlinux", vm.vmlinux or "-"),
+        *initramfs_fields(vm),
         ("Created", output.timestamp(vm.created)),
         ("Checkpoints", ", ".join(str(c[0]) for c in vm.checkpoints) or "-"),
         *run_fields(vm),
@@ -353,6 +354,17 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ]
     output.print_fields(fields)
     return EXIT_OK
+
+
+def initramfs_fields(vm: VM) -> list[tuple[str, str]]:
+    """``show``'s line for kdlab's initramfs, when the VM boots one."""
+    from kdlab.kernel.initramfs import MODE_ROOT, MODE_USERSPACE
+
+    said = {
+        MODE_USERSPACE: "kdlab's userspace (a shell on the console, kdlab's agent)",
+        MODE_ROOT: "kdlab's (loads the kernel's modules, mounts the root disk)",
+    }
+    return [("Initramfs", said.get(vm.initramfs, vm.initramfs))] if vm.initramfs else []
 
 
 def run_fields(vm: VM) -> list[tuple[str, str]]:
@@ -401,13 +413,31 @@ async def start_vm(
     client: Client, name: str, *, paused: bool, checkpoint: str = ""
 ) -> None:
     """Start *name*; a VM made from a kernel tree boots the tree's newest build
-    (into *checkpoint*, if that was taken with the same kernel)."""
-    tree = (await client.vm(name)).tree
-    fd = open_for_daemon(str(_tree_build(tree).bzimage), "kernel") if tree else None
+    (into *checkpoint*, if that was taken with the same kernel), and kdlab's
+    userspace initramfs built again with it (the tree's modules may have
+    changed)."""
+    from kdlab.kernel.initramfs import MODE_USERSPACE
+    from kdlabctl.kernel import KernelFiles
+
+    vm = await client.vm(name)
+    if not vm.tree:
+        await client.start(name, paused=paused, checkpoint=checkpoint)
+        return
+    bzimage = _tree_build(vm.tree).bzimage
+    fds = [open_for_daemon(str(bzimage), "kernel")]
     try:
-        await client.start(name, paused=paused, kernel=fd, checkpoint=checkpoint)
+        if vm.initramfs == MODE_USERSPACE:
+            modules = _modules_of(KernelFiles(tree=vm.tree), bzimage)
+            fds.append(_memfd(userspace_initramfs(modules)))
+        await client.start(
+            name,
+            paused=paused,
+            kernel=fds[0],
+            initrd=fds[1] if len(fds) > 1 else None,
+            checkpoint=checkpoint,
+        )
     finally:
-        if fd is not None:
+        for fd in fds:
             os.close(fd)
 
 

@@ -46,6 +46,11 @@ from kdlab.kernel.guest import (
     SHARES_PARAMETER,
 )
 
+MODE_ROOT = "root"
+MODE_USERSPACE = "userspace"
+"""The two modes by name, as a VM's ``Initramfs`` would say which it boots
+(a property kdlabd does not have yet: until then kdlabctl reads "")."""
+
 PREFIX = "kdlab-initramfs: "
 """What every line of the script starts with."""
 

@@ -1,4 +1,5 @@
-"""Which initrd ``kdlabctl create`` (and ``up``) give a new VM.
+"""Which initrd ``kdlabctl create`` (and ``up``) give a new VM, and ``start``
+of a tree's VM.
 
 Without an image and without ``--initrd``: kdlab's userspace initramfs, with
 the kernel's modules when they are found (next to a packaged kernel, built in
@@ -10,6 +11,7 @@ Debian's modules), built into the caller's cache.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
 import subprocess
@@ -23,8 +25,10 @@ from kdlab.kernel.initramfs import AGENT
 from kdlabctl import cli
 from kdlabctl.cli import UsageError, build_parser, parse_args
 from kdlabctl.kernel import KernelFiles
+from kdlabctl.records import VM
 from tests.support import debian
 from tests.support.prereq import require, require_tool
+from tests.unit.test_notify import VMLINUX
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +177,62 @@ def test_an_agent_that_cannot_be_built_is_unavailable_exit_69(
 def test_create_and_up_take_no_initramfs(command: list[str]) -> None:
     assert parse_args(build_parser(), command).no_initramfs is False
     assert parse_args(build_parser(), [*command, "--no-initramfs"]).no_initramfs
+
+
+class StartingClient:
+    """What start_vm asks of kdlabd: the VM's record, then Start."""
+
+    def __init__(self, vm: VM) -> None:
+        self.record = vm
+        self.started: dict[str, object] = {}
+
+    async def vm(self, name: str) -> VM:
+        assert name == self.record.name
+        return self.record
+
+    async def start(self, name: str, **options: object) -> None:
+        assert name == self.record.name
+        initrd = options["initrd"]
+        # The descriptors are closed after Start: read what they hold now.
+        self.started = {
+            **options,
+            "kernel": os.pread(int(str(options["kernel"])), 16, 0),
+            "initrd": list(members(os.dup(initrd)))
+            if isinstance(initrd, int)
+            else None,
+        }
+
+
+def built_tree(path: Path) -> Path:
+    """A kernel tree with a bzImage built, as start_vm reads it."""
+    for name in (
+        "Kconfig",
+        "Makefile",
+        "scripts/config",
+        "include/config/kernel.release",
+    ):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text("6.1.0\n" if name.endswith("release") else "")
+    (path / "arch/x86/boot").mkdir(parents=True)
+    (path / "arch/x86/boot/bzImage").write_bytes(b"a new bzImage...")
+    return path
+
+
+@pytest.mark.usefixtures("cache")
+@pytest.mark.parametrize("initramfs", ["userspace", "root", ""])
+def test_a_tree_vm_starts_with_the_new_kernel_and_kdlabs_userspace_again(
+    tmp_path: Path, initramfs: str
+) -> None:
+    """A tree's VM that boots kdlab's userspace gets it built again with the
+    tree's bzImage (its modules may have changed); any other keeps its initrd."""
+    tree = built_tree(tmp_path / "linux")
+    client = StartingClient(VMLINUX.replace(tree=str(tree), initramfs=initramfs))
+    asyncio.run(cli.start_vm(client, "linux", paused=True))  # type: ignore[arg-type]
+    assert client.started["kernel"] == b"a new bzImage..."
+    assert client.started["paused"] is True
+    initrd = client.started["initrd"]
+    if initramfs == "userspace":
+        assert isinstance(initrd, list)
+        assert AGENT in initrd
+    else:
+        assert initrd is None
