@@ -33,6 +33,7 @@ from kdlabctl.names import HIDDEN, IMAGE_NAME, RECORDING_ID, VM_NAME
 
 TYPE_CHECKING = False  # typing's import costs start-up; mypy takes this as True
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
     from kdlabctl.asyncbus import Watch
@@ -99,6 +100,11 @@ class UsageError(Exception):
     """A problem with the command line or a local file, found before calling kdlabd."""
 
 
+class Unavailable(Exception):
+    """A program kdlabctl needs is not installed (the C compiler that builds
+    kdlab's agent, for one); the message says what to install."""
+
+
 def open_for_daemon(path: str, what: str) -> int:
     """Open *path* as the invoking user; kdlabd only ever sees the descriptor."""
     try:
@@ -120,11 +126,13 @@ def _tree_build(tree: str) -> Artifacts:
 def _initrd(
     files: KernelFiles, kernel: str, image: str | None, quiet: bool
 ) -> int | None:
-    """The initrd to pass: --initrd, or one kdlabctl builds for a modular kernel.
+    """The initrd to pass: --initrd, kdlab's initramfs, or none (--no-initramfs).
 
-    A distribution kernel has virtio_blk as a module: with a disk image and
-    its modules (--modules, or found next to a kernel unpacked from a
-    package), kdlabctl builds a busybox initramfs that loads them.
+    With an image, a distribution kernel has virtio_blk as a module: with its
+    modules (:func:`_modules_of`), kdlabctl builds a busybox initramfs that
+    loads them and mounts the image. Without one, kdlab's userspace initramfs
+    is the VM's whole system: a shell, the exec agent, the shares, and the
+    kernel's modules when they are found.
     """
     from pathlib import Path
 
@@ -133,23 +141,85 @@ def _initrd(
     if files.initrd:
         if files.modules:
             raise UsageError("--initrd and --modules exclude each other")
+        if not files.initramfs:
+            raise UsageError("--initrd and --no-initramfs exclude each other")
         return open_for_daemon(files.initrd, "initrd")
-    modules = Path(files.modules) if files.modules else None
-    if modules is None and image:
-        modules = initramfs.find_modules_dir(Path(kernel), None)
-    if modules is None:
+    if not files.initramfs:
+        if files.modules:
+            raise UsageError("--modules and --no-initramfs exclude each other")
         return None
+    modules = _modules_of(files, Path(kernel))
     try:
-        archive = initramfs.build(modules)
+        if image is None:
+            archive = userspace_initramfs(modules)
+            built = "kdlab's userspace initramfs"
+        elif modules is not None:
+            archive = initramfs.build(modules, cache=_initramfs_cache())
+            built = "an initramfs loading virtio modules"
+        else:
+            return None
     except (initramfs.InitramfsError, OSError) as err:
-        raise UsageError(f"cannot build an initramfs from {modules}: {err}") from None
+        raise UsageError(f"cannot build an initramfs: {err}") from None
+    if not quiet:
+        say(f"built {built}" + (f" with modules from {modules}" if modules else ""))
+    return _memfd(archive)
+
+
+def _memfd(archive: bytes) -> int:
+    """A descriptor of *archive* in memory, for kdlabd to read."""
     fd = os.memfd_create("kdlab-initramfs", os.MFD_CLOEXEC)
     os.write(fd, archive)
-    if not quiet:
-        print(
-            f"built an initramfs loading virtio modules from {modules}", file=sys.stderr
-        )
     return fd
+
+
+def _modules_of(files: KernelFiles, kernel: Path) -> Path | None:
+    """The kernel's modules: --modules, those built in its tree, those unpacked
+    next to it from a package; None when it has none there."""
+    from pathlib import Path
+
+    from kdlabctl import initramfs, kconfig
+
+    if files.modules:
+        return Path(files.modules)
+    if files.tree:
+        build = kconfig.directories(Path(files.tree))[1]
+        return initramfs.tree_modules_dir(build) if build else None
+    return initramfs.find_modules_dir(kernel, None)
+
+
+def userspace_initramfs(modules: Path | None) -> bytes:
+    """kdlab's userspace initramfs with *modules*, its agent built (once) into
+    the caller's cache; a missing compiler is :class:`Unavailable`."""
+    import tempfile
+    from pathlib import Path
+
+    from kdlabctl import initramfs
+
+    with tempfile.TemporaryDirectory(prefix="kdlab-agent-") as scratch:
+        binary = _built_agent(Path(scratch))
+        return initramfs.build_userspace(modules, binary, cache=_initramfs_cache())
+
+
+def _built_agent(scratch: Path) -> Path:
+    """kdlab's agent from the caller's cache, compiled there if it is not yet;
+    a caller without a cache (a system user without a home) compiles it into
+    *scratch*."""
+    from kdlab import agent
+    from kdlabctl import gdbcache
+
+    try:
+        try:
+            return agent.build(gdbcache.cache_home() / "agent")
+        except OSError:
+            return agent.build(scratch)
+    except agent.AgentBuildError as err:
+        raise Unavailable(str(err)) from None
+
+
+def _initramfs_cache() -> Path:
+    from kdlabctl import gdbcache
+
+    return gdbcache.cache_home() / "initramfs"
 
 
 async def create_vm(
@@ -213,6 +283,7 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
         vmlinux=args.vmlinux,
         initrd=args.initrd,
         modules=args.modules,
+        initramfs=not args.no_initramfs,
     )
     options = VMOptions(
         cmdline=args.cmdline,
@@ -270,6 +341,7 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ("Waiting", "for a debugger" if vm.waiting_for_debugger else "no"),
         ("Kernel", f"{vm.kernel_path or '-'} ({vm.kernel_release or '?'})"),
         ("vmlinux", vm.vmlinux or "-"),
+        *initramfs_fields(vm),
         ("Created", output.timestamp(vm.created)),
         ("Checkpoints", ", ".join(str(c[0]) for c in vm.checkpoints) or "-"),
         *run_fields(vm),
@@ -282,6 +354,17 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ]
     output.print_fields(fields)
     return EXIT_OK
+
+
+def initramfs_fields(vm: VM) -> list[tuple[str, str]]:
+    """``show``'s line for kdlab's initramfs, when the VM boots one."""
+    from kdlab.kernel.initramfs import MODE_ROOT, MODE_USERSPACE
+
+    said = {
+        MODE_USERSPACE: "kdlab's userspace (a shell on the console, kdlab's agent)",
+        MODE_ROOT: "kdlab's (loads the kernel's modules, mounts the root disk)",
+    }
+    return [("Initramfs", said.get(vm.initramfs, vm.initramfs))] if vm.initramfs else []
 
 
 def run_fields(vm: VM) -> list[tuple[str, str]]:
@@ -330,13 +413,31 @@ async def start_vm(
     client: Client, name: str, *, paused: bool, checkpoint: str = ""
 ) -> None:
     """Start *name*; a VM made from a kernel tree boots the tree's newest build
-    (into *checkpoint*, if that was taken with the same kernel)."""
-    tree = (await client.vm(name)).tree
-    fd = open_for_daemon(str(_tree_build(tree).bzimage), "kernel") if tree else None
+    (into *checkpoint*, if that was taken with the same kernel), and kdlab's
+    userspace initramfs built again with it (the tree's modules may have
+    changed)."""
+    from kdlab.kernel.initramfs import MODE_USERSPACE
+    from kdlabctl.kernel import KernelFiles
+
+    vm = await client.vm(name)
+    if not vm.tree:
+        await client.start(name, paused=paused, checkpoint=checkpoint)
+        return
+    bzimage = _tree_build(vm.tree).bzimage
+    fds = [open_for_daemon(str(bzimage), "kernel")]
     try:
-        await client.start(name, paused=paused, kernel=fd, checkpoint=checkpoint)
+        if vm.initramfs == MODE_USERSPACE:
+            modules = _modules_of(KernelFiles(tree=vm.tree), bzimage)
+            fds.append(_memfd(userspace_initramfs(modules)))
+        await client.start(
+            name,
+            paused=paused,
+            kernel=fds[0],
+            initrd=fds[1] if len(fds) > 1 else None,
+            checkpoint=checkpoint,
+        )
     finally:
-        if fd is not None:
+        for fd in fds:
             os.close(fd)
 
 
@@ -546,6 +647,7 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     """The seed's whole recipe: check, build, (re)create, boot paused, debug."""
     from kdlab.kernel.findings import errors
     from kdlabctl import kconfig, kernel
+    from kdlabctl.kernel import KernelFiles
     from kdlabctl.options import VMOptions
 
     tree = os.path.abspath(args.path)
@@ -572,7 +674,8 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     # ever resume it.
     paused = not (args.console or args.run)
     if not (args.checkpoint and await _up_from_checkpoint(client, name, tree, args)):
-        await _reuse_or_create(client, name, tree, options)
+        files = KernelFiles(tree=tree, initramfs=not args.no_initramfs)
+        await _reuse_or_create(client, name, files, options)
         await start_vm(client, name, paused=paused)
     if args.run:
         return await run_once(client, name, args.run)
@@ -644,19 +747,20 @@ def up_name(tree: str) -> str:
 
 
 async def _reuse_or_create(
-    client: Client, name: str, tree: str, options: VMOptions
+    client: Client, name: str, files: KernelFiles, options: VMOptions
 ) -> None:
-    """Keep (stopped) the VM of this tree if it exists; create it otherwise."""
+    """Keep (stopped) the VM of the tree of *files* if it exists; create it
+    otherwise."""
     from kdlab.errors import NoSuchVM
     from kdlabctl.client import RemoteError
-    from kdlabctl.kernel import KernelFiles
 
+    tree = files.tree
     try:
         vm = await client.vm(name)
     except RemoteError as err:
         if err.name != NoSuchVM.dbus_name():
             raise
-        await create_vm(client, name, KernelFiles(tree=tree), options, quiet=True)
+        await create_vm(client, name, files, options, quiet=True)
         return
     if vm.tree != tree:
         raise UsageError(
@@ -731,6 +835,7 @@ def add_up_parser(
         help="boot without gdb, run the shell command CMD in the guest, print "
         "its output, stop the VM and exit with CMD's status (a one-shot test)",
     )
+    add_no_initramfs_option(up)
 
 
 def add_create_parser(
@@ -747,7 +852,12 @@ def add_create_parser(
         help="a built kernel tree (or O= dir): boots its bzImage, gdb reads its "
         "vmlinux, and every start boots the newest build",
     )
-    create.add_argument("--initrd", metavar="PATH", help="initramfs to boot with")
+    create.add_argument(
+        "--initrd",
+        metavar="PATH",
+        help="initramfs to boot with (default without --image: kdlab's, a shell "
+        "on the console and the agent of kdlabctl exec)",
+    )
     create.add_argument("--cmdline", metavar="STR", help="kernel command line")
     create.add_argument(
         "--memory",
@@ -798,10 +908,22 @@ def add_create_parser(
     create.add_argument(
         "--modules",
         metavar="DIR",
-        help="the kernel's /lib/modules/RELEASE: kdlabctl builds an initramfs that "
-        "loads virtio (found by itself next to a kernel unpacked from a package)",
+        help="the kernel's /lib/modules/RELEASE: kdlab's initramfs loads the "
+        "modules it needs from there (found by itself next to a kernel unpacked "
+        "from a package, and in a tree after make modules)",
     )
+    add_no_initramfs_option(create)
     create.add_argument("-q", "--quiet", action="store_true")
+
+
+def add_no_initramfs_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-initramfs``: boot the kernel alone (create and up)."""
+    parser.add_argument(
+        "--no-initramfs",
+        action="store_true",
+        help="boot without any initramfs (without --image the kernel then finds "
+        "no root: VFS: Unable to mount root fs)",
+    )
 
 
 def vm_argument(parser: argparse.ArgumentParser) -> None:
@@ -1314,6 +1436,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"kdlabctl: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Unavailable as err:
+        print(f"kdlabctl: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except KdlabError as err:  # found by kdlabctl, before asking kdlabd
         print(f"kdlabctl: {err}", file=sys.stderr)
         return err.exit_code

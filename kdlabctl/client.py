@@ -297,16 +297,19 @@ class Client:
         *,
         paused: bool = False,
         kernel: int | None = None,
+        initrd: int | None = None,
         checkpoint: str = "",
     ) -> None:
-        """Boot *name*; *kernel* is a descriptor of a bzImage to boot from now on;
-        *checkpoint*: start in that checkpoint's state."""
+        """Boot *name*; *kernel* and *initrd* are descriptors of a bzImage and an
+        initramfs to boot from now on; *checkpoint*: start in that checkpoint's
+        state."""
+        fds = [fd for fd in (kernel, initrd) if fd is not None]
         values = {
             "paused": paused or None,
-            "kernel": 0 if kernel is not None else None,
+            "kernel": fds.index(kernel) if kernel is not None else None,
+            "initrd": fds.index(initrd) if initrd is not None else None,
             "checkpoint": checkpoint or None,
         }
-        fds = [] if kernel is None else [kernel]
         await self._vm(name, "Start", "a{sv}", [_variants(values, START_OPTIONS)], fds)
 
     async def stop(

@@ -52,14 +52,20 @@ class CacheError(Exception):
     """The caller has no usable cache directory; the message says why."""
 
 
-def location(env: Mapping[str, str] | None = None) -> Path:
-    """Where the caller's cache is: under $XDG_CACHE_HOME, else ~/.cache."""
+def cache_home(env: Mapping[str, str] | None = None) -> Path:
+    """kdlabctl's caches of the caller: ``$XDG_CACHE_HOME/kdlab``, else
+    ``~/.cache/kdlab`` (gdb's index, kdlab's agent and initramfs archives)."""
     env = os.environ if env is None else env
     base = env.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # the XDG spec: ignore a relative path
         home = env.get("HOME") or os.path.expanduser("~")
         base = os.path.join(home, ".cache")
-    return Path(base, "kdlab", "gdb-index")
+    return Path(base, "kdlab")
+
+
+def location(env: Mapping[str, str] | None = None) -> Path:
+    """Where the caller's gdb index cache is."""
+    return cache_home(env) / "gdb-index"
 
 
 def read_build_id(path: Path) -> str:

@@ -57,7 +57,8 @@ __all__ = [
 MINIMAL_FRAGMENT = """\
 # kdlab's minimal kernel: merged into tinyconfig. Boots a whole-disk ext4 on virtio
 # (or kdlab's busybox initramfs) with its console on ttyS0, runs a Debian image's
-# systemd to a login prompt, powers off on ACPI, and is debuggable with gdb.
+# systemd to a login prompt, powers off on ACPI, runs kdlabctl exec's commands,
+# mounts shared directories, and is debuggable with gdb.
 
 # The machine: a 64-bit PC under QEMU, KVM or TCG.
 CONFIG_64BIT=y
@@ -135,6 +136,12 @@ CONFIG_INPUT=y
 CONFIG_ACPI_BUTTON=y
 CONFIG_INPUT_EVDEV=y
 
+# kdlabctl exec: kdlab's agent on a virtio-serial port (ptys for exec -t are
+# UNIX98_PTYS above). --share: directories over virtiofs, a FUSE filesystem.
+CONFIG_VIRTIO_CONSOLE=y
+CONFIG_FUSE_FS=y
+CONFIG_VIRTIO_FS=y
+
 # Dumps (kdlabctl drgn, crash): the kernel's VMCOREINFO (CRASH_CORE, which
 # PROC_KCORE selects) handed to QEMU through fw_cfg, pvpanic to tell kdlabd of
 # a panic at once (QEMU's ISA device binds through ACPI), echo c >
@@ -184,6 +191,8 @@ class KernelFiles:
     vmlinux: str | None = None
     initrd: str | None = None
     modules: str | None = None  # /lib/modules/RELEASE, for kdlabctl's initramfs
+    # Without an image or initrd: kdlab's userspace initramfs (False: none at all).
+    initramfs: bool = True
 
 
 @dataclass(frozen=True)

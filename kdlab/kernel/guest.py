@@ -1,11 +1,14 @@
 """What a kdlab VM gives the kernel it boots, and what the kernel needs for it.
 
 A VM boots from a whole-disk ext4 image on a virtio disk behind virtio-pci
-(``root=/dev/vda``), prints on its first serial port, powers off when the
-ACPI power button is pressed, and tells kdlabd of a panic (pvpanic) with the
-VMCOREINFO a dump needs (QEMU's fw_cfg). The config check asks for these
-drivers, kdlab's initramfs loads them when they are modules, and the boot
-diagnosis names them when a boot lacked them: one table serves all three.
+(``root=/dev/vda``), or without one into kdlab's own initramfs; it prints on
+its first serial port, powers off when the ACPI power button is pressed,
+tells kdlabd of a panic (pvpanic) with the VMCOREINFO a dump needs (QEMU's
+fw_cfg), runs ``kdlabctl exec``'s commands through kdlab's agent on a
+virtio-serial port, and mounts shared directories (virtiofs). The config
+check asks for these drivers, kdlab's initramfs loads them when they are
+modules, and the boot diagnosis names them when a boot lacked them: one
+table serves all three.
 """
 
 from __future__ import annotations
@@ -32,3 +35,15 @@ kdlabd of a panic at once."""
 DUMP_CORE = ("CRASH_CORE", "VMCORE_INFO")
 """The kernel's VMCOREINFO itself: ``CRASH_CORE``, ``VMCORE_INFO`` since Linux
 6.9; neither has a prompt, ``PROC_KCORE`` (or ``KEXEC``) selects it."""
+AGENT_DRIVERS = {"VIRTIO_CONSOLE": "virtio_console"}
+"""What ``kdlabctl exec`` needs: kdlab's agent talks to kdlabd over a
+virtio-serial port (:data:`kdlab.agent.PORT_NAME`)."""
+SHARE_DRIVERS = {"FUSE_FS": "fuse", "VIRTIO_FS": "virtiofs"}
+"""What a shared directory needs: virtiofs, a FUSE filesystem on a virtio
+device."""
+SHARES_PARAMETER = "kdlab.shares"
+"""The kernel command line's ``kdlab.shares=TAG,...``: the tags of the VM's
+shared directories, which kdlab's initramfs mounts at
+``SHARES_DIRECTORY/TAG``."""
+SHARES_DIRECTORY = "/mnt"
+"""Where kdlab's initramfs mounts the shares: ``/mnt/TAG``."""

@@ -1,10 +1,24 @@
 """kdlab's initramfs: its ``/init``, and the catalogue of the lines it prints.
 
-The ``/init`` loads the modules a virtio root disk needs, mounts the root the
-kernel command line names and switches to it. Whatever fails is named on the
-console in a line of its own (``kdlab-initramfs: root device /dev/sda did not
-appear ...``), followed by an emergency shell; no panic follows, so the boot
-diagnosis reads these lines to tell what went wrong.
+The ``/init`` has two modes, one per kind of VM:
+
+- root (a VM with an image, :func:`init_script`): load the modules a virtio
+  root disk needs, mount the root the kernel command line names and switch to
+  it. Whatever fails is named on the console in a line of its own
+  (``kdlab-initramfs: root device /dev/sda did not appear ...``), followed by
+  an emergency shell; no panic follows.
+- userspace (a VM without an image or initrd of its own,
+  :func:`userspace_script`): the initramfs is the whole system. It mounts
+  /proc, /sys, /dev (with /dev/pts), /run and /tmp, loads the kernel's
+  modules, names the agent's virtio-serial port, mounts each shared directory
+  of ``kdlab.shares=`` at ``/mnt/TAG``, says it is ready (:data:`READY`), and
+  hands PID 1 to busybox init (:func:`inittab`), which keeps kdlab's agent
+  (``kdlabctl exec``) and a shell on the console running, powers off on the
+  ACPI power button (``kdlabctl stop``, through busybox acpid) and on
+  ``poweroff``. PID 1 never exits: leaving the shell starts another.
+
+Both name what fails in the catalogue's lines, and the boot diagnosis reads
+them to tell what went wrong.
 
 Both sides use one catalogue (:data:`CATALOGUE`): each line is a named
 :class:`Message`, a template whose fields (``{root}``) the script prints with
@@ -24,7 +38,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from kdlab.kernel.guest import ROOT_DEVICE, ROOT_FS
+from kdlab.agent import GUEST_PORT, PORT_NAME
+from kdlab.kernel.guest import (
+    ROOT_DEVICE,
+    ROOT_FS,
+    SHARES_DIRECTORY,
+    SHARES_PARAMETER,
+)
+
+MODE_ROOT = "root"
+MODE_USERSPACE = "userspace"
+"""The two modes by name, as a VM's ``Initramfs`` would say which it boots
+(a property kdlabd does not have yet: until then kdlabctl reads "")."""
 
 PREFIX = "kdlab-initramfs: "
 """What every line of the script starts with."""
@@ -32,6 +57,31 @@ PREFIX = "kdlab-initramfs: "
 DIRECTORIES = ("bin", "dev", "lib", "lib/modules", "newroot", "proc", "sys")
 """The directories ``/init`` expects in the archive (the new root is mounted on
 ``/newroot``)."""
+USERSPACE_DIRECTORIES = (
+    "bin",
+    "dev",
+    "etc",
+    "etc/acpi",
+    "etc/acpi/PWRF",
+    "lib",
+    "lib/modules",
+    SHARES_DIRECTORY.lstrip("/"),
+    "proc",
+    "root",
+    "run",
+    "sys",
+    "tmp",
+)
+"""The directories of the userspace mode's archive (``etc/acpi`` is busybox
+acpid's)."""
+AGENT = "bin/kdlab-agent"
+"""Where the userspace archive holds kdlab's agent (:mod:`kdlab.agent`)."""
+POWER_BUTTON_HANDLER = "etc/acpi/PWRF/00000080"
+"""What busybox acpid runs when the ACPI power button is pressed (its event
+``PWRF``, parameter ``00000080``): :func:`power_button_handler`."""
+AGENT_PORT_WAIT_SECONDS = 5
+"""How long the userspace script waits for the agent's port once a
+virtio-serial device is there (the host adds ports after the driver binds)."""
 
 ROOT_FORMS = "root=/dev/NAME, root=UUID=... or root=LABEL=..."
 """The ``root=`` forms the script can look up."""
@@ -79,6 +129,12 @@ FIELDS = {
     # The filesystems the kernel can mount on a block device.
     "known": Field("$known", r".*"),
     "init": Field("$init", r"\S+"),
+    "tag": Field("$tag", r"\S+"),
+    "mountpoint": Field("$mountpoint", r"\S+"),
+    # mount's error, on one line.
+    "mount_error": Field("$(echo ${error:-mount failed})", r".*"),
+    "port": Field("$port", r"\S+"),
+    "status": Field("$status", r"\d+"),
 }
 
 
@@ -163,6 +219,26 @@ EMERGENCY_SHELL = Message(
     "EMERGENCY_SHELL", "emergency shell: look around, then leave it (exit) to try again"
 )
 MOUNTED = Message("MOUNTED", "mounted {what} with {options}, starting {init}")
+SHARE_FAILED = Message(
+    "SHARE_FAILED", "cannot mount share {tag} on {mountpoint}: {mount_error}"
+)
+AGENT_PORT_MISSING = Message(
+    "AGENT_PORT_MISSING",
+    "no virtio-serial port {port}: kdlabctl exec cannot reach this VM (the VM "
+    "has no such port, or the kernel no virtio_console: CONFIG_VIRTIO_CONSOLE)",
+)
+READY = Message(
+    "READY",
+    "ready: a shell on the console, kdlab's agent for kdlabctl exec; "
+    "poweroff (or kdlabctl stop) powers off",
+)
+AGENT_EXITED = Message(
+    "AGENT_EXITED", "kdlab's agent exited with status {status}; starting it again"
+)
+SHELL_ENDED = Message(
+    "SHELL_ENDED", "the shell ended; a new one starts (poweroff powers off)"
+)
+POWER_BUTTON = Message("POWER_BUTTON", "power button pressed: powering off")
 
 CATALOGUE = {
     message.name: message
@@ -175,6 +251,12 @@ CATALOGUE = {
         NO_INIT,
         EMERGENCY_SHELL,
         MOUNTED,
+        SHARE_FAILED,
+        AGENT_PORT_MISSING,
+        READY,
+        AGENT_EXITED,
+        SHELL_ENDED,
+        POWER_BUTTON,
     )
 }
 """Every line the script can print, by name."""
@@ -193,40 +275,76 @@ def recognize(line: str) -> tuple[Message, dict[str, str]] | None:
 
 def init_script(modules: Sequence[str]) -> bytes:
     """The ``/init`` that loads *modules* in this order and mounts the root."""
+    return _script(
+        "load the modules a virtio root disk needs, mount the root that the "
+        "kernel command line names, and switch to it.",
+        _SETUP + _SWITCH_ROOT,
+        modules,
+    )
+
+
+def userspace_script(modules: Sequence[str]) -> bytes:
+    """The userspace mode's ``/init``: set up, load *modules* in this order,
+    mount the shares, then become busybox init (:func:`inittab`), which runs
+    it again for each of its services (``/init agent``, ...)."""
+    return _script(
+        "the whole system of a VM without a root disk: set up, then hand PID 1 "
+        "to busybox init (/etc/inittab), which runs this script again for each "
+        "service.",
+        _SERVICES + _SETUP + _USERSPACE,
+        modules,
+    )
+
+
+def inittab() -> bytes:
+    """busybox init's ``/etc/inittab`` in the userspace mode: the services it
+    keeps running, and what it does on ``poweroff`` and Ctrl-Alt-Del."""
+    return _INITTAB.encode()
+
+
+def power_button_handler() -> bytes:
+    """busybox acpid's handler of the power button (:data:`POWER_BUTTON_HANDLER`)."""
+    return b"#!/bin/sh\nexec /init power-button\n"
+
+
+def _script(purpose: str, body: str, modules: Sequence[str]) -> bytes:
     values = {
+        "PURPOSE": purpose,
         "PREFIX": PREFIX,
         "MODULES": shlex.join(modules),
         "MODULE_PATH": module_path("$module"),
         "ROOT_DEVICE": ROOT_DEVICE,
         "ROOT_FS": ROOT_FS,
         "ROOT_WAIT_TRIES": str(ROOT_WAIT_SECONDS * 10),
+        "AGENT": f"/{AGENT}",
+        "PORT_NAME": PORT_NAME,
+        "GUEST_PORT": GUEST_PORT,
+        "PORT_WAIT_TRIES": str(AGENT_PORT_WAIT_SECONDS * 10),
+        "SHARES_PARAMETER": SHARES_PARAMETER,
+        "SHARES_DIRECTORY": SHARES_DIRECTORY,
         **{name: message.shell for name, message in CATALOGUE.items()},
     }
-    script = re.sub(r"@([A-Z_]+)@", lambda m: values[m[1]], _INIT)
+    script = re.sub(r"@([A-Z_]+)@", lambda m: values[m[1]], _HEAD + body)
     return script.encode()
 
 
-# Each failure is said by emergency (or say), with a message of the catalogue.
-_INIT = r"""#!/bin/busybox sh
-# kdlab's initramfs (kdlab/kernel/initramfs.py): load the modules a virtio root
-# disk needs, mount the root that the kernel command line names, and switch to it.
-# busybox --install finds itself through /proc/self/exe.
-/bin/busybox mount -t proc proc /proc
-/bin/busybox --install -s /bin
+# The scripts' parts. Each failure is said by emergency (or say), with a
+# message of the catalogue.
+_HEAD = r"""#!/bin/busybox sh
+# kdlab's initramfs (kdlab/kernel/initramfs.py): @PURPOSE@
 export PATH=/bin
 set -f  # words of the command line are never globs
 
 say() {
     echo "@PREFIX@$*"
 }
+"""
 
-emergency() {
-    say "$*"
-    say @EMERGENCY_SHELL@
-    # cttyhack makes the console the shell's controlling tty: job control, ^C.
-    setsid cttyhack sh
-}
-
+# PID 1 mounts, installs busybox's applets and loads the modules.
+_SETUP = r"""
+# busybox --install finds itself through /proc/self/exe.
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev ||
     say @DEVTMPFS_MISSING@
@@ -243,6 +361,15 @@ for module in @MODULES@; do
     error=$(insmod "/@MODULE_PATH@" $params 2>&1) ||
         say @MODULE_FAILED@
 done
+"""
+
+_SWITCH_ROOT = r"""
+emergency() {
+    say "$*"
+    say @EMERGENCY_SHELL@
+    # cttyhack makes the console the shell's controlling tty: job control, ^C.
+    setsid cttyhack sh
+}
 
 root=@ROOT_DEVICE@ rootfstype= rootflags= mode=ro init=/sbin/init
 for arg in $cmdline; do
@@ -317,4 +444,97 @@ for fs in dev proc sys; do
 done
 # The kernel's arguments for init (single, ...) are this script's.
 exec switch_root /newroot "$init" "$@"
+"""
+
+# busybox init runs the script again (not as PID 1) for each service of
+# /etc/inittab; each returns to init, which starts it again.
+_SERVICES = r"""
+if [ "$$" != 1 ]; then
+    case ${1-} in
+        agent)
+            @AGENT@
+            status=$?
+            say @AGENT_EXITED@
+            sleep 1 # not in a loop faster than that
+            ;;
+        shell)
+            export HOME=/root
+            cd /root
+            # cttyhack makes the console the shell's controlling tty: job
+            # control, ^C.
+            setsid cttyhack sh
+            say @SHELL_ENDED@
+            ;;
+        power-button)
+            # acpid's output goes to its log: this line is for the console.
+            say @POWER_BUTTON@ >/dev/console
+            # At once: busybox init's poweroff waits 2 s for processes to end,
+            # and the agent's commands end with the VM anyway.
+            sync
+            exec poweroff -f
+            ;;
+        *)
+            echo "usage: /init agent|shell|power-button (busybox init's services)" >&2
+            exit 2
+            ;;
+    esac
+    exit 0
+fi
+"""
+
+_USERSPACE = r"""
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=755 tmpfs /run
+hostname kdlab
+
+# udev would name the virtio-serial ports in /dev/virtio-ports; there is none.
+link_ports() {
+    mkdir -p /dev/virtio-ports
+    for vport in $(ls /sys/class/virtio-ports 2>/dev/null); do
+        name=$(cat "/sys/class/virtio-ports/$vport/name" 2>/dev/null)
+        [ -n "$name" ] && ln -sf "../$vport" "/dev/virtio-ports/$name"
+    done
+    [ -e @GUEST_PORT@ ]
+}
+
+port=@PORT_NAME@
+if ls /sys/bus/virtio/drivers/virtio_console 2>/dev/null | grep -q '^virtio'; then
+    # The driver is bound: the host adds its ports in a moment.
+    tries=@PORT_WAIT_TRIES@
+    until link_ports; do
+        tries=$((tries - 1))
+        [ "$tries" -gt 0 ] || break
+        sleep 0.1
+    done
+fi
+link_ports ||
+    say @AGENT_PORT_MISSING@
+
+shares=
+for arg in $cmdline; do
+    case $arg in
+        --) break ;;
+        @SHARES_PARAMETER@=*) shares=${arg#@SHARES_PARAMETER@=} ;;
+    esac
+done
+for tag in $(echo "$shares" | tr , ' '); do
+    mountpoint=@SHARES_DIRECTORY@/$tag
+    mkdir -p "$mountpoint"
+    error=$(mount -t virtiofs "$tag" "$mountpoint" 2>&1) ||
+        say @SHARE_FAILED@
+done
+
+say @READY@
+exec init
+"""
+
+_INITTAB = """\
+# kdlab's initramfs (kdlab/kernel/initramfs.py): busybox init's services.
+::respawn:/init agent
+::respawn:/init shell
+::respawn:/bin/acpid -f -l /run/acpid.log
+::ctrlaltdel:/bin/reboot
+::shutdown:/bin/sync
 """

@@ -20,7 +20,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kdlab.kernel.findings import Finding, Severity
-from kdlab.kernel.guest import DUMP_CORE, DUMP_DRIVERS, ROOT_DISK_DRIVERS, ROOT_FS
+from kdlab.kernel.guest import (
+    AGENT_DRIVERS,
+    DUMP_CORE,
+    DUMP_DRIVERS,
+    ROOT_DISK_DRIVERS,
+    ROOT_FS,
+    SHARE_DRIVERS,
+)
 
 Config = Mapping[str, str]
 """A parsed ``.config``: ``{"CONFIG_VIRTIO_BLK": "m", ...}``; unset options absent."""
@@ -84,6 +91,18 @@ POWER_BUTTON = {
     "ACPI_BUTTON": "the power button is no input device",
     "INPUT_EVDEV": "systemd-logind cannot read the power button from /dev/input",
 }
+
+# kdlabctl exec and shared directories (what each option gives them; each is
+# a driver of kdlab.kernel.guest that kdlab's initramfs loads).
+GUEST_SERVICES = {
+    "VIRTIO_CONSOLE": "kdlabctl exec cannot reach the guest: kdlab's agent talks "
+    "to kdlabd over a virtio-serial port",
+    "FUSE_FS": "shared directories (--share) cannot be mounted: virtiofs is FUSE",
+    "VIRTIO_FS": "shared directories (--share) cannot be mounted in the guest",
+}
+# The drivers kdlab's initramfs loads when they are modules: as good as built
+# in for a VM that boots it (a note, not a warning).
+_LOADED_BY_INITRAMFS = {**DUMP_DRIVERS, **AGENT_DRIVERS, **SHARE_DRIVERS}
 
 # A dump kdlabd writes on a panic: what each option gives it (FW_CFG_SYSFS and
 # PVPANIC_MMIO are :data:`~kdlab.kernel.guest.DUMP_DRIVERS`).
@@ -160,6 +179,7 @@ def check(
         *_fstab_filesystems(config),
         *_power_button(config),
         *_dumps(config),
+        *_needs(config, GUEST_SERVICES, "guest-service-needs", "guest-module"),
         *_kaslr(config),
     ]
     order = list(Severity)
@@ -191,6 +211,7 @@ def wanted_options() -> dict[str, bool]:
             *FSTAB_FILESYSTEMS,
             *POWER_BUTTON,
             *DUMPS,
+            *GUEST_SERVICES,
             DUMP_CORE_SELECTOR,
             DUMP_CORE[0],
             CRASH_ALLOCATOR,
@@ -404,7 +425,7 @@ def _dumps(config: Config) -> Iterator[ConfigFinding]:
     """What a dump needs (the VM still boots and debugs without it: warnings).
 
     A driver of :data:`~kdlab.kernel.guest.DUMP_DRIVERS` as a module works
-    when kdlab's initramfs loads it (``create --modules``): a note.
+    when kdlab's initramfs loads it: a note.
     """
     if not any(_on(config, option) for option in DUMP_CORE):
         yield _finding(
@@ -425,21 +446,30 @@ def _dumps(config: Config) -> Iterator[ConfigFinding]:
             "allocators only); drgn can",
             f"set CONFIG_{CRASH_ALLOCATOR}=y",
         )
-    for option, why in DUMPS.items():
-        module = DUMP_DRIVERS.get(option)
+    yield from _needs(config, DUMPS, "dump-needs", "dump-module")
+
+
+def _needs(
+    config: Config, needs: Mapping[str, str], code: str, module_code: str
+) -> Iterator[ConfigFinding]:
+    """Each option of *needs* (with what goes wrong without it) that is not
+    built in: a warning *code*, or a note *module_code* when it is a module
+    kdlab's initramfs loads."""
+    for option, why in needs.items():
+        module = _LOADED_BY_INITRAMFS.get(option)
         if module and config.get(f"CONFIG_{option}") == "m":
             yield _finding(
-                "dump-module",
+                module_code,
                 Severity.NOTE,
                 option,
                 f"a module ({module}): {why} unless it is loaded; kdlab's "
                 "initramfs loads it",
-                "boot with kdlab's initramfs (kdlabctl create --modules DIR) "
-                f"or set CONFIG_{option}=y",
+                "boot with kdlab's initramfs (the default without --image; "
+                f"with one, --modules DIR) or set CONFIG_{option}=y",
             )
         elif not _on(config, option):
             yield _finding(
-                "dump-needs",
+                code,
                 Severity.WARNING,
                 option,
                 f"{_state(config, option)}: {why}",

@@ -30,6 +30,12 @@ list says otherwise:
   through RAX=0 (NULL) or RAX=0xdead000000000000 (non-canonical), to the
   ``ud2`` of free_buffer_head()'s BUG_ON, and to __brelse()'s WARN.
 - ``no-output.log``: empty, as the log stays without ``console=ttyS0``.
+- ``userspace-*``: kdlab's userspace initramfs of ``linux-image-6.1.0-57-cloud-amd64``
+  (6.1.192-3) under bare QEMU with a virtio-serial port ``org.kdlab.agent.0``, as
+  kdlabctl builds it for a VM without an image, a command typed into its shell
+  (``ready``); without the port, ``exit`` typed (``no-port``); with
+  ``kdlab.shares=work,missing`` and only ``work`` served by virtiofsd
+  (``share-missing``).
 """
 
 from __future__ import annotations
@@ -69,11 +75,13 @@ from kdlab.kernel.initramfs import (
     MOUNTED,
     NO_BLOCK_DEVICES,
     NO_INIT,
+    READY,
     ROOT_MISSING,
     ROOT_UNSUPPORTED,
     Message,
     init_script,
     recognize,
+    userspace_script,
 )
 from kdlabd.host.local import LocalHost
 from tests.support import REPO
@@ -142,6 +150,24 @@ NVME = ("nvme0n1",)
 NO_ROOT = "console=ttyS0 nokaslr"
 
 CASES = {
+    "userspace without the agent's port": Case(
+        "userspace-no-port",
+        facts(NO_ROOT, disks=(), has_initrd=True),
+        Code.AGENT_UNREACHABLE,
+        cause=("org.kdlab.agent.0", "kdlabctl exec"),
+        fix=("CONFIG_VIRTIO_CONSOLE=y", "create it again"),
+        evidence=("no virtio-serial port org.kdlab.agent.0",),
+        severity=Severity.WARNING,
+    ),
+    "userspace with a share not served": Case(
+        "userspace-share-missing",
+        facts(f"{NO_ROOT} kdlab.shares=work,missing", disks=(), has_initrd=True),
+        Code.SHARE_NOT_MOUNTED,
+        cause=("missing", "Invalid argument"),
+        fix=("CONFIG_VIRTIO_FS=y", "mount -t virtiofs"),
+        evidence=("cannot mount share missing on /mnt/missing",),
+        severity=Severity.WARNING,
+    ),
     "no disk": Case(
         "root-no-disk",
         facts(disks=()),
@@ -326,6 +352,7 @@ def test_recorded_boot(case: Case) -> None:
             facts("console=ttyS0 nokaslr", disks=(), has_initrd=True),
         ),
         ("boot-login", facts(has_initrd=True)),
+        ("userspace-ready", facts(NO_ROOT, disks=(), has_initrd=True)),
     ],
 )
 def test_a_good_boot_has_no_diagnosis(log: str, boot: BootFacts) -> None:
@@ -522,6 +549,17 @@ FIELD_SAMPLES: dict[str, list[tuple[dict[str, str], str]]] = {
     "options": [({"options": "ro,noatime"}, "ro,noatime")],
     "known": [({"known": "ext3 ext2 ext4"}, "ext3 ext2 ext4"), ({"known": ""}, "")],
     "init": [({"init": "/sbin/init"}, "/sbin/init")],
+    "tag": [({"tag": "work"}, "work")],
+    "mountpoint": [({"mountpoint": "/mnt/work"}, "/mnt/work")],
+    "mount_error": [
+        (
+            {"error": "mount: mounting work on /mnt/work failed:\n  No such device"},
+            "mount: mounting work on /mnt/work failed: No such device",
+        ),
+        ({"error": ""}, "mount failed"),
+    ],
+    "port": [({"port": "org.kdlab.agent.0"}, "org.kdlab.agent.0")],
+    "status": [({"status": "139"}, "139")],
 }
 
 
@@ -537,9 +575,13 @@ def samples(message: Message) -> list[tuple[dict[str, str], dict[str, str]]]:
     ]
 
 
-def test_the_script_prints_the_catalogue_and_nothing_else() -> None:
-    script = init_script(["virtio_blk"]).decode()
-    said = re.findall(r"^\s*(?:say|emergency) (.*)$", script, re.MULTILINE)
+def test_the_scripts_print_the_catalogue_and_nothing_else() -> None:
+    scripts = init_script(["virtio_blk"]) + userspace_script(["virtio_console"])
+    # Each message is one double-quoted word.
+    word = r'"(?:[^"\\]|\\.)*"'
+    said = re.findall(
+        rf"^\s*(?:say|emergency) ({word})", scripts.decode(), re.MULTILINE
+    )
     shells = {message.shell for message in CATALOGUE.values()}
     assert [word for word in said if word != '"$*"'] != []
     assert {word for word in said if word != '"$*"'} == shells
@@ -666,6 +708,20 @@ def test_every_failure_the_initramfs_names_is_diagnosed(
     assert (found.code if found else None) is code
     if found is not None:
         assert lines[-1].rstrip() in found.evidence
+
+
+def test_a_module_userspace_could_not_load_is_a_warning_naming_it() -> None:
+    failed = MODULE_FAILED.text(module="virtio_console", error="insmod failed")
+    log = console("userspace-ready").replace(
+        READY.text(), f"{failed}\r\n{READY.text()}"
+    )
+    found = diagnosed_text(log, facts(NO_ROOT, disks=(), has_initrd=True))
+    assert (found.code, found.severity) == (
+        Code.INITRAMFS_MODULE_FAILED,
+        Severity.WARNING,
+    )
+    assert "virtio_console" in found.problem
+    assert found.evidence == (failed,)
 
 
 # The kernel's crash reports.

@@ -16,8 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from kdlab import agent
+from kdlab.kernel.initramfs import AGENT, POWER_BUTTON_HANDLER, USERSPACE_DIRECTORIES
 from kdlabctl import initramfs
-from kdlabctl.initramfs import InitramfsError, Module, build, find_modules_dir, resolve
+from kdlabctl.initramfs import (
+    InitramfsError,
+    Module,
+    build,
+    build_userspace,
+    find_modules_dir,
+    resolve,
+)
 from tests.support import debian
 from tests.support.prereq import require, require_tool
 
@@ -36,6 +45,12 @@ VIRTIO_DEPENDS = {
     "virtio_blk": ["virtio", "virtio_ring"],
 }
 VIRTIO_CLOSURE = set(VIRTIO_DEPENDS)
+# What Debian's kernel has of initramfs.OPTIONAL_MODULES as modules, with their
+# dependencies (ext4 is built in).
+OPTIONAL_CLOSURE = {
+    *("button", "evdev", "qemu_fw_cfg", "pvpanic", "pvpanic_mmio"),
+    *("virtio_console", "fuse", "virtiofs"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -400,9 +415,9 @@ def test_archive_readable_by_cpio_with_busybox_and_modules(
     assert listing[-1] == "init"
     loaded = [Path(name).stem for name in listing if name.startswith("lib/modules/")]
     # Debian's button and evdev are modules: loaded for the ACPI power button;
-    # qemu_fw_cfg and pvpanic_mmio (with pvpanic, its dependency) for dumps.
-    dumps = {"qemu_fw_cfg", "pvpanic", "pvpanic_mmio"}
-    assert set(loaded) == VIRTIO_CLOSURE | {"button", "evdev"} | dumps
+    # qemu_fw_cfg and pvpanic_mmio (with pvpanic, its dependency) for dumps;
+    # virtio_console for kdlab's agent, fuse and virtiofs for shares.
+    assert set(loaded) == VIRTIO_CLOSURE | OPTIONAL_CLOSURE
     assert loaded.index("pvpanic") < loaded.index("pvpanic_mmio")
 
 
@@ -466,6 +481,209 @@ def test_dynamic_busybox_refused(tmp_path: Path) -> None:
         build(tmp_path, busybox=Path(sys.executable))  # dynamically linked
     with pytest.raises(InitramfsError, match="missing: apt-get install busybox-static"):
         build(tmp_path, busybox=tmp_path / "busybox")
+
+
+# build_userspace: the archive of a VM without an image
+
+
+@pytest.fixture(scope="module")
+def agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """kdlab's agent, compiled as kdlabctl does."""
+    try:
+        return agent.build(tmp_path_factory.mktemp("agent"))
+    except agent.AgentBuildError as err:
+        require(False, str(err))
+        raise
+
+
+@pytest.fixture(scope="module")
+def userspace_initramfs(
+    cloud_kernel: debian.CloudKernel, busybox: Path, agent_binary: Path
+) -> bytes:
+    return build_userspace(cloud_kernel.modules_dir, agent_binary, busybox=busybox)
+
+
+def test_userspace_archive_holds_busybox_the_agent_and_the_modules(
+    userspace_initramfs: bytes, busybox: Path, agent_binary: Path, tmp_path: Path
+) -> None:
+    listing = cpio(userspace_initramfs, "-t").split()
+    dirs = list(USERSPACE_DIRECTORIES)
+    assert listing[: len(dirs) + 2] == [*dirs, "dev/console", "bin/busybox"]
+    assert {"mnt", "run", "tmp", "root", "etc/acpi/PWRF"} <= set(dirs)
+    assert listing[-1] == "init"
+    loaded = [Path(name).stem for name in listing if name.startswith("lib/modules/")]
+    # No root disk, but extra disks (virtio_blk); the agent's port
+    # (virtio_console), shares (fuse, virtiofs), the power button.
+    assert set(loaded) == VIRTIO_CLOSURE | OPTIONAL_CLOSURE
+    assert loaded.index("virtio") < loaded.index("virtio_console")
+    assert loaded.index("fuse") < loaded.index("virtiofs")
+    extract(userspace_initramfs, tmp_path, AGENT, "bin/busybox", "etc/*", "init")
+    assert (tmp_path / AGENT).read_bytes() == agent_binary.read_bytes()
+    assert (tmp_path / AGENT).stat().st_mode & 0o111 == 0o111
+    assert (tmp_path / "bin/busybox").read_bytes() == busybox.read_bytes()
+    init = (tmp_path / "init").read_text()
+    assert f"for module in {' '.join(loaded)}; do" in init
+    assert_shell_syntax(busybox, tmp_path / "init")
+
+
+def test_userspace_services_are_what_init_runs(
+    userspace_initramfs: bytes, tmp_path: Path
+) -> None:
+    """busybox init's services run /init in a role the script has; acpid's
+    handler of the power button powers off through it."""
+    extract(userspace_initramfs, tmp_path, "etc/*", "init")
+    init = (tmp_path / "init").read_text()
+    inittab = (tmp_path / "etc/inittab").read_text().splitlines()
+    respawned = [line.split(":", 3)[3] for line in inittab if "::respawn:" in line]
+    assert respawned == [
+        "/init agent",
+        "/init shell",
+        "/bin/acpid -f -l /run/acpid.log",
+    ]
+    for role in ("agent", "shell", "power-button"):
+        assert f"\n        {role})\n" in init
+    handler = tmp_path / POWER_BUTTON_HANDLER
+    assert handler.read_text() == "#!/bin/sh\nexec /init power-button\n"
+    assert handler.stat().st_mode & 0o111 == 0o111
+    # The role that runs the agent, and PID 1's end: init after the ready line.
+    assert f"\n            /{AGENT}\n            status=$?\n" in init
+    assert init.rstrip().endswith(
+        "ready: a shell on the console, kdlab's agent "
+        "for kdlabctl exec; poweroff (or kdlabctl stop) "
+        'powers off"\nexec init'
+    )
+
+
+def test_userspace_script_mounts_each_share_of_the_command_line(
+    busybox: Path, agent_binary: Path, tmp_path: Path
+) -> None:
+    """The shares' part of the script, run by busybox sh with mount and mkdir
+    recorded: each tag of kdlab.shares= (not after --) on /mnt/TAG, a failure
+    named with mount's words, the next share mounted all the same."""
+    extract(build_userspace(None, agent_binary, busybox=busybox), tmp_path, "init")
+    init = (tmp_path / "init").read_text()
+    start = init.index("\nshares=\n")
+    shares = init[start : init.index("\nsay ", init.index("mount -t virtiofs"))]
+    program = (
+        init[init.index("say() {") : init.index("\n}\n") + 3]
+        # mount's output is the script's: its calls go to 3, stdout.
+        + "exec 3>&1\n"
+        + 'mkdir() { echo "mkdir $*"; }\n'
+        + 'mount() { echo "mount $*" >&3; [ "$3" != bad ] || ! echo "no $3"; }\n'
+        + "cmdline='console=ttyS0 kdlab.shares=src,bad,out -- kdlab.shares=x'\n"
+        + shares
+    )
+    done = subprocess.run(
+        [busybox, "sh", "-c", program], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.splitlines() == [
+        "mkdir -p /mnt/src",
+        "mount -t virtiofs src /mnt/src",
+        "mkdir -p /mnt/bad",
+        "mount -t virtiofs bad /mnt/bad",
+        "kdlab-initramfs: cannot mount share bad on /mnt/bad: no bad",
+        "mkdir -p /mnt/out",
+        "mount -t virtiofs out /mnt/out",
+    ]
+
+
+def test_userspace_without_modules(
+    busybox: Path, agent_binary: Path, tmp_path: Path
+) -> None:
+    """A kernel whose modules are unknown (a bzImage alone): none in the archive,
+    the script loads none and still passes sh -n."""
+    archive = build_userspace(None, agent_binary, busybox=busybox)
+    assert not [n for n in cpio(archive, "-t").split() if n.startswith("lib/modules/")]
+    extract(archive, tmp_path, "init")
+    assert "for module in ; do" in (tmp_path / "init").read_text()
+    assert_shell_syntax(busybox, tmp_path / "init")
+
+
+def test_userspace_refuses_an_agent_that_is_not_static(
+    busybox: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(InitramfsError, match="not a static x86-64 executable"):
+        build_userspace(None, Path(sys.executable), busybox=busybox)
+    with pytest.raises(InitramfsError, match="cannot read"):
+        build_userspace(None, tmp_path / "agent", busybox=busybox)
+
+
+def test_userspace_build_is_deterministic(
+    userspace_initramfs: bytes,
+    cloud_kernel: debian.CloudKernel,
+    busybox: Path,
+    agent_binary: Path,
+) -> None:
+    again = build_userspace(cloud_kernel.modules_dir, agent_binary, busybox=busybox)
+    assert again == userspace_initramfs
+
+
+# Modules of a kernel tree
+
+
+def test_modules_of_a_tree_come_from_its_modules_order(tmp_path: Path) -> None:
+    """After make modules the modules lie among the objects; modules.order lists
+    them (.ko before Linux 6.4, .o since); modules.builtin the built-in ones."""
+    assert initramfs.tree_modules_dir(tmp_path) is None  # not built: none
+    add_module(tmp_path, "drivers/virtio/virtio.ko")
+    add_module(tmp_path, "drivers/char/virtio_console.ko", "depends=virtio")
+    add_module(tmp_path, "fs/fuse/fuse.ko")
+    add_module(tmp_path, "unlisted/stale.ko")
+    (tmp_path / "modules.order").write_text(
+        "drivers/virtio/virtio.o\ndrivers/char/virtio_console.ko\nfs/fuse/fuse.o\n"
+    )
+    (tmp_path / "modules.builtin").write_text("kernel/fs/fuse/virtiofs.ko\n")
+    assert initramfs.tree_modules_dir(tmp_path) == tmp_path
+    found = resolve(tmp_path, ["virtio_console", "virtiofs"], optional=["stale"])
+    assert [(m.name, m.path) for m in found] == [
+        ("virtio", tmp_path / "drivers/virtio/virtio.ko"),
+        ("virtio_console", tmp_path / "drivers/char/virtio_console.ko"),
+    ]
+
+
+# The cache of built archives
+
+
+def test_a_cached_archive_is_taken_without_compressing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = [initramfs.CpioEntry.file("init", b"#!/bin/sh\n")]
+    cache = tmp_path / "cache"
+    first = initramfs.pack(entries, cache)
+    assert first == initramfs.pack(entries)
+    (cached,) = cache.iterdir()
+
+    def compress(_archive: bytes) -> bytes:
+        raise AssertionError("compressed again")
+
+    monkeypatch.setattr(initramfs, "_gzip", compress)
+    assert initramfs.pack(entries, cache) == first
+    other = [initramfs.CpioEntry.file("init", b"#!/bin/sh -e\n")]
+    with pytest.raises(AssertionError, match="compressed again"):
+        initramfs.pack(other, cache)  # another content: another archive
+    assert list(cache.iterdir()) == [cached]
+
+
+def test_the_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    archives = [
+        initramfs.pack([initramfs.CpioEntry.file("init", bytes([n]))], cache)
+        for n in range(initramfs.CACHE_KEEPS + 1)
+    ]
+    names = sorted(path.name for path in cache.iterdir())
+    assert len(names) == initramfs.CACHE_KEEPS
+    # The first one was used least recently: it is gone; using it makes it anew.
+    assert (
+        initramfs.pack([initramfs.CpioEntry.file("init", b"\0")], cache)
+        == (archives[0])
+    )
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    entries = [initramfs.CpioEntry.file("init", b"x")]
+    assert initramfs.pack(entries, blocked / "cache") == initramfs.pack(entries)
 
 
 # The cpio writer that tests.support.debian shares

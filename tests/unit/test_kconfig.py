@@ -100,6 +100,10 @@ def test_debian_cloud_config(debian_config: Path) -> None:
         # Dumps: both drivers are modules, which kdlab's initramfs loads.
         ("CONFIG_FW_CFG_SYSFS", Severity.NOTE, "dump-module"),
         ("CONFIG_PVPANIC_MMIO", Severity.NOTE, "dump-module"),
+        # exec's port and shares: modules, which kdlab's initramfs loads.
+        ("CONFIG_VIRTIO_CONSOLE", Severity.NOTE, "guest-module"),
+        ("CONFIG_FUSE_FS", Severity.NOTE, "guest-module"),
+        ("CONFIG_VIRTIO_FS", Severity.NOTE, "guest-module"),
         ("CONFIG_RANDOMIZE_BASE", Severity.NOTE, "kaslr"),
     }
     assert found == expected
@@ -269,6 +273,29 @@ def test_dump_driver_as_module_is_a_note_naming_kdlabs_initramfs(
     assert "--modules" in finding.fix
 
 
+@pytest.mark.parametrize("option", ["VIRTIO_CONSOLE", "FUSE_FS", "VIRTIO_FS"])
+def test_what_exec_and_shares_need_warns_when_off(option: str) -> None:
+    findings = by_option(kconfig.check(without(option)))
+    finding = findings.pop(f"CONFIG_{option}")
+    assert (finding.severity, finding.code) == (
+        Severity.WARNING,
+        "guest-service-needs",
+    )
+    assert finding.fix == f"set CONFIG_{option}=y"
+    assert findings == {}
+
+
+@pytest.mark.parametrize(
+    ("option", "module"),
+    [("VIRTIO_CONSOLE", "virtio_console"), ("VIRTIO_FS", "virtiofs")],
+)
+def test_exec_and_share_drivers_as_modules_are_notes(option: str, module: str) -> None:
+    (finding,) = kconfig.check(without(option, "m"))
+    assert (finding.severity, finding.code) == (Severity.NOTE, "guest-module")
+    assert module in finding.problem
+    assert "kdlab's initramfs" in finding.fix
+
+
 def test_no_vmcoreinfo_in_the_kernel_names_what_selects_it() -> None:
     (finding,) = kconfig.check(without("CRASH_CORE"))
     assert finding.option == "CONFIG_CRASH_CORE"
@@ -288,6 +315,11 @@ def test_slob_is_a_note_for_crash() -> None:
 def test_dump_modules_are_options_the_check_wants() -> None:
     assert set(guest.DUMP_DRIVERS) <= set(kconfig.wanted_options())
     assert guest.DUMP_CORE[0] in kconfig.wanted_options()
+
+
+def test_exec_and_share_modules_are_options_the_check_wants() -> None:
+    wanted = kconfig.wanted_options()
+    assert {*guest.AGENT_DRIVERS, *guest.SHARE_DRIVERS} <= set(wanted)
 
 
 def test_power_button_modules_are_options_the_check_wants() -> None:
@@ -490,7 +522,7 @@ def test_check_command_table(
     assert lines[0].split() == ["SEVERITY", "OPTION", "PROBLEM"]
     assert lines[1].split()[:2] == ["error", "CONFIG_GDB_SCRIPTS"]
     assert lines[2].strip().startswith("fix: set CONFIG_GDB_SCRIPTS=y")
-    assert lines[-1].endswith("1 error, 5 warnings, 3 notes: fails kdlab's check")
+    assert lines[-1].endswith("1 error, 5 warnings, 6 notes: fails kdlab's check")
 
 
 def test_check_command_passes(

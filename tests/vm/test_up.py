@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kdlab.kernel.initramfs import READY
 from tests.vm.conftest import TEST_POOL, Lab, virsh
 from tests.vm.test_debug import Console, show
 from tests.vm.test_images import ROOT_MARKER, ext4_image
@@ -59,6 +60,29 @@ def test_up_lands_in_gdb_at_start_kernel_with_lx_helpers(
     assert "waits for the debugger" in again.stderr, "it booted again, paused"
     # gdb --batch quit at once: it detached, and the kernel runs on.
     assert json.loads(lab.ctl("show", vm_name, "--json").stdout)["state"] == "running"
+
+
+def test_up_of_a_fresh_tree_lands_at_kdlabs_shell(
+    lab: Lab, vm_name: str, minimal_build: Path
+) -> None:
+    """``up --console`` without an image: kdlab's userspace initramfs (the
+    minimal kernel has what it needs built in), a shell, no panic."""
+    up = Console(
+        lab.daemon.address,
+        vm_name,
+        command=["up", str(minimal_build), "--name", vm_name, "--console"],
+    )
+    try:
+        up.expect(READY.text().encode(), timeout=120)
+        up.type(b"echo up-$((6*7)) $(cat /proc/version)\r")
+        up.expect(b"up-42 Linux version 6.1")
+        assert up.detach() == 0
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+            up.proc.wait()
+    assert b"Kernel panic" not in up.seen
+    assert show(lab, vm_name)["diagnosis"] is None
 
 
 def test_root_sda_on_a_virtio_disk_panics_and_is_diagnosed(

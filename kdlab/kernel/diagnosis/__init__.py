@@ -13,8 +13,9 @@ matchers live by theme:
 - :mod:`.console`: nothing printed where kdlab listens (console=, quiet);
 - :mod:`.root`: no root mounted, and why (no disk, no driver, wrong root=, no
   filesystem);
-- :mod:`.initramfs`: kdlab's initramfs failing, an initrd the kernel cannot
-  unpack;
+- :mod:`.initramfs`: kdlab's initramfs failing (or its userspace coming up
+  without a module, the agent's port or a share), an initrd the kernel
+  cannot unpack;
 - :mod:`.init`: init missing, or ended;
 - :mod:`.crashes`: Oops, BUG, stalls, panics and warnings;
 - :mod:`.gdb`: KASLR while a debugger is expected;
@@ -56,6 +57,7 @@ from kdlab.kernel.diagnosis.initramfs import (
     initrd_broken,
     initrd_ignored,
     kdlab_initramfs,
+    kdlab_userspace,
 )
 from kdlab.kernel.diagnosis.log import (
     HEAD_SIZE,
@@ -132,6 +134,7 @@ MATCHERS: tuple[Matcher, ...] = (
     init_died,
     kernel_crash,
     kernel_warning,
+    kdlab_userspace,
     initrd_ignored,
     gdb_kaslr,
 )

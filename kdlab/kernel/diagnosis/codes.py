@@ -30,6 +30,8 @@ class Code(enum.StrEnum):
     KERNEL_PANIC = "kernel-panic"
     KERNEL_WARNING = "kernel-warning"
     GDB_KASLR = "gdb-kaslr"
+    AGENT_UNREACHABLE = "agent-unreachable"
+    SHARE_NOT_MOUNTED = "share-not-mounted"
 
 
 # What anyone may read of a diagnosis: the cause without the guest's words.
@@ -55,6 +57,9 @@ SUMMARIES: dict[Code, str] = {
     Code.KERNEL_PANIC: "kernel panic",
     Code.KERNEL_WARNING: "the kernel warned",
     Code.GDB_KASLR: "KASLR is on while a debugger is expected",
+    Code.AGENT_UNREACHABLE: "kdlab's agent has no port: kdlabctl exec cannot "
+    "reach the guest",
+    Code.SHARE_NOT_MOUNTED: "a shared directory could not be mounted",
 }
 
 

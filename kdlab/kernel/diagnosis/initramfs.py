@@ -3,7 +3,10 @@ kernel could not unpack.
 
 kdlab's initramfs (:mod:`kdlab.kernel.initramfs`) names what failed in lines of
 its own, then offers an emergency shell: no panic follows. They are read with
-the catalogue the script is generated from.
+the catalogue the script is generated from. In its userspace mode, the line
+:data:`~kdlab.kernel.initramfs.READY` says the VM came up to kdlab's shell:
+what it could not offer there (a module, the agent's port, a share) is a
+warning, not a failed boot.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from kdlab.kernel.diagnosis.init import NO_INIT_FIX
 from kdlab.kernel.diagnosis.log import MAX_EVIDENCE
 from kdlab.kernel.diagnosis.root import RootAttempt, explain_root
 from kdlab.kernel.findings import Severity
+from kdlab.kernel.guest import SHARES_DIRECTORY
 from kdlab.kernel.initramfs import (
+    AGENT_PORT_MISSING,
     ANY_FSTYPE,
     CANNOT_MOUNT,
     DEVTMPFS_MISSING,
@@ -27,9 +32,11 @@ from kdlab.kernel.initramfs import (
     NO_BLOCK_DEVICES,
     NO_INIT,
     PREFIX,
+    READY,
     ROOT_FORMS,
     ROOT_MISSING,
     ROOT_UNSUPPORTED,
+    SHARE_FAILED,
     Message,
 )
 from kdlab.kernel.kconfig import DEVTMPFS_FIX
@@ -41,14 +48,19 @@ _Said = tuple[int, Message, dict[str, str]]
 """A line of the initramfs: its index in the boot, the message and its values."""
 
 
+def _said(ctx: Context) -> list[_Said]:
+    """The lines of kdlab's initramfs in the boot."""
+    return [
+        (index, *recognized)
+        for index, line in enumerate(ctx.boot.lines)
+        if (recognized := initramfs.recognize(line.text)) is not None
+    ]
+
+
 def kdlab_initramfs(ctx: Context) -> Diagnosis | None:
     """kdlab's initramfs could not mount the root, and said why."""
     boot = ctx.boot
-    said = [
-        (index, *recognized)
-        for index, line in enumerate(boot.lines)
-        if (recognized := initramfs.recognize(line.text)) is not None
-    ]
+    said = _said(ctx)
     # Leaving the emergency shell tries again: only the latest attempt counts.
     mounted = [index for index, message, _ in said if message is MOUNTED]
     start = mounted[-1] + 1 if mounted else 0
@@ -78,6 +90,52 @@ def kdlab_initramfs(ctx: Context) -> Diagnosis | None:
         before = [entry for entry in attempt if entry[0] < index]
         return _initramfs_no_device(ctx, start, index, values, before)
     return _initramfs_cannot_mount(ctx, index, values, evidence)
+
+
+def kdlab_userspace(ctx: Context) -> Diagnosis | None:
+    """kdlab's userspace initramfs came up without all it offers: a module it
+    could not load, no port for the agent, a share it could not mount."""
+    said = _said(ctx)
+    if not any(message is READY for _, message, _ in said):
+        return None
+    shown = ctx.boot.shown
+    failed = [(i, found) for i, message, found in said if message is MODULE_FAILED]
+    if failed:
+        modules = ", ".join(dict.fromkeys(found["module"] for _, found in failed))
+        return Diagnosis(
+            Code.INITRAMFS_MODULE_FAILED,
+            Severity.WARNING,
+            f"the initramfs could not load {modules}",
+            "the initramfs needs this kernel's own modules: give the kernel's "
+            "/lib/modules/RELEASE (--modules DIR)",
+            shown(i for i, _ in failed),
+        )
+    for index, message, found in said:
+        if message is AGENT_PORT_MISSING:
+            return Diagnosis(
+                Code.AGENT_UNREACHABLE,
+                Severity.WARNING,
+                f"kdlab's agent has no virtio-serial port {found['port']}: "
+                "kdlabctl exec cannot reach the guest",
+                "build the kernel with CONFIG_VIRTIO_CONSOLE=y (or as a module, "
+                "with --modules DIR); a VM created before kdlab had exec has no "
+                "port: create it again",
+                shown([index]),
+            )
+    shares = [(i, found) for i, message, found in said if message is SHARE_FAILED]
+    if shares:
+        tags = ", ".join(found["tag"] for _, found in shares)
+        return Diagnosis(
+            Code.SHARE_NOT_MOUNTED,
+            Severity.WARNING,
+            f"the shared directory {tags} could not be mounted: "
+            f"{shares[0][1]['mount_error']}",
+            "the kernel needs virtiofs (CONFIG_VIRTIO_FS=y, or as a module with "
+            f"--modules DIR); try it in the guest: mount -t virtiofs TAG "
+            f"{SHARES_DIRECTORY}/TAG",
+            shown(i for i, _ in shares),
+        )
+    return None
 
 
 def _initramfs_no_device(

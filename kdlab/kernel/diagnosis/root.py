@@ -49,7 +49,9 @@ def explain_root(ctx: Context, attempt: RootAttempt) -> Diagnosis:
         return fatal(
             Code.ROOT_NO_DISK,
             f"the VM has no disk, so there is no root device ({root_text})",
-            "give the VM a root disk: kdlabctl create --image IMAGE (it is /dev/vda)",
+            "give the VM a root disk: kdlabctl create --image IMAGE (it is "
+            "/dev/vda), or boot into kdlab's shell: create it without "
+            "--no-initramfs",
             evidence,
         )
     visible = [d for d in facts.disks if d in devices]
