@@ -50,6 +50,7 @@ CREATE_OPTIONS = {
     "extra_disks": "at",
     "on_panic": "s",
     "shares": "a{ss}",
+    "initramfs": "s",
 }
 BUILD_OPTIONS = {"suite": "s", "size": "t", "packages": "as", "ssh_key": "s"}
 START_OPTIONS = {"paused": "b", "kernel": "h", "checkpoint": "s", "initrd": "h"}
@@ -74,6 +75,11 @@ ON_PANIC_DUMP_AND_STOP = "dump-and-stop"
 ON_PANIC_DUMP_AND_KEEP = "dump-and-keep"
 ON_PANIC_IGNORE = "ignore"
 ON_PANIC_VALUES = (ON_PANIC_DUMP_AND_STOP, ON_PANIC_DUMP_AND_KEEP, ON_PANIC_IGNORE)
+
+# A VM's Initramfs (CreateVM's initramfs): kdlab's own initramfs it boots, by
+# the mode kdlabctl built it in (kdlab.kernel.initramfs.MODE_*); "": none of
+# kdlab's (the caller's own initrd, or none).
+INITRAMFS_VALUES = ("", "root", "userspace")
 
 # A dump's Reason, Format and State properties.
 DUMP_REASON_PANIC = "panic"

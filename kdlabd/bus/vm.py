@@ -83,6 +83,7 @@ def properties(record: VMRecord, latest_dump: str = NO_DUMP_PATH) -> dict[str, A
         "Booted": record.boot.started_usec,
         "LastStop": record.last_stop.value,
         "OnPanic": spec.on_panic,
+        "Initramfs": spec.initramfs,
         "LatestDump": latest_dump,
         "Run": "" if record.boot.run is None else record.boot.run.mode,
         "RunRecording": NO_RECORDING_PATH
@@ -390,6 +391,11 @@ class VMInterface(ServiceInterface):
         (e.g. ``root-device-missing``), ``error``/``warning``/``note``, a one-line
         cause and the fix. Empty strings when nothing was found."""
         return self._props["Diagnosis"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Initramfs(self) -> "s":
+        """kdlab's initramfs the VM boots: root, userspace, or ""."""
+        return self._props["Initramfs"]
 
     @dbus_property(access=PropertyAccess.READ)
     def OnPanic(self) -> "s":

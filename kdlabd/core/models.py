@@ -126,6 +126,9 @@ class VMSpec:
     disks: tuple[Disk, ...] = ()
     on_panic: str = wire.ON_PANIC_DUMP_AND_STOP
     """What kdlabd does when the kernel panics (one of wire.ON_PANIC_VALUES)."""
+    initramfs: str = ""
+    """kdlab's initramfs the initrd is, by mode (wire.INITRAMFS_VALUES): kdlabctl
+    builds it again with a new kernel."""
     """*release* is read from the bzImage; *vmlinux*, *kernel_path* and
     *tree* (a kernel source tree) are the client's paths, kept as hints for
     kdlabctl (gdb, start) and never opened by kdlabd."""

@@ -75,6 +75,16 @@ def hint_path(value: str, what: str) -> str:
     return value
 
 
+def initramfs(value: str) -> str:
+    """A VM's initramfs: one of :data:`kdlab.wire.INITRAMFS_VALUES`."""
+    if value not in wire.INITRAMFS_VALUES:
+        raise InvalidArgument(
+            f"initramfs must be one of {', '.join(map(repr, wire.INITRAMFS_VALUES))}"
+            f", not {value!r}"
+        )
+    return value
+
+
 def on_panic(value: str) -> str:
     """A VM's on_panic: one of :data:`kdlab.wire.ON_PANIC_VALUES`."""
     if value not in wire.ON_PANIC_VALUES:

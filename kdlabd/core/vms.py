@@ -141,6 +141,7 @@ class CreateRequest:
     disk_size: int = 0
     extra_disks: tuple[int, ...] = ()
     on_panic: str = wire.ON_PANIC_DUMP_AND_STOP
+    initramfs: str = ""
 
 
 @dataclass(frozen=True)
@@ -456,6 +457,9 @@ class VMService:
         validate.hint_path(request.kernel_path, "kernel path")
         validate.hint_path(request.tree, "kernel tree path")
         validate.on_panic(request.on_panic)
+        validate.initramfs(request.initramfs)
+        if request.initramfs and request.initrd_fd is None:
+            raise InvalidArgument("initramfs names the initrd passed: pass one")
         # kdlab's additions (root=, console=, nokaslr) count against the limit.
         validate.cmdline(
             kernel_cmdline.effective(request.cmdline, disks, gdb=debug.gdb)
@@ -533,6 +537,7 @@ class VMService:
             tree=request.tree,
             disks=made,
             on_panic=request.on_panic,
+            initramfs=request.initramfs,
         )
 
     def _image_for(self, request: CreateRequest) -> ImageRecord | None:

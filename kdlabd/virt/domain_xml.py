@@ -213,6 +213,8 @@ def _metadata(parent: etree._Element, spec: VMSpec) -> None:
     if spec.tree:
         kernel.set("tree", spec.tree)
     _sub(vm, _K + "on-panic", spec.on_panic)
+    if spec.initramfs:
+        _sub(vm, _K + "initramfs", spec.initramfs)
 
 
 def _os(parent: etree._Element, spec: VMSpec) -> None:
@@ -423,6 +425,7 @@ def parse_domain_xml(xml: str) -> VMSpec:
         tree=hints.get("tree", ""),
         disks=_disks(root, meta),
         on_panic=_text(meta, _K + "on-panic") or ON_PANIC_DUMP_AND_STOP,
+        initramfs=_text(meta, _K + "initramfs") or "",
     )
 
 

@@ -158,6 +158,7 @@ class FakeVM:
             "Booted": self.booted_usec,
             "LastStop": self.last_stop,
             "OnPanic": self.on_panic,
+            "Initramfs": "",
             "LatestDump": latest_dump(self),
             "Run": "",
             "RunRecording": "/",
