@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from kdlabctl.client import VM, Client, Diagnosis
     from kdlabctl.kernel import Artifacts, KernelFiles
     from kdlabctl.options import VMOptions
+    from kdlabctl.shares import Server
 
 Command = Callable[["Client", argparse.Namespace], Awaitable[int]]
 
@@ -97,6 +98,10 @@ def _ip_address(text: str) -> str:
 
 class UsageError(Exception):
     """A problem with the command line or a local file, found before calling kdlabd."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def open_for_daemon(path: str, what: str) -> int:
@@ -207,6 +212,7 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl.kernel import KernelFiles
     from kdlabctl.options import VMOptions
 
+    shares = _shares_option(args)
     files = KernelFiles(
         kernel=args.kernel,
         tree=args.tree,
@@ -224,6 +230,7 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
         disk_size=args.disk_size or None,
         extra_disks=tuple(args.extra_disk or ()),
         on_panic=args.on_panic,
+        shares=shares,
     )
     await create_vm(client, args.name, files, options, quiet=args.quiet)
     return EXIT_OK
@@ -330,14 +337,44 @@ async def start_vm(
     client: Client, name: str, *, paused: bool, checkpoint: str = ""
 ) -> None:
     """Start *name*; a VM made from a kernel tree boots the tree's newest build
-    (into *checkpoint*, if that was taken with the same kernel)."""
-    tree = (await client.vm(name)).tree
+    (into *checkpoint*, if that was taken with the same kernel). The VM's
+    shares are served first, as the user (who must own it)."""
+    vm = await client.vm(name)
+    tree = vm.tree
     fd = open_for_daemon(str(_tree_build(tree).bzimage), "kernel") if tree else None
+    servers = await _serve_shares(client, vm) if vm.shares else []
     try:
         await client.start(name, paused=paused, kernel=fd, checkpoint=checkpoint)
+    except BaseException:
+        from kdlabctl import shares
+
+        shares.stop(servers)
+        raise
     finally:
         if fd is not None:
             os.close(fd)
+
+
+async def _serve_shares(client: Client, vm: VM) -> list[Server]:
+    """A virtiofsd of the user's listening on each share of *vm*."""
+    from kdlabctl import shares
+
+    try:
+        return await shares.serve(client, vm)
+    except shares.ShareError as err:
+        code = EXIT_UNAVAILABLE if isinstance(err, shares.Unavailable) else EXIT_USAGE
+        raise UsageError(str(err), code) from None
+
+
+def _shares_option(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """``--share DIR[:TAG]``s, checked as the user before anything is made."""
+    from kdlabctl import shares
+
+    try:
+        found = shares.shares_option([shares.parse(text) for text in args.share or ()])
+    except shares.ShareError as err:
+        raise UsageError(str(err)) from None
+    return tuple(sorted((found or {}).items()))
 
 
 async def cmd_stop(client: Client, args: argparse.Namespace) -> int:
@@ -533,6 +570,7 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl.options import VMOptions
 
     tree = os.path.abspath(args.path)
+    shares = _shares_option(args)
     try:
         findings = kernel.check_config(kconfig.locate(tree))
     except kconfig.KernelError as err:
@@ -550,7 +588,10 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
             return built
     name = args.name or up_name(tree)
     options = VMOptions(
-        cmdline=args.cmdline, memory_mib=args.memory, image=args.image or None
+        cmdline=args.cmdline,
+        memory_mib=args.memory,
+        image=args.image or None,
+        shares=shares,
     )
     # Paused for gdb; with the console instead nothing would ever resume it.
     paused = not args.console
@@ -683,6 +724,7 @@ def add_up_parser(
     )
     up.add_argument("--memory", type=_unsigned(32), metavar="MIB")
     up.add_argument("--cmdline", metavar="STR", help="kernel command line (new VM)")
+    add_share_option(up, "(new VM)")
     up.add_argument(
         "--checkpoint",
         metavar="TAG",
@@ -753,6 +795,7 @@ def add_create_parser(
         help="when the kernel panics: write a dump and power off (default), "
         "write one and keep the VM paused for gdb, or do nothing",
     )
+    add_share_option(create, "")
     create.add_argument(
         "--modules",
         metavar="DIR",
@@ -760,6 +803,18 @@ def add_create_parser(
         "loads virtio (found by itself next to a kernel unpacked from a package)",
     )
     create.add_argument("-q", "--quiet", action="store_true")
+
+
+def add_share_option(parser: argparse.ArgumentParser, note: str) -> None:
+    """``--share DIR[:TAG]``, repeatable."""
+    parser.add_argument(
+        "--share",
+        action="append",
+        metavar="DIR",
+        help="DIR[:TAG]: a directory of yours the guest mounts with virtiofs as TAG "
+        "(default: DIR's name; kdlab's initramfs mounts it at /mnt/TAG), served "
+        f"with your rights by a virtiofsd of yours at each start; repeatable {note}",
+    )
 
 
 def vm_argument(parser: argparse.ArgumentParser) -> None:
@@ -1212,7 +1267,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except UsageError as err:
         print(f"kdlabctl: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return err.exit_code
     except KdlabError as err:  # found by kdlabctl, before asking kdlabd
         print(f"kdlabctl: {err}", file=sys.stderr)
         return err.exit_code

@@ -95,6 +95,7 @@ class ManagerInterface(ServiceInterface):
                 disk_size=opts.get("disk_size", 0),
                 extra_disks=tuple(opts.get("extra_disks", ())),
                 on_panic=opts.get("on_panic", ON_PANIC_DUMP_AND_STOP),
+                shares=tuple(opts.get("shares", {}).items()),
             )
         )
         return vm_path(record.name)

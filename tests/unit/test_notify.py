@@ -43,6 +43,7 @@ VMLINUX = VM(
     checkpoints=(),
     run="",
     run_recording="/",
+    shares=(),
 )
 
 
