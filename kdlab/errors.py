@@ -266,12 +266,8 @@ EXIT_TABLE: tuple[ExitCode, ...] = (
     ExitCode(UnsupportedDisk.exit_code, "a disk of the VM cannot hold a checkpoint"),
     ExitCode(NotRecordable.exit_code, "QEMU cannot record the VM as it is"),
     ExitCode(NoAgent.exit_code, "no kdlab agent answers in the VM's guest"),
-    ExitCode(
-        EXIT_TIMEOUT, "exec: the command ran past --timeout and was killed"
-    ),
-    ExitCode(
-        ExecFailed.exit_code, "exec: the guest could not run the command"
-    ),
+    ExitCode(EXIT_TIMEOUT, "exec: the command ran past --timeout and was killed"),
+    ExitCode(ExecFailed.exit_code, "exec: the guest could not run the command"),
     ExitCode(
         EXIT_UNAVAILABLE,
         "kdlabd or the bus is not reachable, or a program kdlabctl runs "
