@@ -342,7 +342,9 @@ async def start_vm(
     vm = await client.vm(name)
     tree = vm.tree
     fd = open_for_daemon(str(_tree_build(tree).bzimage), "kernel") if tree else None
-    servers = await _serve_shares(client, vm) if vm.shares else []
+    # A running VM's start is refused by kdlabd: nothing to serve for it.
+    serve = vm.shares and not vm.state.active
+    servers = await _serve_shares(client, vm) if serve else []
     try:
         await client.start(name, paused=paused, kernel=fd, checkpoint=checkpoint)
     except BaseException:

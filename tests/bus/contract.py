@@ -30,7 +30,7 @@ RECORDING = "org.kdlab.Kdlab1.Recording"
 INTERFACES = (MANAGER, VM, IMAGE, JOB, DUMP, RECORDING)
 CONTRACT_DIR = REPO / "xml" / "dbus"
 ERROR_RE = re.compile(r"\b(org\.kdlab\.Kdlab1\.Error\.\w+):")
-OPTION_RE = re.compile(r"^\s+([a-z_]+) \(([a-z]+)\):", re.MULTILINE)
+OPTION_RE = re.compile(r"^\s+([a-z_]+) \(([a-z{}]+)\):", re.MULTILINE)
 
 Args = tuple[tuple[str, str, str | None], ...]
 

@@ -73,6 +73,7 @@ JSON_KEYS = {
     "Checkpoints": "checkpoints",
     "Run": "run",
     "RunRecording": "run_recording",
+    "Shares": "shares",
 }
 
 
