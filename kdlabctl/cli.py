@@ -280,6 +280,7 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ("Created", output.timestamp(vm.created)),
         ("Checkpoints", ", ".join(str(c[0]) for c in vm.checkpoints) or "-"),
         *run_fields(vm),
+        *share_fields(vm),
     ]
     found = output.diagnosis(vm.diagnosis)
     if found:
@@ -289,6 +290,12 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ]
     output.print_fields(fields)
     return EXIT_OK
+
+
+def share_fields(vm: VM) -> list[tuple[str, str]]:
+    """``show``'s line for a VM's shares (none without)."""
+    shares = ", ".join(f"{tag}={directory}" for tag, directory in vm.shares)
+    return [("Shares", shares)] if shares else []
 
 
 def run_fields(vm: VM) -> list[tuple[str, str]]:
