@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from kdlabctl.client import VM, Client, Diagnosis
     from kdlabctl.kernel import Artifacts, KernelFiles
     from kdlabctl.options import VMOptions
+    from kdlabctl.shares import Server
 
 Command = Callable[["Client", argparse.Namespace], Awaitable[int]]
 
@@ -98,6 +99,10 @@ def _ip_address(text: str) -> str:
 
 class UsageError(Exception):
     """A problem with the command line or a local file, found before calling kdlabd."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Unavailable(Exception):
@@ -277,6 +282,7 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl.kernel import KernelFiles
     from kdlabctl.options import VMOptions
 
+    shares = _shares_option(args)
     files = KernelFiles(
         kernel=args.kernel,
         tree=args.tree,
@@ -295,6 +301,7 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
         disk_size=args.disk_size or None,
         extra_disks=tuple(args.extra_disk or ()),
         on_panic=args.on_panic,
+        shares=shares,
     )
     await create_vm(client, args.name, files, options, quiet=args.quiet)
     return EXIT_OK
@@ -345,6 +352,7 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ("Created", output.timestamp(vm.created)),
         ("Checkpoints", ", ".join(str(c[0]) for c in vm.checkpoints) or "-"),
         *run_fields(vm),
+        *share_fields(vm),
     ]
     found = output.diagnosis(vm.diagnosis)
     if found:
@@ -365,6 +373,12 @@ def initramfs_fields(vm: VM) -> list[tuple[str, str]]:
         MODE_ROOT: "kdlab's (loads the kernel's modules, mounts the root disk)",
     }
     return [("Initramfs", said.get(vm.initramfs, vm.initramfs))] if vm.initramfs else []
+
+
+def share_fields(vm: VM) -> list[tuple[str, str]]:
+    """``show``'s line for a VM's shares (none without)."""
+    shares = ", ".join(f"{tag}={directory}" for tag, directory in vm.shares)
+    return [("Shares", shares)] if shares else []
 
 
 def run_fields(vm: VM) -> list[tuple[str, str]]:
@@ -415,30 +429,61 @@ async def start_vm(
     """Start *name*; a VM made from a kernel tree boots the tree's newest build
     (into *checkpoint*, if that was taken with the same kernel), and kdlab's
     userspace initramfs built again with it (the tree's modules may have
-    changed)."""
+    changed). The VM's shares are served first, as the user (who must own
+    it)."""
     from kdlab.kernel.initramfs import MODE_USERSPACE
     from kdlabctl.kernel import KernelFiles
 
     vm = await client.vm(name)
-    if not vm.tree:
-        await client.start(name, paused=paused, checkpoint=checkpoint)
-        return
-    bzimage = _tree_build(vm.tree).bzimage
-    fds = [open_for_daemon(str(bzimage), "kernel")]
+    fds = []
     try:
-        if vm.initramfs == MODE_USERSPACE:
-            modules = _modules_of(KernelFiles(tree=vm.tree), bzimage)
-            fds.append(_memfd(userspace_initramfs(modules)))
-        await client.start(
-            name,
-            paused=paused,
-            kernel=fds[0],
-            initrd=fds[1] if len(fds) > 1 else None,
-            checkpoint=checkpoint,
-        )
+        if vm.tree:
+            bzimage = _tree_build(vm.tree).bzimage
+            fds.append(open_for_daemon(str(bzimage), "kernel"))
+            if vm.initramfs == MODE_USERSPACE:
+                modules = _modules_of(KernelFiles(tree=vm.tree), bzimage)
+                fds.append(_memfd(userspace_initramfs(modules)))
+        # A running VM's start is refused by kdlabd: nothing to serve for it.
+        serve = vm.shares and not vm.state.active
+        servers = await _serve_shares(client, vm) if serve else []
+        try:
+            await client.start(
+                name,
+                paused=paused,
+                kernel=fds[0] if fds else None,
+                initrd=fds[1] if len(fds) > 1 else None,
+                checkpoint=checkpoint,
+            )
+        except BaseException:
+            from kdlabctl import shares
+
+            shares.stop(servers)
+            raise
     finally:
         for fd in fds:
             os.close(fd)
+
+
+async def _serve_shares(client: Client, vm: VM) -> list[Server]:
+    """A virtiofsd of the user's listening on each share of *vm*."""
+    from kdlabctl import shares
+
+    try:
+        return await shares.serve(client, vm)
+    except shares.ShareError as err:
+        code = EXIT_UNAVAILABLE if isinstance(err, shares.Unavailable) else EXIT_USAGE
+        raise UsageError(str(err), code) from None
+
+
+def _shares_option(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """``--share DIR[:TAG]``s, checked as the user before anything is made."""
+    from kdlabctl import shares
+
+    try:
+        found = shares.shares_option([shares.parse(text) for text in args.share or ()])
+    except shares.ShareError as err:
+        raise UsageError(str(err)) from None
+    return tuple(sorted((found or {}).items()))
 
 
 async def cmd_stop(client: Client, args: argparse.Namespace) -> int:
@@ -651,6 +696,7 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl.options import VMOptions
 
     tree = os.path.abspath(args.path)
+    shares = _shares_option(args)
     try:
         findings = kernel.check_config(kconfig.locate(tree))
     except kconfig.KernelError as err:
@@ -668,7 +714,10 @@ async def cmd_up(client: Client, args: argparse.Namespace) -> int:
             return built
     name = args.name or up_name(tree)
     options = VMOptions(
-        cmdline=args.cmdline, memory_mib=args.memory, image=args.image or None
+        cmdline=args.cmdline,
+        memory_mib=args.memory,
+        image=args.image or None,
+        shares=shares,
     )
     # Paused for gdb; with the console (or a command) instead nothing would
     # ever resume it.
@@ -823,6 +872,7 @@ def add_up_parser(
     )
     up.add_argument("--memory", type=_unsigned(32), metavar="MIB")
     up.add_argument("--cmdline", metavar="STR", help="kernel command line (new VM)")
+    add_share_option(up, "(new VM)")
     up.add_argument(
         "--checkpoint",
         metavar="TAG",
@@ -905,6 +955,7 @@ def add_create_parser(
         help="when the kernel panics: write a dump and power off (default), "
         "write one and keep the VM paused for gdb, or do nothing",
     )
+    add_share_option(create, "")
     create.add_argument(
         "--modules",
         metavar="DIR",
@@ -923,6 +974,18 @@ def add_no_initramfs_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="boot without any initramfs (without --image the kernel then finds "
         "no root: VFS: Unable to mount root fs)",
+    )
+
+
+def add_share_option(parser: argparse.ArgumentParser, note: str) -> None:
+    """``--share DIR[:TAG]``, repeatable."""
+    parser.add_argument(
+        "--share",
+        action="append",
+        metavar="DIR",
+        help="DIR[:TAG]: a directory of yours the guest mounts with virtiofs as TAG "
+        "(default: DIR's name; kdlab's initramfs mounts it at /mnt/TAG), served "
+        f"with your rights by a virtiofsd of yours at each start; repeatable {note}",
     )
 
 
@@ -1435,7 +1498,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except UsageError as err:
         print(f"kdlabctl: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return err.exit_code
     except Unavailable as err:
         print(f"kdlabctl: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -342,6 +342,12 @@ class Client:
         code, severity, cause, fix = found[:4]
         return code, severity, cause, fix
 
+    async def serve_shares(self, name: str) -> dict[str, int]:
+        """Listening sockets for the shares of *name*, by tag, to serve before
+        its start (the caller's to close)."""
+        reply = await self._vm(name, "ServeShares")
+        return {tag: int(reply.unix_fds[i]) for tag, i in reply.body[0].items()}
+
     async def _open(self, name: str, member: str) -> int:
         return int((await self._vm(name, member)).unix_fds[0])
 

@@ -29,9 +29,11 @@ class VMOptions:
     disk_size: int | None = None
     extra_disks: tuple[int, ...] = ()
     on_panic: str | None = None
+    shares: tuple[tuple[str, str], ...] = ()
+    """(tag, directory) pairs, the directories as the user resolved them."""
 
     def fields(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"shares": dict(self.shares) or None}
 
 
 @dataclass(frozen=True)

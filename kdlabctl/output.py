@@ -28,6 +28,8 @@ def as_json(record: Record) -> dict[str, Any]:
     converted = record.fields()
     if "diagnosis" in converted:
         converted["diagnosis"] = diagnosis(converted["diagnosis"])
+    if "shares" in converted:  # a{ss}, as the property is
+        converted["shares"] = dict(converted["shares"])
     return converted
 
 

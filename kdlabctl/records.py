@@ -44,10 +44,17 @@ def _same(value: object) -> object:
     return value
 
 
+def _pairs(value: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A dict property (``a{ss}``) as its pairs, sorted by key."""
+    return tuple(sorted(value.items()))
+
+
 def _kind(annotation: str) -> Callable[[Any], Any]:
     """How a field annotated *annotation* is made from its property's value."""
     if annotation in _ENUMS:
         return _ENUMS[annotation]
+    if annotation == "Shares":
+        return _pairs
     if annotation.startswith(("tuple[", "Diagnosis")):
         return tuple
     return _same
@@ -63,6 +70,7 @@ _NOTHING: dict[str, object] = {
     "bool": False,
     "Diagnosis": ("", "", "", ""),
     "StopCause": StopCause.NONE,
+    "Shares": {},  # read as () (see _pairs)
 }
 
 
@@ -127,6 +135,8 @@ Diagnosis = tuple[str, str, str, str]
 # One of the Checkpoints: (tag, created usec, memory bytes, boot (Booted),
 # kernel SHA-256).
 Checkpoint = tuple[str, int, int, int, str]
+# The Shares property: (tag, the owner's directory) pairs, sorted by tag.
+Shares = tuple[tuple[str, str], ...]
 
 
 class VM(Record):
@@ -159,6 +169,7 @@ class VM(Record):
     # the caller's own initrd, none, or a kdlabd that does not tell (the
     # property Initramfs is asked of the contract, not in it yet).
     initramfs: str
+    shares: Shares  # (tag, the owner's directory), by tag
 
 
 class Image(Record):

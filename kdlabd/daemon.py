@@ -27,6 +27,7 @@ from kdlabd.core.jobs import JobManager
 from kdlabd.core.recordings import RecordingService
 from kdlabd.core.vms import Layout, VMService
 from kdlabd.host.builder import LocalBuilder
+from kdlabd.host.facts import QemuUser
 from kdlabd.host.journal import FileJournal
 from kdlabd.host.local import LocalHost
 from kdlabd.virt.libvirt_backend import LibvirtHypervisor, register_event_loop
@@ -110,7 +111,7 @@ async def serve(config: Config) -> None:
         limits = config.limits(await hypervisor.host_resources())
         log.info("kdlabd.limits", **dataclasses.asdict(limits))
         jobs = JobManager()
-        host = LocalHost()
+        host = LocalHost(QemuUser.lookup(config.qemu_user))
         # Each service asks the other: VMs look images up, images ask who uses
         # them. The lambda finds `images` when a VM is created, made by then.
         vms = VMService(

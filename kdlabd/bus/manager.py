@@ -96,6 +96,7 @@ class ManagerInterface(ServiceInterface):
                 extra_disks=tuple(opts.get("extra_disks", ())),
                 on_panic=opts.get("on_panic", ON_PANIC_DUMP_AND_STOP),
                 initramfs=opts.get("initramfs", ""),
+                shares=tuple(opts.get("shares", {}).items()),
             )
         )
         return vm_path(record.name)

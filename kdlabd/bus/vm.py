@@ -89,6 +89,7 @@ def properties(record: VMRecord, latest_dump: str = NO_DUMP_PATH) -> dict[str, A
         "RunRecording": NO_RECORDING_PATH
         if record.boot.run is None
         else recording_path(record.boot.run.recording),
+        "Shares": {share.tag: share.directory for share in spec.shares},
         "Checkpoints": [
             [
                 c.tag,
@@ -199,6 +200,11 @@ class VMInterface(ServiceInterface):
     def _checkpoints(self) -> CheckpointService:
         assert self.checkpoints is not None, "exported without a CheckpointService"
         return self.checkpoints
+
+    @exported(Action.MANAGE_VMS)
+    async def ServeShares(self, caller: Caller) -> "a{sh}":
+        """Listening sockets for the VM's shares, by tag, for its owner to serve."""
+        return await self.vms.serve_shares(self._record.name, caller.uid)
 
     @exported(Action.DEBUG_VMS)
     async def OpenGdb(self, caller: Caller) -> "h":
@@ -384,6 +390,12 @@ class VMInterface(ServiceInterface):
         Booted), and
         the SHA-256 of the kernel it was taken with."""
         return self._props["Checkpoints"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Shares(self) -> "a{ss}":
+        """The directories of the owner's the guest may mount, by tag (never
+        opened by kdlabd: the owner serves them, see ServeShares)."""
+        return self._props["Shares"]
 
     @dbus_property(access=PropertyAccess.READ)
     def Diagnosis(self) -> "(ssss)":

@@ -282,6 +282,12 @@ class CheckpointService:
                 f"VM {record.name!r} is {record.state}: only a running or paused VM "
                 f"has a state to save (kdlabctl start {record.name})"
             )
+        if record.spec.shares:
+            raise InvalidState(
+                f"VM {record.name!r} has shares: QEMU cannot save the state of a "
+                "virtiofs device (it lives in the owner's virtiofsd). Checkpoints "
+                "are for VMs created without --share"
+            )
         if any(c.tag == tag for c in record.checkpoints):
             raise InvalidArgument(
                 f"VM {record.name!r} already has a checkpoint {tag!r}: choose "

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 SERIAL_CONSOLE = "console=ttyS0"
+SHARES_PARAM = "kdlab.shares"
+"""The tags of a VM's shares, for kdlab's initramfs to mount at /mnt/TAG."""
 
 
 class BootDisk(Protocol):
@@ -29,7 +31,13 @@ def _has_param(words: list[str], key: str) -> bool:
     return any(word == key or word.startswith(key + "=") for word in words)
 
 
-def effective(cmdline: str, disks: Sequence[BootDisk], *, gdb: bool) -> str:
+def effective(
+    cmdline: str,
+    disks: Sequence[BootDisk],
+    *,
+    gdb: bool,
+    shares: Sequence[str] = (),
+) -> str:
     """The user's *cmdline* plus what kdlab's VMs need to be debuggable.
 
     - ``root=/dev/vda rw`` when the first of *disks* is an image, unless
@@ -54,4 +62,6 @@ def effective(cmdline: str, disks: Sequence[BootDisk], *, gdb: bool) -> str:
     )
     if gdb and not kaslr_chosen:
         extra.append("nokaslr")
+    if shares and not _has_param(kernel_words, SHARES_PARAM):
+        extra.append(f"{SHARES_PARAM}={','.join(shares)}")
     return " ".join(kernel_words + extra + words[end:])

@@ -28,6 +28,19 @@ class FileFacts:
     size: int
 
 
+@dataclass(frozen=True)
+class Listener:
+    """A listening unix socket kdlabd bound and handed over: what tells it
+    again later without connecting (a connection would take the one its
+    server answers)."""
+
+    path: Path
+    file: tuple[int, int]
+    """The device and inode of the socket's file at *path*."""
+    socket: int
+    """The socket's own inode (``/proc/net/unix``'s), while any process holds it."""
+
+
 Address = str | tuple[str, int]
 """A stream socket's address: a unix socket's path, or (host, TCP port)."""
 
@@ -117,6 +130,22 @@ class Host(CallerFiles, Protocol):
     def input_stream(self, fd: int) -> InputStream:
         """kdlabd's own copy of the caller's *fd* to read from; InvalidArgument
         unless it is a readable pipe or stream socket."""
+
+    async def listen_for_qemu(
+        self, path: Path, *, seconds: float, what: str
+    ) -> tuple[int, Listener]:
+        """A unix stream socket listening at *path*, for the caller to keep,
+        and what identifies it. What was at *path* is replaced; *path*'s
+        directory and its parent are made so that only root and the QEMU user
+        may enter them, and the socket so that only they may connect.
+
+        Raises OSError, or :class:`~kdlabd.core.blocking.Unanswered` after
+        *seconds* (*what* names the attempt in the log).
+        """
+
+    def listens(self, listener: Listener) -> bool:
+        """Whether *listener*'s socket is still the one at its path and some
+        process still holds it listening. Blocks."""
 
     def open_read_only(self, path: Path) -> int:
         """A read-only descriptor of kdlabd's file *path*, for a caller. Blocks."""

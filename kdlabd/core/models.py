@@ -101,6 +101,23 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class Share:
+    """A directory of the owner's machine the guest may mount, by tag.
+
+    kdlabd never opens *directory*: the owner serves it with a virtiofsd of
+    their own (see :meth:`kdlabd.core.vms.VMService.serve_shares`), on the
+    socket QEMU connects to.
+    """
+
+    tag: str
+    """What the guest mounts (``mount -t virtiofs TAG DIR``)."""
+    directory: str
+    """The owner's absolute path, a hint for the client that serves it."""
+    socket: Path
+    """kdlabd's unix socket QEMU connects to, as a vhost-user-fs client."""
+
+
+@dataclass(frozen=True)
 class VMSpec:
     """Everything needed to define a VM. Stored in the domain's metadata."""
 
@@ -129,6 +146,8 @@ class VMSpec:
     initramfs: str = ""
     """kdlab's initramfs the initrd is, by mode (wire.INITRAMFS_VALUES): kdlabctl
     builds it again with a new kernel."""
+    shares: tuple[Share, ...] = ()
+    """Directories the guest may mount, in tag order (fixed at creation)."""
     """*release* is read from the bzImage; *vmlinux*, *kernel_path* and
     *tree* (a kernel source tree) are the client's paths, kept as hints for
     kdlabctl (gdb, start) and never opened by kdlabd."""
@@ -137,7 +156,12 @@ class VMSpec:
     def effective_cmdline(self) -> str:
         """The command line the VM boots with: *cmdline* and kdlab's additions
         (see :func:`kdlabd.core.cmdline.effective`)."""
-        return kernel_cmdline.effective(self.cmdline, self.disks, gdb=self.debug.gdb)
+        return kernel_cmdline.effective(
+            self.cmdline,
+            self.disks,
+            gdb=self.debug.gdb,
+            shares=tuple(share.tag for share in self.shares),
+        )
 
     def replace(self, **changes: object) -> VMSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

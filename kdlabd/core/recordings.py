@@ -161,6 +161,12 @@ def check_recordable(vm: VMRecord, *, single_cpu: bool) -> None:
             f"VM {name!r} has {spec.vcpus} vCPUs: QEMU records one. Record it "
             "with one (kdlabctl record --single-cpu) or create it with --vcpus 1"
         )
+    if spec.shares:
+        raise NotRecordable(
+            f"VM {name!r} has shares ({', '.join(s.tag for s in spec.shares)}): "
+            "their virtiofsd reads and writes the guest's memory outside QEMU's "
+            "record/replay. Record a VM without --share"
+        )
     old = [d.target for d in spec.disks if d.base is None and d.base_image]
     if old:
         raise NotRecordable(

@@ -10,7 +10,7 @@ import base64
 import binascii
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from kdlab import wire
@@ -83,6 +83,36 @@ def initramfs(value: str) -> str:
             f", not {value!r}"
         )
     return value
+
+
+def shares(value: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A VM's shares (tag -> the owner's directory), in tag order.
+
+    At most :data:`kdlab.wire.SHARES_MAX`; each tag 1-36 of ``A-Z a-z 0-9 _ .
+    -`` (virtiofs's limit) and not "." or ".." (the guest mounts it at
+    /mnt/TAG); each directory an absolute path of printable characters of at
+    most :data:`PATH_MAX` bytes. kdlabd never opens it.
+    """
+    if len(value) > wire.SHARES_MAX:
+        raise InvalidArgument(
+            f"{len(value)} shares: a VM may have at most {wire.SHARES_MAX}"
+        )
+    for tag, directory in value.items():
+        if not wire.SHARE_TAG.fullmatch(tag) or tag in (".", ".."):
+            raise InvalidArgument(
+                f"invalid share tag {tag!r}: use 1-36 letters, digits, '_', '.' "
+                "or '-' (not '.' or '..')"
+            )
+        if (
+            not directory.startswith("/")
+            or len(directory.encode()) > PATH_MAX
+            or not directory.isprintable()
+        ):
+            raise InvalidArgument(
+                f"the directory of share {tag!r} must be an absolute path of "
+                f"printable characters, at most {PATH_MAX} bytes"
+            )
+    return tuple(sorted(value.items()))
 
 
 def on_panic(value: str) -> str:

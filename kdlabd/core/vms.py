@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,6 +29,7 @@ from kdlab.errors import (
     InvalidState,
     NoSuchImage,
     NoSuchVM,
+    NotAuthorized,
     VMExists,
 )
 from kdlab.kernel import bzimage as kernel
@@ -35,7 +38,7 @@ from kdlab.states import StopCause, VMState
 from kdlabd.core import blocking, descriptors, validate
 from kdlabd.core import cmdline as kernel_cmdline
 from kdlabd.core.consoles import ConsoleHub
-from kdlabd.core.host import Address, CallerFiles, Host
+from kdlabd.core.host import Address, CallerFiles, Host, Listener
 from kdlabd.core.hypervisor import Hypervisor
 from kdlabd.core.journal import crash_point
 from kdlabd.core.limits import Limits
@@ -47,6 +50,7 @@ from kdlabd.core.models import (
     Disk,
     ImageRecord,
     RunStart,
+    Share,
     VMRecord,
     VMSpec,
 )
@@ -68,6 +72,12 @@ DIAGNOSIS_INTERVAL = 2.0
 # A caller's descriptor may be a file on a stalled network or FUSE filesystem.
 GDB_CONNECT_SECONDS = 5.0
 CONSOLE_LOG_SECONDS = 5.0
+SHARE_SOCKET_SECONDS = 5.0
+# QEMU waits for each share's server (the owner's virtiofsd) to answer before
+# the guest runs, and libvirt waits for QEMU without a limit: a server that
+# holds its socket and never answers would hold a start for ever.
+SHARED_START_SECONDS = 60.0
+SOCKET_PATH_MAX = 107  # sun_path's 108 bytes, with the terminating NUL
 
 
 class VMObserver(Protocol):
@@ -118,6 +128,17 @@ class Layout:
         socket's name: those end in .sock)."""
         return self.gdb_dir() / f"{name}.agent"
 
+    def shares_dir(self, name: str) -> Path:
+        """Where the sockets of the VM *name*'s shares are: only root and QEMU
+        may enter it (and its parent)."""
+        return self.runtime_dir / "shares" / name
+
+    def share_socket(self, name: str, index: int) -> Path:
+        """The socket QEMU connects to for the VM's *index*-th share (in tag
+        order). Numbered, not named by tag: a unix socket's path is at most
+        107 bytes, and a name and a tag may take 99 of them."""
+        return self.shares_dir(name) / f"{index}.sock"
+
 
 @dataclass(frozen=True)
 class CreateRequest:
@@ -142,6 +163,8 @@ class CreateRequest:
     extra_disks: tuple[int, ...] = ()
     on_panic: str = wire.ON_PANIC_DUMP_AND_STOP
     initramfs: str = ""
+    shares: tuple[tuple[str, str], ...] = ()
+    """(tag, the caller's directory) pairs; kdlabd never opens a directory."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +259,9 @@ class VMEntry:
     """Serializes the operations on the VM."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set whenever what clients see changed (a stop waits on it)."""
+    served: dict[str, Listener] = field(default_factory=dict)
+    """The sockets of the VM's shares its owner was handed (ServeShares) since
+    its last start, by tag: what the next start checks are listened on."""
 
 
 def client_view(entry: VMEntry) -> VMRecord:
@@ -461,8 +487,18 @@ class VMService:
         if request.initramfs and request.initrd_fd is None:
             raise InvalidArgument("initramfs names the initrd passed: pass one")
         # kdlab's additions (root=, console=, nokaslr) count against the limit.
+        tags = [tag for tag, _ in validate.shares(dict(request.shares))]
+        if tags:
+            longest = self._layout.share_socket(request.name, len(tags) - 1)
+            if len(bytes(longest)) > SOCKET_PATH_MAX:
+                raise InvalidArgument(
+                    f"the socket of a share would be {longest}, longer than a "
+                    "unix socket's path may be: use a shorter VM name"
+                )
+        # kdlab's additions (root=, console=, nokaslr, kdlab.shares=) count
+        # against the limit.
         validate.cmdline(
-            kernel_cmdline.effective(request.cmdline, disks, gdb=debug.gdb)
+            kernel_cmdline.effective(request.cmdline, disks, gdb=debug.gdb, shares=tags)
         )
         return disks
 
@@ -538,6 +574,10 @@ class VMService:
             disks=made,
             on_panic=request.on_panic,
             initramfs=request.initramfs,
+            shares=tuple(
+                Share(tag, directory, self._layout.share_socket(name, index))
+                for index, (tag, directory) in enumerate(sorted(request.shares))
+            ),
         )
 
     def _image_for(self, request: CreateRequest) -> ImageRecord | None:
@@ -630,6 +670,7 @@ class VMService:
             initrd_size = (
                 None if initrd_fd is None else await _read_initrd(self._host, initrd_fd)
             )
+            await self._check_served(entry, record.spec)
             if kernel_fd is not None:
                 await self._replace_kernel(record, kernel_fd)
             if initrd_fd is not None and initrd_size is not None:
@@ -656,9 +697,16 @@ class VMService:
             entry.record = dataclasses.replace(entry.record, boot=mark)
             async with self._transition(entry, VMState.STARTING):
                 try:
-                    await self._hv.start_vm(
+                    starting = self._hv.start_vm(
                         name, paused=paused, checkpoint=checkpoint, run=run
                     )
+                    if record.spec.shares:
+                        # QEMU takes the sockets' one connection each, served
+                        # or not: a next start needs them served again.
+                        entry.served.clear()
+                        await self._start_served(name, starting)
+                    else:
+                        await starting
                     if checkpoint:
                         # libvirt's revert brought back the definition as the
                         # checkpoint had it, with that boot's mark.
@@ -669,6 +717,118 @@ class VMService:
                     raise
             log.info("vm.started", vm=name, paused=paused, checkpoint=checkpoint)
             return self.get(name)
+
+    async def _check_served(self, entry: VMEntry, spec: VMSpec) -> None:
+        """Refuse to start a VM with a share nobody serves: QEMU would fail on
+        a socket that is gone, or wait on one whose server is gone.
+
+        kdlabd cannot ask: the server (virtiofsd) answers one connection,
+        QEMU's. What it knows: the socket it handed over for the share since
+        the last start is still the one at the share's path, and some process
+        still holds it listening (the server, or the caller about to start
+        it)."""
+        for share in spec.shares:
+            listener = entry.served.get(share.tag)
+            if listener is None:
+                raise InvalidState(
+                    f"share {share.tag!r} of VM {spec.name!r} is not served: its "
+                    f"owner starts it with kdlabctl start {spec.name}, which serves "
+                    f"{share.directory} as them (D-Bus: ServeShares, then Start)"
+                )
+            listens = await blocking.run(
+                functools.partial(self._host.listens, listener),
+                seconds=SHARE_SOCKET_SECONDS,
+                what=f"looking for the listener of share {share.tag}",
+            )
+            if not listens:
+                raise InvalidState(
+                    f"nobody serves share {share.tag!r} of VM {spec.name!r} any "
+                    f"more (its virtiofsd exited; see its log): kdlabctl start "
+                    f"{spec.name} serves it again"
+                )
+
+    async def _start_served(self, name: str, starting: Awaitable[None]) -> None:
+        """Start a VM with shares, within :data:`SHARED_START_SECONDS`: past
+        that, a share's server holds QEMU, and the VM is destroyed (which
+        ends libvirt's wait)."""
+        task = asyncio.ensure_future(starting)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), SHARED_START_SECONDS)
+            return
+        except TimeoutError:
+            log.warning("vm.share_start_timeout", vm=name)
+        await _undo(self._hv.destroy_vm, name)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, SHARED_START_SECONDS)
+        raise HypervisorError(
+            f"VM {name!r} did not start within {SHARED_START_SECONDS:g} s: QEMU "
+            "waited for a share's virtiofsd, which never answered; the VM was "
+            f"stopped (see the virtiofsd logs; kdlabctl start {name} serves the "
+            "shares again)"
+        )
+
+    async def serve_shares(self, name: str, uid: int) -> dict[str, int]:
+        """Listening sockets for the VM's shares, by tag, for its owner *uid*
+        to serve (a virtiofsd of theirs on each) before the next start.
+
+        Each socket is bound at the share's path (replacing an old one), where
+        only QEMU (and root) can connect; kdlabd keeps no copy, only what
+        identifies it (see :meth:`_check_served`).
+        """
+        async with self._locked(name) as entry:
+            record = _shown(entry)
+            spec = record.spec
+            if uid != spec.owner_uid:
+                raise NotAuthorized(
+                    f"only the owner of VM {name!r} (uid {spec.owner_uid}) may serve "
+                    "its shares: the guest sees them with the server's rights"
+                )
+            if not spec.shares:
+                raise InvalidState(
+                    f"VM {name!r} has no shares (kdlabctl create --share DIR makes "
+                    "a VM that has)"
+                )
+            if record.state.active or entry.transition is not None:
+                raise InvalidState(
+                    f"VM {name!r} is {record.state}: its shares are served before "
+                    f"it starts (kdlabctl stop {name} first)"
+                )
+            descriptors.require(
+                self._host.free_descriptors() - len(spec.shares) + 1,
+                "the sockets of shares",
+            )
+            entry.served.clear()
+            served: dict[str, Listener] = {}
+            fds: dict[str, int] = {}
+            try:
+                for share in spec.shares:
+                    fds[share.tag], served[share.tag] = await self._listen(name, share)
+            except BaseException:
+                for fd in fds.values():
+                    os.close(fd)
+                raise
+            entry.served.update(served)
+            log.info("vm.shares_served", vm=name, tags=sorted(fds))
+            return fds
+
+    async def _listen(self, name: str, share: Share) -> tuple[int, Listener]:
+        try:
+            return await self._host.listen_for_qemu(
+                share.socket,
+                seconds=SHARE_SOCKET_SECONDS,
+                what=f"binding the socket of share {share.tag} of {name}",
+            )
+        except blocking.Unanswered:
+            raise HypervisorError(
+                f"the socket of share {share.tag!r} ({share.socket}) was not made "
+                f"within {SHARE_SOCKET_SECONDS:g} s: kdlabd's runtime directory "
+                "does not answer"
+            ) from None
+        except OSError as err:
+            raise HypervisorError(
+                f"cannot make the socket of share {share.tag!r} at {share.socket}: "
+                f"{err.strerror or err}"
+            ) from None
 
     async def stop(
         self, name: str, *, force: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT
@@ -713,6 +873,7 @@ class VMService:
             for disk in record.spec.disks:
                 await self._hv.delete_vm_volume(disk.path.name)
             self._host.remove_tree(self._layout.vm_dir(name))
+            self._host.remove_tree(self._layout.shares_dir(name))
             self._forget(name)
             log.info("vm.deleted", vm=name)
 

@@ -1,6 +1,6 @@
 """kdlabd's host: the :class:`kdlabd.core.host.Host` port on this machine.
 
-Sockets (a gdbstub's, console viewers'), kdlabd's own files (a VM's
+Sockets (a gdbstub's, console viewers', shares' for QEMU), kdlabd's own files (a VM's
 directory, its console logs) and the descriptors callers pass. Which paths,
 time limits and rules apply is core's: this module does what it is told.
 """
@@ -8,6 +8,7 @@ time limits and rules apply is core's: this module does what it is told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -15,15 +16,22 @@ import socket
 from pathlib import Path
 
 from kdlabd.core import blocking
-from kdlabd.core.host import Address, ViewerInput
-from kdlabd.host import descriptors
+from kdlabd.core.host import Address, Listener, ViewerInput
+from kdlabd.host import descriptors, facts
 from kdlabd.host.descriptors import CallerDescriptors
 from kdlabd.host.pipes import InputStream, OutputPipe
 from kdlabd.host.viewers import SocketViewer
 
+# /proc/net/unix's flag of a listening socket (the kernel's __SO_ACCEPTCON).
+_ACCEPTING = 0x10000
+
 
 class LocalHost(CallerDescriptors):
-    """The machine kdlabd runs on."""
+    """The machine kdlabd runs on; QEMU runs on it as *qemu_user* (None: the
+    user does not exist, and only root reaches what is made for QEMU)."""
+
+    def __init__(self, qemu_user: facts.QemuUser | None = None) -> None:
+        self._qemu = qemu_user
 
     def free_descriptors(self) -> int:
         return descriptors.free()
@@ -63,6 +71,59 @@ class LocalHost(CallerDescriptors):
 
     def input_stream(self, fd: int) -> InputStream:
         return InputStream.of(fd)
+
+    async def listen_for_qemu(
+        self, path: Path, *, seconds: float, what: str
+    ) -> tuple[int, Listener]:
+        return await blocking.run(
+            lambda: self._listen_for_qemu(path), seconds=seconds, what=what
+        )
+
+    def _listen_for_qemu(self, path: Path) -> tuple[int, Listener]:
+        facts.prepare_private_dir(path.parent.parent, self._qemu)
+        facts.prepare_private_dir(path.parent, self._qemu)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            # Nobody but root and QEMU enters the directory; the socket's own
+            # mode says the same.
+            if self._qemu is not None:
+                os.chown(path, self._qemu.uid, -1)
+            os.chmod(path, 0o600)
+            sock.listen(1)
+            found = os.stat(path)
+            listener = Listener(
+                path, (found.st_dev, found.st_ino), os.fstat(sock.fileno()).st_ino
+            )
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return sock.detach(), listener
+
+    def listens(self, listener: Listener) -> bool:
+        try:
+            found = os.stat(listener.path)
+        except FileNotFoundError:
+            return False
+        if (found.st_dev, found.st_ino) != listener.file:
+            return False
+        # A socket no process holds any more is gone from the list.
+        # Num RefCount Protocol Flags Type St Inode [Path]
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+            next(table, None)
+            for line in table:
+                fields = line.split()
+                if (
+                    len(fields) >= 7
+                    and fields[6] == str(listener.socket)
+                    and int(fields[3], 16) & _ACCEPTING
+                ):
+                    return True
+        return False
 
     def open_read_only(self, path: Path) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -23,6 +23,7 @@ from kdlabd.core.models import (
     ImageFormat,
     Run,
     RunFiles,
+    Share,
     VMSpec,
 )
 
@@ -215,6 +216,8 @@ def _metadata(parent: etree._Element, spec: VMSpec) -> None:
     _sub(vm, _K + "on-panic", spec.on_panic)
     if spec.initramfs:
         _sub(vm, _K + "initramfs", spec.initramfs)
+    for share in spec.shares:
+        etree.SubElement(vm, _K + "share", {"tag": share.tag, "dir": share.directory})
 
 
 def _os(parent: etree._Element, spec: VMSpec) -> None:
@@ -251,10 +254,22 @@ def disk_xml(disk: Disk) -> str:
     return etree.tostring(devices[0], encoding="unicode")
 
 
+def _filesystem(devices: etree._Element, share: Share) -> None:
+    """A share: QEMU's vhost-user-fs device on the socket of an externally
+    started virtiofsd (the owner's, see VMService.serve_shares); libvirt
+    starts no virtiofsd of its own and leaves the socket as it is."""
+    element = _sub(devices, "filesystem", type="mount")
+    _sub(element, "driver", type="virtiofs", queue="1024")
+    _sub(element, "source", socket=str(share.socket))
+    _sub(element, "target", dir=share.tag)
+
+
 def _devices(parent: etree._Element, spec: VMSpec) -> None:
     devices = _sub(parent, "devices")
     for disk in spec.disks:
         _disk(devices, disk)
+    for share in spec.shares:
+        _filesystem(devices, share)
     serial = _sub(devices, "serial", type="pty")
     # append='off': the file holds exactly one boot; kdlabd rotates it before start.
     _sub(serial, "log", file=str(spec.console_log), append="off")
@@ -298,6 +313,11 @@ def build_domain_xml(
     _sub(root, "title", f"kdlab VM {spec.name}")
     _metadata(root, spec)
     _sub(root, "memory", str(spec.memory_mib), unit="MiB")
+    if spec.shares:
+        # vhost-user: virtiofsd reads and writes the guest's memory itself.
+        backing = _sub(root, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
     _sub(root, "vcpu", str(spec.vcpus))
     _os(root, spec)
     features = _sub(root, "features")
@@ -426,6 +446,21 @@ def parse_domain_xml(xml: str) -> VMSpec:
         disks=_disks(root, meta),
         on_panic=_text(meta, _K + "on-panic") or ON_PANIC_DUMP_AND_STOP,
         initramfs=_text(meta, _K + "initramfs") or "",
+        shares=_shares(root, meta),
+    )
+
+
+def _shares(root: etree._Element, meta: etree._Element) -> tuple[Share, ...]:
+    """The shares of kdlab's metadata, with the sockets of their devices."""
+    sockets = {}
+    for element in root.iterfind("devices/filesystem"):
+        source, target = element.find("source"), element.find("target")
+        if source is not None and target is not None:
+            sockets[target.get("dir", "")] = source.get("socket", "")
+    return tuple(
+        Share(tag, element.get("dir", ""), Path(sockets.get(tag, "")))
+        for element in meta.iterfind(_K + "share")
+        if (tag := element.get("tag", ""))
     )
 
 

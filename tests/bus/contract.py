@@ -31,7 +31,7 @@ PROCESS = "org.kdlab.Kdlab1.Process"
 INTERFACES = (MANAGER, VM, IMAGE, JOB, DUMP, RECORDING, PROCESS)
 CONTRACT_DIR = REPO / "xml" / "dbus"
 ERROR_RE = re.compile(r"\b(org\.kdlab\.Kdlab1\.Error\.\w+):")
-OPTION_RE = re.compile(r"^\s+([a-z_]+) \(([a-z]+)\):", re.MULTILINE)
+OPTION_RE = re.compile(r"^\s+([a-z_]+) \(([a-z{}]+)\):", re.MULTILINE)
 
 Args = tuple[tuple[str, str, str | None], ...]
 

@@ -73,6 +73,7 @@ JSON_KEYS = {
     "Checkpoints": "checkpoints",
     "Run": "run",
     "RunRecording": "run_recording",
+    "Shares": "shares",
 }
 
 
@@ -154,7 +155,7 @@ def test_json_keys_are_the_properties_in_snake_case(
 
 
 @pytest.mark.usefixtures("kdlabd")
-@pytest.mark.parametrize("name", ["booted", "linux-6.9-rc1"])
+@pytest.mark.parametrize("name", ["booted", "linux-6.9-rc1", "frozen"])
 def test_show_prints_every_property(ctl: Ctl, name: str) -> None:
     vm = VMS[name]
     result = ctl("show", vm.name)
@@ -176,6 +177,8 @@ def test_show_prints_every_property(ctl: Ctl, name: str) -> None:
         "vmlinux": vm.vmlinux or "-",
         "Created": created.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "Checkpoints": "-",
+        # Only a VM with shares has the line: "frozen" (src=/home/somebody/src).
+        **({"Shares": "src=/home/somebody/src"} if vm.shares else {}),
     }
 
 

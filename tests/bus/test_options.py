@@ -47,6 +47,7 @@ VALID = {
     "t": 128 << 20,
     "at": [1 << 20],
     "as": [],
+    "a{ss}": {"src": "/usr/src/linux"},
 }
 CASES = [
     (method, key, signature)

@@ -31,7 +31,7 @@ from kdlab import wire
 from kdlabd.config import Config
 from kdlabd.core import recordings as recording_files
 from kdlabd.core.dumps import DumpRecord, sidecar
-from kdlabd.core.models import Accel, BootMark, DebugSettings, Disk, VMSpec
+from kdlabd.core.models import Accel, BootMark, DebugSettings, Disk, Share, VMSpec
 from kdlabd.core.vms import Layout
 from kdlabd.virt.domain_xml import BOOT_NS, boot_mark_xml, build_domain_xml
 from tests.support.bus import PrivateBus
@@ -84,6 +84,7 @@ class FakeVM:
     disk: bool = False  # a blank vda, for a console that diagnoses the root disk
     on_panic: str = "dump-and-stop"
     booted_usec: int = 0  # the boot mark kdlabd's Start would have recorded
+    shares: tuple[tuple[str, str], ...] = ()  # (tag, the owner's directory)
 
     @property
     def uuid(self) -> str:
@@ -121,6 +122,10 @@ class FakeVM:
                 (Disk(layout.state_dir / "boot" / f"{self.name}.vda.qcow2", "vda"),)
                 if self.disk
                 else ()
+            ),
+            shares=tuple(
+                Share(tag, directory, layout.share_socket(self.name, index))
+                for index, (tag, directory) in enumerate(self.shares)
             ),
         )
 
@@ -163,6 +168,7 @@ class FakeVM:
             "Run": "",
             "RunRecording": "/",
             "Checkpoints": [],
+            "Shares": dict(self.shares),
         }
         props.update(changes)
         return props
@@ -186,7 +192,15 @@ FLEET = (
     FakeVM(
         "busy", "running", 1000, "console=hvc0 kaslr", "console=hvc0 kaslr", vcpus=2
     ),
-    FakeVM("frozen", "paused", 1000, "", "console=ttyS0", gdb_stub="off"),
+    FakeVM(
+        "frozen",
+        "paused",
+        1000,
+        "",
+        "console=ttyS0 kdlab.shares=src",
+        gdb_stub="off",
+        shares=(("src", "/home/somebody/src"),),
+    ),
     FakeVM(
         "linux-6.9-rc1",
         "defined",

@@ -200,6 +200,25 @@ def test_wrong_states_and_unknown_tags_are_refused_before_a_job(
     run(scenario())
 
 
+def test_a_vm_with_shares_takes_no_checkpoint(lab: CheckpointLab) -> None:
+    """QEMU cannot save a virtiofs device: its state is in the owner's
+    virtiofsd. Refused by name before a job, not as libvirt's failure."""
+
+    async def scenario() -> None:
+        await lab.create(shares=(("src", "/home/dev/src"),))
+        served = await lab.service.serve_shares("vm1", OWNER)
+        try:
+            await lab.service.start("vm1")
+        finally:
+            for fd in served.values():
+                os.close(fd)
+        with pytest.raises(InvalidState, match="has shares"):
+            await lab.checkpoints.save("vm1", "ready", OWNER)
+        assert lab.jobs.list() == []
+
+    run(scenario())
+
+
 def test_a_recorded_or_replayed_run_takes_no_checkpoint(lab: CheckpointLab) -> None:
     """QEMU's record/replay keeps snapshots of its own: a checkpoint saved or
     loaded into such a run would break it."""

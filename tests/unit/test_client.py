@@ -81,6 +81,7 @@ VM_PROPERTIES: dict[str, Any] = {
     "Checkpoints": [["ready", 1, 1 << 28, 7, "ab"]],
     "Run": "replay",
     "RunRecording": "/org/kdlab/Kdlab1/recording/linux_2d6_2e9_2drace",
+    "Shares": {"src": "/src", "b": "/home/dev/b"},
 }
 
 
@@ -92,6 +93,8 @@ def test_a_vm_record_has_the_properties_typed() -> None:
     assert vm.diagnosis == ("", "", "", "")
     assert vm.last_stop is StopCause.NONE
     assert vm.checkpoints == (["ready", 1, 1 << 28, 7, "ab"],)
+    # by tag, so that a record compares and hashes
+    assert vm.shares == (("b", "/home/dev/b"), ("src", "/src"))
 
 
 def test_a_job_and_an_image_record() -> None:

@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from kdlab import wire
 from kdlabd.core import validate
-from kdlabd.core.models import Accel, DebugSettings, VMSpec
+from kdlabd.core.models import Accel, DebugSettings, Share, VMSpec
 from kdlabd.virt.domain_xml import (
     GDB_CHARDEV_ID,
     KDLAB_NS,
@@ -86,6 +87,13 @@ GOLDEN_SPECS: dict[str, VMSpec] = {
     "gdb-tcp": make_spec("tcp-stub", debug=DebugSettings(gdb_tcp_port=1234)),
     "gdb-off": make_spec(
         "no-gdb", debug=DebugSettings(gdb=False), cmdline="root=/dev/vda console=hvc0"
+    ),
+    "shares": make_spec(
+        "shared",
+        shares=(
+            Share("linux", "/home/dev/linux", RUNTIME / "shares" / "shared" / "0.sock"),
+            Share("t.1", '/home/dev/a "<&>"', RUNTIME / "shares" / "shared" / "1.sock"),
+        ),
     ),
     "escaping": make_spec(
         "esc",
@@ -374,6 +382,57 @@ def test_additions_go_before_init_arguments() -> None:
     assert words[words.index("--") :] == ["--", "single"]
 
 
+def test_a_vm_with_shares_has_shared_memory_and_a_virtiofs_device_each() -> None:
+    spec = GOLDEN_SPECS["shares"]
+    root = etree.fromstring(build_domain_xml(spec).encode())
+    # vhost-user: the owner's virtiofsd maps the guest's memory.
+    assert root.find("memoryBacking/source").get("type") == "memfd"
+    assert root.find("memoryBacking/access").get("mode") == "shared"
+    devices = [
+        (
+            fs.get("type"),
+            fs.find("driver").get("type"),
+            fs.find("source").get("socket"),
+            fs.find("target").get("dir"),
+        )
+        for fs in root.iterfind("devices/filesystem")
+    ]
+    assert devices == [
+        ("mount", "virtiofs", str(share.socket), share.tag) for share in spec.shares
+    ]
+    # libvirt starts no virtiofsd of its own (no <binary>), and kdlabd's
+    # metadata, not the device, knows the owner's directory.
+    assert root.find("devices/filesystem/binary") is None
+    assert "/home/dev/linux" not in etree.tostring(root.find("devices")).decode()
+    assert boot_words(spec)[-1] == "kdlab.shares=linux,t.1"
+
+
+def test_a_vm_without_shares_has_private_memory_and_no_share_parameter() -> None:
+    root = etree.fromstring(build_domain_xml(make_spec()).encode())
+    assert root.find("memoryBacking") is None
+    assert root.find("devices/filesystem") is None
+    assert not any(w.startswith("kdlab.shares") for w in boot_words(make_spec()))
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "expected"),
+    [
+        ("quiet", "quiet console=ttyS0 nokaslr kdlab.shares=a,b"),
+        ("kdlab.shares=a quiet", "kdlab.shares=a quiet console=ttyS0 nokaslr"),
+        ("quiet -- x", "quiet console=ttyS0 nokaslr kdlab.shares=a,b -- x"),
+    ],
+)
+def test_shares_are_on_the_command_line_unless_the_user_chose(
+    cmdline: str, expected: str
+) -> None:
+    sockets = [RUNTIME / "shares" / "vm1" / f"{i}.sock" for i in range(2)]
+    spec = make_spec(
+        cmdline=cmdline,
+        shares=(Share("a", "/a", sockets[0]), Share("b", "/b", sockets[1])),
+    )
+    assert spec.effective_cmdline == expected
+
+
 def test_no_tcp_listener_by_default() -> None:
     chardev = gdb_chardev(make_spec())
     assert chardev is not None
@@ -461,6 +520,29 @@ paths = st.text(
 ).map(lambda s: Path("/run") / s / "gdb.sock")
 
 
+share_tags = st.from_regex(wire.SHARE_TAG, fullmatch=True).filter(
+    lambda tag: tag not in (".", "..")
+)
+# Any printable characters (not only ASCII): a user's directory may have them.
+directories = st.text(
+    st.characters(
+        blacklist_categories=("Cc", "Cf", "Cs", "Cn", "Co", "Zl", "Zp", "Zs"),
+        whitelist_characters=" ",
+    ),
+    max_size=30,
+).map(lambda s: "/" + s)
+
+
+@st.composite
+def share_sets(draw: st.DrawFn, name: str) -> tuple[Share, ...]:
+    chosen = draw(st.dictionaries(share_tags, directories, max_size=wire.SHARES_MAX))
+    pairs = validate.shares(chosen)  # the strategy stays inside what is accepted
+    return tuple(
+        Share(tag, directory, RUNTIME / "shares" / name / f"{i}.sock")
+        for i, (tag, directory) in enumerate(pairs)
+    )
+
+
 @st.composite
 def specs(draw: st.DrawFn) -> VMSpec:
     name = draw(names)
@@ -476,6 +558,7 @@ def specs(draw: st.DrawFn) -> VMSpec:
         gdb_socket=draw(paths),
         debug=DebugSettings(gdb=draw(st.booleans()), gdb_tcp_port=port),
         created_usec=draw(st.integers(0, 2**63 - 1)),
+        shares=draw(share_sets(name)),
     )
 
 

@@ -44,6 +44,7 @@ VMLINUX = VM(
     run="",
     run_recording="/",
     initramfs="",
+    shares=(),
 )
 
 

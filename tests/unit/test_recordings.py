@@ -21,6 +21,7 @@ from kdlabd.core.models import (
     ImageFormat,
     Run,
     RunFiles,
+    Share,
     VMRecord,
     VMSpec,
 )
@@ -67,6 +68,9 @@ def test_what_qemu_cannot_record_is_refused_by_name() -> None:
     legacy = Disk(Path("/vms/rr/vda.qcow2"), "vda", base_image="debian")
     with pytest.raises(NotRecordable, match="recreate the VM"):
         check_recordable(vm(disks=(legacy,)), single_cpu=False)
+    share = Share("src", "/home/dev/src", Path("/run/shares/rr/0.sock"))
+    with pytest.raises(NotRecordable, match="has shares \\(src\\)"):
+        check_recordable(vm(shares=(share,)), single_cpu=False)
 
 
 def test_a_sidecar_reads_back_and_a_torn_one_is_nothing() -> None:
