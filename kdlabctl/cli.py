@@ -130,8 +130,9 @@ def _tree_build(tree: str) -> Artifacts:
 
 def _initrd(
     files: KernelFiles, kernel: str, image: str | None, quiet: bool
-) -> int | None:
-    """The initrd to pass: --initrd, kdlab's initramfs, or none (--no-initramfs).
+) -> tuple[int | None, str]:
+    """The initrd to pass (--initrd, kdlab's initramfs, or none: --no-initramfs),
+    and which of kdlab's it is (kdlab.kernel.initramfs.MODE_*; "": none).
 
     With an image, a distribution kernel has virtio_blk as a module: with its
     modules (:func:`_modules_of`), kdlabctl builds a busybox initramfs that
@@ -141,6 +142,7 @@ def _initrd(
     """
     from pathlib import Path
 
+    from kdlab.kernel.initramfs import MODE_ROOT, MODE_USERSPACE
     from kdlabctl import initramfs
 
     if files.initrd:
@@ -148,26 +150,26 @@ def _initrd(
             raise UsageError("--initrd and --modules exclude each other")
         if not files.initramfs:
             raise UsageError("--initrd and --no-initramfs exclude each other")
-        return open_for_daemon(files.initrd, "initrd")
+        return open_for_daemon(files.initrd, "initrd"), ""
     if not files.initramfs:
         if files.modules:
             raise UsageError("--modules and --no-initramfs exclude each other")
-        return None
+        return None, ""
     modules = _modules_of(files, Path(kernel))
     try:
         if image is None:
-            archive = userspace_initramfs(modules)
+            archive, mode = userspace_initramfs(modules), MODE_USERSPACE
             built = "kdlab's userspace initramfs"
         elif modules is not None:
             archive = initramfs.build(modules, cache=_initramfs_cache())
-            built = "an initramfs loading virtio modules"
+            built, mode = "an initramfs loading virtio modules", MODE_ROOT
         else:
-            return None
+            return None, ""
     except (initramfs.InitramfsError, OSError) as err:
         raise UsageError(f"cannot build an initramfs: {err}") from None
     if not quiet:
         say(f"built {built}" + (f" with modules from {modules}" if modules else ""))
-    return _memfd(archive)
+    return _memfd(archive), mode
 
 
 def _memfd(archive: bytes) -> int:
@@ -254,9 +256,10 @@ async def create_vm(
     )
     fds = [open_for_daemon(kernel, "kernel")]
     try:
-        initrd = _initrd(files, kernel, options.image, quiet)
+        initrd, mode = _initrd(files, kernel, options.image, quiet)
         if initrd is not None:
             fds.append(initrd)
+        options = replace(options, initramfs=mode or None)
         path = await client.create_vm(name, options, BootFiles(fds[0], initrd))
     finally:
         for fd in fds:

@@ -29,6 +29,7 @@ class VMOptions:
     disk_size: int | None = None
     extra_disks: tuple[int, ...] = ()
     on_panic: str | None = None
+    initramfs: str | None = None
     shares: tuple[tuple[str, str], ...] = ()
     """(tag, directory) pairs, the directories as the user resolved them."""
 

@@ -166,8 +166,7 @@ class VM(Record):
     run: str  # "", "record" or "replay" (kdlab.wire.RUN_*)
     run_recording: str  # its recording's path; "/" (or "" before kdlabd 8): none
     # kdlab's initramfs it boots, by mode (kdlab.kernel.initramfs.MODE_*); "":
-    # the caller's own initrd, none, or a kdlabd that does not tell (the
-    # property Initramfs is asked of the contract, not in it yet).
+    # the caller's own initrd, none, or a kdlabd before APIRevision 9.
     initramfs: str
     shares: Shares  # (tag, the owner's directory), by tag
 

@@ -74,6 +74,7 @@ JSON_KEYS = {
     "Run": "run",
     "RunRecording": "run_recording",
     "Shares": "shares",
+    "Initramfs": "initramfs",
 }
 
 

@@ -82,6 +82,7 @@ VM_PROPERTIES: dict[str, Any] = {
     "Run": "replay",
     "RunRecording": "/org/kdlab/Kdlab1/recording/linux_2d6_2e9_2drace",
     "Shares": {"src": "/src", "b": "/home/dev/b"},
+    "Initramfs": "userspace",
 }
 
 

@@ -310,6 +310,7 @@ def test_specs_here_cover_every_field_a_client_sets() -> None:
     # on_panic is one of three words (validate.on_panic), never free text.
     covered = {"name", "cmdline", "vmlinux", "kernel_path", "tree", "disks"}
     covered.add("on_panic")
+    covered.add("initramfs")  # likewise (validate.initramfs)
     client_strings = {
         f.name
         for f in dataclasses.fields(VMSpec)
