@@ -16,6 +16,7 @@ from tests.vm.conftest import TEST_POOL, Lab, virsh
 from tests.vm.test_debug import Console, show
 from tests.vm.test_images import ROOT_MARKER, ext4_image
 from tests.vm.test_lifecycle import wait_for_console, wait_for_diagnosis
+from tests.vm.test_userspace import assert_no_diagnosis
 
 pytestmark = pytest.mark.vm
 
@@ -82,7 +83,7 @@ def test_up_of_a_fresh_tree_lands_at_kdlabs_shell(
             up.proc.kill()
             up.proc.wait()
     assert b"Kernel panic" not in up.seen
-    assert show(lab, vm_name)["diagnosis"] is None
+    assert_no_diagnosis(lab.ctl("logs", vm_name).stdout)
 
 
 def test_root_sda_on_a_virtio_disk_panics_and_is_diagnosed(
