@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from kdlab.kernel.guest import SHARES_PARAMETER
+
 SERIAL_CONSOLE = "console=ttyS0"
-SHARES_PARAM = "kdlab.shares"
+SHARES_PARAM = SHARES_PARAMETER  # what kdlab's initramfs reads
 """The tags of a VM's shares, for kdlab's initramfs to mount at /mnt/TAG."""
 
 
