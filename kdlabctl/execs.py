@@ -113,9 +113,32 @@ async def run(
     """Run *command* in VM *name* with kdlabctl's stdout and stderr, and
     *source* as its input (kdlabctl's stdin by default; None: none); its
     exit status."""
+    with _hearing_ends(client) as ends:
+        await client.add_match(EXITED_RULE)
+        code, signo, how = await _run(client, name, command, source, ends)
+        # One rule left per command would end the 513th of a connection
+        # (modules load runs one per module) with the bus's limit.
+        await client.remove_match(EXITED_RULE)
+    if (said := ending(command.argv, how, command.timeout)) is not None:
+        print(f"kdlabctl: {said}", file=sys.stderr)
+    return status(code, signo, how)
+
+
+@contextlib.contextmanager
+def _hearing_ends(client: Client) -> Iterator[_Ends]:
+    """The ends of commands, heard while the context lasts."""
     ends = _Ends()
     client.bus.add_message_handler(ends.receive)
-    await client.add_match(EXITED_RULE)
+    try:
+        yield ends
+    finally:
+        client.bus.remove_message_handler(ends.receive)
+
+
+async def _run(
+    client: Client, name: str, command: Command, source: int | None, ends: _Ends
+) -> tuple[int, int, str]:
+    """:func:`run`'s command, its output copied; how it ended."""
     with _stdin(source, command.tty) as (stdin, raw):
         stdout, stderr, path = await _start(client, name, command, stdin)
         with _forwarding(client, path, raw):
@@ -132,10 +155,7 @@ async def run(
                     while path not in ends.exited:
                         ends.arrived.clear()
                         await ends.arrived.wait()
-    code, signo, how = ends.exited.get(path) or await _read_end(client, path)
-    if (said := ending(command.argv, how, command.timeout)) is not None:
-        print(f"kdlabctl: {said}", file=sys.stderr)
-    return status(code, signo, how)
+    return ends.exited.get(path) or await _read_end(client, path)
 
 
 async def _read_end(client: Client, path: str) -> tuple[int, int, str]:

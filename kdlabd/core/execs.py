@@ -146,6 +146,8 @@ class _Outputs:
 
     def __init__(self, stdout: OutputPipe, stderr: OutputPipe) -> None:
         self._pipes = {1: stdout, 2: stderr}
+        self._ended: set[int] = set()
+        """Streams the command ended: kdlabd closed their pipes itself."""
         self.reader_gone = asyncio.Event()
         """A stream's reader left while the command wrote to it."""
 
@@ -154,11 +156,15 @@ class _Outputs:
             self.reader_gone.set()
 
     async def eof(self, stream: int) -> None:
+        self._ended.add(stream)
         self._pipes[stream].close()
 
     def hung_up(self) -> bool:
-        """Whether the caller closed both pipes: it went away."""
-        return all(pipe.hung_up() for pipe in self._pipes.values())
+        """Whether the caller closed the pipes it still had: it went away.
+        A pipe kdlabd closed at the command's end of output tells nothing:
+        a command that ended both runs on, its caller waiting for its end."""
+        open_pipes = [p for s, p in self._pipes.items() if s not in self._ended]
+        return bool(open_pipes) and all(pipe.hung_up() for pipe in open_pipes)
 
     def close(self) -> None:
         for pipe in self._pipes.values():

@@ -63,6 +63,29 @@ def test_exec_prints_both_streams_and_exits_with_the_status(ctl: Ctl) -> None:
 
 
 @pytest.mark.usefixtures("guest")
+def test_a_command_that_closes_its_output_runs_to_its_own_end(ctl: Ctl) -> None:
+    # Its output ends (kdlabd closes both pipes) while it runs on, longer than
+    # kdlabd takes to look for a caller that went away: the caller is still
+    # there, waiting for its status.
+    done = ctl("exec", VM, "--", "sh", "-c", "exec >&- 2>&-; sleep 2.5; exit 3")
+    assert (done.returncode, done.stderr) == (3, "")
+
+
+@pytest.mark.usefixtures("guest")
+def test_a_command_whose_caller_died_is_killed(bus: PrivateBus) -> None:
+    script = "echo $$; exec sleep 60"
+    argv = kdlabctl_argv(bus.address, "exec", VM, "--", "sh", "-c", script)
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, env=client_env()) as caller:
+        assert caller.stdout is not None
+        command = int(caller.stdout.readline())
+        caller.kill()  # no signal forwarded: only its closed pipes tell kdlabd
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{command}").exists():
+        assert time.monotonic() < deadline, "the command outlived its caller"
+        time.sleep(0.2)
+
+
+@pytest.mark.usefixtures("guest")
 def test_exec_carries_64_mib_of_binary_output_intact(bus: PrivateBus) -> None:
     script = (
         "head -c 67108864 /dev/urandom > /tmp/kdlab-exec-$$; "
