@@ -47,8 +47,11 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "xdg" / "kdlab"
 
 
-def members(fd: int | None) -> Iterator[str]:
-    """The names in the gzip'd cpio archive on *fd* (closed after)."""
+def members(initrd: tuple[int | None, str]) -> Iterator[str]:
+    """The names in kdlab's userspace initramfs *initrd* (its descriptor,
+    closed after, and its mode)."""
+    fd, mode = initrd
+    assert mode == "userspace"
     assert fd is not None
     try:
         data = os.pread(fd, 64 << 20, 0)
@@ -129,8 +132,8 @@ def test_a_tree_after_make_modules_gives_its_modules(
 def test_no_initramfs_boots_the_kernel_alone(tmp_path: Path) -> None:
     kernel = str(tmp_path / "bzImage")
     files = KernelFiles(kernel=kernel, initramfs=False)
-    assert cli._initrd(files, kernel, None, False) is None
-    assert cli._initrd(files, kernel, "image", False) is None
+    assert cli._initrd(files, kernel, None, False) == (None, "")
+    assert cli._initrd(files, kernel, "image", False) == (None, "")
 
 
 @pytest.mark.parametrize(
@@ -148,7 +151,10 @@ def test_what_excludes_each_other(files: KernelFiles, message: str) -> None:
 
 def test_with_an_image_and_no_modules_found_no_initrd(tmp_path: Path) -> None:
     kernel = str(tmp_path / "bzImage")
-    assert cli._initrd(KernelFiles(kernel=kernel), kernel, "image", False) is None
+    assert cli._initrd(KernelFiles(kernel=kernel), kernel, "image", False) == (
+        None,
+        "",
+    )
 
 
 def test_an_agent_that_cannot_be_built_is_unavailable_exit_69(
@@ -197,7 +203,7 @@ class StartingClient:
         self.started = {
             **options,
             "kernel": os.pread(int(str(options["kernel"])), 16, 0),
-            "initrd": list(members(os.dup(initrd)))
+            "initrd": list(members((os.dup(initrd), "userspace")))
             if isinstance(initrd, int)
             else None,
         }
