@@ -55,6 +55,9 @@ AGENT_RETRY_SECONDS = 0.5
 LATE_EXIT_SECONDS = 10.0
 """How long kdlabctl waits for Exited once the output ended."""
 COPY_SIZE = 1 << 20
+DEFAULT_SIZE = (24, 80)
+"""A terminal's rows and columns where kdlabctl has no terminal (``-t`` with
+its output to a file)."""
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -210,7 +213,7 @@ def _stdin(fd: int | None, with_tty: bool) -> Iterator[tuple[int | None, bool]]:
         saved = termios.tcgetattr(fd)
         tty.setraw(fd)
         try:
-            with _fed_by_thread(fd) as ours:
+            with _fed_by_loop(fd) as ours:
                 yield ours, True
         finally:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
@@ -221,6 +224,33 @@ def _stdin(fd: int | None, with_tty: bool) -> Iterator[tuple[int | None, bool]]:
         return
     with _fed_by_thread(fd) as ours:  # a file: kdlabd takes pipes only
         yield ours, False
+
+
+@contextlib.contextmanager
+def _fed_by_loop(terminal: int) -> Iterator[int]:
+    """A pipe's read end that the event loop fills with what is typed on
+    *terminal* (read when it has something: a thread blocked in a read of
+    the terminal would outlive the command)."""
+    loop = asyncio.get_running_loop()
+    theirs, ours = os.pipe2(os.O_CLOEXEC)
+
+    def typed() -> None:
+        try:
+            data = os.read(terminal, COPY_SIZE)
+            if data:
+                os.write(ours, data)
+                return
+        except OSError:
+            pass
+        loop.remove_reader(terminal)
+
+    loop.add_reader(terminal, typed)
+    try:
+        yield theirs
+    finally:
+        loop.remove_reader(terminal)
+        os.close(theirs)
+        os.close(ours)
 
 
 @contextlib.contextmanager
@@ -278,8 +308,14 @@ def _copy(source: int, target: int) -> None:
 
 
 def _size() -> tuple[int, int]:
-    size = os.get_terminal_size(sys.stdin.fileno())
-    return max(size.lines, 1), max(size.columns, 1)
+    """The size of kdlabctl's terminal (stdin's, or stdout's); 24x80 without."""
+    for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
+        try:
+            size = os.get_terminal_size(fd)
+        except OSError:
+            continue
+        return max(size.lines, 1), max(size.columns, 1)
+    return DEFAULT_SIZE
 
 
 @contextlib.contextmanager

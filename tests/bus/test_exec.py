@@ -8,10 +8,14 @@ guest's virtio-serial port.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import pty
 import signal
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +34,13 @@ from kdlab.wire import PROCESS_INTERFACE, VM_INTERFACE
 from tests.bus.conftest import Ctl
 from tests.bus.guestagent import GuestAgent, agent_binary
 from tests.support.bus import PROPERTIES, BusClient, PrivateBus
-from tests.support.clients import NOBODY, cache_home, client_env, kdlabctl_argv
+from tests.support.clients import (
+    NOBODY,
+    cache_home,
+    client_env,
+    kdlabctl_argv,
+    read_until,
+)
 from tests.support.testdriver import Lab
 
 pytestmark = pytest.mark.bus
@@ -309,3 +319,46 @@ def guest_children(guest: GuestAgent) -> set[int]:
             if ppid in guest.pids:
                 found.add(int(entry.name))
     return found
+
+
+@pytest.mark.usefixtures("guest")
+def test_a_terminal_for_the_command_and_ctrl_c_typed_on_it(bus: PrivateBus) -> None:
+    """``-t``: the command has a terminal of its own, of kdlabctl's size;
+    Ctrl-C typed on kdlabctl's (raw) terminal interrupts it."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    script = (
+        "tty; stty size; trap 'echo got-INT; exit 5' INT; echo ready; "
+        "while :; do sleep 0.1; done"
+    )
+    proc = subprocess.Popen(
+        kdlabctl_argv(bus.address, "exec", VM, "-t", "--", "sh", "-c", script),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=client_env(),
+        start_new_session=True,
+    )
+    os.close(follower)
+    try:
+        seen = read_until(leader, "ready", 30)
+        assert "/dev/pts/" in seen
+        assert "33 101" in seen
+        os.write(leader, b"\x03")
+        seen += read_until(leader, "got-INT", 30)
+        assert proc.wait(timeout=30) == 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+
+
+@pytest.mark.usefixtures("guest")
+def test_a_terminal_without_one_of_kdlabctls_own(ctl: Ctl) -> None:
+    """``-t`` with kdlabctl's stdio not a terminal: the command still gets
+    one, of 24x80."""
+    done = ctl("exec", VM, "-t", "--", "sh", "-c", "tty; stty size")
+    assert done.returncode == 0, done.stderr
+    assert "/dev/pts/" in done.stdout
+    assert "24 80" in done.stdout

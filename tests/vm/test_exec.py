@@ -13,14 +13,13 @@ import os
 import pty
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kdlab.errors import EXIT_LOST, EXIT_TIMEOUT, ExecFailed, InvalidState
-from tests.support.clients import client_env, kdlabctl_argv
+from tests.support.clients import client_env, kdlabctl_argv, read_until
 from tests.support.system import remove_vm
 from tests.vm.conftest import Lab
 
@@ -120,10 +119,12 @@ def test_ctrl_c_and_a_terminal(lab: Lab, guest: str) -> None:
     """``-t``: the command has a terminal in the guest; Ctrl-C typed on
     kdlabctl's terminal interrupts it there."""
     leader, follower = pty.openpty()
+    script = (
+        "tty; trap 'echo got-INT; exit 5' INT; echo ready; while :; do sleep 0.2; done"
+    )
     proc = subprocess.Popen(
         kdlabctl_argv(lab.daemon.address, "exec", guest, "-t", "--", "sh", "-c",
-                      "tty; stty size; trap 'echo got-INT; exit 5' INT; "
-                      "while :; do sleep 0.2; done"),
+                      script),
         stdin=follower,
         stdout=follower,
         stderr=follower,
@@ -131,25 +132,17 @@ def test_ctrl_c_and_a_terminal(lab: Lab, guest: str) -> None:
         start_new_session=True,
     )  # fmt: skip
     os.close(follower)
-    seen = b""
     try:
-        deadline = time.monotonic() + 60
-        while b"/dev/pts/" not in seen or b"\n" not in seen.split(b"/dev/pts/")[1]:
-            assert time.monotonic() < deadline, seen
-            seen += os.read(leader, 4096)
+        seen = read_until(leader, "ready", timeout=60)
+        assert "/dev/pts/" in seen
         os.write(leader, b"\x03")
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                seen += os.read(leader, 4096)
-            except OSError:
-                break
-        proc.wait(timeout=30)
+        read_until(leader, "got-INT", timeout=60)
+        assert proc.wait(timeout=60) == 5
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
         os.close(leader)
-    assert b"got-INT" in seen, seen
-    assert proc.returncode == 5
 
 
 def test_a_command_outlives_no_vm(lab: Lab, vm_name: str) -> None:
