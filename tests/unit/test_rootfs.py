@@ -22,6 +22,7 @@ import struct
 import subprocess
 import tarfile
 import time
+import tomllib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -486,6 +487,10 @@ def test_the_agents_unit_runs_the_installed_agent_at_boot() -> None:
     wants = f"etc/systemd/system/{target}.wants/kdlab-agent.service"
     assert wants == AGENT_WANTS
     assert AGENT_UNIT == "etc/systemd/system/kdlab-agent.service"
+    # kdlabd installed from a wheel (.ci/install) reads it as package data.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    package_data = project["tool"]["setuptools"]["package-data"]["kdlab"]
+    assert "agent/kdlab-agent.service" in package_data
 
 
 def test_root_password_emptied_and_nothing_else(
