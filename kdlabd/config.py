@@ -88,7 +88,8 @@ KEY_HELP = {
     "and each VM's console logs.",
     "runtime_dir": "Where the VMs' gdb sockets live, in a directory only root and "
     "QEMU can enter.",
-    "cache_dir": "The debootstrap bases of image builds (default: STATE_DIR/cache).",
+    "cache_dir": "The debootstrap bases of image builds and the exec agent "
+    "their images run (default: STATE_DIR/cache).",
     "accel": "auto uses KVM only when libvirt reports it, a hardware KVM module is "
     "loaded and the QEMU user can open /dev/kvm; otherwise TCG. kvm or tcg force "
     "one.",

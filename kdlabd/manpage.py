@@ -85,7 +85,8 @@ def kdlabd_page() -> roff.Page:
         (layout.console_log("NAME"), "The serial console log of VM NAME's current "
          "or last boot (the boot before: console.log.1)."),
         (layout.scratch_dir(), "Where image builds work."),
-        (layout.cache_dir(), "Debootstrap bases kept for the next build."),
+        (layout.cache_dir(), "Debootstrap bases kept for the next build; "
+         "agent/: the exec agent that built images run."),
         (layout.journal_dir(), "Operations under way, cleaned up at the next start "
          "if kdlabd was killed."),
         (layout.gdb_socket("NAME"), "VM NAME's gdbstub, which kdlabd hands to "

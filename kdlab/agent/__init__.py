@@ -4,6 +4,9 @@ The agent (``agent.c``, one file, no dependencies) runs in the guest, reads
 frames from the virtio-serial port ``PORT_NAME`` and runs commands for
 kdlabd (``kdlab/agent/protocol.py`` is the protocol). It is built here, on
 the host, as a static binary, so the initramfs needs no C library of its own.
+In a guest image it runs as ``GUEST_BINARY`` under the systemd unit ``UNIT``
+(one file, package data: kdlabd installs both in the images it builds, and
+users in images of their own).
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("agent.c")
 PORT_NAME = "org.kdlab.agent.0"
 GUEST_PORT = f"/dev/virtio-ports/{PORT_NAME}"
+GUEST_BINARY = "/usr/local/sbin/kdlab-agent"
+"""Where a guest image keeps the agent (``UNIT``'s ``ExecStart``)."""
+UNIT = Path(__file__).with_name("kdlab-agent.service")
+"""The systemd unit that runs the agent in a guest image, at boot."""
 CC = "cc"
 CC_FLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-Werror")
 CC_SECONDS = 60

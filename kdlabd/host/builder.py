@@ -18,7 +18,7 @@ import structlog
 
 from kdlabd.core.builder import Progress, Record
 from kdlabd.core.rootfs import RootfsSpec
-from kdlabd.host.rootfs import build_rootfs
+from kdlabd.host.rootfs import build_agent, build_rootfs
 from kdlabd.host.sandbox import BuildSandbox, kill_build
 
 log = structlog.get_logger(__name__)
@@ -67,7 +67,8 @@ class LocalBuild:
 
 
 class LocalBuilder:
-    """Builds images in *scratch_dir*, keeping debootstrap's bases in *cache_dir*."""
+    """Builds images in *scratch_dir*, keeping debootstrap's bases and the exec
+    agent the images run in *cache_dir*."""
 
     def __init__(self, scratch_dir: Path, cache_dir: Path) -> None:
         self._scratch_dir = scratch_dir
@@ -77,8 +78,16 @@ class LocalBuilder:
         async def make(
             scratch: Path, image: Path, sandbox: BuildSandbox, progress: Progress
         ) -> None:
+            # First: a host without a compiler fails before a long debootstrap.
+            agent = await build_agent(self._cache_dir)
             await build_rootfs(
-                spec, scratch, self._cache_dir, image, progress, sandbox=sandbox
+                spec,
+                scratch,
+                self._cache_dir,
+                image,
+                progress,
+                agent_binary=agent,
+                sandbox=sandbox,
             )
 
         return LocalBuild(self._scratch_dir, name, make)

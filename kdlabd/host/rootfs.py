@@ -8,7 +8,8 @@ system (``root=/dev/vda``, no partition table), in four steps:
 2. the pristine tree stored in the cache, one tar per (suite, packages, mirror),
    so the next build of that base skips debootstrap (about 40 s here);
 3. the tree configured for a debug VM: hostname, fstab, an empty root password,
-   autologin on ``ttyS0``, units masked that stall or fail without network;
+   autologin on ``ttyS0``, units masked that stall or fail without network,
+   kdlab's exec agent (``kdlabctl exec``) started at boot;
 4. ``mke2fs -d`` turns the tree into the image: no loop device, no mount.
 
 This is what syzkaller's ``tools/create-image.sh`` does, minus what hurts kdlab's
@@ -45,6 +46,7 @@ from typing import NamedTuple, TypeVar
 
 import structlog
 
+from kdlab import agent
 from kdlab.errors import BuildFailed, InvalidArgument
 from kdlab.kernel.guest import ROOT_DEVICE, SERIAL_CONSOLE
 from kdlabd.core.builder import Progress
@@ -129,6 +131,13 @@ SSH_HOST_KEYS_CONF = (
     "ExecStartPre=/usr/bin/ssh-keygen -A\n"
     "ExecStartPre=/usr/sbin/sshd -t\n"
 )
+# kdlab's exec agent: kdlabd's own build of it, run at boot by its unit. The
+# unit is enabled as `systemctl enable` would; udev makes the agent's port from
+# virtio_console, which kdlab's initramfs loads (the image has no modules).
+AGENT_BINARY = agent.GUEST_BINARY.lstrip("/")
+AGENT_UNIT = f"etc/systemd/system/{agent.UNIT.name}"
+AGENT_WANTS = f"etc/systemd/system/multi-user.target.wants/{agent.UNIT.name}"
+
 FSTAB = (
     "# kdlab: the whole virtio disk is the root file system (no partition table).\n"
     "# Nothing else: a configfs, securityfs or debugfs line stalls kernels\n"
@@ -464,8 +473,8 @@ class _Tree:
         with os.fdopen(fd, encoding="utf-8") as file:
             return file.read()
 
-    def write(self, rel: str, text: str, mode: int = 0o644) -> None:
-        """Replace *rel* with *text*, keeping an existing file's mode and owner."""
+    def write(self, rel: str, data: str | bytes, mode: int = 0o644) -> None:
+        """Replace *rel* with *data*, keeping an existing file's mode and owner."""
         path = self._path(rel)
         uid, gid = os.geteuid(), os.getegid()
         with contextlib.suppress(FileNotFoundError):
@@ -476,8 +485,8 @@ class _Tree:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(text)
+            with os.fdopen(fd, "wb") as file:
+                file.write(data.encode() if isinstance(data, str) else data)
                 os.fchown(file.fileno(), uid, gid)
                 os.fchmod(file.fileno(), mode)  # after chown, which clears setgid
             os.replace(tmp, path)
@@ -526,8 +535,9 @@ class _Tree:
         return sorted(os.listdir(path))
 
 
-def configure_tree(root: Path, spec: RootfsSpec) -> None:
-    """Turn a pristine debootstrap tree into a kdlab debug VM's root file system.
+def configure_tree(root: Path, spec: RootfsSpec, agent_binary: Path) -> None:
+    """Turn a pristine debootstrap tree into a kdlab debug VM's root file system,
+    which runs *agent_binary* (kdlab's exec agent, :func:`build_agent`) at boot.
 
     Files are edited directly, nothing runs in a chroot: no maintainer script
     or host binary can act on the host, and this works on any tree.
@@ -542,6 +552,7 @@ def configure_tree(root: Path, spec: RootfsSpec) -> None:
     for unit in MASKED_UNITS:
         tree.symlink(f"etc/systemd/system/{unit}", "/dev/null")
     _per_vm_ssh_host_keys(tree)
+    _exec_agent(tree, agent_binary)
     if spec.ssh_key:
         tree.makedirs("root/.ssh", 0o700)
         tree.write("root/.ssh/authorized_keys", f"{spec.ssh_key}\n", 0o600)
@@ -591,6 +602,27 @@ def _per_vm_ssh_host_keys(tree: _Tree) -> None:
         tree.remove(f"etc/ssh/{name}")
     tree.makedirs(str(Path(SSH_HOST_KEYS_DROP_IN).parent))
     tree.write(SSH_HOST_KEYS_DROP_IN, SSH_HOST_KEYS_CONF)
+
+
+def _exec_agent(tree: _Tree, binary: Path) -> None:
+    """kdlab's agent and its unit, enabled: ``kdlabctl exec`` works once it boots."""
+    tree.makedirs(str(Path(AGENT_BINARY).parent))
+    tree.write(AGENT_BINARY, binary.read_bytes(), 0o755)
+    tree.write(AGENT_UNIT, agent.UNIT.read_text())
+    tree.makedirs(str(Path(AGENT_WANTS).parent))
+    tree.symlink(AGENT_WANTS, f"/{AGENT_UNIT}")
+
+
+async def build_agent(cache_dir: Path) -> Path:
+    """kdlab's exec agent for the images, compiled from kdlab's own source into
+    ``cache_dir/agent`` (once per source and compiler, :func:`kdlab.agent.build`).
+    """
+    try:
+        return await _in_thread(agent.build, cache_dir / "agent")
+    except agent.AgentBuildError as err:
+        raise RootfsBuildError(
+            f"kdlabd's host cannot build the exec agent its images run: {err}"
+        ) from None
 
 
 # Running tools.
@@ -749,9 +781,11 @@ class _Build:
         output: Path,
         progress: Progress,
         *,
+        agent_binary: Path,
         sandbox: BuildSandbox,
     ) -> None:
         self.spec = spec
+        self.agent_binary = agent_binary
         self.sandbox = sandbox
         self.scratch_dir = scratch_dir
         self.shim = scratch_dir / "chroot"
@@ -971,7 +1005,7 @@ class _Build:
 
     def _configure(self) -> None:
         try:
-            configure_tree(self.root, self.spec)
+            configure_tree(self.root, self.spec, self.agent_binary)
         except OSError as err:
             raise RootfsBuildError(
                 f"configuring the root file system failed: {err}"
@@ -1023,9 +1057,11 @@ async def build_rootfs(
     output: Path,
     progress: Progress,
     *,
+    agent_binary: Path,
     sandbox: BuildSandbox | None = None,
 ) -> None:
-    """Build *spec* as a raw ext4 image at *output* (replaced only on success).
+    """Build *spec* as a raw ext4 image at *output* (replaced only on success),
+    with *agent_binary* as its exec agent (:func:`build_agent`).
 
     *scratch_dir* is this build's own (created if missing): the tree is made in
     ``scratch_dir/root`` and removed, as are scratch_dir if it was created here,
@@ -1038,4 +1074,13 @@ async def build_rootfs(
     """
     _check_host(spec, output)
     sandbox = sandbox or BuildSandbox()
-    await _Build(spec, scratch_dir, cache_dir, output, progress, sandbox=sandbox).run()
+    build = _Build(
+        spec,
+        scratch_dir,
+        cache_dir,
+        output,
+        progress,
+        agent_binary=agent_binary,
+        sandbox=sandbox,
+    )
+    await build.run()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import configparser
 import itertools
 import os
 import stat
@@ -21,6 +22,7 @@ import struct
 import subprocess
 import tarfile
 import time
+import tomllib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +30,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kdlab.errors import InvalidArgument, KdlabError
+from kdlab import agent
+from kdlab.errors import BuildFailed, InvalidArgument, KdlabError
 from kdlabd.core import validate
 from kdlabd.core.rootfs import RootfsSpec
 from kdlabd.host import rootfs
+from kdlabd.host.builder import LocalBuilder
 from kdlabd.host.rootfs import (
+    AGENT_BINARY,
+    AGENT_UNIT,
+    AGENT_WANTS,
     AUTOLOGIN_CONF,
     AUTOLOGIN_DROP_IN,
     FSTAB,
@@ -41,6 +48,7 @@ from kdlabd.host.rootfs import (
     SSH_HOST_KEYS_DROP_IN,
     DebootstrapProgress,
     RootfsBuildError,
+    build_agent,
     build_rootfs,
     cache_key,
     configure_tree,
@@ -361,6 +369,17 @@ def test_cache_key_ignores_which_key_and_package_order() -> None:
 HOST_KEYS = ("ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "ssh_host_rsa_key")
 
 
+FAKE_AGENT = b"\x7fELF kdlab's agent, as far as the configure step knows\n"
+
+
+@pytest.fixture(scope="module")
+def fake_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file that stands for kdlab's agent binary (configure copies it)."""
+    path = tmp_path_factory.mktemp("agent") / "kdlab-agent-fake"
+    path.write_bytes(FAKE_AGENT)
+    return path
+
+
 def fake_tree(root: Path) -> None:
     """The files of a debootstrap tree that configure_tree reads or replaces."""
     files = {
@@ -397,10 +416,14 @@ def tree_listing(root: Path) -> dict[str, str]:
     return found
 
 
-def test_configure_tree_writes_exactly_these_files(tmp_path: Path) -> None:
+def test_configure_tree_writes_exactly_these_files(
+    tmp_path: Path, fake_agent: Path
+) -> None:
     fake_tree(tmp_path)
     before = tree_listing(tmp_path)
-    configure_tree(tmp_path, RootfsSpec("bookworm", hostname="dbg", ssh_key=KEY))
+    configure_tree(
+        tmp_path, RootfsSpec("bookworm", hostname="dbg", ssh_key=KEY), fake_agent
+    )
     after = tree_listing(tmp_path)
 
     masked = {
@@ -415,6 +438,13 @@ def test_configure_tree_writes_exactly_these_files(tmp_path: Path) -> None:
         SSH_HOST_KEYS_DROP_IN: "0o644",
         "root/.ssh": "dir",
         "root/.ssh/authorized_keys": "0o600",
+        "usr": "dir",
+        "usr/local": "dir",
+        "usr/local/sbin": "dir",
+        AGENT_BINARY: "0o755",
+        AGENT_UNIT: "0o644",
+        "etc/systemd/system/multi-user.target.wants": "dir",
+        AGENT_WANTS: "link -> /etc/systemd/system/kdlab-agent.service",
     }
     removed = {
         "etc/resolv.conf",
@@ -441,13 +471,35 @@ def test_configure_tree_writes_exactly_these_files(tmp_path: Path) -> None:
     assert (tmp_path / "root/.ssh/authorized_keys").read_text() == KEY + "\n"
     assert stat.S_IMODE((tmp_path / "root/.ssh").stat().st_mode) == 0o700
     assert (tmp_path / "etc/passwd").read_text().startswith("root:x:0:0:")
+    assert (tmp_path / AGENT_BINARY).read_bytes() == FAKE_AGENT
+    assert (tmp_path / AGENT_BINARY).stat().st_uid == os.geteuid(), "kdlabd's: root"
+    assert (tmp_path / AGENT_UNIT).read_text() == agent.UNIT.read_text()
 
 
-def test_root_password_emptied_and_nothing_else(tmp_path: Path) -> None:
+def test_the_agents_unit_runs_the_installed_agent_at_boot() -> None:
+    """The one unit file: its ExecStart is where the build puts the agent, and
+    the build's link is what ``systemctl enable`` makes of its [Install]."""
+    unit = configparser.ConfigParser(interpolation=None)
+    unit.read_string(agent.UNIT.read_text())
+    assert unit["Service"]["ExecStart"] == agent.GUEST_BINARY == f"/{AGENT_BINARY}"
+    assert unit["Service"]["Restart"] == "always"
+    target = unit["Install"]["WantedBy"]
+    wants = f"etc/systemd/system/{target}.wants/kdlab-agent.service"
+    assert wants == AGENT_WANTS
+    assert AGENT_UNIT == "etc/systemd/system/kdlab-agent.service"
+    # kdlabd installed from a wheel (.ci/install) reads it as package data.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    package_data = project["tool"]["setuptools"]["package-data"]["kdlab"]
+    assert "agent/kdlab-agent.service" in package_data
+
+
+def test_root_password_emptied_and_nothing_else(
+    tmp_path: Path, fake_agent: Path
+) -> None:
     fake_tree(tmp_path)
     shadow = tmp_path / "etc/shadow"
     owner = shadow.stat()
-    configure_tree(tmp_path, BASE)
+    configure_tree(tmp_path, BASE, fake_agent)
     assert shadow.read_text() == (
         "root::19000:0:99999:7:::\nuser:$y$hash:19000:0:99999:7:::\n"
     )
@@ -480,37 +532,39 @@ def test_masked_units_cover_what_stalls_without_network() -> None:
         assert unit in MASKED_UNITS
 
 
-def test_without_ssh_key_no_authorized_keys(tmp_path: Path) -> None:
+def test_without_ssh_key_no_authorized_keys(tmp_path: Path, fake_agent: Path) -> None:
     fake_tree(tmp_path)
-    configure_tree(tmp_path, BASE)
+    configure_tree(tmp_path, BASE, fake_agent)
     assert not (tmp_path / "root/.ssh").exists()
     # openssh-server may come as a package: its host keys are still per VM.
     assert sorted(os.listdir(tmp_path / "etc/ssh")) == ["sshd_config"]
     assert (tmp_path / SSH_HOST_KEYS_DROP_IN).read_text() == SSH_HOST_KEYS_CONF
 
 
-def test_without_openssh_no_ssh_changes(tmp_path: Path) -> None:
+def test_without_openssh_no_ssh_changes(tmp_path: Path, fake_agent: Path) -> None:
     fake_tree(tmp_path)
     for name in HOST_KEYS:
         (tmp_path / "etc/ssh" / name).unlink()
-    configure_tree(tmp_path, BASE)
+    configure_tree(tmp_path, BASE, fake_agent)
     assert not (tmp_path / "etc/systemd/system/ssh.service.d").exists()
     (tmp_path / "etc/ssh/sshd_config").unlink()
     (tmp_path / "etc/ssh").rmdir()
-    configure_tree(tmp_path, BASE)
+    configure_tree(tmp_path, BASE, fake_agent)
     assert not (tmp_path / "etc/ssh").exists()
 
 
-def test_configure_is_idempotent(tmp_path: Path) -> None:
+def test_configure_is_idempotent(tmp_path: Path, fake_agent: Path) -> None:
     fake_tree(tmp_path)
     spec = RootfsSpec("bookworm", ssh_key=KEY)
-    configure_tree(tmp_path, spec)
+    configure_tree(tmp_path, spec, fake_agent)
     once = tree_listing(tmp_path)
-    configure_tree(tmp_path, spec)
+    configure_tree(tmp_path, spec, fake_agent)
     assert tree_listing(tmp_path) == once
 
 
-def test_symlink_in_tree_is_replaced_not_followed(tmp_path: Path) -> None:
+def test_symlink_in_tree_is_replaced_not_followed(
+    tmp_path: Path, fake_agent: Path
+) -> None:
     root, outside = tmp_path / "root", tmp_path / "host-hostname"
     root.mkdir()
     fake_tree(root)
@@ -519,31 +573,31 @@ def test_symlink_in_tree_is_replaced_not_followed(tmp_path: Path) -> None:
     (root / "etc/hostname").symlink_to(outside)
     (root / "etc/hosts").symlink_to("/etc/hosts")
     host_hosts = Path("/etc/hosts").read_text()
-    configure_tree(root, BASE)
+    configure_tree(root, BASE, fake_agent)
     assert outside.read_text() == "host\n"
     assert Path("/etc/hosts").read_text() == host_hosts
     assert not (root / "etc/hostname").is_symlink()
     assert (root / "etc/hostname").read_text() == "kdlab\n"
 
 
-def test_symlinked_directory_is_refused(tmp_path: Path) -> None:
+def test_symlinked_directory_is_refused(tmp_path: Path, fake_agent: Path) -> None:
     root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
     root.mkdir()
     fake_tree(root)
     (root / "etc/ssh").rename(elsewhere)
     (root / "etc/ssh").symlink_to(elsewhere)
     with pytest.raises(RootfsBuildError, match="/etc/ssh is not a directory"):
-        configure_tree(root, RootfsSpec("bookworm", ssh_key=KEY))
+        configure_tree(root, RootfsSpec("bookworm", ssh_key=KEY), fake_agent)
     assert sorted(p.name for p in elsewhere.iterdir()) == sorted(
         ("sshd_config", *HOST_KEYS)
     ), "nothing removed through the symlink"
 
 
-def test_shadow_without_root(tmp_path: Path) -> None:
+def test_shadow_without_root(tmp_path: Path, fake_agent: Path) -> None:
     fake_tree(tmp_path)
     (tmp_path / "etc/shadow").write_text("user:*:19000:0:99999:7:::\n")
     with pytest.raises(RootfsBuildError, match="no root entry"):
-        configure_tree(tmp_path, BASE)
+        configure_tree(tmp_path, BASE, fake_agent)
 
 
 # Progress.
@@ -669,6 +723,7 @@ class Builds:
     scratch: Path
     cache: Path
     output: Path
+    agent: Path
     reports: list[tuple[float, str]] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)  # of every build, kept
 
@@ -688,7 +743,12 @@ class Builds:
 
     async def build(self, spec: RootfsSpec = BASE, output: Path | None = None) -> None:
         await build_rootfs(
-            spec, self.scratch, self.cache, output or self.output, self.progress
+            spec,
+            self.scratch,
+            self.cache,
+            output or self.output,
+            self.progress,
+            agent_binary=self.agent,
         )
 
     def leftovers(self) -> list[str]:
@@ -708,7 +768,7 @@ class Builds:
 
 
 @pytest.fixture
-def builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Builds:
+def builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_agent: Path) -> Builds:
     require(os.geteuid() == 0, "root (builds run in namespaces, setpriv, unshare)")
     require_tool("mke2fs", "e2fsprogs")
     require_tool("tar", "tar")
@@ -724,6 +784,7 @@ def builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Builds:
         scratch=tmp_path / "scratch",
         cache=tmp_path / "cache",
         output=out / "image.raw",
+        agent=fake_agent,
     )
     builds.fake_debootstrap()
     return builds
@@ -779,15 +840,47 @@ def test_build_makes_an_ext4_image_and_caches_the_pristine_tree(builds: Builds) 
 
 def test_second_build_uses_the_cache(builds: Builds) -> None:
     run(builds.build())
+    assert debugfs_cat(builds.output, f"/{AGENT_BINARY}").encode() == FAKE_AGENT
     builds.fake_debootstrap("echo should not run; exit 9")
     builds.reports.clear()
+    # The cache holds the base as debootstrap left it, before the configure
+    # step: an image built from it gets the agent of its own build, never one
+    # (or none) from when the base was cached.
+    builds.agent = builds.tmp / "kdlab-agent-new"
+    builds.agent.write_bytes(b"a newer agent\n")
     second = builds.output.with_name("second.raw")
     run(builds.build(RootfsSpec("bookworm", hostname="two"), second))
     assert debugfs_cat(second, "/etc/hostname") == "two\n"
+    assert debugfs_cat(second, f"/{AGENT_BINARY}") == "a newer agent\n"
     statuses = [s for _, s in builds.reports]
     assert statuses[0] == "unpacking the cached bookworm base"
     assert not any("debootstrap" in s for s in statuses)
     assert builds.leftovers() == []
+
+
+def test_the_agent_is_compiled_into_the_cache(tmp_path: Path) -> None:
+    require_tool("cc", "gcc")
+    built = run(build_agent(tmp_path / "cache"))
+    assert built.parent == tmp_path / "cache" / "agent"
+    assert stat.S_IMODE(built.stat().st_mode) == 0o755
+    assert built.read_bytes().startswith(b"\x7fELF")
+    assert run(build_agent(tmp_path / "cache")) == built, "kept, not built again"
+
+
+def test_without_a_compiler_a_build_fails_first_saying_what_to_install(
+    builds: Builds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kdlabd's own build (LocalBuilder) compiles the agent first: a host
+    without cc fails at once, not after a long debootstrap, with BuildFailed."""
+    monkeypatch.setattr(agent, "CC", "kdlab-no-such-cc")
+    build = LocalBuilder(builds.scratch, builds.cache).rootfs("img", BASE)
+    with pytest.raises(BuildFailed, match="install gcc and libc6-dev") as failed:
+        run(build.run(builds.progress))
+    assert "exec agent" in str(failed.value)
+    assert builds.reports == [], "nothing ran"
+    assert not (builds.cache / "agent").exists()
+    run(build.remove())
+    assert list(builds.scratch.iterdir()) == [], "the ImageService's job removes it"
 
 
 def test_scratch_dir_given_is_kept(builds: Builds) -> None:
@@ -829,6 +922,7 @@ def test_concurrent_builds_of_one_base_bootstrap_once(builds: Builds) -> None:
                 builds.cache,
                 builds.tmp / "one.raw",
                 builds.progress,
+                agent_binary=builds.agent,
             ),
             build_rootfs(
                 BASE,
@@ -836,6 +930,7 @@ def test_concurrent_builds_of_one_base_bootstrap_once(builds: Builds) -> None:
                 builds.cache,
                 builds.tmp / "two.raw",
                 builds.progress,
+                agent_binary=builds.agent,
             ),
         )
 
@@ -1017,7 +1112,16 @@ def test_progress_that_raises_stops_the_build(builds: Builds, marker: str) -> No
     scratch = builds.scratch
     scratch.mkdir()
     with pytest.raises(Stop):
-        run(build_rootfs(BASE, scratch, builds.cache, builds.output, progress))
+        run(
+            build_rootfs(
+                BASE,
+                scratch,
+                builds.cache,
+                builds.output,
+                progress,
+                agent_binary=builds.agent,
+            )
+        )
     assert processes_with(marker) == []
     assert not (scratch / "root").exists()
     assert not builds.output.exists()

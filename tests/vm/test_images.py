@@ -233,7 +233,8 @@ def test_interrupted_import_is_cancelled_and_leaves_no_volume(
 def test_built_debian_image_boots_debians_kernel_to_a_shell(
     lab: Lab, vm_name: str, image_name: str
 ) -> None:
-    """The README's image flow: image build, create --image, a login shell."""
+    """The README's image flow: image build, create --image, a login shell, and
+    ``kdlabctl exec`` through the agent the image runs."""
     require_tool("debootstrap", "debootstrap")
     built = lab.ctl(
         "image",
@@ -265,6 +266,14 @@ def test_built_debian_image_boots_debians_kernel_to_a_shell(
     # systemd's serial getty logs root in by itself: the prompt is the proof.
     log = wait_for_console(lab, vm_name, "root@kdlab:~#", timeout=180)
     assert "EXT4-fs (vda): mounted filesystem" in log
+    # The image's systemd runs kdlab's agent; udev named its port once kdlab's
+    # initramfs loaded virtio_console (the image has no modules of its own).
+    started = time.monotonic()
+    os_release = ("exec", vm_name, "--wait", "120", "--", "cat", "/etc/os-release")
+    ran = lab.ctl(*os_release, timeout=180)
+    print(f"\nexec on the built image: {time.monotonic() - started:.1f} s")
+    assert ran.returncode == 0, ran.stderr
+    assert "VERSION_CODENAME=bookworm" in ran.stdout
     # A graceful stop: the power button reaches systemd-logind, which powers off
     # (the kernel says so last); no plug is pulled.
     stopped = lab.ctl("stop", vm_name, "--timeout", "120", timeout=180)

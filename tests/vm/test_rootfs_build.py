@@ -3,9 +3,11 @@
 :func:`kdlabd.host.rootfs.build_rootfs` builds bookworm twice, with a cache of
 this run's own: the first build always runs debootstrap from Debian's mirror
 (about 40 s here; a cache kept across runs would hide a broken bootstrap),
-the second must come from the cache the first filled. The image is read with
-debugfs, never mounted. Last, Debian's cloud kernel boots it under bare QEMU
-(TCG) with kdlabctl's initramfs, to systemd's autologin shell on ttyS0.
+the second must come from the cache the first filled. Both run kdlab's exec
+agent, compiled as kdlabd compiles it. The image is read with debugfs, never
+mounted. Last, Debian's cloud kernel boots it under bare QEMU (TCG) with
+kdlabctl's initramfs, to systemd's autologin shell on ttyS0 (``kdlabctl exec``
+on a built image is in ``tests/vm/test_images.py``).
 
 Timings are printed (``pytest -s``), not asserted: speed belongs in bench/.
 
@@ -30,15 +32,20 @@ from pathlib import Path
 
 import pytest
 
+from kdlab import agent
 from kdlabctl import initramfs
 from kdlabd.core.rootfs import RootfsSpec
 from kdlabd.host import rootfs
 from kdlabd.host.rootfs import (
+    AGENT_BINARY,
+    AGENT_UNIT,
+    AGENT_WANTS,
     AUTOLOGIN_CONF,
     AUTOLOGIN_DROP_IN,
     FSTAB,
     MASKED_UNITS,
     SSH_HOST_KEYS_DROP_IN,
+    build_agent,
     build_rootfs,
 )
 from kdlabd.host.sandbox import BuildSandbox, in_target_capabilities
@@ -61,15 +68,25 @@ class Built:
     """The second (cached) build's image and what both builds reported."""
 
     image: Path
+    agent: Path
     seconds: tuple[float, float]
     statuses: tuple[list[str], list[str]]
 
 
-def build(scratch: Path, cache: Path, output: Path) -> tuple[float, list[str]]:
+def build(
+    scratch: Path, cache: Path, output: Path, agent: Path
+) -> tuple[float, list[str]]:
     statuses: list[str] = []
     started = time.monotonic()
     asyncio.run(
-        build_rootfs(SPEC, scratch, cache, output, lambda _f, s: statuses.append(s))
+        build_rootfs(
+            SPEC,
+            scratch,
+            cache,
+            output,
+            lambda _f, s: statuses.append(s),
+            agent_binary=agent,
+        )
     )
     return time.monotonic() - started, statuses
 
@@ -86,10 +103,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         require_tool(tool, package)
     work = tmp_path_factory.mktemp("rootfs")
     cache = work / "cache"
-    first = build(work / "scratch1", cache, work / "first.raw")
-    second = build(work / "scratch2", cache, work / "second.raw")
+    agent = asyncio.run(build_agent(cache))
+    first = build(work / "scratch1", cache, work / "first.raw", agent)
+    second = build(work / "scratch2", cache, work / "second.raw", agent)
     (work / "first.raw").unlink()
-    return Built(work / "second.raw", (first[0], second[0]), (first[1], second[1]))
+    seconds, statuses = (first[0], second[0]), (first[1], second[1])
+    return Built(work / "second.raw", agent, seconds, statuses)
 
 
 # --- what a package's script sees during a real debootstrap ----------------------
@@ -137,6 +156,7 @@ def probed(tmp_path_factory: pytest.TempPathFactory) -> Probed:
         work / "cache",
         work / "unused.raw",
         lambda _f, status: statuses.append(status),
+        agent_binary=work / "unused-agent",
         sandbox=BuildSandbox(),
     )
     build._make_root()  # the very steps of a build, on a seeded tree
@@ -276,6 +296,21 @@ def test_configured_files_in_the_image(built: Built) -> None:
     assert "agetty" in debugfs(image, "ls /usr/sbin"), "the drop-in's program"
 
 
+def test_the_image_runs_kdlabs_agent_at_boot(built: Built, tmp_path: Path) -> None:
+    """The agent kdlabd built, root's and executable, its unit enabled."""
+    image = built.image
+    copy = tmp_path / "kdlab-agent"
+    debugfs(image, f"dump /{AGENT_BINARY} {copy}")
+    assert copy.read_bytes() == built.agent.read_bytes()
+    binary = debugfs(image, f"stat /{AGENT_BINARY}")
+    assert "Mode:  0755" in binary
+    assert "User:     0   Group:     0" in binary
+    assert debugfs(image, f"cat /{AGENT_UNIT}") == agent.UNIT.read_text()
+    wants = debugfs(image, f"stat /{AGENT_WANTS}")
+    assert "Type: symlink" in wants
+    assert f'Fast link dest: "/{AGENT_UNIT}"' in wants
+
+
 # Bonus: it boots.
 
 
@@ -352,6 +387,9 @@ def test_boots_to_the_autologin_shell(guest: Guest) -> None:
             print(f"system state: {state!r}; failed units: {failed!r}")
             assert "STATE=running" in state, failed
             assert "SSH=active" in console.run('echo "SSH=$(systemctl is-active ssh)"')
+            # Without a virtio-serial port (bare QEMU) it waits for one, quietly.
+            waiting = console.run('echo "AGENT=$(systemctl is-active kdlab-agent)"')
+            assert "AGENT=active" in waiting
             root = console.run('echo "ROOT=$(findmnt -n -o SOURCE,FSTYPE /)"')
             assert "ROOT=/dev/vda ext4" in root
         finally:
