@@ -5,27 +5,28 @@ One kdlab VM without an image (kdlab's userspace initramfs: busybox, kdlab's
 agent on its virtio-serial port) is booted once; then, interleaved in each
 round:
 
-- ``kdlabctl exec VM -- true``, end to end: kdlabctl's process start, the
-  call, the guest's ``true``, the end of its output and its ``Exited``, the
-  exit of kdlabctl (stdin /dev/null, as ``ssh -n``);
-- the same through kdlabd's API, from this process: ``VM.Exec`` on a
-  connection kept open, until the Process's ``Exited`` signal (a match added
-  once);
-- a serial-console round trip: the console API (``VM.OpenConsole``) attached
-  once, ``echo MARK$((N))END`` typed into the guest's shell until
-  ``MARKNEND`` comes back;
-- ``ssh -n root@GUEST true`` into a kdlab image with sshd (``image build
-  --ssh-key``): a new connection each time, key exchange and authentication
-  included. kdlab's VMs have no network device; this guest is a hand-written
-  libvirt domain of the bench's own on the same kernel (the one of
-  ``disk_boot_to_login``) with QEMU's user-mode network on a virtio NIC, its
-  port 22 forwarded from the host's loopback. (No vsock: the host has no
-  vhost-vsock.)
+- ``api``: ``VM.Exec(["true"])`` from this process on a bus connection kept
+  open, until the Process's ``Exited`` signal (its match added once);
+- ``kdlabctl``: ``kdlabctl exec VM -- true`` end to end: its process's start
+  (interpreter, imports, bus connection), the call, the end of the output and
+  ``Exited``, its exit (stdin /dev/null, as ``ssh -n``);
+- ``console``: a serial-console round trip: the console API
+  (``VM.OpenConsole``) attached once, ``echo MARK$((N))END`` typed into the
+  guest's shell until ``MARKNEND`` comes back;
+- ``ssh``: ``ssh -n root@GUEST true`` into a kdlab image with sshd (``image
+  build --ssh-key``), a new connection each time (key exchange and
+  authentication in the emulated guest included); and ``ssh_kept_open``, the
+  same through a ``ControlMaster`` connection kept open, as the API's is.
+  kdlab's VMs have no network device, and the host no vhost-vsock; this
+  guest is a hand-written libvirt domain of the bench's own on the same
+  kernel (the one of ``disk_boot_to_login``) with QEMU's user-mode network on
+  a virtio NIC, its port 22 forwarded from the host's loopback, and its
+  address from the kernel command line (systemd-networkd).
 
 The goal (issue 18, <= 50 ms p50) is judged on the API row: kdlabctl's
-Python start-up (interpreter, imports, the bus connection) is most of the
-command's time and belongs to every kdlabctl command, not to the exec path;
-the command's row is reported beside it.
+Python start-up (interpreter and imports, about 90 ms of its time) belongs to
+every kdlabctl command, not to the exec path; the command's rows are reported
+beside it.
 """
 
 from __future__ import annotations
