@@ -240,7 +240,12 @@ def _ssh_master(argv: list[str], socket_path: Path) -> Iterator[list[str]]:
     try:
         yield [argv[0], *control, "-o", "ControlMaster=no", *argv[1:]]
     finally:
-        run([argv[0], *control, "-O", "exit", *argv[1:]])
+        # Not checked: a master already gone (the guest stopped) is no error.
+        subprocess.run(
+            [argv[0], *control, "-O", "exit", *argv[1:]],
+            capture_output=True,
+            check=False,
+        )
 
 
 def _free_port() -> int:
@@ -269,7 +274,8 @@ def _sshd_guest(
     daemon: Kdlabd, kernel: debian.CloudKernel, work: Path
 ) -> Iterator[list[str]]:
     """A guest booted from a kdlab image with sshd, reachable by ssh on the
-    host's loopback: the ``ssh ... true`` command that reaches it."""
+    host's loopback: the ``ssh`` command that reaches it (its command to
+    follow)."""
     key = work / "id_ed25519"
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
     with bench_image(daemon, "1G", "--ssh-key", f"{key}.pub") as image:
