@@ -22,6 +22,7 @@ from bench import (
     checkpoint,
     debug,
     dumps,
+    execs,
     kernel,
     lab,
     recording,
@@ -49,6 +50,7 @@ BENCHMARKS = {
     "dump_take": Benchmark(dumps.dump_take),
     "record_overhead": Benchmark(recording.record_overhead),
     "reverse_step_latency": Benchmark(recording.reverse_step_latency),
+    "exec_roundtrip": Benchmark(execs.exec_roundtrip),
     "kernel_build": Benchmark(kernel.kernel_build, quick=False),
 }
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from bench.lab import (
+    BENCH_IMAGES,
     accel,
     bench_daemon,
     bench_image,
@@ -222,6 +223,24 @@ def boot_to_userspace(quick: bool) -> list[Row]:
     ]
 
 
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def _ssh_forward(port: int) -> str:
+    """QEMU's user-mode network on a virtio NIC, 127.0.0.1:*port* forwarded to
+    the guest's port 22 (libvirt forwards ports only with passt, not here)."""
+    args = (
+        "-netdev",
+        f"user,id=benchnet,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-device",
+        # A slot of its own: QEMU creates it before libvirt's devices, which
+        # have theirs from slot 2 on.
+        "virtio-net-pci,netdev=benchnet,addr=0x10",
+    )
+    values = "".join(f"<qemu:arg value='{escape(arg)}'/>" for arg in args)
+    return f"\n  <qemu:commandline>{values}</qemu:commandline>"
+
+
 def domain_xml(
     name: str,
     *,
@@ -231,12 +250,16 @@ def domain_xml(
     disk: Path,
     log: Path,
     accelerator: str,
+    ssh_port: int | None = None,
 ) -> str:
     """A hand-written minimal domain: direct kernel boot, a virtio disk, a log;
-    accelerated as kdlab's (KVM: the host's CPU, as kdlab's)."""
+    accelerated as kdlab's (KVM: the host's CPU, as kdlab's). With *ssh_port*,
+    a user-mode NIC too, its port 22 forwarded from 127.0.0.1:*ssh_port*."""
     kvm = accelerator == "kvm"
+    namespace = "" if ssh_port is None else f" xmlns:qemu='{QEMU_NS}'"
+    network = "" if ssh_port is None else _ssh_forward(ssh_port)
     return f"""\
-<domain type='{"kvm" if kvm else "qemu"}'>
+<domain type='{"kvm" if kvm else "qemu"}'{namespace}>
   <name>{name}</name>
   <memory unit='MiB'>{DISK_MEMORY_MIB}</memory>
   <vcpu>1</vcpu>
@@ -260,19 +283,34 @@ def domain_xml(
     </serial>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
-  </devices>
+  </devices>{network}
 </domain>
 """
 
 
-def _define_by_hand(
-    work: Path, kernel: Path, cmdline: str, image: Path, accelerator: str
+def image_path(image: str) -> Path:
+    """The file of the bench kdlabd's image *image*."""
+    return Path(run([*VIRSH, "vol-path", "--pool", BENCH_IMAGES, image]).strip())
+
+
+def define_by_hand(
+    work: Path,
+    kernel: Path,
+    cmdline: str,
+    image: Path,
+    accelerator: str,
+    *,
+    ssh_port: int | None = None,
 ) -> tuple[str, Path]:
-    """Define the hand-written domain on the same files; its name and log."""
+    """Define the hand-written domain on the same files; its name and log.
+
+    With *ssh_port* (:func:`domain_xml`), its initramfs loads virtio_net too."""
     initrd = work / "initrd.img"
     modules = initramfs.find_modules_dir(kernel, None)
     assert modules is not None, f"no modules next to {kernel}"
-    initrd.write_bytes(initramfs.build(modules))
+    nic = () if ssh_port is None else ("virtio_net",)
+    wanted = (*initramfs.DEFAULT_MODULES, *nic)
+    initrd.write_bytes(initramfs.build(modules, wanted))
     initrd.chmod(0o644)
     overlay = work / "overlay.qcow2"
     run(
@@ -300,6 +338,7 @@ def _define_by_hand(
             disk=overlay,
             log=log,
             accelerator=accelerator,
+            ssh_port=ssh_port,
         )
     )
     run([*VIRSH, "define", str(xml)])
@@ -324,14 +363,9 @@ def disk_boot_to_login(quick: bool) -> list[Row]:
         ) as name,
         scratch() as work,
     ):
-        path = run([*VIRSH, "vol-path", "--pool", "kdlab-bench-images", image])
         accelerator = accel(daemon)
-        domain, log = _define_by_hand(
-            work,
-            kernel.vmlinuz,
-            _cmdline(daemon, name),
-            Path(path.strip()),
-            accelerator,
+        domain, log = define_by_hand(
+            work, kernel.vmlinuz, _cmdline(daemon, name), image_path(image), accelerator
         )
         try:
             ours, theirs = interleaved(

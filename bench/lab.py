@@ -33,6 +33,7 @@ from tests.support.system import (
 )
 
 BENCH_POOLS = "kdlab-bench"
+BENCH_IMAGES = f"{BENCH_POOLS}-images"  # the bench kdlabd's pool of images
 # The domains of bench_vm ("kdlab-bench-...") and of hand-written baselines.
 BENCH_DOMAINS = ("kdlab-bench-", "bench-raw-")
 CTL_TIMEOUT = 900.0
@@ -159,8 +160,9 @@ def bench_vm(daemon: Kdlabd, *create_args: str, prefix: str = "bench") -> Iterat
         remove_vm(daemon, name)
 
 
-def build_image(daemon: Kdlabd, name: str, size: str = "1G") -> None:
-    """``kdlabctl image build NAME``: Debian bookworm, as the README shows."""
+def build_image(daemon: Kdlabd, name: str, size: str = "1G", *more: str) -> None:
+    """``kdlabctl image build NAME [MORE...]``: Debian bookworm, as the README
+    shows."""
     ctl(
         daemon,
         "image",
@@ -171,15 +173,17 @@ def build_image(daemon: Kdlabd, name: str, size: str = "1G") -> None:
         "--size",
         size,
         "--quiet",
+        *more,
     )
 
 
 @contextlib.contextmanager
-def bench_image(daemon: Kdlabd, size: str = "1G") -> Iterator[str]:
-    """An image built by kdlabd (from its cached base), deleted afterwards."""
+def bench_image(daemon: Kdlabd, size: str = "1G", *more: str) -> Iterator[str]:
+    """An image built by kdlabd (from its cached base, for the same *more*
+    options of ``image build``), deleted afterwards."""
     name = unique("bench-img")
     try:
-        build_image(daemon, name, size)
+        build_image(daemon, name, size, *more)
         yield name
     finally:
         kdlabctl(daemon.address, "image", "delete", name)
