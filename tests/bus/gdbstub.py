@@ -29,16 +29,15 @@ def _answer(packet: bytes) -> bytes:
     return {b"?": b"S05", b"qAttached": b"1", b"qfThreadInfo": b"l"}.get(packet, b"")
 
 
-class RemoteStub:
-    """A unix socket speaking gdb's remote protocol; records each session's packets."""
+class QemuSocket:
+    """Where QEMU would listen for kdlabd (a gdbstub, a chardev): a unix
+    socket whose connections, one at a time, go to :meth:`serve`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, backlog: int = 4) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.sessions: list[list[bytes]] = []
-        self.ended = 0  # sessions the debugger hung up
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(str(path))
-        self._server.listen(4)
+        self._server.listen(backlog)
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -49,9 +48,28 @@ class RemoteStub:
             except OSError:  # closed
                 return
             with conn:
-                self.sessions.append([])
-                self._serve(conn, self.sessions[-1])
-            self.ended += 1
+                self.serve(conn)
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+
+
+class RemoteStub(QemuSocket):
+    """A unix socket speaking gdb's remote protocol; records each session's packets."""
+
+    def __init__(self, path: Path) -> None:
+        self.sessions: list[list[bytes]] = []
+        self.ended = 0  # sessions the debugger hung up
+        super().__init__(path)
+
+    def serve(self, conn: socket.socket) -> None:
+        self.sessions.append([])
+        self._serve(conn, self.sessions[-1])
+        self.ended += 1
 
     @staticmethod
     def _serve(conn: socket.socket, packets: list[bytes]) -> None:
@@ -76,6 +94,5 @@ class RemoteStub:
         ]
 
     def close(self) -> None:
-        self._server.shutdown(socket.SHUT_RDWR)
-        self._server.close()
+        super().close()
         self._thread.join(timeout=10)

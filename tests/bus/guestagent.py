@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
 from pathlib import Path
 
 from kdlab.agent import build
 from kdlab.wire import VM_INTERFACE
+from tests.bus.gdbstub import QemuSocket
 from tests.support.bus import BusClient
 from tests.support.clients import NOBODY, cache_home
 from tests.support.testdriver import Lab
@@ -36,38 +36,28 @@ def agent_binary(cache: Path) -> Path:
     return public
 
 
-class GuestAgent:
+class GuestAgent(QemuSocket):
     """The guest side of one VM's exec channel at *path*, while it is open."""
 
     def __init__(self, path: Path, binary: Path) -> None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.connections = 0
         self._binary = binary
         self._agents: list[subprocess.Popen[bytes]] = []
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(path))
-        self._server.listen(1)
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        # QEMU serves one client at a time: the next waits its turn.
+        super().__init__(path, backlog=1)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:  # closed
-                return
-            self.connections += 1
-            with conn:
-                # QEMU serves one client at a time: the next waits its turn.
-                fd = conn.fileno()
-                agent = subprocess.Popen(
-                    [*NOBODY.setpriv(), str(self._binary), "--fd", str(fd)],
-                    pass_fds=(fd,),
-                    stdin=subprocess.DEVNULL,
-                    cwd="/",
-                )
-                self._agents.append(agent)
-            agent.wait()
+    def serve(self, conn: socket.socket) -> None:
+        self.connections += 1
+        fd = conn.fileno()
+        agent = subprocess.Popen(
+            [*NOBODY.setpriv(), str(self._binary), "--fd", str(fd)],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            cwd="/",
+        )
+        self._agents.append(agent)
+        conn.close()
+        agent.wait()
 
     @property
     def pids(self) -> list[int]:
@@ -75,8 +65,7 @@ class GuestAgent:
         return [a.pid for a in self._agents if a.poll() is None]
 
     def close(self) -> None:
-        self._server.shutdown(socket.SHUT_RDWR)
-        self._server.close()
+        super().close()
         for agent in self._agents:
             if agent.poll() is None:
                 agent.kill()

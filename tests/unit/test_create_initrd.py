@@ -27,17 +27,8 @@ from kdlabctl.cli import UsageError, build_parser, parse_args
 from kdlabctl.kernel import KernelFiles
 from kdlabctl.records import VM
 from tests.support import debian
-from tests.support.prereq import require, require_tool
+from tests.support.prereq import require_tool
 from tests.unit.test_notify import VMLINUX
-
-
-@pytest.fixture(scope="module")
-def cloud_kernel() -> debian.CloudKernel:
-    try:
-        return debian.cloud_kernel()
-    except debian.FixtureError as err:
-        require(False, f"Debian's cloud kernel ({err})")
-        raise
 
 
 @pytest.fixture

@@ -54,15 +54,6 @@ OPTIONAL_CLOSURE = {
 
 
 @pytest.fixture(scope="module")
-def cloud_kernel() -> debian.CloudKernel:
-    try:
-        return debian.cloud_kernel()
-    except debian.FixtureError as err:
-        require(False, f"Debian's cloud kernel ({err})")
-        raise
-
-
-@pytest.fixture(scope="module")
 def busybox() -> Path:
     try:
         initramfs.static_busybox(initramfs.BUSYBOX)
