@@ -264,7 +264,7 @@ def _filesystem(devices: etree._Element, share: Share) -> None:
     _sub(element, "target", dir=share.tag)
 
 
-def _devices(parent: etree._Element, spec: VMSpec) -> None:
+def _devices(parent: etree._Element, spec: VMSpec, *, agent: bool = True) -> None:
     devices = _sub(parent, "devices")
     for disk in spec.disks:
         _disk(devices, disk)
@@ -279,7 +279,7 @@ def _devices(parent: etree._Element, spec: VMSpec) -> None:
     # Without these libvirt adds a USB controller and a balloon: slower boots, no use.
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
-    if spec.agent_socket is not None:
+    if agent and spec.agent_socket is not None:
         # kdlab's exec channel: a virtio-serial port the guest's agent opens
         # as /dev/virtio-ports/org.kdlab.agent.0; QEMU listens on the host
         # side, where kdlabd alone connects (kdlabd.core.execs).
@@ -333,7 +333,10 @@ def build_domain_xml(
     # A panic (pvpanic) leaves QEMU running with the CPUs stopped, for kdlabd
     # to write a dump and then stop or keep the VM as its OnPanic says.
     _sub(root, "on_crash", "preserve")
-    _devices(root, spec)
+    # A recorded or replayed run has no exec channel: QEMU cannot record what
+    # comes in on it, and a replay with the device diverges (kdlabd refuses
+    # exec during a run anyway).
+    _devices(root, spec, agent=run is None)
     args = gdbstub_args(spec)
     if run is not None:
         args += run_args(*run, spec.disks)

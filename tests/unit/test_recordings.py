@@ -110,6 +110,14 @@ def test_the_live_definition_of_a_recording_boot() -> None:
     assert root.findtext("uuid") == "u-u-i-d"
     assert parse_boot_mark(xml) == BootMark(7, run=run)
     assert parse_domain_xml(xml) == SPEC
+    # No exec channel in a run: a replay with one diverges.
+    agent = SPEC.replace(agent_socket=Path("/run/kdlab/gdb/rr.agent"))
+    assert (
+        etree.fromstring(build_domain_xml(agent).encode()).find("devices/channel")
+        is not None
+    )
+    live = build_domain_xml(agent, "u-u-i-d", run=(run, files))
+    assert etree.fromstring(live.encode()).find("devices/channel") is None
     # A disk: blkreplay on the recording's overlay of libvirt's node, the
     # guest device moved onto it.
     base = Backing(Path("/images/debian"), ImageFormat.RAW)

@@ -312,7 +312,10 @@ def test_no_gdb_means_no_stub_at_all(lab: Lab, vm_name: str) -> None:
     assert "-gdb" not in live.xpath("//qemu:arg/@value", namespaces=QEMU_NS)
     assert "nokaslr" not in live.findtext("os/cmdline", "").split()
     gdb_dir = lab.daemon.runtime_dir / "gdb"
-    assert not [p for p in gdb_dir.iterdir() if p.name.startswith(f"{vm_name}.")]
+    # Only the exec channel's socket (kdlabctl exec), which speaks no gdb.
+    assert [p.name for p in gdb_dir.iterdir() if p.name.startswith(f"{vm_name}.")] == [
+        f"{vm_name}.agent"
+    ]
     assert tcp_listeners_of(f"kdlab-{vm_name}") == []
     refused = kdlabctl(lab.daemon.address, "gdb-proxy", vm_name, input_text="")
     assert refused.returncode == 3, refused.stderr  # Error.InvalidState
