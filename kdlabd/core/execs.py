@@ -202,6 +202,7 @@ class ExecService:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._processes: dict[int, _Process] = {}
         self._ids = itertools.count(1)
+        self._closing: set[asyncio.Task[None]] = set()
         self._observers: Observers[ProcessObserver] = Observers()
         vms.subscribe(self)
 
@@ -439,9 +440,6 @@ class ExecService:
 
     # -- a running command -------------------------------------------------
 
-    def get(self, process_id: int) -> ProcessRecord:
-        return self._processes[process_id].record
-
     async def signal(self, process_id: int, signo: int) -> None:
         if not 0 < signo <= SIGNAL_MAX:
             raise InvalidArgument(f"{signo} is not a signal number (1 to 64)")
@@ -487,7 +485,10 @@ class ExecService:
         """The VM stopped: its connection closes, its commands are lost."""
         link = self._links.pop(name, None)
         if link is not None:
-            asyncio.get_running_loop().create_task(link.close())
+            # Kept until done: the loop holds only a weak reference to a task.
+            task = asyncio.get_running_loop().create_task(link.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _drop_link(self, name: str, link: AgentLink) -> None:
         if self._links.get(name) is link:
@@ -503,6 +504,8 @@ class ExecService:
         for name in list(self._links):
             link = self._links.pop(name)
             await link.close()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=CONNECT_SECONDS)
         tasks = [p.task for p in self._processes.values() if p.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=CONNECT_SECONDS)

@@ -40,14 +40,12 @@ class GuestAgent(QemuSocket):
     """The guest side of one VM's exec channel at *path*, while it is open."""
 
     def __init__(self, path: Path, binary: Path) -> None:
-        self.connections = 0
         self._binary = binary
         self._agents: list[subprocess.Popen[bytes]] = []
         # QEMU serves one client at a time: the next waits its turn.
         super().__init__(path, backlog=1)
 
     def serve(self, conn: socket.socket) -> None:
-        self.connections += 1
         fd = conn.fileno()
         agent = subprocess.Popen(
             [*NOBODY.setpriv(), str(self._binary), "--fd", str(fd)],
