@@ -313,19 +313,48 @@ class Call:
 
 def message(serial: int, call: Call, *, no_autostart: bool = False) -> bytes:
     """*call* as a message, ready to send."""
-    payload = bytearray()
-    for part, value in zip(_split(call.signature), call.body, strict=True):
-        _write(payload, part, value)
     fields = [
         (_PATH, Variant("o", call.path)),
         (_INTERFACE, Variant("s", call.interface)),
         (_MEMBER, Variant("s", call.member)),
         (_DESTINATION, Variant("s", call.destination)),
     ]
-    if call.signature:
-        fields.append((_SIGNATURE, Variant("g", call.signature)))
     flags = _NO_AUTO_START if no_autostart else 0
-    header = bytearray(b"l" + bytes([_METHOD_CALL, flags, 1]))
+    return _assemble(_METHOD_CALL, flags, serial, fields, call.signature, call.body)
+
+
+def error_reply(
+    serial: int, reply_serial: int, name: str, text: str, fields: dict[int, Any]
+) -> bytes:
+    """An error reply *name* (*text*) to the message *reply_serial*; of the
+    header *fields* given (by code), the destination and sender are kept."""
+    kept = [
+        (code, Variant("s", fields[code]))
+        for code in (_DESTINATION, _SENDER)
+        if code in fields
+    ]
+    header = [
+        (_REPLY_SERIAL, Variant("u", reply_serial)),
+        (_ERROR_NAME, Variant("s", name)),
+        *kept,
+    ]
+    return _assemble(_ERROR, 0, serial, header, "s", [text])
+
+
+def _assemble(
+    kind: int,
+    flags: int,
+    serial: int,
+    fields: list[tuple[int, Variant]],
+    signature: str,
+    body: Sequence[Any],
+) -> bytes:
+    payload = bytearray()
+    for part, value in zip(_split(signature), body, strict=True):
+        _write(payload, part, value)
+    if signature:
+        fields = [*fields, (_SIGNATURE, Variant("g", signature))]
+    header = bytearray(b"l" + bytes([kind, flags, 1]))
     header.extend(struct.pack("<II", len(payload), serial))
     _write(header, "a(yv)", fields)
     header.extend(b"\0" * (-len(header) % 8))
@@ -349,27 +378,14 @@ class QuickBus:
     def connect(cls, bus: str, timeout: float) -> QuickBus:
         """Connect to the bus *bus* names (as ``--bus`` does) and say Hello; any
         failure is one :class:`RemoteError` (``NoServer``), never a traceback."""
-        sock = _socket.socket(
-            _socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC
-        )
+        sock = open_socket(bus, timeout)
         try:
-            sock.settimeout(timeout)
-            sock.connect(socket_path(bus_address(bus)))
-            uid = str(os.getuid()).encode().hex().encode()
-            sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\n")
-            answer = sock.recv(4096)
-            if not answer.startswith(b"OK "):
-                raise OSError(f"authentication refused: {answer.strip()!r}")
-            sock.sendall(b"BEGIN\r\n")
             bus_ = cls(sock)
             bus_.call(_HELLO)
             return bus_
-        except (OSError, ValueError, RemoteError) as err:
+        except (OSError, RemoteError) as err:
             sock.close()
-            raise RemoteError(
-                "org.freedesktop.DBus.Error.NoServer",
-                f"cannot connect to the {bus} bus: {err}",
-            ) from None
+            raise _no_server(bus, err) from None
 
     def close(self) -> None:
         self._sock.close()
@@ -385,7 +401,7 @@ class QuickBus:
         messages before it (the bus's NameAcquired after Hello) are skipped."""
         while True:
             head = self._read(16)
-            data = head + self._read(_length(head) - 16)
+            data = head + self._read(message_length(head) - 16)
             if data[1] not in (_METHOD_RETURN, _ERROR):
                 continue
             if _parsed(data)[2].get(_REPLY_SERIAL) == serial:
@@ -429,7 +445,42 @@ class QuickBus:
         return data
 
 
-def _length(head: bytes) -> int:
+def open_socket(bus: str, timeout: float, *, unix_fds: bool = False) -> _socket.socket:
+    """A blocking socket to the bus *bus* names, authenticated as this uid
+    (EXTERNAL), with descriptors agreed when *unix_fds*; the next message on
+    it is the caller's (Hello first). Failures are :class:`RemoteError`
+    ``NoServer``."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(socket_path(bus_address(bus)))
+        uid = str(os.getuid()).encode().hex().encode()
+        sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\n")
+        _expect(sock, b"OK ")
+        if unix_fds:
+            sock.sendall(b"NEGOTIATE_UNIX_FD\r\n")
+            _expect(sock, b"AGREE_UNIX_FD")
+        sock.sendall(b"BEGIN\r\n")
+        return sock
+    except (OSError, ValueError) as err:
+        sock.close()
+        raise _no_server(bus, err) from None
+
+
+def _expect(sock: _socket.socket, answer: bytes) -> None:
+    """Read the bus's one-line answer; OSError unless it starts with *answer*."""
+    line = sock.recv(4096)
+    if not line.startswith(answer):
+        raise OSError(f"authentication refused: {line.strip()!r}")
+
+
+def _no_server(bus: str, err: Exception) -> RemoteError:
+    return RemoteError(
+        "org.freedesktop.DBus.Error.NoServer", f"cannot connect to the {bus} bus: {err}"
+    )
+
+
+def message_length(head: bytes) -> int:
     """The whole length of the message whose first 16 bytes are *head*."""
     if head[0:1] != b"l":
         raise RemoteError(

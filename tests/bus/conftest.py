@@ -23,8 +23,9 @@ from kdlab.wire import (
     MANAGER_PATH,
     VM_INTERFACE,
 )
+from tests.bus.guestagent import GuestAgent, agent_binary
 from tests.support.bus import PROPERTIES, SYSTEM_BUS_CONFIG, BusClient, PrivateBus
-from tests.support.clients import Identity, kdlabctl
+from tests.support.clients import Identity, cache_home, kdlabctl
 from tests.support.prereq import require, require_tool
 from tests.support.testdriver import Lab
 
@@ -174,3 +175,17 @@ def target(image_and_job: tuple[str, str]) -> Target:
         "job": (JOB_INTERFACE, job),
     }
     return lambda name: known.get(name, (VM_INTERFACE, f"{MANAGER_PATH}/vm/{name}"))
+
+
+@pytest.fixture(scope="session")
+def agent_program() -> Path:
+    """kdlab's exec agent, built for this machine."""
+    return agent_binary(cache_home() / "agent")
+
+
+@pytest.fixture
+def guest(kdlabd: Lab, agent_program: Path) -> Iterator[GuestAgent]:
+    """The real exec agent on the running VM "busy"'s exec channel (as nobody)."""
+    agent = GuestAgent(kdlabd.layout.agent_socket("busy"), agent_program)
+    yield agent
+    agent.close()

@@ -17,7 +17,6 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,11 +31,10 @@ from kdlab.errors import (
 )
 from kdlab.wire import PROCESS_INTERFACE, VM_INTERFACE
 from tests.bus.conftest import Ctl
-from tests.bus.guestagent import GuestAgent, agent_binary
+from tests.bus.guestagent import GuestAgent
 from tests.support.bus import PROPERTIES, BusClient, PrivateBus
 from tests.support.clients import (
     NOBODY,
-    cache_home,
     client_env,
     kdlabctl_argv,
     read_until,
@@ -46,18 +44,6 @@ from tests.support.testdriver import Lab
 pytestmark = pytest.mark.bus
 
 VM = "busy"  # running, uid 1000's: root acts on it with manage-others
-
-
-@pytest.fixture(scope="session")
-def binary() -> Path:
-    return agent_binary(cache_home() / "agent")
-
-
-@pytest.fixture
-def guest(kdlabd: Lab, binary: Path) -> Iterator[GuestAgent]:
-    agent = GuestAgent(kdlabd.layout.agent_socket(VM), binary)
-    yield agent
-    agent.close()
 
 
 def kdlabd_rss_kib(lab: Lab) -> int:

@@ -1,0 +1,200 @@
+"""The bridge (``kdlabctl --host``'s transport) relays a bus with its descriptors.
+
+Here the back runs as a plain child process (``kdlabctl.bridge.serve`` on the
+private bus), not through ssh: what is tested is the relay. The vm tier
+(tests/vm/test_remote.py) runs it through a real sshd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dbus_next import Variant
+
+from kdlab.wire import VM_INTERFACE
+from kdlabctl import bridge
+from tests.bus.conftest import Ctl
+from tests.bus.gdbstub import RemoteStub
+from tests.support import REPO
+from tests.support.bus import BusClient, PrivateBus
+from tests.support.clients import (
+    assert_no_traceback,
+    client_env,
+    kdlabctl,
+    kdlabctl_argv,
+    read_until,
+)
+from tests.support.testdriver import Lab
+from tests.support.timeouts import CALL_TIMEOUT
+
+pytestmark = pytest.mark.bus
+
+
+def back_argv(address: str) -> list[str]:
+    """The back, as ssh would start it on the host, but here and at once."""
+    code = (
+        f"import sys; from kdlabctl import bridge; sys.exit(bridge.serve({address!r}))"
+    )
+    return [sys.executable, "-c", code]
+
+
+@pytest.fixture
+def session(bus: PrivateBus) -> Iterator[bridge.Session]:
+    opened = bridge.open_session(back_argv(bus.address), "test-host")
+    yield opened
+    opened.close()
+
+
+def test_hello_says_who_the_caller_is_on_the_host(session: bridge.Session) -> None:
+    assert session.remote is not None
+    assert session.remote.uid == 0
+    assert session.remote.user == "root"
+
+
+def test_list_through_the_bridge_is_the_same(
+    kdlabd: Lab, session: bridge.Session, ctl: Ctl
+) -> None:
+    direct = ctl("list", "--json")
+    relayed = kdlabctl(session.bus, "list", "--json")
+    assert relayed.returncode == 0, relayed.stderr
+    assert json.loads(relayed.stdout) == json.loads(direct.stdout)
+    shown = kdlabctl(session.bus, "show", "--json", "booted")
+    assert shown.returncode == 0, shown.stderr
+
+
+def test_errors_keep_their_names_and_exit_codes(
+    kdlabd: Lab, session: bridge.Session, ctl: Ctl
+) -> None:
+    direct = ctl("show", "no-such-vm")
+    relayed = kdlabctl(session.bus, "show", "no-such-vm")
+    assert direct.returncode == 4
+    assert (relayed.returncode, relayed.stderr) == (direct.returncode, direct.stderr)
+
+
+def test_files_cross_and_are_judged_by_their_content(
+    kdlabd: Lab, session: bridge.Session, ctl: Ctl, kernels: dict[str, Path]
+) -> None:
+    """kdlabd reads what crossed: a bzImage passes its checks (and reaches the
+    test driver's upload, which it does not have), text is no kernel."""
+    for kernel, expected in (("bzImage", 7), ("text", 2), ("empty", 2)):
+        args = ("create", f"crossed-{kernel}", "--kernel", str(kernels[kernel]))
+        direct = ctl(*args, "--no-initramfs")
+        relayed = kdlabctl(session.bus, *args, "--no-initramfs")
+        assert direct.returncode == expected, direct.stderr
+        assert (relayed.returncode, relayed.stderr) == (expected, direct.stderr)
+
+
+def test_logs_follow_a_log_that_grows_on_the_host(
+    kdlabd: Lab, client: BusClient, session: bridge.Session
+) -> None:
+    log = kdlabd.layout.console_log("busy")
+    logs = subprocess.Popen(
+        kdlabctl_argv(session.bus, "logs", "-f", "busy"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=client_env(),
+        cwd=REPO,
+    )
+    try:
+        assert logs.stdout is not None
+        read = read_until(logs.stdout.fileno(), "console of busy\n", CALL_TIMEOUT)
+        with log.open("a") as boot:
+            boot.write("later line\n")
+        read += read_until(logs.stdout.fileno(), "later line\n", CALL_TIMEOUT)
+        with log.open("a") as boot:
+            boot.write("last words\n")
+        stop = {"force": Variant("b", True)}
+        client.ok(client.vm_path("busy"), VM_INTERFACE, "Stop", "a{sv}", [stop])
+        out, err = logs.communicate(timeout=CALL_TIMEOUT)
+    finally:
+        if logs.poll() is None:
+            logs.kill()
+            logs.wait()
+    assert_no_traceback(err.decode())
+    assert logs.returncode == 0, err
+    # What the boot wrote before it stopped is printed before the follow ends.
+    assert read + out.decode() == "console of busy\nlater line\nlast words\n"
+
+
+@pytest.mark.usefixtures("guest")
+def test_exec_streams_cross_both_ways(session: bridge.Session) -> None:
+    """A command's stdin (a pipe of ours), its stdout and stderr (pipes of
+    kdlabd's) and its status, relayed; 16 MiB of output arrives intact."""
+    script = "cat; echo err >&2; head -c 16777216 /dev/urandom | tee /tmp/kdlab-$$ "
+    script += "| sha256sum >&2; cat /tmp/kdlab-$$; rm /tmp/kdlab-$$; exit 7"
+    done = subprocess.run(
+        kdlabctl_argv(session.bus, "exec", "busy", "--", "sh", "-c", script),
+        input=b"typed here\n",
+        capture_output=True,
+        env=client_env(),
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 7, done.stderr
+    assert done.stdout[:11] == b"typed here\n"
+    err, digest = done.stderr.decode().split("\n")[:2]
+    assert err == "err"
+    assert digest.split()[0] == hashlib.sha256(done.stdout[11:]).hexdigest()
+    assert len(done.stdout) == 11 + (16 << 20)
+
+
+def test_gdb_runs_here_on_the_hosts_stub(
+    kdlabd: Lab, session: bridge.Session, tmp_path: Path
+) -> None:
+    """gdb runs on this side with a file of this side; the stub's stream
+    crosses (a socket of kdlabd's): gdb attaches, reads registers, detaches."""
+    vmlinux = tmp_path / "vmlinux"
+    shutil.copy("/bin/true", vmlinux)
+    stub = RemoteStub(kdlabd.layout.gdb_socket("busy"))
+    try:
+        done = subprocess.run(
+            kdlabctl_argv(
+                session.bus, "gdb", "busy", "--vmlinux", str(vmlinux), "--batch",
+                "-ex", "p/x $rsp",
+            ),
+            capture_output=True,
+            text=True,
+            env=client_env(),
+            cwd=REPO,
+            timeout=CALL_TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    finally:
+        stub.close()
+    assert done.returncode == 0, done.stderr
+    assert "$1 = 0x0" in done.stdout
+    assert stub.attached == [True]
+
+
+def test_an_unreachable_host_says_what_ssh_said() -> None:
+    said = "ssh: connect to host lab port 22: Connection refused"
+    argv = ["sh", "-c", f"echo '{said}' >&2; exit 255"]
+    began = time.monotonic()
+    with pytest.raises(bridge.Unreachable) as caught:
+        bridge.open_session(argv, "lab")
+    assert str(caught.value) == f"cannot reach lab over ssh: {said}"
+    assert time.monotonic() - began < CALL_TIMEOUT
+
+
+def test_a_host_without_kdlabctl_says_so() -> None:
+    argv = ["sh", "-c", "exec kdlabctl-is-not-here"]
+    with pytest.raises(bridge.Unreachable) as caught:
+        bridge.open_session(argv, "lab")
+    assert "kdlabctl on lab did not start (exit 127)" in str(caught.value)
+    assert "not found" in str(caught.value)
+
+
+def test_a_host_whose_bus_is_down_is_unreachable() -> None:
+    with pytest.raises(bridge.Unreachable) as caught:
+        bridge.open_session(back_argv("unix:path=/nonexistent/bus"), "lab")
+    assert str(caught.value).startswith("on lab: cannot connect to the unix:path=")
