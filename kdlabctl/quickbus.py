@@ -320,7 +320,7 @@ def message(serial: int, call: Call, *, no_autostart: bool = False) -> bytes:
         (_DESTINATION, Variant("s", call.destination)),
     ]
     flags = _NO_AUTO_START if no_autostart else 0
-    return _assemble(_METHOD_CALL, flags, serial, fields, call.signature, call.body)
+    return _assemble(_METHOD_CALL, flags, serial, fields, (call.signature, call.body))
 
 
 def error_reply(
@@ -338,7 +338,7 @@ def error_reply(
         (_ERROR_NAME, Variant("s", name)),
         *kept,
     ]
-    return _assemble(_ERROR, 0, serial, header, "s", [text])
+    return _assemble(_ERROR, 0, serial, header, ("s", [text]))
 
 
 def _assemble(
@@ -346,9 +346,10 @@ def _assemble(
     flags: int,
     serial: int,
     fields: list[tuple[int, Variant]],
-    signature: str,
-    body: Sequence[Any],
+    arguments: tuple[str, Sequence[Any]],
 ) -> bytes:
+    """A message of *kind*: header *fields*, and (signature, values)."""
+    signature, body = arguments
     payload = bytearray()
     for part, value in zip(_split(signature), body, strict=True):
         _write(payload, part, value)

@@ -59,9 +59,8 @@ def test_hello_says_who_the_caller_is_on_the_host(session: bridge.Session) -> No
     assert session.remote.user == "root"
 
 
-def test_list_through_the_bridge_is_the_same(
-    kdlabd: Lab, session: bridge.Session, ctl: Ctl
-) -> None:
+@pytest.mark.usefixtures("kdlabd")
+def test_list_through_the_bridge_is_the_same(session: bridge.Session, ctl: Ctl) -> None:
     direct = ctl("list", "--json")
     relayed = kdlabctl(session.bus, "list", "--json")
     assert relayed.returncode == 0, relayed.stderr
@@ -70,8 +69,9 @@ def test_list_through_the_bridge_is_the_same(
     assert shown.returncode == 0, shown.stderr
 
 
+@pytest.mark.usefixtures("kdlabd")
 def test_errors_keep_their_names_and_exit_codes(
-    kdlabd: Lab, session: bridge.Session, ctl: Ctl
+    session: bridge.Session, ctl: Ctl
 ) -> None:
     direct = ctl("show", "no-such-vm")
     relayed = kdlabctl(session.bus, "show", "no-such-vm")
@@ -79,8 +79,9 @@ def test_errors_keep_their_names_and_exit_codes(
     assert (relayed.returncode, relayed.stderr) == (direct.returncode, direct.stderr)
 
 
+@pytest.mark.usefixtures("kdlabd")
 def test_files_cross_and_are_judged_by_their_content(
-    kdlabd: Lab, session: bridge.Session, ctl: Ctl, kernels: dict[str, Path]
+    session: bridge.Session, ctl: Ctl, kernels: dict[str, Path]
 ) -> None:
     """kdlabd reads what crossed: a bzImage passes its checks (and reaches the
     test driver's upload, which it does not have), text is no kernel."""
