@@ -60,6 +60,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 from collections import deque
@@ -80,6 +81,7 @@ CONNECT_SECONDS = 25.0
 LINGER_SECONDS = 5.0
 _MAX_FDS = 253  # SCM_MAX_FD
 _BACKLOG_MESSAGES = 64
+_LEFT: tuple[bytes, list[int]] = (b"", [])  # in a queue: the connection closed
 _MAX_MESSAGE_FRAMES = (
     (1 << 27) + 2 + _MAX_FDS * 4
 )  # a D-Bus message, its channels  # a connection's messages waiting for the channel
@@ -515,8 +517,12 @@ class Connection(Channel):
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 self._fds.extend(fds)
-        if not data or flags & socket.MSG_CTRUNC:
+        if flags & socket.MSG_CTRUNC:
             self.abort()
+            return
+        if not data:  # what it sent before leaving still goes
+            self._loop.remove_reader(self.sock)
+            self._queue.put_nowait(_LEFT)
             return
         self._in += data
         self._split()
@@ -547,6 +553,9 @@ class Connection(Channel):
         """Send the messages read, in order, each once its files crossed."""
         while True:
             message, fds = await self._queue.get()
+            if not message:  # _LEFT
+                self.abort()
+                return
             if self._queue.qsize() == _BACKLOG_MESSAGES // 2:
                 self._loop.add_reader(self.sock, self._readable)
             try:
@@ -800,7 +809,11 @@ def serve(bus: str) -> int:
     os.dup2(null, 0)
     os.close(null)
     os.dup2(2, 1)
-    asyncio.run(_serve(bus, reading, writing))
+    try:
+        asyncio.run(_serve(bus, reading, writing))
+    except Exception as err:  # whatever broke, the user reads one line
+        print(f"kdlabctl __bridge: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -1036,7 +1049,8 @@ class Session:
     def close(self) -> None:
         """End the session: the channel, ssh, the socket and its directory."""
         if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop)
+            with contextlib.suppress(RuntimeError):  # its loop just ended
+                self._loop.call_soon_threadsafe(self._stop)
             self._thread.join(LINGER_SECONDS * 2)
         assert self._ssh.stdin is not None
         with contextlib.suppress(OSError):

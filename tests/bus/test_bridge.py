@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 from dbus_next import Variant
 
+from kdlab.errors import EXIT_UNAVAILABLE
 from kdlab.wire import VM_INTERFACE
 from kdlabctl import bridge
 from tests.bus.conftest import Ctl
@@ -26,6 +29,7 @@ from tests.bus.gdbstub import RemoteStub
 from tests.support import REPO
 from tests.support.bus import BusClient, PrivateBus
 from tests.support.clients import (
+    NOBODY,
     assert_no_traceback,
     client_env,
     kdlabctl,
@@ -149,6 +153,48 @@ def test_exec_streams_cross_both_ways(session: bridge.Session) -> None:
     assert len(done.stdout) == 11 + (16 << 20)
 
 
+def rss_kib() -> int:
+    """This process's resident memory (the front runs in it)."""
+    status = Path("/proc/self/status").read_text()
+    (line,) = [ln for ln in status.splitlines() if ln.startswith("VmRSS:")]
+    return int(line.split()[1])
+
+
+@pytest.mark.usefixtures("guest")
+def test_a_reader_that_does_not_read_holds_back_only_its_own_stream(
+    session: bridge.Session,
+) -> None:
+    """One command's output nobody reads stalls that command, not the link:
+    another command on the same session runs; nothing buffers the flood."""
+    script = "echo started >&2; head -c 1073741824 /dev/zero"
+    stalled = subprocess.Popen(
+        kdlabctl_argv(session.bus, "exec", "busy", "--", "sh", "-c", script),
+        stdout=subprocess.PIPE,  # never read
+        stderr=subprocess.PIPE,
+        env=client_env(),
+        cwd=REPO,
+    )
+    try:
+        assert stalled.stderr is not None
+        read_until(stalled.stderr.fileno(), "started\n", CALL_TIMEOUT)
+        before = rss_kib()
+        quick = subprocess.run(
+            kdlabctl_argv(session.bus, "exec", "busy", "--", "echo", "through"),
+            capture_output=True,
+            env=client_env(),
+            cwd=REPO,
+            timeout=CALL_TIMEOUT,
+            check=False,
+        )
+        time.sleep(1)  # the flood keeps pushing meanwhile: it must not pile up here
+        grown = rss_kib() - before
+    finally:
+        stalled.kill()
+        stalled.wait()
+    assert (quick.returncode, quick.stdout) == (0, b"through\n"), quick.stderr
+    assert grown < 32 * 1024, f"the front grew by {grown} KiB"
+
+
 def test_gdb_runs_here_on_the_hosts_stub(
     kdlabd: Lab, session: bridge.Session, tmp_path: Path
 ) -> None:
@@ -175,6 +221,16 @@ def test_gdb_runs_here_on_the_hosts_stub(
     assert done.returncode == 0, done.stderr
     assert "$1 = 0x0" in done.stdout
     assert stub.attached == [True]
+
+
+@pytest.mark.usefixtures("kdlabd")
+def test_nobody_else_may_use_the_session(session: bridge.Session) -> None:
+    """The session's socket is the host's bus as the ssh user: another local
+    user must not reach it (a directory only its user may enter)."""
+    done = kdlabctl(session.bus, "list", user=NOBODY)
+    assert done.returncode == EXIT_UNAVAILABLE
+    assert "Permission denied" in done.stderr
+    assert stat.S_IMODE(os.stat(session.directory).st_mode) == 0o700
 
 
 def test_an_unreachable_host_says_what_ssh_said() -> None:
