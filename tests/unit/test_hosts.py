@@ -303,6 +303,7 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> list[Ran]:
         ["image", "--host", "lab", "list"],
         ["--host", "elsewhere", "gdb", "vm", "--host", "lab", "--batch"],  # last wins
         ["attach", "vm", "--host", "lab", "--", "-ex", "bt"],
+        ["web", "--host", "lab"],  # no call of its own, but its page's
     ],
 )
 def test_host_goes_before_or_after_the_command(
