@@ -13,7 +13,6 @@ bridge's tests (an sshd of the tests' own).
 from __future__ import annotations
 
 import json
-import pwd
 import re
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from kdlab.errors import EXIT_OK, EXIT_UNAVAILABLE
 from kdlabd import __version__ as version
+from tests.bus.test_kdlabctl import user_name
 from tests.support import REPO
 from tests.support.bus import PrivateBus
 from tests.support.clients import assert_no_traceback, run_tool
@@ -120,7 +120,7 @@ def test_list_all_hosts_lists_here_and_there(bus: PrivateBus, tmp_path: Path) ->
     owners = {vm.name: vm.owner for vm in FLEET}
     names = sorted(owners)
     assert [(row[0], row[1], row[-1]) for row in rows[1:]] == [
-        *(("local", name, local_name(owners[name])) for name in names),
+        *(("local", name, user_name(owners[name])) for name in names),
         *(("lab", name, "alice" if owners[name] == 1000 else str(owners[name]))
           for name in names),
     ]  # fmt: skip
@@ -129,13 +129,6 @@ def test_list_all_hosts_lists_here_and_there(bus: PrivateBus, tmp_path: Path) ->
         *(("local", name) for name in names),
         *(("lab", name) for name in names),
     ]
-
-
-def local_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def test_a_command_on_a_host_is_the_ssh_users(bus: PrivateBus, tmp_path: Path) -> None:

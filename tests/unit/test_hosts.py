@@ -501,19 +501,21 @@ def cells(table: str) -> list[list[str]]:
     return [re.split(r" {2,}", line) for line in table.splitlines()]
 
 
-THREE = LAB + '\n[hosts.box]\ndestination = "box"\n'
+@pytest.fixture
+def three(config: Path, ssh: Bridge) -> Bridge:
+    """Hosts lab, v6 (unreachable) and box."""
+    config.write_text(LAB + '\n[hosts.box]\ndestination = "box"\n')
+    ssh.down.add("fe80::1%eth0")
+    return ssh
 
 
 def test_hosts_lists_every_host_and_exits_69_when_one_is_down(
-    config: Path,
-    ssh: Bridge,
+    three: Bridge,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from kdlabctl.client import RemoteError
 
-    config.write_text(THREE)
-    ssh.down.add("fe80::1%eth0")
     monkeypatch.setattr(
         hosts,
         "_call",
@@ -536,7 +538,7 @@ def test_hosts_lists_every_host_and_exits_69_when_one_is_down(
         ["box", "box", "The name org.kdlab.Kdlab1 was not provided by any .service "
          "files", "-", "-"],
     ]  # fmt: skip
-    assert all(session.closed for session in ssh.sessions)
+    assert all(session.closed for session in three.sessions)
     assert cli.main(["hosts", "--json"]) == EXIT_UNAVAILABLE
 
     first, second, _ = json.loads(capsys.readouterr().out)
@@ -551,7 +553,7 @@ def test_hosts_lists_every_host_and_exits_69_when_one_is_down(
     }
     assert second["reachable"] is False
     assert second["vms"] is None
-    ssh.down.clear()
+    three.down.clear()
     monkeypatch.setattr(hosts, "_call", canned({}.fromkeys(
         ["unix:path=/bridge/alice@lab2.example.org", "unix:path=/bridge/fe80::1%eth0",
          "unix:path=/bridge/box"], ("0.1.0", 0))))  # fmt: skip
@@ -567,14 +569,11 @@ def test_hosts_without_hosts_toml_says_so(
     assert err == f"kdlabctl: no hosts in {config}\n"
 
 
+@pytest.mark.usefixtures("three")
 def test_list_all_hosts_has_a_host_column_and_warns_of_the_missing(
-    config: Path,
-    ssh: Bridge,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config.write_text(THREE)
-    ssh.down.add("fe80::1%eth0")
     monkeypatch.setenv("KDLAB_HOST", "lab")  # --all-hosts: every host anyway
     here = os.getuid()
     monkeypatch.setattr(
