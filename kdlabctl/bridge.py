@@ -889,7 +889,7 @@ class Session:
         self.directory = tempfile.mkdtemp(prefix="kdlab-host-")
         path = os.path.join(self.directory, "bus")
         self.bus = f"unix:path={path}"
-        self.remote: RemoteInfo | None = None
+        self._remote: RemoteInfo | None = None
         self._failure = ""
         self._ready = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -914,9 +914,15 @@ class Session:
         self._thread.start()
         if not self._ready.wait(timeout):
             self._failure = f"{where} did not answer over ssh within {timeout:g} s"
-        if self.remote is None:
+        if self._remote is None:
             self.close()
             raise Unreachable(self._failure)
+
+    @property
+    def remote(self) -> RemoteInfo:
+        """Who the caller is on the host (known once the session is open)."""
+        assert self._remote is not None
+        return self._remote
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -935,7 +941,7 @@ class Session:
         errors = self._errors = _Stderr(loop, self._ssh.stderr.fileno())
 
         def on_frame(kind: int, number: int, flags: int, payload: bytes) -> None:
-            if kind == Frame.HELLO and self.remote is None:
+            if kind == Frame.HELLO and self._remote is None:
                 self._hello(payload)
             elif kind in (Frame.CONNECTED, Frame.CLOSE) and number in pending:
                 waiter = pending.pop(number)
@@ -989,7 +995,7 @@ class Session:
         loop.add_reader(self._listener, accept)
         await self._stopping
         loop.remove_reader(self._listener)
-        if self.remote is None:
+        if self._remote is None:
             self._failure = await self._why(errors, bridge.link)
             self._ready.set()
         else:
@@ -1009,7 +1015,7 @@ class Session:
             elif hello.get("bus_error"):
                 self._failure = f"on {self.where}: {hello['bus_error']}"
             else:
-                self.remote = RemoteInfo(
+                self._remote = RemoteInfo(
                     int(hello["uid"]),
                     str(hello["user"]),
                     str(hello["version"]),
@@ -1017,7 +1023,7 @@ class Session:
                 )
         except (ValueError, KeyError, TypeError, AttributeError):
             self._failure = f"kdlabctl on {self.where} sent a malformed hello"
-        if self.remote is None:
+        if self._remote is None:
             self._stop()
         else:
             self._errors.passing = True  # the host's kdlabctl speaks to the user

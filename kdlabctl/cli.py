@@ -29,7 +29,7 @@ from kdlab.errors import (
 )
 from kdlab.wire import ON_PANIC_VALUES
 from kdlabctl import images
-from kdlabctl.names import HIDDEN, IMAGE_NAME, RECORDING_ID, VM_NAME
+from kdlabctl.names import BRIDGE, HIDDEN, HOST, IMAGE_NAME, RECORDING_ID, VM_NAME
 
 TYPE_CHECKING = False  # typing's import costs start-up; mypy takes this as True
 if TYPE_CHECKING:
@@ -272,10 +272,10 @@ async def create_vm(
 async def warm_index(client: Client, name: str) -> None:
     """Start indexing the vmlinux ``kdlabctl gdb NAME`` will load, in the
     background: the first attach then finds it in gdb's index cache."""
-    from kdlabctl import debug, gdbcache
+    from kdlabctl import caller, debug, gdbcache
 
     try:
-        vmlinux = debug.find_vmlinux(await client.vm(name), None, os.getuid())
+        vmlinux = debug.find_vmlinux(await client.vm(name), None, caller.uid())
     except FileNotFoundError:
         return
     gdbcache.warm(vmlinux)
@@ -310,24 +310,64 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LIST_HEADERS = ("NAME", "STATE", "MEMORY", "CPUS", "ACCEL", "GDB", "OWNER")
+
+
+def list_row(vm: VM, owner: str) -> list[str]:
+    """A VM's row of ``kdlabctl list`` (LIST_HEADERS), *owner* its owner's name."""
+    return [
+        vm.name,
+        vm.state,
+        f"{vm.memory_mib}M",
+        str(vm.vcpus),
+        vm.accel,
+        vm.gdb_stub,
+        owner,
+    ]
+
+
 async def cmd_list(client: Client, args: argparse.Namespace) -> int:
     from kdlabctl import output
 
     output.listing(
         await client.list_vms(),
         json_output=args.json,
-        headers=["NAME", "STATE", "MEMORY", "CPUS", "ACCEL", "GDB", "OWNER"],
-        row=lambda vm: [
-            vm.name,
-            vm.state,
-            f"{vm.memory_mib}M",
-            str(vm.vcpus),
-            vm.accel,
-            vm.gdb_stub,
-            output.user_name(vm.owner),
-        ],
+        headers=LIST_HEADERS,
+        row=lambda vm: list_row(vm, output.user_name(vm.owner)),
     )
     return EXIT_OK
+
+
+def list_all_hosts(args: argparse.Namespace) -> int:
+    """``kdlabctl list --all-hosts``: this machine's VMs and every host's of
+    hosts.toml, a HOST column first; a host that did not answer is a warning
+    and exit 69, after the rows of those that did."""
+    from kdlabctl import caller, hosts, output
+
+    answers = hosts.ask_all(
+        [None, *hosts.load().values()],
+        lambda client: client.list_vms(),
+        args.bus or local_bus(),
+    )
+    rows, found = [], []
+    for answer in answers:
+        if answer.error:
+            say(f"{answer.host}: {answer.error}")
+        for vm in answer.value or []:
+            owner = caller.user_name_on(answer.remote, vm.owner)
+            rows.append([answer.host, *list_row(vm, owner)])
+            found.append({"host": answer.host, **output.as_json(vm)})
+    if args.json:
+        output.print_json(found)
+    else:
+        print(output.table(["HOST", *LIST_HEADERS], rows))
+    return EXIT_UNAVAILABLE if any(answer.error for answer in answers) else EXIT_OK
+
+
+async def cmd_hosts(_client: object, args: argparse.Namespace) -> int:
+    from kdlabctl import hosts
+
+    return hosts.cmd_hosts(args.json)
 
 
 async def cmd_show(client: Client, args: argparse.Namespace) -> int:
@@ -435,6 +475,7 @@ async def start_vm(
     changed). The VM's shares are served first, as the user (who must own
     it)."""
     from kdlab.kernel.initramfs import MODE_USERSPACE
+    from kdlabctl import caller
     from kdlabctl.kernel import KernelFiles
 
     vm = await client.vm(name)
@@ -448,6 +489,11 @@ async def start_vm(
                 fds.append(_memfd(userspace_initramfs(modules)))
         # A running VM's start is refused by kdlabd: nothing to serve for it.
         serve = vm.shares and not vm.state.active
+        remote = caller.remote()
+        if serve and remote is not None:
+            raise UsageError(
+                f"VM {name} has shares: {no_shares_across(remote.hostname)}"
+            )
         servers = await _serve_shares(client, vm) if serve else []
         try:
             await client.start(
@@ -465,6 +511,14 @@ async def start_vm(
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def no_shares_across(host: str) -> str:
+    """Why a share cannot be served for a VM on another host, and what to do."""
+    return (
+        "shares cannot be served across hosts (virtiofsd takes descriptors over "
+        f"its socket, which do not cross ssh): run kdlabctl on {host} itself"
+    )
 
 
 async def _serve_shares(client: Client, vm: VM) -> list[Server]:
@@ -553,17 +607,18 @@ async def gdb(
     import signal
     import subprocess
 
-    from kdlabctl import debug, gdbcache
+    from kdlabctl import caller, debug, gdbcache
 
-    uid = os.getuid()
     vm = await client.vm(name)
     fd = await client.open_gdb(name)
     try:
         try:
-            symbols = debug.find_vmlinux(vm, vmlinux, uid)
+            # Whose VM it is, is kdlabd's uid of the caller (on --host, the
+            # ssh user's there); whose files gdb may trust is ours, here.
+            symbols = debug.find_vmlinux(vm, vmlinux, caller.uid())
         except FileNotFoundError as err:
             raise UsageError(str(err)) from None
-        script, refused = debug.gdb_script(symbols, uid)
+        script, refused = debug.gdb_script(symbols, os.getuid())
         if refused:
             say(
                 f"the lx-* helpers are not loaded: {refused}; if you trust them, "
@@ -1056,11 +1111,24 @@ class CommandParser(argparse.ArgumentParser):
         self,
         *args: Any,
         define: Callable[[argparse.ArgumentParser], None] | None = None,
+        top: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._define = define
+        if not top:
+            # ``kdlabctl up TREE --host lab``: a command takes the global
+            # --host after it too. Unless given there, it leaves the global
+            # value alone (argparse copies a command's defaults over it);
+            # --help shows it once, with kdlabctl's options.
+            self.add_argument(
+                "--host",
+                type=HOST,
+                metavar="HOST",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
 
     def define_now(self) -> None:
         """Define the options now, if they were left for later."""
@@ -1279,6 +1347,32 @@ def _define_completion(parser: argparse.ArgumentParser) -> None:
     completion.define(parser)
 
 
+def add_list_parsers(
+    command: Callable[[str, Command, str], argparse.ArgumentParser],
+) -> None:
+    """``list`` (here, on --host, or everywhere) and ``hosts``."""
+    listing = command("list", cmd_list, "list VMs")
+    listing.set_defaults(plain=True)  # only calls (Client.plain)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument(
+        "--all-hosts",
+        action="store_true",
+        help="this machine's VMs and those of every host of hosts.toml, with a "
+        "HOST column (exit 69 when a host does not answer)",
+    )
+    probe = command(
+        "hosts",
+        cmd_hosts,
+        "the hosts of ~/.config/kdlab/hosts.toml, each reached over ssh: whether it "
+        "answers, its kdlab version, the VMs you see there (exit 69 when one does "
+        "not answer)",
+    )
+    probe.add_argument("--json", action="store_true", help="machine-readable output")
+    probe.set_defaults(
+        needs_daemon=False, without_host="asks every host of hosts.toml itself"
+    )
+
+
 def add_web_parser(
     command: Callable[[str, Command, str], argparse.ArgumentParser],
 ) -> None:
@@ -1303,7 +1397,8 @@ def add_web_parser(
         metavar="PORT",
         help="TCP port (default: a free one)",
     )
-    web.set_defaults(needs_daemon=False)
+    # No call of its own, but its page's: through --host's session, if given.
+    web.set_defaults(needs_daemon=False, on_host=True)
 
 
 def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
@@ -1314,11 +1409,21 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
         description="Kernel debug VMs served by kdlabd: create, start, watch, debug.",
         epilog=exit_codes_help(),
         formatter_class=RawDescriptionHelpFormatter,
+        top=True,
     )
     parser.add_argument(
         "--bus",
-        default=os.environ.get("KDLAB_BUS", "system"),
-        help="system (default, or $KDLAB_BUS), session, or a D-Bus address",
+        help="system (default, or $KDLAB_BUS), session, or a D-Bus address; with "
+        "--host, the bus on the host (default: its bus in hosts.toml, else system)",
+    )
+    parser.add_argument(
+        "--host",
+        type=HOST,
+        metavar="HOST",
+        help="kdlabd on HOST, reached over ssh: a host of ~/.config/kdlab/hosts.toml "
+        "or [USER@]HOST[:PORT] (default $KDLAB_HOST; empty: this machine). The "
+        "command runs here (files are read here, gdb runs here); may also come "
+        "after the command",
     )
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=CommandParser
@@ -1334,8 +1439,7 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
 
     add_create_parser(command)
 
-    listing = command("list", cmd_list, "list VMs", plain=True)
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    add_list_parsers(command)
 
     show = command("show", cmd_show, "show one VM's properties", plain=True)
     vm_argument(show)
@@ -1496,6 +1600,11 @@ def main(argv: list[str] | None = None) -> int:
         from kdlabctl import completion
 
         return completion.main(build_parser(), argv[1:])
+    bridged = bridge_bus(argv)
+    if bridged is not None:
+        from kdlabctl import bridge
+
+        return bridge.serve(bridged)
     args = parse_args(build_parser(lazy=True), argv)
     try:
         return _run(args)
@@ -1514,8 +1623,73 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def bridge_bus(argv: list[str]) -> str | None:
+    """The bus of ``kdlabctl [--bus BUS] __bridge``, the command ssh runs on a
+    host for ``--host`` (:func:`kdlabctl.hosts.ssh_argv`); None for any other
+    command line. Like ``__complete``, it is no command of the parser."""
+    if argv[-1:] != [BRIDGE]:
+        return None
+    given = argv[:-1]
+    if not given:
+        return local_bus()
+    if len(given) == 2 and given[0] == "--bus":
+        return given[1]
+    if len(given) == 1 and given[0].startswith("--bus="):
+        return given[0].removeprefix("--bus=")
+    return None
+
+
+def local_bus() -> str:
+    """This machine's kdlabd bus when --bus is not given: $KDLAB_BUS, else the
+    system bus. (A host's is in hosts.toml: $KDLAB_BUS is not for it.)"""
+    return os.environ.get("KDLAB_BUS") or "system"
+
+
 def _run(args: argparse.Namespace) -> int:
-    """Run the command *args* names; kdlabd's errors as exit codes."""
+    """Run the command *args* names, here or with --host; kdlabd's errors as
+    exit codes."""
+    spec = _host_spec(args)
+    if getattr(args, "all_hosts", False):
+        return list_all_hosts(args)
+    if not spec:
+        args.bus = args.bus or local_bus()
+        return _run_here(args)
+    from kdlabctl import bridge, caller, hosts
+
+    host = hosts.resolve(spec)
+    if getattr(args, "share", None):
+        raise UsageError(f"--share: {no_shares_across(host.hostname)}")
+    try:
+        with hosts.connected(host, args.bus, hosts.SESSION_SECONDS) as session:
+            args.bus = session.bus
+            with caller.on_host(session.remote):
+                return _run_here(args)
+    except bridge.Unreachable as err:
+        print(f"kdlabctl: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+def _host_spec(args: argparse.Namespace) -> str:
+    """The host the command goes to ("": this machine): --host, else
+    $KDLAB_HOST, for a command that talks to kdlabd. One that does not (kernel,
+    completion, hosts, list --all-hosts) ignores $KDLAB_HOST, and an --host
+    given to it is a usage error."""
+    given = args.host is not None
+    spec = str(args.host if given else os.environ.get("KDLAB_HOST", ""))
+    if getattr(args, "all_hosts", False):
+        if given and spec:
+            raise UsageError("--all-hosts and --host exclude each other")
+        return ""
+    if getattr(args, "needs_daemon", True) or getattr(args, "on_host", False):
+        return spec
+    if given and spec:
+        why = getattr(args, "without_host", "runs on this machine")
+        raise UsageError(f"--host does not apply to kdlabctl {args.command}: it {why}")
+    return ""
+
+
+def _run_here(args: argparse.Namespace) -> int:
+    """Run the command on the bus *args* names (a host's through its bridge)."""
     if not getattr(args, "needs_daemon", True):
         import asyncio  # no bus: neither dbus-next nor the client
 
@@ -1540,11 +1714,15 @@ def _run(args: argparse.Namespace) -> int:
 
         return run(invoke())
     except RemoteError as err:
+        from kdlabctl import caller
+
         print(f"kdlabctl: {err}", file=sys.stderr)
         code = exit_code_for(err.name)
         if code == EXIT_UNAVAILABLE and "NoServer" not in err.name:
+            remote = caller.remote()
+            where = f" on {remote.hostname}" if remote else ""
             print(
-                "kdlabctl: is kdlabd running? (see README: Running kdlabd)",
+                f"kdlabctl: is kdlabd running{where}? (see README: Running kdlabd)",
                 file=sys.stderr,
             )
         return code

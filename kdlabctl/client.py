@@ -244,12 +244,19 @@ class Client:
             paths = reply.body[0]
         return sorted(unescape_path_label(path.rpartition("/")[2]) for path in paths)
 
+    async def _manager_property(self, name: str) -> Any:
+        reply = await self.reply(
+            MANAGER_PATH, PROPERTIES, "Get", "ss", [MANAGER_INTERFACE, name]
+        )
+        return reply.body[0].value
+
     async def api_revision(self) -> int:
         """kdlabd's APIRevision (the Manager's property)."""
-        reply = await self.reply(
-            MANAGER_PATH, PROPERTIES, "Get", "ss", [MANAGER_INTERFACE, "APIRevision"]
-        )
-        return int(reply.body[0].value)
+        return int(await self._manager_property("APIRevision"))
+
+    async def version(self) -> str:
+        """kdlabd's Version (the Manager's property), for people."""
+        return str(await self._manager_property("Version"))
 
     # VMs
 

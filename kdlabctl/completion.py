@@ -10,18 +10,21 @@ An argument names what it takes: ``choices``, a :class:`Names` type (a VM, an
 image or a recording that exists: kdlabd is asked for the names, within
 :data:`NAMES_SECONDS`, without being started, and silently nothing when it is
 not there), or a metavar of :data:`PATH_METAVARS` (the shell completes file
-names).
+names). ``--host`` takes the hosts of hosts.toml; with a host (typed, or
+``$KDLAB_HOST``), names are asked of that host's kdlabd through a session of
+its own, within :data:`HOST_NAMES_SECONDS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from kdlabctl.names import HIDDEN, IMAGE_NAME, RECORDING_ID, VM_NAME, Names
+from kdlabctl.names import HIDDEN, IMAGE_NAME, RECORDING_ID, VM_NAME, HostSpec, Names
 
 if TYPE_CHECKING:
     from kdlabctl.client import Listing
@@ -39,6 +42,8 @@ __all__ = [
 # How long a Tab may wait for kdlabd's names: a shell that stalls is worse
 # than one that offers nothing.
 NAMES_SECONDS = 1.0
+# The same through ssh: a connection, and kdlabctl's start on the host.
+HOST_NAMES_SECONDS = 5.0
 # Metavars whose value is a file (or a directory): the shell completes it.
 PATH_METAVARS = {"PATH": "files", "FILE": "files", "DIR": "dirs"}
 
@@ -84,7 +89,8 @@ class _Walk:
     """Where the words typed so far leave the parser."""
 
     parser: argparse.ArgumentParser
-    bus: str
+    bus: str | None  # --bus as typed (None: the default of where names are asked)
+    host: str  # --host as typed, else $KDLAB_HOST ("": this machine)
     positional: int = 0  # positional arguments of *parser* given so far
     value_of: argparse.Action | None = None  # an option waiting for its value
     after_dashes: bool = False  # past "--": gdb's arguments
@@ -96,6 +102,8 @@ class _Walk:
                 return
             if self.value_of.dest == "bus":
                 self.bus = word
+            elif self.value_of.dest == "host":
+                self.host = word
             self.value_of = None
         elif self.after_dashes or self.lost:
             return
@@ -130,34 +138,51 @@ class _Walk:
 
 
 def complete(
-    parser: argparse.ArgumentParser, words: Sequence[str], bus: str
+    parser: argparse.ArgumentParser,
+    words: Sequence[str],
+    bus: str,
+    host: str = "",
 ) -> Completion:
     """What may replace the last of *words* (the words after ``kdlabctl``, the
-    last one being completed, maybe empty). *bus* is where kdlabd is asked for
-    names, unless the words hold ``--bus``."""
+    last one being completed, maybe empty). kdlabd is asked for names on
+    *bus* here, or on *host*'s bus, unless the words hold ``--bus`` or
+    ``--host``."""
     *typed, current = words or [""]
-    walk = _Walk(parser, bus)
+    walk = _Walk(parser, None, host)
     for word in typed:
         walk.feed(word)
     if walk.lost:
         return Completion()
     if walk.after_dashes:
         return Completion("files")
+    where = Where(walk.bus or ("" if walk.host else bus), walk.host)
     if walk.value_of is not None:
-        return _values(walk.value_of, current, walk.bus)
+        return _values(walk.value_of, current, where)
     action = walk.next_positional()
     if current.startswith("-") or action is None:
         return _matching(options(walk.parser), current)
-    return _values(action, current, walk.bus)
+    return _values(action, current, where)
 
 
-def _values(action: argparse.Action, current: str, bus: str) -> Completion:
+@dataclass(frozen=True)
+class Where:
+    """Where kdlabd is asked for names: *bus* here, or on *host* ("" its bus)."""
+
+    bus: str
+    host: str = ""
+
+
+def _values(action: argparse.Action, current: str, where: Where) -> Completion:
     if isinstance(action, argparse._SubParsersAction):
         return _matching(commands(action), current)
     if action.choices is not None:
         return _matching([str(choice) for choice in action.choices], current)
     if isinstance(action.type, Names):
-        return _matching(names(bus, action.type.listing), current)
+        return _matching(names(where, action.type.listing), current)
+    if isinstance(action.type, HostSpec):
+        from kdlabctl import hosts
+
+        return _matching(hosts.names(), current)
     kind = PATH_METAVARS.get(str(action.metavar))
     if kind == "files":
         return Completion("files")
@@ -172,28 +197,41 @@ def _matching(candidates: Sequence[str], current: str) -> Completion:
     )
 
 
-def names(bus: str, listing: Listing) -> list[str]:
-    """The names of kdlabd's VMs, images or recordings on *bus*; none when
-    kdlabd (or the bus) is not there or does not answer within
-    :data:`NAMES_SECONDS`."""
-    from kdlabctl.client import Client, settle
+def names(where: Where, listing: Listing) -> list[str]:
+    """The names of kdlabd's VMs, images or recordings *where* it is; none
+    when kdlabd (or the bus, or the host) is not there or does not answer
+    within :data:`NAMES_SECONDS` (:data:`HOST_NAMES_SECONDS` on a host)."""
+    try:
+        if not where.host:
+            return _names(where.bus, listing)
+        from kdlabctl import hosts
 
-    try:  # each step of the connection and the call waits NAMES_SECONDS at most
-        client = Client.plain(bus, timeout=NAMES_SECONDS)
-        try:
-            return settle(client.names(listing))
-        finally:
-            client.disconnect()
+        host = hosts.resolve(where.host)
+        with hosts.connected(host, where.bus, HOST_NAMES_SECONDS) as session:
+            return _names(session.bus, listing)
     except Exception:  # a Tab says nothing about why kdlabd is not there
         return []
 
 
+def _names(bus: str, listing: Listing) -> list[str]:
+    from kdlabctl.client import Client, settle
+
+    # Each step of the connection and the call waits NAMES_SECONDS at most.
+    client = Client.plain(bus, timeout=NAMES_SECONDS)
+    try:
+        return settle(client.names(listing))
+    finally:
+        client.disconnect()
+
+
 def main(parser: argparse.ArgumentParser, words: Sequence[str]) -> int:
     """``kdlabctl __complete [--] WORDS...``: print :func:`complete`'s answer."""
+    from kdlabctl.cli import local_bus
+
     if words[:1] == ["--"]:
         words = words[1:]
-    bus = str(parser.get_default("bus"))
-    print("\n".join(complete(parser, words, bus).lines()))
+    host = os.environ.get("KDLAB_HOST", "")
+    print("\n".join(complete(parser, words, local_bus(), host).lines()))
     return 0
 
 

@@ -94,7 +94,7 @@ async def vmlinux_for(client: Client, dump: Dump, explicit: str | None) -> Path:
     read, as gdb reads it; otherwise what the dump kept of it. A dump with a
     build ID takes only a vmlinux with that build ID.
     """
-    from kdlabctl import debug
+    from kdlabctl import caller, debug
     from kdlabctl.client import RemoteError
 
     recorded: debug.Recorded = DumpedKernel(
@@ -108,7 +108,7 @@ async def vmlinux_for(client: Client, dump: Dump, explicit: str | None) -> Path:
         if err.name != NoSuchVM.dbus_name():
             raise
     try:
-        return debug.find_vmlinux(recorded, explicit, os.getuid(), dump.build_id)
+        return debug.find_vmlinux(recorded, explicit, caller.uid(), dump.build_id)
     except debug.VmlinuxMismatch as err:
         raise InvalidArgument(str(err)) from None
     except FileNotFoundError as err:

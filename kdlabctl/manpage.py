@@ -27,11 +27,27 @@ def page() -> roff.Page:
                   "or a D-Bus address)."),
     )  # fmt: skip
     manual.item(
+        roff.bold("KDLAB_HOST"),
+        roff.fill("The host whose kdlabd commands use when --host is not given: "
+                  "a name of hosts.toml or [USER@]HOST[:PORT]; empty or unset, "
+                  "this machine. Commands that run only here (kernel, "
+                  "completion) ignore it."),
+    )  # fmt: skip
+    manual.item(
         roff.bold("KDLAB_COCKPIT_WS"),
         roff.fill("The cockpit-ws program kdlabctl web runs (default "
                   "/usr/lib/cockpit/cockpit-ws); cockpit-bridge is found in PATH."),
     )  # fmt: skip
-    manual.see_also(("kdlabd", 8), ("kdlab-dbus", 7), ("gdb", 1))
+    manual.heading("FILES")
+    manual.item(
+        roff.bold("$XDG_CONFIG_HOME/kdlab/hosts.toml"),
+        roff.fill("Hosts for --host, kdlabctl hosts and list --all-hosts (default "
+                  "~/.config/kdlab/hosts.toml): a [hosts.NAME] table each, with "
+                  "destination ([USER@]HOST[:PORT]), and optionally ssh_options "
+                  "(a list), kdlabctl (the command that runs it on the host) and "
+                  "bus (kdlabd's bus there, default system)."),
+    )  # fmt: skip
+    manual.see_also(("kdlabd", 8), ("kdlab-dbus", 7), ("gdb", 1), ("ssh", 1))
     return manual
 
 

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from kdlabctl.client import Listing
 
 HIDDEN = "__complete"  # the command the completion scripts run: kdlabctl.completion
+# The command ssh runs on a host for ``--host`` (kdlabctl.bridge.serve).
+BRIDGE = "__bridge"
 
 
 class Names:
@@ -31,6 +33,18 @@ class Names:
         return text
 
 
+class HostSpec:
+    """An argparse type: ``--host``'s value, a host of hosts.toml or an ssh
+    destination (kdlabctl.hosts judges it when the command runs; completion
+    offers hosts.toml's names)."""
+
+    __slots__ = ()
+
+    def __call__(self, text: str) -> str:
+        return text
+
+
+HOST = HostSpec()
 VM_NAME = Names("vms")
 IMAGE_NAME = Names("images")
 RECORDING_ID = Names("recordings")

@@ -36,6 +36,7 @@ from dbus_next.aio import MessageBus
 from kdlab.errors import EXIT_UNAVAILABLE
 from kdlab.states import JobState
 from kdlab.wire import BUS_NAME, JOB_INTERFACE, MANAGER_PATH, VM_INTERFACE
+from kdlabctl import caller
 from kdlabctl.asyncbus import Connection
 from kdlabctl.client import OBJECT_MANAGER, PROPERTIES, Client, unwrapped
 from kdlabctl.quickbus import DBUS_NAME, DBUS_PATH, RemoteError, Reply
@@ -298,7 +299,9 @@ def action_argv(
     if action not in ("console", "gdb") or not event.vm:
         return None
     terminal = shlex.split(env.get("TERMINAL", "")) or ["x-terminal-emulator"]
-    kdlabctl = [sys.executable, "-m", "kdlabctl", "--bus", bus]
+    # --host= (this machine): *bus* is already the one to use, a host's bridge
+    # included; $KDLAB_HOST must not send it to a host again.
+    kdlabctl = [sys.executable, "-m", "kdlabctl", "--bus", bus, "--host="]
     return [*terminal, "-e", *kdlabctl, action, event.vm]
 
 
@@ -449,7 +452,7 @@ async def serve(client: Client, *, bus: str, page_url: str) -> int:
         notifier.bus.disconnect()
         print("kdlabctl notify: already running in this session", file=sys.stderr)
         return 0
-    following = Agent(client, notifier, os.getuid())
+    following = Agent(client, notifier, caller.uid())
     await following.start()
     print(
         f"kdlabctl notify: following kdlabd for uid {following.uid}"

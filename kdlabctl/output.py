@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pwd
 import sys
+
+from kdlabctl import caller
 
 TYPE_CHECKING = False  # importing typing costs more than a listing
 if TYPE_CHECKING:
@@ -41,10 +42,9 @@ def print_json(value: Any) -> None:
 
 
 def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    """The name of *uid*, an owner kdlabd reported (on a host: its user's name
+    for the ssh user's uid, else the number; :mod:`kdlabctl.caller`)."""
+    return caller.user_name(uid)
 
 
 def timestamp(usec: int) -> str:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from kdlab.errors import NotAuthorized
 from kdlab.wire import SHARE_TAG
+from kdlabctl import caller
 
 if TYPE_CHECKING:
     from kdlabctl.client import Client
@@ -214,7 +215,7 @@ def stop(servers: list[Server]) -> None:
 async def serve(client: Client, vm: VM) -> list[Server]:
     """Serve *vm*'s shares as the user, who must be its owner, before a start:
     a virtiofsd of the user's on each socket kdlabd hands over, listening."""
-    if os.getuid() != vm.owner:
+    if caller.uid() != vm.owner:
         raise NotAuthorized(
             f"share {vm.shares[0][0]} of VM {vm.name} is uid {vm.owner}'s: only they "
             "can serve it (the guest sees the directory with the rights of who "

@@ -267,7 +267,11 @@ class Cockpit:
         self.listener = listener
         # The page's D-Bus "system" bus is kdlabd's bus as kdlabctl reaches it,
         # and a kdlabctl the page spawns uses it too.
-        self.bridge_env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus, KDLAB_BUS=bus)
+        # With --host, *bus* is the host's bridge here: $KDLAB_HOST must not
+        # send that kdlabctl to the host again.
+        self.bridge_env = dict(
+            os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus, KDLAB_BUS=bus, KDLAB_HOST=""
+        )
         # /etc/cockpit/cockpit.conf (UrlRoot, Origins) is for the system's
         # Cockpit, not this one.
         self.ws_env = dict(os.environ, XDG_CONFIG_DIRS=private)

@@ -26,9 +26,11 @@ pytestmark = pytest.mark.bus
 PROGRAMS = Path(sys.executable).parent
 
 
-def offered(address: str, *words: str) -> tuple[list[str], str]:
+def offered(
+    address: str, *words: str, env: dict[str, str] | None = None
+) -> tuple[list[str], str]:
     """What bash offers for the command line *words* (the last is completed),
-    and what it printed on stderr."""
+    and what it printed on stderr (*env* added to kdlabctl's)."""
     previous = ["kdlabctl", *words][-2]
     script = f"""
         source <(kdlabctl completion bash)
@@ -43,7 +45,7 @@ def offered(address: str, *words: str) -> tuple[list[str], str]:
     path = f"{PROGRAMS}:{client_env()['PATH']}"
     result = run_tool(
         ["bash", "--norc", "--noprofile", "-c", script],
-        env={"PATH": path, "KDLAB_BUS": address},
+        env={"PATH": path, "KDLAB_BUS": address, **(env or {})},
     )
     assert result.returncode == 0, result.stderr
     return [line for line in result.stdout.splitlines() if line], result.stderr
@@ -110,3 +112,17 @@ def test_without_kdlabd_names_are_nothing_and_nothing_is_said(
     assert (result.returncode, result.stdout, result.stderr) == (0, "words\n", "")
     assert offered(addresses[where], "start", "")[0] == []
     assert offered(addresses[where], "st")[0] == ["start", "stop"]
+
+
+def test_bash_completes_hosts_of_hosts_toml(bus: PrivateBus, tmp_path: Path) -> None:
+    (tmp_path / "kdlab").mkdir()
+    (tmp_path / "kdlab" / "hosts.toml").write_text(
+        '[hosts.lab]\ndestination = "alice@lab2"\n'
+        '[hosts.lab3]\ndestination = "[::1]:2222"\n'
+    )
+    config = {"XDG_CONFIG_HOME": str(tmp_path)}
+    assert offered(bus.address, "--host", "la", env=config)[0] == ["lab", "lab3"]
+    assert offered(bus.address, "up", "t", "--host", "", env=config)[0] == [
+        "lab",
+        "lab3",
+    ]

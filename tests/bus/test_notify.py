@@ -202,7 +202,7 @@ def test_a_panic_is_told_with_actions_that_open_console_gdb_and_page(
         launched = launchers.wait_for(3)
     finally:
         lab.stop_cleanly()
-    ctl_argv = [sys.executable, "-m", "kdlabctl", "--bus", bus.address]
+    ctl_argv = [sys.executable, "-m", "kdlabctl", "--bus", bus.address, "--host="]
     assert sorted(launched) == sorted(
         [
             [str(launchers.terminal), "-e", *ctl_argv, "console", "panicked"],

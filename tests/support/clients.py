@@ -81,7 +81,13 @@ def client_env() -> dict[str, str]:
 
 def ctl_env(address: str) -> dict[str, str]:
     """The tests' own environment, for a kdlabctl they start themselves on *address*."""
-    return {**os.environ, "KDLAB_BUS": address, "XDG_CACHE_HOME": str(cache_home())}
+    # $KDLAB_HOST of whoever runs the tests must not send them to a host.
+    return {
+        **os.environ,
+        "KDLAB_BUS": address,
+        "KDLAB_HOST": "",
+        "XDG_CACHE_HOME": str(cache_home()),
+    }
 
 
 def run_tool(

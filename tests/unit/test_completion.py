@@ -9,13 +9,14 @@ real one, tests/bus/test_completion.py).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from kdlab import roff
 from kdlabctl import completion
 from kdlabctl.cli import build_parser
-from kdlabctl.completion import Completion, complete
+from kdlabctl.completion import Completion, Where, complete
 
 NOWHERE = "unix:path=/nonexistent/kdlab-bus"
 
@@ -37,7 +38,8 @@ def test_every_option_of_every_command_is_completed() -> None:
     parser = build_parser()
     for sub in [parser, *(s for s, _ in roff.commands(parser))]:
         words = sub.prog.split()[1:]
-        options = [o for a in sub._actions for o in a.option_strings]
+        shown = [a for a in sub._actions if a.help != argparse.SUPPRESS]
+        options = [o for a in shown for o in a.option_strings]
         assert options
         assert complete_(*words, "-").words == options, sub.prog
 
@@ -65,16 +67,59 @@ def test_the_hidden_command_is_in_no_listing() -> None:
 def test_names_are_asked_where_the_parser_takes_them(
     monkeypatch: pytest.MonkeyPatch, words: tuple[str, ...], expected: object
 ) -> None:
-    asked: list[tuple[str, str]] = []
+    asked = asked_names(monkeypatch)
+    assert complete_(*words).words == ["alpha", "beta"]
+    bus = "system" if words[0] == "--bus" else NOWHERE
+    assert asked == [(Where(bus), getattr(expected, "listing", None))]
 
-    def names(bus: str, listing: str) -> list[str]:
-        asked.append((bus, listing))
+
+def asked_names(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Where, str]]:
+    """Where completion asks for names from now on (it is answered alpha, beta)."""
+    asked: list[tuple[Where, str]] = []
+
+    def names(where: Where, listing: str) -> list[str]:
+        asked.append((where, listing))
         return ["alpha", "beta"]
 
     monkeypatch.setattr(completion, "names", names)
-    assert complete_(*words).words == ["alpha", "beta"]
-    bus = "system" if words[0] == "--bus" else NOWHERE
-    assert asked == [(bus, getattr(expected, "listing", None))]
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("words", "host", "where"),
+    [
+        (("--host", "lab", "start", ""), "", Where("", "lab")),
+        (("start", "--host", "lab", ""), "", Where("", "lab")),  # after the command
+        (("--host", "lab", "--bus", "session", "gdb", ""), "", Where("session", "lab")),
+        (("start", ""), "lab", Where("", "lab")),  # $KDLAB_HOST
+        (("--host", "", "start", ""), "lab", Where(NOWHERE)),  # empty: here
+    ],
+)
+def test_with_a_host_names_are_asked_of_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+    words: tuple[str, ...],
+    host: str,
+    where: Where,
+) -> None:
+    asked = asked_names(monkeypatch)
+    assert complete(build_parser(), words, NOWHERE, host).words == ["alpha", "beta"]
+    assert asked == [(where, "vms")]
+
+
+def test_host_values_are_the_hosts_of_hosts_toml(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "kdlab").mkdir()
+    (tmp_path / "kdlab" / "hosts.toml").write_text(
+        '[hosts.lab]\ndestination = "lab.example.org"\n'
+        '[hosts.lab2]\ndestination = "root@[::1]:2222"\n'
+        '[hosts.box]\ndestination = "box"\n'
+    )
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert complete_("--host", "la").words == ["lab", "lab2"]
+    assert complete_("up", "tree", "--host", "").words == ["lab", "lab2", "box"]
+    (tmp_path / "kdlab" / "hosts.toml").write_text("[hosts.lab\n")
+    assert complete_("--host", "").words == []  # a Tab does not explain
 
 
 @pytest.mark.parametrize(

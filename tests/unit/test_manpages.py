@@ -76,10 +76,11 @@ def sections(rendered: str, heading: re.Pattern[str]) -> dict[str, str]:
 
 def words(parser_: argparse.ArgumentParser) -> list[str]:
     """What a reader must find in a command's part: each option's names and
-    each positional argument's metavar (not --help)."""
+    each positional argument's metavar (not --help, nor what the command's
+    help hides: --host after a command, described once as kdlabctl's)."""
     found: list[str] = []
     for action in parser_._actions:
-        if isinstance(action, argparse._HelpAction):
+        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
             continue
         if action.option_strings:
             found += action.option_strings
@@ -101,8 +102,9 @@ def test_every_kdlabctl_command_and_option_is_in_kdlabctl_1() -> None:
             assert re.search(rf"(?<![\w-]){re.escape(word)}\b", parts[sub.prog]), (
                 f"{sub.prog}: {word} is not described"
             )
-    for word in ("--bus", "EXIT CODES", "69", "KDLAB_BUS"):
+    for word in ("--bus", "--host", "EXIT CODES", "69", "KDLAB_BUS", "KDLAB_HOST"):
         assert word in rendered
+    assert "hosts.toml" in sections(rendered, re.compile(r"([A-Z][A-Z ]+)"))["FILES"]
 
 
 def test_every_kdlabd_option_and_configuration_key_is_in_kdlabd_8() -> None:

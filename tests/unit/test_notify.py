@@ -135,7 +135,8 @@ def argv(action: str, env: dict[str, str]) -> list[str] | None:
 
 
 def test_actions_run_a_terminal_or_xdg_open() -> None:
-    ctl = [sys.executable, "-m", "kdlabctl", "--bus", "system"]
+    # --host= : the bus given is the one to use ($KDLAB_HOST would send it on).
+    ctl = [sys.executable, "-m", "kdlabctl", "--bus", "system", "--host="]
     assert argv("console", {"TERMINAL": "foot --app-id kdlab"}) == [
         "foot", "--app-id", "kdlab", "-e", *ctl, "console", "linux"
     ]  # fmt: skip
