@@ -34,7 +34,7 @@ from kdlab.errors import (
     NotAuthorized,
 )
 from kdlabd import __version__
-from tests.support.clients import run_tool
+from tests.support.clients import assert_no_traceback, run_tool
 from tests.support.logins import (
     LOGIN_ENV,
     Logins,
@@ -275,48 +275,51 @@ def test_errors_keep_their_exit_codes_across_hosts(
 
 
 def test_an_unreachable_host_is_exit_69_with_sshs_error(
-    remote: Remote, ssh_host: SshHost
+    ssh_host: SshHost, logins: Logins
 ) -> None:
     """A port nothing listens on, named on the command line: ssh's own words."""
-    spec = f"{remote.bob.name}@127.0.0.1:{ssh_host.unused_port}"
-    refused = remote.ctl("list", host=spec)
+    spec = f"{logins.bob.name}@127.0.0.1:{ssh_host.unused_port}"
+    refused = logins.kdlabctl(
+        logins.alice, "unix:path=/nonexistent", "--host", spec, "list",
+        within=ssh_host.within,
+    )  # fmt: skip
     assert refused.returncode == EXIT_UNAVAILABLE, refused.stderr
     assert "Connection refused" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    assert_no_traceback(refused.stderr)
 
 
 def test_hosts_lists_reachability_version_and_vm_count(
     remote: Remote, ssh_host: SshHost, vm_name: str
 ) -> None:
-    """``kdlabctl hosts``: lab reachable, with kdlab's version and the VMs bob
-    sees there; a host nothing answers on, with ssh's error. ``list
-    --all-hosts``: lab's VM in a row of host lab."""
+    """``kdlabctl hosts``: lab reachable as bob, with kdlab's version and the
+    VMs bob sees there; a host nothing answers on, with ssh's error (exit 69).
+    ``list --all-hosts``: lab's VM in a row of host lab."""
     remote.ok("create", vm_name, "--kernel", str(remote.lab.kernel.vmlinuz), *MEMORY)
     seen = remote.on_host(remote.bob, "list", "--json")
     assert seen.returncode == 0, seen.stderr
     count = len(json.loads(seen.stdout))
     assert count >= 1
 
-    listed = remote.ok("hosts")
-    (line,) = [row for row in listed.splitlines() if row.split()[:1] == [HOST]]
-    fields = line.split()
-    assert __version__ in fields, line
-    assert str(count) in fields, line
-    assert "unreachable" not in line.lower(), line
+    (lab,) = json.loads(remote.ok("hosts", "--json"))
+    assert (lab["name"], lab["reachable"], lab["error"]) == (HOST, True, ""), lab
+    assert (lab["version"], lab["vms"]) == (__version__, count)
+    assert (lab["user"], lab["destination"]) == (
+        remote.bob.name,
+        remote.login.destination,
+    )
 
     down = dataclasses.replace(remote.login, port=ssh_host.unused_port)
     ssh_host.name(remote.alice, "down", down, remote.lab.daemon.address)
     try:
-        both = remote.ctl("hosts")
-        said = (both.stdout + both.stderr).splitlines()
-        assert any(
-            row.startswith("down") and "Connection refused" in row for row in said
-        ), said
-        assert any(row.split()[:1] == [HOST] for row in both.stdout.splitlines())
+        both = remote.ctl("hosts", "--json")
     finally:
         ssh_host.forget(remote.alice, "down")
+    assert both.returncode == EXIT_UNAVAILABLE, both.stderr
+    answered = {host["name"]: host for host in json.loads(both.stdout)}
+    assert answered[HOST]["reachable"] is True
+    assert answered["down"]["reachable"] is False
+    assert "Connection refused" in answered["down"]["error"]
 
-    every = remote.ok("list", "--all-hosts")
-    header, *rows = every.splitlines()
-    assert "HOST" in header.split(), every
-    assert any(HOST in row.split() and vm_name in row.split() for row in rows), every
+    header, *rows = remote.ok("list", "--all-hosts").splitlines()
+    assert header.split()[0] == "HOST", header
+    assert any(row.split()[0] == HOST and vm_name in row.split() for row in rows), rows
