@@ -18,6 +18,7 @@ from tests.support.prereq import require
 
 if TYPE_CHECKING:
     from tests.support.logins import Logins
+    from tests.support.sshhost import SshHost
 
 
 def pytest_configure() -> None:
@@ -39,6 +40,20 @@ def logins() -> Iterator[Logins]:
     require(not missing, missing)
     with accounts.accounts() as users:
         yield users
+
+
+@pytest.fixture(scope="session")
+def ssh_host() -> Iterator[SshHost]:
+    """A second "host" (tests/support/sshhost.py): the tests' own sshd on
+    127.0.0.1 in a network namespace of its own; stopped at the end of the
+    session."""
+    from tests.support import sshhost
+
+    require(os.geteuid() == 0, "root (the tests run an sshd in a network namespace)")
+    missing = sshhost.missing()
+    require(not missing, missing)
+    with sshhost.ssh_host() as host:
+        yield host
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,6 +19,8 @@ another tier (``tests/unit/test_support.py`` checks it). By module:
   pre-populated fleet (the bus tier's, and the bus benchmarks').
 - :mod:`~tests.support.polkitd`: a real polkitd on a private bus.
 - :mod:`~tests.support.logins`: real login users.
+- :mod:`~tests.support.sshhost`: a second "host" reached over ssh: the tests'
+  own sshd in a network namespace, keys and hosts.toml for login users and root.
 - :mod:`~tests.support.debian`, :mod:`~tests.support.kernel_tree`: Debian's
   kernels, a busybox initramfs, a kernel tree and kdlab's minimal kernel,
   cached.

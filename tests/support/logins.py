@@ -39,7 +39,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +99,12 @@ class Logins:
         *,
         timeout: float = 60.0,
         input_text: str | None = None,
+        within: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
-        """Run the shell *command* in a login shell of *user*; never raises."""
+        """Run the shell *command* in a login shell of *user*; never raises.
+        *within* runs it through a command line of its own (``nsenter ...``)."""
         return subprocess.run(
-            login_argv(user, command),
+            login_argv(user, command, within),
             capture_output=True,
             text=True,
             errors="replace",
@@ -121,19 +123,24 @@ class Logins:
         *args: str,
         timeout: float = 60.0,
         input_text: str | None = None,
+        within: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
-        """``kdlabctl ARGS`` on the bus *bus*, run by *user* from ``~/kdlab``."""
+        """``kdlabctl ARGS`` on the bus *bus*, run by *user* from ``~/kdlab``
+        (through *within*, as :meth:`run`)."""
         command = kdlabctl_command(bus, *args)
-        return self.run(user, command, timeout=timeout, input_text=input_text)
+        return self.run(
+            user, command, timeout=timeout, input_text=input_text, within=within
+        )
 
 
 LOGIN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
-def login_argv(user: LoginUser, command: str) -> list[str]:
+def login_argv(user: LoginUser, command: str, within: Sequence[str] = ()) -> list[str]:
     """The command line that runs the shell *command* in a login shell of *user*
-    (for a process the test keeps running: start it with env=LOGIN_ENV)."""
-    return ["runuser", "--login", user.name, "--command", command]
+    (for a process the test keeps running: start it with env=LOGIN_ENV), through
+    the command line *within* when given (``nsenter --net=...``)."""
+    return [*within, "runuser", "--login", user.name, "--command", command]
 
 
 def kill(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
@@ -168,7 +175,7 @@ def kdlabctl_command(bus: str, *args: str, source: str = "") -> str:
     )
 
 
-def _retry_locked(argv: list[str]) -> subprocess.CompletedProcess[str]:
+def retry_locked(argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run a shadow-utils command, again while another one holds the lock."""
     for _ in range(_LOCK_RETRIES):
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -182,7 +189,7 @@ def remove_user(name: str) -> None:
     """Delete the account *name* and its home, if it exists."""
     with contextlib.suppress(KeyError):
         home = pwd.getpwnam(name).pw_dir
-        result = _retry_locked(["userdel", "--remove", "--force", name])
+        result = retry_locked(["userdel", "--remove", "--force", name])
         # userdel exits 12 when only the (absent) mail spool could not go.
         assert result.returncode in (0, 12), result.stderr
         shutil.rmtree(home, ignore_errors=True)
@@ -228,7 +235,7 @@ def copy_checkout(user: LoginUser) -> None:
 def create_user(role: str, member: bool) -> LoginUser:
     name = f"{PREFIX}{role}-{os.getpid()}"
     groups = ["--groups", GROUP] if member else []
-    result = _retry_locked(
+    result = retry_locked(
         ["useradd", "--create-home", "--user-group", "--shell", "/bin/bash",
          "--comment", "kdlab test user", *KEYS, *groups, name]
     )  # fmt: skip

@@ -159,17 +159,26 @@ class Console:
     """``kdlabctl console`` on a pseudo-terminal, as a person would run it.
 
     *command* runs another kdlabctl command that ends on the console
-    (``up --console``).
+    (``up --console``); *argv*, with *env*, runs a command line of the
+    caller's instead (a login user's kdlabctl).
     """
 
-    def __init__(self, address: str, name: str, *, command: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        address: str,
+        name: str,
+        *,
+        command: Sequence[str] = (),
+        argv: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kdlabctl", *(command or ["console", name])],
+            argv or [sys.executable, "-m", "kdlabctl", *(command or ["console", name])],
             stdin=slave,
             stdout=slave,
             stderr=slave,
-            env=ctl_env(address),
+            env=ctl_env(address) if env is None else env,
             start_new_session=True,
         )
         os.close(slave)
