@@ -73,20 +73,24 @@ class Remote:
         return self.logins.bob
 
     def ctl(
-        self, *args: str, host: str = HOST, timeout: float = CTL_TIMEOUT
+        self, *args: str, host: str | None = HOST, timeout: float = CTL_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
-        """``kdlabctl --host HOST ARGS`` run by alice inside the namespace."""
+        """``kdlabctl --host HOST ARGS`` run by alice inside the namespace
+        (without ``--host`` when *host* is None: ``hosts``, ``--all-hosts``)."""
+        where = ("--host", host) if host is not None else ()
         return self.logins.kdlabctl(
             self.alice,
             self.lab.daemon.address,
-            "--host", host, *args,
+            *where, *args,
             timeout=timeout,
             within=self.ssh_host.within,
         )  # fmt: skip
 
-    def ok(self, *args: str, timeout: float = CTL_TIMEOUT) -> str:
+    def ok(
+        self, *args: str, host: str | None = HOST, timeout: float = CTL_TIMEOUT
+    ) -> str:
         """:meth:`ctl` that must succeed; its output."""
-        done = self.ctl(*args, timeout=timeout)
+        done = self.ctl(*args, host=host, timeout=timeout)
         assert done.returncode == 0, done.stderr + self.ssh_host.log()[-3000:]
         return done.stdout
 
@@ -300,7 +304,7 @@ def test_hosts_lists_reachability_version_and_vm_count(
     count = len(json.loads(seen.stdout))
     assert count >= 1
 
-    (lab,) = json.loads(remote.ok("hosts", "--json"))
+    (lab,) = json.loads(remote.ok("hosts", "--json", host=None))
     assert (lab["name"], lab["reachable"], lab["error"]) == (HOST, True, ""), lab
     assert (lab["version"], lab["vms"]) == (__version__, count)
     assert (lab["user"], lab["destination"]) == (
@@ -311,7 +315,7 @@ def test_hosts_lists_reachability_version_and_vm_count(
     down = dataclasses.replace(remote.login, port=ssh_host.unused_port)
     ssh_host.name(remote.alice, "down", down, remote.lab.daemon.address)
     try:
-        both = remote.ctl("hosts", "--json")
+        both = remote.ctl("hosts", "--json", host=None)
     finally:
         ssh_host.forget(remote.alice, "down")
     assert both.returncode == EXIT_UNAVAILABLE, both.stderr
@@ -320,6 +324,6 @@ def test_hosts_lists_reachability_version_and_vm_count(
     assert answered["down"]["reachable"] is False
     assert "Connection refused" in answered["down"]["error"]
 
-    header, *rows = remote.ok("list", "--all-hosts").splitlines()
+    header, *rows = remote.ok("list", "--all-hosts", host=None).splitlines()
     assert header.split()[0] == "HOST", header
     assert any(row.split()[0] == HOST and vm_name in row.split() for row in rows), rows
