@@ -41,6 +41,7 @@ class Benchmark:
 BENCHMARKS = {
     "boot_to_userspace": Benchmark(boot.boot_to_userspace),
     "time_to_breakpoint": Benchmark(debug.time_to_breakpoint),
+    "remote_time_to_breakpoint": Benchmark(debug.remote_time_to_breakpoint),
     "disk_boot_to_login": Benchmark(boot.disk_boot_to_login),
     "checkpoint_restore": Benchmark(checkpoint.checkpoint_restore),
     "overlay_create": Benchmark(storage.overlay_create),

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.boot import MARKER, VIRSH, marker_vm
@@ -32,7 +34,7 @@ from bench.lab import (
 )
 from bench.measure import INFO, Goal, Laps, Row, interleaved, row
 from kdlabctl import gdbcache
-from tests.support import debian
+from tests.support import debian, sshhost
 from tests.support.clients import cache_home, ctl_env
 from tests.support.daemon import Kdlabd
 from tests.support.system import virsh
@@ -101,16 +103,26 @@ def _timed_break(
 
 
 def _kdlab(
-    daemon: Kdlabd, name: str, release: str, laps: Laps, *, one_step: bool, cold: bool
+    daemon: Kdlabd,
+    name: str,
+    release: str,
+    laps: Laps,
+    *,
+    one_step: bool,
+    cold: bool,
+    via: Via | None = None,
 ) -> float:
     """kdlabctl's way: ``start --paused --attach`` (*one_step*) or ``start
     --paused`` then ``gdb``; with the index cache create warmed, or (*cold*)
-    an empty one."""
+    an empty one; *via* another host when given."""
     wait_inactive(daemon, name)
     kdlabctl = [sys.executable, "-m", "kdlabctl", "--bus", daemon.address]
     gdb_args = ["--batch", *_gdb_commands()]
     with tempfile.TemporaryDirectory(prefix="kdlab-bench-cache-") as empty:
         env = ctl_env(daemon.address)
+        if via is not None:
+            kdlabctl = [*via.within, *kdlabctl, *via.host]
+            env.update(via.env)
         if cold:
             env["XDG_CACHE_HOME"] = empty
         if one_step:
@@ -130,6 +142,16 @@ def _kdlab(
             )
     stop_vm(daemon, name)
     return took
+
+
+@dataclass(frozen=True)
+class Via:
+    """How kdlabctl runs: in a network namespace (*within*), with options
+    (*host*: ``--host NAME``) and environment (hosts.toml's) of its own."""
+
+    within: list[str]
+    host: list[str]
+    env: dict[str, str]
 
 
 def _plain(domain: str, socket: Path, vmlinux: Path, release: str, laps: Laps) -> float:
@@ -209,4 +231,47 @@ def time_to_breakpoint(quick: bool) -> list[Row]:
             note="start --attach with an empty gdb index cache (gdb loads "
             "without it; a warmup writes it beside)",
         ),
+    ]
+
+
+def remote_time_to_breakpoint(quick: bool) -> list[Row]:
+    """``time_to_breakpoint``'s one-step command through ``--host`` (ssh on
+    loopback to an sshd of the bench's own, in a network namespace, as root
+    to root) against the same command on this machine, both run in that
+    namespace, on the same VM and index cache."""
+    kernel = debian.cloud_kernel()
+    vmlinux = debian.cloud_kernel_vmlinux(kernel)
+    initrd = debian.busybox_initramfs(MARKER)
+    release = kernel.release
+    laps = Laps()
+    with (
+        sshhost.ssh_host() as host,
+        bench_daemon() as daemon,
+        marker_vm(daemon, kernel, initrd, "--vmlinux", str(vmlinux)) as name,
+    ):
+        wait_warmed(vmlinux)
+        host.name(None, "bench", host.login(None, None), daemon.address)
+        here = Via(host.within, [], {})
+        there = Via(host.within, ["--host", "bench"], host.root_env())
+
+        def attach(via: Via) -> Callable[[], float]:
+            return lambda: _kdlab(
+                daemon, name, release, laps, one_step=True, cold=False, via=via
+            )
+
+        ours, theirs = interleaved(
+            3 if quick else 7, attach(there), attach(here), warmup=1
+        )
+    return [
+        row(
+            "remote_time_to_breakpoint",
+            ours,
+            theirs,
+            baseline="the same kdlabctl start --paused --attach on this machine",
+            unit="s",
+            goal=Goal("ratio <= 1.3", max_ratio=1.3),
+            note="kdlabctl --host HOST start --paused --attach NAME -- --batch "
+            "-ex ...: ssh to 127.0.0.1 (a network namespace's sshd), the bus "
+            "and the gdbstub's stream relayed by kdlabctl's bridge",
+        )
     ]
