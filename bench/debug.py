@@ -250,17 +250,21 @@ def remote_time_to_breakpoint(quick: bool) -> list[Row]:
         marker_vm(daemon, kernel, initrd, "--vmlinux", str(vmlinux)) as name,
     ):
         wait_warmed(vmlinux)
-        host.name(None, "bench", host.login(None, None), daemon.address)
+        login = host.login(None, None)
+        host.name(None, "bench", login, daemon.address)
+        unshared = ("-o", "ControlMaster=no")
+        host.name(None, "cold", login, daemon.address, ssh_options=unshared)
         here = Via(host.within, [], {})
         there = Via(host.within, ["--host", "bench"], host.root_env())
+        cold = Via(host.within, ["--host", "cold"], host.root_env())
 
         def attach(via: Via) -> Callable[[], float]:
             return lambda: _kdlab(
                 daemon, name, release, laps, one_step=True, cold=False, via=via
             )
 
-        ours, theirs = interleaved(
-            3 if quick else 7, attach(there), attach(here), warmup=1
+        ours, theirs, new_ssh = interleaved(
+            3 if quick else 7, attach(there), attach(here), attach(cold), warmup=1
         )
     return [
         row(
@@ -271,7 +275,17 @@ def remote_time_to_breakpoint(quick: bool) -> list[Row]:
             unit="s",
             goal=Goal("ratio <= 1.3", max_ratio=1.3),
             note="kdlabctl --host HOST start --paused --attach NAME -- --batch "
-            "-ex ...: ssh to 127.0.0.1 (a network namespace's sshd), the bus "
-            "and the gdbstub's stream relayed by kdlabctl's bridge",
-        )
+            "-ex ...: ssh to 127.0.0.1 (a network namespace's sshd) on the "
+            "connection the warmup left (kdlabctl's ControlMaster default), the "
+            "bus and the gdbstub's stream relayed by kdlabctl's bridge",
+        ),
+        row(
+            "remote_time_to_breakpoint:new_ssh",
+            new_ssh,
+            theirs,
+            baseline="the same kdlabctl start --paused --attach on this machine",
+            unit="s",
+            goal=INFO,
+            note="the same with a new ssh connection each time (ControlMaster=no)",
+        ),
     ]

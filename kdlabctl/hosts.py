@@ -49,6 +49,12 @@ SESSION_SECONDS = 30.0
 # No terminal, no X11 or agent forwarding; never a password prompt (a question
 # on the terminal would hang a command that waits for the bridge's hello).
 SSH_OPTIONS = ("-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
+# One ssh connection per host is shared by the commands of the next minute
+# (ssh's ControlMaster): a new one costs a key exchange and a login, several
+# times a command's own time. A host's ssh_options come first and win (ssh
+# keeps an option's first value): "-o", "ControlMaster=no" turns it off.
+CONTROL_PERSIST_SECONDS = 60
+_SOCKET_PATH_MAX = 107  # sun_path, less its NUL
 _KEYS = {
     "destination": "[USER@]HOST[:PORT]",
     "ssh_options": "a list of ssh's options",
@@ -251,7 +257,33 @@ def ssh_argv(host: Host, bus: str) -> list[str]:
     """The ssh command line that runs ``kdlabctl --bus BUS __bridge`` on *host*."""
     port = ["-p", str(host.port)] if host.port is not None else []
     command = f"{host.kdlabctl} --bus {shlex.quote(bus)} {BRIDGE}"
-    return ["ssh", *SSH_OPTIONS, *port, *host.ssh_options, host.login, "--", command]
+    options = [*host.ssh_options, *SSH_OPTIONS, *_shared_connection()]
+    return ["ssh", *options, *port, host.login, "--", command]
+
+
+def _shared_connection() -> list[str]:
+    """ssh's options that share one connection per host (none when there is no
+    private directory for its socket)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isdir(runtime):
+        directory = Path(runtime) / "kdlab-ssh"
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        directory = Path(cache) / "kdlab" / "ssh"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError:
+        return []
+    private = info.st_uid == os.getuid() and not info.st_mode & 0o077
+    # %C: a hash (40 hex digits) of the local host, user, host and port.
+    if not private or len(str(directory)) + 41 > _SOCKET_PATH_MAX:
+        return []
+    return [
+        "-o", "ControlMaster=auto",
+        "-o", f"ControlPath={directory}/%C",
+        "-o", f"ControlPersist={CONTROL_PERSIST_SECONDS}",
+    ]  # fmt: skip
 
 
 @contextmanager

@@ -126,10 +126,14 @@ class SshLogin:
             f"{self.user}@{ADDRESS}", "--", command,
         ]  # fmt: skip
 
-    def hosts_entry(self, name: str, bus: str, kdlabctl: str) -> str:
+    def hosts_entry(
+        self, name: str, bus: str, kdlabctl: str, more: tuple[str, ...] = ()
+    ) -> str:
         """The ``[hosts.NAME]`` table of hosts.toml that reaches the host
-        through this login (TOML's basic strings take JSON's escapes)."""
-        options = ", ".join(_toml_string(option) for option in self.ssh_options)
+        through this login, with ssh's options *more* (TOML's basic strings
+        take JSON's escapes)."""
+        given = (*self.ssh_options, *more)
+        options = ", ".join(_toml_string(option) for option in given)
         return (
             f"[hosts.{name}]\n"
             f"destination = {_toml_string(self.destination)}\n"
@@ -232,17 +236,20 @@ class SshHost:
         name: str,
         login: SshLogin,
         bus: str,
+        *,
         kdlabctl: str | None = None,
+        ssh_options: tuple[str, ...] = (),
     ) -> Path:
         """Name the host *name* in *local*'s hosts.toml (root's, when None, in
         :meth:`root_env`'s config directory), reached through *login*, its
         kdlabd on *bus*, kdlabctl there run by the shell command *kdlabctl*
         (by default the remote user's own: :data:`LOGIN_KDLABCTL`, or root's,
-        :data:`ROOT_KDLABCTL`). Returns the file."""
+        :data:`ROOT_KDLABCTL`), with ssh's options *ssh_options* added.
+        Returns the file."""
         if kdlabctl is None:
             kdlabctl = ROOT_KDLABCTL if login.user == "root" else LOGIN_KDLABCTL
         hosts = self._hosts.setdefault(_name(local), {})
-        hosts[name] = login.hosts_entry(name, bus, kdlabctl)
+        hosts[name] = login.hosts_entry(name, bus, kdlabctl, ssh_options)
         return self._write_hosts(local)
 
     def forget(self, local: LoginUser | None, name: str) -> Path:

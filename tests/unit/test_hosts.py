@@ -15,6 +15,9 @@ import json
 import os
 import pwd
 import re
+import shutil
+import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,10 +160,13 @@ def test_a_destination_is_written_back_as_given() -> None:
 def test_the_ssh_command_runs_the_bridge_of_the_hosts_kdlabctl(config: Path) -> None:
     config.write_text(LAB)
     lab = hosts.resolve("lab")
+    shared = hosts._shared_connection()
     assert ssh_argv(lab, "system") == [
-        "ssh", "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-        "-p", "2222",
+        "ssh",
         "-i", "~/.ssh/id_lab", "-o", "UserKnownHostsFile=~/.ssh/lab_known",
+        "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+        *shared,
+        "-p", "2222",
         "alice@lab2.example.org",
         "--", "/opt/kdlab/bin/kdlabctl --bus system __bridge",
     ]  # fmt: skip
@@ -178,8 +184,31 @@ def test_a_destination_not_in_hosts_toml_gets_the_defaults(config: Path) -> None
     config.write_text(LAB)
     assert ssh_argv(hosts.resolve("bob@box"), "system") == [
         "ssh", "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+        *hosts._shared_connection(),
         "bob@box", "--", "kdlabctl --bus system __bridge",
     ]  # fmt: skip
+
+
+def test_one_ssh_connection_per_host_is_shared_from_a_private_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A short directory, as XDG_RUNTIME_DIR is (pytest's tmp_path is too long).
+    tmp_path = Path(tempfile.mkdtemp(prefix="kdlab-t-"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert hosts._shared_connection() == [
+        "-o", "ControlMaster=auto",
+        "-o", f"ControlPath={tmp_path}/kdlab-ssh/%C",
+        "-o", "ControlPersist=60",
+    ]  # fmt: skip
+    assert stat.S_IMODE((tmp_path / "kdlab-ssh").stat().st_mode) == 0o700
+    # A directory others may enter is not used: they could take the socket.
+    (tmp_path / "kdlab-ssh").chmod(0o755)
+    assert hosts._shared_connection() == []
+    # Nor one whose socket paths would be longer than a socket's path may be.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / ("x" * 80)))
+    (tmp_path / ("x" * 80)).mkdir()
+    assert hosts._shared_connection() == []
+    shutil.rmtree(tmp_path)
 
 
 def test_a_name_of_hosts_toml_comes_before_a_destination(config: Path) -> None:
