@@ -34,7 +34,7 @@ from kdlab.errors import (
     NotAuthorized,
 )
 from kdlabd import __version__
-from tests.support.clients import assert_no_traceback, run_tool
+from tests.support.clients import assert_no_traceback, kdlabctl_argv, run_tool
 from tests.support.logins import (
     LOGIN_ENV,
     Logins,
@@ -327,3 +327,27 @@ def test_hosts_lists_reachability_version_and_vm_count(
     header, *rows = remote.ok("list", "--all-hosts", host=None).splitlines()
     assert header.split()[0] == "HOST", header
     assert any(row.split()[0] == HOST and vm_name in row.split() for row in rows), rows
+
+
+def test_up_builds_here_and_boots_on_the_host(
+    lab: Lab, ssh_host: SshHost, minimal_build: Path, vm_name: str
+) -> None:
+    """``up TREE --host``: the tree, its vmlinux and gdb scripts are this
+    side's; the VM is the host's. gdb (here) stops at start_kernel and the
+    kernel's own lx-version runs (root to root, the tree being root's)."""
+    ssh_host.name(None, "rootlab", ssh_host.login(None, None), lab.daemon.address)
+    up = run_tool(
+        [
+            *ssh_host.within, *kdlabctl_argv(lab.daemon.address),
+            "up", str(minimal_build), "--name", vm_name, "--host", "rootlab",
+            "--batch", "-ex", "hbreak start_kernel", "-ex", "continue",
+            "-ex", "lx-version",
+        ],
+        env=ssh_host.root_env(),
+        timeout=CTL_TIMEOUT * 3,
+    )  # fmt: skip
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "start_kernel () at" in up.stdout
+    assert "Linux version 6.1" in up.stdout, "lx-version ran: the gdb scripts loaded"
+    shown = json.loads(lab.ctl("show", "--json", vm_name).stdout)
+    assert shown["tree"] == str(minimal_build)
