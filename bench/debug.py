@@ -15,11 +15,12 @@ warmed it (gdb then indexes the DWARF and writes the index).
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,19 +176,24 @@ def wait_warmed(vmlinux: Path) -> None:
         raise BenchError(f"kdlabctl create left no gdb index of {vmlinux}")
 
 
-def time_to_breakpoint(quick: bool) -> list[Row]:
-    """A paused start and gdb to ``start_kernel`` and the release: kdlabctl
-    (warm and cold index cache) vs virsh + plain gdb."""
+@contextlib.contextmanager
+def debug_vm(daemon: Kdlabd) -> Iterator[tuple[str, Path]]:
+    """A VM of Debian's cloud kernel with its debug vmlinux, whose gdb index
+    ``kdlabctl create`` warmed: its name and the vmlinux."""
     kernel = debian.cloud_kernel()
     vmlinux = debian.cloud_kernel_vmlinux(kernel)
     initrd = debian.busybox_initramfs(MARKER)
-    release = kernel.release
-    laps = Laps()
-    with (
-        bench_daemon() as daemon,
-        marker_vm(daemon, kernel, initrd, "--vmlinux", str(vmlinux)) as name,
-    ):
+    with marker_vm(daemon, kernel, initrd, "--vmlinux", str(vmlinux)) as name:
         wait_warmed(vmlinux)
+        yield name, vmlinux
+
+
+def time_to_breakpoint(quick: bool) -> list[Row]:
+    """A paused start and gdb to ``start_kernel`` and the release: kdlabctl
+    (warm and cold index cache) vs virsh + plain gdb."""
+    release = debian.cloud_kernel().release
+    laps = Laps()
+    with bench_daemon() as daemon, debug_vm(daemon) as (name, vmlinux):
         socket = layout(daemon).gdb_socket(name)
         # The first round (kdlab first: kdlabd makes the socket's directory)
         # reads the vmlinux into the page cache; it is not counted.
@@ -239,17 +245,13 @@ def remote_time_to_breakpoint(quick: bool) -> list[Row]:
     loopback to an sshd of the bench's own, in a network namespace, as root
     to root) against the same command on this machine, both run in that
     namespace, on the same VM and index cache."""
-    kernel = debian.cloud_kernel()
-    vmlinux = debian.cloud_kernel_vmlinux(kernel)
-    initrd = debian.busybox_initramfs(MARKER)
-    release = kernel.release
+    release = debian.cloud_kernel().release
     laps = Laps()
     with (
         sshhost.ssh_host() as host,
         bench_daemon() as daemon,
-        marker_vm(daemon, kernel, initrd, "--vmlinux", str(vmlinux)) as name,
+        debug_vm(daemon) as (name, _),
     ):
-        wait_warmed(vmlinux)
         login = host.login(None, None)
         host.name(None, "bench", login, daemon.address)
         unshared = ("-o", "ControlMaster=no")
