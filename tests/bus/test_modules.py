@@ -14,12 +14,11 @@ import pytest
 
 from kdlabctl import execs
 from kdlabctl.client import Client
-from tests.bus.test_exec import VM, binary, guest
+from tests.bus.test_exec import VM
 from tests.support.bus import PrivateBus
 
 pytestmark = pytest.mark.bus
 
-__all__ = ["binary", "guest"]  # test_exec's fixtures, used here
 
 # The system bus's default max_match_rules_per_connection, and then some.
 SYSTEM_BUS_MATCH_RULES = 512
