@@ -1015,12 +1015,7 @@ class Session:
             elif hello.get("bus_error"):
                 self._failure = f"on {self.where}: {hello['bus_error']}"
             else:
-                self._remote = RemoteInfo(
-                    int(hello["uid"]),
-                    str(hello["user"]),
-                    str(hello["version"]),
-                    str(hello["hostname"]),
-                )
+                self._remote = _remote_info(hello)
         except (ValueError, KeyError, TypeError, AttributeError):
             self._failure = f"kdlabctl on {self.where} sent a malformed hello"
         if self._remote is None:
@@ -1116,6 +1111,16 @@ class _Stderr:
         self._loop.remove_reader(self._fd)
         if not self._done.done():
             self._done.set_result(None)
+
+
+def _remote_info(hello: dict[str, Any]) -> RemoteInfo:
+    """Who the hello says the caller is; ValueError unless a uid and names."""
+    uid, names = hello["uid"], [hello[key] for key in ("user", "version", "hostname")]
+    if type(uid) is not int or not 0 <= uid < 1 << 32:
+        raise ValueError(f"uid {uid!r}")
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError("a name that is not a string")
+    return RemoteInfo(uid, *names)
 
 
 def _peer_uid(sock: socket.socket) -> int:

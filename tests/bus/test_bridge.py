@@ -24,6 +24,7 @@ from dbus_next import Variant
 from kdlab.errors import EXIT_UNAVAILABLE
 from kdlab.wire import VM_INTERFACE
 from kdlabctl import bridge
+from tests.bus import hostileback
 from tests.bus.conftest import Ctl
 from tests.bus.gdbstub import RemoteStub
 from tests.support import REPO
@@ -255,3 +256,83 @@ def test_a_host_whose_bus_is_down_is_unreachable() -> None:
     with pytest.raises(bridge.Unreachable) as caught:
         bridge.open_session(back_argv("unix:path=/nonexistent/bus"), "lab")
     assert str(caught.value).startswith("on lab: cannot connect to the unix:path=")
+
+
+# --- a host that breaks the rules, and faults -----------------------------------
+
+# ssh as kdlabctl --host runs it: this one starts $FAKE_SSH_BACK (a JSON argv)
+# in its place, after writing its pid to $FAKE_SSH_PID.
+FAKE_SSH = """#!{python}
+import json, os
+with open(os.environ["FAKE_SSH_PID"], "w") as pid:
+    pid.write(str(os.getpid()))
+argv = json.loads(os.environ["FAKE_SSH_BACK"])
+os.execv(argv[0], argv)
+"""
+
+
+class FakeHost:
+    """``kdlabctl --host evil`` where ssh runs a back of the test's choosing."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        (directory / "bin").mkdir()
+        (directory / "tmp").mkdir()
+        ssh = directory / "bin" / "ssh"
+        ssh.write_text(FAKE_SSH.format(python=sys.executable))
+        ssh.chmod(0o755)
+        self.pid_file = directory / "ssh.pid"
+
+    def env(self, back: list[str]) -> dict[str, str]:
+        return {
+            "PATH": f"{self.directory / 'bin'}:{os.environ['PATH']}",
+            "TMPDIR": str(self.directory / "tmp"),
+            "XDG_CONFIG_HOME": str(self.directory),
+            "FAKE_SSH_BACK": json.dumps(back),
+            "FAKE_SSH_PID": str(self.pid_file),
+        }
+
+    def popen(self, back: list[str], *args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kdlabctl", "--host", "evil", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**client_env(), **self.env(back)},
+            cwd=REPO,
+        )
+
+    def run(self, back: list[str], *args: str) -> tuple[int, str]:
+        """kdlabctl's status and stderr; it must end within CALL_TIMEOUT."""
+        process = self.popen(back, *args)
+        try:
+            _, err = process.communicate(timeout=CALL_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        text = err.decode(errors="replace")
+        assert_no_traceback(text)
+        return process.returncode, text
+
+    def ssh_pid(self) -> int:
+        deadline = time.monotonic() + CALL_TIMEOUT
+        while not self.pid_file.exists() or not self.pid_file.read_text():
+            assert time.monotonic() < deadline, "ssh did not start"
+            time.sleep(0.05)
+        return int(self.pid_file.read_text())
+
+    def left_behind(self) -> list[str]:
+        return sorted(os.listdir(self.directory / "tmp"))
+
+
+@pytest.fixture
+def fake_host(tmp_path: Path) -> FakeHost:
+    return FakeHost(tmp_path)
+
+
+def test_a_hello_whose_uid_is_no_uid_is_a_malformed_hello(fake_host: FakeHost) -> None:
+    status, err = fake_host.run(hostileback.argv("huge_uid"), "list")
+    assert status == EXIT_UNAVAILABLE
+    assert err == "kdlabctl: kdlabctl on evil sent a malformed hello\n"
+    assert fake_host.left_behind() == []
