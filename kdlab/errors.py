@@ -286,6 +286,7 @@ def exit_code_for(dbus_error_name: str) -> int:
         "org.freedesktop.DBus.Error.ServiceUnknown",
         "org.freedesktop.DBus.Error.NameHasNoOwner",
         "org.freedesktop.DBus.Error.NoReply",
+        "org.freedesktop.DBus.Error.Disconnected",  # the bus, or a host's ssh, left
     ):
         return EXIT_UNAVAILABLE
     if dbus_error_name == "org.freedesktop.DBus.Error.AccessDenied":

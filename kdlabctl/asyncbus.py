@@ -26,6 +26,7 @@ R = TypeVar("R", bound=Record)
 
 # What kdlabctl reports when kdlabd leaves the bus under a watch (exit 69).
 GONE = "org.freedesktop.DBus.Error.NameHasNoOwner"
+DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
 
 
 class Connection:
@@ -41,18 +42,24 @@ class Connection:
         unix_fds: Sequence[int] = (),
         no_autostart: bool = False,
     ) -> Reply:
-        reply = await self.bus.call(
-            Message(
-                destination=call.destination,
-                path=call.path,
-                interface=call.interface,
-                member=call.member,
-                signature=call.signature,
-                body=list(call.body),
-                unix_fds=list(unix_fds),
-                flags=MessageFlag.NO_AUTOSTART if no_autostart else MessageFlag.NONE,
-            )
+        message = Message(
+            destination=call.destination,
+            path=call.path,
+            interface=call.interface,
+            member=call.member,
+            signature=call.signature,
+            body=list(call.body),
+            unix_fds=list(unix_fds),
+            flags=MessageFlag.NO_AUTOSTART if no_autostart else MessageFlag.NONE,
         )
+        # dbus-next 0.2.3 waits for ever for the reply to a call made once
+        # the connection was lost (a host's ssh that died, a bus that quit).
+        if not self.bus.connected:
+            raise RemoteError(DISCONNECTED, "the bus connection closed")
+        try:
+            reply = await self.bus.call(message)
+        except (EOFError, OSError):  # how dbus-next says it was lost meanwhile
+            raise RemoteError(DISCONNECTED, "the bus connection closed") from None
         assert reply is not None
         if reply.message_type is MessageType.ERROR:
             text = reply.body[0] if reply.body else reply.error_name

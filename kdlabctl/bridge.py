@@ -785,6 +785,11 @@ class Bridge:
             return fd
         return self._descriptors.pop(number, -1)
 
+    async def finish(self) -> None:
+        """:meth:`close`, then the tasks' ends (they close what they hold)."""
+        self.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def close(self) -> None:
         for channel in list(self.channels.values()):
             channel.close()
@@ -891,6 +896,8 @@ class Session:
         self.bus = f"unix:path={path}"
         self._remote: RemoteInfo | None = None
         self._failure = ""
+        # Why the channel ended under the command ("" while it is up).
+        self.lost = ""
         self._ready = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
@@ -954,9 +961,10 @@ class Session:
             else:
                 bridge.on_frame(kind, number, flags, payload)
 
-        def on_lost(_why: str) -> None:
-            if not self._stopping.done():
-                self._stopping.set_result(None)
+        def on_lost(why: str) -> None:
+            if self._remote is not None and not self.lost:
+                self.lost = f"the connection to {self.where} was lost: {why}"
+            self._stop()
 
         async def serve_client(sock: socket.socket) -> None:
             number = bridge.new_number()
@@ -965,11 +973,13 @@ class Session:
             bridge.link.send(Frame.CONNECT, number)
             try:
                 rest = await _authenticate(loop, sock, waiter)
-            except (OSError, ValueError):
+            except BaseException as err:  # refused, gone, or the session ended
                 pending.pop(number, None)
                 bridge.link.send(Frame.CLOSE, number)
                 sock.close()
-                return
+                if isinstance(err, (OSError, ValueError)):
+                    return
+                raise
             # Bytes after BEGIN are the first message (Hello).
             bridge.channels[number] = Connection(bridge, number, sock, rest)
 
@@ -995,12 +1005,17 @@ class Session:
         loop.add_reader(self._listener, accept)
         await self._stopping
         loop.remove_reader(self._listener)
+        await self._end(bridge, errors)
+
+    async def _end(self, bridge: Bridge, errors: _Stderr) -> None:
+        """The front's end: why it failed to start, or what was on its way."""
+        self._listener.close()  # who comes now is refused, not kept waiting
         if self._remote is None:
             self._failure = await self._why(errors, bridge.link)
             self._ready.set()
         else:
             await self._drain(bridge)
-        bridge.close()
+        await bridge.finish()
         errors.close()
 
     def _hello(self, payload: bytes) -> None:

@@ -1663,7 +1663,11 @@ def _run(args: argparse.Namespace) -> int:
         with hosts.connected(host, args.bus, hosts.SESSION_SECONDS) as session:
             args.bus = session.bus
             with caller.on_host(session.remote):
-                return _run_here(args)
+                code = _run_here(args)
+            if code != EXIT_OK and session.lost:  # why the command failed
+                print(f"kdlabctl: {session.lost}", file=sys.stderr)
+                return EXIT_UNAVAILABLE
+            return code
     except bridge.Unreachable as err:
         print(f"kdlabctl: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE

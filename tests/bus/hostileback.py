@@ -93,4 +93,3 @@ SCENARIOS: dict[str, Callable[[], None]] = {
     "over_the_window": over_the_window,
     "accept_and_vanish": accept_and_vanish,
 }
-

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -335,4 +336,41 @@ def test_a_hello_whose_uid_is_no_uid_is_a_malformed_hello(fake_host: FakeHost) -
     status, err = fake_host.run(hostileback.argv("huge_uid"), "list")
     assert status == EXIT_UNAVAILABLE
     assert err == "kdlabctl: kdlabctl on evil sent a malformed hello\n"
+    assert fake_host.left_behind() == []
+
+
+def test_a_host_that_dies_before_it_answers_a_connection(fake_host: FakeHost) -> None:
+    """The command's connection waited for the host's CONNECTED: the end of
+    ssh ends it (it waited for ever), with why."""
+    status, err = fake_host.run(hostileback.argv("accept_and_vanish"), "list")
+    assert status == EXIT_UNAVAILABLE
+    assert err.endswith(
+        "kdlabctl: the connection to evil was lost: the ssh channel closed\n"
+    )
+    assert fake_host.left_behind() == []
+
+
+@pytest.mark.usefixtures("guest")
+def test_a_command_ends_when_ssh_dies_under_it(
+    bus: PrivateBus, fake_host: FakeHost
+) -> None:
+    """ssh killed while a command runs on the host: kdlabctl ends with why
+    (it waited for ever for the command's end)."""
+    script = "echo started; sleep 100"
+    running = fake_host.popen(back_argv(bus.address), "exec", "busy", "--", "sh",
+                              "-c", script)  # fmt: skip
+    try:
+        assert running.stdout is not None
+        read_until(running.stdout.fileno(), "started\n", CALL_TIMEOUT)
+        os.kill(fake_host.ssh_pid(), signal.SIGKILL)
+        _, err = running.communicate(timeout=CALL_TIMEOUT)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.wait()
+    assert_no_traceback(err.decode())
+    assert running.returncode == EXIT_UNAVAILABLE, err
+    assert err.decode().endswith(
+        "kdlabctl: the connection to evil was lost: the ssh channel closed\n"
+    )
     assert fake_host.left_behind() == []
