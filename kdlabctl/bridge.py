@@ -81,6 +81,9 @@ CONNECT_SECONDS = 25.0
 LINGER_SECONDS = 5.0
 _MAX_FDS = 253  # SCM_MAX_FD
 _BACKLOG_MESSAGES = 64
+# Descriptors of the other side's this side holds at once (each one or two of
+# ours): far more than any command passes, far fewer than a process may have.
+_MAX_HELD = 256
 _LEFT: tuple[bytes, list[int]] = (b"", [])  # in a queue: the connection closed
 _MAX_MESSAGE_FRAMES = (
     (1 << 27) + 2 + _MAX_FDS * 4
@@ -302,6 +305,15 @@ class Channel:
         """Forget the channel and free what it holds (nothing is sent)."""
         self.bridge.channels.pop(self.number, None)
 
+    def acked(self, credit: int, payload: bytes) -> int:
+        """*credit* with what the ACK *payload* gives back; more than was
+        sent is the other side's lie, and the link's end."""
+        given: int = credit + _U32.unpack(payload)[0]
+        if given > WINDOW:
+            self.bridge.link.lose("an ACK of bytes that were never sent")
+            return credit
+        return given
+
 
 class Stream(Channel):
     """A pipe end or a connected socket of this side, relayed with credit."""
@@ -323,12 +335,15 @@ class Stream(Channel):
 
     def on_frame(self, kind: int, _flags: int, payload: bytes) -> None:
         if kind == Frame.DATA and self.writes and not self.ended:
+            if len(self.pending) + self.consumed + len(payload) > WINDOW:
+                self.bridge.link.lose("more bytes than the window, without credit")
+                return
             self.pending += payload
             self._flush()
         elif kind == Frame.ACK and len(payload) == _U32.size:
             resume = self.credit == 0
-            self.credit += _U32.unpack(payload)[0]
-            if resume and self.reads:
+            self.credit = self.acked(self.credit, payload)
+            if resume and self.credit and self.reads:
                 self._loop.add_reader(self.fd, self._readable)
         elif kind == Frame.EOF:
             self.ended = True
@@ -440,7 +455,7 @@ class FileSource(Channel):
 
     def on_frame(self, kind: int, _flags: int, payload: bytes) -> None:
         if kind == Frame.ACK and len(payload) == _U32.size:
-            self.credit += _U32.unpack(payload)[0]
+            self.credit = self.acked(self.credit, payload)
             self.pump()
         elif kind == Frame.CLOSE:
             self.close()
@@ -469,7 +484,11 @@ class FileSink(Channel):
 
     def on_frame(self, kind: int, _flags: int, payload: bytes) -> None:
         if kind == Frame.DATA and self.fd >= 0:
-            os.write(self.fd, payload)  # a local file: written at once
+            try:
+                os.write(self.fd, payload)  # a local file: written at once
+            except OSError as err:
+                self.bridge.link.lose(f"cannot spool a file: {err.strerror}")
+                return
             self.bridge.link.send(Frame.ACK, self.number, _U32.pack(len(payload)))
         elif kind == Frame.SYNC:
             self.synced = True
@@ -595,7 +614,15 @@ class Connection(Channel):
             return
         message = payload[_U16.size + count * _U32.size :]
         fds = [self.bridge.take_descriptor(number) for number in numbers]
-        self.deliver(message, [fd for fd in fds if fd >= 0])
+        if -1 in fds or not _whole(message, len(fds)):
+            # A client would read the next message's bytes as this one's, or
+            # wait for descriptors that never come: the other side is broken.
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            self.bridge.link.lose("a MESSAGE that is no D-Bus message with its files")
+            return
+        self.deliver(message, fds)
 
     def deliver(self, message: bytes, fds: list[int]) -> None:
         self._out.append((message, fds))
@@ -640,6 +667,15 @@ class Connection(Channel):
             for fd in fds:
                 os.close(fd)
         self._out.clear()
+
+
+def _whole(message: bytes, fds: int) -> bool:
+    """Whether *message* is one whole D-Bus message that carries *fds*."""
+    try:
+        length = quickbus.message_length(message[:16])
+    except (quickbus.RemoteError, struct.error):
+        return False
+    return len(message) == length and _unix_fds(message) == fds
 
 
 def _unix_fds(message: bytes) -> int | None:
@@ -748,21 +784,35 @@ class Bridge:
         if number in self.channels or not theirs or not valid:
             self.link.lose("a malformed OPEN frame")
             return
-        kind = Kind(payload[0])
-        if kind == Kind.FILE:
-            sink = FileSink(self, number)
-            self.channels[number] = sink
-            self._sinks[number] = sink
+        held = [
+            channel
+            for n, channel in self.channels.items()
+            if n % 2 == number % 2 and not isinstance(channel, Connection)
+        ]
+        if len(held) >= _MAX_HELD:
+            self.link.lose(f"more than {_MAX_HELD} descriptors opened at once")
             return
-        if kind == Kind.SOCKET:
-            here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            fd, recipient = here.detach(), there.detach()
-        else:
-            read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            # READER: their reader reads what we write; WRITER: the opposite.
-            fd, recipient = (
-                (write_end, read_end) if kind == Kind.READER else (read_end, write_end)
-            )
+        kind = Kind(payload[0])
+        try:
+            if kind == Kind.FILE:
+                sink = FileSink(self, number)
+                self.channels[number] = sink
+                self._sinks[number] = sink
+                return
+            if kind == Kind.SOCKET:
+                here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                fd, recipient = here.detach(), there.detach()
+            else:
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                # READER: their reader reads what we write; WRITER: the opposite.
+                fd, recipient = (
+                    (write_end, read_end)
+                    if kind == Kind.READER
+                    else (read_end, write_end)
+                )
+        except OSError as err:
+            self.link.lose(f"cannot make a descriptor: {err.strerror}")
+            return
         self.channels[number] = Stream(
             self,
             number,

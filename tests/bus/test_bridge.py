@@ -7,21 +7,28 @@ private bus), not through ssh: what is tested is the relay. The vm tier
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from dbus_next import Variant
+from dbus_next import Message, Variant
 
+from kdlab.agent.protocol import HEADER
 from kdlab.errors import EXIT_UNAVAILABLE
 from kdlab.wire import VM_INTERFACE
 from kdlabctl import bridge
@@ -374,3 +381,133 @@ def test_a_command_ends_when_ssh_dies_under_it(
         "kdlabctl: the connection to evil was lost: the ssh channel closed\n"
     )
     assert fake_host.left_behind() == []
+
+
+class Side:
+    """The front's bridge, its link a socket pair whose other end the test
+    plays: whatever it sends, the front must end the link with why, never
+    raise, never hold more than its window."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.raised: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda _loop, seen: self.raised.append(seen))
+        self._ours, self.peer = socket.socketpair()
+        self.lost = ""
+        self.bridge = bridge.Bridge(self.loop, front=True)
+        self.bridge.link = bridge.Link(
+            self.loop,
+            self._ours.fileno(),
+            self._ours.fileno(),
+            self.bridge.on_frame,
+            self._lose,
+            hunt=False,
+        )
+        self._writers: list[threading.Thread] = []
+
+    def _lose(self, why: str) -> None:
+        self.lost = why
+
+    def send(self, *frames: tuple[int, int, bytes]) -> None:
+        """Frames (kind, channel, payload) from the other side, written by a
+        thread (the front reads them while it runs)."""
+        data = b"".join(
+            HEADER.pack(len(payload), number, kind, 0) + payload
+            for kind, number, payload in frames
+        )
+        writer = threading.Thread(target=self._write, args=(data,), daemon=True)
+        writer.start()
+        self._writers.append(writer)
+
+    def _write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # the front ended the link
+            self.peer.sendall(data)
+
+    def why_lost(self) -> str:
+        """Run the front until it ends the link: why it did."""
+        deadline = self.loop.time() + CALL_TIMEOUT
+        while not self.lost and self.loop.time() < deadline:
+            self.loop.run_until_complete(asyncio.sleep(0.05))
+        assert self.raised == []
+        return self.lost
+
+    def close(self) -> None:
+        self.bridge.close()
+        self.loop.close()
+        self._ours.close()
+        self.peer.close()
+        for writer in self._writers:
+            writer.join(CALL_TIMEOUT)
+
+
+@pytest.fixture
+def side() -> Iterator[Side]:
+    played = Side()
+    yield played
+    played.close()
+
+
+def open_frame(number: int, kind: bridge.Kind) -> tuple[int, int, bytes]:
+    return bridge.Frame.OPEN, number, bytes([kind])
+
+
+def test_a_host_that_opens_descriptors_without_end(side: Side) -> None:
+    """Each OPEN costs the front descriptors (it ran out of them, with a
+    traceback, and kept going)."""
+    before = len(os.listdir("/proc/self/fd"))
+    side.send(*(open_frame(n, bridge.Kind.READER) for n in range(2, 200_000, 2)))
+    assert side.why_lost() == "more than 256 descriptors opened at once"
+    assert len(os.listdir("/proc/self/fd")) < before + 2 * 256 + 16
+
+
+def test_a_host_that_sends_beyond_the_window(side: Side) -> None:
+    """A pipe's bytes past its window, for a reader that does not read: the
+    front kept them all."""
+    chunk = bytes(65536)
+    flood = [(bridge.Frame.DATA, 2, chunk)] * 64
+    side.send(open_frame(2, bridge.Kind.READER), *flood)
+    assert side.why_lost() == "more bytes than the window, without credit"
+
+
+def test_a_host_that_acks_bytes_never_sent(side: Side, tmp_path: Path) -> None:
+    """Credit beyond the window: the front read the whole file into memory."""
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(os.urandom(1 << 20) * 8)
+    fd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
+    side.loop.create_task(side.bridge.send_message(1, b"call", [fd]))
+    side.send((bridge.Frame.ACK, 1, struct.pack(">I", 0xFFFFFFFF)))
+    assert side.why_lost() == "an ACK of bytes that were never sent"
+    assert side.bridge.link.backlog <= 2 * bridge.WINDOW
+
+
+def signal_with_a_file() -> bytes:
+    with open(os.devnull, "rb") as null:
+        message = Message.new_signal("/", "org.example.T", "F", "h", [0])
+        message.unix_fds = [null.fileno()]
+        return bytes(message._marshall(negotiate_unix_fd=True))
+
+
+@pytest.mark.parametrize(
+    ("sent", "carried"),
+    [
+        # A file that never SYNCed: the client waited for a descriptor.
+        ([open_frame(2, bridge.Kind.FILE), (bridge.Frame.DATA, 2, b"x")], [2]),
+        # A message cut short: the client read the next one's bytes as its own.
+        ([], []),
+    ],
+)
+def test_a_host_whose_message_is_not_what_a_client_can_read(
+    side: Side, sent: list[tuple[int, int, bytes]], carried: list[int]
+) -> None:
+    client, ours = socket.socketpair()
+    side.bridge.channels[1] = bridge.Connection(side.bridge, 1, ours)
+    message = signal_with_a_file()
+    if not carried:
+        message = message[:-1]
+    numbers = struct.pack(f">H{len(carried)}I", len(carried), *carried)
+    side.send(*sent, (bridge.Frame.MESSAGE, 1, numbers + message))
+    assert side.why_lost() == "a MESSAGE that is no D-Bus message with its files"
+    client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        client.recv(1)
+    client.close()
