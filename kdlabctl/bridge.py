@@ -952,6 +952,11 @@ class Session:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
         self._listener.listen(16)
+        self._loop = asyncio.new_event_loop()
+        self._stopping: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, name="kdlab-host", daemon=True
+        )
         try:
             self._ssh = subprocess.Popen(
                 list(argv),
@@ -961,16 +966,18 @@ class Session:
                 start_new_session=True,  # the terminal's Ctrl-C is kdlabctl's
             )
         except OSError as err:
+            self._loop.close()
             self._cleanup()
             raise Unreachable(f"cannot run {argv[0]}: {err.strerror}") from None
-        self._loop = asyncio.new_event_loop()
-        self._stopping: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(
-            target=self._run, name="kdlab-host", daemon=True
-        )
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            self._failure = f"{where} did not answer over ssh within {timeout:g} s"
+        try:
+            self._thread.start()
+            if not self._ready.wait(timeout):
+                self._failure = f"{where} did not answer over ssh within {timeout:g} s"
+        except BaseException:  # Ctrl-C: neither ssh nor the directory stays
+            self._failure = self._failure or "interrupted"
+            self._ssh.kill()
+            self.close()
+            raise
         if self._remote is None:
             self.close()
             raise Unreachable(self._failure)

@@ -511,3 +511,22 @@ def test_a_host_whose_message_is_not_what_a_client_can_read(
     with pytest.raises(BlockingIOError):
         client.recv(1)
     client.close()
+
+
+def test_ctrl_c_while_the_host_is_reached_leaves_nothing(fake_host: FakeHost) -> None:
+    """Ctrl-C before the host answered: ssh ended, the session's directory
+    gone (both were left behind)."""
+    reaching = fake_host.popen(["/bin/sleep", "60"], "list")
+    try:
+        ssh = fake_host.ssh_pid()
+        reaching.send_signal(signal.SIGINT)
+        _, err = reaching.communicate(timeout=CALL_TIMEOUT)
+    finally:
+        if reaching.poll() is None:
+            reaching.kill()
+            reaching.wait()
+    assert_no_traceback(err.decode())
+    assert reaching.returncode == 130
+    assert fake_host.left_behind() == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(ssh, 0)
