@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from kdlab.agent.protocol import HEADER, HEADER_SIZE
-from kdlabctl.bridge import MAGIC, PROTOCOL, Frame, Kind
+from kdlabctl.bridge import MAGIC, PROTOCOL, Frame
 from tests.support import REPO
 
 HELLO = {
@@ -58,27 +58,6 @@ def huge_uid() -> None:
     linger()
 
 
-def open_flood() -> None:
-    """Descriptors without end, for no message (each costs the front two)."""
-    greet()
-    frames = b"".join(
-        HEADER.pack(1, number, Frame.OPEN, 0) + bytes([Kind.READER])
-        for number in range(2, 2 * 100_000, 2)
-    )
-    os.write(1, frames)
-    linger()
-
-
-def over_the_window() -> None:
-    """A pipe's bytes far beyond the window, never waiting for credit."""
-    greet()
-    send(Frame.OPEN, 2, bytes([Kind.READER]))
-    chunk = HEADER.pack(65536, 2, Frame.DATA, 0) + bytes(65536)
-    for _ in range(64 * 1024 * 1024 // 65536):
-        os.write(1, chunk)
-    linger()
-
-
 def accept_and_vanish() -> None:
     """The host answers hello, then dies before it answers a CONNECT."""
     greet()
@@ -89,7 +68,5 @@ def accept_and_vanish() -> None:
 
 SCENARIOS: dict[str, Callable[[], None]] = {
     "huge_uid": huge_uid,
-    "open_flood": open_flood,
-    "over_the_window": over_the_window,
     "accept_and_vanish": accept_and_vanish,
 }
