@@ -81,6 +81,9 @@ CONNECT_SECONDS = 25.0
 LINGER_SECONDS = 5.0
 _MAX_FDS = 253  # SCM_MAX_FD
 _BACKLOG_MESSAGES = 64
+# What may wait for a local client that does not read (dbus-daemon's default
+# max_incoming_bytes): beyond, its connection is closed.
+_MAX_UNREAD = 1 << 27
 # Descriptors of the other side's this side holds at once (each one or two of
 # ours): far more than any command passes, far fewer than a process may have.
 _MAX_HELD = 256
@@ -514,6 +517,7 @@ class Connection(Channel):
         self._in = bytearray(initial)
         self._fds: deque[int] = deque()
         self._out: deque[tuple[bytes, list[int]]] = deque()
+        self._queued = 0  # bytes of _out
         self._parts = bytearray()
         self._queue: asyncio.Queue[tuple[bytes, list[int]]] = asyncio.Queue()
         self._loop = bridge.loop
@@ -626,7 +630,10 @@ class Connection(Channel):
 
     def deliver(self, message: bytes, fds: list[int]) -> None:
         self._out.append((message, fds))
-        if len(self._out) == 1:
+        self._queued += len(message)
+        if self._queued > _MAX_UNREAD:  # a client that reads nothing
+            self.abort()
+        elif len(self._out) == 1:
             self._flush()
 
     def _flush(self) -> None:
@@ -643,6 +650,7 @@ class Connection(Channel):
                 return
             for fd in fds:
                 os.close(fd)
+            self._queued -= sent
             if sent < len(data):
                 self._out[0] = (data[sent:], [])
                 self._loop.add_writer(self.sock, self._flush)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import stat
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -48,7 +49,11 @@ LOCAL = "local"
 SESSION_SECONDS = 30.0
 # No terminal, no X11 or agent forwarding; never a password prompt (a question
 # on the terminal would hang a command that waits for the bridge's hello).
-SSH_OPTIONS = ("-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
+# A host that goes away without a word is noticed within 45 s (ServerAlive).
+SSH_OPTIONS = (
+    "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+    "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
+)  # fmt: skip
 # One ssh connection per host is shared by the commands of the next minute
 # (ssh's ControlMaster): a new one costs a key exchange and a login, several
 # times a command's own time. A host's ssh_options come first and win (ssh
@@ -272,10 +277,14 @@ def _shared_connection() -> list[str]:
         directory = Path(cache) / "kdlab" / "ssh"
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.stat()
+        info = directory.lstat()  # a symbolic link may lead anywhere: not used
     except OSError:
         return []
-    private = info.st_uid == os.getuid() and not info.st_mode & 0o077
+    private = (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.getuid()
+        and not info.st_mode & 0o077
+    )
     # %C: a hash (40 hex digits) of the local host, user, host and port.
     if not private or len(str(directory)) + 41 > _SOCKET_PATH_MAX:
         return []

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from dbus_next import Message, Variant
 from kdlab.agent.protocol import HEADER
 from kdlab.errors import EXIT_UNAVAILABLE
 from kdlab.wire import VM_INTERFACE
-from kdlabctl import bridge
+from kdlabctl import bridge, quickbus
 from tests.bus import hostileback
 from tests.bus.conftest import Ctl
 from tests.bus.gdbstub import RemoteStub
@@ -425,11 +425,15 @@ class Side:
 
     def why_lost(self) -> str:
         """Run the front until it ends the link: why it did."""
+        self.run_until(lambda: bool(self.lost))
+        return self.lost
+
+    def run_until(self, done: Callable[[], bool]) -> None:
+        """Run the front until *done* holds (or the tests' time runs out)."""
         deadline = self.loop.time() + CALL_TIMEOUT
-        while not self.lost and self.loop.time() < deadline:
+        while not done() and self.loop.time() < deadline:
             self.loop.run_until_complete(asyncio.sleep(0.05))
         assert self.raised == []
-        return self.lost
 
     def close(self) -> None:
         self.bridge.close()
@@ -510,6 +514,25 @@ def test_a_host_whose_message_is_not_what_a_client_can_read(
     client.setblocking(False)
     with pytest.raises(BlockingIOError):
         client.recv(1)
+    client.close()
+
+
+def test_a_client_that_reads_nothing_loses_its_connection(
+    side: Side, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages for a local client that does not read pile up only to a
+    limit (dbus-daemon's, here made small): then its connection closes."""
+    monkeypatch.setattr(bridge, "_MAX_UNREAD", 1 << 20)
+    client, ours = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    side.bridge.channels[1] = connection = bridge.Connection(side.bridge, 1, ours)
+    call = quickbus.Call("a.b", "/a", "a.b", "M", signature="s", body=["x" * 60000])
+    message = struct.pack(">H", 0) + quickbus.message(1, call)
+    side.send(*[(bridge.Frame.MESSAGE, 1, message)] * 64)
+    side.run_until(lambda: connection.sock.fileno() == -1)
+    assert connection.sock.fileno() == -1, "the connection is still open"
+    assert 1 not in side.bridge.channels
+    assert not side.lost, "only that connection ended"
     client.close()
 
 

@@ -164,7 +164,7 @@ def test_the_ssh_command_runs_the_bridge_of_the_hosts_kdlabctl(config: Path) -> 
     assert ssh_argv(lab, "system") == [
         "ssh",
         "-i", "~/.ssh/id_lab", "-o", "UserKnownHostsFile=~/.ssh/lab_known",
-        "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+        *hosts.SSH_OPTIONS,
         *shared,
         "-p", "2222",
         "alice@lab2.example.org",
@@ -183,7 +183,7 @@ def test_the_ssh_command_runs_the_bridge_of_the_hosts_kdlabctl(config: Path) -> 
 def test_a_destination_not_in_hosts_toml_gets_the_defaults(config: Path) -> None:
     config.write_text(LAB)
     assert ssh_argv(hosts.resolve("bob@box"), "system") == [
-        "ssh", "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+        "ssh", *hosts.SSH_OPTIONS,
         *hosts._shared_connection(),
         "bob@box", "--", "kdlabctl --bus system __bridge",
     ]  # fmt: skip
@@ -207,6 +207,12 @@ def test_one_ssh_connection_per_host_is_shared_from_a_private_directory(
     # Nor one whose socket paths would be longer than a socket's path may be.
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / ("x" * 80)))
     (tmp_path / ("x" * 80)).mkdir()
+    assert hosts._shared_connection() == []
+    # Nor a symbolic link to a directory of the right owner and mode.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "link"))
+    (tmp_path / "link").mkdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "link" / "kdlab-ssh").symlink_to(tmp_path / "elsewhere")
     assert hosts._shared_connection() == []
     shutil.rmtree(tmp_path)
 
