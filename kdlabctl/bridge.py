@@ -1215,7 +1215,10 @@ async def _authenticate(
 ) -> bytes:
     """The bus's side of a client's handshake (the uid was checked on accept:
     any mechanism is answered OK once the back reached the host's bus); the
-    bytes after BEGIN. ValueError for a client that is not one."""
+    bytes after BEGIN. ValueError for a client that is not one.
+
+    A client may send its identity with AUTH (libdbus, dbus-next) or wait to
+    be asked for it (sd-bus: ``AUTH EXTERNAL``, then ``DATA``)."""
     sock.setblocking(False)
     buffer = b""
     while True:
@@ -1225,8 +1228,12 @@ async def _authenticate(
                 raise ValueError("the client left during the handshake")
             buffer += data
         line, buffer = buffer.split(b"\r\n", 1)
-        command = line.lstrip(b"\0").split(b" ", 1)[0]
-        if command == b"AUTH":
+        command, *arguments = line.lstrip(b"\0").split(b" ")
+        if command == b"AUTH" and not arguments:
+            answer = b"REJECTED EXTERNAL\r\n"  # the mechanisms there are
+        elif command == b"AUTH" and len(arguments) == 1:
+            answer = b"DATA\r\n"  # a mechanism without its initial response
+        elif command in (b"AUTH", b"DATA"):
             refused = await connected
             if refused:
                 await loop.sock_sendall(sock, b"REJECTED EXTERNAL\r\n")

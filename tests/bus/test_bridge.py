@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +45,7 @@ from tests.support.clients import (
     kdlabctl,
     kdlabctl_argv,
     read_until,
+    run_tool,
 )
 from tests.support.testdriver import Lab
 from tests.support.timeouts import CALL_TIMEOUT
@@ -230,6 +232,31 @@ def test_gdb_runs_here_on_the_hosts_stub(
     assert done.returncode == 0, done.stderr
     assert "$1 = 0x0" in done.stdout
     assert stub.attached == [True]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # systemd's sd-bus (cockpit-bridge's: kdlabctl web --host's page)
+        # sends AUTH EXTERNAL without the uid and waits for DATA.
+        ["busctl", "--address={bus}", "call", "org.freedesktop.DBus",
+         "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId"],
+        # libdbus sends its uid with AUTH EXTERNAL.
+        ["dbus-send", "--bus={bus}", "--print-reply",
+         "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+         "org.freedesktop.DBus.GetId"],
+    ],
+    ids=["sd-bus", "libdbus"],
+)  # fmt: skip
+def test_other_clients_handshakes_are_answered(
+    session: bridge.Session, client: BusClient, argv: list[str]
+) -> None:
+    """Each D-Bus library's way of authenticating reaches the host's bus."""
+    done = run_tool([word.format(bus=session.bus) for word in argv])
+    assert done.returncode == 0, done.stderr
+    bus = "org.freedesktop.DBus"
+    get_id = client.call("/org/freedesktop/DBus", bus, "GetId", destination=bus)
+    assert re.findall(r"[0-9a-f]{32}", done.stdout) == get_id.body
 
 
 @pytest.mark.usefixtures("kdlabd")
