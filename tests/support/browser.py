@@ -32,13 +32,14 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from tests.support import REPO, logins
 from tests.support.logins import LoginUser
 from tests.support.prereq import require, require_tool
+from tests.support.relay import Relay
 from tests.support.timeouts import STARTUP_TIMEOUT
 from tests.support.web import WebServer, processes_of
 
@@ -129,10 +130,19 @@ class PageServer:
     (:func:`kdlabctl_wrapper`, first on PATH). Both reach the bridge through
     kdlabctl web's environment. *root* must be a directory every user may
     enter (the page and the wrapper go there). What kdlabctl web, cockpit-ws
-    and the bridge write goes to the file *log* (an artifact).
+    and the bridge write goes to the file *log* (an artifact). *args* are
+    kdlabctl web's (``--host lab``), *within* as :class:`WebServer`'s.
     """
 
-    def __init__(self, user: LoginUser, bus: str, root: Path, log: Path) -> None:
+    def __init__(
+        self,
+        user: LoginUser,
+        bus: str,
+        root: Path,
+        log: Path,
+        *args: str,
+        within: Sequence[str] = (),
+    ) -> None:
         self.user = user
         data_home = root / "share"
         install_page(data_home)
@@ -144,7 +154,7 @@ class PageServer:
         exports = " ".join(
             f"{key}={shlex.quote(value)}" for key, value in environment.items()
         )
-        self.server = WebServer(user, bus, env=exports, log=log)
+        self.server = WebServer(user, bus, *args, env=exports, log=log, within=within)
         if not self.server.url.startswith("http://127.0.0.1:"):
             self.stop()
             raise AssertionError(
@@ -179,9 +189,17 @@ class Browser:
     the uid that runs it. The profile (``--user-data-dir``) is a directory
     in the user's home, removed by :meth:`close`. Chromium keeps its sandbox
     (unprivileged user namespaces suffice for a user that is not root).
+
+    With *within* (tests/support/sshhost.py's ``SshHost.within``), chromedriver
+    and chromium run inside that network namespace, where a ``kdlabctl web``
+    run there listens; selenium reaches chromedriver's port through a
+    :class:`tests.support.relay.Relay`. The browser's own connections stay
+    in the namespace: kdlabctl web sees the user's sockets, not a relay's.
     """
 
-    def __init__(self, artifacts: Path, user: LoginUser) -> None:
+    def __init__(
+        self, artifacts: Path, user: LoginUser, within: Sequence[str] = ()
+    ) -> None:
         from selenium import webdriver
         from selenium.webdriver.remote.file_detector import UselessFileDetector
 
@@ -192,14 +210,18 @@ class Browser:
         self.log = artifacts / f"chromedriver-{user.name}.log"
         with self.log.open("ab") as log:
             self.service = subprocess.Popen(
-                logins.login_argv(user, f"exec {CHROMEDRIVER} --port={port}"),
+                logins.login_argv(user, f"exec {CHROMEDRIVER} --port={port}", within),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=logins.LOGIN_ENV,
                 cwd="/",
             )
+        self.relay: Relay | None = None
         try:
+            if within:
+                self.relay = Relay(within, port)
+                port = self.relay.port
             self._wait_for_driver(port)
             options = webdriver.ChromeOptions()
             options.binary_location = CHROMIUM
@@ -243,6 +265,8 @@ class Browser:
         chromedriver of the user survives (they are heavy: one at a time)."""
         if self.service.poll() is None:
             logins.kill(self.service)
+        if self.relay is not None:
+            self.relay.close()
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while (left := processes_of(self.user.uid, BROWSER_PROGRAMS)) and (
             time.monotonic() < deadline
@@ -360,9 +384,12 @@ class Browser:
 
 
 @contextlib.contextmanager
-def browser(artifacts: Path, user: LoginUser) -> Iterator[Browser]:
-    """A :class:`Browser` of *user*'s, quit at the end whatever happens."""
-    session = Browser(artifacts, user)
+def browser(
+    artifacts: Path, user: LoginUser, within: Sequence[str] = ()
+) -> Iterator[Browser]:
+    """A :class:`Browser` of *user*'s (in the namespace *within* enters, if
+    given), quit at the end whatever happens."""
+    session = Browser(artifacts, user, within)
     try:
         yield session
     finally:

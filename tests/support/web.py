@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -166,7 +167,8 @@ def main(argv: list[str]) -> int:
 
 class WebServer:
     """``kdlabctl [--bus BUS] web ARGS`` run by *user*, with *env* (shell
-    assignments) before it; :attr:`url` is the first line it printed.
+    assignments) before it, through the command line *within* when given
+    (``nsenter --net=...``); :attr:`url` is the first line it printed.
 
     Its stderr (cockpit-ws's and the bridge's too) goes to the file *log*
     when given (a server kept running for many tests: a pipe nobody reads
@@ -179,6 +181,7 @@ class WebServer:
         *args: str,
         env: str = "",
         log: Path | None = None,
+        within: Sequence[str] = (),
     ) -> None:
         self.user = user
         self.log = log
@@ -190,7 +193,7 @@ class WebServer:
             if log is not None:
                 stderr = files.enter_context(log.open("wb"))
             self.process = subprocess.Popen(
-                login_argv(user, command),
+                login_argv(user, command, within),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
