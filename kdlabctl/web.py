@@ -60,8 +60,11 @@ LINGER_SECONDS = 2.0
 # How long cockpit-ws and its bridge get to exit on SIGTERM before SIGKILL.
 STOP_SECONDS = 5.0
 # cockpit-ws takes the listening socket as descriptor 3 and LISTEN_PID must be
-# its own pid, which only a shell that execs it knows ($$).
+# its own pid, which only a shell that execs it knows ($$). bash, not sh: the
+# socket's number may have two digits (with --host's session open), which
+# dash cannot redirect from.
 ACTIVATE = 'exec 3<&"$0"; export LISTEN_FDS=1 LISTEN_PID=$$; exec "$@"'
+ACTIVATE_SHELL = "bash"
 
 
 class Unavailable(Exception):
@@ -300,7 +303,7 @@ class Cockpit:
             bridge = await _spawn([self.bridge_program], ours, self.bridge_env)
             self.processes = [bridge]
             ws = [self.ws_program, "--no-tls", "--local-session=-"]
-            activated = ["/bin/sh", "-c", ACTIVATE, str(fd), *ws]
+            activated = [ACTIVATE_SHELL, "-c", ACTIVATE, str(fd), *ws]
             self.processes.append(await _spawn(activated, theirs, self.ws_env, fd))
         finally:
             ours.close()

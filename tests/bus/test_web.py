@@ -195,6 +195,32 @@ def test_a_signal_stops_it_and_all_it_started(
         socket.create_connection(("127.0.0.1", server.port), 5).close()
 
 
+def test_it_serves_whatever_its_listening_sockets_descriptor(
+    logins: Logins, share: Path
+) -> None:
+    """Started with descriptors 3 to 9 open (as with --host, whose session
+    holds several), kdlabctl web's socket for cockpit-ws is 10 or more: a
+    number Debian's sh cannot redirect from. cockpit-ws still gets it."""
+    taken = " ".join(f"{fd}</dev/null" for fd in range(3, 10))
+    running = WebServer(
+        logins.alice, "unix:path=/nonexistent", env=f"XDG_DATA_HOME={share}",
+        before=f"exec {taken}",
+    )  # fmt: skip
+    try:
+        answer = probe(
+            logins,
+            logins.alice,
+            running.port,
+            [{"target": web.PAGE, "headers": {"Cookie": running.cookie}}],
+        )[0]
+        assert answer["status"] == 200, answer
+        assert MARKER in answer["body"]
+    finally:
+        code, stderr = running.stop()
+    assert code == 0, stderr
+    assert "Bad fd number" not in stderr
+
+
 def test_a_port_taken_is_invalid_argument(logins: Logins, bus: PrivateBus) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -167,8 +167,9 @@ def main(argv: list[str]) -> int:
 
 class WebServer:
     """``kdlabctl [--bus BUS] web ARGS`` run by *user*, with *env* (shell
-    assignments) before it, through the command line *within* when given
-    (``nsenter --net=...``); :attr:`url` is the first line it printed.
+    assignments) before it, after the shell command *before* (in the same
+    shell), through the command line *within* when given (``nsenter
+    --net=...``); :attr:`url` is the first line it printed.
 
     Its stderr (cockpit-ws's and the bridge's too) goes to the file *log*
     when given (a server kept running for many tests: a pipe nobody reads
@@ -182,12 +183,15 @@ class WebServer:
         env: str = "",
         log: Path | None = None,
         within: Sequence[str] = (),
+        before: str = "",
     ) -> None:
         self.user = user
         self.log = log
         command = kdlabctl_command(bus, "web", *args)
         if env:
             command = f"export {env} && {command}"
+        if before:
+            command = f"{before} && {command}"
         with contextlib.ExitStack() as files:
             stderr: Any = subprocess.PIPE
             if log is not None:
