@@ -13,6 +13,7 @@ the host itself exits the same way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import filecmp
 import json
@@ -21,6 +22,8 @@ import shlex
 import shutil
 import stat
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,10 @@ from kdlab.errors import (
     NoSuchVM,
     NotAuthorized,
 )
+from kdlabctl.cli import LIST_HEADERS
 from kdlabd import __version__
+from tests.support import browser
+from tests.support.browser import PageServer
 from tests.support.clients import assert_no_traceback, kdlabctl_argv, run_tool
 from tests.support.logins import (
     LOGIN_ENV,
@@ -45,6 +51,13 @@ from tests.support.logins import (
 from tests.support.sshhost import SshHost, SshLogin
 from tests.support.timeouts import CTL_TIMEOUT
 from tests.vm.conftest import MARKER, Lab
+from tests.vm.test_cockpit import (
+    BOOT_SECONDS,
+    as_page_shows,
+    button,
+    cell,
+    wait_state,
+)
 from tests.vm.test_debug import SHELL_PROMPT, Console
 from tests.vm.test_lifecycle import wait_for_console
 
@@ -351,3 +364,92 @@ def test_up_builds_here_and_boots_on_the_host(
     assert "Linux version 6.1" in up.stdout, "lx-version ran: the gdb scripts loaded"
     shown = json.loads(lab.ctl("show", "--json", vm_name).stdout)
     assert shown["tree"] == str(minimal_build)
+
+
+def list_owners(remote: Remote) -> dict[str, str]:
+    """VM name to owner, as ``kdlabctl --host lab list`` names it for alice."""
+    header, *rows = remote.ok("list").splitlines()
+    assert header.split() == list(LIST_HEADERS), header
+    return {row.split()[0]: row.split()[-1] for row in rows}
+
+
+@pytest.fixture
+def page_root() -> Iterator[Path]:
+    """A directory every user may enter, for the page and the kdlabctl wrapper
+    (tests/support/browser.py: PageServer); removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="kdlab-cockpit-", dir="/var/tmp"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_kdlabctl_web_host_serves_the_hosts_vms_to_a_browser(
+    remote: Remote,
+    ssh_host: SshHost,
+    vm_name: str,
+    page_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """alice runs ``kdlabctl web --host lab`` and her browser opens the URL it
+    printed (both inside the namespace, where the host is reached: the
+    browser's sockets are alice's, as kdlabctl web checks). Her own bus is
+    nowhere (KDLAB_BUS names no socket): the page reaches the host's kdlabd
+    over ssh, as bob. It lists bob's VM named as bob, and a VM of alice's on
+    the host by its number, as ``kdlabctl --host lab list`` names them (this
+    machine's passwd names no uid of the host's); its buttons act as bob
+    (bob's VM starts paused and stops; alice's refuses, with the message
+    the command line gets); its boot log view runs kdlabctl here, on the
+    host's bus."""
+    browser.require_browser()
+    alice, bob = remote.alice, remote.bob
+    boot = ("--kernel", str(remote.lab.kernel.vmlinuz),
+            "--initrd", str(remote.lab.initramfs), *MEMORY)  # fmt: skip
+    remote.ok("create", vm_name, *boot)
+    hers = f"{vm_name}-alice"
+    artifacts = browser.artifacts_dir(tmp_path_factory.getbasetemp())
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(remote.lab.ctl, "delete", "--force", hers)
+        created = remote.on_host(alice, "create", hers, *boot)
+        assert created.returncode == 0, created.stderr
+        owners = list_owners(remote)
+        assert (owners[vm_name], owners[hers]) == (bob.name, str(alice.uid))
+        page = PageServer(
+            alice, "unix:path=/nonexistent", page_root,
+            artifacts / "kdlabctl-web-host.log", "--host", HOST,
+            within=ssh_host.within,
+        )  # fmt: skip
+        cleanup.callback(page.stop)
+        web = cleanup.enter_context(browser.browser(artifacts, alice, ssh_host.within))
+        web.open(page.url)
+        for name in (vm_name, hers):
+            wait_state(web, name, "defined")
+            web.wait_for_text(
+                cell(name, "owner"), owners[name].__eq__,
+                f"{name}'s owner is not named as kdlabctl --host names it",
+            )  # fmt: skip
+        web.screenshot("host-vms-listed")
+
+        web.click(button(vm_name, "start-paused"))
+        wait_state(web, vm_name, "paused")
+        assert remote.show(vm_name)["state"] == "paused"
+        web.click(button(vm_name, "force-stop"))
+        wait_state(web, vm_name, "stopped")
+
+        refused = remote.ctl("start", hers)
+        assert refused.returncode == NotAuthorized.exit_code, refused.stderr
+        web.click(button(hers, "start"))
+        shown = web.wait_for_text("#error", bool, "no error shown")
+        assert shown == as_page_shows(refused.stderr)
+        web.click("#error-dismiss")
+
+        web.click(button(vm_name, "start"))
+        wait_state(web, vm_name, "running")
+        web.click(button(vm_name, "logs"))
+        web.wait_for_text(
+            "#log", lambda text: "Linux version" in text,
+            "the boot log view shows no boot", BOOT_SECONDS,
+        )  # fmt: skip
+        web.screenshot("host-vm-boot-log")
+        web.click(button(vm_name, "force-stop"))
+        wait_state(web, vm_name, "stopped")
+        assert web.text("#error") == ""
