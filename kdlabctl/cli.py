@@ -1561,10 +1561,10 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
 
 
 async def cmd_web(_client: object, args: argparse.Namespace) -> int:
-    from kdlabctl import web
+    from kdlabctl import caller, web
 
     try:
-        await web.serve(args.address, args.port, args.bus)
+        await web.serve(args.address, args.port, args.bus, caller.remote())
     except web.Unavailable as err:
         print(f"kdlabctl: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE

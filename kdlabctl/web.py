@@ -24,6 +24,10 @@ never listens on TCP here:
   WebSocket upgrade, once checked, is relayed as a byte stream.
 - SIGINT, SIGTERM and SIGHUP stop cockpit-ws, the bridge and whatever they
   started; both also die with kdlabctl (``setpriv --pdeathsig``).
+- With ``--host``, kdlabd is on another host and sees the ssh user there:
+  this machine's passwd does not name its uids. The bridge's environment
+  says who the page is there (:data:`HOST_CALLER_ENV`, ``UID:USER``), so
+  the page names owners as ``kdlabctl --host`` does (kdlabctl/caller.py).
 """
 
 from __future__ import annotations
@@ -40,15 +44,22 @@ import socket
 import sys
 import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from kdlab.errors import InvalidArgument
 from kdlab.wire import bus_address
 
+if TYPE_CHECKING:
+    from kdlabctl.bridge import RemoteInfo
+
 COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
 # Where cockpit-ws is, when not at its Debian path (and for the tests).
 COCKPIT_WS_ENV = "KDLAB_COCKPIT_WS"
 BRIDGE = "cockpit-bridge"
+# The page's caller on kdlabd's host, "UID:USER" ("" for this machine's kdlabd);
+# kdlabctl/cockpit/kdlab.js reads it.
+HOST_CALLER_ENV = "KDLAB_WEB_HOST_CALLER"
 PAGE = "/cockpit/@localhost/kdlab/index.html"
 TOKEN = "kdlab-token"
 COOKIE_PREFIX = "kdlab-web-"
@@ -263,7 +274,14 @@ class Cockpit:
     """
 
     def __init__(
-        self, ws: str, bridge: str, listener: socket.socket, private: str, bus: str
+        self,
+        ws: str,
+        bridge: str,
+        listener: socket.socket,
+        private: str,
+        bus: str,
+        *,
+        remote: RemoteInfo | None = None,
     ) -> None:
         self.ws_program = ws
         self.bridge_program = bridge
@@ -275,6 +293,8 @@ class Cockpit:
         self.bridge_env = dict(
             os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus, KDLAB_BUS=bus, KDLAB_HOST=""
         )
+        caller = "" if remote is None else f"{remote.uid}:{remote.user}"
+        self.bridge_env[HOST_CALLER_ENV] = caller
         # /etc/cockpit/cockpit.conf (UrlRoot, Origins) is for the system's
         # Cockpit, not this one.
         self.ws_env = dict(os.environ, XDG_CONFIG_DIRS=private)
@@ -530,8 +550,11 @@ def private_directory() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-async def serve(bound: str, port: int, bus: str) -> None:
-    """Serve until SIGINT, SIGTERM or SIGHUP; the URL is stdout's first line."""
+async def serve(
+    bound: str, port: int, bus: str, remote: RemoteInfo | None = None
+) -> None:
+    """Serve until SIGINT, SIGTERM or SIGHUP; the URL is stdout's first line.
+    *remote*: who the page is on kdlabd's host, with ``--host``."""
     ws, bridge = programs()
     try:
         address_of_bus = bus_address(bus)
@@ -552,7 +575,7 @@ async def serve(bound: str, port: int, bus: str) -> None:
         socket_path = os.path.join(private, "ws.sock")
         listener.bind(socket_path)
         listener.listen(128)
-        cockpit = Cockpit(ws, bridge, listener, private, address_of_bus)
+        cockpit = Cockpit(ws, bridge, listener, private, address_of_bus, remote=remote)
         front = Front(cockpit, socket_path, bound)
         try:
             server = await asyncio.start_server(

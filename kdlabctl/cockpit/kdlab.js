@@ -62,15 +62,35 @@ function clearError() {
 
 $("#error-dismiss").addEventListener("click", clearError);
 
-/* Owners: the bus gives uids; people read names (getent, as the user). */
+/* Owners: the bus gives uids; people read names (getent, as the user).
+ * Served by kdlabctl web --host, kdlabd is on another host, whose uids this
+ * machine's passwd does not name: kdlabctl web says who the page is there
+ * ($KDLAB_WEB_HOST_CALLER, "UID:USER"); that uid is named, any other is its
+ * number, as kdlabctl --host shows them. */
+
+const HOST_CALLER_ENV = "KDLAB_WEB_HOST_CALLER";
+const hostCaller = cockpit.spawn(["printenv", HOST_CALLER_ENV])
+        .then(text => {
+            const [uid, ...name] = text.trim().split(":");
+            return uid ? { uid: Number(uid), user: name.join(":") } : null;
+        })
+        .catch(() => null); // not set: this machine's kdlabd (or Cockpit's own)
 
 const userNames = new Map();
 
+function localName(uid) {
+    return cockpit.spawn(["getent", "passwd", String(uid)])
+            .then(line => line.split(":")[0] || String(uid))
+            .catch(() => String(uid));
+}
+
 function userName(uid) {
     if (!userNames.has(uid)) {
-        userNames.set(uid, cockpit.spawn(["getent", "passwd", String(uid)])
-                .then(line => line.split(":")[0] || String(uid))
-                .catch(() => String(uid)));
+        userNames.set(uid, hostCaller.then(caller => {
+            if (!caller)
+                return localName(uid);
+            return uid === caller.uid ? caller.user : String(uid);
+        }));
     }
     return userNames.get(uid);
 }

@@ -1,4 +1,5 @@
-"""kdlabctl.web's logic on its own: request heads, the redirect, /proc/net/tcp.
+"""kdlabctl.web's logic on its own: request heads, the redirect, /proc/net/tcp,
+the bridge's environment.
 
 What it lets through and what not, end to end with real cockpit-ws and real
 users, is tests/bus/test_web.py.
@@ -14,6 +15,8 @@ import sys
 import pytest
 
 from kdlabctl import web
+from kdlabctl.bridge import RemoteInfo
+from tests.support import REPO
 
 
 def test_a_request_head_is_parsed() -> None:
@@ -103,3 +106,23 @@ def test_proc_net_tcp6_addresses_are_read() -> None:
     )
     mapped = "0000000000000000FFFF00000100007F:0016"
     assert web._end(mapped) == (ipaddress.ip_address("127.0.0.1"), 22)
+
+
+@pytest.mark.parametrize(
+    ("remote", "caller"),
+    [(None, ""), (RemoteInfo(1002, "bob", "0.1.0", "lab2"), "1002:bob")],
+    ids=["here", "host"],
+)
+def test_the_bridge_says_who_the_page_is_on_kdlabds_host(
+    remote: RemoteInfo | None, caller: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --host the page names the host's uids by the session's caller
+    (kdlab.js reads the variable); here by this machine's passwd, whatever
+    the environment kdlabctl web was started in said."""
+    monkeypatch.setenv(web.HOST_CALLER_ENV, "0:root")
+    with socket.socket(socket.AF_UNIX) as listener:
+        cockpit = web.Cockpit("ws", "bridge", listener, "/x", "unix:path=/b",
+                              remote=remote)  # fmt: skip
+    assert cockpit.bridge_env[web.HOST_CALLER_ENV] == caller
+    script = (REPO / "kdlabctl" / "cockpit" / "kdlab.js").read_text()
+    assert f'const HOST_CALLER_ENV = "{web.HOST_CALLER_ENV}";' in script
