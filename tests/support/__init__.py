@@ -25,7 +25,10 @@ another tier (``tests/unit/test_support.py`` checks it). By module:
   kernels, a busybox initramfs, a kernel tree and kdlab's minimal kernel,
   cached.
 - :mod:`~tests.support.browser`: kdlab's Cockpit page served by ``kdlabctl
-  web`` run by a login user, and that user's headless chromium on it.
+  web`` run by a login user, and that user's headless chromium on it (both
+  inside the second host's namespace too).
+- :mod:`~tests.support.relay`: a TCP port inside that namespace, reached
+  from the tests' own (selenium to chromedriver there).
 - :mod:`~tests.support.web`: ``kdlabctl web`` run by a login user, and
   probes of it sent by login users.
 - :mod:`~tests.support.figures`: the figures table (a pytest plugin).
