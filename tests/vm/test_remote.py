@@ -233,7 +233,7 @@ def test_a_vm_on_another_host_from_create_to_dump(
     dump_id = remote.ok("dump", "take", vm_name, timeout=DUMP_TIMEOUT).strip()
     (dump,) = json.loads(remote.ok("dump", "list", vm_name, "--json"))
     assert (dump["id"], dump["owner"]) == (dump_id, bob.uid)
-    mine = alice.home / "vmcore"
+    mine = alice.home / f"{vm_name}.vmcore"  # other tests' files are alice's too
     remote.ok("dump", "get", dump_id, "-o", str(mine), timeout=DUMP_TIMEOUT)
     info = mine.stat()
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (alice.uid, 0o600)
