@@ -589,12 +589,12 @@ class Connection(Channel):
     def _refused(self, message: bytes, why: str) -> None:
         """A call that passed what cannot cross is answered here; a reply that
         carries it becomes an error, sent on."""
-        kind, serial, fields, _ = quickbus.parse(message)
+        kind, serial, fields, _ = quickbus.parse(message)  # read once already
         text = f"{why}: run kdlabctl on the VM's host itself for this"
-        if kind == 1 and not message[2] & _NO_REPLY_EXPECTED:
+        if kind == quickbus.METHOD_CALL and not message[2] & _NO_REPLY_EXPECTED:
             self.deliver(quickbus.error_reply(serial, serial, _REFUSED, text, {}), [])
-        elif kind == 2:
-            reply_to = fields.get(5, 0)
+        elif kind == quickbus.METHOD_RETURN:
+            reply_to = fields.get(quickbus.REPLY_SERIAL, 0)
             error = quickbus.error_reply(serial, reply_to, _REFUSED, text, fields)
             self.bridge.spawn(self.bridge.send_message(self.number, error, []))
 
@@ -689,8 +689,8 @@ def _whole(message: bytes, fds: int) -> bool:
 def _unix_fds(message: bytes) -> int | None:
     """How many descriptors the message says it carries (None: malformed)."""
     try:
-        count = quickbus.parse(message)[2].get(9, 0)
-    except Exception:  # any malformed header means the same
+        count = quickbus.parsed(message)[2].get(quickbus.UNIX_FDS, 0)
+    except quickbus.RemoteError:
         return None
     return count if isinstance(count, int) else None
 

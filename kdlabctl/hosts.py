@@ -70,12 +70,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
-def local_bus() -> str:
-    """This machine's kdlabd bus when ``--bus`` is not given: ``$KDLAB_BUS``,
-    else the system bus (a host has its own: :attr:`Host.bus`)."""
-    return os.environ.get("KDLAB_BUS") or "system"
-
-
 def config_path() -> Path:
     """``$XDG_CONFIG_HOME/kdlab/hosts.toml`` (``~/.config`` when it is unset or
     not absolute, as the XDG specification says)."""
@@ -375,6 +369,7 @@ def cmd_hosts(json_output: bool) -> int:
 
     from kdlab.errors import EXIT_OK, EXIT_UNAVAILABLE
     from kdlabctl import output
+    from kdlabctl.cli import local_bus
 
     configured = load()
     if not configured:

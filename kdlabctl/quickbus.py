@@ -35,10 +35,10 @@ if TYPE_CHECKING:
 
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
-_METHOD_CALL, _METHOD_RETURN, _ERROR = 1, 2, 3
+METHOD_CALL, METHOD_RETURN, _ERROR = 1, 2, 3
 # Header field codes (the specification's table).
-_PATH, _INTERFACE, _MEMBER, _ERROR_NAME, _REPLY_SERIAL = 1, 2, 3, 4, 5
-_DESTINATION, _SENDER, _SIGNATURE, _UNIX_FDS = 6, 7, 8, 9
+_PATH, _INTERFACE, _MEMBER, _ERROR_NAME, REPLY_SERIAL = 1, 2, 3, 4, 5
+_DESTINATION, _SENDER, _SIGNATURE, UNIX_FDS = 6, 7, 8, 9
 _NO_AUTO_START = 0x2
 _MAX_MESSAGE = 1 << 27  # the specification's limit: 128 MiB
 _CHUNK = 1 << 16
@@ -320,7 +320,7 @@ def message(serial: int, call: Call, *, no_autostart: bool = False) -> bytes:
         (_DESTINATION, Variant("s", call.destination)),
     ]
     flags = _NO_AUTO_START if no_autostart else 0
-    return _assemble(_METHOD_CALL, flags, serial, fields, (call.signature, call.body))
+    return _assemble(METHOD_CALL, flags, serial, fields, (call.signature, call.body))
 
 
 def error_reply(
@@ -334,7 +334,7 @@ def error_reply(
         if code in fields
     ]
     header = [
-        (_REPLY_SERIAL, Variant("u", reply_serial)),
+        (REPLY_SERIAL, Variant("u", reply_serial)),
         (_ERROR_NAME, Variant("s", name)),
         *kept,
     ]
@@ -403,16 +403,16 @@ class QuickBus:
         while True:
             head = self._read(16)
             data = head + self._read(message_length(head) - 16)
-            if data[1] not in (_METHOD_RETURN, _ERROR):
+            if data[1] not in (METHOD_RETURN, _ERROR):
                 continue
-            if _parsed(data)[2].get(_REPLY_SERIAL) == serial:
+            if parsed(data)[2].get(REPLY_SERIAL) == serial:
                 return data
 
     def call(self, call: Call, *, no_autostart: bool = False) -> Reply:
         """The reply; an error reply raises :class:`RemoteError`."""
         data = self.reply_to(self.send(call, no_autostart=no_autostart))
-        kind, serial, fields, payload = _parsed(data)
-        if fields.get(_UNIX_FDS):
+        kind, serial, fields, payload = parsed(data)
+        if fields.get(UNIX_FDS):
             raise RemoteError(
                 "org.kdlab.Kdlab1.Error.Failed",
                 f"{call.member} returned descriptors; this connection takes none",
@@ -508,7 +508,7 @@ def parse(data: bytes) -> tuple[int, int, dict[int, Any], bytes]:
     )
 
 
-def _parsed(data: bytes) -> tuple[int, int, dict[int, Any], bytes]:
+def parsed(data: bytes) -> tuple[int, int, dict[int, Any], bytes]:
     """:func:`parse`; a malformed header is one error, not a traceback."""
     try:
         return parse(data)
